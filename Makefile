@@ -1,0 +1,42 @@
+# Every target installs what it needs first: a fresh clone needs only python3 (>= 3.11) and,
+# for the broker targets, RabbitMQ (a running one, or Debian's rabbitmq-server package).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-unit lint broker run topology clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "b24queue needs Python >= 3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+# Starts a project-local RabbitMQ node only when nothing listens on the AMQP port yet.
+broker:
+	bash rabbitmq/local-node.sh start
+
+test: install broker
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+topology: install broker
+	$(BIN)/b24queue topology examples.deals:DealSync examples.logger:EventLogger
+
+# The ingress and the example workers together; Ctrl-C stops both.
+run: install broker
+	bash scripts/run-local.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

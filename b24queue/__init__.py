@@ -1,0 +1,18 @@
+"""b24queue: take every Bitrix24 event, answer at once, process it reliably later."""
+
+from b24queue.consumer import EventConsumer, Reject, Retry
+from b24queue.errors import B24QueueError
+from b24queue.events import Auth, Event
+from b24queue.settings import Settings, load_settings
+
+__all__ = [
+    "Auth",
+    "B24QueueError",
+    "Event",
+    "EventConsumer",
+    "Reject",
+    "Retry",
+    "Settings",
+    "load_settings",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from b24queue.cli import main
+
+main()

@@ -1,0 +1,24 @@
+"""Names shared by the ingress, the workers and the tools: one place, so they cannot drift."""
+
+from __future__ import annotations
+
+APP_ID = "b24queue"
+CONTENT_TYPE = "application/json"
+
+# Message headers we set. Kept short and prefixed so they sort together in the management UI.
+H_DOMAIN = "x-b24-domain"
+H_MEMBER_ID = "x-b24-member-id"
+H_EVENT_HANDLER_ID = "x-b24-event-handler-id"
+H_ATTEMPT = "x-b24queue-attempt"  # the attempt the next delivery will be (1 = first)
+H_FIRST_FAILED_AT = "x-b24queue-first-failed-at"
+H_LAST_FAILED_AT = "x-b24queue-last-failed-at"
+H_ERROR_TYPE = "x-b24queue-error-type"
+H_ERROR_MESSAGE = "x-b24queue-error-message"
+H_ORIGINAL_ROUTING_KEY = "x-b24queue-original-routing-key"
+H_ORIGINAL_QUEUE = "x-b24queue-original-queue"
+H_DEAD_LETTER_REASON = "x-b24queue-dead-letter-reason"
+
+RETRY_SUFFIX = ".retry."
+DLQ_SUFFIX = ".dlq"
+
+MAX_ERROR_MESSAGE_CHARS = 1000

@@ -1,0 +1,101 @@
+"""Named, robust connections to RabbitMQ, and the translation of aio-pika's errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    wait_exponential,
+)
+
+from b24queue.errors import BrokerUnavailableError, ConfigError
+from b24queue.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Raised by aio-pika/aiormq for a connection that is down, going down or not there yet.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPConnectionError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.ChannelClosed,
+    ConnectionError,
+    OSError,
+)
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, TimeoutError)
+# What a confirmed publish can fail with: the above, a nack, or a return (unroutable).
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
+    *TRANSIENT_ERRORS,
+    aio_pika.exceptions.DeliveryError,
+)
+
+
+def connection_name(role: str, detail: str = "") -> str:
+    """What the management UI shows: role, what it serves, host:pid (to find the process)."""
+    middle = f" {detail}" if detail else ""
+    return f"b24queue {role}{middle} {socket.gethostname()}:{os.getpid()}"
+
+
+async def connect_once(settings: Settings, name: str) -> AbstractRobustConnection:
+    """One attempt bounded by `connect_timeout_s`; later drops reconnect by themselves."""
+    try:
+        return await aio_pika.connect_robust(
+            settings.amqp_url,
+            client_properties={"connection_name": name},
+            timeout=settings.connect_timeout_s,
+            reconnect_interval=settings.reconnect_interval_s,
+        )
+    except aio_pika.exceptions.ProbableAuthenticationError as exc:
+        raise ConfigError(
+            f"RabbitMQ at {settings.redacted_amqp_url()} refused the credentials or vhost: {exc}"
+        ) from None
+    except CONNECT_ERRORS as exc:
+        raise BrokerUnavailableError(
+            f"cannot reach RabbitMQ at {settings.redacted_amqp_url()}: {exc or type(exc).__name__}"
+        ) from None
+
+
+async def connect(
+    settings: Settings, name: str, *, give_up_after_s: float | None = None
+) -> AbstractRobustConnection:
+    """Connect, retrying with backoff; forever when `give_up_after_s` is None.
+
+    Only the first connection needs this loop: once connected, the robust connection reconnects
+    (and restores channels, queues and consumers) on its own.
+    """
+    stop = stop_after_delay(give_up_after_s) if give_up_after_s is not None else stop_never
+    failures = 0
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(BrokerUnavailableError),
+        wait=wait_exponential(multiplier=settings.reconnect_interval_s, max=10),
+        stop=stop,
+        reraise=True,
+    ):
+        with attempt:
+            try:
+                connection = await connect_once(settings, name)
+            except BrokerUnavailableError as exc:
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("%s (attempt %d, retrying)", exc, failures)
+                raise
+    if failures:
+        log.info("connected to RabbitMQ after %d failed attempts", failures)
+    return connection
+
+
+async def close_quietly(connection: AbstractRobustConnection | None) -> None:
+    if connection is None or connection.is_closed:
+        return
+    try:
+        await asyncio.wait_for(connection.close(), timeout=5)
+    except Exception as exc:  # closing a dead connection must not mask why we are closing
+        log.debug("closing connection failed: %r", exc)

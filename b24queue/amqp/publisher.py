@@ -1,0 +1,139 @@
+"""Confirmed, persistent publishing for the ingress: `publish` returns only once RabbitMQ has the
+event on disk (publisher confirm), or raises.
+
+The connection is made in the background, so the ingress can start (and answer 503) while the
+broker is down, and recovers without a restart when it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from b24queue import _constants as c
+from b24queue.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
+from b24queue.amqp.topology import declare_exchanges
+from b24queue.envelope import Envelope
+from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
+from b24queue.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def to_message(envelope: Envelope) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=envelope.body,
+        # Not the aio-pika default: without it a broker restart loses the event.
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        content_type=c.CONTENT_TYPE,
+        content_encoding="utf-8",
+        message_id=envelope.message_id,
+        timestamp=envelope.timestamp,
+        type=envelope.event_type,
+        app_id=c.APP_ID,
+        headers=dict(envelope.headers),
+    )
+
+
+class AmqpPublisher:
+    """An `EventSink` on one robust connection and one confirming channel."""
+
+    def __init__(self, settings: Settings, connection_name: str) -> None:
+        self._settings = settings
+        self._name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        # Strong references: robust connections keep channels in a WeakSet only.
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    async def __aenter__(self) -> AmqpPublisher:
+        self._task = asyncio.create_task(self._connect(), name="b24queue-publisher-connect")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._channel is not None and not self._channel.is_closed:
+            await asyncio.gather(self._channel.close(), return_exceptions=True)
+        await close_quietly(self._connection)
+
+    async def _connect(self) -> None:
+        self._connection = await connect(self._settings, self._name)
+        # Topology errors (a mismatching exchange) are not transient: keep retrying would hide
+        # them behind 503s, so they end the task and `failure` reports them.
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            self._exchange = await declare_exchanges(channel, self._settings)
+        except B24QueueError:
+            await channel.close()
+            raise
+        self._channel = channel
+        self.connected.set()
+        log.info("publishing to exchange %r (confirms on)", self._settings.exchange)
+
+    async def failed(self) -> BaseException:
+        """Wait until the background connect gives up for good (a topology mismatch); return why.
+
+        Never returns once connected: from then on the robust connection reconnects by itself.
+        """
+        assert self._task is not None, "use `async with AmqpPublisher(...)`"
+        try:
+            await asyncio.shield(self._task)
+        except B24QueueError as exc:
+            return exc
+        await asyncio.get_running_loop().create_future()  # wait forever (until cancelled)
+        raise AssertionError("unreachable")
+
+    def is_ready(self) -> bool:
+        conn, channel = self._connection, self._channel
+        return (
+            self._exchange is not None
+            and conn is not None
+            and conn.connected.is_set()
+            and channel is not None
+            and not channel.is_closed
+        )
+
+    async def publish(self, envelope: Envelope) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            raise BrokerUnavailableError("not connected to RabbitMQ yet")
+        message = to_message(envelope)
+        timeout_s = self._settings.publish_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                # A publish cut by a dropped connection is not replayed by aio-pika; repeat it
+                # until the deadline. The broker may then hold it twice: at-least-once, never lost.
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(TRANSIENT_ERRORS),
+                    wait=wait_exponential(multiplier=0.02, max=0.2),
+                    reraise=True,
+                ):
+                    with attempt:
+                        await exchange.publish(
+                            message, routing_key=envelope.routing_key, mandatory=True
+                        )
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"RabbitMQ did not confirm within {timeout_s:g}s"
+            ) from None
+        except aio_pika.exceptions.PublishError as exc:
+            # Only when even the alternate exchange could not route it.
+            raise PublishError(f"RabbitMQ returned the message as unroutable: {exc}") from None
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishError(f"RabbitMQ refused the message (nack): {exc}") from None
+        except TRANSIENT_ERRORS as exc:
+            raise BrokerUnavailableError(f"connection to RabbitMQ failed: {exc!r}") from None

@@ -1,0 +1,235 @@
+"""Consumers on RabbitMQ: one channel per consumer, manual acks, prefetch, and the AMQP
+`Transport` that carries out the delivery rules of `b24queue.delivery`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+
+from b24queue import _constants as c
+from b24queue.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
+from b24queue.amqp.topology import QueueSpec, declare_consumer_queues
+from b24queue.consumer import EventConsumer
+from b24queue.delivery import Incoming, Outcome, process
+from b24queue.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# After a failed retry/dead-letter publish, wait before handing the delivery back, so a broken
+# retry queue cannot turn into a hot redelivery loop.
+REQUEUE_BACKOFF_S = 1.0
+
+
+def queue_spec(consumer: type[EventConsumer]) -> QueueSpec:
+    return QueueSpec(
+        name=consumer.queue,
+        bindings=consumer.binding_keys(),
+        retry_delays_s=tuple(float(d) for d in consumer.retry_delays_s),
+    )
+
+
+class AmqpTransport:
+    """Settles deliveries of one consumer's channel."""
+
+    def __init__(self, channel: AbstractRobustChannel, spec: QueueSpec) -> None:
+        self._channel = channel
+        self._spec = spec
+        self._messages: dict[int, AbstractIncomingMessage] = {}
+
+    def track(self, message: AbstractIncomingMessage, incoming: Incoming) -> None:
+        self._messages[id(incoming)] = message
+
+    def forget(self, incoming: Incoming) -> None:
+        self._messages.pop(id(incoming), None)
+
+    async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
+        message = self._messages[id(incoming)]
+        if outcome.kind != "ack":
+            target = (
+                self._spec.retry_queue(outcome.delay_s or 0)
+                if outcome.kind == "retry"
+                else self._spec.dlq
+            )
+            if not await self._republish(message, target, outcome.headers):
+                await self._requeue(message)
+                return
+        await self._ack(message)
+
+    async def _republish(
+        self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
+    ) -> bool:
+        copy = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        try:
+            # Default exchange, queue name as routing key: reaches exactly that queue, and a
+            # missing queue comes back as a return (mandatory), not a silent drop.
+            await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+        except PUBLISH_ERRORS as exc:
+            log.error(
+                "could not move message_id=%s to %s (%r); it stays in %s",
+                message.message_id,
+                queue,
+                exc,
+                self._spec.name,
+            )
+            return False
+        return True
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        if _channel_gone(message):
+            # The broker requeued it when that channel died; acking on a new channel is an error.
+            log.info(
+                "not acking message_id=%s: its channel is gone, the broker redelivers it",
+                message.message_id,
+            )
+            return
+        try:
+            await message.ack()
+        except TRANSIENT_ERRORS as exc:
+            log.info(
+                "ack of message_id=%s failed (%r); the broker redelivers it",
+                message.message_id,
+                exc,
+            )
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        await asyncio.sleep(REQUEUE_BACKOFF_S)
+        if _channel_gone(message):
+            return
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await message.nack(requeue=True)
+
+
+def _channel_gone(message: AbstractIncomingMessage) -> bool:
+    channel = message.channel
+    return bool(channel.is_closed)
+
+
+class ConsumerRunner:
+    """Runs one `EventConsumer` on its own channel of a shared connection.
+
+    Handlers run in tasks we own (not the channel's), so a dropped connection does not cancel a
+    handler halfway: it finishes, its ack is skipped, and the broker redelivers the message.
+    """
+
+    def __init__(
+        self,
+        consumer: EventConsumer,
+        settings: Settings,
+        connection: AbstractRobustConnection,
+    ) -> None:
+        self.consumer = consumer
+        self.spec = queue_spec(type(consumer))
+        self._settings = settings
+        self._connection = connection
+        self._channel: AbstractRobustChannel | None = None
+        self._queue: Any = None
+        self._consumer_tag: str | None = None
+        self._transport: AmqpTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        assert isinstance(channel, aio_pika.RobustChannel)
+        self._channel = channel
+        # Per-consumer QoS (global=False): global QoS on a quorum queue closes the connection.
+        await channel.set_qos(prefetch_count=self.consumer.prefetch)
+        self._queue = await declare_consumer_queues(channel, self._settings, self.spec)
+        self._transport = AmqpTransport(channel, self.spec)
+        await self.consumer.on_start()
+        self._consumer_tag = await self._queue.consume(
+            self._on_message, no_ack=False, consumer_tag=self._tag_name()
+        )
+        log.info(
+            "consuming %s (bindings %s, prefetch %d, max_attempts %d)",
+            self.spec.name,
+            ",".join(self.spec.bindings),
+            self.consumer.prefetch,
+            self.consumer.max_attempts,
+        )
+
+    def _tag_name(self) -> str:
+        return f"b24queue.{self.spec.name}.{socket.gethostname()}.{os.getpid()}"
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message), name=f"b24queue-{self.spec.name}")
+        self._tasks.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task crashed", exc_info=task.exception())
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        assert self._transport is not None
+        incoming = Incoming(
+            body=message.body,
+            message_id=message.message_id,
+            routing_key=str(message.headers.get(c.H_ORIGINAL_ROUTING_KEY) or message.routing_key),
+            headers=dict(message.headers),
+            redelivered=bool(message.redelivered),
+        )
+        self._transport.track(message, incoming)
+        try:
+            await process(self.consumer, incoming, self.spec.name, self._transport)
+        finally:
+            self._transport.forget(incoming)
+
+    async def stop_consuming(self) -> None:
+        """Ask the broker for no more deliveries; in-flight ones go on."""
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=5)
+            except CONNECT_ERRORS as exc:
+                log.info("cancel of consumer %s failed (%r)", self.spec.name, exc)
+            self._consumer_tag = None
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for in-flight handlers; cancel what is still running after `timeout_s`.
+
+        Cancelled handlers leave their messages unacked: the broker redelivers them once this
+        channel closes. Returns how many were cancelled.
+        """
+        if self._tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+        left = list(self._tasks)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        return len(left)
+
+    async def close(self) -> None:
+        try:
+            await self.consumer.on_stop()
+        finally:
+            if self._channel is not None and not self._channel.is_closed:
+                await asyncio.gather(self._channel.close(), return_exceptions=True)

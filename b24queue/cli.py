@@ -1,0 +1,204 @@
+"""`b24queue` command line. The only module that reads argv, configures logging and exits.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 broker unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from b24queue import logs, runtime, sender
+from b24queue.consumer import EventConsumer
+from b24queue.errors import (
+    B24QueueError,
+    BadEventError,
+    BrokerUnavailableError,
+    ConfigError,
+    TopologyMismatchError,
+)
+from b24queue.events import FORM_TYPE, JSON_TYPE
+from b24queue.settings import Settings, load_settings
+
+log = logging.getLogger("b24queue")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="b24queue",
+        description="Bitrix24 events into RabbitMQ, answered at once, processed reliably later.",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), help="default: text")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingress", help="run the HTTP ingress")
+    p.add_argument("--host", help="listen address (B24QUEUE_HTTP_HOST, default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="listen port (B24QUEUE_HTTP_PORT, default 8080)")
+
+    p = sub.add_parser("worker", help="run consumers: b24queue worker module:Class [...]")
+    p.add_argument("consumers", nargs="+", metavar="MODULE:CLASS")
+
+    p = sub.add_parser("topology", help="declare exchanges and queues, print what exists")
+    p.add_argument(
+        "consumers", nargs="*", metavar="MODULE:CLASS", help="also declare these consumers' queues"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("send", help="post an event to an ingress as Bitrix24 would")
+    p.add_argument("event", nargs="?", help="event name, e.g. ONCRMDEALADD")
+    p.add_argument("--url", default=sender.DEFAULT_URL, help=f"default {sender.DEFAULT_URL}")
+    p.add_argument("--token", help="application token (default: first of B24QUEUE_APP_TOKENS)")
+    p.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. 'data[FIELDS][ID]=42' (repeatable)",
+    )
+    p.add_argument("--body-file", type=Path, help="send this body as is (a saved request)")
+    p.add_argument("--json", action="store_true", help="send JSON instead of a form")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.log_format:
+        overrides["log_format"] = args.log_format
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    if args.command == "ingress":
+        if args.host is not None:
+            overrides["http_host"] = args.host
+        if args.port is not None:
+            overrides["http_port"] = args.port
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError as exc:
+        print(f"b24queue: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(settings.log_level, settings.log_format)
+    commands: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+        "ingress": cmd_ingress,
+        "worker": cmd_worker,
+        "topology": cmd_topology,
+        "send": cmd_send,
+    }
+    try:
+        return commands[args.command](settings, args)
+    except (ConfigError, TopologyMismatchError, BadEventError) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except BrokerUnavailableError as exc:
+        log.error("%s", exc)
+        return EXIT_BROKER
+    except B24QueueError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+
+
+def _run_service(make: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    async def main() -> None:
+        stop = asyncio.Event()
+        runtime.install_signal_handlers(stop)
+        await make(stop)
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_ingress(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_service(
+        lambda stop: runtime.serve_ingress(
+            settings, stop, host=settings.http_host, port=settings.http_port
+        )
+    )
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    classes = [load_consumer(spec) for spec in args.consumers]
+    return _run_service(lambda stop: runtime.serve_worker(settings, classes, stop))
+
+
+def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
+    classes = [load_consumer(spec) for spec in args.consumers]
+    states = asyncio.run(runtime.declare_topology(settings, classes))
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "queue": s.name,
+                        "messages": s.messages,
+                        "consumers": s.consumers,
+                        "arguments": s.arguments,
+                    }
+                    for s in states
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    print(f"exchange {settings.exchange} (topic, alternate exchange {settings.unrouted})")
+    print(f"exchange {settings.unrouted} (fanout) -> queue {settings.unrouted}")
+    width = max(len(s.name) for s in states)
+    print(f"{'QUEUE':<{width}}  {'READY':>7}  {'CONSUMERS':>9}  ARGUMENTS")
+    for s in states:
+        arguments = " ".join(f"{k}={v}" for k, v in s.arguments.items())
+        print(f"{s.name:<{width}}  {s.messages:>7}  {s.consumers:>9}  {arguments}")
+    return EXIT_OK
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    if args.body_file is not None:
+        body = args.body_file.read_bytes()
+        content_type = JSON_TYPE if args.json else FORM_TYPE
+    else:
+        if not args.event:
+            raise ConfigError("send: give an EVENT name or --body-file")
+        token = args.token or (settings.app_tokens[0] if settings.app_tokens else "")
+        payload = sender.sample_payload(args.event, token, args.field)
+        if args.json:
+            body, content_type = json.dumps(payload).encode(), JSON_TYPE
+        else:
+            body, content_type = sender.form_body(payload), FORM_TYPE
+    try:
+        status, text = sender.post(args.url, body, content_type)
+    except (OSError, ValueError) as exc:
+        log.error("cannot post to %s: %s", args.url, exc)
+        return EXIT_FAILURE
+    print(f"{status} {text}")
+    return EXIT_OK if status == 200 else EXIT_FAILURE
+
+
+def load_consumer(spec: str) -> type[EventConsumer]:
+    """`package.module:ClassName` -> the class, checked."""
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ConfigError(f"consumer {spec!r}: expected MODULE:CLASS, e.g. examples.deals:DealSync")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `b24queue worker app.consumers:X` from the app's folder
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"consumer {spec!r}: cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, EventConsumer)):
+        raise ConfigError(f"consumer {spec!r}: {class_name!r} is not an EventConsumer subclass")
+    cls.check()
+    return cls

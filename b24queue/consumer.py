@@ -1,0 +1,117 @@
+"""`EventConsumer`: the class app developers subclass, and the two control-flow exceptions."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from b24queue.errors import ConfigError
+from b24queue.events import Event
+
+_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$")
+_EVENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+_PATTERNS = ("#", "*")
+MAX_DELAY_S = 7 * 24 * 3600
+# RabbitMQ's consumer_timeout (30 min by default) closes the channel of a delivery unacked for
+# longer and requeues everything on it: a handler must be stopped well before that.
+DEFAULT_HANDLE_TIMEOUT_S = 25 * 60
+
+
+class Reject(Exception):
+    """Raise from `handle` to send the event to the dead-letter queue now, without retries."""
+
+    def __init__(self, reason: str = "rejected by handler") -> None:
+        super().__init__(reason)
+
+
+class Retry(Exception):
+    """Raise from `handle` to try again later (counts as a failed attempt).
+
+    `delay_s` overrides the configured delay; it is rounded up to the nearest declared retry
+    delay (each delay is one retry queue).
+    """
+
+    def __init__(self, reason: str = "retry requested by handler", delay_s: float | None = None):
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+class EventConsumer:
+    """Subclass, set the class attributes, implement `handle`.
+
+    Returning from `handle` acks the event. Raising `Reject` dead-letters it now; raising `Retry`
+    or any other exception retries it after `retry_delays_s`, up to `max_attempts` attempts in
+    all, then dead-letters it to `<queue>.dlq`.
+    """
+
+    queue: ClassVar[str] = ""
+    events: ClassVar[tuple[str, ...]] = ()
+    prefetch: ClassVar[int] = 32
+    max_attempts: ClassVar[int] = 5
+    retry_delays_s: ClassVar[tuple[float, ...]] = (1, 5, 30, 120, 600)
+    handle_timeout_s: ClassVar[float | None] = DEFAULT_HANDLE_TIMEOUT_S
+
+    async def handle(self, event: Event) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")
+
+    async def on_start(self) -> None:
+        """Called once before the first event (open clients, pools...)."""
+
+    async def on_stop(self) -> None:
+        """Called once after the last event finished (close what on_start opened)."""
+
+    @classmethod
+    def binding_keys(cls) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(e if e in _PATTERNS else e.upper() for e in cls.events))
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise `ConfigError` naming the class and attribute that is wrong."""
+        if cls.handle is EventConsumer.handle:
+            raise cls._bad("handle", "is not implemented")
+        cls._check_queue()
+        cls._check_events()
+        cls._check_numbers()
+
+    @classmethod
+    def _bad(cls, attr: str, why: str) -> ConfigError:
+        return ConfigError(f"{cls.__name__}.{attr} {why}")
+
+    @classmethod
+    def _check_queue(cls) -> None:
+        queue = cls.queue
+        if not isinstance(queue, str) or not _QUEUE.match(queue):
+            raise cls._bad(
+                "queue", f"must be a queue name (letters, digits, _ . : -), got {queue!r}"
+            )
+        if queue.startswith("amq.") or ".retry." in queue or queue.endswith(".dlq"):
+            raise cls._bad("queue", f"{queue!r} uses a reserved name (amq.*, *.retry.*, *.dlq)")
+
+    @classmethod
+    def _check_events(cls) -> None:
+        events = cls.events
+        if isinstance(events, str) or not isinstance(events, tuple | list) or not events:
+            raise cls._bad(
+                "events", "must be a non-empty tuple of event names, e.g. ('ONCRMDEALADD',)"
+            )
+        for event in events:
+            if not isinstance(event, str) or not (event in _PATTERNS or _EVENT.match(event)):
+                raise cls._bad("events", f"has {event!r}: not an event name, '#' or '*'")
+
+    @classmethod
+    def _check_numbers(cls) -> None:
+        if not isinstance(cls.prefetch, int) or not 1 <= cls.prefetch <= 65535:
+            raise cls._bad("prefetch", f"must be an int from 1 to 65535, got {cls.prefetch!r}")
+        if not isinstance(cls.max_attempts, int) or cls.max_attempts < 1:
+            raise cls._bad("max_attempts", f"must be an int >= 1, got {cls.max_attempts!r}")
+        delays = cls.retry_delays_s
+        if not isinstance(delays, tuple | list) or not delays:
+            raise cls._bad("retry_delays_s", "must be a non-empty tuple of seconds")
+        for delay in delays:
+            if not isinstance(delay, int | float) or not 0.001 <= delay <= MAX_DELAY_S:
+                raise cls._bad(
+                    "retry_delays_s", f"has {delay!r}: must be seconds in 0.001..{MAX_DELAY_S}"
+                )
+        timeout = cls.handle_timeout_s
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise cls._bad("handle_timeout_s", f"must be positive seconds or None, got {timeout!r}")

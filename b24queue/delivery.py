@@ -1,0 +1,204 @@
+"""The delivery rules, in one place and free of any transport.
+
+For each delivery: decode it, run the handler, and turn what happened into an `Outcome`:
+  returned                    -> ack
+  raised Reject               -> dead-letter now
+  raised Retry / other error  -> retry after the configured delay, or dead-letter once the
+                                 attempts are used up
+  body is not an Event        -> dead-letter now (retrying cannot fix it)
+A `Transport` then carries the outcome out. The transport must make a retry or dead-letter copy
+durable (confirmed) before it acks the original, so a crash in between duplicates, never loses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from b24queue import _constants as c
+from b24queue.consumer import EventConsumer, Reject, Retry
+from b24queue.errors import BadEventError
+from b24queue.events import Event
+from b24queue.retry import delay_after, snap_delay
+
+log = logging.getLogger(__name__)
+
+OutcomeKind = Literal["ack", "retry", "dead_letter"]
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A transport-neutral view of one delivery."""
+
+    body: bytes
+    message_id: str | None
+    routing_key: str
+    headers: Mapping[str, Any]
+    redelivered: bool = False
+
+    @property
+    def attempt(self) -> int:
+        """Which attempt this delivery is, from our own header (not x-death)."""
+        value = self.headers.get(c.H_ATTEMPT, 1)
+        try:
+            return max(1, int(value))
+        except (TypeError, ValueError):
+            return 1
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: OutcomeKind
+    attempt: int
+    delay_s: float | None = None
+    reason: str | None = None
+    error: BaseException | None = None
+    headers: dict[str, Any] = field(default_factory=dict)  # for the retry / dead-letter copy
+
+    @property
+    def acked(self) -> bool:
+        return self.kind == "ack"
+
+    @property
+    def retried(self) -> bool:
+        return self.kind == "retry"
+
+    @property
+    def dead_lettered(self) -> bool:
+        return self.kind == "dead_letter"
+
+
+class Transport(Protocol):
+    async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
+        """Carry out the outcome: ack, or make the copy durable and then ack."""
+
+
+async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Outcome:
+    """Run the handler on one delivery and say what must happen to it."""
+    attempt = incoming.attempt
+    try:
+        event = _decode(incoming).with_delivery(incoming.message_id, attempt, incoming.redelivered)
+    except BadEventError as exc:
+        return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
+    try:
+        if consumer.handle_timeout_s is None:
+            await consumer.handle(event)
+        else:
+            async with asyncio.timeout(consumer.handle_timeout_s):
+                await consumer.handle(event)
+    except Reject as exc:
+        return _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
+    except Exception as exc:  # any handler error is a failed attempt; never an unhandled crash
+        secrets = _secrets(event.payload)
+        if attempt >= consumer.max_attempts:
+            return _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
+        delay = delay_after(attempt, tuple(consumer.retry_delays_s))
+        if isinstance(exc, Retry) and exc.delay_s is not None:
+            delay = snap_delay(exc.delay_s, tuple(consumer.retry_delays_s))
+        headers = _failure_headers(incoming, queue, exc, secrets)
+        headers[c.H_ATTEMPT] = attempt + 1
+        return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
+    return Outcome("ack", attempt)
+
+
+async def process(
+    consumer: EventConsumer, incoming: Incoming, queue: str, transport: Transport
+) -> Outcome:
+    """decide + settle, with one log line per outcome."""
+    started = time.perf_counter()
+    outcome = await decide(consumer, incoming, queue)
+    await transport.settle(incoming, outcome)
+    _log_outcome(incoming, queue, outcome, time.perf_counter() - started)
+    return outcome
+
+
+def _decode(incoming: Incoming) -> Event:
+    try:
+        payload = json.loads(incoming.body)
+    except (ValueError, RecursionError) as exc:
+        raise BadEventError(f"body is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadEventError("body is not a JSON object")
+    return Event.from_payload(payload)
+
+
+def _dead_letter(
+    incoming: Incoming,
+    queue: str,
+    attempt: int,
+    reason: str,
+    exc: BaseException,
+    secrets: tuple[str, ...],
+) -> Outcome:
+    headers = _failure_headers(incoming, queue, exc, secrets)
+    headers[c.H_ATTEMPT] = attempt
+    headers[c.H_DEAD_LETTER_REASON] = reason
+    return Outcome("dead_letter", attempt, reason=reason, error=exc, headers=headers)
+
+
+def _failure_headers(
+    incoming: Incoming, queue: str, exc: BaseException, secrets: tuple[str, ...]
+) -> dict[str, Any]:
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    # Broker-added history (x-death grows on every retry round trip) is dropped; ours is kept.
+    headers = {k: v for k, v in incoming.headers.items() if not _broker_header(k)}
+    headers.setdefault(c.H_FIRST_FAILED_AT, now)
+    headers[c.H_LAST_FAILED_AT] = now
+    headers[c.H_ERROR_TYPE] = type(exc).__qualname__
+    headers[c.H_ERROR_MESSAGE] = redact(str(exc), secrets)[: c.MAX_ERROR_MESSAGE_CHARS]
+    headers.setdefault(c.H_ORIGINAL_ROUTING_KEY, incoming.routing_key)
+    headers.setdefault(c.H_ORIGINAL_QUEUE, queue)
+    return headers
+
+
+def _broker_header(name: str) -> bool:
+    return name.startswith(("x-death", "x-first-death", "x-last-death")) or name in (
+        "x-delivery-count",
+    )
+
+
+def _secrets(payload: Any) -> tuple[str, ...]:
+    return tuple(sorted(set(_token_values(payload)), key=len, reverse=True))
+
+
+def _token_values(node: Any, key: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _token_values(v, str(k))
+    elif isinstance(node, list):
+        for v in node:
+            yield from _token_values(v, key)
+    elif isinstance(node, str) and "token" in key.lower() and len(node) >= 4:
+        yield node
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    """Replace every known token value in `text` (error messages may quote a request)."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _log_outcome(incoming: Incoming, queue: str, outcome: Outcome, duration_s: float) -> None:
+    extra = {
+        "event": incoming.routing_key,
+        "queue": queue,
+        "message_id": incoming.message_id,
+        "attempt": outcome.attempt,
+        "outcome": outcome.kind,
+        "duration_ms": round(duration_s * 1000, 1),
+    }
+    text = " ".join(f"{k}={v}" for k, v in extra.items())
+    if outcome.kind == "ack":
+        log.info(text, extra=extra)
+        return
+    error = outcome.headers.get(c.H_ERROR_TYPE, "")
+    detail = f" delay_s={outcome.delay_s:g}" if outcome.delay_s is not None else ""
+    detail += f" reason={outcome.reason}" if outcome.reason else ""
+    log.warning("%s%s error=%s", text, detail, error, extra={**extra, "error": error})

@@ -1,0 +1,45 @@
+"""One exception family for the framework.
+
+`Retry` and `Reject` (in `consumer`) are control flow for handlers and deliberately not here.
+"""
+
+from __future__ import annotations
+
+
+class B24QueueError(Exception):
+    """Base of every error b24queue raises on purpose."""
+
+
+class ConfigError(B24QueueError):
+    """Settings or a consumer class are wrong; the message names the field."""
+
+
+class BadEventError(B24QueueError):
+    """A request body is not a Bitrix24 event we can accept.
+
+    `field` names the offending key (PHP bracket form, e.g. ``data[FIELDS][ID]``) when one is known.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnauthorizedError(B24QueueError):
+    """The event's application token is not one we accept."""
+
+
+class BrokerUnavailableError(B24QueueError):
+    """RabbitMQ cannot be reached, or did not confirm a publish in time."""
+
+
+class PublishError(B24QueueError):
+    """The broker refused a message (nack) or returned it as unroutable."""
+
+
+class TopologyMismatchError(B24QueueError):
+    """An exchange or queue exists with other arguments than the ones we declare."""
+
+
+class ManagementError(B24QueueError):
+    """The RabbitMQ management API is unreachable or refused our credentials."""

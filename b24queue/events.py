@@ -1,0 +1,158 @@
+"""The Bitrix24 event as users see it, and how request bodies become one."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from b24queue.errors import BadEventError
+from b24queue.forms import decode_form, decode_json
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+JSON_TYPE = "application/json"
+
+# Routing keys are topic-exchange words: dots, `*` and `#` would change what a binding matches.
+_EVENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+
+
+class Auth(BaseModel):
+    """`auth[...]` of an event. Token fields never appear in repr() or logs."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    domain: str | None = None
+    member_id: str | None = None
+    application_token: str | None = Field(default=None, repr=False)
+    access_token: str | None = Field(default=None, repr=False)
+    refresh_token: str | None = Field(default=None, repr=False)
+    expires: str | None = None
+    expires_in: str | None = None
+    scope: str | None = None
+    server_endpoint: str | None = None
+    client_endpoint: str | None = None
+    status: str | None = None
+    user_id: str | None = None
+
+    def __repr_args__(self) -> Any:
+        # Extra keys are unknown to us; they may be secrets, so show only their names.
+        for name, value in super().__repr_args__():
+            if name in type(self).model_fields:
+                yield name, value
+
+
+class Event(BaseModel):
+    """One Bitrix24 event call.
+
+    `name` is the event name upper-cased (`ONCRMDEALADD`); `payload` is the whole decoded body,
+    exactly as the portal sent it (values are strings, as Bitrix24 sends them).
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    name: str = Field(alias="event")
+    event_handler_id: str | None = None
+    data: Any = Field(default_factory=dict, repr=False)
+    ts: int | None = None
+    auth: Auth = Field(default_factory=Auth)
+
+    _payload: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _message_id: str | None = PrivateAttr(default=None)
+    _attempt: int = PrivateAttr(default=1)
+    _redelivered: bool = PrivateAttr(default=False)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _EVENT_NAME.match(value):
+            raise ValueError(
+                "must be a Bitrix24 event name: a letter, then letters, digits or _ (max 128)"
+            )
+        return value.upper()
+
+    @field_validator("event_handler_id", mode="before")
+    @classmethod
+    def _int_to_str(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Event:
+        """Validate a decoded body; errors name the field in bracket form (`auth[domain]`)."""
+        try:
+            event = cls.model_validate(payload)
+        except ValidationError as exc:
+            raise BadEventError(_describe(exc), field=_first_field(exc)) from None
+        event._payload = payload
+        return event
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self._payload
+
+    @property
+    def routing_key(self) -> str:
+        return self.name
+
+    @property
+    def message_id(self) -> str | None:
+        """Set by the worker: the id the ingress answered with (stable across retries)."""
+        return self._message_id
+
+    @property
+    def attempt(self) -> int:
+        """Set by the worker: 1 on the first try, 2 on the first retry, ..."""
+        return self._attempt
+
+    @property
+    def redelivered(self) -> bool:
+        """Set by the worker: the broker delivered this message before (a worker died or
+        disconnected while holding it), so the handler may have run already."""
+        return self._redelivered
+
+    def with_delivery(self, message_id: str | None, attempt: int, redelivered: bool) -> Event:
+        event = self.model_copy()
+        event._payload = self._payload
+        event._message_id = message_id
+        event._attempt = attempt
+        event._redelivered = redelivered
+        return event
+
+
+def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
+    """Decode a request body by its media type (parameters such as charset ignored)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == FORM_TYPE:
+        return decode_form(body)
+    if media == JSON_TYPE:
+        return decode_json(body)
+    raise ValueError(media)
+
+
+def parse_event(content_type: str, body: bytes) -> Event:
+    return Event.from_payload(decode_body(content_type, body))
+
+
+def _bracket(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return "body"
+    head, *rest = loc
+    head = "event" if head == "name" else head
+    return str(head) + "".join(f"[{p}]" for p in rest)
+
+
+def _first_field(exc: ValidationError) -> str | None:
+    errors = exc.errors(include_url=False)
+    return _bracket(errors[0]["loc"]) if errors else None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "is required"
+        elif msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+        parts.append(f"{_bracket(err['loc'])}: {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,179 @@
+"""PHP-style bracket forms (what Bitrix24 POSTs) to nested dicts, and back.
+
+Decoding is exact and lossless: every value stays a string, `[]` appends to a list, numbered keys
+(`ATTACH[0]`) stay dict keys as PHP and the Bitrix24 docs show them. Anything PHP would resolve by
+silently overwriting (a duplicate key, `a=1&a[b]=2`) is refused instead: the ingress must not
+publish an event that differs from what the portal sent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import unquote_plus, urlencode
+
+from b24queue.errors import BadEventError
+
+MAX_DEPTH = 32
+MAX_FIELDS = 10_000
+
+_END = object()
+Segment = str | None  # None stands for "[]" (append)
+
+
+def decode_form(body: bytes) -> dict[str, Any]:
+    """Decode an `application/x-www-form-urlencoded` body with bracket keys."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadEventError(f"body is not valid UTF-8 (byte {exc.start})") from None
+    chunks = [c for c in text.split("&") if c]
+    if len(chunks) > MAX_FIELDS:
+        raise BadEventError(f"too many fields: {len(chunks)} (at most {MAX_FIELDS})")
+    root: dict[str, Any] = {}
+    for chunk in chunks:
+        raw_key, _, raw_value = chunk.partition("=")
+        key = _unquote(raw_key, what="key", field=raw_key)
+        value = _unquote(raw_value, what="value", field=key)
+        base, segments = split_key(key)
+        _insert(root, key, [base, *segments], value)
+    return root
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    """Decode a JSON body of the same shape as a decoded form."""
+    try:
+        value = json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise BadEventError(f"body is not valid UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise BadEventError(
+            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise BadEventError(f"body nests deeper than {MAX_DEPTH} levels") from None
+    if not isinstance(value, dict):
+        raise BadEventError("JSON body must be an object")
+    # Top-level keys are at depth 1, so a value under 32 brackets sits at depth 33, as in forms.
+    _check_depth(value, "", -1)
+    return value
+
+
+def split_key(key: str) -> tuple[str, list[Segment]]:
+    """`data[FIELDS][ID]` -> ("data", ["FIELDS", "ID"]); `a[]` -> ("a", [None])."""
+    open_at = key.find("[")
+    if open_at == -1:
+        if "]" in key:
+            raise BadEventError(f"unbalanced brackets in key {key!r}", field=key)
+        if not key:
+            raise BadEventError("empty field name", field=key)
+        return key, []
+    base, rest = key[:open_at], key[open_at:]
+    if not base or "]" in base:
+        raise BadEventError(f"malformed key {key!r}: a name must come before '['", field=key)
+    segments: list[Segment] = []
+    pos = 0
+    while pos < len(rest):
+        close = rest.find("]", pos + 1)
+        if rest[pos] != "[" or close == -1 or "[" in rest[pos + 1 : close]:
+            raise BadEventError(f"unbalanced brackets in key {key!r}", field=key)
+        segment = rest[pos + 1 : close]
+        segments.append(segment if segment else None)
+        pos = close + 1
+    if len(segments) > MAX_DEPTH:
+        raise BadEventError(f"key {key!r} nests deeper than {MAX_DEPTH} levels", field=key)
+    return base, segments
+
+
+def encode_form(fields: dict[str, Any]) -> bytes:
+    """Encode nested dicts/lists of strings the way Bitrix24 (PHP's http_build_query) does.
+
+    Lists of plain values use `[]`; lists holding containers use their index, since `[]` could not
+    say which element a nested key belongs to.
+    """
+    pairs: list[tuple[str, str]] = []
+    for name, value in fields.items():
+        _flatten(name, value, pairs)
+    return urlencode(pairs).encode("ascii")
+
+
+def _unquote(raw: str, *, what: str, field: str) -> str:
+    try:
+        return unquote_plus(raw, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise BadEventError(
+            f"{what} of field {field!r} has percent-escapes that are not UTF-8", field=field
+        ) from None
+
+
+def _insert(root: dict[str, Any], key: str, path: list[Segment], value: str) -> None:
+    node: Any = root
+    for i, segment in enumerate(path):
+        following = path[i + 1] if i + 1 < len(path) else _END
+        if segment is None:
+            # The parent made this node a list because its segment was "[]".
+            if following is _END:
+                node.append(value)
+                return
+            child: Any = [] if following is None else {}
+            node.append(child)
+            node = child
+            continue
+        existing = node.get(segment, _END)
+        if following is _END:
+            if existing is not _END:
+                raise BadEventError(
+                    f"conflicting key {key!r}: {_path_text(path, i)} was already given",
+                    field=key,
+                )
+            node[segment] = value
+            return
+        wanted = list if following is None else dict
+        if existing is _END:
+            existing = wanted()
+            node[segment] = existing
+        elif type(existing) is not wanted:
+            raise BadEventError(
+                f"conflicting key {key!r}: {_path_text(path, i)} is already "
+                f"{_kind(existing)}, cannot also be {_kind(wanted())}",
+                field=key,
+            )
+        node = existing
+
+
+def _path_text(path: list[Segment], upto: int) -> str:
+    head, *rest = path[: upto + 1]
+    return repr(str(head) + "".join(f"[{s or ''}]" for s in rest))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return "a value"
+
+
+def _check_depth(value: Any, where: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise BadEventError(f"{where} nests deeper than {MAX_DEPTH} levels", field=where)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_depth(v, f"{where}[{k}]" if where else str(k), depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_depth(v, f"{where}[{i}]", depth + 1)
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}[{k}]", v, out)
+    elif isinstance(value, list):
+        scalar = all(not isinstance(v, dict | list) for v in value)
+        for i, v in enumerate(value):
+            _flatten(f"{prefix}[]" if scalar else f"{prefix}[{i}]", v, out)
+    elif value is None:
+        out.append((prefix, ""))
+    else:
+        out.append((prefix, str(value)))

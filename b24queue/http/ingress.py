@@ -1,0 +1,124 @@
+"""The HTTP ingress: Bitrix24 calls `POST /b24/events`; we answer 200 only once RabbitMQ confirmed.
+
+Order per request: method, content type, size, decode, validate, verify, publish. Every refusal is
+a JSON `{"error": ...}` with its status, and nothing is published for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from b24queue.envelope import EventSink, envelope_for
+from b24queue.errors import BadEventError, BrokerUnavailableError, PublishError, UnauthorizedError
+from b24queue.events import FORM_TYPE, JSON_TYPE, parse_event
+from b24queue.settings import Settings
+from b24queue.verify import TokenVerifier
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SINK_KEY = web.AppKey("sink", EventSink)
+ACCEPTED_TYPES = (FORM_TYPE, JSON_TYPE)
+
+
+def error(status: int, message: str, **extra: str) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (404, 405, 413) as JSON too; never a traceback to the caller."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason
+        if exc.status == 405:
+            message = f"method {request.method} not allowed; use {exc.headers.get('Allow', '')}"
+        return web.json_response(
+            {"error": message},
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k in ("Allow",)},
+        )
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error(500, "internal error")
+
+
+class EventsView:
+    def __init__(self, settings: Settings, sink: EventSink, verifier: TokenVerifier) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._verifier = verifier
+        self._retry_after = {"Retry-After": str(settings.retry_after_s)}
+
+    async def post(self, request: web.Request) -> web.Response:
+        media = request.content_type.lower()
+        if media not in ACCEPTED_TYPES:
+            return error(
+                415,
+                f"unsupported content type {media or '(none)'!r}; "
+                f"send {FORM_TYPE} (as Bitrix24 does) or {JSON_TYPE}",
+            )
+        limit = self._settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return error(413, f"body of {request.content_length} bytes exceeds {limit} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"body exceeds {limit} bytes")
+        try:
+            event = parse_event(media, body)
+        except BadEventError as exc:
+            extra = {"field": exc.field} if exc.field else {}
+            return error(400, str(exc), **extra)
+        try:
+            await self._verifier.verify(event)
+        except UnauthorizedError as exc:
+            log.warning(
+                "refused %s from domain=%s member_id=%s: %s",
+                event.name,
+                event.auth.domain,
+                event.auth.member_id,
+                exc,
+            )
+            return error(401, str(exc))
+        envelope = envelope_for(event)
+        try:
+            await self._sink.publish(envelope)
+        except (BrokerUnavailableError, PublishError) as exc:
+            log.error("not accepted %s message_id=%s: %s", event.name, envelope.message_id, exc)
+            return web.json_response(
+                {"error": f"event not stored, try again later: {exc}"},
+                status=503,
+                headers=self._retry_after,
+            )
+        return web.json_response({"status": "accepted", "message_id": envelope.message_id})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[SINK_KEY].is_ready():
+        return web.json_response({"status": "ready"})
+    return web.json_response(
+        {"error": "broker not connected"}, status=503, headers={"Retry-After": "5"}
+    )
+
+
+def create_app(settings: Settings, sink: EventSink, verifier: TokenVerifier) -> web.Application:
+    # client_max_size also bounds chunked bodies that carry no Content-Length.
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app[SINK_KEY] = sink
+    view = EventsView(settings, sink, verifier)
+    app.router.add_post(settings.http_path, view.post)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,154 @@
+"""Process lifecycle: what starts in which order, and how it stops.
+
+Ingress: verifier (config errors first) -> publisher connects in the background -> HTTP listens.
+  Stop: stop listening, let in-flight requests finish (their publishes are still confirmed),
+  then close the channel and the connection.
+Worker: connect -> per consumer: channel, QoS, topology, on_start, consume.
+  Stop: cancel every consumer (no new deliveries) -> wait for in-flight handlers up to
+  `shutdown_timeout_s`, while the connection stays open so heartbeats and acks flow -> cancel
+  what is left (unacked, so the broker redelivers it) -> on_stop, channels, connection.
+A second SIGINT/SIGTERM exits at once; unacked messages go back to their queues all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from b24queue.amqp.connection import close_quietly, connect, connection_name
+from b24queue.amqp.publisher import AmqpPublisher
+from b24queue.amqp.topology import (
+    QueueState,
+    declare_consumer_queues,
+    declare_exchanges,
+    inspect_queue,
+    queue_arguments,
+    queue_plan,
+)
+from b24queue.amqp.worker import ConsumerRunner, queue_spec
+from b24queue.consumer import EventConsumer
+from b24queue.errors import ConfigError
+from b24queue.http.ingress import create_app
+from b24queue.settings import Settings
+from b24queue.verify import verifier_from_settings
+
+log = logging.getLogger(__name__)
+
+HTTP_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def serve_ingress(settings: Settings, stop: asyncio.Event, *, host: str, port: int) -> None:
+    verifier = verifier_from_settings(settings)
+    async with AmqpPublisher(settings, connection_name("ingress")) as publisher:
+        app = create_app(settings, publisher, verifier)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S, handle_signals=False
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, backlog=1024)
+            await site.start()
+            log.info("ingress listening on http://%s:%d%s", host, port, settings.http_path)
+            stopping = asyncio.create_task(stop.wait())
+            failed = asyncio.create_task(publisher.failed())
+            await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (stopping, failed):
+                task.cancel()
+            await asyncio.gather(stopping, failed, return_exceptions=True)
+            if failed.done() and not failed.cancelled():
+                raise failed.result()
+        finally:
+            await runner.cleanup()
+
+
+def check_consumers(classes: Sequence[type[EventConsumer]]) -> None:
+    seen: dict[str, str] = {}
+    for cls in classes:
+        cls.check()
+        if cls.queue in seen:
+            raise ConfigError(
+                f"{cls.__name__}.queue {cls.queue!r} is also the queue of {seen[cls.queue]}"
+            )
+        seen[cls.queue] = cls.__name__
+
+
+async def serve_worker(
+    settings: Settings, classes: Sequence[type[EventConsumer]], stop: asyncio.Event
+) -> None:
+    check_consumers(classes)
+    queues = ",".join(cls.queue for cls in classes)
+    connection = await connect(
+        settings, connection_name("worker", queues), give_up_after_s=settings.connect_timeout_s
+    )
+    runners: list[ConsumerRunner] = []
+    try:
+        for cls in classes:
+            runner = ConsumerRunner(cls(), settings, connection)
+            runners.append(runner)
+            await runner.start()
+        log.info("worker running: %s", queues)
+        await stop.wait()
+        await asyncio.gather(*(r.stop_consuming() for r in runners))
+        in_flight = sum(r.in_flight for r in runners)
+        if in_flight:
+            log.info(
+                "waiting up to %gs for %d in-flight handler(s)",
+                settings.shutdown_timeout_s,
+                in_flight,
+            )
+        cancelled = await asyncio.gather(*(r.drain(settings.shutdown_timeout_s) for r in runners))
+        if sum(cancelled):
+            log.warning(
+                "%d handler(s) did not finish in time; their events will be redelivered",
+                sum(cancelled),
+            )
+    finally:
+        for runner in runners:
+            try:
+                await runner.close()
+            except Exception:
+                log.exception("on_stop of %s failed", runner.spec.name)
+        await close_quietly(connection)
+    log.info("worker stopped")
+
+
+async def declare_topology(
+    settings: Settings, classes: Sequence[type[EventConsumer]]
+) -> list[QueueState]:
+    """Declare the exchanges, the unrouted queue and each consumer's queues; report them."""
+    check_consumers(classes)
+    connection = await connect(
+        settings, connection_name("topology"), give_up_after_s=settings.connect_timeout_s
+    )
+    try:
+        channel = await connection.channel()
+        await declare_exchanges(channel, settings)
+        plan = [(settings.unrouted, queue_arguments(settings))]
+        for cls in classes:
+            spec = queue_spec(cls)
+            await declare_consumer_queues(channel, settings, spec)
+            plan += queue_plan(settings, spec)
+        states = [await inspect_queue(channel, name, args) for name, args in plan]
+        await channel.close()
+        return states
+    finally:
+        await close_quietly(connection)

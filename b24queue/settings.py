@@ -1,0 +1,141 @@
+"""All configuration in one frozen object, read from `B24QUEUE_*` environment variables.
+
+Unknown `B24QUEUE_*` variables are an error rather than silently ignored: a typo such as
+`B24QUEUE_APP_TOKEN` (missing S) must not turn verification into "no tokens configured".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from b24queue.errors import ConfigError
+
+ENV_PREFIX = "B24QUEUE_"
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, case_sensitive=False
+    )
+
+    # Broker
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    exchange: str = Field(default="b24.events", pattern=_NAME_PATTERN)
+    unrouted: str = Field(
+        default="b24.unrouted",
+        pattern=_NAME_PATTERN,
+        description="alternate exchange and its queue: events nobody is bound to land here",
+    )
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    reconnect_interval_s: float = Field(default=1.0, gt=0)
+
+    # Management API (status, dlq tools)
+    management_url: str = "http://localhost:15672"
+
+    # Ingress
+    http_host: str = "0.0.0.0"  # noqa: S104 - an ingress is meant to be reachable
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    http_path: str = "/b24/events"
+    app_tokens: Annotated[tuple[str, ...], NoDecode] = ()
+    allow_unverified: bool = False
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    publish_timeout_s: float = Field(
+        default=0.75,
+        gt=0,
+        le=30,
+        description="whole budget for a confirmed publish, retries included; then 503",
+    )
+    retry_after_s: int = Field(default=5, ge=1)
+
+    # Workers
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("app_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must look like amqp://user:password@host:5672/vhost")
+        return value
+
+    @field_validator("management_url")
+    @classmethod
+    def _check_management_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must look like http://host:15672")
+        return value.rstrip("/")
+
+    @field_validator("http_path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_env(cls, data: Any) -> Any:
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        unknown = sorted(
+            k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+        )
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return data
+
+    @property
+    def vhost(self) -> str:
+        path = urlsplit(self.amqp_url).path.lstrip("/")
+        return path or "/"
+
+    @property
+    def broker_credentials(self) -> tuple[str, str]:
+        parts = urlsplit(self.amqp_url)
+        return parts.username or "guest", parts.password or "guest"
+
+    def redacted_amqp_url(self) -> str:
+        parts = urlsplit(self.amqp_url)
+        netloc = f"{parts.hostname}:{parts.port or 5672}"
+        return f"{parts.scheme}://{parts.username or 'guest'}:***@{netloc}{parts.path or '/'}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment plus explicit overrides (CLI flags win).
+
+    Raises `ConfigError` with one line per bad field, naming its environment variable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        name = ENV_PREFIX + loc.upper() if loc else "settings"
+        lines.append(f"{name}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

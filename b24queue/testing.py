@@ -1,0 +1,87 @@
+"""Run a consumer's `handle` without a broker and see what the worker would do.
+
+    from b24queue.testing import make_event, run_handler, run_until_settled
+
+    outcome = await run_handler(DealSync(), make_event("ONCRMDEALADD", {"FIELDS": {"ID": "1"}}))
+    assert outcome.acked                     # or .retried (with .delay_s) or .dead_lettered
+
+    outcomes = await run_until_settled(DealSync(), event)   # every attempt, no waiting
+    assert [o.kind for o in outcomes] == ["retry", "retry", "ack"]
+
+The same rules (`b24queue.delivery.decide`) run here as in the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from b24queue import _constants as c
+from b24queue.consumer import EventConsumer
+from b24queue.delivery import Incoming, Outcome, decide
+from b24queue.events import FORM_TYPE, Event, parse_event
+
+TEST_TOKEN = "test-application-token"  # noqa: S105 - a fixture value, not a secret
+
+
+def make_event(
+    name: str, data: Any = None, *, domain: str = "example.bitrix24.com", **auth: str
+) -> Event:
+    """A Bitrix24-shaped event (values as strings, as the portal sends them)."""
+    payload = {
+        "event": name,
+        "event_handler_id": "1",
+        "data": {} if data is None else data,
+        "ts": "1764367200",
+        "auth": {
+            "domain": domain,
+            "member_id": "0" * 32,
+            "application_token": TEST_TOKEN,
+            **auth,
+        },
+    }
+    return Event.from_payload(payload)
+
+
+def event_from_form(body: bytes | str) -> Event:
+    """Decode a form body exactly as the ingress does (e.g. a saved Bitrix24 request)."""
+    raw = body.encode() if isinstance(body, str) else body
+    return parse_event(FORM_TYPE, raw)
+
+
+async def run_handler(
+    consumer: EventConsumer,
+    event: Event,
+    *,
+    attempt: int = 1,
+    message_id: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> Outcome:
+    """One delivery of `event` as attempt `attempt`; returns the outcome, acts on nothing."""
+    type(consumer).check()
+    incoming = Incoming(
+        body=json.dumps(event.payload).encode(),
+        message_id=message_id or uuid.uuid4().hex,
+        routing_key=event.routing_key,
+        headers={**(headers or {}), c.H_ATTEMPT: attempt},
+    )
+    return await decide(consumer, incoming, type(consumer).queue)
+
+
+async def run_until_settled(consumer: EventConsumer, event: Event) -> list[Outcome]:
+    """Deliver `event` again after every retry (without waiting the delays) until it is acked or
+    dead-lettered; returns every attempt's outcome."""
+    outcomes: list[Outcome] = []
+    message_id = uuid.uuid4().hex
+    headers: dict[str, Any] = {}
+    attempt = 1
+    while True:
+        outcome = await run_handler(
+            consumer, event, attempt=attempt, message_id=message_id, headers=headers
+        )
+        outcomes.append(outcome)
+        if not outcome.retried:
+            return outcomes
+        headers = dict(outcome.headers)
+        attempt += 1

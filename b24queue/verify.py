@@ -1,0 +1,68 @@
+"""Is this event really from our portal? The ingress asks a `TokenVerifier` and nothing else.
+
+Bitrix24 signs nothing: the only proof is `auth[application_token]`, compared with a token we know.
+Today that is a static list (an outgoing webhook's token, or one app's token); a per-portal store
+(member_id -> token, learned at ONAPPINSTALL) plugs in by implementing the same protocol.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Protocol
+
+from b24queue.errors import ConfigError, UnauthorizedError
+from b24queue.events import Event
+from b24queue.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class TokenVerifier(Protocol):
+    async def verify(self, event: Event) -> None:
+        """Return if the event is authentic; raise `UnauthorizedError` otherwise."""
+
+
+class StaticTokens:
+    """Accept an event whose application token equals one of a fixed set."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        if not tokens or any(not t for t in tokens):
+            raise ConfigError("StaticTokens needs at least one non-empty token")
+        self._tokens = tuple(t.encode() for t in tokens)
+
+    async def verify(self, event: Event) -> None:
+        given = event.auth.application_token
+        if not given:
+            raise UnauthorizedError("auth[application_token] is missing")
+        candidate = given.encode()
+        # Compare with every token, without stopping early, so timing says nothing about which
+        # token (or how much of one) matched.
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(token, candidate)
+        if not matched:
+            raise UnauthorizedError("auth[application_token] does not match a configured token")
+
+
+class AcceptAll:
+    """No verification at all: only with B24QUEUE_ALLOW_UNVERIFIED=true, and said loudly."""
+
+    async def verify(self, event: Event) -> None:
+        return None
+
+
+def verifier_from_settings(settings: Settings) -> TokenVerifier:
+    if settings.app_tokens:
+        return StaticTokens(settings.app_tokens)
+    if settings.allow_unverified:
+        log.warning(
+            "VERIFICATION IS OFF (B24QUEUE_ALLOW_UNVERIFIED=true): anyone who can reach this "
+            "ingress can publish events. Set B24QUEUE_APP_TOKENS for anything but a local trial."
+        )
+        return AcceptAll()
+    raise ConfigError(
+        "no application token configured: set B24QUEUE_APP_TOKENS=<token>[,<token>...] "
+        "(the portal's application or outgoing-webhook token), or explicitly "
+        "B24QUEUE_ALLOW_UNVERIFIED=true to accept unverified events"
+    )

@@ -1,0 +1,1 @@
+"""Example consumers: run them with `make run`, or `b24queue worker examples.deals:DealSync`."""

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# A project-local RabbitMQ node from the system's rabbitmq-server, for machines without Docker.
+#   local-node.sh start    start one unless something already listens on the AMQP port
+#   local-node.sh stop     stop the project-local node (never a broker this script did not start)
+#   local-node.sh status
+# Its data and logs live in .broker/ (git-ignored). Ports: AMQP_PORT (5672), MGMT_PORT (15672),
+# PROM_PORT (15692);
+# the Erlang distribution port is AMQP_PORT + 20000.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+AMQP_PORT="${AMQP_PORT:-5672}"
+MGMT_PORT="${MGMT_PORT:-15672}"
+PROM_PORT="${PROM_PORT:-15692}"
+NODE="b24queue${AMQP_PORT}@localhost"
+DIR="$ROOT/.broker/node-$AMQP_PORT"
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+as_broker_env() {
+  env RABBITMQ_NODENAME="$NODE" RABBITMQ_NODE_PORT="$AMQP_PORT" \
+    RABBITMQ_DIST_PORT="$((AMQP_PORT + 20000))" \
+    RABBITMQ_MNESIA_BASE="$DIR/mnesia" RABBITMQ_LOG_BASE="$DIR/log" \
+    RABBITMQ_CONFIG_FILE="$DIR/rabbitmq.conf" RABBITMQ_ENABLED_PLUGINS_FILE="$DIR/enabled_plugins" \
+    RABBITMQ_PID_FILE="$DIR/pid" "$@"
+}
+
+start() {
+  if listening "$AMQP_PORT"; then
+    echo "RabbitMQ already listening on 127.0.0.1:$AMQP_PORT; using it."
+    return 0
+  fi
+  if ! command -v rabbitmq-server >/dev/null; then
+    echo "Nothing listens on 127.0.0.1:$AMQP_PORT and rabbitmq-server is not installed." >&2
+    echo "Install it (apt-get install rabbitmq-server) or run: docker compose -f rabbitmq/docker-compose.yml up -d" >&2
+    exit 1
+  fi
+  mkdir -p "$DIR/mnesia" "$DIR/log"
+  sed -e "s/^listeners.tcp.default = .*/listeners.tcp.default = $AMQP_PORT/" \
+      -e "s/^management.tcp.port = .*/management.tcp.port = $MGMT_PORT/" \
+      -e "s/^prometheus.tcp.port = .*/prometheus.tcp.port = $PROM_PORT/" \
+      "$ROOT/rabbitmq/rabbitmq.conf" > "$DIR/rabbitmq.conf"
+  cp "$ROOT/rabbitmq/enabled_plugins" "$DIR/enabled_plugins"
+  # Debian's wrapper runs the server as the rabbitmq user when started by root.
+  if [[ "$(id -u)" == 0 ]] && id rabbitmq >/dev/null 2>&1; then
+    chown -R rabbitmq:rabbitmq "$ROOT/.broker"
+  fi
+  echo "Starting project-local RabbitMQ node $NODE (AMQP $AMQP_PORT, management $MGMT_PORT, data $DIR)"
+  as_broker_env rabbitmq-server -detached
+  # await_startup needs a node that is already registered with epmd: ping until it is.
+  for _ in $(seq 1 120); do
+    as_broker_env rabbitmqctl -n "$NODE" -q ping >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  as_broker_env timeout 120 rabbitmqctl -n "$NODE" -q await_startup
+  for _ in $(seq 1 100); do
+    listening "$MGMT_PORT" && break
+    sleep 0.3
+  done
+  echo "RabbitMQ is up: amqp://guest:guest@127.0.0.1:$AMQP_PORT/  management http://127.0.0.1:$MGMT_PORT"
+}
+
+stop() {
+  if [[ ! -f "$DIR/pid" ]]; then
+    echo "No project-local node for port $AMQP_PORT."
+    return 0
+  fi
+  as_broker_env rabbitmqctl -n "$NODE" -q stop "$DIR/pid" || true
+  rm -f "$DIR/pid"
+}
+
+status() {
+  if listening "$AMQP_PORT"; then echo "AMQP port $AMQP_PORT: listening"; else echo "AMQP port $AMQP_PORT: closed"; fi
+  if listening "$MGMT_PORT"; then echo "management port $MGMT_PORT: listening"; else echo "management port $MGMT_PORT: closed"; fi
+}
+
+case "${1:-start}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# `make run`: the ingress and the example workers in one terminal; Ctrl-C stops them cleanly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+PORT="${B24QUEUE_HTTP_PORT:-8080}"
+
+if [[ -z "${B24QUEUE_APP_TOKENS:-}" && -z "${B24QUEUE_ALLOW_UNVERIFIED:-}" ]]; then
+  export B24QUEUE_APP_TOKENS="local-dev-token"
+  echo "No B24QUEUE_APP_TOKENS set: using 'local-dev-token' for this local run."
+fi
+
+pids=()
+stop() {
+  trap - INT TERM
+  echo; echo "stopping..."
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  exit 0
+}
+trap stop INT TERM
+
+"$BIN/b24queue" worker examples.deals:DealSync examples.logger:EventLogger &
+pids+=($!)
+"$BIN/b24queue" ingress --port "$PORT" &
+pids+=($!)
+
+for _ in $(seq 1 50); do
+  if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then break; fi
+  sleep 0.2
+done
+
+token="${B24QUEUE_APP_TOKENS%%,*}"
+cat <<MSG
+
+  Ingress:        http://127.0.0.1:$PORT/b24/events   (ready: http://127.0.0.1:$PORT/readyz)
+  Management UI:  http://127.0.0.1:15672   (guest / guest)
+  Send an event:  $BIN/b24queue send ONCRMDEALADD --url http://127.0.0.1:$PORT/b24/events --token '$token' --field 'data[FIELDS][ID]=42'
+  A rejected one: ... --field 'data[FIELDS][ID]=0'   (lands in example.deal-sync.dlq)
+  Ctrl-C stops everything.
+
+MSG
+wait -n "${pids[@]}" || true
+stop
