@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from b24queue.amqp.connection import close_quietly, connect, connection_name
+from b24queue.amqp.connection import Connection, close_quietly, connect, connection_name
 from b24queue.amqp.publisher import AmqpPublisher
 from b24queue.amqp.topology import (
     QueueState,
@@ -91,44 +91,79 @@ def check_consumers(classes: Sequence[type[EventConsumer]]) -> None:
         seen[cls.queue] = cls.__name__
 
 
-async def serve_worker(
-    settings: Settings, classes: Sequence[type[EventConsumer]], stop: asyncio.Event
-) -> None:
-    check_consumers(classes)
-    queues = ",".join(cls.queue for cls in classes)
-    connection = await connect(
-        settings, connection_name("worker", queues), give_up_after_s=settings.connect_timeout_s
-    )
-    runners: list[ConsumerRunner] = []
-    try:
-        for cls in classes:
-            runner = ConsumerRunner(cls(), settings, connection)
-            runners.append(runner)
-            await runner.start()
-        log.info("worker running: %s", queues)
-        await stop.wait()
+class Worker:
+    """Consumers of one process on one named connection, each on its own channel.
+
+    `async with Worker(settings, classes) as worker:` returns once every consumer consumes;
+    leaving the block shuts down gracefully (see the module docstring).
+    """
+
+    def __init__(self, settings: Settings, classes: Sequence[type[EventConsumer]]) -> None:
+        check_consumers(classes)
+        self.settings = settings
+        self.classes = list(classes)
+        self.runners: list[ConsumerRunner] = []
+        self._connection: Connection | None = None
+
+    @property
+    def queues(self) -> str:
+        return ",".join(cls.queue for cls in self.classes)
+
+    async def __aenter__(self) -> Worker:
+        self._connection = await connect(
+            self.settings,
+            connection_name("worker", self.queues),
+            give_up_after_s=self.settings.connect_timeout_s,
+        )
+        try:
+            for cls in self.classes:
+                runner = ConsumerRunner(cls(), self.settings, self._connection)
+                self.runners.append(runner)
+                await runner.start()
+        except BaseException:
+            await self._close()
+            raise
+        log.info("worker running: %s", self.queues)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        runners = self.runners
         await asyncio.gather(*(r.stop_consuming() for r in runners))
         in_flight = sum(r.in_flight for r in runners)
         if in_flight:
             log.info(
                 "waiting up to %gs for %d in-flight handler(s)",
-                settings.shutdown_timeout_s,
+                self.settings.shutdown_timeout_s,
                 in_flight,
             )
-        cancelled = await asyncio.gather(*(r.drain(settings.shutdown_timeout_s) for r in runners))
-        if sum(cancelled):
+        timeout_s = self.settings.shutdown_timeout_s
+        cancelled = sum(await asyncio.gather(*(r.drain(timeout_s) for r in runners)))
+        if cancelled:
             log.warning(
                 "%d handler(s) did not finish in time; their events will be redelivered",
-                sum(cancelled),
+                cancelled,
             )
-    finally:
-        for runner in runners:
+        await self._close()
+        log.info("worker stopped")
+
+    async def _close(self) -> None:
+        for runner in self.runners:
             try:
                 await runner.close()
             except Exception:
                 log.exception("on_stop of %s failed", runner.spec.name)
-        await close_quietly(connection)
-    log.info("worker stopped")
+        self.runners = []
+        await close_quietly(self._connection)
+
+
+async def serve_worker(
+    settings: Settings, classes: Sequence[type[EventConsumer]], stop: asyncio.Event
+) -> None:
+    async with Worker(settings, classes):
+        await stop.wait()
 
 
 async def declare_topology(

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     )
     queue_type: Literal["quorum", "classic"] = "quorum"
     connect_timeout_s: float = Field(default=10.0, gt=0)
-    reconnect_interval_s: float = Field(default=1.0, gt=0)
+    reconnect_interval_s: float = Field(default=0.5, gt=0)
 
     # Management API (status, dlq tools)
     management_url: str = "http://localhost:15672"

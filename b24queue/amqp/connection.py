@@ -22,6 +22,8 @@ from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
 
+Connection = AbstractRobustConnection
+
 # Raised by aio-pika/aiormq for a connection that is down, going down or not there yet.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPConnectionError,

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SAMPLES = Path(__file__).parent / "samples"
+SAMPLE_TOKEN = "9d1c7e5a3b8f4e2d6c0a9b7e5d3c1f8a"
+SAMPLE_NAMES = sorted(p.stem for p in SAMPLES.glob("*.form"))
+
+
+def sample_form(name: str) -> bytes:
+    return (SAMPLES / f"{name}.form").read_bytes().strip()
+
+
+def sample_json(name: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads((SAMPLES / f"{name}.json").read_text())
+    return value
+
+
+@pytest.fixture(autouse=True)
+def _clean_b24queue_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests build their own settings: a developer's B24QUEUE_* variables must not leak in."""
+    for key in list(os.environ):
+        if key.upper().startswith("B24QUEUE_"):
+            monkeypatch.delenv(key)
+    yield

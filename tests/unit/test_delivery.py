@@ -1,0 +1,135 @@
+"""The delivery rules, through the public testing helper (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from b24queue import Event, EventConsumer, Reject, Retry
+from b24queue import _constants as c
+from b24queue.delivery import Incoming, decide
+from b24queue.testing import event_from_form, make_event, run_handler, run_until_settled
+from tests.conftest import SAMPLE_TOKEN, sample_form
+
+
+class Flaky(EventConsumer):
+    queue = "flaky"
+    events = ("ONCRMDEALADD",)
+    max_attempts = 5
+    retry_delays_s = (1, 5, 30)
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.seen: list[int] = []
+
+    async def handle(self, event: Event) -> None:
+        self.seen.append(event.attempt)
+        if len(self.seen) <= self.failures:
+            raise RuntimeError(f"boom {len(self.seen)} token={SAMPLE_TOKEN}")
+
+
+class Rejecting(EventConsumer):
+    queue = "rejecting"
+    events = ("#",)
+
+    async def handle(self, event: Event) -> None:
+        raise Reject("bad deal")
+
+
+class AsksForDelay(EventConsumer):
+    queue = "asks"
+    events = ("#",)
+    retry_delays_s = (1, 10, 60)
+
+    async def handle(self, event: Event) -> None:
+        raise Retry("later", delay_s=7)
+
+
+class Slow(EventConsumer):
+    queue = "slow"
+    events = ("#",)
+    handle_timeout_s = 0.05
+
+    async def handle(self, event: Event) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_returning_acks() -> None:
+    outcome = await run_handler(Flaky(0), event_from_form(sample_form("crm-deal-add")))
+    assert outcome.acked and outcome.attempt == 1
+
+
+async def test_fails_twice_then_succeeds_with_the_configured_delays() -> None:
+    consumer = Flaky(2)
+    outcomes = await run_until_settled(consumer, make_event("ONCRMDEALADD"))
+    assert [o.kind for o in outcomes] == ["retry", "retry", "ack"]
+    assert [o.delay_s for o in outcomes[:2]] == [1, 5]
+    assert consumer.seen == [1, 2, 3]
+
+
+async def test_always_failing_ends_dead_lettered_after_max_attempts() -> None:
+    event = event_from_form(sample_form("crm-deal-add"))
+    outcomes = await run_until_settled(Flaky(99), event)
+    assert [o.kind for o in outcomes] == ["retry"] * 4 + ["dead_letter"]
+    assert [o.delay_s for o in outcomes[:4]] == [1, 5, 30, 30]
+    last = outcomes[-1]
+    assert last.reason == "max_attempts"
+    h = last.headers
+    assert h[c.H_ATTEMPT] == 5
+    assert h[c.H_ERROR_TYPE] == "RuntimeError"
+    assert h[c.H_ERROR_MESSAGE] == "boom 5 token=***"  # the token is redacted
+    assert h[c.H_ORIGINAL_QUEUE] == "flaky"
+    assert h[c.H_ORIGINAL_ROUTING_KEY] == "ONCRMDEALADD"
+    assert h[c.H_FIRST_FAILED_AT] == outcomes[0].headers[c.H_FIRST_FAILED_AT]
+    assert h[c.H_LAST_FAILED_AT] >= h[c.H_FIRST_FAILED_AT]
+
+
+async def test_reject_dead_letters_at_once() -> None:
+    outcome = await run_handler(Rejecting(), make_event("ONX"))
+    assert outcome.dead_lettered
+    assert outcome.reason == "rejected"
+    assert outcome.headers[c.H_ERROR_MESSAGE] == "bad deal"
+
+
+async def test_retry_delay_is_rounded_up_to_a_declared_level() -> None:
+    outcome = await run_handler(AsksForDelay(), make_event("ONX"))
+    assert outcome.retried and outcome.delay_s == 10
+
+
+async def test_handler_timeout_is_a_failed_attempt() -> None:
+    outcome = await run_handler(Slow(), make_event("ONX"))
+    assert outcome.retried
+    assert outcome.headers[c.H_ERROR_TYPE] == "TimeoutError"
+
+
+async def test_undecodable_bodies_are_dead_lettered_at_once() -> None:
+    for body in (b"not json", b"[1,2]", json.dumps({"event": "bad.name"}).encode()):
+        incoming = Incoming(body=body, message_id="m", routing_key="X", headers={})
+        outcome = await decide(Flaky(0), incoming, "flaky")
+        assert outcome.dead_lettered and outcome.reason == "undecodable", body
+
+
+async def test_broker_history_headers_are_not_carried_on() -> None:
+    incoming = Incoming(
+        body=json.dumps(make_event("ONX").payload).encode(),
+        message_id="m",
+        routing_key="ONX",
+        headers={"x-death": [{"count": 1}], "x-delivery-count": 2, "x-b24-domain": "d"},
+    )
+    outcome = await decide(Flaky(1), incoming, "flaky")
+    assert "x-death" not in outcome.headers and "x-delivery-count" not in outcome.headers
+    assert outcome.headers["x-b24-domain"] == "d"
+
+
+async def test_event_carries_delivery_facts() -> None:
+    seen: list[Event] = []
+
+    class Spy(EventConsumer):
+        queue = "spy"
+        events = ("#",)
+
+        async def handle(self, event: Event) -> None:
+            seen.append(event)
+
+    await run_handler(Spy(), make_event("ONX"), attempt=3, message_id="abc")
+    assert (seen[0].message_id, seen[0].attempt) == ("abc", 3)

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from b24queue.errors import BadEventError
+from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form, decode_json, encode_form, split_key
+from tests.conftest import SAMPLE_NAMES, SAMPLES, sample_form, sample_json
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_every_sample_decodes_to_its_json_twin(name: str) -> None:
+    assert decode_form(sample_form(name)) == sample_json(name)
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_encode_then_decode_is_lossless(name: str) -> None:
+    decoded = sample_json(name)
+    assert decode_form(encode_form(decoded)) == decoded
+
+
+def test_our_sample_copy_matches_shared_when_present() -> None:
+    shared = SAMPLES.parents[2] / "shared" / "b24-samples"
+    if not shared.is_dir():
+        pytest.skip("no ../shared/b24-samples beside this clone")
+    for path in shared.glob("*.form"):
+        assert (SAMPLES / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_values_stay_strings_and_escapes_decode_like_browsers() -> None:
+    body = b"a=1&b=%D0%9F%D1%80%D0%B8+%26+%3D&c=x%2By&d=&e"
+    assert decode_form(body) == {"a": "1", "b": "При & =", "c": "x+y", "d": "", "e": ""}
+
+
+def test_brackets_nest_and_empty_brackets_append() -> None:
+    body = b"data[FIELDS][ID]=7&tags[]=a&tags[]=b&rows[][x]=1&rows[][x]=2&m[0]=z"
+    assert decode_form(body) == {
+        "data": {"FIELDS": {"ID": "7"}},
+        "tags": ["a", "b"],
+        "rows": [{"x": "1"}, {"x": "2"}],
+        "m": {"0": "z"},
+    }
+
+
+def test_percent_encoded_brackets_are_brackets() -> None:
+    assert decode_form(b"data%5BFIELDS%5D%5BID%5D=1") == {"data": {"FIELDS": {"ID": "1"}}}
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        (b"a=1&a[b]=2", "a[b]", "conflicting key"),
+        (b"a[b]=2&a=1", "a", "conflicting key"),
+        (b"a=1&a=2", "a", "already given"),
+        (b"a[]=1&a[x]=2", "a[x]", "a list"),
+        (b"a[x]=1&a[]=2", "a[]", "an object"),
+        (b"a[b=1", "a[b", "unbalanced"),
+        (b"a]=1", "a]", "unbalanced"),
+        (b"a[b]c=1", "a[b]c", "unbalanced"),
+        (b"a[b[c]]=1", "a[b[c]]", "unbalanced"),
+        (b"[x]=1", "[x]", "name must come before"),
+    ],
+)
+def test_malformed_keys_are_refused_naming_the_key(body: bytes, field: str, words: str) -> None:
+    with pytest.raises(BadEventError) as info:
+        decode_form(body)
+    assert info.value.field == field
+    assert words in str(info.value)
+    assert repr(field) in str(info.value) or field in str(info.value)
+
+
+def test_nesting_limit() -> None:
+    ok = "a" + "[x]" * MAX_DEPTH + "=1"
+    decode_form(ok.encode())
+    too_deep = "a" + "[x]" * (MAX_DEPTH + 1) + "=1"
+    with pytest.raises(BadEventError, match="deeper than 32"):
+        decode_form(too_deep.encode())
+
+
+def test_field_count_limit() -> None:
+    decode_form("&".join(f"f{i}=1" for i in range(MAX_FIELDS)).encode())
+    with pytest.raises(BadEventError, match="too many fields: 10001"):
+        decode_form("&".join(f"f{i}=1" for i in range(MAX_FIELDS + 1)).encode())
+
+
+def test_bad_utf8_is_refused() -> None:
+    with pytest.raises(BadEventError, match="not valid UTF-8"):
+        decode_form(b"a=\xff")
+    with pytest.raises(BadEventError, match="not UTF-8") as info:
+        decode_form(b"name=%FF")
+    assert info.value.field == "name"
+
+
+def test_split_key() -> None:
+    assert split_key("data[FIELDS][ID]") == ("data", ["FIELDS", "ID"])
+    assert split_key("a[]") == ("a", [None])
+    assert split_key("plain") == ("plain", [])
+
+
+def test_json_bodies() -> None:
+    assert decode_json(json.dumps(sample_json("crm-deal-add")).encode()) == sample_json(
+        "crm-deal-add"
+    )
+    with pytest.raises(BadEventError, match="not valid JSON"):
+        decode_json(b"{nope")
+    with pytest.raises(BadEventError, match="must be an object"):
+        decode_json(b"[1]")
+    deep: object = "x"
+    for _ in range(MAX_DEPTH + 1):
+        deep = {"k": deep}
+    with pytest.raises(BadEventError, match="deeper than 32"):
+        decode_json(json.dumps({"a": deep}).encode())
+    with pytest.raises(BadEventError, match="deeper than 32"):
+        decode_json(b"[" * 100_000)
