@@ -64,7 +64,8 @@ class Management:
     async def connections_named(self, fragment: str) -> list[dict[str, Any]]:
         found = await self.get("/api/connections")
         return [
-            c for c in found
+            c
+            for c in found
             if fragment in (c.get("client_properties") or {}).get("connection_name", "")
         ]
 
@@ -116,9 +117,9 @@ class Broker:
             declared = await channel.declare_queue(queue, passive=True)
             return int(declared.declaration_result.message_count or 0)
 
-    async def take(self, queue: str, count: int, timeout_s: float = 15.0) -> list[
-        AbstractIncomingMessage
-    ]:
+    async def take(
+        self, queue: str, count: int, timeout_s: float = 15.0
+    ) -> list[AbstractIncomingMessage]:
         """Consume and ack `count` messages from a queue (fails if they don't come in time)."""
         got: list[AbstractIncomingMessage] = []
         async with self.connection.channel() as channel:

@@ -82,7 +82,10 @@ async def refused(
     ],
 )
 async def test_malformed_bodies_get_400_naming_the_field(
-    client: TestClient[object, object], sink: MemorySink, data: bytes, field: str | None,
+    client: TestClient[object, object],
+    sink: MemorySink,
+    data: bytes,
+    field: str | None,
     words: str,
 ) -> None:
     body = await refused(client, sink, 400, data=data, headers=FORM)
@@ -126,8 +129,12 @@ async def test_chunked_too_large_is_413(
     await refused(client, sink, 413, data=chunks(), headers=FORM)
 
 
-async def test_unsupported_type_is_415(client: TestClient[object, object], sink: MemorySink) -> None:
-    body = await refused(client, sink, 415, data=b"event=ONX", headers={"Content-Type": "text/plain"})
+async def test_unsupported_type_is_415(
+    client: TestClient[object, object], sink: MemorySink
+) -> None:
+    body = await refused(
+        client, sink, 415, data=b"event=ONX", headers={"Content-Type": "text/plain"}
+    )
     assert "text/plain" in body["error"]
 
 

@@ -35,7 +35,7 @@ def test_flags_beat_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unknown_env_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("B24QUEUE_APP_TOKEN", "typo")
-    with pytest.raises(ConfigError, match="unknown setting.*B24QUEUE_APP_TOKEN"):
+    with pytest.raises(ConfigError, match=r"unknown setting.*B24QUEUE_APP_TOKEN"):
         load_settings()
 
 
