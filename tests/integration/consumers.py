@@ -1,0 +1,30 @@
+"""Consumers for tests that run a real `b24queue worker` subprocess.
+
+Configured by B24QT_* variables (not B24QUEUE_*, which settings would refuse as unknown):
+B24QT_QUEUE, B24QT_RECORD (a file: one line per start/done), B24QT_SLEEP_S, B24QT_PREFETCH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from b24queue import Event, EventConsumer
+
+
+def _record(line: str) -> None:
+    with open(os.environ["B24QT_RECORD"], "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Recorder(EventConsumer):
+    queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
+    events = ("#",)
+    prefetch = int(os.environ.get("B24QT_PREFETCH", "8"))
+
+    async def handle(self, event: Event) -> None:
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")))
+        _record(f"done {event.message_id} {int(event.redelivered)}")
