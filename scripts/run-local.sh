@@ -10,6 +10,9 @@ if [[ -z "${B24QUEUE_APP_TOKENS:-}" && -z "${B24QUEUE_ALLOW_UNVERIFIED:-}" ]]; t
   echo "No B24QUEUE_APP_TOKENS set: using 'local-dev-token' for this local run."
 fi
 
+# Children in their own process groups: Ctrl-C reaches only this script, which then asks each
+# child once (SIGTERM) to stop gracefully. A second Ctrl-C would make them exit at once.
+set -m
 pids=()
 stop() {
   trap - INT TERM
