@@ -27,8 +27,8 @@ test-unit: install
 	$(BIN)/pytest tests/unit
 
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check b24queue examples tests
+	$(BIN)/ruff format --check b24queue examples tests
 	$(BIN)/mypy
 
 topology: install broker
