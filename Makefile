@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit lint broker run topology clean
+.PHONY: install test test-unit lint broker run topology bench clean
 
 install: $(STAMP)
 
@@ -40,3 +40,6 @@ run: install broker
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+bench: install broker
+	$(PY) -m bench

@@ -1,0 +1,434 @@
+"""`make bench`: one run, one table, every figure beside the baselines measured in the same run.
+
+Load comes from a separate process (bench.load) on loopback, bounded in count and time. Every
+server under test is its own process too. Results also go to bench/results/<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from b24queue.amqp.topology import QueueSpec, declare_consumer_queues, declare_exchanges
+from b24queue.forms import encode_form
+from b24queue.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+TOKEN = "bench-token-0123456789abcdef0123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def deal_body(token: str) -> bytes:
+    """A Bitrix24-shaped ONCRMDEALUPDATE body (what a bulk edit sends 10,000 times)."""
+    domain = "acme.bitrix24.com"
+    return encode_form(
+        {
+            "event": "ONCRMDEALUPDATE",
+            "event_handler_id": "42",
+            "data": {"FIELDS": {"ID": "1187"}},
+            "ts": str(int(time.time())),
+            "auth": {
+                "access_token": "b7c6e8f1a2d34e5f9a0b1c2d3e4f5a6b",
+                "expires": "1764370800",
+                "expires_in": "3600",
+                "scope": "crm,task,imbot,placement,user_brief",
+                "domain": domain,
+                "server_endpoint": "https://oauth.bitrix.info/rest/",
+                "status": "L",
+                "client_endpoint": f"https://{domain}/rest/",
+                "member_id": "5f2a9c3e1b7d4a6f8e0c2b4d6f8a0c1e",
+                "user_id": "1",
+                "refresh_token": "a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1",
+                "application_token": token,
+            },
+        }
+    )
+
+
+class Server:
+    """A server process under test; waits until it answers."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/b24/events"
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    def wait_ready(self, path: str) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=1):
+                    return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 and path != "/readyz":
+                    return  # it answers: a 404 is fine for the baselines
+                time.sleep(0.1)
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def load(
+    url: str, body_file: str, requests: int, concurrency: int, rate: float | None = None
+) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.load",
+        "--url",
+        url,
+        "--body-file",
+        body_file,
+        "--requests",
+        str(requests),
+        "--concurrency",
+        str(concurrency),
+    ]
+    if rate is not None:
+        argv += ["--rate", str(rate)]
+    out = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, timeout=240).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def consume(
+    kind: str, queue: str, count: int, prefetch: int, settings_env: dict[str, str]
+) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.consume",
+        kind,
+        "--queue",
+        queue,
+        "--count",
+        str(count),
+        "--prefetch",
+        str(prefetch),
+        "--amqp-url",
+        AMQP_URL,
+        "--exchange",
+        settings_env["B24QUEUE_EXCHANGE"],
+        "--unrouted",
+        settings_env["B24QUEUE_UNROUTED"],
+        "--binding",
+        "BENCHWORK",
+    ]
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0.0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=240)
+    if proc.returncode != 0:
+        raise RuntimeError(err.decode()[-2000:])
+    result: dict[str, Any] = json.loads(out)
+    result["peak_rss_mb"] = round(peak, 1)
+    result["wall_s"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+async def broker_ceiling(exchange: str, count: int, window: int) -> dict[str, Any]:
+    """Raw confirmed persistent publishes from one channel, `window` in flight."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    channel = await connection.channel()
+    target = await channel.get_exchange(exchange)
+    body = json.dumps({"event": "ONCRMDEALUPDATE", "data": {"FIELDS": {"ID": "1"}}}).encode()
+    semaphore = asyncio.Semaphore(window)
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            await target.publish(
+                aio_pika.Message(
+                    body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(i)
+                ),
+                routing_key="ONCRMDEALUPDATE",
+            )
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    elapsed = time.perf_counter() - started
+    await connection.close()
+    return {
+        "count": count,
+        "window": window,
+        "seconds": round(elapsed, 3),
+        "per_s": round(count / elapsed, 1),
+    }
+
+
+async def prepare(settings: Any, sink: str, work: str) -> None:
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    channel = await connection.channel()
+    exchange = await declare_exchanges(channel, settings)
+    queue = await channel.declare_queue(sink, durable=True, arguments={"x-queue-type": "quorum"})
+    await queue.bind(exchange, routing_key="#")
+    await declare_consumer_queues(channel, settings, QueueSpec(work, ("BENCHWORK",), (1.0,)))
+    await connection.close()
+
+
+async def amqp_call(fn: Any) -> Any:
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        return await fn(channel)
+    finally:
+        await connection.close()
+
+
+async def purge(name: str) -> None:
+    async def go(channel: Any) -> None:
+        queue = await channel.get_queue(name)
+        await queue.purge()
+
+    await amqp_call(go)
+
+
+async def fill(name: str, body: bytes, count: int) -> None:
+    async def go(channel: Any) -> None:
+        semaphore = asyncio.Semaphore(500)
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        body,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=f"w{i}",
+                        content_type="application/json",
+                    ),
+                    routing_key=name,
+                )
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+
+    await amqp_call(go)
+
+
+async def cleanup(prefix: str) -> None:
+    import base64
+    from urllib.parse import quote
+
+    import aiohttp
+
+    auth = base64.b64encode(b"guest:guest").decode()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Basic {auth}"}) as session:
+        for kind in ("queues", "exchanges"):
+            async with session.get(f"http://127.0.0.1:15672/api/{kind}/%2F?columns=name") as r:
+                items = await r.json()
+            for item in items:
+                if item["name"].startswith(prefix + "."):
+                    name = quote(item["name"], safe="")
+                    async with session.delete(f"http://127.0.0.1:15672/api/{kind}/%2F/{name}"):
+                        pass
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--worker-messages", type=int, default=20000)
+    parser.add_argument("--prefetch", type=int, default=64)
+    args = parser.parse_args()
+
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("B24QUEUE_")}
+    env.update(
+        {
+            "B24QUEUE_AMQP_URL": AMQP_URL,
+            "B24QUEUE_EXCHANGE": f"{prefix}.events",
+            "B24QUEUE_UNROUTED": f"{prefix}.unrouted",
+            "B24QUEUE_APP_TOKENS": TOKEN,
+            "B24QUEUE_LOG_LEVEL": "WARNING",
+            "B24QUEUE_PUBLISH_TIMEOUT_S": "5",
+        }
+    )
+    settings = load_settings(
+        amqp_url=AMQP_URL, exchange=env["B24QUEUE_EXCHANGE"], unrouted=env["B24QUEUE_UNROUTED"]
+    )
+    sink, work = f"{prefix}.sink", f"{prefix}.work"
+    body = deal_body(TOKEN)
+    body_file = tempfile.NamedTemporaryFile(suffix=".form", delete=False)
+    body_file.write(body)
+    body_file.close()
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "params": vars(args),
+    }
+    asyncio.run(prepare(settings, sink, work))
+    try:
+        print("broker ceiling ...", flush=True)
+        results["broker_ceiling"] = asyncio.run(
+            broker_ceiling(settings.exchange, args.requests * 2, window=256)
+        )
+        asyncio.run(purge(sink))
+
+        def serve(name: str, argv: list[str], ready_path: str) -> dict[str, Any]:
+            print(f"{name} ...", flush=True)
+            port = free_port()
+            server = Server([*argv, "--port", str(port)], env, port)
+            try:
+                server.wait_ready(ready_path)
+                result = load(server.url, body_file.name, args.requests, args.concurrency)
+                result["peak_rss_mb"] = server.peak_rss_mb()
+                if name == "b24queue_ingress":
+                    half = max(1.0, result["rps"] / 2)
+                    print(f"{name} at half its peak rate ({half:.0f}/s) ...", flush=True)
+                    paced = load(
+                        server.url, body_file.name, int(half * 5), args.concurrency * 4, rate=half
+                    )
+                    results["b24queue_ingress_half_rate"] = paced
+                return result
+            finally:
+                server.stop()
+                asyncio.run(purge(sink))
+
+        py = sys.executable
+        results["bare_http"] = serve("bare_http", [py, "-m", "bench.baselines", "bare"], "/x")
+        results["plain_aiopika_ingress"] = serve(
+            "plain_aiopika_ingress",
+            [py, "-m", "bench.baselines", "plain", "--exchange", settings.exchange],
+            "/x",
+        )
+        results["b24queue_ingress"] = serve(
+            "b24queue_ingress", [py, "-m", "b24queue", "ingress", "--host", "127.0.0.1"], "/readyz"
+        )
+
+        event_json = json.dumps(
+            {
+                "event": "ONCRMDEALUPDATE",
+                "data": {"FIELDS": {"ID": "1"}},
+                "ts": "1764367200",
+                "auth": {"domain": "acme.bitrix24.com"},
+            }
+        )
+        for kind in ("plain", "b24queue"):
+            print(f"worker {kind} ...", flush=True)
+            asyncio.run(fill(work, event_json.encode(), args.worker_messages))
+            results[f"worker_{kind}"] = consume(
+                kind, work, args.worker_messages, args.prefetch, env
+            )
+            asyncio.run(purge(work))
+    finally:
+        asyncio.run(cleanup(prefix))
+        os.unlink(body_file.name)
+
+    report(results)
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {out.relative_to(ROOT)}")
+
+
+def report(r: dict[str, Any]) -> None:
+    ours = r["b24queue_ingress"]
+    plain = r["plain_aiopika_ingress"]
+    bare = r["bare_http"]
+    ceiling = r["broker_ceiling"]
+    half = r["b24queue_ingress_half_rate"]
+    wo, wp = r["worker_b24queue"], r["worker_plain"]
+    rows = [
+        ("broker ceiling (confirmed publishes/s, 256 in flight)", f"{ceiling['per_s']:.0f}", ""),
+        (
+            "bare aiohttp, no broker (req/s)",
+            f"{bare['rps']:.0f}",
+            f"p50 {bare['p50_ms']} ms, p99 {bare['p99_ms']} ms",
+        ),
+        (
+            "plain aio-pika ingress (req/s)",
+            f"{plain['rps']:.0f}",
+            f"p50 {plain['p50_ms']} ms, p99 {plain['p99_ms']} ms",
+        ),
+        (
+            "b24queue ingress (req/s)",
+            f"{ours['rps']:.0f}",
+            f"{ratio(ours['rps'], plain['rps'])} plain, {ratio(ours['rps'], ceiling['per_s'])} ceiling, "
+            f"{ratio(ours['rps'], bare['rps'])} bare; p50 {ours['p50_ms']} ms, p99 {ours['p99_ms']} ms",
+        ),
+        (
+            f"b24queue ingress at half peak ({half['rps']:.0f} req/s)",
+            f"p99 {half['p99_ms']} ms",
+            f"p50 {half['p50_ms']} ms; non-200: {half['not_ok']}",
+        ),
+        (
+            "plain consume-and-ack loop (msg/s)",
+            f"{wp['per_s']:.0f}",
+            f"peak RSS {wp['peak_rss_mb']} MB",
+        ),
+        (
+            "b24queue worker, no-op handler (msg/s)",
+            f"{wo['per_s']:.0f}",
+            f"{ratio(wo['per_s'], wp['per_s'])} plain; peak RSS {wo['peak_rss_mb']} MB",
+        ),
+        (
+            "peak RSS ingress (MB)",
+            f"{ours['peak_rss_mb']}",
+            f"plain {plain['peak_rss_mb']} MB, bare {bare['peak_rss_mb']} MB",
+        ),
+    ]
+    non200 = {k: v["not_ok"] for k, v in r.items() if isinstance(v, dict) and "not_ok" in v}
+    width = max(len(a) for a, _, _ in rows)
+    print()
+    print(f"{'measurement':<{width}}  {'value':>10}  vs baselines")
+    for a, b, c in rows:
+        print(f"{a:<{width}}  {b:>10}  {c}")
+    print(f"non-200 answers: {non200}")
+
+
+if __name__ == "__main__":
+    main()
