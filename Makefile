@@ -27,8 +27,8 @@ test-unit: install
 	$(BIN)/pytest tests/unit
 
 lint: install
-	$(BIN)/ruff check b24queue examples tests
-	$(BIN)/ruff format --check b24queue examples tests
+	$(BIN)/ruff check b24queue examples tests bench
+	$(BIN)/ruff format --check b24queue examples tests bench
 	$(BIN)/mypy
 
 topology: install broker

@@ -118,8 +118,19 @@ def _run_service(make: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> 
         runtime.install_signal_handlers(stop)
         await make(stop)
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
     return EXIT_OK
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (it is a dependency on Linux and macOS): a faster event loop
+    for the ingress and workers; the standard loop elsewhere."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_ingress(settings: Settings, args: argparse.Namespace) -> int:

@@ -83,7 +83,8 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     """Run the handler on one delivery and say what must happen to it."""
     attempt = incoming.attempt
     try:
-        event = _decode(incoming).with_delivery(incoming.message_id, attempt, incoming.redelivered)
+        event = _decode(incoming)
+        event._set_delivery(incoming.message_id, attempt, incoming.redelivered)
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
     try:
@@ -186,6 +187,8 @@ def redact(text: str, secrets: tuple[str, ...]) -> str:
 
 
 def _log_outcome(incoming: Incoming, queue: str, outcome: Outcome, duration_s: float) -> None:
+    if not log.isEnabledFor(logging.INFO if outcome.kind == "ack" else logging.WARNING):
+        return
     extra = {
         "event": incoming.routing_key,
         "queue": queue,

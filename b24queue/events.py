@@ -110,13 +110,11 @@ class Event(BaseModel):
         disconnected while holding it), so the handler may have run already."""
         return self._redelivered
 
-    def with_delivery(self, message_id: str | None, attempt: int, redelivered: bool) -> Event:
-        event = self.model_copy()
-        event._payload = self._payload
-        event._message_id = message_id
-        event._attempt = attempt
-        event._redelivered = redelivered
-        return event
+    def _set_delivery(self, message_id: str | None, attempt: int, redelivered: bool) -> None:
+        """For the worker, on the event it just decoded (private attributes, not fields)."""
+        self._message_id = message_id
+        self._attempt = attempt
+        self._redelivered = redelivered
 
 
 def decode_body(content_type: str, body: bytes) -> dict[str, Any]:

@@ -8,6 +8,7 @@ publish an event that differs from what the portal sent.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 from urllib.parse import unquote_plus, urlencode
@@ -33,11 +34,21 @@ def decode_form(body: bytes) -> dict[str, Any]:
     root: dict[str, Any] = {}
     for chunk in chunks:
         raw_key, _, raw_value = chunk.partition("=")
-        key = _unquote(raw_key, what="key", field=raw_key)
-        value = _unquote(raw_value, what="value", field=key)
-        base, segments = split_key(key)
-        _insert(root, key, [base, *segments], value)
+        key, path = _parse_key(raw_key)
+        value = _unquote(raw_value, what="value", field=key) if raw_value else ""
+        _insert(root, key, path, value)
     return root
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_key(raw_key: str) -> tuple[str, list[Segment]]:
+    """Decoded key and its path. Cached: a portal sends the same few dozen keys every time.
+
+    (Callers never mutate the returned path; errors are not cached, they are raised anew.)
+    """
+    key = _unquote(raw_key, what="key", field=raw_key)
+    base, segments = split_key(key)
+    return key, [base, *segments]
 
 
 def decode_json(body: bytes) -> dict[str, Any]:

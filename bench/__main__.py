@@ -298,9 +298,8 @@ def main() -> None:
     )
     sink, work = f"{prefix}.sink", f"{prefix}.work"
     body = deal_body(TOKEN)
-    body_file = tempfile.NamedTemporaryFile(suffix=".form", delete=False)
-    body_file.write(body)
-    body_file.close()
+    with tempfile.NamedTemporaryFile(suffix=".form", delete=False) as body_file:
+        body_file.write(body)
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -397,8 +396,10 @@ def report(r: dict[str, Any]) -> None:
         (
             "b24queue ingress (req/s)",
             f"{ours['rps']:.0f}",
-            f"{ratio(ours['rps'], plain['rps'])} plain, {ratio(ours['rps'], ceiling['per_s'])} ceiling, "
-            f"{ratio(ours['rps'], bare['rps'])} bare; p50 {ours['p50_ms']} ms, p99 {ours['p99_ms']} ms",
+            f"{ratio(ours['rps'], plain['rps'])} plain, "
+            f"{ratio(ours['rps'], ceiling['per_s'])} ceiling, "
+            f"{ratio(ours['rps'], bare['rps'])} bare; "
+            f"p50 {ours['p50_ms']} ms, p99 {ours['p99_ms']} ms",
         ),
         (
             f"b24queue ingress at half peak ({half['rps']:.0f} req/s)",

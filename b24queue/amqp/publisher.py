@@ -115,17 +115,15 @@ class AmqpPublisher:
         timeout_s = self._settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                # A publish cut by a dropped connection is not replayed by aio-pika; repeat it
-                # until the deadline. The broker may then hold it twice: at-least-once, never lost.
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(TRANSIENT_ERRORS),
-                    wait=wait_exponential(multiplier=0.02, max=0.2),
-                    reraise=True,
-                ):
-                    with attempt:
-                        await exchange.publish(
-                            message, routing_key=envelope.routing_key, mandatory=True
-                        )
+                try:
+                    await exchange.publish(
+                        message, routing_key=envelope.routing_key, mandatory=True
+                    )
+                except TRANSIENT_ERRORS:
+                    # A publish cut by a dropped connection is not replayed by aio-pika; repeat
+                    # it until the deadline. The broker may then hold it twice: at-least-once,
+                    # never lost. (Off the hot path: the first attempt needs no retry machinery.)
+                    await self._publish_retrying(exchange, message, envelope.routing_key)
         except TimeoutError:
             raise BrokerUnavailableError(
                 f"RabbitMQ did not confirm within {timeout_s:g}s"
@@ -137,3 +135,14 @@ class AmqpPublisher:
             raise PublishError(f"RabbitMQ refused the message (nack): {exc}") from None
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailableError(f"connection to RabbitMQ failed: {exc!r}") from None
+
+    async def _publish_retrying(
+        self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
+    ) -> None:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TRANSIENT_ERRORS),
+            wait=wait_exponential(multiplier=0.02, max=0.2),
+            reraise=True,
+        ):
+            with attempt:
+                await exchange.publish(message, routing_key=routing_key, mandatory=True)
