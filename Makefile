@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit lint broker run topology bench clean
+.PHONY: install test test-unit lint broker run topology bench definitions clean
 
 install: $(STAMP)
 
@@ -43,3 +43,7 @@ clean:
 
 bench: install broker
 	$(PY) -m bench
+
+# Regenerate rabbitmq/definitions.json after changing the examples or the topology.
+definitions: install
+	$(BIN)/b24queue topology --definitions examples.deals:DealSync examples.logger:EventLogger > rabbitmq/definitions.json

@@ -13,19 +13,24 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from b24queue import logs, runtime, sender
+from b24queue import dlq_view, logs, runtime, sender, status
+from b24queue.amqp.dlq import DeadLetterTool
 from b24queue.consumer import EventConsumer
+from b24queue.definitions import definitions
 from b24queue.errors import (
     B24QueueError,
     BadEventError,
     BrokerUnavailableError,
     ConfigError,
+    ManagementError,
     TopologyMismatchError,
 )
 from b24queue.events import FORM_TYPE, JSON_TYPE
+from b24queue.management import ManagementClient
 from b24queue.settings import Settings, load_settings
 
 log = logging.getLogger("b24queue")
@@ -48,12 +53,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run consumers: b24queue worker module:Class [...]")
     p.add_argument("consumers", nargs="+", metavar="MODULE:CLASS")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics here (B24QUEUE_WORKER_METRICS_PORT; 0 = off)",
+    )
 
     p = sub.add_parser("topology", help="declare exchanges and queues, print what exists")
     p.add_argument(
         "consumers", nargs="*", metavar="MODULE:CLASS", help="also declare these consumers' queues"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--definitions",
+        action="store_true",
+        help="print broker definitions (rabbitmq/definitions.json) instead; no broker",
+    )
+
+    p = sub.add_parser("status", help="queues, rates, consumers, retries, DLQs, connections")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--fail-on-dead-letters",
+        action="store_true",
+        help="exit 1 when a DLQ or the unrouted queue is not empty (for cron/CI)",
+    )
+
+    p = sub.add_parser("dlq", help="inspect, replay or purge dead letters (or the unrouted queue)")
+    dlq = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    d = dlq.add_parser("list", help="show dead-lettered events and why (order kept, none lost)")
+    d.add_argument("queue", help="consumer queue, its .dlq, or the unrouted queue")
+    d.add_argument("--limit", type=int, default=50)
+    d.add_argument("--json", action="store_true")
+    d = dlq.add_parser("replay", help="send them back to the consumer's queue (or the exchange)")
+    d.add_argument("queue")
+    d.add_argument("--limit", type=int, help="at most this many (default: all)")
+    d.add_argument(
+        "--id",
+        action="append",
+        dest="ids",
+        metavar="MESSAGE_ID",
+        help="only these message ids (repeatable)",
+    )
+    d = dlq.add_parser("purge", help="delete them for good (asks first)")
+    d.add_argument("queue")
+    d.add_argument("--yes", action="store_true", help="do not ask")
 
     p = sub.add_parser("send", help="post an event to an ingress as Bitrix24 would")
     p.add_argument("event", nargs="?", help="event name, e.g. ONCRMDEALADD")
@@ -75,20 +118,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(run(argv))
 
 
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI flags beat the environment: only the ones given become overrides."""
+    flags = {
+        "log_format": "log_format",
+        "log_level": "log_level",
+        "host": "http_host",
+        "port": "http_port",
+        "metrics_port": "worker_metrics_port",
+    }
+    return {
+        setting: getattr(args, flag)
+        for flag, setting in flags.items()
+        if getattr(args, flag, None) is not None
+    }
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides: dict[str, Any] = {}
-    if args.log_format:
-        overrides["log_format"] = args.log_format
-    if args.log_level:
-        overrides["log_level"] = args.log_level
-    if args.command == "ingress":
-        if args.host is not None:
-            overrides["http_host"] = args.host
-        if args.port is not None:
-            overrides["http_port"] = args.port
     try:
-        settings = load_settings(**overrides)
+        settings = load_settings(**_flag_overrides(args))
     except ConfigError as exc:
         print(f"b24queue: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -97,6 +146,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         "ingress": cmd_ingress,
         "worker": cmd_worker,
         "topology": cmd_topology,
+        "status": cmd_status,
+        "dlq": cmd_dlq,
         "send": cmd_send,
     }
     try:
@@ -104,7 +155,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TopologyMismatchError, BadEventError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    except BrokerUnavailableError as exc:
+    except (BrokerUnavailableError, ManagementError) as exc:
         log.error("%s", exc)
         return EXIT_BROKER
     except B24QueueError as exc:
@@ -148,6 +199,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
     classes = [load_consumer(spec) for spec in args.consumers]
+    if args.definitions:
+        print(json.dumps(definitions(settings, classes), indent=2))
+        return EXIT_OK
     states = asyncio.run(runtime.declare_topology(settings, classes))
     if args.json:
         print(
@@ -173,6 +227,66 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
         arguments = " ".join(f"{k}={v}" for k, v in s.arguments.items())
         print(f"{s.name:<{width}}  {s.messages:>7}  {s.consumers:>9}  {arguments}")
     return EXIT_OK
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    client = ManagementClient(settings)
+    current = status.summarize(
+        settings, client.queues(), client.connections(), client.bound_queues(settings.exchange)
+    )
+    if args.json:
+        print(json.dumps(current.as_json(), indent=2))
+    else:
+        print(status.render(current, settings))
+    if args.fail_on_dead_letters and current.problems:
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_dlq(settings, args))
+
+
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    async with DeadLetterTool(settings, args.queue) as tool:
+        source = tool.target.source
+        if args.dlq_command == "list":
+            total, letters = await tool.list(args.limit)
+            if args.json:
+                print(
+                    json.dumps(
+                        {"queue": source, "total": total, "messages": [asdict(x) for x in letters]},
+                        indent=2,
+                    )
+                )
+            else:
+                print(dlq_view.render(source, total, letters))
+            return EXIT_OK
+        if args.dlq_command == "replay":
+            target = tool.target.queue or f"exchange {settings.exchange}"
+            ids = set(args.ids) if args.ids else None
+
+            def progress(done: int, wanted: int) -> None:
+                print(f"replayed {done}/{wanted}", file=sys.stderr, flush=True)
+
+            replayed, total = await tool.replay(limit=args.limit, ids=ids, progress=progress)
+            print(f"replayed {replayed} of {total} message(s) from {source} to {target}")
+            if ids:
+                print(f"not found: {', '.join(sorted(ids))}")
+                return EXIT_FAILURE
+            return EXIT_OK
+        total, _ = await tool.list(0)
+        if not args.yes and not _confirm(f"Delete all {total} message(s) in {source} for good?"):
+            print("nothing purged")
+            return EXIT_USAGE
+        print(f"purged {await tool.purge()} message(s) from {source}")
+        return EXIT_OK
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise ConfigError(f"{question} Refusing without a terminal to ask: pass --yes")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:

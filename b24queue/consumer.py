@@ -50,6 +50,10 @@ class EventConsumer:
     max_attempts: ClassVar[int] = 5
     retry_delays_s: ClassVar[tuple[float, ...]] = (1, 5, 30, 120, 600)
     handle_timeout_s: ClassVar[float | None] = DEFAULT_HANDLE_TIMEOUT_S
+    # Deliveries (not attempts) after which the broker dead-letters a message: what stops a
+    # message that crashes the worker process from looping forever. Quorum queues only; set as
+    # the queue's policy, so operators can change it without a deploy.
+    max_deliveries: ClassVar[int] = 20
 
     async def handle(self, event: Event) -> None:
         raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")
@@ -112,6 +116,8 @@ class EventConsumer:
                 raise cls._bad(
                     "retry_delays_s", f"has {delay!r}: must be seconds in 0.001..{MAX_DELAY_S}"
                 )
+        if not isinstance(cls.max_deliveries, int) or cls.max_deliveries < 1:
+            raise cls._bad("max_deliveries", f"must be an int >= 1, got {cls.max_deliveries!r}")
         timeout = cls.handle_timeout_s
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
             raise cls._bad("handle_timeout_s", f"must be positive seconds or None, got {timeout!r}")

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -108,14 +108,24 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     return Outcome("ack", attempt)
 
 
+Observer = Callable[[str, str, str, float], None]  # queue, event, outcome, seconds
+
+
 async def process(
-    consumer: EventConsumer, incoming: Incoming, queue: str, transport: Transport
+    consumer: EventConsumer,
+    incoming: Incoming,
+    queue: str,
+    transport: Transport,
+    observe: Observer | None = None,
 ) -> Outcome:
-    """decide + settle, with one log line per outcome."""
+    """decide + settle, with one log line per outcome (and the metrics observer, if any)."""
     started = time.perf_counter()
     outcome = await decide(consumer, incoming, queue)
     await transport.settle(incoming, outcome)
-    _log_outcome(incoming, queue, outcome, time.perf_counter() - started)
+    duration_s = time.perf_counter() - started
+    _log_outcome(incoming, queue, outcome, duration_s)
+    if observe is not None:
+        observe(queue, incoming.routing_key, outcome.kind, duration_s)
     return outcome
 
 

@@ -27,13 +27,14 @@ from b24queue.amqp.topology import (
     declare_consumer_queues,
     declare_exchanges,
     inspect_queue,
-    queue_arguments,
-    queue_plan,
 )
-from b24queue.amqp.worker import ConsumerRunner, queue_spec
+from b24queue.amqp.worker import ConsumerRunner
 from b24queue.consumer import EventConsumer
-from b24queue.errors import ConfigError
+from b24queue.errors import ConfigError, ManagementError
 from b24queue.http.ingress import create_app
+from b24queue.layout import consumer_policy, queue_arguments, queue_plan, spec_for
+from b24queue.management import ManagementClient
+from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.verify import verifier_from_settings
 
@@ -98,9 +99,15 @@ class Worker:
     leaving the block shuts down gracefully (see the module docstring).
     """
 
-    def __init__(self, settings: Settings, classes: Sequence[type[EventConsumer]]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        classes: Sequence[type[EventConsumer]],
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         check_consumers(classes)
         self.settings = settings
+        self.metrics = metrics
         self.classes = list(classes)
         self.runners: list[ConsumerRunner] = []
         self._connection: Connection | None = None
@@ -110,6 +117,7 @@ class Worker:
         return ",".join(cls.queue for cls in self.classes)
 
     async def __aenter__(self) -> Worker:
+        await ensure_policies(self.settings, self.classes)
         self._connection = await connect(
             self.settings,
             connection_name("worker", self.queues),
@@ -117,7 +125,7 @@ class Worker:
         )
         try:
             for cls in self.classes:
-                runner = ConsumerRunner(cls(), self.settings, self._connection)
+                runner = ConsumerRunner(cls(), self.settings, self._connection, self.metrics)
                 self.runners.append(runner)
                 await runner.start()
         except BaseException:
@@ -159,10 +167,48 @@ class Worker:
         await close_quietly(self._connection)
 
 
+async def ensure_policies(
+    settings: Settings, classes: Sequence[type[EventConsumer]], *, required: bool = False
+) -> list[str]:
+    """Create each consumer queue's policy (dead-lettering, delivery limit) where it is missing.
+
+    Best effort for a worker (a warning when the management API is unreachable: the queues work
+    without it, only the delivery limit is missing); `required` for `b24queue topology`.
+    Returns the names of the policies created.
+    """
+    if not classes:
+        return []
+    client = ManagementClient(settings)
+    created = []
+    try:
+        for cls in classes:
+            policy = consumer_policy(settings, spec_for(cls))
+            if await asyncio.to_thread(client.ensure_policy, policy):
+                log.info("created policy %s: %s", policy.name, policy.definition)
+                created.append(policy.name)
+    except (ManagementError, ConfigError) as exc:
+        if required:
+            raise
+        log.warning(
+            "could not check the queue policies (%s); without them a message that crashes the "
+            "worker is redelivered without limit. Run `b24queue topology` with management access.",
+            exc,
+        )
+    return created
+
+
 async def serve_worker(
     settings: Settings, classes: Sequence[type[EventConsumer]], stop: asyncio.Event
 ) -> None:
-    async with Worker(settings, classes):
+    metrics = WorkerMetrics()
+    if settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
+        log.info(
+            "worker metrics on http://%s:%d/metrics",
+            settings.worker_metrics_host,
+            settings.worker_metrics_port,
+        )
+    async with Worker(settings, classes, metrics):
         await stop.wait()
 
 
@@ -171,6 +217,7 @@ async def declare_topology(
 ) -> list[QueueState]:
     """Declare the exchanges, the unrouted queue and each consumer's queues; report them."""
     check_consumers(classes)
+    await ensure_policies(settings, classes, required=True)
     connection = await connect(
         settings, connection_name("topology"), give_up_after_s=settings.connect_timeout_s
     )
@@ -179,7 +226,7 @@ async def declare_topology(
         await declare_exchanges(channel, settings)
         plan = [(settings.unrouted, queue_arguments(settings))]
         for cls in classes:
-            spec = queue_spec(cls)
+            spec = spec_for(cls)
             await declare_consumer_queues(channel, settings, spec)
             plan += queue_plan(settings, spec)
         states = [await inspect_queue(channel, name, args) for name, args in plan]

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
 
     # Workers
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    worker_metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus /metrics of a worker; 0 = off"
+    )
+    worker_metrics_host: str = "127.0.0.1"
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -22,8 +22,9 @@ from typing import Any
 
 import aio_pika
 
-from b24queue.amqp.topology import QueueSpec, declare_consumer_queues, declare_exchanges
+from b24queue.amqp.topology import declare_consumer_queues, declare_exchanges
 from b24queue.forms import encode_form
+from b24queue.layout import QueueSpec
 from b24queue.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]

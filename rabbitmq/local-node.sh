@@ -5,7 +5,7 @@
 #   local-node.sh status
 # Its data and logs live in .broker/ (git-ignored). Ports: AMQP_PORT (5672), MGMT_PORT (15672),
 # PROM_PORT (15692);
-# the Erlang distribution port is AMQP_PORT + 20000.
+# the Erlang distribution port is AMQP_PORT + 20000. DEFINITIONS=file boots it with that topology.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 AMQP_PORT="${AMQP_PORT:-5672}"
@@ -39,6 +39,11 @@ start() {
       -e "s/^management.tcp.port = .*/management.tcp.port = $MGMT_PORT/" \
       -e "s/^prometheus.tcp.port = .*/prometheus.tcp.port = $PROM_PORT/" \
       "$ROOT/rabbitmq/rabbitmq.conf" > "$DIR/rabbitmq.conf"
+  if [[ -n "${DEFINITIONS:-}" ]]; then
+    # Boot with this topology (e.g. rabbitmq/definitions.json); it must bring its own users.
+    cp "$DEFINITIONS" "$DIR/definitions.json"
+    echo "load_definitions = $DIR/definitions.json" >> "$DIR/rabbitmq.conf"
+  fi
   cp "$ROOT/rabbitmq/enabled_plugins" "$DIR/enabled_plugins"
   # Debian's wrapper runs the server as the rabbitmq user when started by root.
   if [[ "$(id -u)" == 0 ]] && id rabbitmq >/dev/null 2>&1; then

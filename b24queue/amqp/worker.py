@@ -16,9 +16,11 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 
 from b24queue import _constants as c
 from b24queue.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
-from b24queue.amqp.topology import QueueSpec, declare_consumer_queues
+from b24queue.amqp.topology import declare_consumer_queues
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, process
+from b24queue.layout import QueueSpec, spec_for
+from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,14 +28,6 @@ log = logging.getLogger(__name__)
 # After a failed retry/dead-letter publish, wait before handing the delivery back, so a broken
 # retry queue cannot turn into a hot redelivery loop.
 REQUEUE_BACKOFF_S = 1.0
-
-
-def queue_spec(consumer: type[EventConsumer]) -> QueueSpec:
-    return QueueSpec(
-        name=consumer.queue,
-        bindings=consumer.binding_keys(),
-        retry_delays_s=tuple(float(d) for d in consumer.retry_delays_s),
-    )
 
 
 class AmqpTransport:
@@ -135,9 +129,11 @@ class ConsumerRunner:
         consumer: EventConsumer,
         settings: Settings,
         connection: AbstractRobustConnection,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.consumer = consumer
-        self.spec = queue_spec(type(consumer))
+        self._metrics = metrics
+        self.spec = spec_for(type(consumer))
         self._settings = settings
         self._connection = connection
         self._channel: AbstractRobustChannel | None = None
@@ -198,10 +194,16 @@ class ConsumerRunner:
             redelivered=bool(message.redelivered),
         )
         self._transport.track(message, incoming)
+        metrics = self._metrics
+        observe = metrics.observe if metrics is not None else None
+        if metrics is not None:
+            metrics.in_flight.labels(self.spec.name).inc()
         try:
-            await process(self.consumer, incoming, self.spec.name, self._transport)
+            await process(self.consumer, incoming, self.spec.name, self._transport, observe)
         finally:
             self._transport.forget(incoming)
+            if metrics is not None:
+                metrics.in_flight.labels(self.spec.name).dec()
 
     async def stop_consuming(self) -> None:
         """Ask the broker for no more deliveries; in-flight ones go on."""

@@ -7,6 +7,7 @@ a JSON `{"error": ...}` with its status, and nothing is published for it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -14,6 +15,8 @@ from aiohttp import web
 from b24queue.envelope import EventSink, envelope_for
 from b24queue.errors import BadEventError, BrokerUnavailableError, PublishError, UnauthorizedError
 from b24queue.events import FORM_TYPE, JSON_TYPE, parse_event
+from b24queue.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from b24queue.metrics import IngressMetrics
 from b24queue.settings import Settings
 from b24queue.verify import TokenVerifier
 
@@ -22,6 +25,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SINK_KEY = web.AppKey("sink", EventSink)
+METRICS_KEY = web.AppKey("metrics", IngressMetrics)
+_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 ACCEPTED_TYPES = (FORM_TYPE, JSON_TYPE)
 
 
@@ -37,6 +42,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        request.app[METRICS_KEY].refused.labels(_REASONS.get(exc.status, str(exc.status))).inc()
         message = exc.reason
         if exc.status == 405:
             message = f"method {request.method} not allowed; use {exc.headers.get('Allow', '')}"
@@ -51,15 +57,23 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 class EventsView:
-    def __init__(self, settings: Settings, sink: EventSink, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: EventSink,
+        verifier: TokenVerifier,
+        metrics: IngressMetrics,
+    ) -> None:
         self._settings = settings
         self._sink = sink
         self._verifier = verifier
+        self._metrics = metrics
         self._retry_after = {"Retry-After": str(settings.retry_after_s)}
 
     async def post(self, request: web.Request) -> web.Response:
         media = request.content_type.lower()
         if media not in ACCEPTED_TYPES:
+            self._metrics.refused.labels("unsupported_type").inc()
             return error(
                 415,
                 f"unsupported content type {media or '(none)'!r}; "
@@ -67,19 +81,23 @@ class EventsView:
             )
         limit = self._settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
+            self._metrics.refused.labels("too_large").inc()
             return error(413, f"body of {request.content_length} bytes exceeds {limit} bytes")
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
+            self._metrics.refused.labels("too_large").inc()
             return error(413, f"body exceeds {limit} bytes")
         try:
             event = parse_event(media, body)
         except BadEventError as exc:
+            self._metrics.refused.labels("bad_request").inc()
             extra = {"field": exc.field} if exc.field else {}
             return error(400, str(exc), **extra)
         try:
             await self._verifier.verify(event)
         except UnauthorizedError as exc:
+            self._metrics.refused.labels("unauthorized").inc()
             log.warning(
                 "refused %s from domain=%s member_id=%s: %s",
                 event.name,
@@ -89,15 +107,20 @@ class EventsView:
             )
             return error(401, str(exc))
         envelope = envelope_for(event)
+        started = time.perf_counter()
         try:
             await self._sink.publish(envelope)
         except (BrokerUnavailableError, PublishError) as exc:
+            self._metrics.not_stored.labels(event.name).inc()
             log.error("not accepted %s message_id=%s: %s", event.name, envelope.message_id, exc)
             return web.json_response(
                 {"error": f"event not stored, try again later: {exc}"},
                 status=503,
                 headers=self._retry_after,
             )
+        self._metrics.publish_seconds.observe(time.perf_counter() - started)
+        self._metrics.accepted.labels(event.name).inc()
+        log.debug("accepted %s message_id=%s", event.name, envelope.message_id)
         # message_id is hex: no escaping needed, and this is the hot path.
         return web.Response(
             body=b'{"status": "accepted", "message_id": "%s"}' % envelope.message_id.encode(),
@@ -117,12 +140,25 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def create_app(settings: Settings, sink: EventSink, verifier: TokenVerifier) -> web.Application:
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS_KEY].render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+    )
+
+
+def create_app(
+    settings: Settings,
+    sink: EventSink,
+    verifier: TokenVerifier,
+    metrics_: IngressMetrics | None = None,
+) -> web.Application:
     # client_max_size also bounds chunked bodies that carry no Content-Length.
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
     app[SINK_KEY] = sink
-    view = EventsView(settings, sink, verifier)
+    app[METRICS_KEY] = metrics_ or IngressMetrics()
+    view = EventsView(settings, sink, verifier, app[METRICS_KEY])
     app.router.add_post(settings.http_path, view.post)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app

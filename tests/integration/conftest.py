@@ -126,11 +126,13 @@ class Broker:
             q = await channel.declare_queue(queue, passive=True)
 
             async def fetch() -> bool:
-                message = await q.get(no_ack=False, fail=False)
-                if message is not None:
+                while len(got) < count:
+                    message = await q.get(no_ack=False, fail=False)
+                    if message is None:
+                        return False
                     await message.ack()
                     got.append(message)
-                return len(got) >= count
+                return True
 
             await wait_until(fetch, timeout_s, f"{count} messages in {queue}")
         return got
@@ -144,9 +146,9 @@ class Broker:
 
     async def cleanup(self) -> None:
         vhost = "%2F"
-        for kind in ("queues", "exchanges"):
+        for kind in ("queues", "exchanges", "policies"):
             for item in await self.mgmt.get(f"/api/{kind}/{vhost}?columns=name"):
-                if item["name"].startswith(self.prefix + "."):
+                if item["name"].startswith((self.prefix + ".", f"b24queue.{self.prefix}.")):
                     await self.mgmt.delete(f"/api/{kind}/{vhost}/{quote(item['name'], safe='')}")
 
 

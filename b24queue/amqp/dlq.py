@@ -1,0 +1,244 @@
+"""Dead letters and unrouted events: list them without losing or reordering them, replay them
+(publish with a confirm first, then remove: a crash mid-replay duplicates, never loses), purge.
+
+Listing holds the messages unacked and then closes the channel, so the broker puts them back.
+It always takes *every* message, even when it shows fewer: a quorum queue puts returned messages
+behind the ones it returned earlier, so returning only some of them would reorder the queue.
+(Checked live: classic and quorum queues keep their order when all are returned together.)
+On a quorum queue each listing counts as a delivery of every message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from b24queue import _constants as c
+from b24queue.amqp.connection import close_quietly, connect, connection_name
+from b24queue.errors import B24QueueError, ConfigError
+from b24queue.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+# Headers that describe one failure history; a replayed message starts a new one.
+_FAILURE_HEADERS = (
+    c.H_ATTEMPT,
+    c.H_FIRST_FAILED_AT,
+    c.H_LAST_FAILED_AT,
+    c.H_ERROR_TYPE,
+    c.H_ERROR_MESSAGE,
+    c.H_DEAD_LETTER_REASON,
+    c.H_ORIGINAL_QUEUE,
+    c.H_ORIGINAL_ROUTING_KEY,
+    "x-delivery-count",
+)
+H_REPLAYS = "x-b24queue-replays"
+H_REPLAYED_AT = "x-b24queue-replayed-at"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a queue's messages go back to when replayed."""
+
+    source: str
+    exchange: str  # "" = the default exchange: straight to one queue
+    queue: str | None  # the consumer queue, for a DLQ
+
+    def routing_key(self, message: AbstractIncomingMessage) -> str:
+        if self.queue is not None:
+            return self.queue
+        return str(message.routing_key or message.type or "")
+
+
+def target_for(settings: Settings, name: str) -> Target:
+    """`deal-sync`, `deal-sync.dlq` or the unrouted queue."""
+    if name == settings.unrouted:
+        return Target(name, settings.exchange, None)
+    queue = name.removesuffix(c.DLQ_SUFFIX)
+    if not queue:
+        raise ConfigError(f"not a queue name: {name!r}")
+    return Target(queue + c.DLQ_SUFFIX, "", queue)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    message_id: str | None
+    event: str
+    domain: str | None
+    member_id: str | None
+    reason: str
+    attempts: int | None
+    error: str
+    first_failed_at: str | None
+    last_failed_at: str | None
+    original_queue: str | None
+    published_at: str | None
+    size_bytes: int
+
+
+def describe(message: AbstractIncomingMessage) -> DeadLetter:
+    """What an operator needs to see; never the body (it carries tokens)."""
+    h = message.headers or {}
+    reason = _str(h.get(c.H_DEAD_LETTER_REASON) or h.get("x-first-death-reason")) or "unrouted"
+    error_type, error_message = _str(h.get(c.H_ERROR_TYPE)), _str(h.get(c.H_ERROR_MESSAGE))
+    error = f"{error_type}: {error_message}" if error_type else ""
+    if not error and reason == "delivery_limit":
+        error = "delivered too often without an ack (did the worker crash on it?)"
+    attempt = h.get(c.H_ATTEMPT)
+    return DeadLetter(
+        message_id=message.message_id,
+        event=_str(h.get(c.H_ORIGINAL_ROUTING_KEY)) or message.type or message.routing_key or "",
+        domain=_str(h.get(c.H_DOMAIN)),
+        member_id=_str(h.get(c.H_MEMBER_ID)),
+        reason=reason,
+        attempts=int(attempt)
+        if isinstance(attempt, int | str) and str(attempt).isdigit()
+        else None,
+        error=error,
+        first_failed_at=_str(h.get(c.H_FIRST_FAILED_AT)),
+        last_failed_at=_str(h.get(c.H_LAST_FAILED_AT)),
+        original_queue=_str(h.get(c.H_ORIGINAL_QUEUE)) or _str(h.get("x-first-death-queue")),
+        published_at=message.timestamp.isoformat() if message.timestamp else None,
+        size_bytes=len(message.body),
+    )
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def replay_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if k not in _FAILURE_HEADERS
+        and not k.startswith(("x-death", "x-first-death", "x-last-death"))
+    }
+    previous = headers.get(H_REPLAYS, 0)
+    headers[H_REPLAYS] = (previous if isinstance(previous, int) else 0) + 1
+    headers[H_REPLAYED_AT] = datetime.now(UTC).isoformat(timespec="milliseconds")
+    return headers
+
+
+class DeadLetterTool:
+    """One connection for one `b24queue dlq` command."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.target = target_for(settings, name)
+
+    async def __aenter__(self) -> DeadLetterTool:
+        self._connection = await connect(
+            self.settings,
+            connection_name("dlq", self.target.source),
+            give_up_after_s=self.settings.connect_timeout_s,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await close_quietly(self._connection)
+
+    async def _open(self) -> tuple[AbstractChannel, Any, int]:
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            queue = await channel.declare_queue(self.target.source, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            raise ConfigError(f"queue {self.target.source!r} does not exist") from None
+        return channel, queue, int(queue.declaration_result.message_count or 0)
+
+    async def list(self, limit: int) -> tuple[int, list[DeadLetter]]:
+        """(messages in the queue, the first `limit` of them described)."""
+        channel, queue, total = await self._open()
+        try:
+            held = []
+            for _ in range(total):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                held.append(message)
+            return len(held), [describe(m) for m in held[:limit]]
+        finally:
+            # Closing without acks returns every held message, in order.
+            await channel.close()
+
+    async def replay(
+        self,
+        *,
+        limit: int | None = None,
+        ids: set[str] | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[int, int]:
+        """Replay up to `limit` messages (or those with the given ids). Returns (replayed, total).
+
+        Only the messages present when it starts are looked at: a replayed event that fails
+        again and comes back to the DLQ meanwhile is not replayed twice in one run.
+        """
+        channel, queue, total = await self._open()
+        wanted = total if limit is None else min(limit, total)
+        exchange = (
+            channel.default_exchange
+            if self.target.exchange == ""
+            else await channel.get_exchange(self.target.exchange, ensure=True)
+        )
+        replayed = 0
+        try:
+            for _ in range(total):
+                # With ids, go on to the end even when all are found: every message not
+                # replayed must be held and returned together, or a quorum queue reorders them.
+                if ids is None and replayed >= wanted:
+                    break
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                if ids is not None:
+                    if message.message_id not in ids or replayed >= wanted:
+                        continue  # held unacked: it goes back in place when we close
+                    ids.discard(message.message_id)
+                await self._republish(exchange, message)
+                await message.ack()
+                replayed += 1
+                if progress is not None and (replayed % 100 == 0 or replayed == wanted):
+                    progress(replayed, wanted)
+        finally:
+            await channel.close()
+        return replayed, total
+
+    async def _republish(self, exchange: Any, message: AbstractIncomingMessage) -> None:
+        copy = aio_pika.Message(
+            body=message.body,
+            headers=replay_headers(message),
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        try:
+            await exchange.publish(
+                copy, routing_key=self.target.routing_key(message), mandatory=True
+            )
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise B24QueueError(
+                f"replay stopped: RabbitMQ did not take message_id={message.message_id} "
+                f"({exc}); it stays in {self.target.source}"
+            ) from None
+
+    async def purge(self) -> int:
+        channel, queue, _ = await self._open()
+        try:
+            result = await queue.purge()
+            return int(result.message_count or 0)
+        finally:
+            await channel.close()

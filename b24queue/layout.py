@@ -1,0 +1,135 @@
+"""What exists on the broker, as data: names, queue arguments and policies. No I/O here; the AMQP
+side declares it (`amqp.topology`), the management API applies policies, `definitions` exports it.
+
+  b24.events           topic exchange, routing key = event name; alternate exchange b24.unrouted
+  b24.unrouted         fanout exchange + queue: events no consumer is bound to are kept here
+  <queue>              a consumer's queue, bound to b24.events for its events
+  <queue>.retry.<d>    one per retry delay: queue-wide TTL, then dead-lettered back to <queue> only
+  <queue>.dlq          what failed for good; `b24queue dlq` inspects and replays it
+
+Arguments are only what must never differ (queue type; a retry queue's TTL and where it hands
+messages back: without those a retry would expire into nothing). What an operator may tune without
+a deploy — delivery limit, dead-letter routing of the consumer queue, lengths — is a policy,
+`b24queue.<queue>`, created when missing and never overwritten.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from b24queue import _constants as c
+from b24queue.consumer import EventConsumer
+from b24queue.settings import Settings
+
+POLICY_PRIORITY = 10
+
+
+def retry_queue_name(queue: str, delay_s: float) -> str:
+    if float(delay_s).is_integer():
+        return f"{queue}{c.RETRY_SUFFIX}{int(delay_s)}s"
+    return f"{queue}{c.RETRY_SUFFIX}{round(delay_s * 1000)}ms"
+
+
+def dlq_name(queue: str) -> str:
+    return queue + c.DLQ_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """What a consumer needs on the broker. `bindings` are routing keys or topic patterns."""
+
+    name: str
+    bindings: tuple[str, ...]
+    retry_delays_s: tuple[float, ...]
+    max_deliveries: int | None = None
+
+    @property
+    def dlq(self) -> str:
+        return dlq_name(self.name)
+
+    def retry_queue(self, delay_s: float) -> str:
+        return retry_queue_name(self.name, delay_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    pattern: str
+    definition: dict[str, Any]
+    apply_to: str = "queues"
+    priority: int = POLICY_PRIORITY
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_api_body(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "definition": self.definition,
+            "apply-to": self.apply_to,
+            "priority": self.priority,
+        }
+
+
+def spec_for(consumer: type[EventConsumer]) -> QueueSpec:
+    return QueueSpec(
+        name=consumer.queue,
+        bindings=consumer.binding_keys(),
+        retry_delays_s=tuple(float(d) for d in consumer.retry_delays_s),
+        max_deliveries=consumer.max_deliveries,
+    )
+
+
+def queue_arguments(settings: Settings) -> dict[str, Any]:
+    return {"x-queue-type": settings.queue_type}
+
+
+def retry_queue_arguments(settings: Settings, target: str, delay_s: float) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        **queue_arguments(settings),
+        "x-message-ttl": round(delay_s * 1000),
+        # The default exchange with the queue's own name delivers to that queue only: a retry
+        # must not reach other consumers bound to the same event.
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": target,
+    }
+    if settings.queue_type == "quorum":
+        # Classic dead-lettering is at-most-once; quorum queues can do at-least-once, which
+        # needs reject-publish overflow. A retry must not vanish on its way back.
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
+    return args
+
+
+def consumer_policy(settings: Settings, spec: QueueSpec) -> Policy:
+    """Dead-letter routing and the delivery limit of a consumer's queue.
+
+    The delivery limit (quorum queues) is what stops a message that kills the worker process
+    (not an exception: a crash) from being redelivered forever: after `max_deliveries` deliveries
+    the broker dead-letters it to `<queue>.dlq`.
+    """
+    definition: dict[str, Any] = {
+        "dead-letter-exchange": "",
+        "dead-letter-routing-key": spec.dlq,
+    }
+    if settings.queue_type == "quorum":
+        definition["dead-letter-strategy"] = "at-least-once"
+        definition["overflow"] = "reject-publish"
+        if spec.max_deliveries is not None:
+            definition["delivery-limit"] = spec.max_deliveries
+    return Policy(
+        name=f"b24queue.{spec.name}",
+        pattern=f"^{re.escape(spec.name)}$",
+        definition=definition,
+    )
+
+
+def queue_plan(settings: Settings, spec: QueueSpec) -> list[tuple[str, dict[str, Any]]]:
+    """Every queue of a consumer with the arguments we declare it with."""
+    plan = [(spec.name, queue_arguments(settings))]
+    plan += [
+        (spec.retry_queue(d), retry_queue_arguments(settings, spec.name, d))
+        for d in sorted(set(spec.retry_delays_s))
+    ]
+    plan.append((spec.dlq, queue_arguments(settings)))
+    return plan

@@ -1,0 +1,90 @@
+"""A small client for the RabbitMQ management HTTP API (standard library only: it serves the CLI
+tools and policy setup, never a hot path)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote
+
+from b24queue.errors import ConfigError, ManagementError
+from b24queue.layout import Policy
+from b24queue.settings import Settings
+
+
+class ManagementClient:
+    def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
+        self.base = settings.management_url
+        self.vhost = quote(settings.vhost, safe="")
+        user, password = settings.broker_credentials
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+        self._timeout_s = timeout_s
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        url = self.base + path
+        data = json.dumps(body).encode() if body is not None else None
+        # The scheme is http(s): Settings checks management_url.
+        req = urllib.request.Request(url, data=data, method=method, headers=self._headers)  # noqa: S310
+        try:
+            with urllib.request.urlopen(req, timeout=self._timeout_s) as resp:  # noqa: S310
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                raise ConfigError(
+                    f"the management API at {self.base} refused the credentials of "
+                    "B24QUEUE_AMQP_URL (the user needs the 'monitoring' or 'management' tag)"
+                ) from None
+            if exc.code == 404:
+                raise LookupError(path) from None
+            detail = exc.read().decode("utf-8", "replace")[:300]
+            raise ManagementError(
+                f"management API {method} {path}: HTTP {exc.code} {detail}"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ManagementError(
+                f"cannot reach the RabbitMQ management API at {self.base} ({exc}); is the "
+                "rabbitmq_management plugin enabled? (rabbitmq-plugins enable rabbitmq_management)"
+            ) from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def queues(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.get(f"/api/queues/{self.vhost}")
+        return result
+
+    def connections(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.get("/api/connections")
+        return result
+
+    def bound_queues(self, exchange: str) -> set[str]:
+        """Queues bound to an exchange (empty if the exchange does not exist)."""
+        path = f"/api/exchanges/{self.vhost}/{quote(exchange, safe='')}/bindings/source"
+        try:
+            bindings: list[dict[str, Any]] = self.get(path)
+        except LookupError:
+            return set()
+        return {b["destination"] for b in bindings if b.get("destination_type") == "queue"}
+
+    def policy(self, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.get(f"/api/policies/{self.vhost}/{quote(name, safe='')}")
+        except LookupError:
+            return None
+        return result
+
+    def ensure_policy(self, policy: Policy) -> bool:
+        """Create the policy if it does not exist; never overwrite what an operator changed.
+
+        Returns True when it was created.
+        """
+        if self.policy(policy.name) is not None:
+            return False
+        path = f"/api/policies/{self.vhost}/{quote(policy.name, safe='')}"
+        self.request("PUT", path, policy.as_api_body())
+        return True

@@ -1,0 +1,153 @@
+"""`b24queue status`: the state of every consumer queue, its retries and dead letters, the
+unrouted queue and our connections, from the management API, as a table or JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from b24queue import _constants as c
+from b24queue.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRow:
+    queue: str
+    type: str
+    ready: int
+    unacked: int
+    consumers: int
+    publish_per_s: float
+    deliver_per_s: float
+    ack_per_s: float
+    retrying: int
+    dead_letters: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRow:
+    name: str
+    state: str
+    channels: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    queues: list[QueueRow]
+    unrouted: int
+    connections: list[ConnectionRow]
+    problems: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rate(queue: dict[str, Any], key: str) -> float:
+    stats = queue.get("message_stats") or {}
+    return round(float((stats.get(f"{key}_details") or {}).get("rate", 0.0)), 2)
+
+
+def _depth(queue: dict[str, Any] | None) -> int:
+    if queue is None:
+        return 0
+    return int(queue.get("messages_ready", 0) or 0) + int(
+        queue.get("messages_unacknowledged", 0) or 0
+    )
+
+
+def summarize(
+    settings: Settings,
+    queues: list[dict[str, Any]],
+    connections: list[dict[str, Any]],
+    bound: set[str],
+) -> Status:
+    """Consumer queues are the queues bound to our exchange (`bound`) that have a `.dlq`
+    sibling: found on the broker, no consumer code needed."""
+    by_name = {q["name"]: q for q in queues}
+    rows = []
+    for name in sorted(by_name):
+        if name not in bound or name + c.DLQ_SUFFIX not in by_name:
+            continue
+        q = by_name[name]
+        retry_prefix = name + c.RETRY_SUFFIX
+        rows.append(
+            QueueRow(
+                queue=name,
+                type=str(q.get("type", "")),
+                ready=int(q.get("messages_ready", 0) or 0),
+                unacked=int(q.get("messages_unacknowledged", 0) or 0),
+                consumers=int(q.get("consumers", 0) or 0),
+                publish_per_s=_rate(q, "publish"),
+                deliver_per_s=_rate(q, "deliver_get"),
+                ack_per_s=_rate(q, "ack"),
+                retrying=sum(_depth(v) for k, v in by_name.items() if k.startswith(retry_prefix)),
+                dead_letters=_depth(by_name[name + c.DLQ_SUFFIX]),
+            )
+        )
+    ours = [
+        ConnectionRow(
+            name=str((conn.get("client_properties") or {}).get("connection_name", "")),
+            state=str(conn.get("state", "")),
+            channels=int(conn.get("channels", 0) or 0),
+        )
+        for conn in connections
+        if conn.get("vhost", settings.vhost) == settings.vhost
+        and str((conn.get("client_properties") or {}).get("connection_name", "")).startswith(
+            "b24queue "
+        )
+    ]
+    unrouted = _depth(by_name.get(settings.unrouted))
+    problems = [f"{r.queue}{c.DLQ_SUFFIX} holds {r.dead_letters}" for r in rows if r.dead_letters]
+    if unrouted:
+        problems.append(f"{settings.unrouted} holds {unrouted}")
+    return Status(rows, unrouted, sorted(ours, key=lambda r: r.name), problems)
+
+
+def render(status: Status, settings: Settings) -> str:
+    headers = (
+        "QUEUE",
+        "TYPE",
+        "READY",
+        "UNACKED",
+        "CONSUMERS",
+        "PUB/s",
+        "DELIVER/s",
+        "ACK/s",
+        "RETRYING",
+        "DLQ",
+    )
+    table = [
+        (
+            r.queue,
+            r.type,
+            r.ready,
+            r.unacked,
+            r.consumers,
+            r.publish_per_s,
+            r.deliver_per_s,
+            r.ack_per_s,
+            r.retrying,
+            r.dead_letters,
+        )
+        for r in status.queues
+    ]
+    lines = []
+    if table:
+        widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=True)]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        lines.append(fmt.format(*headers))
+        lines += [fmt.format(*row) for row in table]
+    else:
+        lines.append("no consumer queues yet (a worker declares them when it starts)")
+    lines.append("")
+    lines.append(f"{settings.unrouted}: {status.unrouted} message(s) no consumer is bound to")
+    lines.append("")
+    if status.connections:
+        lines.append("CONNECTIONS")
+        lines += [f"  {c.name}  ({c.state}, {c.channels} channels)" for c in status.connections]
+    else:
+        lines.append("no b24queue connections (no ingress or worker is running)")
+    if status.problems:
+        lines.append("")
+        lines.append("DEAD LETTERS: " + "; ".join(status.problems))
+    return "\n".join(lines)
