@@ -23,7 +23,8 @@ stop() {
 }
 trap stop INT TERM
 
-"$BIN/b24queue" worker examples.deals:DealSync examples.logger:EventLogger &
+METRICS_PORT="${B24QUEUE_WORKER_METRICS_PORT:-9464}"
+"$BIN/b24queue" worker examples.deals:DealSync examples.logger:EventLogger --metrics-port "$METRICS_PORT" &
 pids+=($!)
 "$BIN/b24queue" ingress --port "$PORT" &
 pids+=($!)
@@ -38,6 +39,8 @@ cat <<MSG
 
   Ingress:        http://127.0.0.1:$PORT/b24/events   (ready: http://127.0.0.1:$PORT/readyz)
   Management UI:  http://127.0.0.1:15672   (guest / guest)
+  Metrics:        http://127.0.0.1:$PORT/metrics (ingress)   http://127.0.0.1:$METRICS_PORT/metrics (workers)
+  Status:         $BIN/b24queue status      Dead letters: $BIN/b24queue dlq list example.deal-sync
   Send an event:  $BIN/b24queue send ONCRMDEALADD --url http://127.0.0.1:$PORT/b24/events --token '$token' --field 'data[FIELDS][ID]=42'
   A rejected one: ... --field 'data[FIELDS][ID]=0'   (lands in example.deal-sync.dlq)
   Ctrl-C stops everything.
