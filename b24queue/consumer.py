@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from b24queue.errors import ConfigError
 from b24queue.events import Event
+from b24queue.idempotency import SeenStore
 
 _QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$")
 _EVENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
@@ -54,6 +55,8 @@ class EventConsumer:
     # message that crashes the worker process from looping forever. Quorum queues only; set as
     # the queue's policy, so operators can change it without a deploy.
     max_deliveries: ClassVar[int] = 20
+    # Opt-in duplicate suppression by message_id (b24queue.idempotency): None = off.
+    idempotency: ClassVar[SeenStore | None] = None
 
     async def handle(self, event: Event) -> None:
         raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")

@@ -25,6 +25,7 @@ from b24queue import _constants as c
 from b24queue.consumer import EventConsumer, Reject, Retry
 from b24queue.errors import BadEventError
 from b24queue.events import Event
+from b24queue.idempotency import SeenStore
 from b24queue.retry import delay_after, snap_delay
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
         event._set_delivery(incoming.message_id, attempt, incoming.redelivered)
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
+    key = f"{queue}:{incoming.message_id}" if incoming.message_id else None
+    store = consumer.idempotency
+    if store is not None and key is not None and await _already_seen(store, key):
+        return Outcome("ack", attempt, reason="duplicate")
     try:
         if consumer.handle_timeout_s is None:
             await consumer.handle(event)
@@ -105,7 +110,24 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
         headers = _failure_headers(incoming, queue, exc, secrets)
         headers[c.H_ATTEMPT] = attempt + 1
         return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
+    if store is not None and key is not None:
+        await _remember(store, key)
     return Outcome("ack", attempt)
+
+
+async def _already_seen(store: SeenStore, key: str) -> bool:
+    try:
+        return await store.seen(key)
+    except Exception as exc:  # the guard is best effort: a store outage must not stop delivery
+        log.warning("idempotency store unavailable (%r): handling %s anyway", exc, key)
+        return False
+
+
+async def _remember(store: SeenStore, key: str) -> None:
+    try:
+        await store.remember(key)
+    except Exception as exc:
+        log.warning("idempotency store unavailable (%r): %s not remembered", exc, key)
 
 
 Observer = Callable[[str, str, str, float], None]  # queue, event, outcome, seconds
@@ -209,6 +231,8 @@ def _log_outcome(incoming: Incoming, queue: str, outcome: Outcome, duration_s: f
     }
     text = " ".join(f"{k}={v}" for k, v in extra.items())
     if outcome.kind == "ack":
+        if outcome.reason:
+            text += f" reason={outcome.reason}"
         log.info(text, extra=extra)
         return
     error = outcome.headers.get(c.H_ERROR_TYPE, "")

@@ -34,7 +34,11 @@ class BrokerUnavailableError(B24QueueError):
 
 
 class PublishError(B24QueueError):
-    """The broker refused a message (nack) or returned it as unroutable."""
+    """The broker refused a message (nack) or returned it as unroutable (`returned`)."""
+
+    def __init__(self, message: str, *, returned: bool = False) -> None:
+        super().__init__(message)
+        self.returned = returned
 
 
 class TopologyMismatchError(B24QueueError):

@@ -3,8 +3,13 @@ apps in one process, as in tests, never collide)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import start_http_server as _start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -41,8 +46,41 @@ class IngressMetrics:
             registry=self.registry,
         )
 
+    def watch_spool(self, sink: SpoolStats) -> None:
+        self.registry.register(_SpoolCollector(sink))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SpoolStats(Protocol):
+    spooled_total: int
+    forwarded_total: int
+
+    @property
+    def depth(self) -> int: ...
+
+
+class _SpoolCollector(Collector):
+    def __init__(self, sink: SpoolStats) -> None:
+        self._sink = sink
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "b24queue_ingress_spooled",
+            "Events accepted into the local spool (broker unavailable)",
+            value=self._sink.spooled_total,
+        )
+        yield CounterMetricFamily(
+            "b24queue_ingress_forwarded",
+            "Spooled events since moved into RabbitMQ",
+            value=self._sink.forwarded_total,
+        )
+        yield GaugeMetricFamily(
+            "b24queue_ingress_spool_events",
+            "Events in the spool now, not yet in RabbitMQ",
+            value=self._sink.depth,
+        )
 
 
 class WorkerMetrics:

@@ -13,10 +13,12 @@ A second SIGINT/SIGTERM exits at once; unacked messages go back to their queues 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,12 +32,15 @@ from b24queue.amqp.topology import (
 )
 from b24queue.amqp.worker import ConsumerRunner
 from b24queue.consumer import EventConsumer
+from b24queue.envelope import EventSink
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.http.ingress import create_app
 from b24queue.layout import consumer_policy, queue_arguments, queue_plan, spec_for
 from b24queue.management import ManagementClient
-from b24queue.metrics import WorkerMetrics
+from b24queue.metrics import IngressMetrics, WorkerMetrics
 from b24queue.settings import Settings
+from b24queue.spool import Spool
+from b24queue.spooling import SpoolingSink
 from b24queue.verify import verifier_from_settings
 
 log = logging.getLogger(__name__)
@@ -59,26 +64,48 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 
 async def serve_ingress(settings: Settings, stop: asyncio.Event, *, host: str, port: int) -> None:
     verifier = verifier_from_settings(settings)
-    async with AmqpPublisher(settings, connection_name("ingress")) as publisher:
-        app = create_app(settings, publisher, verifier)
+    metrics = IngressMetrics()
+    async with contextlib.AsyncExitStack() as stack:
+        publisher = await stack.enter_async_context(
+            AmqpPublisher(settings, connection_name("ingress"))
+        )
+        sink: EventSink = publisher
+        if settings.spool_enabled:
+            spool = await stack.enter_async_context(
+                Spool(Path(settings.spool_path), settings.spool_max_events)
+            )
+            spooling = await stack.enter_async_context(
+                SpoolingSink(
+                    publisher,
+                    spool,
+                    bypass_s=settings.spool_bypass_s,
+                    retry_interval_s=settings.reconnect_interval_s,
+                )
+            )
+            metrics.watch_spool(spooling)
+            sink = spooling
+            log.info("spool at %s (up to %d events)", spool.path, spool.max_events)
+        else:
+            log.warning("spool off: while RabbitMQ is unavailable, events are refused with 503")
+        app = create_app(settings, sink, verifier, metrics)
         runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S, handle_signals=False
         )
         await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port, backlog=1024)
-            await site.start()
-            log.info("ingress listening on http://%s:%d%s", host, port, settings.http_path)
-            stopping = asyncio.create_task(stop.wait())
-            failed = asyncio.create_task(publisher.failed())
-            await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (stopping, failed):
-                task.cancel()
-            await asyncio.gather(stopping, failed, return_exceptions=True)
-            if failed.done() and not failed.cancelled():
-                raise failed.result()
-        finally:
-            await runner.cleanup()
+        # Exits in reverse: HTTP stops (in-flight requests finish) before the spool and the
+        # broker connection close.
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        log.info("ingress listening on http://%s:%d%s", host, port, settings.http_path)
+        stopping = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(publisher.failed())
+        await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopping, failed):
+            task.cancel()
+        await asyncio.gather(stopping, failed, return_exceptions=True)
+        if failed.done() and not failed.cancelled():
+            raise failed.result()
 
 
 def check_consumers(classes: Sequence[type[EventConsumer]]) -> None:

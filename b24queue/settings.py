@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         description="whole budget for a confirmed publish, retries included; then 503",
     )
     retry_after_s: int = Field(default=5, ge=1)
+    spool_enabled: bool = Field(
+        default=True,
+        description="keep events on local disk while RabbitMQ cannot take them (see README)",
+    )
+    spool_path: str = ".b24queue/spool.sqlite3"
+    spool_max_events: int = Field(default=100_000, ge=1)
+    spool_bypass_s: float = Field(default=5.0, ge=0)
 
     # Workers
     shutdown_timeout_s: float = Field(default=30.0, ge=0)

@@ -130,7 +130,9 @@ class AmqpPublisher:
             ) from None
         except aio_pika.exceptions.PublishError as exc:
             # Only when even the alternate exchange could not route it.
-            raise PublishError(f"RabbitMQ returned the message as unroutable: {exc}") from None
+            raise PublishError(
+                f"RabbitMQ returned the message as unroutable: {exc}", returned=True
+            ) from None
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"RabbitMQ refused the message (nack): {exc}") from None
         except TRANSIENT_ERRORS as exc:

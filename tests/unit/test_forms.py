@@ -43,6 +43,25 @@ def test_brackets_nest_and_empty_brackets_append() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "a+b%20c",
+        "%D0%9F%D1%80%D0%B8%D0%B2%D0%B5%D1%82",
+        "100%",
+        "%zz%4",
+        "Я+%D0%AF",
+        "x" * 10,
+        "%41" * 70_000,
+        "é%C3%A9" * 30_000,
+    ],
+)
+def test_percent_decoding_matches_urllib(raw: str) -> None:
+    from urllib.parse import unquote_plus
+
+    assert decode_form(f"k={raw}".encode()) == {"k": unquote_plus(raw, errors="strict")}
+
+
 def test_percent_encoded_brackets_are_brackets() -> None:
     assert decode_form(b"data%5BFIELDS%5D%5BID%5D=1") == {"data": {"FIELDS": {"ID": "1"}}}
 

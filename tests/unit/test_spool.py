@@ -1,0 +1,144 @@
+"""The durable spool and the spooling sink, with an in-memory broker stand-in (no RabbitMQ:
+the real-broker spool path is in tests/integration/test_spool.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from b24queue.envelope import Envelope, envelope_for
+from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.spool import Spool, SpoolFullError
+from b24queue.spooling import SpoolingSink
+from b24queue.testing import make_event
+
+
+def envelope(i: int) -> Envelope:
+    return envelope_for(make_event("ONCRMDEALADD", {"FIELDS": {"ID": str(i)}}))
+
+
+class FlakyBroker:
+    def __init__(self) -> None:
+        self.ready = True
+        self.fail_with: Exception | None = None
+        self.published: list[str] = []
+        self.delay_s = 0.0
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    async def publish(self, envelope: Envelope) -> None:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.published.append(envelope.message_id)
+
+
+async def test_spooled_events_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    sent = [envelope(i) for i in range(5)]
+    async with Spool(path, 100) as spool:
+        await asyncio.gather(*(spool.put(e) for e in sent))
+        assert spool.count == 5
+    async with Spool(path, 100) as spool:
+        assert spool.count == 5 and spool.not_empty.is_set()
+        rows = await spool.oldest(10)
+        assert [e.message_id for _, e in rows] == [e.message_id for e in sent]
+        got = rows[0][1]
+        assert (got.body, got.headers, got.routing_key, got.timestamp) == (
+            sent[0].body,
+            sent[0].headers,
+            sent[0].routing_key,
+            sent[0].timestamp,
+        )
+        await spool.delete([row_id for row_id, _ in rows[:3]])
+    async with Spool(path, 100) as spool:
+        assert [e.message_id for _, e in await spool.oldest(10)] == [e.message_id for e in sent[3:]]
+
+
+async def test_a_full_spool_refuses(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "s.db", 2) as spool:
+        await spool.put(envelope(1))
+        await spool.put(envelope(2))
+        assert not spool.has_room()
+        with pytest.raises(SpoolFullError, match="full"):
+            await spool.put(envelope(3))
+
+
+async def test_sink_uses_the_broker_while_it_works(tmp_path: Path) -> None:
+    broker = FlakyBroker()
+    async with (
+        Spool(tmp_path / "s.db", 10) as spool,
+        SpoolingSink(broker, spool, bypass_s=5, retry_interval_s=0.01) as sink,
+    ):
+        e = envelope(1)
+        await sink.publish(e)
+        assert broker.published == [e.message_id] and spool.count == 0
+
+
+async def test_broker_down_spools_then_forwards(tmp_path: Path) -> None:
+    broker = FlakyBroker()
+    broker.ready = False
+    async with (
+        Spool(tmp_path / "s.db", 10) as spool,
+        SpoolingSink(broker, spool, bypass_s=5, retry_interval_s=0.01) as sink,
+    ):
+        sent = [envelope(i) for i in range(4)]
+        for e in sent:
+            await sink.publish(e)  # answered: on disk
+        assert spool.count == 4 and broker.published == []
+        assert sink.is_ready()  # the spool still takes events
+        broker.ready = True
+        await asyncio.wait_for(_until(lambda: spool.count == 0), 5)
+        assert broker.published == [e.message_id for e in sent]
+        assert (sink.spooled_total, sink.forwarded_total) == (4, 4)
+
+
+async def test_a_timeout_spools_and_later_requests_skip_the_wait(tmp_path: Path) -> None:
+    broker = FlakyBroker()
+    broker.fail_with = BrokerUnavailableError("RabbitMQ did not confirm within 0.75s")
+    async with (
+        Spool(tmp_path / "s.db", 10) as spool,
+        SpoolingSink(broker, spool, bypass_s=60, retry_interval_s=0.01) as sink,
+    ):
+        await sink.publish(envelope(1))
+        broker.delay_s = 10  # would hang; the bypass must not even try
+        await asyncio.wait_for(sink.publish(envelope(2)), 1)
+        assert spool.count >= 1
+
+
+async def test_a_nack_spools_but_an_unroutable_event_is_refused(tmp_path: Path) -> None:
+    broker = FlakyBroker()
+    async with (
+        Spool(tmp_path / "s.db", 10) as spool,
+        SpoolingSink(broker, spool, bypass_s=0, retry_interval_s=60) as sink,
+    ):
+        broker.fail_with = PublishError("nack")
+        await sink.publish(envelope(1))
+        assert spool.count == 1
+        broker.fail_with = PublishError("returned", returned=True)
+        with pytest.raises(PublishError):
+            await sink.publish(envelope(2))
+        assert spool.count == 1
+
+
+async def test_broker_down_and_spool_full_is_unavailable(tmp_path: Path) -> None:
+    broker = FlakyBroker()
+    broker.ready = False
+    async with (
+        Spool(tmp_path / "s.db", 1) as spool,
+        SpoolingSink(broker, spool, bypass_s=5, retry_interval_s=60) as sink,
+    ):
+        await sink.publish(envelope(1))
+        assert not sink.is_ready()
+        with pytest.raises(BrokerUnavailableError, match="spool is full"):
+            await sink.publish(envelope(2))
+
+
+async def _until(predicate: object) -> None:
+    assert callable(predicate)
+    while not predicate():
+        await asyncio.sleep(0.01)
