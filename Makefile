@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit lint broker run topology bench definitions clean
+.PHONY: install test test-unit faults lint broker run topology bench definitions clean
 
 install: $(STAMP)
 
@@ -47,3 +47,7 @@ bench: install broker
 # Regenerate rabbitmq/definitions.json after changing the examples or the topology.
 definitions: install
 	$(BIN)/b24queue topology --definitions examples.deals:DealSync examples.logger:EventLogger > rabbitmq/definitions.json
+
+# The fault suite: its own RabbitMQ node, real processes, faults injected; prints a summary.
+faults: install broker
+	$(BIN)/pytest tests/faults

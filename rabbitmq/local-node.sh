@@ -5,7 +5,8 @@
 #   local-node.sh status
 # Its data and logs live in .broker/ (git-ignored). Ports: AMQP_PORT (5672), MGMT_PORT (15672),
 # PROM_PORT (15692);
-# the Erlang distribution port is AMQP_PORT + 20000. DEFINITIONS=file boots it with that topology.
+# the Erlang distribution port is AMQP_PORT + 20000. DEFINITIONS=file boots it with that topology;
+# CONSUMER_TIMEOUT_MS overrides consumer_timeout (the fault tests shorten it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 AMQP_PORT="${AMQP_PORT:-5672}"
@@ -17,7 +18,9 @@ DIR="$ROOT/.broker/node-$AMQP_PORT"
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 as_broker_env() {
-  env RABBITMQ_NODENAME="$NODE" RABBITMQ_NODE_PORT="$AMQP_PORT" \
+  # CHANNEL_TICK_MS: how often channels check consumer_timeout (RabbitMQ's default: 60 s).
+  env ${CHANNEL_TICK_MS:+RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-rabbit channel_tick_interval $CHANNEL_TICK_MS"} \
+    RABBITMQ_NODENAME="$NODE" RABBITMQ_NODE_PORT="$AMQP_PORT" \
     RABBITMQ_DIST_PORT="$((AMQP_PORT + 20000))" \
     RABBITMQ_MNESIA_BASE="$DIR/mnesia" RABBITMQ_LOG_BASE="$DIR/log" \
     RABBITMQ_CONFIG_FILE="$DIR/rabbitmq.conf" RABBITMQ_ENABLED_PLUGINS_FILE="$DIR/enabled_plugins" \
@@ -38,6 +41,7 @@ start() {
   sed -e "s/^listeners.tcp.default = .*/listeners.tcp.default = $AMQP_PORT/" \
       -e "s/^management.tcp.port = .*/management.tcp.port = $MGMT_PORT/" \
       -e "s/^prometheus.tcp.port = .*/prometheus.tcp.port = $PROM_PORT/" \
+      -e "s/^consumer_timeout = .*/consumer_timeout = ${CONSUMER_TIMEOUT_MS:-1800000}/" \
       "$ROOT/rabbitmq/rabbitmq.conf" > "$DIR/rabbitmq.conf"
   if [[ -n "${DEFINITIONS:-}" ]]; then
     # Boot with this topology (e.g. rabbitmq/definitions.json); it must bring its own users.

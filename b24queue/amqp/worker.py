@@ -113,8 +113,11 @@ class AmqpTransport:
 
 
 def _channel_gone(message: AbstractIncomingMessage) -> bool:
-    channel = message.channel
-    return bool(channel.is_closed)
+    """The channel that delivered it closed (aio-pika raises when asked for a closed one)."""
+    try:
+        return bool(message.channel.is_closed)
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return True
 
 
 class ConsumerRunner:
