@@ -31,6 +31,7 @@ from b24queue.errors import (
 )
 from b24queue.events import FORM_TYPE, JSON_TYPE
 from b24queue.management import ManagementClient
+from b24queue.portals import open_store
 from b24queue.settings import Settings, load_settings
 
 log = logging.getLogger("b24queue")
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("queue")
     d.add_argument("--yes", action="store_true", help="do not ask")
 
+    p = sub.add_parser("portals", help="portals known by their install (never their tokens)")
+    portals = p.add_subparsers(dest="portals_command", required=True, metavar="ACTION")
+    d = portals.add_parser("list", help="member_id, domain, installed at")
+    d.add_argument("--json", action="store_true")
+    d = portals.add_parser(
+        "forget", help="drop a portal: its events are refused until it reinstalls"
+    )
+    d.add_argument("member_id")
+
     p = sub.add_parser("send", help="post an event to an ingress as Bitrix24 would")
     p.add_argument("event", nargs="?", help="event name, e.g. ONCRMDEALADD")
     p.add_argument("--url", default=sender.DEFAULT_URL, help=f"default {sender.DEFAULT_URL}")
@@ -148,6 +158,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         "topology": cmd_topology,
         "status": cmd_status,
         "dlq": cmd_dlq,
+        "portals": cmd_portals,
         "send": cmd_send,
     }
     try:
@@ -281,6 +292,36 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(f"purged {await tool.purge()} message(s) from {source}")
         return EXIT_OK
+
+
+def cmd_portals(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_portals(settings, args))
+
+
+async def _portals(settings: Settings, args: argparse.Namespace) -> int:
+    store = open_store(settings.portal_store)
+    try:
+        if args.portals_command == "list":
+            records = await store.all()
+            rows = [
+                {"member_id": r.member_id, "domain": r.domain, "installed_at": r.installed_at}
+                for r in records
+            ]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("no portals installed yet")
+            else:
+                for row in rows:
+                    print(f"{row['member_id']}  {row['domain']}  installed {row['installed_at']}")
+            return EXIT_OK
+        if await store.forget(args.member_id):
+            print(f"forgot portal {args.member_id}: its events are refused until it reinstalls")
+            return EXIT_OK
+        print(f"no portal with member_id {args.member_id}")
+        return EXIT_FAILURE
+    finally:
+        await store.close()
 
 
 def _confirm(question: str) -> bool:

@@ -35,13 +35,16 @@ from b24queue.consumer import EventConsumer
 from b24queue.envelope import EventSink
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.http.ingress import create_app
+from b24queue.http.portal_check import PortalCallback
 from b24queue.layout import consumer_policy, queue_arguments, queue_plan, spec_for
 from b24queue.management import ManagementClient
 from b24queue.metrics import IngressMetrics, WorkerMetrics
+from b24queue.portal_verify import PortalVerifier
+from b24queue.portals import open_store
 from b24queue.settings import Settings
 from b24queue.spool import Spool
 from b24queue.spooling import SpoolingSink
-from b24queue.verify import verifier_from_settings
+from b24queue.verify import StaticTokens, TokenVerifier, verifier_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ async def serve_ingress(settings: Settings, stop: asyncio.Event, *, host: str, p
     verifier = verifier_from_settings(settings)
     metrics = IngressMetrics()
     async with contextlib.AsyncExitStack() as stack:
+        if settings.portal_verification:
+            verifier = await _portal_verifier(settings, verifier, stack)
         publisher = await stack.enter_async_context(
             AmqpPublisher(settings, connection_name("ingress"))
         )
@@ -106,6 +111,23 @@ async def serve_ingress(settings: Settings, stop: asyncio.Event, *, host: str, p
         await asyncio.gather(stopping, failed, return_exceptions=True)
         if failed.done() and not failed.cancelled():
             raise failed.result()
+
+
+async def _portal_verifier(
+    settings: Settings, static: TokenVerifier, stack: contextlib.AsyncExitStack
+) -> PortalVerifier:
+    store = open_store(settings.portal_store)
+    stack.push_async_callback(store.close)
+    check = None
+    if settings.portal_callback:
+        check = await stack.enter_async_context(PortalCallback(settings))
+    else:
+        log.warning(
+            "B24QUEUE_PORTAL_CALLBACK=false: a first ONAPPINSTALL from any portal is trusted "
+            "unchecked; reinstalls with a new token are refused"
+        )
+    log.info("per-portal tokens in %s", settings.portal_store.split("@")[-1])
+    return PortalVerifier(store, check, static if isinstance(static, StaticTokens) else None)
 
 
 def check_consumers(classes: Sequence[type[EventConsumer]]) -> None:

@@ -19,6 +19,34 @@ ENV_PREFIX = "B24QUEUE_"
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$"
 
+# Bitrix24 cloud portals (`*` is exactly one label). Self-hosted portals: set your domains.
+DEFAULT_PORTAL_DOMAINS = tuple(
+    f"*.bitrix24.{tld}"
+    for tld in (
+        "com",
+        "ru",
+        "de",
+        "eu",
+        "es",
+        "fr",
+        "it",
+        "pl",
+        "ua",
+        "by",
+        "kz",
+        "in",
+        "uk",
+        "com.br",
+        "com.tr",
+        "vn",
+        "id",
+        "jp",
+        "cn",
+        "co",
+        "mx",
+    )
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -62,6 +90,16 @@ class Settings(BaseSettings):
     spool_max_events: int = Field(default=100_000, ge=1)
     spool_bypass_s: float = Field(default=5.0, ge=0)
 
+    # Per-portal tokens (a Bitrix24 app on many portals)
+    portal_verification: bool = False
+    portal_store: str = "sqlite:.b24queue/portals.sqlite3"
+    portal_callback: bool = True
+    app_client_id: str = ""
+    portal_domains: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PORTAL_DOMAINS
+    portal_check_timeout_s: float = Field(default=3.0, gt=0, le=30)
+    portal_allow_private: bool = False
+    portal_ca_file: str = ""
+
     # Workers
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     worker_metrics_port: int = Field(
@@ -73,7 +111,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("app_tokens", mode="before")
+    @field_validator("app_tokens", "portal_domains", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -102,6 +140,15 @@ class Settings(BaseSettings):
         if not value.startswith("/"):
             raise ValueError("must start with /")
         return value
+
+    @model_validator(mode="after")
+    def _portal_callback_needs_client_id(self) -> Settings:
+        if self.portal_verification and self.portal_callback and not self.app_client_id:
+            raise ValueError(
+                "B24QUEUE_PORTAL_VERIFICATION with the install call-back needs "
+                "B24QUEUE_APP_CLIENT_ID (your app's client_id / code)"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

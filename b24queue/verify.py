@@ -22,6 +22,9 @@ class TokenVerifier(Protocol):
     async def verify(self, event: Event) -> None:
         """Return if the event is authentic; raise `UnauthorizedError` otherwise."""
 
+    async def accepted(self, event: Event) -> None:
+        """Called once the event is stored (e.g. to forget a portal after ONAPPUNINSTALL)."""
+
 
 class StaticTokens:
     """Accept an event whose application token equals one of a fixed set."""
@@ -31,18 +34,26 @@ class StaticTokens:
             raise ConfigError("StaticTokens needs at least one non-empty token")
         self._tokens = tuple(t.encode() for t in tokens)
 
-    async def verify(self, event: Event) -> None:
+    def matches(self, event: Event) -> bool:
         given = event.auth.application_token
         if not given:
-            raise UnauthorizedError("auth[application_token] is missing")
+            return False
         candidate = given.encode()
         # Compare with every token, without stopping early, so timing says nothing about which
         # token (or how much of one) matched.
         matched = False
         for token in self._tokens:
             matched |= hmac.compare_digest(token, candidate)
-        if not matched:
+        return matched
+
+    async def verify(self, event: Event) -> None:
+        if not event.auth.application_token:
+            raise UnauthorizedError("auth[application_token] is missing")
+        if not self.matches(event):
             raise UnauthorizedError("auth[application_token] does not match a configured token")
+
+    async def accepted(self, event: Event) -> None:
+        return None
 
 
 class AcceptAll:
@@ -51,10 +62,25 @@ class AcceptAll:
     async def verify(self, event: Event) -> None:
         return None
 
+    async def accepted(self, event: Event) -> None:
+        return None
+
+
+class _NoStaticTokens:
+    async def verify(self, event: Event) -> None:
+        raise UnauthorizedError("auth[application_token] does not match")
+
+    async def accepted(self, event: Event) -> None:
+        return None
+
 
 def verifier_from_settings(settings: Settings) -> TokenVerifier:
+    """The static part. Per-portal verification (B24QUEUE_PORTAL_VERIFICATION) is composed
+    around it by the process that owns the token store."""
     if settings.app_tokens:
         return StaticTokens(settings.app_tokens)
+    if settings.portal_verification:
+        return _NoStaticTokens()
     if settings.allow_unverified:
         log.warning(
             "VERIFICATION IS OFF (B24QUEUE_ALLOW_UNVERIFIED=true): anyone who can reach this "
@@ -63,6 +89,7 @@ def verifier_from_settings(settings: Settings) -> TokenVerifier:
         return AcceptAll()
     raise ConfigError(
         "no application token configured: set B24QUEUE_APP_TOKENS=<token>[,<token>...] "
-        "(the portal's application or outgoing-webhook token), or explicitly "
+        "(the portal's application or outgoing-webhook token), or "
+        "B24QUEUE_PORTAL_VERIFICATION=true (an app on many portals), or explicitly "
         "B24QUEUE_ALLOW_UNVERIFIED=true to accept unverified events"
     )

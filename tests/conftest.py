@@ -29,3 +29,22 @@ def _clean_b24queue_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if key.upper().startswith("B24QUEUE_"):
             monkeypatch.delenv(key)
     yield
+
+
+@pytest.fixture(scope="session")
+def portal_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tests.fake_portal import make_certificate
+
+    return make_certificate(tmp_path_factory.mktemp("portal-tls"))
+
+
+@pytest.fixture
+async def fake_portal(portal_certificate: tuple[Path, Path]) -> Any:
+    from tests.fake_portal import FakePortal
+
+    portal = FakePortal(*portal_certificate)
+    await portal.start()
+    try:
+        yield portal
+    finally:
+        await portal.stop()

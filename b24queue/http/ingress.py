@@ -118,6 +118,10 @@ class EventsView:
                 status=503,
                 headers=self._retry_after,
             )
+        try:
+            await self._verifier.accepted(event)
+        except Exception:  # the event is stored: its 200 stands; say what went wrong
+            log.exception("after accepting %s message_id=%s", event.name, envelope.message_id)
         self._metrics.publish_seconds.observe(time.perf_counter() - started)
         self._metrics.accepted.labels(event.name).inc()
         log.debug("accepted %s message_id=%s", event.name, envelope.message_id)

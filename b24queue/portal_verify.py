@@ -1,0 +1,101 @@
+"""Verification against per-portal tokens (b24queue.portals), the trust model of a Bitrix24 app.
+
+- ONAPPINSTALL from an unknown portal: the portal is asked to confirm (an `InstallCheck`: the
+  ingress calls `app.info` on the portal with the event's access token), then the token is
+  remembered, then the event is published.
+- ONAPPINSTALL from a known portal: the same token is a repeat (accepted, nothing changes); a new
+  token is a reinstall and must pass the portal check: it is never replaced silently.
+- Any other event: its token must equal the stored one for its member_id (constant time);
+  unknown portals and mismatches are refused.
+- ONAPPUNINSTALL: verified like any other event, published, then the portal is forgotten.
+Static tokens (B24QUEUE_APP_TOKENS, e.g. an outgoing webhook's) keep working beside it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Protocol
+
+from b24queue.errors import UnauthorizedError
+from b24queue.events import Event
+from b24queue.portals import PortalRecord, TokenStore
+from b24queue.verify import StaticTokens
+
+log = logging.getLogger(__name__)
+
+INSTALL = "ONAPPINSTALL"
+UNINSTALL = "ONAPPUNINSTALL"
+
+
+class InstallCheck(Protocol):
+    async def confirm(self, event: Event) -> None:
+        """Return if the portal confirms this install is ours; raise `UnauthorizedError`."""
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+class PortalVerifier:
+    def __init__(
+        self,
+        store: TokenStore,
+        check: InstallCheck | None,
+        static: StaticTokens | None = None,
+    ) -> None:
+        self.store = store
+        self._check = check
+        self._static = static
+
+    async def verify(self, event: Event) -> None:
+        if self._static is not None and self._static.matches(event):
+            return
+        token, member_id = event.auth.application_token, event.auth.member_id
+        if not token:
+            raise UnauthorizedError("auth[application_token] is missing")
+        if not member_id:
+            raise UnauthorizedError("auth[member_id] is missing")
+        record = await self.store.get(member_id)
+        if event.name == INSTALL:
+            await self._install(event, token, member_id, record)
+            return
+        if record is None:
+            raise UnauthorizedError(
+                f"unknown portal: no ONAPPINSTALL was accepted for member_id {member_id}"
+            )
+        if not _same(record.token, token):
+            raise UnauthorizedError("auth[application_token] does not match this portal's token")
+
+    async def _install(
+        self, event: Event, token: str, member_id: str, record: PortalRecord | None
+    ) -> None:
+        domain = event.auth.domain or ""
+        if record is not None and _same(record.token, token):
+            return  # the same install again (Bitrix24 retrying, or a replay): nothing changes
+        if self._check is None:
+            if record is not None:
+                raise UnauthorizedError(
+                    "ONAPPINSTALL with a new token for a known portal: a reinstall is only "
+                    "accepted when the portal confirms it (B24QUEUE_PORTAL_CALLBACK)"
+                )
+            log.warning("trusting first install of %s (member_id %s) unchecked", domain, member_id)
+        else:
+            await self._check.confirm(event)
+        await self.store.remember(PortalRecord(member_id=member_id, domain=domain, token=token))
+        log.info(
+            "portal %s (member_id %s) %s",
+            domain,
+            member_id,
+            "installed" if record is None else "reinstalled: new token confirmed by the portal",
+        )
+
+    async def accepted(self, event: Event) -> None:
+        if event.name != UNINSTALL or not event.auth.member_id:
+            return
+        if await self.store.forget(event.auth.member_id):
+            log.info(
+                "portal %s (member_id %s) uninstalled: token forgotten",
+                event.auth.domain,
+                event.auth.member_id,
+            )

@@ -1,0 +1,139 @@
+"""A fake Bitrix24 portal for tests: answers `app.info` the way the Bitrix24 REST API documents
+it, over HTTPS with a self-signed certificate for `*.portal.test`, chosen by the access token:
+
+  good-*      200 {"result": {"CODE": <client id>, ...}}
+  wrong-app   200 {"result": {"CODE": "someone.else", ...}}
+  expired     401 {"error": "expired_token", "error_description": "The access token ..."}
+  error       500 {"error": "INTERNAL_SERVER_ERROR", ...}
+  slow        answers after 10 s
+  redirect    302 to another host
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+CLIENT_ID = "app.b24queue-test"
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "portal.pem", directory / "portal.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=portal.test",
+            "-addext",
+            "subjectAltName=DNS:*.portal.test,DNS:portal.test",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+class StaticResolver(AbstractResolver):
+    """Every name resolves to 127.0.0.1 (where the fake portal listens)."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+class FakePortal:
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ssl.load_cert_chain(cert, key)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/rest/app.info", self.app_info)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.2)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def endpoint(self, domain: str) -> str:
+        return f"https://{domain}:{self.port}/rest/"
+
+    async def app_info(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        token = str(form.get("auth") or request.query.get("auth") or "")
+        self.calls.append({"host": request.host, "token": token})
+        if token.startswith("good"):
+            return web.json_response(
+                {
+                    "result": {
+                        "ID": 77,
+                        "CODE": CLIENT_ID,
+                        "VERSION": 1,
+                        "STATUS": "L",
+                        "INSTALLED": True,
+                        "PAYMENT_EXPIRED": "N",
+                        "DAYS": None,
+                        "LANGUAGE_ID": "en",
+                    },
+                    "time": {"start": 1764360000.1, "finish": 1764360000.2},
+                }
+            )
+        if token == "wrong-app":
+            return web.json_response({"result": {"ID": 5, "CODE": "someone.else"}})
+        if token == "expired":
+            return web.json_response(
+                {
+                    "error": "expired_token",
+                    "error_description": "The access token provided has expired.",
+                },
+                status=401,
+            )
+        if token == "slow":
+            await asyncio.sleep(10)
+            return web.json_response({"result": {"CODE": CLIENT_ID}})
+        if token == "redirect":
+            raise web.HTTPFound("https://elsewhere.portal.test/rest/app.info")
+        return web.json_response(
+            {"error": "INTERNAL_SERVER_ERROR", "error_description": "Internal server error"},
+            status=500,
+        )
