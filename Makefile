@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit faults lint broker run topology bench definitions clean
+.PHONY: install test test-unit faults lint broker run topology bench soak definitions clean
 
 install: $(STAMP)
 
@@ -51,3 +51,7 @@ definitions: install
 # The fault suite: its own RabbitMQ node, real processes, faults injected; prints a summary.
 faults: install broker
 	$(BIN)/pytest tests/faults
+
+# Memory over a steady 5-minute load (ingress and worker).
+soak: install broker
+	$(PY) -m bench.soak

@@ -4,7 +4,7 @@ apps in one process, as in tests, never collide)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import start_http_server as _start_http_server
@@ -106,9 +106,20 @@ class WorkerMetrics:
             registry=self.registry,
         )
 
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
     def observe(self, queue: str, event: str, outcome: str, duration_s: float) -> None:
-        self.outcomes.labels(queue, event, outcome).inc()
-        self.handle_seconds.labels(queue, event).observe(duration_s)
+        # Label lookups hash and lock on every call; the children are cached per label set.
+        key = (queue, event, outcome)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.outcomes.labels(queue, event, outcome),
+                self.handle_seconds.labels(queue, event),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics on its own port (a thread of prometheus_client's)."""

@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--worker-messages", type=int, default=20000)
     parser.add_argument("--prefetch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best counts")
     args = parser.parse_args()
 
     prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -325,7 +326,9 @@ def main() -> None:
                 server.wait_ready(ready_path)
                 result = load(server.url, body_file.name, args.requests, args.concurrency)
                 result["peak_rss_mb"] = server.peak_rss_mb()
-                if name == "b24queue_ingress":
+                if name == "b24queue_ingress" and result["rps"] > results.get(name, {}).get(
+                    "rps", 0
+                ):
                     half = max(1.0, result["rps"] / 2)
                     print(f"{name} at half its peak rate ({half:.0f}/s) ...", flush=True)
                     paced = load(
@@ -338,15 +341,24 @@ def main() -> None:
                 asyncio.run(purge(sink))
 
         py = sys.executable
-        results["bare_http"] = serve("bare_http", [py, "-m", "bench.baselines", "bare"], "/x")
-        results["plain_aiopika_ingress"] = serve(
-            "plain_aiopika_ingress",
-            [py, "-m", "bench.baselines", "plain", "--exchange", settings.exchange],
-            "/x",
-        )
-        results["b24queue_ingress"] = serve(
-            "b24queue_ingress", [py, "-m", "b24queue", "ingress", "--host", "127.0.0.1"], "/readyz"
-        )
+        servers = {
+            "bare_http": ([py, "-m", "bench.baselines", "bare"], "/x"),
+            "plain_aiopika_ingress": (
+                [py, "-m", "bench.baselines", "plain", "--exchange", settings.exchange],
+                "/x",
+            ),
+            "b24queue_ingress": (
+                [py, "-m", "b24queue", "ingress", "--host", "127.0.0.1"],
+                "/readyz",
+            ),
+        }
+        # Two rounds, interleaved, best of each: a 2-core machine shared with the broker and the
+        # load generator is noisy, and interleaving keeps a slow moment from hitting one side.
+        for _ in range(args.rounds):
+            for name, (argv, ready) in servers.items():
+                result = serve(name, argv, ready)
+                if name not in results or result["rps"] > results[name]["rps"]:
+                    results[name] = result
 
         event_json = json.dumps(
             {
@@ -356,13 +368,15 @@ def main() -> None:
                 "auth": {"domain": "acme.bitrix24.com"},
             }
         )
-        for kind in ("plain", "b24queue"):
-            print(f"worker {kind} ...", flush=True)
-            asyncio.run(fill(work, event_json.encode(), args.worker_messages))
-            results[f"worker_{kind}"] = consume(
-                kind, work, args.worker_messages, args.prefetch, env
-            )
-            asyncio.run(purge(work))
+        for _ in range(args.rounds):
+            for kind in ("plain", "b24queue"):
+                print(f"worker {kind} ...", flush=True)
+                asyncio.run(fill(work, event_json.encode(), args.worker_messages))
+                result = consume(kind, work, args.worker_messages, args.prefetch, env)
+                key = f"worker_{kind}"
+                if key not in results or result["per_s"] > results[key]["per_s"]:
+                    results[key] = result
+                asyncio.run(purge(work))
     finally:
         asyncio.run(cleanup(prefix))
         os.unlink(body_file.name)

@@ -135,7 +135,10 @@ class ConsumerRunner:
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.consumer = consumer
-        self._metrics = metrics
+        self._observe = metrics.observe if metrics is not None else None
+        self._in_flight_gauge = (
+            metrics.in_flight.labels(consumer.queue) if metrics is not None else None
+        )
         self.spec = spec_for(type(consumer))
         self._settings = settings
         self._connection = connection
@@ -197,16 +200,15 @@ class ConsumerRunner:
             redelivered=bool(message.redelivered),
         )
         self._transport.track(message, incoming)
-        metrics = self._metrics
-        observe = metrics.observe if metrics is not None else None
-        if metrics is not None:
-            metrics.in_flight.labels(self.spec.name).inc()
+        gauge = self._in_flight_gauge
+        if gauge is not None:
+            gauge.inc()
         try:
-            await process(self.consumer, incoming, self.spec.name, self._transport, observe)
+            await process(self.consumer, incoming, self.spec.name, self._transport, self._observe)
         finally:
             self._transport.forget(incoming)
-            if metrics is not None:
-                metrics.in_flight.labels(self.spec.name).dec()
+            if gauge is not None:
+                gauge.dec()
 
     async def stop_consuming(self) -> None:
         """Ask the broker for no more deliveries; in-flight ones go on."""
