@@ -13,7 +13,6 @@ durable (confirmed) before it acks the original, so a crash in between duplicate
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -152,13 +151,7 @@ async def process(
 
 
 def _decode(incoming: Incoming) -> Event:
-    try:
-        payload = json.loads(incoming.body)
-    except (ValueError, RecursionError) as exc:
-        raise BadEventError(f"body is not JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadEventError("body is not a JSON object")
-    return Event.from_payload(payload)
+    return Event.from_json(incoming.body)
 
 
 def _dead_letter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -57,7 +58,8 @@ class Event(BaseModel):
     ts: int | None = None
     auth: Auth = Field(default_factory=Auth)
 
-    _payload: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _payload: dict[str, Any] | None = PrivateAttr(default=None)
+    _raw: bytes | None = PrivateAttr(default=None)
     _message_id: str | None = PrivateAttr(default=None)
     _attempt: int = PrivateAttr(default=1)
     _redelivered: bool = PrivateAttr(default=False)
@@ -86,8 +88,21 @@ class Event(BaseModel):
         event._payload = payload
         return event
 
+    @classmethod
+    def from_json(cls, raw: bytes) -> Event:
+        """Validate a JSON body straight from bytes (the worker's path: pydantic-core parses it;
+        `payload` is decoded only if someone asks for it)."""
+        try:
+            event = cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise BadEventError(_describe(exc), field=_first_field(exc)) from None
+        event._raw = raw
+        return event
+
     @property
     def payload(self) -> dict[str, Any]:
+        if self._payload is None:
+            self._payload = json.loads(self._raw) if self._raw is not None else {}
         return self._payload
 
     @property

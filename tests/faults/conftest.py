@@ -69,6 +69,15 @@ def fault_node() -> Iterator[str]:
         pytest.skip("the fault suite needs rabbitmq-server installed (it runs its own node)")
     data = ROOT / ".broker" / f"node-{NODE_PORT}"
     env = {**os.environ, **NODE_ENV}
+    # A node of that name left running (by a killed run, maybe from another clone) goes first:
+    # its state (an alarm, a tiny watermark) must not leak into this run.
+    subprocess.run(
+        ["rabbitmqctl", "-n", NODE_NAME, "-q", "stop"],
+        env=env,
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
     subprocess.run(
         ["bash", "rabbitmq/local-node.sh", "stop"],
         cwd=ROOT,
