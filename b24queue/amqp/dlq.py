@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from b24queue import _constants as c
 from b24queue.amqp.connection import close_quietly, connect, connection_name
+from b24queue.amqp.publisher import persistent_copy
 from b24queue.errors import B24QueueError, ConfigError
 from b24queue.settings import Settings
 
@@ -214,17 +215,7 @@ class DeadLetterTool:
         return replayed, total
 
     async def _republish(self, exchange: Any, message: AbstractIncomingMessage) -> None:
-        copy = aio_pika.Message(
-            body=message.body,
-            headers=replay_headers(message),
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
+        copy = persistent_copy(message, replay_headers(message))
         try:
             await exchange.publish(
                 copy, routing_key=self.target.routing_key(message), mandatory=True

@@ -10,9 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
+from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from b24queue import _constants as c
@@ -37,6 +43,23 @@ def to_message(envelope: Envelope) -> aio_pika.Message:
         type=envelope.event_type,
         app_id=c.APP_ID,
         headers=dict(envelope.headers),
+    )
+
+
+def persistent_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A delivered message, to publish again (retry, dead-letter, replay): same body and
+    properties, new headers, persistent."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
     )
 
 

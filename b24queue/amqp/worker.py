@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 
 from b24queue import _constants as c
 from b24queue.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
+from b24queue.amqp.publisher import persistent_copy
 from b24queue.amqp.topology import declare_consumer_queues
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, process
@@ -60,18 +61,7 @@ class AmqpTransport:
     async def _republish(
         self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
     ) -> bool:
-        copy = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
+        copy = persistent_copy(message, headers)
         try:
             # Default exchange, queue name as routing key: reaches exactly that queue, and a
             # missing queue comes back as a return (mandatory), not a silent drop.

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -166,6 +169,41 @@ async def broker() -> AsyncIterator[Broker]:
         finally:
             await connection.close()
             await b.cleanup()
+
+
+ROOT = Path(__file__).parents[2]
+
+
+def cli_env(broker: Broker, **extra: str) -> dict[str, str]:
+    """The environment of a `b24queue` subprocess on this test's slice of the broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
+    env.update(
+        {
+            "B24QUEUE_AMQP_URL": AMQP_URL,
+            "B24QUEUE_EXCHANGE": broker.settings.exchange,
+            "B24QUEUE_UNROUTED": broker.settings.unrouted,
+            "B24QUEUE_APP_TOKENS": SAMPLE_TOKEN,
+            **extra,
+        }
+    )
+    return env
+
+
+async def run_cli(broker: Broker, *args: str, **extra_env: str) -> tuple[int, str]:
+    """Run `python -m b24queue ARGS`; (exit code, stdout and stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "b24queue",
+        *args,
+        cwd=ROOT,
+        env=cli_env(broker, **extra_env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
 
 
 @asynccontextmanager

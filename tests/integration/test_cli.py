@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_TOKEN, SAMPLES
-from tests.integration.conftest import AMQP_URL, Broker, running_ingress
+from tests.conftest import SAMPLES
+from tests.integration.conftest import Broker, run_cli, running_ingress
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.broker
 
 
 async def cli(broker: Broker, *args: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("B24QUEUE_")}
-    env.update(
-        {
-            "B24QUEUE_AMQP_URL": AMQP_URL,
-            "B24QUEUE_EXCHANGE": broker.settings.exchange,
-            "B24QUEUE_UNROUTED": broker.settings.unrouted,
-            "B24QUEUE_APP_TOKENS": SAMPLE_TOKEN,
-            "B24QT_QUEUE": broker.name("cli"),
-            "B24QT_RECORD": "/dev/null",
-        }
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24queue",
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    return await run_cli(broker, *args, B24QT_QUEUE=broker.name("cli"), B24QT_RECORD="/dev/null")
 
 
 async def test_send_posts_like_a_portal(broker: Broker) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import urllib.request
@@ -22,7 +21,7 @@ from b24queue.definitions import definitions
 from b24queue.metrics import WorkerMetrics
 from b24queue.runtime import Worker, declare_topology
 from tests.conftest import SAMPLE_TOKEN, sample_form
-from tests.integration.conftest import AMQP_URL, Broker, running_ingress, wait_until
+from tests.integration.conftest import Broker, cli_env, run_cli, running_ingress, wait_until
 from tests.integration.proxy import free_port
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -31,32 +30,11 @@ pytestmark = pytest.mark.broker
 
 
 def env_for(broker: Broker) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("B24QUEUE_")}
-    env.update(
-        {
-            "B24QUEUE_AMQP_URL": AMQP_URL,
-            "B24QUEUE_EXCHANGE": broker.settings.exchange,
-            "B24QUEUE_UNROUTED": broker.settings.unrouted,
-            "B24QUEUE_APP_TOKENS": SAMPLE_TOKEN,
-        }
-    )
-    return env
+    return cli_env(broker)
 
 
 async def cli(broker: Broker, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24queue",
-        *args,
-        cwd=ROOT,
-        env=env_for(broker),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode() + err.decode()
+    return await run_cli(broker, *args)
 
 
 def consumer(queue: str, handle: Any, **attrs: Any) -> type[EventConsumer]:
