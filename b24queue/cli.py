@@ -286,7 +286,7 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"not found: {', '.join(sorted(ids))}")
                 return EXIT_FAILURE
             return EXIT_OK
-        total, _ = await tool.list(0)
+        total = await tool.count()
         if not args.yes and not _confirm(f"Delete all {total} message(s) in {source} for good?"):
             print("nothing purged")
             return EXIT_USAGE

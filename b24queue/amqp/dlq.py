@@ -226,6 +226,11 @@ class DeadLetterTool:
                 f"({exc}); it stays in {self.target.source}"
             ) from None
 
+    async def count(self) -> int:
+        channel, _, total = await self._open()
+        await channel.close()
+        return total
+
     async def purge(self) -> int:
         channel, queue, _ = await self._open()
         try:
