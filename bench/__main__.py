@@ -281,6 +281,7 @@ def main() -> None:
     parser.add_argument("--worker-messages", type=int, default=20000)
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best counts")
+    parser.add_argument("--ingress-only", action="store_true", help="skip the worker part")
     args = parser.parse_args()
 
     prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -368,7 +369,7 @@ def main() -> None:
                 "auth": {"domain": "acme.bitrix24.com"},
             }
         )
-        for _ in range(args.rounds):
+        for _ in range(0 if args.ingress_only else args.rounds):
             for kind in ("plain", "b24queue"):
                 print(f"worker {kind} ...", flush=True)
                 asyncio.run(fill(work, event_json.encode(), args.worker_messages))
@@ -390,6 +391,12 @@ def main() -> None:
 
 
 def report(r: dict[str, Any]) -> None:
+    if "worker_b24queue" not in r:
+        r = {
+            **r,
+            "worker_b24queue": {"per_s": 0.0, "peak_rss_mb": 0.0},
+            "worker_plain": {"per_s": 0.0, "peak_rss_mb": 0.0},
+        }
     ours = r["b24queue_ingress"]
     plain = r["plain_aiopika_ingress"]
     bare = r["bare_http"]
