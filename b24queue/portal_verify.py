@@ -4,7 +4,8 @@
   ingress calls `app.info` on the portal with the event's access token), then the token is
   remembered, then the event is published.
 - ONAPPINSTALL from a known portal: the same token is a repeat (accepted, nothing changes); a new
-  token is a reinstall and must pass the portal check: it is never replaced silently.
+  token is a reinstall and must come from the same domain and pass the portal check: it is never
+  replaced silently.
 - Any other event: its token must equal the stored one for its member_id (constant time);
   unknown portals and mismatches are refused.
 - ONAPPUNINSTALL: verified like any other event, published, then the portal is forgotten.
@@ -73,6 +74,13 @@ class PortalVerifier:
         domain = event.auth.domain or ""
         if record is not None and _same(record.token, token):
             return  # the same install again (Bitrix24 retrying, or a replay): nothing changes
+        if record is not None and record.domain.lower() != domain.lower():
+            # app.info confirms the app and the token's portal, but not the member_id: without
+            # this, someone with the app on their own portal could claim another portal's id.
+            raise UnauthorizedError(
+                f"ONAPPINSTALL for known member_id {member_id} from another domain; if the portal "
+                f"was renamed, run `b24queue portals forget {member_id}` and reinstall"
+            )
         if self._check is None:
             if record is not None:
                 raise UnauthorizedError(

@@ -120,6 +120,12 @@ async def test_reinstall_and_replayed_install(tmp_path: Path) -> None:
         assert (await store.get("m1")).token == "old"  # type: ignore[union-attr]
         await PortalVerifier(store, Allow()).verify(portal_event("ONAPPINSTALL", token="new"))
         assert (await store.get("m1")).token == "new"  # type: ignore[union-attr]
+        # Another portal (confirmed by *its* portal) cannot take over a known member_id.
+        with pytest.raises(UnauthorizedError, match="from another domain"):
+            await PortalVerifier(store, Allow()).verify(
+                portal_event("ONAPPINSTALL", token="evil", domain="evil.portal.test")
+            )
+        assert (await store.get("m1")).token == "new"  # type: ignore[union-attr]
         # Without the call-back, a new token for a known portal is refused outright.
         with pytest.raises(UnauthorizedError, match="reinstall is only accepted"):
             await PortalVerifier(store, None).verify(portal_event("ONAPPINSTALL", token="newer"))
