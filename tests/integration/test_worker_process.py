@@ -163,3 +163,33 @@ async def test_exit_codes(broker: Broker, tmp_path: Path) -> None:
     )
     assert code == 3 and "cannot reach RabbitMQ" in out
     assert "guest:guest" not in out  # the password is never printed
+
+
+async def test_a_second_signal_exits_at_once_and_loses_nothing(
+    broker: Broker, tmp_path: Path
+) -> None:
+    record = tmp_path / "record.txt"
+    queue = broker.name("proc")
+    worker = await start_worker(broker, record, sleep_s=3600, prefetch=2)
+    try:
+        await wait_until(lambda: _declared_and_consuming(broker, queue), what="worker consuming")
+        ids = await post(broker, 2)
+        await wait_until(lambda: len(records(record, "start")) == 2, what="2 handlers started")
+        worker.send_signal(signal.SIGTERM)  # graceful: would wait for the hour-long handlers
+        assert worker.stdout is not None
+        while b"waiting up to" not in await asyncio.wait_for(worker.stdout.readline(), 10):
+            pass
+        worker.send_signal(signal.SIGTERM)  # impatient: exit now
+        await asyncio.wait_for(worker.wait(), timeout=10)
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+    assert worker.returncode == 1
+    assert records(record, "done") == []
+    # Nothing was acked: both are back in the queue for the next worker.
+    await wait_until(lambda: _depth_is(broker, queue, 2), what="both requeued")
+    assert sorted(m.message_id or "" for m in await broker.take(queue, 2)) == sorted(ids)
+
+
+async def _depth_is(broker: Broker, queue: str, count: int) -> bool:
+    return await broker.depth(queue) == count
