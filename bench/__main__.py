@@ -260,11 +260,11 @@ async def cleanup(prefix: str) -> None:
 
     auth = base64.b64encode(b"guest:guest").decode()
     async with aiohttp.ClientSession(headers={"Authorization": f"Basic {auth}"}) as session:
-        for kind in ("queues", "exchanges"):
+        for kind in ("queues", "exchanges", "policies"):
             async with session.get(f"http://127.0.0.1:15672/api/{kind}/%2F?columns=name") as r:
                 items = await r.json()
             for item in items:
-                if item["name"].startswith(prefix + "."):
+                if item["name"].startswith((prefix + ".", f"b24queue.{prefix}.")):
                     name = quote(item["name"], safe="")
                     async with session.delete(f"http://127.0.0.1:15672/api/{kind}/%2F/{name}"):
                         pass
