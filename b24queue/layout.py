@@ -16,7 +16,7 @@ a deploy — delivery limit, dead-letter routing of the consumer queue, lengths 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from b24queue import _constants as c
@@ -60,7 +60,6 @@ class Policy:
     definition: dict[str, Any]
     apply_to: str = "queues"
     priority: int = POLICY_PRIORITY
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_api_body(self) -> dict[str, Any]:
         return {

@@ -53,9 +53,6 @@ class SpoolingSink:
         """Ready to accept an event: RabbitMQ is, or the spool has room."""
         return self._broker.is_ready() or self.spool.has_room()
 
-    def broker_ready(self) -> bool:
-        return self._broker.is_ready()
-
     async def publish(self, envelope: Envelope) -> None:
         if self._broker.is_ready() and time.monotonic() >= self._bypass_until:
             try:
