@@ -15,7 +15,7 @@ import time
 import aio_pika
 
 from b24queue import Event, EventConsumer
-from b24queue.cli import _loop_factory
+from b24queue.commands import loop_factory
 from b24queue.runtime import Worker
 from b24queue.settings import load_settings
 
@@ -89,7 +89,7 @@ def main() -> None:
         elapsed = asyncio.run(plain(args.amqp_url, args.queue, args.count, args.prefetch))
     else:
         # As `b24queue worker` runs it: with the CLI's event loop (uvloop where installed).
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             elapsed = runner.run(ours(args))
     print(
         json.dumps(

@@ -1,0 +1,225 @@
+"""What each `b24queue` command does, given parsed arguments and settings (the parser, logging
+and exit live in `cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict
+from typing import Any
+
+from b24queue import dlq_view, runtime, sender, status
+from b24queue.amqp.dlq import DeadLetterTool
+from b24queue.consumer import EventConsumer
+from b24queue.definitions import definitions
+from b24queue.errors import ConfigError
+from b24queue.events import FORM_TYPE, JSON_TYPE
+from b24queue.management import ManagementClient
+from b24queue.portals import open_store
+from b24queue.settings import Settings
+
+log = logging.getLogger("b24queue")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
+
+
+def _run_service(make: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    async def main() -> None:
+        stop = asyncio.Event()
+        runtime.install_signal_handlers(stop)
+        await make(stop)
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
+    return EXIT_OK
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (it is a dependency on Linux and macOS): a faster event loop
+    for the ingress and workers; the standard loop elsewhere."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def cmd_ingress(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_service(
+        lambda stop: runtime.serve_ingress(
+            settings, stop, host=settings.http_host, port=settings.http_port
+        )
+    )
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    classes = [load_consumer(spec) for spec in args.consumers]
+    return _run_service(lambda stop: runtime.serve_worker(settings, classes, stop))
+
+
+def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
+    classes = [load_consumer(spec) for spec in args.consumers]
+    if args.definitions:
+        print(json.dumps(definitions(settings, classes), indent=2))
+        return EXIT_OK
+    states = asyncio.run(runtime.declare_topology(settings, classes))
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "queue": s.name,
+                        "messages": s.messages,
+                        "consumers": s.consumers,
+                        "arguments": s.arguments,
+                    }
+                    for s in states
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    print(f"exchange {settings.exchange} (topic, alternate exchange {settings.unrouted})")
+    print(f"exchange {settings.unrouted} (fanout) -> queue {settings.unrouted}")
+    width = max(len(s.name) for s in states)
+    print(f"{'QUEUE':<{width}}  {'READY':>7}  {'CONSUMERS':>9}  ARGUMENTS")
+    for s in states:
+        arguments = " ".join(f"{k}={v}" for k, v in s.arguments.items())
+        print(f"{s.name:<{width}}  {s.messages:>7}  {s.consumers:>9}  {arguments}")
+    return EXIT_OK
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    client = ManagementClient(settings)
+    current = status.summarize(
+        settings, client.queues(), client.connections(), client.bound_queues(settings.exchange)
+    )
+    if args.json:
+        print(json.dumps(current.as_json(), indent=2))
+    else:
+        print(status.render(current, settings))
+    if args.fail_on_dead_letters and current.problems:
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_dlq(settings, args))
+
+
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    async with DeadLetterTool(settings, args.queue) as tool:
+        source = tool.target.source
+        if args.dlq_command == "list":
+            total, letters = await tool.list(args.limit)
+            if args.json:
+                print(
+                    json.dumps(
+                        {"queue": source, "total": total, "messages": [asdict(x) for x in letters]},
+                        indent=2,
+                    )
+                )
+            else:
+                print(dlq_view.render(source, total, letters))
+            return EXIT_OK
+        if args.dlq_command == "replay":
+            target = tool.target.queue or f"exchange {settings.exchange}"
+            ids = set(args.ids) if args.ids else None
+
+            def progress(done: int, wanted: int) -> None:
+                print(f"replayed {done}/{wanted}", file=sys.stderr, flush=True)
+
+            replayed, total = await tool.replay(limit=args.limit, ids=ids, progress=progress)
+            print(f"replayed {replayed} of {total} message(s) from {source} to {target}")
+            if ids:
+                print(f"not found: {', '.join(sorted(ids))}")
+                return EXIT_FAILURE
+            return EXIT_OK
+        total = await tool.count()
+        if not args.yes and not _confirm(f"Delete all {total} message(s) in {source} for good?"):
+            print("nothing purged")
+            return EXIT_USAGE
+        print(f"purged {await tool.purge()} message(s) from {source}")
+        return EXIT_OK
+
+
+def cmd_portals(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_portals(settings, args))
+
+
+async def _portals(settings: Settings, args: argparse.Namespace) -> int:
+    store = open_store(settings.portal_store)
+    try:
+        if args.portals_command == "list":
+            records = await store.all()
+            rows = [
+                {"member_id": r.member_id, "domain": r.domain, "installed_at": r.installed_at}
+                for r in records
+            ]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("no portals installed yet")
+            else:
+                for row in rows:
+                    print(f"{row['member_id']}  {row['domain']}  installed {row['installed_at']}")
+            return EXIT_OK
+        if await store.forget(args.member_id):
+            print(f"forgot portal {args.member_id}: its events are refused until it reinstalls")
+            return EXIT_OK
+        print(f"no portal with member_id {args.member_id}")
+        return EXIT_FAILURE
+    finally:
+        await store.close()
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise ConfigError(f"{question} Refusing without a terminal to ask: pass --yes")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    if args.body_file is not None:
+        body = args.body_file.read_bytes()
+        content_type = JSON_TYPE if args.json else FORM_TYPE
+    else:
+        if not args.event:
+            raise ConfigError("send: give an EVENT name or --body-file")
+        token = args.token or (settings.app_tokens[0] if settings.app_tokens else "")
+        payload = sender.sample_payload(args.event, token, args.field)
+        if args.json:
+            body, content_type = json.dumps(payload).encode(), JSON_TYPE
+        else:
+            body, content_type = sender.form_body(payload), FORM_TYPE
+    try:
+        status, text = sender.post(args.url, body, content_type)
+    except (OSError, ValueError) as exc:
+        log.error("cannot post to %s: %s", args.url, exc)
+        return EXIT_FAILURE
+    print(f"{status} {text}")
+    return EXIT_OK if status == 200 else EXIT_FAILURE
+
+
+def load_consumer(spec: str) -> type[EventConsumer]:
+    """`package.module:ClassName` -> the class, checked."""
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ConfigError(f"consumer {spec!r}: expected MODULE:CLASS, e.g. examples.deals:DealSync")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `b24queue worker app.consumers:X` from the app's folder
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"consumer {spec!r}: cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, EventConsumer)):
+        raise ConfigError(f"consumer {spec!r}: {class_name!r} is not an EventConsumer subclass")
+    cls.check()
+    return cls
