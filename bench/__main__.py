@@ -95,6 +95,11 @@ class Server:
                 time.sleep(0.1)
         raise RuntimeError("server did not become ready")
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -361,9 +366,15 @@ def main() -> None:
             server = Server([*argv, "--port", str(port)], env, port)
             try:
                 server.wait_ready(ready)
-                results[f"{name}_half_rate"] = load(
+                cpu_before = server.cpu_s()
+                paced = load(
                     server.url, body_file.name, int(half * 5), args.concurrency * 4, rate=half
                 )
+                # CPU per request at the same rate: steadier than throughput on a busy machine.
+                paced["cpu_us_per_request"] = round(
+                    (server.cpu_s() - cpu_before) / paced["requests"] * 1e6, 1
+                )
+                results[f"{name}_half_rate"] = paced
             finally:
                 server.stop()
                 asyncio.run(purge(sink))
@@ -436,6 +447,12 @@ def report(r: dict[str, Any]) -> None:
             f"p99 {half['p99_ms']} ms",
             f"p50 {half['p50_ms']} ms; plain at the same rate: p50 {plain_half['p50_ms']} ms, "
             f"p99 {plain_half['p99_ms']} ms; non-200: {half['not_ok']}",
+        ),
+        (
+            "ingress CPU per request at that rate (us)",
+            f"{half['cpu_us_per_request']}",
+            f"plain {plain_half['cpu_us_per_request']} us "
+            f"({ratio(half['cpu_us_per_request'], plain_half['cpu_us_per_request'])} plain's)",
         ),
         (
             "plain consume-and-ack loop (msg/s)",
