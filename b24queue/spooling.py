@@ -74,30 +74,39 @@ class SpoolingSink:
     async def _forward_loop(self) -> None:
         while True:
             await self.spool.not_empty.wait()
-            if not self._broker.is_ready():
+            try:
+                forwarded_all = await self._forward_batch()
+            except Exception:  # a disk error must not end forwarding for good: retry later
+                log.exception("forwarding spooled events failed; retrying")
+                forwarded_all = False
+            if not forwarded_all:
                 await asyncio.sleep(self._retry_interval_s)
-                continue
-            batch = await self.spool.oldest(FORWARD_BATCH)
-            if not batch:
-                self.spool.not_empty.clear()
-                continue
-            results = await asyncio.gather(
-                *(self._broker.publish(envelope) for _, envelope in batch),
-                return_exceptions=True,
+
+    async def _forward_batch(self) -> bool:
+        """Publish the oldest spooled events, delete those confirmed. False: try again later."""
+        if not self._broker.is_ready():
+            return False
+        batch = await self.spool.oldest(FORWARD_BATCH)
+        if not batch:
+            self.spool.not_empty.clear()
+            return True
+        results = await asyncio.gather(
+            *(self._broker.publish(envelope) for _, envelope in batch),
+            return_exceptions=True,
+        )
+        done = [row_id for (row_id, _), r in zip(batch, results, strict=True) if r is None]
+        await self.spool.delete(done)
+        self.forwarded_total += len(done)
+        failures = [r for r in results if r is not None]
+        if failures:
+            log.warning(
+                "forwarded %d spooled event(s); %d wait for RabbitMQ (%s)",
+                len(done),
+                len(failures),
+                failures[0],
             )
-            done = [row_id for (row_id, _), r in zip(batch, results, strict=True) if r is None]
-            await self.spool.delete(done)
-            self.forwarded_total += len(done)
-            failures = [r for r in results if r is not None]
-            if failures:
-                log.warning(
-                    "forwarded %d spooled event(s); %d wait for RabbitMQ (%s)",
-                    len(done),
-                    len(failures),
-                    failures[0],
-                )
-                await asyncio.sleep(self._retry_interval_s)
-                continue
-            self._bypass_until = 0.0  # RabbitMQ takes events again
-            if not self.spool.count:
-                log.info("spool empty: every accepted event is in RabbitMQ")
+            return False
+        self._bypass_until = 0.0  # RabbitMQ takes events again
+        if not self.spool.count:
+            log.info("spool empty: every accepted event is in RabbitMQ")
+        return True
