@@ -41,6 +41,8 @@ class Incoming:
     routing_key: str
     headers: Mapping[str, Any]
     redelivered: bool = False
+    # The transport's own object for this delivery (e.g. the AMQP message to ack); opaque here.
+    handle: Any = field(default=None, repr=False, compare=False)
 
     @property
     def attempt(self) -> int:

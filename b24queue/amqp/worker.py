@@ -37,16 +37,9 @@ class AmqpTransport:
     def __init__(self, channel: AbstractRobustChannel, spec: QueueSpec) -> None:
         self._channel = channel
         self._spec = spec
-        self._messages: dict[int, AbstractIncomingMessage] = {}
-
-    def track(self, message: AbstractIncomingMessage, incoming: Incoming) -> None:
-        self._messages[id(incoming)] = message
-
-    def forget(self, incoming: Incoming) -> None:
-        self._messages.pop(id(incoming), None)
 
     async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
-        message = self._messages[id(incoming)]
+        message: AbstractIncomingMessage = incoming.handle
         if outcome.kind != "ack":
             target = (
                 self._spec.retry_queue(outcome.delay_s or 0)
@@ -188,15 +181,14 @@ class ConsumerRunner:
             routing_key=str(message.headers.get(c.H_ORIGINAL_ROUTING_KEY) or message.routing_key),
             headers=dict(message.headers),
             redelivered=bool(message.redelivered),
+            handle=message,
         )
-        self._transport.track(message, incoming)
         gauge = self._in_flight_gauge
         if gauge is not None:
             gauge.inc()
         try:
             await process(self.consumer, incoming, self.spec.name, self._transport, self._observe)
         finally:
-            self._transport.forget(incoming)
             if gauge is not None:
                 gauge.dec()
 

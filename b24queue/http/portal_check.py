@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import re
 import socket
 import ssl
@@ -24,8 +23,6 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from b24queue.errors import UnauthorizedError
 from b24queue.events import Event
 from b24queue.settings import Settings
-
-log = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 64 * 1024
 
