@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingress", help="run the HTTP ingress")
     p.add_argument("--host", help="listen address (B24QUEUE_HTTP_HOST, default 0.0.0.0)")
     p.add_argument("--port", type=int, help="listen port (B24QUEUE_HTTP_PORT, default 8080)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="ingress processes sharing the port (B24QUEUE_INGRESS_PROCESSES, default 1; "
+        "about one per core)",
+    )
+    # Set by the parent of several ingress processes for each child; not for users.
+    p.add_argument("--child-slot", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("worker", help="run consumers: b24queue worker module:Class [...]")
     p.add_argument("consumers", nargs="+", metavar="MODULE:CLASS")
@@ -125,6 +134,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": "log_level",
         "host": "http_host",
         "port": "http_port",
+        "processes": "ingress_processes",
         "metrics_port": "worker_metrics_port",
     }
     return {

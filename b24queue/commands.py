@@ -9,12 +9,13 @@ import importlib
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from typing import Any
 
-from b24queue import dlq_view, runtime, sender, status
+from b24queue import dlq_view, prefork, runtime, sender, status
 from b24queue.amqp.dlq import DeadLetterTool
 from b24queue.consumer import EventConsumer
 from b24queue.definitions import definitions
@@ -51,6 +52,15 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def cmd_ingress(settings: Settings, args: argparse.Namespace) -> int:
+    if args.listen_fd is not None:  # one of several, started by `prefork`
+        sock = socket.socket(fileno=args.listen_fd)
+        return _run_service(
+            lambda stop: runtime.serve_ingress(
+                settings, stop, host="", port=0, sock=sock, slot=args.child_slot or 0
+            )
+        )
+    if settings.ingress_processes > 1:
+        return prefork.run(settings)
     return _run_service(
         lambda stop: runtime.serve_ingress(
             settings, stop, host=settings.http_host, port=settings.http_port

@@ -1,15 +1,20 @@
 """Prometheus metrics of the ingress and the workers, each set on its own registry (so several
-apps in one process, as in tests, never collide)."""
+apps in one process, as in tests, never collide).
+
+Several ingress processes (`prefork`) run prometheus_client's multiprocess mode: the parent sets
+PROMETHEUS_MULTIPROC_DIR for its children, their values go to files there, and /metrics from any
+child sums them all.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import start_http_server as _start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -46,41 +51,51 @@ class IngressMetrics:
             registry=self.registry,
         )
 
+        self.spooled = Counter(
+            "b24queue_ingress_spooled",
+            "Events accepted into the local spool (broker unavailable)",
+            registry=self.registry,
+        )
+        self.forwarded = Counter(
+            "b24queue_ingress_forwarded",
+            "Spooled events since moved into RabbitMQ",
+            registry=self.registry,
+        )
+        self.spool_events = Gauge(
+            "b24queue_ingress_spool_events",
+            "Events in the spool now, not yet in RabbitMQ",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+
     def watch_spool(self, sink: SpoolStats) -> None:
-        self.registry.register(_SpoolCollector(sink))
+        seen = {"spooled": 0, "forwarded": 0}
+
+        def changed() -> None:
+            self.spooled.inc(sink.spooled_total - seen["spooled"])
+            self.forwarded.inc(sink.forwarded_total - seen["forwarded"])
+            seen.update(spooled=sink.spooled_total, forwarded=sink.forwarded_total)
+            self.spool_events.set(sink.depth)
+
+        sink.on_change = changed
+        changed()  # a spool that still holds events from the last run
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
 
 
 class SpoolStats(Protocol):
     spooled_total: int
     forwarded_total: int
+    on_change: Callable[[], None] | None
 
     @property
     def depth(self) -> int: ...
-
-
-class _SpoolCollector(Collector):
-    def __init__(self, sink: SpoolStats) -> None:
-        self._sink = sink
-
-    def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "b24queue_ingress_spooled",
-            "Events accepted into the local spool (broker unavailable)",
-            value=self._sink.spooled_total,
-        )
-        yield CounterMetricFamily(
-            "b24queue_ingress_forwarded",
-            "Spooled events since moved into RabbitMQ",
-            value=self._sink.forwarded_total,
-        )
-        yield GaugeMetricFamily(
-            "b24queue_ingress_spool_events",
-            "Events in the spool now, not yet in RabbitMQ",
-            value=self._sink.depth,
-        )
 
 
 class WorkerMetrics:

@@ -17,7 +17,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -42,7 +43,7 @@ from b24queue.metrics import IngressMetrics, WorkerMetrics
 from b24queue.portal_verify import PortalVerifier
 from b24queue.portals import open_store
 from b24queue.settings import Settings
-from b24queue.spool import Spool
+from b24queue.spool import Spool, merge_stray_spools, slot_path
 from b24queue.spooling import SpoolingSink
 from b24queue.verify import StaticTokens, TokenVerifier, verifier_from_settings
 
@@ -65,19 +66,32 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def serve_ingress(settings: Settings, stop: asyncio.Event, *, host: str, port: int) -> None:
+async def serve_ingress(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    host: str,
+    port: int,
+    sock: socket.socket | None = None,
+    slot: int = 0,
+) -> None:
+    """One ingress process. Alone it listens on host:port; as one of several (`prefork`) it is
+    handed the parent's listening `sock` and its `slot` (which spool file is its own)."""
     verifier = verifier_from_settings(settings)
     metrics = IngressMetrics()
     async with contextlib.AsyncExitStack() as stack:
         if settings.portal_verification:
             verifier = await _portal_verifier(settings, verifier, stack)
         publisher = await stack.enter_async_context(
-            AmqpPublisher(settings, connection_name("ingress"))
+            AmqpPublisher(settings, connection_name("ingress", f"#{slot}" if sock else ""))
         )
         sink: EventSink = publisher
         if settings.spool_enabled:
+            spool_path = Path(settings.spool_path)
+            if sock is None:
+                merge_stray_spools(spool_path, keep=1)
             spool = await stack.enter_async_context(
-                Spool(Path(settings.spool_path), settings.spool_max_events)
+                Spool(slot_path(spool_path, slot), settings.spool_max_events)
             )
             spooling = await stack.enter_async_context(
                 SpoolingSink(
@@ -100,9 +114,14 @@ async def serve_ingress(settings: Settings, stop: asyncio.Event, *, host: str, p
         # Exits in reverse: HTTP stops (in-flight requests finish) before the spool and the
         # broker connection close.
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site: web.BaseSite
+        if sock is None:
+            site = web.TCPSite(runner, host, port, backlog=1024)
+            log.info("ingress listening on http://%s:%d%s", host, port, settings.http_path)
+        else:
+            site = web.SockSite(runner, sock)
+            stack.enter_context(_stop_when_orphaned(stop))
         await site.start()
-        log.info("ingress listening on http://%s:%d%s", host, port, settings.http_path)
         stopping = asyncio.create_task(stop.wait())
         failed = asyncio.create_task(publisher.failed())
         await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)
@@ -111,6 +130,27 @@ async def serve_ingress(settings: Settings, stop: asyncio.Event, *, host: str, p
         await asyncio.gather(stopping, failed, return_exceptions=True)
         if failed.done() and not failed.cancelled():
             raise failed.result()
+
+
+@contextlib.contextmanager
+def _stop_when_orphaned(stop: asyncio.Event) -> Iterator[None]:
+    """A child of `prefork` drains and exits if its parent is gone (killed with no chance to
+    forward a signal), rather than serve on unsupervised."""
+    parent = os.getppid()
+    loop = asyncio.get_running_loop()
+    handles = [loop.call_later(1.0, lambda: check())]
+
+    def check() -> None:
+        if os.getppid() != parent:
+            log.warning("parent process %d is gone: shutting down", parent)
+            stop.set()
+            return
+        handles[0] = loop.call_later(1.0, check)
+
+    try:
+        yield
+    finally:
+        handles[0].cancel()
 
 
 async def _portal_verifier(

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # Ingress
     http_host: str = "0.0.0.0"  # noqa: S104 - an ingress is meant to be reachable
     http_port: int = Field(default=8080, ge=0, le=65535)
+    # One ingress process saturates one core; more share the listening socket (prefork).
+    ingress_processes: int = Field(default=1, ge=1, le=64)
     http_path: str = "/b24/events"
     app_tokens: Annotated[tuple[str, ...], NoDecode] = ()
     allow_unverified: bool = False

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -192,3 +193,57 @@ class Spool:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+
+
+def slot_path(path: Path, slot: int) -> Path:
+    """The spool file of ingress process `slot`: slot 0 keeps the configured path, so a single
+    process and the first of several share it; the others get `spool.<slot>.sqlite3`."""
+    return path if slot == 0 else path.with_name(f"{path.stem}.{slot}{path.suffix}")
+
+
+def stray_spools(path: Path, keep: int) -> list[Path]:
+    """Spool files of process slots >= `keep` (left from a run with more processes)."""
+    pattern = re.compile(re.escape(path.stem) + r"\.([0-9]+)" + re.escape(path.suffix) + "$")
+    found = []
+    if path.parent.is_dir():
+        for candidate in path.parent.iterdir():
+            match = pattern.match(candidate.name)
+            if match and int(match.group(1)) >= keep:
+                found.append(candidate)
+    return sorted(found)
+
+
+def merge_stray_spools(path: Path, keep: int) -> int:
+    """Move the events of stray spool files into the spool at `path` (one transaction each, then
+    the file goes), so no spooled event is stranded when the ingress runs fewer processes. Call
+    it only while no ingress process runs. Returns how many events moved."""
+    strays = stray_spools(path, keep)
+    if not strays:
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    moved = 0
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(_SCHEMA)
+        for stray in strays:
+            db.execute("ATTACH DATABASE ? AS stray", (str(stray),))
+            try:
+                db.execute(_SCHEMA.replace("spool (", "stray.spool (", 1))
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    cursor = db.execute(
+                        "INSERT INTO spool (message_id, routing_key, body, headers, timestamp, "
+                        "event_type, spooled_at) SELECT message_id, routing_key, body, headers, "
+                        "timestamp, event_type, spooled_at FROM stray.spool ORDER BY id"
+                    )
+                    moved += max(cursor.rowcount, 0)
+            finally:
+                db.execute("DETACH DATABASE stray")
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{stray}{suffix}").unlink(missing_ok=True)
+            log.warning("moved the events of %s into %s", stray, path)
+    finally:
+        db.close()
+    return moved

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from b24queue.envelope import Envelope, EventSink
 from b24queue.errors import BrokerUnavailableError, PublishError
@@ -34,6 +35,7 @@ class SpoolingSink:
         self._forwarder: asyncio.Task[None] | None = None
         self.spooled_total = 0
         self.forwarded_total = 0
+        self.on_change: Callable[[], None] | None = None  # after spooling or forwarding
 
     async def __aenter__(self) -> SpoolingSink:
         self._forwarder = asyncio.create_task(self._forward_loop(), name="b24queue-forwarder")
@@ -70,6 +72,8 @@ class SpoolingSink:
         except SpoolFullError as exc:
             raise BrokerUnavailableError(f"RabbitMQ cannot take the event and {exc}") from None
         self.spooled_total += 1
+        if self.on_change is not None:
+            self.on_change()
 
     async def _forward_loop(self) -> None:
         while True:
@@ -97,6 +101,8 @@ class SpoolingSink:
         done = [row_id for (row_id, _), r in zip(batch, results, strict=True) if r is None]
         await self.spool.delete(done)
         self.forwarded_total += len(done)
+        if done and self.on_change is not None:
+            self.on_change()
         failures = [r for r in results if r is not None]
         if failures:
             log.warning(

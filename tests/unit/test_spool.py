@@ -4,13 +4,14 @@ the real-broker spool path is in tests/integration/test_spool.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
 from b24queue.envelope import Envelope, envelope_for
 from b24queue.errors import BrokerUnavailableError, PublishError
-from b24queue.spool import Spool, SpoolFullError
+from b24queue.spool import Spool, SpoolFullError, merge_stray_spools, slot_path, stray_spools
 from b24queue.spooling import SpoolingSink
 from b24queue.testing import make_event
 
@@ -142,3 +143,34 @@ async def _until(predicate: object) -> None:
     assert callable(predicate)
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def test_a_stray_slot_spool_is_merged_into_slot_0_and_removed(tmp_path: Path) -> None:
+    base = tmp_path / "spool.sqlite3"
+    assert slot_path(base, 0) == base
+    assert slot_path(base, 2) == tmp_path / "spool.2.sqlite3"
+    async with Spool(base, 100) as spool:
+        await spool.put(envelope(0))
+    for slot, ids in ((1, [1, 2]), (2, [3])):
+        async with Spool(slot_path(base, slot), 100) as spool:
+            for i in ids:
+                await spool.put(envelope(i))
+
+    # A run with two processes keeps slot 1; slot 2's events move into slot 0's file.
+    assert merge_stray_spools(base, keep=2) == 1
+    assert not slot_path(base, 2).exists()
+    assert slot_path(base, 1).exists()
+    # A run with one process takes slot 1's too.
+    assert merge_stray_spools(base, keep=1) == 2
+    assert stray_spools(base, keep=1) == []
+    async with Spool(base, 100) as spool:
+        assert spool.count == 4
+        moved = await spool.oldest(10)
+    ids = [json.loads(e.body)["data"]["FIELDS"]["ID"] for _, e in moved]
+    assert ids == ["0", "3", "1", "2"]  # slot 0 first, then each stray as it was merged
+
+
+async def test_merging_with_no_strays_touches_nothing(tmp_path: Path) -> None:
+    base = tmp_path / "spool.sqlite3"
+    assert merge_stray_spools(base, keep=1) == 0
+    assert not base.exists()
