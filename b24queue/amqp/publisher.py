@@ -19,6 +19,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from b24queue import _constants as c
@@ -31,18 +32,19 @@ from b24queue.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def to_message(envelope: Envelope) -> aio_pika.Message:
-    return aio_pika.Message(
-        body=envelope.body,
-        # Not the aio-pika default: without it a broker restart loses the event.
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+def properties_for(envelope: Envelope) -> Basic.Properties:
+    """The AMQP properties of an event's message (built directly: aio-pika's `Message` costs
+    ~10 us more per event on the ingress's hot path, for the same bytes on the wire)."""
+    return Basic.Properties(
         content_type=c.CONTENT_TYPE,
         content_encoding="utf-8",
+        headers=dict(envelope.headers),
+        # Not the default: without it a broker restart loses the event.
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
         message_id=envelope.message_id,
         timestamp=envelope.timestamp,
-        type=envelope.event_type,
+        message_type=envelope.event_type,
         app_id=c.APP_ID,
-        headers=dict(envelope.headers),
     )
 
 
@@ -131,22 +133,20 @@ class AmqpPublisher:
         )
 
     async def publish(self, envelope: Envelope) -> None:
-        exchange = self._exchange
-        if exchange is None:
+        channel = self._channel
+        if self._exchange is None or channel is None:
             raise BrokerUnavailableError("not connected to RabbitMQ yet")
-        message = to_message(envelope)
+        properties = properties_for(envelope)
         timeout_s = self._settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 try:
-                    await exchange.publish(
-                        message, routing_key=envelope.routing_key, mandatory=True
-                    )
+                    await self._publish_once(channel, envelope, properties)
                 except TRANSIENT_ERRORS:
                     # A publish cut by a dropped connection is not replayed by aio-pika; repeat
                     # it until the deadline. The broker may then hold it twice: at-least-once,
                     # never lost. (Off the hot path: the first attempt needs no retry machinery.)
-                    await self._publish_retrying(exchange, message, envelope.routing_key)
+                    await self._publish_retrying(channel, envelope, properties)
         except TimeoutError:
             raise BrokerUnavailableError(
                 f"RabbitMQ did not confirm within {timeout_s:g}s"
@@ -161,8 +161,22 @@ class AmqpPublisher:
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailableError(f"connection to RabbitMQ failed: {exc!r}") from None
 
+    async def _publish_once(
+        self, channel: AbstractChannel, envelope: Envelope, properties: Basic.Properties
+    ) -> None:
+        # Straight on the channel aio-pika keeps open (and reopens after a reconnect): the
+        # same confirm, mandatory flag and returned/nack errors as `Exchange.publish`.
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_publish(
+            envelope.body,
+            exchange=self._settings.exchange,
+            routing_key=envelope.routing_key,
+            properties=properties,
+            mandatory=True,
+        )
+
     async def _publish_retrying(
-        self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
+        self, channel: AbstractChannel, envelope: Envelope, properties: Basic.Properties
     ) -> None:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT_ERRORS),
@@ -170,4 +184,4 @@ class AmqpPublisher:
             reraise=True,
         ):
             with attempt:
-                await exchange.publish(message, routing_key=routing_key, mandatory=True)
+                await self._publish_once(channel, envelope, properties)
