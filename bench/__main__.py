@@ -85,8 +85,12 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=1):
-                    return
+                # Ten answers in a row, each on a new connection: with several ingress
+                # processes, each must be connected before the load starts.
+                for _ in range(10):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=1):
+                        pass
+                return
             except urllib.error.HTTPError as exc:
                 if exc.code != 503 and path != "/readyz":
                     return  # it answers: a 404 is fine for the baselines
@@ -95,16 +99,35 @@ class Server:
                 time.sleep(0.1)
         raise RuntimeError("server did not become ready")
 
+    def pids(self) -> list[int]:
+        """The server process and its children (several ingress processes)."""
+        found = [self.proc.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(stat[1]) == self.proc.pid:
+                    found.append(int(entry.name))
+        return found
+
     def cpu_s(self) -> float:
-        """User + system CPU seconds the server process has used so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU seconds the server's processes have used so far."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-        return float("nan")
+        """The largest peak RSS among the server's processes (each serves on its own)."""
+        peaks = []
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) / 1024)
+        return round(max(peaks), 1) if peaks else float("nan")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -287,6 +310,12 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best counts")
     parser.add_argument("--ingress-only", action="store_true", help="skip the worker part")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="B24QUEUE_INGRESS_PROCESSES for ours (default: one per core); it runs with 1 too",
+    )
     args = parser.parse_args()
 
     prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -344,12 +373,19 @@ def main() -> None:
                 [py, "-m", "bench.baselines", "plain", "--exchange", settings.exchange],
                 "/x",
             ),
+            "b24queue_ingress_1_process": (
+                [py, "-m", "b24queue", "ingress", "--host", "127.0.0.1", "--processes", "1"],
+                "/readyz",
+            ),
             "b24queue_ingress": (
-                [py, "-m", "b24queue", "ingress", "--host", "127.0.0.1"],
+                [
+                    *(py, "-m", "b24queue", "ingress", "--host", "127.0.0.1"),
+                    *("--processes", str(args.processes)),
+                ],
                 "/readyz",
             ),
         }
-        # Two rounds, interleaved, best of each: a 2-core machine shared with the broker and the
+        # Rounds interleaved, best of each: a 2-core machine shared with the broker and the
         # load generator is noisy, and interleaving keeps a slow moment from hitting one side.
         for _ in range(args.rounds):
             for name, (argv, ready) in servers.items():
@@ -416,6 +452,8 @@ def report(r: dict[str, Any]) -> None:
             "worker_plain": {"per_s": 0.0, "peak_rss_mb": 0.0},
         }
     ours = r["b24queue_ingress"]
+    one = r.get("b24queue_ingress_1_process", ours)
+    procs = r["params"].get("processes", 1)
     plain = r["plain_aiopika_ingress"]
     bare = r["bare_http"]
     ceiling = r["broker_ceiling"]
@@ -435,7 +473,14 @@ def report(r: dict[str, Any]) -> None:
             f"p50 {plain['p50_ms']} ms, p99 {plain['p99_ms']} ms",
         ),
         (
-            "b24queue ingress (req/s)",
+            "b24queue ingress, 1 process (req/s)",
+            f"{one['rps']:.0f}",
+            f"{ratio(one['rps'], plain['rps'])} plain, "
+            f"{ratio(one['rps'], ceiling['per_s'])} ceiling; "
+            f"p50 {one['p50_ms']} ms, p99 {one['p99_ms']} ms",
+        ),
+        (
+            f"b24queue ingress, {procs} processes (req/s)",
             f"{ours['rps']:.0f}",
             f"{ratio(ours['rps'], plain['rps'])} plain, "
             f"{ratio(ours['rps'], ceiling['per_s'])} ceiling, "
@@ -443,13 +488,13 @@ def report(r: dict[str, Any]) -> None:
             f"p50 {ours['p50_ms']} ms, p99 {ours['p99_ms']} ms",
         ),
         (
-            f"b24queue ingress at half peak ({half['rps']:.0f} req/s)",
+            f"b24queue ingress ({procs} proc.) at half peak ({half['rps']:.0f} req/s)",
             f"p99 {half['p99_ms']} ms",
             f"p50 {half['p50_ms']} ms; plain at the same rate: p50 {plain_half['p50_ms']} ms, "
             f"p99 {plain_half['p99_ms']} ms; non-200: {half['not_ok']}",
         ),
         (
-            "ingress CPU per request at that rate (us)",
+            "ingress CPU per request at that rate (us, all processes)",
             f"{half['cpu_us_per_request']}",
             f"plain {plain_half['cpu_us_per_request']} us "
             f"({ratio(half['cpu_us_per_request'], plain_half['cpu_us_per_request'])} plain's)",
@@ -465,7 +510,7 @@ def report(r: dict[str, Any]) -> None:
             f"{ratio(wo['per_s'], wp['per_s'])} plain; peak RSS {wo['peak_rss_mb']} MB",
         ),
         (
-            "peak RSS ingress (MB)",
+            "peak RSS ingress (MB, largest process)",
             f"{ours['peak_rss_mb']}",
             f"plain {plain['peak_rss_mb']} MB, bare {bare['peak_rss_mb']} MB",
         ),

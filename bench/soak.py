@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=300)
     parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     prefix = f"soak{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("B24QUEUE_")}
@@ -53,7 +54,10 @@ def main() -> None:
     )
     port = free_port()
     ingress = Server(
-        [sys.executable, "-m", "b24queue", "ingress", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            *(sys.executable, "-m", "b24queue", "ingress", "--host", "127.0.0.1"),
+            *("--port", str(port), "--processes", str(args.processes)),
+        ],
         env,
         port,
     )
@@ -81,9 +85,9 @@ def main() -> None:
         )
         started = time.monotonic()
         while load.poll() is None:
-            samples.append(
-                (round(time.monotonic() - started, 1), rss_mb(ingress.proc.pid), rss_mb(worker.pid))
-            )
+            # The ingress: its processes together (the parent and each child).
+            ingress_mb = sum(rss_mb(pid) for pid in ingress.pids())
+            samples.append((round(time.monotonic() - started, 1), ingress_mb, rss_mb(worker.pid)))
             time.sleep(5)
         result = json.loads(load.communicate()[0])
     finally:

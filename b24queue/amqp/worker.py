@@ -160,7 +160,9 @@ class ConsumerRunner:
     def _tag_name(self) -> str:
         return f"b24queue.{self.spec.name}.{socket.gethostname()}.{os.getpid()}"
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Not a coroutine: aio-pika would wrap it in a task of its own, which our own task
+        # (that a channel close does not cancel) makes redundant.
         task = asyncio.create_task(self._handle(message), name=f"b24queue-{self.spec.name}")
         self._tasks.add(task)
         self._idle.clear()

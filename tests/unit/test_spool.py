@@ -11,6 +11,7 @@ import pytest
 
 from b24queue.envelope import Envelope, envelope_for
 from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.metrics import IngressMetrics
 from b24queue.spool import Spool, SpoolFullError, merge_stray_spools, slot_path, stray_spools
 from b24queue.spooling import SpoolingSink
 from b24queue.testing import make_event
@@ -174,3 +175,32 @@ async def test_merging_with_no_strays_touches_nothing(tmp_path: Path) -> None:
     base = tmp_path / "spool.sqlite3"
     assert merge_stray_spools(base, keep=1) == 0
     assert not base.exists()
+
+
+async def test_spool_counts_reach_the_metrics_as_they_change(tmp_path: Path) -> None:
+    broker = FlakyBroker()
+    metrics = IngressMetrics()
+
+    def value(name: str) -> float:
+        for line in metrics.render().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not in /metrics")
+
+    spool = Spool(tmp_path / "s.sqlite3", 100)
+    async with spool, SpoolingSink(broker, spool, bypass_s=5, retry_interval_s=0.05) as sink:
+        metrics.watch_spool(sink)
+        broker.ready = False
+        for i in range(3):
+            await sink.publish(envelope(i))
+        assert (
+            value("b24queue_ingress_spooled_total"),
+            value("b24queue_ingress_spool_events"),
+        ) == (3, 3)
+        broker.ready = True
+        for _ in range(100):
+            if value("b24queue_ingress_forwarded_total") == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert value("b24queue_ingress_forwarded_total") == 3
+        assert value("b24queue_ingress_spool_events") == 0
