@@ -24,8 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from prometheus_client import multiprocess
+
+from b24queue.errors import B24QueueError
 from b24queue.settings import ENV_PREFIX, Settings
 from b24queue.spool import merge_stray_spools
+from b24queue.verify import verifier_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,12 @@ def child_env(settings: Settings, metrics_dir: str) -> dict[str, str]:
 
 def run(settings: Settings) -> int:
     count = settings.ingress_processes
-    sock = socket.create_server((settings.http_host, settings.http_port), backlog=1024)
+    verifier_from_settings(settings)  # a configuration error stops us here, before any child
+    address = (settings.http_host, settings.http_port)
+    try:
+        sock = socket.create_server(address, backlog=1024)
+    except OSError as exc:
+        raise B24QueueError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
     if settings.spool_enabled:
         # Events spooled by a process slot this run does not have (fewer processes than
         # before) go to slot 0's spool, whose forwarder then moves them on.
@@ -78,6 +87,7 @@ def run(settings: Settings) -> int:
         sock.close()  # the children hold it now
         return _supervise(children, metrics_dir, lambda: stopping)
     finally:
+        sock.close()
         for child in children:
             if child.poll() is None:
                 child.kill()
@@ -90,10 +100,8 @@ def run(settings: Settings) -> int:
 def _supervise(
     children: list[subprocess.Popen[bytes]], metrics_dir: str, stopping: Callable[[], bool]
 ) -> int:
-    from prometheus_client import multiprocess
-
     running = list(children)
-    failed = False
+    failed = 0  # exit code of the first child that died unasked
     while running:
         time.sleep(_POLL_S)
         for child in [c for c in running if c.poll() is not None]:
@@ -101,7 +109,7 @@ def _supervise(
             multiprocess.mark_process_dead(child.pid, metrics_dir)  # type: ignore[no-untyped-call]
             if stopping() or failed:
                 continue
-            failed = True
+            failed = child.returncode or EXIT_CHILD_FAILED
             log.error(
                 "ingress process %d exited (code %s) unasked: stopping the others",
                 child.pid,
@@ -110,6 +118,6 @@ def _supervise(
             for other in running:
                 other.send_signal(signal.SIGTERM)
     if failed:
-        return EXIT_CHILD_FAILED
+        return failed if failed > 0 else EXIT_CHILD_FAILED  # killed by a signal: negative
     codes = [c.returncode for c in children]
     return next((code for code in codes if code), 0)

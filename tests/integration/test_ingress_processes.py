@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import sample_form
-from tests.integration.conftest import ROOT, Broker, cli_env, wait_until
+from tests.integration.conftest import ROOT, Broker, cli_env, run_cli, wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 pytestmark = pytest.mark.broker
@@ -148,3 +148,34 @@ async def test_a_child_that_dies_stops_the_others_and_the_parent_fails(
         assert proc.stdout is not None
         out = (await proc.stdout.read()).decode()
         assert f"ingress process {first} exited" in out
+
+
+async def test_a_taken_port_is_a_clear_error(broker: Broker, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out = await run_cli(
+            broker,
+            "ingress",
+            *("--host", "127.0.0.1", "--port", str(port), "--processes", "2"),
+            B24QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
+        )
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out
+    assert "Traceback" not in out
+
+
+async def test_a_configuration_error_stops_the_parent_before_any_child(
+    broker: Broker, tmp_path: Path
+) -> None:
+    code, out = await run_cli(
+        broker,
+        "ingress",
+        *("--port", str(free_port()), "--processes", "2"),
+        B24QUEUE_APP_TOKENS="",
+        B24QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
+    )
+    assert code == 2
+    assert "B24QUEUE_APP_TOKENS" in out
+    assert "Traceback" not in out
