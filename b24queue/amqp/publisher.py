@@ -173,6 +173,9 @@ class AmqpPublisher:
             routing_key=envelope.routing_key,
             properties=properties,
             mandatory=True,
+            # Wait for the confirm only, not also for the frame to leave the socket buffer: the
+            # confirm cannot come before that, and a connection lost first fails it all the same.
+            wait=False,
         )
 
     async def _publish_retrying(
