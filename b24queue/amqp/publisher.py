@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -166,7 +167,8 @@ class AmqpPublisher:
     ) -> None:
         # Straight on the channel aio-pika keeps open (and reopens after a reconnect): the
         # same confirm, mandatory flag and returned/nack errors as `Exchange.publish`.
-        underlay = await channel.get_underlay_channel()
+        # (`wait` is on aiormq's Channel, not on its abstract interface.)
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         await underlay.basic_publish(
             envelope.body,
             exchange=self._settings.exchange,
