@@ -24,7 +24,7 @@ from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from b24queue import _constants as c
-from b24queue.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
+from b24queue.amqp.connection import CONNECT_ERRORS, TRANSIENT_ERRORS, close_quietly, connect
 from b24queue.amqp.topology import declare_exchanges
 from b24queue.envelope import Envelope
 from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
@@ -98,17 +98,28 @@ class AmqpPublisher:
 
     async def _connect(self) -> None:
         self._connection = await connect(self._settings, self._name)
-        # Topology errors (a mismatching exchange) are not transient: keep retrying would hide
-        # them behind 503s, so they end the task and `failure` reports them.
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        try:
-            self._exchange = await declare_exchanges(channel, self._settings)
-        except B24QueueError:
-            await channel.close()
-            raise
+        while True:
+            # Topology errors (a mismatching exchange) are not transient: keep retrying would
+            # hide them behind 503s, so they end the task and `failed` reports them. A connection
+            # lost before the channel is ready is: the robust connection comes back by itself.
+            try:
+                channel = await self._open_channel(self._connection)
+                break
+            except CONNECT_ERRORS as exc:
+                log.warning("publishing channel not ready (%r); retrying", exc)
+                await asyncio.sleep(self._settings.reconnect_interval_s)
         self._channel = channel
         self.connected.set()
         log.info("publishing to exchange %r (confirms on)", self._settings.exchange)
+
+    async def _open_channel(self, connection: AbstractRobustConnection) -> AbstractChannel:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            self._exchange = await declare_exchanges(channel, self._settings)
+        except BaseException:
+            await asyncio.gather(channel.close(), return_exceptions=True)
+            raise
+        return channel
 
     async def failed(self) -> BaseException:
         """Wait until the background connect gives up for good (a topology mismatch); return why.

@@ -4,7 +4,9 @@ event answered 200 was handled, or waits in a queue or the DLQ. Lost must be 0."
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -221,5 +223,61 @@ async def test_ingress_crash_with_a_non_empty_spool(harness: Harness) -> None:
             text = await resp.text()
         assert "b24queue_ingress_spool_events 0.0" in text
         assert "b24queue_ingress_forwarded_total 300.0" in text
+    finally:
+        await proxy.cut()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def spooled(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT count(*) FROM spool").fetchone()[0])
+
+
+async def test_an_ingress_process_killed_with_spooled_events_then_fewer_processes(
+    harness: Harness,
+) -> None:
+    # Two ingress processes spool while RabbitMQ is cut off; one is SIGKILLed (the parent then
+    # stops the other); the ingress comes back with ONE process: the second process's spool
+    # file must be merged and forwarded, not stranded.
+    proxy = Proxy(target_port=int(harness.amqp_url.rsplit(":", 1)[1].strip("/")))
+    await proxy.start()
+    harness.amqp_url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+    try:
+        await harness.start_ingress(B24QUEUE_INGRESS_PROCESSES="2")
+        await harness.wait_http("/readyz")
+        await proxy.cut()
+        load = Load()
+        await harness.load(load, 300, concurrency=16)
+        assert load.statuses[200] == 300, (dict(load.statuses), harness.tail())  # all spooled
+        slot0, slot1 = harness.tmp / "spool.sqlite3", harness.tmp / "spool.1.sqlite3"
+        assert spooled(slot0) + spooled(slot1) == 300
+        assert spooled(slot1) > 0, "the load reached only one of the two processes"
+        assert harness.ingress is not None
+        first = children_of(harness.ingress.pid)[0]
+        os.kill(first, signal.SIGKILL)
+        assert harness.ingress.wait(timeout=30) == 1
+        direct = harness.amqp_url
+        harness.amqp_url = f"amqp://guest:guest@127.0.0.1:{proxy.target_port}/"
+        harness.start_worker()
+        await harness.wait_consuming()
+        harness.amqp_url = direct
+        await proxy.start()
+        await harness.start_ingress(B24QUEUE_INGRESS_PROCESSES="1")
+        row = await harness.settle(load, "ingress process SIGKILL, back with fewer")
+        assert row["handled"] == 300
+        assert not slot1.exists()
+        assert await harness.metric("b24queue_ingress_forwarded_total") == 300
     finally:
         await proxy.cut()
