@@ -4,6 +4,7 @@ them all, SIGTERM stops the lot, and a child that dies takes the others down (no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -86,11 +87,13 @@ async def ingress_processes(
             return await broker.mgmt.connections_named("b24queue ingress #")
 
         await wait_until(all_connected, 30, f"{count} ingress processes connected")
+        kids = children_of(proc.pid)
         yield proc, base
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        for kid in [*kids, proc.pid] if "kids" in locals() else [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(kid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 30)
 
 
 async def post_each_on_its_own_connection(base: str, count: int) -> list[str]:
@@ -179,3 +182,12 @@ async def test_a_configuration_error_stops_the_parent_before_any_child(
     assert code == 2
     assert "B24QUEUE_APP_TOKENS" in out
     assert "Traceback" not in out
+
+
+async def test_children_of_a_killed_parent_shut_down_by_themselves(
+    broker: Broker, tmp_path: Path
+) -> None:
+    async with ingress_processes(broker, tmp_path, 2) as (proc, _):
+        kids = children_of(proc.pid)
+        proc.kill()  # SIGKILL: no chance to forward anything
+        await wait_until(lambda: not any(alive(kid) for kid in kids), 20, "orphans to exit")
