@@ -308,7 +308,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--worker-messages", type=int, default=20000)
     parser.add_argument("--prefetch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best counts")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; best counts")
     parser.add_argument("--ingress-only", action="store_true", help="skip the worker part")
     parser.add_argument(
         "--processes",
