@@ -69,16 +69,13 @@ class IngressMetrics:
         )
 
     def watch_spool(self, sink: SpoolStats) -> None:
-        seen = {"spooled": 0, "forwarded": 0}
-
-        def changed() -> None:
-            self.spooled.inc(sink.spooled_total - seen["spooled"])
-            self.forwarded.inc(sink.forwarded_total - seen["forwarded"])
-            seen.update(spooled=sink.spooled_total, forwarded=sink.forwarded_total)
+        def changed(spooled: int, forwarded: int) -> None:
+            self.spooled.inc(spooled)
+            self.forwarded.inc(forwarded)
             self.spool_events.set(sink.depth)
 
         sink.on_change = changed
-        changed()  # a spool that still holds events from the last run
+        self.spool_events.set(sink.depth)  # a spool that still holds events from the last run
 
     def render(self) -> bytes:
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -90,9 +87,7 @@ class IngressMetrics:
 
 
 class SpoolStats(Protocol):
-    spooled_total: int
-    forwarded_total: int
-    on_change: Callable[[], None] | None
+    on_change: Callable[[int, int], None] | None
 
     @property
     def depth(self) -> int: ...

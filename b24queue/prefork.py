@@ -84,10 +84,9 @@ def run(settings: Settings) -> int:
             )
         host, port = sock.getsockname()[:2]
         log.info("ingress: %d processes on http://%s:%d%s", count, host, port, settings.http_path)
-        sock.close()  # the children hold it now
         return _supervise(children, metrics_dir, lambda: stopping)
     finally:
-        sock.close()
+        sock.close()  # the children hold their own copies
         for child in children:
             if child.poll() is None:
                 child.kill()

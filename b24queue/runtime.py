@@ -138,19 +138,22 @@ def _stop_when_orphaned(stop: asyncio.Event) -> Iterator[None]:
     forward a signal), rather than serve on unsupervised."""
     parent = os.getppid()
     loop = asyncio.get_running_loop()
-    handles = [loop.call_later(1.0, lambda: check())]
+    handle: asyncio.TimerHandle | None = None
 
     def check() -> None:
+        nonlocal handle
         if os.getppid() != parent:
             log.warning("parent process %d is gone: shutting down", parent)
             stop.set()
             return
-        handles[0] = loop.call_later(1.0, check)
+        handle = loop.call_later(1.0, check)
 
+    check()
     try:
         yield
     finally:
-        handles[0].cancel()
+        if handle is not None:
+            handle.cancel()
 
 
 async def _portal_verifier(

@@ -35,7 +35,8 @@ class SpoolingSink:
         self._forwarder: asyncio.Task[None] | None = None
         self.spooled_total = 0
         self.forwarded_total = 0
-        self.on_change: Callable[[], None] | None = None  # after spooling or forwarding
+        # Told how many events were just spooled and forwarded (the metrics count them).
+        self.on_change: Callable[[int, int], None] | None = None
 
     async def __aenter__(self) -> SpoolingSink:
         self._forwarder = asyncio.create_task(self._forward_loop(), name="b24queue-forwarder")
@@ -73,7 +74,7 @@ class SpoolingSink:
             raise BrokerUnavailableError(f"RabbitMQ cannot take the event and {exc}") from None
         self.spooled_total += 1
         if self.on_change is not None:
-            self.on_change()
+            self.on_change(1, 0)
 
     async def _forward_loop(self) -> None:
         while True:
@@ -102,7 +103,7 @@ class SpoolingSink:
         await self.spool.delete(done)
         self.forwarded_total += len(done)
         if done and self.on_change is not None:
-            self.on_change()
+            self.on_change(0, len(done))
         failures = [r for r in results if r is not None]
         if failures:
             log.warning(

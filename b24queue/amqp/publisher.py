@@ -16,7 +16,6 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
@@ -75,7 +74,6 @@ class AmqpPublisher:
         self._connection: AbstractRobustConnection | None = None
         # Strong references: robust connections keep channels in a WeakSet only.
         self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -115,7 +113,7 @@ class AmqpPublisher:
     async def _open_channel(self, connection: AbstractRobustConnection) -> AbstractChannel:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
-            self._exchange = await declare_exchanges(channel, self._settings)
+            await declare_exchanges(channel, self._settings)
         except BaseException:
             await asyncio.gather(channel.close(), return_exceptions=True)
             raise
@@ -137,8 +135,7 @@ class AmqpPublisher:
     def is_ready(self) -> bool:
         conn, channel = self._connection, self._channel
         return (
-            self._exchange is not None
-            and conn is not None
+            conn is not None
             and conn.connected.is_set()
             and channel is not None
             and not channel.is_closed
@@ -146,7 +143,7 @@ class AmqpPublisher:
 
     async def publish(self, envelope: Envelope) -> None:
         channel = self._channel
-        if self._exchange is None or channel is None:
+        if channel is None:
             raise BrokerUnavailableError("not connected to RabbitMQ yet")
         properties = properties_for(envelope)
         timeout_s = self._settings.publish_timeout_s
