@@ -22,6 +22,29 @@ def sample_json(name: str) -> dict[str, Any]:
     return value
 
 
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 @pytest.fixture(autouse=True)
 def _clean_b24queue_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests build their own settings: a developer's B24QUEUE_* variables must not leak in."""

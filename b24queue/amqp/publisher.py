@@ -23,7 +23,7 @@ from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from b24queue import _constants as c
-from b24queue.amqp.connection import CONNECT_ERRORS, TRANSIENT_ERRORS, close_quietly, connect
+from b24queue.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
 from b24queue.amqp.topology import declare_exchanges
 from b24queue.envelope import Envelope
 from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
@@ -95,15 +95,21 @@ class AmqpPublisher:
         await close_quietly(self._connection)
 
     async def _connect(self) -> None:
-        self._connection = await connect(self._settings, self._name)
+        connection = self._connection = await connect(self._settings, self._name)
         while True:
-            # Topology errors (a mismatching exchange) are not transient: keep retrying would
-            # hide them behind 503s, so they end the task and `failed` reports them. A connection
-            # lost before the channel is ready is: the robust connection comes back by itself.
+            await connection.connected.wait()
             try:
-                channel = await self._open_channel(self._connection)
+                channel = await self._open_channel(connection)
                 break
-            except CONNECT_ERRORS as exc:
+            except B24QueueError:
+                # A topology mismatch is not transient: retrying would hide it behind 503s, so
+                # it ends the task and `failed` reports it.
+                raise
+            except Exception as exc:
+                # A connection lost while the channel opens fails it with whatever aio-pika or
+                # aiormq were doing at that moment: a connection error, RuntimeError("Connection
+                # was not opened"), even a bare Exception. The robust connection comes back by
+                # itself; wait for it and open the channel again.
                 log.warning("publishing channel not ready (%r); retrying", exc)
                 await asyncio.sleep(self._settings.reconnect_interval_s)
         self._channel = channel

@@ -103,10 +103,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     tr.section("fault suite: no accepted event lost")
     cols = ("fault", "sent", "accepted", "refused", "handled", "in_dlq", "lost", "duplicates")
-    tr.write_line("  ".join(f"{c:>10}" if i else f"{c:<34}" for i, c in enumerate(cols)))
+    width = max(len(str(row["fault"])) for row in SUMMARY)
+    tr.write_line("  ".join(f"{c:>10}" if i else f"{c:<{width}}" for i, c in enumerate(cols)))
     for row in SUMMARY:
         tr.write_line(
-            "  ".join(f"{row[c]:>10}" if i else f"{row[c]:<34}" for i, c in enumerate(cols))
+            "  ".join(f"{row[c]:>10}" if i else f"{row[c]:<{width}}" for i, c in enumerate(cols))
         )
     total_lost = sum(r["lost"] for r in SUMMARY)
     tr.write_line(
@@ -284,12 +285,17 @@ class Harness:
         concurrency: int = 16,
         mode: str = "",
         first: int = 0,
+        fresh_connections: bool = False,
     ) -> None:
-        """POST `count` events as a portal would; record what was answered 200."""
+        """POST `count` events as a portal would; record what was answered 200.
+
+        `fresh_connections` opens a connection per request (as Bitrix24 does) instead of keeping
+        a few alive, so the requests spread over all processes of a multi-process ingress."""
         url = f"http://127.0.0.1:{self.port}/b24/events"
         next_i = first
         timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        connector = aiohttp.TCPConnector(force_close=fresh_connections)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
             async def one() -> None:
                 nonlocal next_i

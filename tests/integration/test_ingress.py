@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -12,7 +13,7 @@ from b24queue.amqp.publisher import AmqpPublisher
 from b24queue.errors import TopologyMismatchError
 from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_json
 from tests.integration.conftest import Broker, running_ingress, wait_until
-from tests.integration.proxy import Proxy
+from tests.integration.proxy import Proxy, channel_open
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 pytestmark = pytest.mark.broker
@@ -122,6 +123,27 @@ async def test_broker_unreachable_then_back_without_restart(broker: Broker) -> N
         assert (await client.post("/b24/events", data=body, headers=FORM)).status == 200
         await proxy.cut()
     assert await broker.depth(queue) == 2
+
+
+async def test_broker_lost_while_the_first_channel_opens_then_back(broker: Broker) -> None:
+    # The connection is up, the broker goes away as the publishing channel opens and stays away
+    # past a reconnect attempt: the ingress keeps trying (it must not exit) and is ready after.
+    proxy = Proxy(cut_on=channel_open)
+    await proxy.start()
+    settings = broker.make_settings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", reconnect_interval_s=0.2
+    )
+    queue = await broker.bind_queue("all", "#")
+    async with running_ingress(settings, wait_connected=False) as (client, publisher):
+        await asyncio.wait_for(proxy.tripped.wait(), timeout=10)
+        await asyncio.sleep(1.0)  # several reconnect intervals with nothing listening
+        assert (await client.get("/readyz")).status == 503
+        await proxy.start()
+        await wait_until(publisher.is_ready, what="ready once the broker is back")
+        body = sample_form("crm-deal-add")
+        assert (await client.post("/b24/events", data=body, headers=FORM)).status == 200
+        await proxy.cut()
+    assert await broker.depth(queue) == 1
 
 
 async def test_connection_closed_by_the_broker_is_survived(broker: Broker) -> None:
