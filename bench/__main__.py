@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,20 @@ async def cleanup(prefix: str) -> None:
                         pass
 
 
+def rounds(most: int, deadline: float, what: str, results: dict[str, Any]) -> Iterator[int]:
+    """Up to `most` rounds; after the first, another only if one more like the longest so far
+    still ends before `deadline`. Records how many ran."""
+    longest = 0.0
+    for n in range(most):
+        now = time.monotonic()
+        if n and now + longest > deadline:
+            print(f"{what}: {n} of {most} rounds (time budget)", flush=True)
+            break
+        yield n
+        longest = max(longest, time.monotonic() - now)
+        results.setdefault("rounds", {})[what] = n + 1
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
@@ -310,6 +325,12 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; best counts")
     parser.add_argument("--ingress-only", action="store_true", help="skip the worker part")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=240,
+        help="wall-time budget: a slow machine runs fewer rounds (at least one of each)",
+    )
     parser.add_argument(
         "--processes",
         type=int,
@@ -345,6 +366,7 @@ def main() -> None:
         },
         "params": vars(args),
     }
+    started = time.monotonic()
     asyncio.run(prepare(settings, sink, work))
     try:
         print("broker ceiling ...", flush=True)
@@ -387,7 +409,8 @@ def main() -> None:
         }
         # Rounds interleaved, best of each: a 2-core machine shared with the broker and the
         # load generator is noisy, and interleaving keeps a slow moment from hitting one side.
-        for _ in range(args.rounds):
+        # A slow machine gets fewer rounds, so that the whole run stays within its budget.
+        for _ in rounds(args.rounds, started + args.budget_s * 0.6, "ingress", results):
             for name, (argv, ready) in servers.items():
                 result = serve(name, argv, ready)
                 if name not in results or result["rps"] > results[name]["rps"]:
@@ -423,7 +446,8 @@ def main() -> None:
                 "auth": {"domain": "acme.bitrix24.com"},
             }
         )
-        for _ in range(0 if args.ingress_only else args.rounds):
+        worker_rounds = 0 if args.ingress_only else args.rounds
+        for _ in rounds(worker_rounds, started + args.budget_s * 0.95, "worker", results):
             for kind in ("plain", "b24queue"):
                 print(f"worker {kind} ...", flush=True)
                 asyncio.run(fill(work, event_json.encode(), args.worker_messages))
@@ -436,6 +460,7 @@ def main() -> None:
         asyncio.run(cleanup(prefix))
         os.unlink(body_file.name)
 
+    results["wall_s"] = round(time.monotonic() - started, 1)
     report(results)
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(exist_ok=True)
@@ -522,6 +547,11 @@ def report(r: dict[str, Any]) -> None:
     for a, b, c in rows:
         print(f"{a:<{width}}  {b:>10}  {c}")
     print(f"non-200 answers: {non200}")
+    done = r.get("rounds", {})
+    print(
+        f"best of {done.get('ingress', 0)} ingress and {done.get('worker', 0)} worker rounds; "
+        f"whole run {r.get('wall_s', '?')} s"
+    )
 
 
 if __name__ == "__main__":
