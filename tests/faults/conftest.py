@@ -24,7 +24,7 @@ import pytest
 
 from b24queue.forms import encode_form
 from tests.conftest import SAMPLE_TOKEN
-from tests.integration.proxy import free_port
+from tests.integration.proxy import Proxy, free_port
 
 ROOT = Path(__file__).parents[2]
 NODE_PORT = int(os.environ.get("B24QT_FAULT_AMQP_PORT", "5679"))
@@ -222,6 +222,18 @@ class Harness:
         )
         self.workers.append(proc)
         return proc
+
+    async def start_worker_past(self, proxy: Proxy) -> None:
+        """Start a worker straight on the broker (not through `proxy`, which is cut), wait until
+        it consumes, then let the proxy listen again."""
+        through_proxy = self.amqp_url
+        self.amqp_url = f"amqp://guest:guest@127.0.0.1:{proxy.target_port}/"
+        try:
+            self.start_worker()
+            await self.wait_consuming()
+        finally:
+            self.amqp_url = through_proxy
+        await proxy.start()
 
     async def wait_consuming(self, count: int = 1, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s

@@ -209,12 +209,7 @@ async def test_ingress_crash_with_a_non_empty_spool(harness: Harness) -> None:
         assert harness.ingress is not None
         harness.ingress.send_signal(signal.SIGKILL)
         harness.ingress.wait()
-        direct = harness.amqp_url
-        harness.amqp_url = f"amqp://guest:guest@127.0.0.1:{proxy.target_port}/"
-        harness.start_worker()
-        await harness.wait_consuming()
-        harness.amqp_url = direct
-        await proxy.start()
+        await harness.start_worker_past(proxy)
         await harness.start_ingress()  # same spool file: it forwards what it holds
         row = await harness.settle(load, "ingress SIGKILL with spooled events")
         assert row["handled"] == 300
@@ -271,12 +266,7 @@ async def test_an_ingress_process_killed_with_spooled_events_then_fewer_processe
         first = children_of(harness.ingress.pid)[0]
         os.kill(first, signal.SIGKILL)
         assert harness.ingress.wait(timeout=30) == 1
-        direct = harness.amqp_url
-        harness.amqp_url = f"amqp://guest:guest@127.0.0.1:{proxy.target_port}/"
-        harness.start_worker()
-        await harness.wait_consuming()
-        harness.amqp_url = direct
-        await proxy.start()
+        await harness.start_worker_past(proxy)
         await harness.start_ingress(B24QUEUE_INGRESS_PROCESSES="1")
         row = await harness.settle(load, "ingress process SIGKILL, back with fewer")
         assert row["handled"] == total
