@@ -88,12 +88,7 @@ class Spool:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # fsync at every commit: a 200 must survive a crash
-        db.execute(_SCHEMA)
-        self._db = db
+        db = self._db = _connect(self.path)
         return int(db.execute("SELECT count(*) FROM spool").fetchone()[0])
 
     def _close(self) -> None:
@@ -195,6 +190,21 @@ class Spool:
             self._db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    """A spool database, created if need be: WAL, fsync at every commit (a 200 must survive a
+    crash), the table in place. Autocommit: callers open their own transactions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(_SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def slot_path(path: Path, slot: int) -> Path:
     """The spool file of ingress process `slot`: slot 0 keeps the configured path, so a single
     process and the first of several share it; the others get `spool.<slot>.sqlite3`."""
@@ -220,13 +230,9 @@ def merge_stray_spools(path: Path, keep: int) -> int:
     strays = stray_spools(path, keep)
     if not strays:
         return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None)
+    db = _connect(path)
     moved = 0
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(_SCHEMA)
         for stray in strays:
             db.execute("ATTACH DATABASE ? AS stray", (str(stray),))
             try:
