@@ -189,9 +189,9 @@ def cli_env(broker: Broker, **extra: str) -> dict[str, str]:
     return env
 
 
-async def run_cli(broker: Broker, *args: str, **extra_env: str) -> tuple[int, str]:
-    """Run `python -m b24queue ARGS`; (exit code, stdout and stderr)."""
-    proc = await asyncio.create_subprocess_exec(
+async def start_cli(broker: Broker, *args: str, **extra_env: str) -> asyncio.subprocess.Process:
+    """Start `python -m b24queue ARGS`, its stdout and stderr together on one pipe."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "b24queue",
@@ -201,6 +201,11 @@ async def run_cli(broker: Broker, *args: str, **extra_env: str) -> tuple[int, st
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+async def run_cli(broker: Broker, *args: str, **extra_env: str) -> tuple[int, str]:
+    """Run `python -m b24queue ARGS`; (exit code, stdout and stderr)."""
+    proc = await start_cli(broker, *args, **extra_env)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode is not None
     return proc.returncode, out.decode()

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import alive, children_of, sample_form
-from tests.integration.conftest import ROOT, Broker, cli_env, run_cli, wait_until
+from tests.integration.conftest import Broker, run_cli, start_cli, wait_until
 from tests.integration.proxy import free_port
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -30,23 +29,14 @@ async def ingress_processes(
     broker: Broker, tmp_path: Path, count: int
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24queue",
+    proc = await start_cli(
+        broker,
         "ingress",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--processes",
-        str(count),
-        cwd=ROOT,
-        env=cli_env(broker, B24QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3")),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        *("--host", "127.0.0.1", "--port", str(port), "--processes", str(count)),
+        B24QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
     )
     base = f"http://127.0.0.1:{port}"
+    kids: list[int] = []
     try:
         # Ready once every child holds its own broker connection (named with its pid).
         async def all_connected() -> bool:
@@ -63,7 +53,7 @@ async def ingress_processes(
         kids = children_of(proc.pid)
         yield proc, base
     finally:
-        for kid in [*kids, proc.pid] if "kids" in locals() else [proc.pid]:
+        for kid in [*kids, proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(kid, signal.SIGKILL)
         await asyncio.wait_for(proc.wait(), 30)
