@@ -253,7 +253,7 @@ async def test_an_ingress_process_killed_with_spooled_events_then_fewer_processe
         load = Load()
         slot0, slot1 = harness.tmp / "spool.sqlite3", harness.tmp / "spool.1.sqlite3"
         # Which process accepts a connection is the kernel's choice: post in batches of 100
-        # (a connection each) until both processes hold spooled events.
+        # (a connection each), at least three, until both processes hold spooled events.
         for batch in range(10):
             await harness.load(load, 100, first=100 * batch, fresh_connections=True)
             if spooled(slot0) > 0 and spooled(slot1) > 0 and batch >= 2:
