@@ -6,9 +6,10 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from b24queue import _constants as c
+from b24queue.errors import BadEventError
 from b24queue.events import Event
 
 
@@ -22,8 +23,41 @@ class Envelope:
     event_type: str
 
 
+# The headers are bounded field by field at the edge (`events`); this is the sum, checked again so
+# no future header can grow a frame past what the broker takes (its frame_max is 128 KiB).
+MAX_HEADER_CHARS = 1024
+
+
+def message_body(payload: dict[str, Any]) -> bytes:
+    """The decoded event as received, less the application token wherever Bitrix24 puts it
+    (`auth[application_token]`; bot events repeat it in `data[BOT][<id>][AUTH]`): the ingress has
+    verified it, and anyone allowed to read a queue could otherwise forge events with it."""
+    payload = _without_token(payload)
+    data = payload.get("data")
+    bots = data.get("BOT") if isinstance(data, dict) else None
+    if isinstance(bots, dict) and any(_has_token(b) for b in bots.values()):
+        bots = {k: _without_token(b, "AUTH") if _has_token(b) else b for k, b in bots.items()}
+        payload = {**payload, "data": {**data, "BOT": bots}}  # type: ignore[dict-item]
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _has_token(node: Any, key: str = "AUTH") -> bool:
+    return (
+        isinstance(node, dict)
+        and isinstance(node.get(key), dict)
+        and "application_token" in node[key]
+    )
+
+
+def _without_token(node: Any, key: str = "auth") -> Any:
+    """`node` with `node[key]["application_token"]` left out (a copy; the original untouched)."""
+    if not _has_token(node, key):
+        return node
+    return {**node, key: {k: v for k, v in node[key].items() if k != "application_token"}}
+
+
 def envelope_for(event: Event) -> Envelope:
-    """The message for an event: body is the decoded event exactly as received."""
+    """The message for an event: body is the decoded event as received (see `message_body`)."""
     headers = {}
     if event.auth.domain:
         headers[c.H_DOMAIN] = event.auth.domain
@@ -31,10 +65,13 @@ def envelope_for(event: Event) -> Envelope:
         headers[c.H_MEMBER_ID] = event.auth.member_id
     if event.event_handler_id:
         headers[c.H_EVENT_HANDLER_ID] = event.event_handler_id
+    size = sum(len(k) + len(v) for k, v in headers.items()) + len(event.routing_key)
+    if size > MAX_HEADER_CHARS:
+        raise BadEventError("auth[domain], auth[member_id] and event_handler_id are too long")
     return Envelope(
         message_id=uuid.uuid4().hex,
         routing_key=event.routing_key,
-        body=json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")).encode(),
+        body=message_body(event.payload),
         headers=headers,
         timestamp=datetime.now(UTC),
         event_type=event.name,

@@ -34,11 +34,16 @@ class BrokerUnavailableError(B24QueueError):
 
 
 class PublishError(B24QueueError):
-    """The broker refused a message (nack) or returned it as unroutable (`returned`)."""
+    """The broker refused a message (nack) or returned it as unroutable (`returned`).
 
-    def __init__(self, message: str, *, returned: bool = False) -> None:
+    `permanent`: refused for the message itself (e.g. larger than the broker takes), so trying
+    again would fail the same way; never spooled, never retried as if the broker were down.
+    """
+
+    def __init__(self, message: str, *, returned: bool = False, permanent: bool = False) -> None:
         super().__init__(message)
         self.returned = returned
+        self.permanent = permanent
 
 
 class TopologyMismatchError(B24QueueError):

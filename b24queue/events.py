@@ -14,8 +14,56 @@ from b24queue.forms import decode_form, decode_json
 FORM_TYPE = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
 
-# Routing keys are topic-exchange words: dots, `*` and `#` would change what a binding matches.
-_EVENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+MAX_EVENT_NAME = 128
+# Event names are routing keys of a topic exchange. Catalog events have dots
+# (`CATALOG.PRODUCT.ON.ADD`): each dot-separated part is one routing-key word, so an exact binding
+# and patterns such as `CATALOG.#` both work. `*`, `#`, empty words or any other separator would
+# change what a binding matches, so they are refused.
+_WORD = "[A-Za-z0-9_]+"
+EVENT_NAME = re.compile(rf"[A-Za-z][A-Za-z0-9_]*(?:\.{_WORD})*")
+# What a consumer may bind to: event names, and topic patterns whose words are names, `*` or `#`.
+BINDING = re.compile(rf"(?:{_WORD}|\*|#)(?:\.(?:{_WORD}|\*|#))*")
+
+# Every value copied into a message header is bounded here, at the edge: RabbitMQ closes the whole
+# connection (FRAME_ERROR) for a header frame larger than its frame_max, not just one publish.
+MAX_DOMAIN = 253
+_LABEL = re.compile(r"[^\W_](?:[\w-]{0,61}[^\W_])?")  # letters (IDNA too), digits, inner '-'
+_MEMBER_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
+_HANDLER_ID = re.compile(r"[0-9]{1,20}")
+# Bitrix24's tokens are 32-70 characters of [0-9a-z]; printable ASCII up to 256 leaves room.
+_TOKEN = re.compile(r"[\x21-\x7e]{1,256}")
+MAX_AUTH_VALUE = 2048
+_SCALAR_AUTH = (
+    "expires",
+    "expires_in",
+    "scope",
+    "server_endpoint",
+    "client_endpoint",
+    "status",
+    "user_id",
+)
+
+
+def check_domain(value: str) -> str:
+    """A host name (IDNA labels allowed) of at most 253 characters, with an optional :port (a
+    self-hosted portal); `ValueError` otherwise."""
+    host, colon, port = value.rpartition(":") if ":" in value else (value, "", "")
+    if colon and not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise ValueError("must be a host name with an optional :port")
+    if not host or len(host) > MAX_DOMAIN:
+        raise ValueError(f"must be a host name of 1 to {MAX_DOMAIN} characters")
+    labels = host.removesuffix(".").split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("must be a host name: labels of letters, digits and inner '-'")
+    return value
+
+
+def _as_text(value: Any) -> Any:
+    """Integers as their decimal strings (JSON bodies send `expires_in: 3600`; forms send
+    "3600"); anything else is left for the field's own check."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 class Auth(BaseModel):
@@ -36,6 +84,37 @@ class Auth(BaseModel):
     status: str | None = None
     user_id: str | None = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integers_as_text(cls, value: Any) -> Any:
+        return _as_text(value)
+
+    @field_validator("domain")
+    @classmethod
+    def _check_domain(cls, value: str | None) -> str | None:
+        return value if not value else check_domain(value)
+
+    @field_validator("member_id")
+    @classmethod
+    def _check_member_id(cls, value: str | None) -> str | None:
+        if value and not _MEMBER_ID.fullmatch(value):
+            raise ValueError("must be 1 to 64 letters, digits or _")
+        return value
+
+    @field_validator("application_token", "access_token", "refresh_token")
+    @classmethod
+    def _check_token(cls, value: str | None) -> str | None:
+        if value and not _TOKEN.fullmatch(value):
+            raise ValueError("must be 1 to 256 printable ASCII characters")
+        return value
+
+    @field_validator(*_SCALAR_AUTH)
+    @classmethod
+    def _check_length(cls, value: str | None) -> str | None:
+        if value is not None and len(value) > MAX_AUTH_VALUE:
+            raise ValueError(f"must be at most {MAX_AUTH_VALUE} characters")
+        return value
+
     def __repr_args__(self) -> Any:
         # Extra keys are unknown to us; they may be secrets, so show only their names.
         for name, value in super().__repr_args__():
@@ -50,12 +129,13 @@ class Event(BaseModel):
     exactly as the portal sent it (values are strings, as Bitrix24 sends them).
     """
 
-    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+    # Only `event` names the event: `name=` is not another spelling of it.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     name: str = Field(alias="event")
     event_handler_id: str | None = None
     data: Any = Field(default_factory=dict, repr=False)
-    ts: int | None = None
+    ts: int | None = Field(default=None, ge=0, le=2**53)
     auth: Auth = Field(default_factory=Auth)
 
     _payload: dict[str, Any] | None = PrivateAttr(default=None)
@@ -67,16 +147,24 @@ class Event(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _EVENT_NAME.match(value):
+        if len(value) > MAX_EVENT_NAME or not EVENT_NAME.fullmatch(value):
             raise ValueError(
-                "must be a Bitrix24 event name: a letter, then letters, digits or _ (max 128)"
+                "must be a Bitrix24 event name: a letter, then letters, digits or _, words "
+                f"separated by single dots (max {MAX_EVENT_NAME})"
             )
         return value.upper()
 
     @field_validator("event_handler_id", mode="before")
     @classmethod
     def _int_to_str(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
+        return _as_text(value)
+
+    @field_validator("event_handler_id")
+    @classmethod
+    def _check_handler_id(cls, value: str | None) -> str | None:
+        if value and not _HANDLER_ID.fullmatch(value):
+            raise ValueError("must be digits (at most 20)")
+        return value
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Event:

@@ -1,15 +1,20 @@
 """PHP-style bracket forms (what Bitrix24 POSTs) to nested dicts, and back.
 
-Decoding is exact and lossless: every value stays a string, `[]` appends to a list, numbered keys
-(`ATTACH[0]`) stay dict keys as PHP and the Bitrix24 docs show them. Anything PHP would resolve by
-silently overwriting (a duplicate key, `a=1&a[b]=2`) is refused instead: the ingress must not
-publish an event that differs from what the portal sent.
+Decoding is exact and lossless: every value stays a string, `[]` appends to a list. An array whose
+keys are exactly 0, 1, ..., n-1 in that order becomes a list, as PHP's `json_encode` renders it,
+so a handler sees one shape whether the event came as a form or as JSON (`ATTACH[0]`,
+`ATTACH[1]` -> a list; keys such as `101`, or 0..n-1 out of order, stay an object). Anything PHP
+would resolve by silently overwriting (a duplicate key, `a=1&a[b]=2`) is refused instead: the
+ingress must not publish an event that differs from what the portal sent.
+
+Cost is linear in the body: no step builds per-value strings that grow with the key or the depth.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlencode
 
@@ -37,24 +42,57 @@ def decode_form(body: bytes) -> dict[str, Any]:
         key, path = _parse_key(raw_key)
         value = _unquote(raw_value, what="value", field=key) if raw_value else ""
         _insert(root, key, path, value)
-    return root
+    return _php_lists(root)
 
 
-@functools.lru_cache(maxsize=4096)
+# Only short keys are cached: a portal sends the same few dozen short keys every time, while a
+# caller's long random keys would otherwise pin up to 4,096 of them (each up to the body size).
+MAX_CACHED_KEY = 200
+
+
 def _parse_key(raw_key: str) -> tuple[str, list[Segment]]:
-    """Decoded key and its path. Cached: a portal sends the same few dozen keys every time.
+    """Decoded key and its path. (Callers never mutate the returned path.)"""
+    if len(raw_key) <= MAX_CACHED_KEY:
+        return _parse_key_cached(raw_key)
+    return _parse_key_uncached(raw_key)
 
-    (Callers never mutate the returned path; errors are not cached, they are raised anew.)
-    """
+
+def _parse_key_uncached(raw_key: str) -> tuple[str, list[Segment]]:
     key = _unquote(raw_key, what="key", field=raw_key)
     base, segments = split_key(key)
     return key, [base, *segments]
 
 
+# Errors are not cached: they are raised anew.
+_parse_key_cached = functools.lru_cache(maxsize=4096)(_parse_key_uncached)
+
+
+def _php_lists(node: dict[str, Any]) -> dict[str, Any]:
+    """Turn every object whose keys are exactly "0".."n-1", in order, into a list (in place,
+    bottom-up, each container visited once)."""
+    stack: list[Any] = [node]
+    order: list[Any] = []
+    while stack:
+        current = stack.pop()
+        order.append(current)
+        children = current.values() if isinstance(current, dict) else current
+        stack.extend(c for c in children if isinstance(c, dict | list))
+    for current in reversed(order):  # children before their parents
+        items = current.items() if isinstance(current, dict) else enumerate(current)
+        for k, child in list(items):
+            if isinstance(child, dict) and child and _is_sequence(child):
+                current[k] = list(child.values())
+    return node
+
+
+def _is_sequence(obj: dict[str, Any]) -> bool:
+    return all(key == str(i) for i, key in enumerate(obj))
+
+
 def decode_json(body: bytes) -> dict[str, Any]:
     """Decode a JSON body of the same shape as a decoded form."""
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
         raise BadEventError(f"body is not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -63,11 +101,20 @@ def decode_json(body: bytes) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise BadEventError(f"body nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise BadEventError(f"body is not acceptable JSON: {str(exc)[:100]}") from None
     if not isinstance(value, dict):
         raise BadEventError("JSON body must be an object")
-    # Top-level keys are at depth 1, so a value under 32 brackets sits at depth 33, as in forms.
-    _check_depth(value, "", -1)
+    _check_tree(value)
     return value
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON: published, they would break every standard consumer.
+    raise BadEventError(f"body is not valid JSON: {name} is not a JSON number")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def split_key(key: str) -> tuple[str, list[Segment]]:
@@ -190,15 +237,40 @@ def _kind(value: Any) -> str:
     return "a value"
 
 
-def _check_depth(value: Any, where: str, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise BadEventError(f"{where} nests deeper than {MAX_DEPTH} levels", field=where)
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_depth(v, f"{where}[{k}]" if where else str(k), depth + 1)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_depth(v, f"{where}[{i}]", depth + 1)
+def _check_tree(root: dict[str, Any]) -> None:
+    """Depth at most MAX_DEPTH (as in forms: a top-level key is at depth 0) and no lone surrogate
+    (`"\\ud800"` decodes, but cannot be encoded again), in one pass linear in the size of the
+    tree: the field's path is built only for the error."""
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(root, -1, ())]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_DEPTH:
+            where = _field(path)
+            raise BadEventError(f"{where} nests deeper than {MAX_DEPTH} levels", field=where)
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                where = _field(path)
+                raise BadEventError(f"{where} is not valid Unicode (a lone surrogate)", field=where)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _SURROGATE.search(k):
+                    where = _field((*path, "?"))
+                    raise BadEventError(f"a key in {where} is not valid Unicode", field=where)
+                stack.append((v, depth + 1, (path, k)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, (path, i)) for i, v in enumerate(value))
+
+
+def _field(path: tuple[Any, ...]) -> str:
+    """`(((), "data"), "FIELDS")` -> `data[FIELDS]` (paths are linked pairs: no copies)."""
+    parts: list[str] = []
+    while path:
+        path, part = path
+        parts.append(str(part)[:100])
+    parts.reverse()
+    if not parts:
+        return "body"
+    return parts[0] + "".join(f"[{p}]" for p in parts[1:])
 
 
 def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:

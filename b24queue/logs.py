@@ -37,3 +37,17 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     # aiormq/aio-pika are chatty at INFO during reconnects; our own lines say what matters.
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
+
+
+MAX_CLIENT_TEXT = 80
+
+
+def client_text(value: object, limit: int = MAX_CLIENT_TEXT) -> str:
+    """A value that came from a caller, safe for one log line: control characters and quotes
+    escaped (a newline cannot forge a line), at most `limit` characters of it kept."""
+    if value is None:
+        return "-"
+    text = str(value)
+    cut = len(text) > limit
+    escaped = text[:limit].encode("unicode_escape").decode("ascii")
+    return escaped + ("..." if cut else "")

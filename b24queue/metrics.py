@@ -23,6 +23,28 @@ _PUBLISH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.7
 _HANDLE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0)
 
 
+MAX_EVENT_LABELS = 200
+OTHER = "other"
+
+
+class EventLabels:
+    """The `event` label of a metric: the first `MAX_EVENT_LABELS` distinct names this process
+    saw, then `other`, so that no caller can create series without bound (names are bounded in
+    length at the edge; a portal sends a few dozen)."""
+
+    def __init__(self, limit: int = MAX_EVENT_LABELS) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def of(self, name: str) -> str:
+        if name in self._seen:
+            return name
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(name)
+        return name
+
+
 class IngressMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

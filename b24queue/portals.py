@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from b24queue._files import private_file
 from b24queue.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,12 +33,17 @@ class PortalRecord:
 
 
 class TokenStore(Protocol):
+    """Writes are compare-and-set, so two ingress processes (or nodes) handling installs of one
+    portal at once cannot overwrite each other's decision."""
+
     async def get(self, member_id: str) -> PortalRecord | None: ...
 
-    async def remember(self, record: PortalRecord) -> None:
-        """Durable before it returns."""
+    async def remember(self, record: PortalRecord, replacing: str | None = None) -> bool:
+        """Store `record` if the portal is unknown (`replacing` None), or if its stored token is
+        still `replacing`. True when stored; durable before it returns."""
 
-    async def forget(self, member_id: str) -> bool: ...
+    async def forget(self, member_id: str, token: str | None = None) -> bool:
+        """Forget the portal (only while its token is `token`, when given)."""
 
     async def all(self) -> list[PortalRecord]: ...
 
@@ -57,7 +63,7 @@ class SqliteTokenStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # every portal's token is in here
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -83,24 +89,40 @@ class SqliteTokenStore:
         )
         return tuple(row) if row else None
 
-    async def remember(self, record: PortalRecord) -> None:
-        await self._run(self._remember, record)
+    async def remember(self, record: PortalRecord, replacing: str | None = None) -> bool:
+        return bool(await self._run(self._remember, record, replacing))
 
-    def _remember(self, r: PortalRecord) -> None:
-        self._conn().execute(
-            "INSERT INTO portals (member_id, domain, token, installed_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(member_id) DO UPDATE SET domain = excluded.domain, "
-            "token = excluded.token, installed_at = excluded.installed_at",
-            (r.member_id, r.domain, r.token, r.installed_at),
+    def _remember(self, r: PortalRecord, replacing: str | None) -> int:
+        if replacing is None:
+            sql = (
+                "INSERT INTO portals (member_id, domain, token, installed_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(member_id) DO NOTHING"
+            )
+            return (
+                self._conn().execute(sql, (r.member_id, r.domain, r.token, r.installed_at)).rowcount
+            )
+        sql = (
+            "UPDATE portals SET domain = ?, token = ?, installed_at = ? "
+            "WHERE member_id = ? AND token = ?"
         )
-
-    async def forget(self, member_id: str) -> bool:
-        return bool(await self._run(self._forget, member_id))
-
-    def _forget(self, member_id: str) -> int:
         return (
-            self._conn().execute("DELETE FROM portals WHERE member_id = ?", (member_id,)).rowcount
+            self._conn()
+            .execute(sql, (r.domain, r.token, r.installed_at, r.member_id, replacing))
+            .rowcount
         )
+
+    async def forget(self, member_id: str, token: str | None = None) -> bool:
+        return bool(await self._run(self._forget, member_id, token))
+
+    def _forget(self, member_id: str, token: str | None) -> int:
+        if token is None:
+            return (
+                self._conn()
+                .execute("DELETE FROM portals WHERE member_id = ?", (member_id,))
+                .rowcount
+            )
+        sql = "DELETE FROM portals WHERE member_id = ? AND token = ?"
+        return self._conn().execute(sql, (member_id, token)).rowcount
 
     async def all(self) -> list[PortalRecord]:
         rows = await self._run(self._all)
@@ -144,7 +166,7 @@ class RedisTokenStore:
         raw = await self._redis().get(self.prefix + member_id)
         return _decode(raw) if raw else None
 
-    async def remember(self, record: PortalRecord) -> None:
+    async def remember(self, record: PortalRecord, replacing: str | None = None) -> bool:
         value = json.dumps(
             {
                 "member_id": record.member_id,
@@ -153,10 +175,17 @@ class RedisTokenStore:
                 "installed_at": record.installed_at,
             }
         )
-        await self._redis().set(self.prefix + record.member_id, value)
+        key = self.prefix + record.member_id
+        if replacing is None:
+            return bool(await self._redis().set(key, value, nx=True))
+        stored = await self._redis().eval(_SET_IF_TOKEN, 1, key, replacing, value)
+        return bool(stored)
 
-    async def forget(self, member_id: str) -> bool:
-        return bool(await self._redis().delete(self.prefix + member_id))
+    async def forget(self, member_id: str, token: str | None = None) -> bool:
+        key = self.prefix + member_id
+        if token is None:
+            return bool(await self._redis().delete(key))
+        return bool(await self._redis().eval(_DELETE_IF_TOKEN, 1, key, token))
 
     async def all(self) -> list[PortalRecord]:
         records = []
@@ -170,6 +199,19 @@ class RedisTokenStore:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+# Compare-and-set on the stored token, atomically in Redis.
+_SET_IF_TOKEN = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v)['token'] == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+_DELETE_IF_TOKEN = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _decode(raw: bytes | str) -> PortalRecord:

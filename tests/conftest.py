@@ -22,6 +22,26 @@ def sample_json(name: str) -> dict[str, Any]:
     return value
 
 
+def sample_decoded(name: str) -> dict[str, Any]:
+    """What the decoder makes of `NAME.form`: the `.lists.json` twin where there is one (keys
+    0..n-1 become lists, as PHP's json_encode renders them), else `NAME.json`."""
+    twin = SAMPLES / f"{name}.lists.json"
+    if twin.exists():
+        value: dict[str, Any] = json.loads(twin.read_text())
+        return value
+    return sample_json(name)
+
+
+def sample_published(name: str) -> dict[str, Any]:
+    """The message body the ingress publishes for a sample: decoded, less the application token
+    (verified at the edge, never handed on)."""
+    value = sample_decoded(name)
+    value["auth"].pop("application_token", None)
+    for bot in value["data"].get("BOT", {}).values():  # bot events repeat it in data[BOT][id][AUTH]
+        bot.get("AUTH", {}).pop("application_token", None)
+    return value
+
+
 def children_of(pid: int) -> list[int]:
     """The pids whose parent is `pid` (read from /proc)."""
     found = []

@@ -20,7 +20,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from b24queue import _constants as c
 from b24queue.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
@@ -63,6 +63,29 @@ def persistent_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -
         type=message.type,
         app_id=message.app_id,
     )
+
+
+# Headers are bounded at the edge (`envelope.MAX_HEADER_CHARS`), and the sum again here, in bytes:
+# with the fixed properties it stays far below any frame_max RabbitMQ negotiates (4 KiB at the
+# least, 128 KiB by default). A larger header frame would close the whole connection (FRAME_ERROR)
+# and, spooled and forwarded again, close it every time.
+MAX_HEADER_BYTES = 3 * 1024
+
+
+def check_size(envelope: Envelope) -> None:
+    """Refuse, before it reaches the wire, a message whose header frame could break the
+    connection: a permanent `PublishError`."""
+    size = len(envelope.routing_key.encode()) + len(envelope.event_type.encode())
+    for key, value in envelope.headers.items():
+        size += len(key.encode()) + len(value.encode())
+    if size > MAX_HEADER_BYTES:
+        raise PublishError(f"the message's headers exceed {MAX_HEADER_BYTES} bytes", permanent=True)
+
+
+def refused_for_itself(exc: BaseException) -> bool:
+    """The broker closed the channel for this message (larger than its max_message_size), not
+    because it is unavailable."""
+    return isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and "size" in str(exc)
 
 
 class AmqpPublisher:
@@ -151,13 +174,16 @@ class AmqpPublisher:
         channel = self._channel
         if channel is None:
             raise BrokerUnavailableError("not connected to RabbitMQ yet")
+        check_size(envelope)
         properties = properties_for(envelope)
         timeout_s = self._settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 try:
                     await self._publish_once(channel, envelope, properties)
-                except TRANSIENT_ERRORS:
+                except TRANSIENT_ERRORS as exc:
+                    if refused_for_itself(exc):
+                        raise
                     # A publish cut by a dropped connection is not replayed by aio-pika; repeat
                     # it until the deadline. The broker may then hold it twice: at-least-once,
                     # never lost. (Off the hot path: the first attempt needs no retry machinery.)
@@ -174,6 +200,10 @@ class AmqpPublisher:
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"RabbitMQ refused the message (nack): {exc}") from None
         except TRANSIENT_ERRORS as exc:
+            if refused_for_itself(exc):
+                raise PublishError(
+                    f"RabbitMQ refuses this message: {exc}", permanent=True
+                ) from None
             raise BrokerUnavailableError(f"connection to RabbitMQ failed: {exc!r}") from None
 
     async def _publish_once(
@@ -198,7 +228,9 @@ class AmqpPublisher:
         self, channel: AbstractChannel, envelope: Envelope, properties: Basic.Properties
     ) -> None:
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT_ERRORS),
+            retry=retry_if_exception(
+                lambda e: isinstance(e, TRANSIENT_ERRORS) and not refused_for_itself(e)
+            ),
             wait=wait_exponential(multiplier=0.02, max=0.2),
             reraise=True,
         ):

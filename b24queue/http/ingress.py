@@ -15,8 +15,9 @@ from aiohttp import web
 from b24queue.envelope import EventSink, envelope_for
 from b24queue.errors import BadEventError, BrokerUnavailableError, PublishError, UnauthorizedError
 from b24queue.events import FORM_TYPE, JSON_TYPE, parse_event
+from b24queue.logs import client_text
 from b24queue.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from b24queue.metrics import IngressMetrics
+from b24queue.metrics import EventLabels, IngressMetrics
 from b24queue.settings import Settings
 from b24queue.verify import TokenVerifier
 
@@ -69,6 +70,7 @@ class EventsView:
         self._verifier = verifier
         self._metrics = metrics
         self._retry_after = {"Retry-After": str(settings.retry_after_s)}
+        self._labels = EventLabels()
 
     async def post(self, request: web.Request) -> web.Response:
         media = request.content_type.lower()
@@ -90,6 +92,7 @@ class EventsView:
             return error(413, f"body exceeds {limit} bytes")
         try:
             event = parse_event(media, body)
+            envelope = envelope_for(event)
         except BadEventError as exc:
             self._metrics.refused.labels("bad_request").inc()
             extra = {"field": exc.field} if exc.field else {}
@@ -101,34 +104,44 @@ class EventsView:
             log.warning(
                 "refused %s from domain=%s member_id=%s: %s",
                 event.name,
-                event.auth.domain,
-                event.auth.member_id,
-                exc,
+                client_text(event.auth.domain),
+                client_text(event.auth.member_id),
+                client_text(exc, 300),
             )
             return error(401, str(exc))
-        envelope = envelope_for(event)
         started = time.perf_counter()
         try:
             await self._sink.publish(envelope)
-        except (BrokerUnavailableError, PublishError) as exc:
-            self._metrics.not_stored.labels(event.name).inc()
-            log.error("not accepted %s message_id=%s: %s", event.name, envelope.message_id, exc)
-            return web.json_response(
-                {"error": f"event not stored, try again later: {exc}"},
-                status=503,
-                headers=self._retry_after,
-            )
+        except PublishError as exc:
+            if not exc.permanent:
+                return self._not_stored(event.name, envelope.message_id, exc)
+            # The broker refuses this message itself (too large for it): trying again later
+            # would fail the same way, so the caller is told now, and nothing is kept.
+            self._metrics.refused.labels("too_large").inc()
+            log.error("refused %s message_id=%s: %s", event.name, envelope.message_id, exc)
+            return error(413, str(exc))
+        except BrokerUnavailableError as exc:
+            return self._not_stored(event.name, envelope.message_id, exc)
         try:
             await self._verifier.accepted(event)
         except Exception:  # the event is stored: its 200 stands; say what went wrong
             log.exception("after accepting %s message_id=%s", event.name, envelope.message_id)
         self._metrics.publish_seconds.observe(time.perf_counter() - started)
-        self._metrics.accepted.labels(event.name).inc()
+        self._metrics.accepted.labels(self._labels.of(event.name)).inc()
         log.debug("accepted %s message_id=%s", event.name, envelope.message_id)
         # message_id is hex: no escaping needed, and this is the hot path.
         return web.Response(
             body=b'{"status": "accepted", "message_id": "%s"}' % envelope.message_id.encode(),
             content_type="application/json",
+        )
+
+    def _not_stored(self, name: str, message_id: str, exc: Exception) -> web.Response:
+        self._metrics.not_stored.labels(self._labels.of(name)).inc()
+        log.error("not accepted %s message_id=%s: %s", name, message_id, exc)
+        return web.json_response(
+            {"error": f"event not stored, try again later: {exc}"},
+            status=503,
+            headers=self._retry_after,
         )
 
 

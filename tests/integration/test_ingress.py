@@ -11,7 +11,7 @@ import pytest
 
 from b24queue.amqp.publisher import AmqpPublisher
 from b24queue.errors import TopologyMismatchError
-from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_json
+from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_published
 from tests.integration.conftest import Broker, running_ingress, wait_until
 from tests.integration.proxy import Proxy, channel_open
 
@@ -33,7 +33,7 @@ async def test_every_sample_arrives_as_a_durable_message_with_its_properties(
     assert {m.message_id for m in messages} == set(answered)
     for m in messages:
         assert m.message_id is not None
-        expected = sample_json(answered[m.message_id])
+        expected = sample_published(answered[m.message_id])
         assert json.loads(m.body) == expected
         assert m.routing_key == expected["event"]
         assert m.type == expected["event"]

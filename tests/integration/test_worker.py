@@ -16,7 +16,7 @@ import pytest
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
 from b24queue.runtime import Worker
-from tests.conftest import SAMPLE_NAMES, sample_form, sample_json
+from tests.conftest import SAMPLE_NAMES, sample_form, sample_published
 from tests.integration.conftest import Broker, running_ingress, wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -53,7 +53,7 @@ async def test_end_to_end_every_sample_is_handled_once_by_the_right_consumers(
         deals[event.message_id or ""] += 1
 
     async def on_any(self: EventConsumer, event: Event) -> None:
-        assert event.payload == sample_json(names[event.message_id or ""])
+        assert event.payload == sample_published(names[event.message_id or ""])
         everything[event.message_id or ""] += 1
 
     classes = [
@@ -118,7 +118,7 @@ async def test_always_failing_ends_in_the_dlq_with_error_headers(broker: Broker)
         [dead] = await broker.take(f"{cls.queue}.dlq", 1)
     assert attempts == [1, 2, 3]
     assert dead.message_id == message_id
-    assert json.loads(dead.body) == sample_json("crm-deal-add")
+    assert json.loads(dead.body) == sample_published("crm-deal-add")
     assert dead.delivery_mode == 2
     assert dead.type == "ONCRMDEALADD"
     assert dead.app_id == "b24queue"

@@ -103,7 +103,7 @@ async def test_handler_timeout_is_a_failed_attempt() -> None:
 
 
 async def test_undecodable_bodies_are_dead_lettered_at_once() -> None:
-    for body in (b"not json", b"[1,2]", json.dumps({"event": "bad.name"}).encode()):
+    for body in (b"not json", b"[1,2]", json.dumps({"event": "bad..name"}).encode()):
         incoming = Incoming(body=body, message_id="m", routing_key="X", headers={})
         outcome = await decide(Flaky(0), incoming, "flaky")
         assert outcome.dead_lettered and outcome.reason == "undecodable", body

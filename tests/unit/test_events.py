@@ -7,13 +7,20 @@ import pytest
 from b24queue.envelope import envelope_for
 from b24queue.errors import BadEventError
 from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
-from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_json
+from tests.conftest import (
+    SAMPLE_NAMES,
+    SAMPLE_TOKEN,
+    sample_decoded,
+    sample_form,
+    sample_json,
+    sample_published,
+)
 
 
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_samples_give_typed_access(name: str) -> None:
     event = parse_event(FORM_TYPE, sample_form(name))
-    raw = sample_json(name)
+    raw = sample_decoded(name)
     assert event.name == raw["event"]
     assert event.ts == int(raw["ts"])
     assert event.auth.domain == "acme.bitrix24.com"
@@ -34,7 +41,7 @@ def test_repr_never_shows_tokens() -> None:
 def test_event_name_is_upper_cased_and_checked() -> None:
     event = Event.from_payload({"event": "onCrmDealAdd"})
     assert event.name == event.routing_key == "ONCRMDEALADD"
-    for bad in ("", "ON.CRM", "ON#", "*", "1ABC", "A" * 200):
+    for bad in ("", "ON#", "*", "1ABC", "A" * 200, "ON.", ".ON", "A..B", "A.*", "A.#", "ONX\n"):
         with pytest.raises(BadEventError) as info:
             Event.from_payload({"event": bad})
         assert info.value.field == "event"
@@ -63,7 +70,8 @@ def test_json_body_of_the_same_shape() -> None:
 def test_envelope_carries_the_exact_body_and_portal_headers() -> None:
     event = parse_event(FORM_TYPE, sample_form("imbot-message-add"))
     env = envelope_for(event)
-    assert json.loads(env.body) == sample_json("imbot-message-add")
+    assert json.loads(env.body) == sample_published("imbot-message-add")
+    assert SAMPLE_TOKEN not in env.body.decode()
     assert env.routing_key == "ONIMBOTMESSAGEADD"
     assert env.headers == {
         "x-b24-domain": "acme.bitrix24.com",

@@ -6,18 +6,46 @@ import pytest
 
 from b24queue.errors import BadEventError
 from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form, decode_json, encode_form, split_key
-from tests.conftest import SAMPLE_NAMES, SAMPLES, sample_form, sample_json
+from tests.conftest import SAMPLE_NAMES, SAMPLES, sample_decoded, sample_form, sample_json
 
 
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_every_sample_decodes_to_its_json_twin(name: str) -> None:
-    assert decode_form(sample_form(name)) == sample_json(name)
+    assert decode_form(sample_form(name)) == sample_decoded(name)
 
 
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_encode_then_decode_is_lossless(name: str) -> None:
-    decoded = sample_json(name)
+    decoded = sample_decoded(name)
     assert decode_form(encode_form(decoded)) == decoded
+
+
+def test_the_object_shape_twin_is_the_same_event_before_the_list_rule() -> None:
+    # imbot-message-add.json shows ATTACH[0], ATTACH[1] as PHP prints the array (an object);
+    # its .lists.json twin is what json_encode (and so our decoder) makes of it.
+    objects, lists = sample_json("imbot-message-add"), sample_decoded("imbot-message-add")
+    attach = objects["data"]["PARAMS"]["ATTACH"]
+    assert list(attach) == ["0", "1"]
+    assert lists["data"]["PARAMS"]["ATTACH"] == [attach["0"], attach["1"]]
+    assert decode_form(encode_form(objects)) == lists
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"a[0]=x&a[1]=y", ["x", "y"]),
+        (b"a[1]=x&a[0]=y", {"1": "x", "0": "y"}),  # 0..n-1 out of order stays an object
+        (b"a[101]=x", {"101": "x"}),
+        (b"a[0]=x&a[2]=y", {"0": "x", "2": "y"}),  # a gap
+        (b"a[00]=x", {"00": "x"}),
+        (b"a[1]=x", {"1": "x"}),
+        (b"a[0][0]=x&a[0][1]=y&a[1][k]=z", [["x", "y"], {"k": "z"}]),
+        (b"a[0][]=x&a[0][]=y", [["x", "y"]]),
+        (b"a[UF][0]=1&a[UF][1]=2", {"UF": ["1", "2"]}),
+    ],
+)
+def test_arrays_keyed_0_to_n_minus_1_in_order_become_lists(body: bytes, expected: object) -> None:
+    assert decode_form(body) == {"a": expected}
 
 
 def test_our_sample_copy_matches_shared_when_present() -> None:
@@ -39,7 +67,7 @@ def test_brackets_nest_and_empty_brackets_append() -> None:
         "data": {"FIELDS": {"ID": "7"}},
         "tags": ["a", "b"],
         "rows": [{"x": "1"}, {"x": "2"}],
-        "m": {"0": "z"},
+        "m": ["z"],
     }
 
 

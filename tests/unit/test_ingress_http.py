@@ -77,7 +77,7 @@ async def refused(
         (b"event=ONX&data[x=1", "data[x", "unbalanced brackets"),
         (b"event=ONX&a" + b"[x]" * 33 + b"=1", None, "deeper than 32"),
         (b"event_handler_id=1", "event", "event: is required"),
-        (b"event=ON.X", "event", "must be a Bitrix24 event name"),
+        (b"event=ON..X", "event", "must be a Bitrix24 event name"),
         (b"event=ONX&ts=later", "ts", "ts: Input should be a valid integer"),
     ],
 )

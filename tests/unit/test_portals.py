@@ -77,7 +77,9 @@ async def test_install_update_uninstall_for_two_portals(tmp_path: Path) -> None:
             portal_event("ONAPPINSTALL", member="m2", token="t2", domain="b.portal.test")
         )
         await v.verify(portal_event("ONCRMDEALUPDATE", member="m1", token="t1"))
-        await v.verify(portal_event("ONCRMDEALUPDATE", member="m2", token="t2"))
+        await v.verify(
+            portal_event("ONCRMDEALUPDATE", member="m2", token="t2", domain="b.portal.test")
+        )
         with pytest.raises(UnauthorizedError, match="does not match this portal"):
             await v.verify(portal_event("ONCRMDEALUPDATE", member="m1", token="t2"))
         uninstall = portal_event("ONAPPUNINSTALL", member="m1", token="t1")
