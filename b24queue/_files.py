@@ -1,4 +1,4 @@
-"""Files that hold secrets (portal tokens, spooled bodies with access tokens). Standard library only."""
+"""Files that hold secrets (portal tokens, spooled bodies with access tokens). Stdlib only."""
 
 from __future__ import annotations
 

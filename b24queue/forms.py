@@ -254,7 +254,7 @@ def _check_tree(root: dict[str, Any]) -> None:
         elif isinstance(value, dict):
             for k, v in value.items():
                 if _SURROGATE.search(k):
-                    where = _field((*path, "?"))
+                    where = _field((path, "?"))
                     raise BadEventError(f"a key in {where} is not valid Unicode", field=where)
                 stack.append((v, depth + 1, (path, k)))
         elif isinstance(value, list):

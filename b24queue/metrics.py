@@ -89,15 +89,23 @@ class IngressMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.spool_quarantined = Gauge(
+            "b24queue_ingress_spool_quarantined",
+            "Spooled events moved aside: the broker refused them, or they broke the connection "
+            "(kept; `b24queue spool list` / `replay`)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
 
     def watch_spool(self, sink: SpoolStats) -> None:
         def changed(spooled: int, forwarded: int) -> None:
             self.spooled.inc(spooled)
             self.forwarded.inc(forwarded)
             self.spool_events.set(sink.depth)
+            self.spool_quarantined.set(sink.quarantined)
 
         sink.on_change = changed
-        self.spool_events.set(sink.depth)  # a spool that still holds events from the last run
+        changed(0, 0)  # a spool that still holds events from the last run
 
     def render(self) -> bytes:
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -113,6 +121,9 @@ class SpoolStats(Protocol):
 
     @property
     def depth(self) -> int: ...
+
+    @property
+    def quarantined(self) -> int: ...
 
 
 class WorkerMetrics:

@@ -178,14 +178,14 @@ class RedisTokenStore:
         key = self.prefix + record.member_id
         if replacing is None:
             return bool(await self._redis().set(key, value, nx=True))
-        stored = await self._redis().eval(_SET_IF_TOKEN, 1, key, replacing, value)
+        stored = await self._redis().eval(_SET_IF_SAME_LUA, 1, key, replacing, value)
         return bool(stored)
 
     async def forget(self, member_id: str, token: str | None = None) -> bool:
         key = self.prefix + member_id
         if token is None:
             return bool(await self._redis().delete(key))
-        return bool(await self._redis().eval(_DELETE_IF_TOKEN, 1, key, token))
+        return bool(await self._redis().eval(_DELETE_IF_SAME_LUA, 1, key, token))
 
     async def all(self) -> list[PortalRecord]:
         records = []
@@ -202,12 +202,12 @@ class RedisTokenStore:
 
 
 # Compare-and-set on the stored token, atomically in Redis.
-_SET_IF_TOKEN = """
+_SET_IF_SAME_LUA = """
 local v = redis.call('GET', KEYS[1])
 if v and cjson.decode(v)['token'] == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
-_DELETE_IF_TOKEN = """
+_DELETE_IF_SAME_LUA = """
 local v = redis.call('GET', KEYS[1])
 if v and cjson.decode(v)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0

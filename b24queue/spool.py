@@ -6,14 +6,25 @@ confirms) once it is back, deleting each only after its confirm. A crash between
 delete duplicates an event; nothing in here is lost unless the disk is.
 
 Writes are group-committed: concurrent puts share one transaction and one fsync.
+
+A spooled event that fails for a reason of its own (the broker refuses that message, or publishing
+it alone breaks the connection again and again) is moved aside into the `quarantine` table of the
+same file: kept, counted, shown by `b24queue spool list` and `status`, replayable with
+`b24queue spool replay`, and never left at the head of the line.
+
+Files are private (0600: bodies carry access tokens). Each open spool holds an exclusive lock on
+`<file>.lock`, so two ingress processes never share a spool, and merging skips a stray file that a
+running process still owns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from b24queue._files import private_file
 from b24queue.envelope import Envelope
-from b24queue.errors import B24QueueError
+from b24queue.errors import B24QueueError, ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,10 +51,73 @@ CREATE TABLE IF NOT EXISTS spool (
     spooled_at TEXT NOT NULL
 )
 """
+_QUARANTINE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    headers TEXT NOT NULL,
+    timestamp TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    spooled_at TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_at TEXT NOT NULL
+)
+"""
+_COLUMNS = "message_id, routing_key, body, headers, timestamp, event_type, spooled_at"
+MAX_REASON_CHARS = 500
 
 
 class SpoolFullError(B24QueueError):
     """The spool holds its maximum: the event cannot be made durable."""
+
+
+class SpoolInUseError(ConfigError):
+    """Another process holds this spool file (two ingresses configured with one spool path)."""
+
+
+class SpoolLock:
+    """An exclusive, non-blocking lock on `<spool>.lock` (released when closed or when the
+    process dies, so a crashed ingress never leaves it taken)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(f"{path}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        private_file(self.path)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_spool(path: Path) -> SpoolLock:
+    lock = SpoolLock(path)
+    if not lock.acquire():
+        raise SpoolInUseError(
+            f"spool {path} is in use by another ingress process (pid {lock.holder()}); give each "
+            "ingress its own B24QUEUE_SPOOL_PATH"
+        )
+    return lock
 
 
 class Spool:
@@ -51,6 +126,8 @@ class Spool:
         self.max_events = max_events
         self.not_empty = asyncio.Event()
         self._count = 0
+        self.quarantined = 0
+        self._lock: SpoolLock | None = None
         self._db: sqlite3.Connection | None = None
         # One thread owns the SQLite connection: every statement runs there, in order.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b24queue-spool")
@@ -66,7 +143,18 @@ class Spool:
         return self._count + len(self._pending) < self.max_events
 
     async def __aenter__(self) -> Spool:
-        self._count = await self._run(self._open)
+        self._lock = lock_spool(self.path)
+        try:
+            self._count, self.quarantined = await self._run(self._open)
+        except BaseException:
+            self._lock.release()
+            raise
+        if self.quarantined:
+            log.warning(
+                "spool %s holds %d quarantined event(s): see `b24queue spool list`",
+                self.path,
+                self.quarantined,
+            )
         if self._count:
             log.warning("spool %s holds %d event(s) not yet in RabbitMQ", self.path, self._count)
             self.not_empty.set()
@@ -83,13 +171,16 @@ class Spool:
                 future.set_exception(SpoolFullError("spool closed"))
         await self._run(self._close)
         self._thread.shutdown(wait=True)
+        if self._lock is not None:
+            self._lock.release()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
-    def _open(self) -> int:
+    def _open(self) -> tuple[int, int]:
         db = self._db = _connect(self.path)
-        return int(db.execute("SELECT count(*) FROM spool").fetchone()[0])
+        count = int(db.execute("SELECT count(*) FROM spool").fetchone()[0])
+        return count, int(db.execute("SELECT count(*) FROM quarantine").fetchone()[0])
 
     def _close(self) -> None:
         if self._db is not None:
@@ -189,16 +280,40 @@ class Spool:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
 
+    async def quarantine(self, row_id: int, reason: str) -> None:
+        """Move a spooled event aside (kept, not forwarded) in one transaction."""
+        if await self._run(self._quarantine, row_id, reason[:MAX_REASON_CHARS]):
+            self.quarantined += 1
+            self._count -= 1
+            if self._count <= 0 and not self._pending:
+                self._count = 0
+                self.not_empty.clear()
+
+    def _quarantine(self, row_id: int, reason: str) -> int:
+        assert self._db is not None
+        now = datetime.now(UTC).isoformat()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            moved = self._db.execute(
+                f"INSERT INTO quarantine (id, {_COLUMNS}, reason, quarantined_at) "  # noqa: S608
+                f"SELECT id, {_COLUMNS}, ?, ? FROM spool WHERE id = ?",
+                (reason, now, row_id),
+            ).rowcount
+            self._db.execute("DELETE FROM spool WHERE id = ?", (row_id,))
+        return moved
+
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """A spool database, created if need be: WAL, fsync at every commit (a 200 must survive a
-    crash), the table in place. Autocommit: callers open their own transactions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A spool database, created if need be: private, WAL, fsync at every commit (a 200 must
+    survive a crash), the tables in place. Autocommit: callers open their own transactions."""
+    private_file(path)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
+        db.execute("PRAGMA busy_timeout=5000")  # `b24queue spool` may read it meanwhile
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute(_SCHEMA)
+        db.execute(_QUARANTINE_SCHEMA)
     except BaseException:
         db.close()
         raise
@@ -225,31 +340,49 @@ def stray_spools(path: Path, keep: int) -> list[Path]:
 
 def merge_stray_spools(path: Path, keep: int) -> int:
     """Move the events of stray spool files into the spool at `path` (one transaction each, then
-    the file goes), so no spooled event is stranded when the ingress runs fewer processes. Call
-    it only while no ingress process runs. Returns how many events moved."""
+    the file goes), so no spooled event is stranded when the ingress runs fewer processes.
+
+    Locked: the spool at `path` must be free (else `SpoolInUseError`: another ingress runs in
+    this directory), and a stray file still locked by a running process is left alone.
+    Returns how many events moved (quarantined ones included)."""
     strays = stray_spools(path, keep)
     if not strays:
         return 0
-    db = _connect(path)
-    moved = 0
+    target = lock_spool(path)
     try:
-        for stray in strays:
-            db.execute("ATTACH DATABASE ? AS stray", (str(stray),))
-            try:
-                db.execute(_SCHEMA.replace("spool (", "stray.spool (", 1))
-                with db:
-                    db.execute("BEGIN IMMEDIATE")
-                    cursor = db.execute(
-                        "INSERT INTO spool (message_id, routing_key, body, headers, timestamp, "
-                        "event_type, spooled_at) SELECT message_id, routing_key, body, headers, "
-                        "timestamp, event_type, spooled_at FROM stray.spool ORDER BY id"
-                    )
-                    moved += max(cursor.rowcount, 0)
-            finally:
-                db.execute("DETACH DATABASE stray")
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{stray}{suffix}").unlink(missing_ok=True)
-            log.warning("moved the events of %s into %s", stray, path)
+        return sum(_merge_one(path, stray) for stray in strays)
+    finally:
+        target.release()
+
+
+def _merge_one(path: Path, stray: Path) -> int:
+    lock = SpoolLock(stray)
+    if not lock.acquire():
+        log.warning("spool %s is in use by process %s: not merged", stray, lock.holder())
+        return 0
+    db = _connect(path)
+    try:
+        db.execute("ATTACH DATABASE ? AS stray", (str(stray),))
+        try:
+            db.execute(_SCHEMA.replace("spool (", "stray.spool (", 1))
+            db.execute(_QUARANTINE_SCHEMA.replace("quarantine (", "stray.quarantine (", 1))
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                moved = db.execute(
+                    f"INSERT INTO spool ({_COLUMNS}) "  # noqa: S608
+                    f"SELECT {_COLUMNS} FROM stray.spool ORDER BY id"
+                ).rowcount
+                moved += db.execute(
+                    f"INSERT INTO quarantine ({_COLUMNS}, reason, quarantined_at) "  # noqa: S608
+                    f"SELECT {_COLUMNS}, reason, quarantined_at FROM stray.quarantine ORDER BY id"
+                ).rowcount
+        finally:
+            db.execute("DETACH DATABASE stray")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{stray}{suffix}").unlink(missing_ok=True)
+        log.warning("moved the events of %s into %s", stray, path)
+        return max(moved, 0)
     finally:
         db.close()
-    return moved
+        lock.path.unlink(missing_ok=True)  # while still held: no one can take the old file
+        lock.release()

@@ -4,6 +4,13 @@ take the event in time, and a forwarder that empties the spool into RabbitMQ onc
 After a publish times out (broker down, or blocked by a memory/disk alarm) requests go straight
 to the spool for `spool_bypass_s`, so callers are not each made to wait out the timeout; the
 forwarder's next successful publish ends that early.
+
+An event the broker refuses for itself (`PublishError.permanent`) is never spooled: the caller
+hears at once. A spooled event that fails for a reason of its own is moved aside (`quarantine`)
+rather than block the line: at once when the broker refuses it for itself; and when a batch
+broke the connection, the forwarder sends the oldest event alone next, and moves it aside once it
+has broken the connection alone `MAX_STRIKES` times (a blocked or stopped broker breaks nothing:
+it does not count).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from b24queue.spool import Spool, SpoolFullError
 log = logging.getLogger(__name__)
 
 FORWARD_BATCH = 200
+MAX_STRIKES = 3
 
 
 class SpoolingSink:
@@ -35,8 +43,12 @@ class SpoolingSink:
         self._forwarder: asyncio.Task[None] | None = None
         self.spooled_total = 0
         self.forwarded_total = 0
+        self.quarantined_total = 0
         # Told how many events were just spooled and forwarded (the metrics count them).
         self.on_change: Callable[[int, int], None] | None = None
+        # After a batch broke the connection, send the oldest event alone: is it the cause?
+        self._isolate = False
+        self._strikes: dict[int, int] = {}
 
     async def __aenter__(self) -> SpoolingSink:
         self._forwarder = asyncio.create_task(self._forward_loop(), name="b24queue-forwarder")
@@ -52,6 +64,10 @@ class SpoolingSink:
     def depth(self) -> int:
         return self.spool.count
 
+    @property
+    def quarantined(self) -> int:
+        return self.spool.quarantined
+
     def is_ready(self) -> bool:
         """Ready to accept an event: RabbitMQ is, or the spool has room."""
         return self._broker.is_ready() or self.spool.has_room()
@@ -65,8 +81,10 @@ class SpoolingSink:
                 self._bypass_until = time.monotonic() + self._bypass_s
                 log.warning("spooling: %s", exc)
             except PublishError as exc:
-                if exc.returned:
-                    raise  # unroutable even via the alternate exchange: a topology problem
+                if exc.returned or exc.permanent:
+                    # Unroutable even via the alternate exchange (a topology problem), or
+                    # refused for itself: spooled, it would fail the same way.
+                    raise
                 log.warning("spooling: %s", exc)
         try:
             await self.spool.put(envelope)
@@ -91,29 +109,64 @@ class SpoolingSink:
         """Publish the oldest spooled events, delete those confirmed. False: try again later."""
         if not self._broker.is_ready():
             return False
-        batch = await self.spool.oldest(FORWARD_BATCH)
+        batch = await self.spool.oldest(1 if self._isolate else FORWARD_BATCH)
         if not batch:
             self.spool.not_empty.clear()
             return True
+        losses = self._losses()
         results = await asyncio.gather(
             *(self._broker.publish(envelope) for _, envelope in batch),
             return_exceptions=True,
         )
-        done = [row_id for (row_id, _), r in zip(batch, results, strict=True) if r is None]
+        broke = self._losses() > losses
+        outcomes = [(row_id, r) for (row_id, _), r in zip(batch, results, strict=True)]
+        done = [row_id for row_id, r in outcomes if r is None]
         await self.spool.delete(done)
+        for row_id in done:
+            self._strikes.pop(row_id, None)
         self.forwarded_total += len(done)
         if done and self.on_change is not None:
             self.on_change(0, len(done))
-        failures = [r for r in results if r is not None]
-        if failures:
+        failed = [(row_id, r) for row_id, r in outcomes if r is not None]
+        for row_id, error in failed:
+            await self._judge(row_id, error, alone=len(batch) == 1, broke=broke)
+        self._isolate = broke and bool(failed)
+        if failed:
             log.warning(
                 "forwarded %d spooled event(s); %d wait for RabbitMQ (%s)",
                 len(done),
-                len(failures),
-                failures[0],
+                len(failed),
+                failed[0][1],
             )
             return False
         self._bypass_until = 0.0  # RabbitMQ takes events again
         if not self.spool.count:
             log.info("spool empty: every accepted event is in RabbitMQ")
         return True
+
+    def _losses(self) -> int:
+        return int(getattr(self._broker, "connection_losses", 0))
+
+    async def _judge(self, row_id: int, error: BaseException, *, alone: bool, broke: bool) -> None:
+        """Move a spooled event aside if it is the reason it fails."""
+        if isinstance(error, PublishError) and error.permanent:
+            await self._set_aside(row_id, str(error))
+        elif alone and broke:
+            strikes = self._strikes[row_id] = self._strikes.get(row_id, 0) + 1
+            if strikes >= MAX_STRIKES:
+                await self._set_aside(
+                    row_id, f"publishing it alone broke the connection {strikes} times: {error}"
+                )
+
+    async def _set_aside(self, row_id: int, reason: str) -> None:
+        self._strikes.pop(row_id, None)
+        await self.spool.quarantine(row_id, reason)
+        self.quarantined_total += 1
+        log.error(
+            "spooled event (row %d) moved to quarantine in %s: %s; see `b24queue spool list`",
+            row_id,
+            self.spool.path,
+            reason,
+        )
+        if self.on_change is not None:
+            self.on_change(0, 0)

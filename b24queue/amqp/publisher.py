@@ -99,6 +99,9 @@ class AmqpPublisher:
         self._channel: AbstractChannel | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Connections lost so far: tells the spool's forwarder whether a publish that failed
+        # broke the connection (an event that does so every time is moved aside).
+        self.connection_losses = 0
 
     async def __aenter__(self) -> AmqpPublisher:
         self._task = asyncio.create_task(self._connect(), name="b24queue-publisher-connect")
@@ -119,6 +122,7 @@ class AmqpPublisher:
 
     async def _connect(self) -> None:
         connection = self._connection = await connect(self._settings, self._name)
+        connection.close_callbacks.add(self._lost)
         while True:
             await connection.connected.wait()
             try:
@@ -138,6 +142,9 @@ class AmqpPublisher:
         self._channel = channel
         self.connected.set()
         log.info("publishing to exchange %r (confirms on)", self._settings.exchange)
+
+    def _lost(self, *_: object) -> None:
+        self.connection_losses += 1
 
     async def _open_channel(self, connection: AbstractRobustConnection) -> AbstractChannel:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

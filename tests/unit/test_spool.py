@@ -204,3 +204,128 @@ async def test_spool_counts_reach_the_metrics_as_they_change(tmp_path: Path) -> 
             await asyncio.sleep(0.05)
         assert value("b24queue_ingress_forwarded_total") == 3
         assert value("b24queue_ingress_spool_events") == 0
+
+
+class PoisonBroker(FlakyBroker):
+    """Publishing the `poison` message breaks the connection (as a header frame over frame_max
+    does), failing every publish in flight with it; or the broker refuses it for itself."""
+
+    def __init__(self, poison: str, *, permanent: bool = False) -> None:
+        super().__init__()
+        self.poison = poison
+        self.permanent = permanent
+        self.connection_losses = 0
+        self._in_flight = 0
+        self._broken = False
+
+    async def publish(self, envelope: Envelope) -> None:
+        self._in_flight += 1
+        try:
+            if envelope.message_id == self.poison:
+                if self.permanent:
+                    raise PublishError("message size 999 is larger than max size", permanent=True)
+                self.connection_losses += 1
+                self._broken = True
+            await asyncio.sleep(0.001)  # the batch is in flight together
+            if self._broken:
+                raise BrokerUnavailableError("connection to RabbitMQ failed: FRAME_ERROR")
+            self.published.append(envelope.message_id)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._broken = False
+
+
+async def test_a_spooled_event_that_breaks_the_connection_is_moved_aside(tmp_path: Path) -> None:
+    sent = [envelope(i) for i in range(5)]
+    broker = PoisonBroker(poison=sent[0].message_id)  # the oldest: the head of the line
+    broker.ready = False
+    async with (
+        Spool(tmp_path / "s.db", 10) as spool,
+        SpoolingSink(broker, spool, bypass_s=5, retry_interval_s=0.01) as sink,
+    ):
+        for e in sent:
+            await sink.publish(e)
+        broker.ready = True
+        await asyncio.wait_for(_until(lambda: spool.count == 0), 5)
+        # Everything behind it went on; it is kept aside, not lost and not retried forever.
+        assert broker.published == [e.message_id for e in sent[1:]]
+        assert (spool.quarantined, sink.quarantined_total, sink.forwarded_total) == (1, 1, 4)
+    async with Spool(tmp_path / "s.db", 10) as spool:  # it survives a restart
+        assert (spool.count, spool.quarantined) == (0, 1)
+
+
+async def test_a_message_the_broker_refuses_is_never_spooled_and_moved_aside_if_spooled(
+    tmp_path: Path,
+) -> None:
+    poison, fine = envelope(1), envelope(2)
+    broker = PoisonBroker(poison=poison.message_id, permanent=True)
+    async with (
+        Spool(tmp_path / "s.db", 10) as spool,
+        SpoolingSink(broker, spool, bypass_s=0, retry_interval_s=0.01) as sink,
+    ):
+        with pytest.raises(PublishError) as info:
+            await sink.publish(poison)
+        assert info.value.permanent and spool.count == 0
+        # One spooled by an older version (or while the broker was down) goes aside at once.
+        broker.ready = False
+        await sink.publish(poison)
+        await sink.publish(fine)
+        broker.ready = True
+        await asyncio.wait_for(_until(lambda: spool.count == 0), 5)
+        assert broker.published == [fine.message_id] and spool.quarantined == 1
+
+
+async def test_a_stopped_broker_never_moves_events_aside(tmp_path: Path) -> None:
+    broker = FlakyBroker()
+    broker.fail_with = BrokerUnavailableError("RabbitMQ did not confirm within 0.75s")
+    async with (
+        Spool(tmp_path / "s.db", 10) as spool,
+        SpoolingSink(broker, spool, bypass_s=0, retry_interval_s=0.001) as sink,
+    ):
+        await sink.publish(envelope(1))
+        for _ in range(20):  # many failed forwards, none of which broke a connection
+            await sink._forward_batch()
+        assert (spool.count, spool.quarantined) == (1, 0)
+
+
+async def test_spool_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        async with Spool(tmp_path / "s.db", 10) as spool:
+            await spool.put(envelope(1))
+            for suffix in ("", "-wal", "-shm", ".lock"):
+                mode = stat.S_IMODE((tmp_path / f"s.db{suffix}").stat().st_mode)
+                assert mode == 0o600, (suffix, oct(mode))
+    finally:
+        os.umask(old)
+
+
+async def test_two_ingresses_cannot_share_a_spool(tmp_path: Path) -> None:
+    from b24queue.spool import SpoolInUseError
+
+    async with Spool(tmp_path / "s.db", 10):
+        with pytest.raises(SpoolInUseError, match="in use by another ingress process"):
+            async with Spool(tmp_path / "s.db", 10):
+                pass
+    async with Spool(tmp_path / "s.db", 10):  # free again once closed
+        pass
+
+
+async def test_merging_leaves_a_stray_spool_that_a_running_process_owns(tmp_path: Path) -> None:
+    from b24queue.spool import SpoolInUseError
+
+    base = tmp_path / "spool.sqlite3"
+    async with Spool(slot_path(base, 1), 10) as running:
+        await running.put(envelope(1))
+        # A second ingress started in this directory with one process must not take slot 1's
+        # events from under the process that answered 200 for them.
+        assert merge_stray_spools(base, keep=1) == 0
+        assert slot_path(base, 1).exists() and running.count == 1
+        async with Spool(base, 10):  # and slot 0 in use: merging into it is refused
+            with pytest.raises(SpoolInUseError):
+                merge_stray_spools(base, keep=1)
+    assert merge_stray_spools(base, keep=1) == 1

@@ -1,0 +1,168 @@
+"""Findings 4 and 7: in per-portal mode a tenant speaks only for its own portal, only a portal's
+own token uninstalls it, racing installs cannot overwrite each other (SQLite and Redis), the
+token store and spool are private files, and the application token is never published."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from b24queue.envelope import envelope_for
+from b24queue.events import Event
+from b24queue.http.ingress import create_app
+from b24queue.portal_verify import PortalVerifier
+from b24queue.portals import PortalRecord, RedisTokenStore, SqliteTokenStore, TokenStore
+from b24queue.settings import load_settings
+from b24queue.verify import StaticTokens
+from tests.conftest import SAMPLE_TOKEN, sample_decoded, sample_form
+from tests.unit.test_ingress_http import MemorySink
+
+ALPHA = {"domain": "alpha.bitrix24.com", "member_id": "a" * 32, "application_token": "alpha-tok"}
+BETA = {"domain": "beta.bitrix24.com", "member_id": "b" * 32, "application_token": "beta-tok"}
+WEBHOOK_TOKEN = "webhook-static-token"
+
+
+def event(name: str, auth: dict[str, str], **more: str) -> dict[str, Any]:
+    return {
+        "event": name,
+        "data": {"FIELDS": {"ID": "1"}},
+        "auth": {**auth, "client_endpoint": f"https://{auth['domain']}/rest/", **more},
+    }
+
+
+class Trust:
+    async def confirm(self, event: Event) -> None:
+        return None
+
+
+@pytest.fixture
+async def portals(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[TestClient[Any, Any], MemorySink, TokenStore]]:
+    store = SqliteTokenStore(tmp_path / "portals.sqlite3")
+    sink = MemorySink()
+    verifier = PortalVerifier(store, Trust(), StaticTokens((WEBHOOK_TOKEN,)))
+    app = create_app(load_settings(allow_unverified=True), sink, verifier)
+    async with TestClient(TestServer(app)) as client:
+        for auth in (ALPHA, BETA):
+            resp = await client.post("/b24/events", json=event("ONAPPINSTALL", auth))
+            assert resp.status == 200, await resp.text()
+        sink.published.clear()
+        yield client, sink, store
+    await store.close()
+
+
+async def test_a_tenant_cannot_send_events_as_another_portals_domain(
+    portals: tuple[TestClient[Any, Any], MemorySink, TokenStore],
+) -> None:
+    client, sink, _ = portals
+    forged = event("ONCRMDEALADD", {**ALPHA, "domain": BETA["domain"]})
+    resp = await client.post("/b24/events", json=forged)
+    assert resp.status == 401 and "auth[domain]" in (await resp.json())["error"]
+    forged = event("ONCRMDEALADD", ALPHA, client_endpoint="https://beta.bitrix24.com/rest/")
+    resp = await client.post("/b24/events", json=forged)
+    assert resp.status == 401 and "client_endpoint" in (await resp.json())["error"]
+    assert sink.published == []
+    assert (await client.post("/b24/events", json=event("ONCRMDEALADD", ALPHA))).status == 200
+
+
+async def test_a_static_token_cannot_uninstall_a_portal(
+    portals: tuple[TestClient[Any, Any], MemorySink, TokenStore],
+) -> None:
+    client, _, store = portals
+    # An outgoing webhook's token is valid for events, but not to make us forget alpha.
+    uninstall = event("ONAPPUNINSTALL", {**ALPHA, "application_token": WEBHOOK_TOKEN})
+    assert (await client.post("/b24/events", json=uninstall)).status == 200
+    assert await store.get(ALPHA["member_id"]) is not None
+    # Nor can beta's own token uninstall alpha.
+    uninstall = event("ONAPPUNINSTALL", {**ALPHA, "application_token": BETA["application_token"]})
+    assert (await client.post("/b24/events", json=uninstall)).status == 401
+    assert await store.get(ALPHA["member_id"]) is not None
+    # Alpha's own token does.
+    assert (await client.post("/b24/events", json=event("ONAPPUNINSTALL", ALPHA))).status == 200
+    assert await store.get(ALPHA["member_id"]) is None
+    assert await store.get(BETA["member_id"]) is not None
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
+    if request.param == "sqlite":
+        s: TokenStore = SqliteTokenStore(tmp_path / "portals.sqlite3")
+    else:
+        s = RedisTokenStore("redis://127.0.0.1:6379/0", prefix=f"b24q-test-{uuid.uuid4().hex}:")
+    try:
+        yield s
+    finally:
+        for record in await s.all():
+            await s.forget(record.member_id)
+        await s.close()
+
+
+async def test_racing_installs_store_one_token_and_refuse_the_other(store: TokenStore) -> None:
+    member = "c" * 32
+    # No call-back: a first install is trusted, a new token for a known portal is not. The old
+    # read-then-upsert let several racing "first" installs all answer 200, the last write
+    # silently replacing the token the others were accepted with.
+    verifier = PortalVerifier(store, None)
+    installs = [
+        Event.from_payload(
+            event(
+                "ONAPPINSTALL",
+                {
+                    "domain": "gamma.bitrix24.com",
+                    "member_id": member,
+                    "application_token": f"token-{i}",
+                },
+            )
+        )
+        for i in range(8)
+    ]
+    results = await asyncio.gather(*(verifier.verify(e) for e in installs), return_exceptions=True)
+    accepted = [e for e, r in zip(installs, results, strict=True) if r is None]
+    assert len(accepted) == 1, results
+    record = await store.get(member)
+    assert record is not None and record.token == accepted[0].auth.application_token
+
+
+async def test_compare_and_set_writes(store: TokenStore) -> None:
+    first = PortalRecord("d" * 32, "delta.bitrix24.com", "t1")
+    assert await store.remember(first)
+    assert not await store.remember(PortalRecord(first.member_id, first.domain, "t2"))
+    assert not await store.remember(PortalRecord(first.member_id, first.domain, "t3"), "wrong")
+    assert await store.remember(PortalRecord(first.member_id, first.domain, "t3"), "t1")
+    assert not await store.forget(first.member_id, token="t1")
+    assert await store.forget(first.member_id, token="t3")
+
+
+async def test_token_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o000)
+    try:
+        store = SqliteTokenStore(tmp_path / "p" / "portals.sqlite3")
+        await store.remember(PortalRecord("e" * 32, "eps.bitrix24.com", "secret"))
+        await store.close()
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "p").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_the_application_token_is_not_published() -> None:
+    from b24queue.events import FORM_TYPE, parse_event
+
+    for name in ("crm-deal-add", "imbot-message-add", "app-install"):
+        published = envelope_for(parse_event(FORM_TYPE, sample_form(name)))
+        assert SAMPLE_TOKEN.encode() not in published.body, name
+        body = published.body.decode()
+        decoded = sample_decoded(name)
+        # The other auth fields, which handlers need, are all there.
+        for key, value in decoded["auth"].items():
+            if key != "application_token":
+                assert f'"{key}":"{value}"' in body, key
