@@ -6,12 +6,10 @@ import re
 from typing import ClassVar
 
 from b24queue.errors import ConfigError
-from b24queue.events import Event
+from b24queue.events import BINDING, MAX_EVENT_NAME, Event
 from b24queue.idempotency import SeenStore
 
 _QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$")
-_EVENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
-_PATTERNS = ("#", "*")
 MAX_DELAY_S = 7 * 24 * 3600
 # RabbitMQ's consumer_timeout (30 min by default) closes the channel of a delivery unacked for
 # longer and requeues everything on it: a handler must be stopped well before that.
@@ -69,7 +67,8 @@ class EventConsumer:
 
     @classmethod
     def binding_keys(cls) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(e if e in _PATTERNS else e.upper() for e in cls.events))
+        """Routing keys and topic patterns, upper-cased as the ingress upper-cases names."""
+        return tuple(dict.fromkeys(e.upper() for e in cls.events))
 
     @classmethod
     def check(cls) -> None:
@@ -102,8 +101,16 @@ class EventConsumer:
                 "events", "must be a non-empty tuple of event names, e.g. ('ONCRMDEALADD',)"
             )
         for event in events:
-            if not isinstance(event, str) or not (event in _PATTERNS or _EVENT.match(event)):
-                raise cls._bad("events", f"has {event!r}: not an event name, '#' or '*'")
+            if (
+                not isinstance(event, str)
+                or len(event) > MAX_EVENT_NAME
+                or not BINDING.fullmatch(event)
+            ):
+                raise cls._bad(
+                    "events",
+                    f"has {event!r}: not an event name (ONCRMDEALADD, CATALOG.PRODUCT.ON.ADD) or "
+                    "a topic pattern of dot-separated words, '*' (one word) and '#' (any words)",
+                )
 
     @classmethod
     def _check_numbers(cls) -> None:

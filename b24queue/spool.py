@@ -326,6 +326,11 @@ def slot_path(path: Path, slot: int) -> Path:
     return path if slot == 0 else path.with_name(f"{path.stem}.{slot}{path.suffix}")
 
 
+def spool_files(path: Path) -> list[Path]:
+    """Every existing spool file of `path`: slot 0's, then each other slot's."""
+    return ([path] if path.exists() else []) + stray_spools(path, keep=1)
+
+
 def stray_spools(path: Path, keep: int) -> list[Path]:
     """Spool files of process slots >= `keep` (left from a run with more processes)."""
     pattern = re.compile(re.escape(path.stem) + r"\.([0-9]+)" + re.escape(path.suffix) + "$")

@@ -253,3 +253,34 @@ async def test_redeclaring_is_idempotent_and_a_mismatch_names_queue_and_argument
             pass
     assert "x-queue-type" in str(info.value)
     assert repr(broker.settings.unrouted) in str(info.value) or cls.queue in str(info.value)
+
+
+async def test_catalog_events_with_dots_route_by_exact_name_and_topic_patterns(
+    broker: Broker,
+) -> None:
+    """Catalog events are named with dots; each part is a routing-key word."""
+    got: dict[str, set[str]] = {"all": set(), "products": set(), "price": set(), "deal": set()}
+
+    def recorder(key: str) -> Handle:
+        async def handle(self: EventConsumer, event: Event) -> None:
+            got[key].add(event.name)
+
+        return handle
+
+    classes = [
+        consumer(broker.name("catalog-all"), ("catalog.#",), recorder("all")),
+        consumer(broker.name("catalog-products"), ("CATALOG.PRODUCT.ON.*",), recorder("products")),
+        consumer(broker.name("catalog-price"), ("CATALOG.PRICE.ON.UPDATE",), recorder("price")),
+        consumer(broker.name("deals"), ("ONCRMDEALADD",), recorder("deal")),
+    ]
+    names = ["catalog-product-add", "catalog-price-update", "crm-deal-add"]
+    async with Worker(broker.settings, classes):
+        await post_samples(broker, names)
+        await wait_until(lambda: sum(len(v) for v in got.values()) == 5, what="all routed")
+    assert got == {
+        "all": {"CATALOG.PRODUCT.ON.ADD", "CATALOG.PRICE.ON.UPDATE"},
+        "products": {"CATALOG.PRODUCT.ON.ADD"},
+        "price": {"CATALOG.PRICE.ON.UPDATE"},
+        "deal": {"ONCRMDEALADD"},
+    }
+    assert await broker.depth(broker.settings.unrouted) == 0

@@ -33,7 +33,7 @@ def test_a_good_consumer_passes() -> None:
         ({"queue": "x.retry.5s"}, "reserved name"),
         ({"events": ()}, "MyConsumer.events must be a non-empty tuple"),
         ({"events": "ONCRMDEALADD"}, "MyConsumer.events must be a non-empty tuple"),
-        ({"events": ("ON.CRM",)}, "MyConsumer.events has 'ON.CRM'"),
+        ({"events": ("ON..CRM",)}, "MyConsumer.events has 'ON..CRM'"),
         ({"events": ("ONCRM*",)}, "MyConsumer.events has 'ONCRM*'"),
         ({"prefetch": 0}, "MyConsumer.prefetch must be an int from 1"),
         ({"max_attempts": 0}, "MyConsumer.max_attempts must be an int >= 1"),
