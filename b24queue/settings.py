@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     app_client_id: str = ""
     portal_domains: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PORTAL_DOMAINS
     portal_check_timeout_s: float = Field(default=3.0, gt=0, le=30)
+    # Anyone can post an ONAPPINSTALL, and each costs an outbound call: bounded, refused at once
+    # when over (see b24queue/http/portal_check.py).
+    portal_check_concurrency: int = Field(default=8, ge=1, le=256)
+    portal_check_per_domain_per_min: int = Field(default=4, ge=1, le=600)
+    portal_check_per_s: float = Field(default=10.0, gt=0, le=1000)
     portal_allow_private: bool = False
     portal_ca_file: str = ""
 
@@ -172,13 +177,17 @@ class Settings(BaseSettings):
 
     @property
     def broker_credentials(self) -> tuple[str, str]:
+        """User and password of the AMQP URL, percent-decoded (`p%40ss` is `p@ss`), as
+        aio-pika (yarl) decodes them for the AMQP login; guest/guest when absent, as there."""
         parts = urlsplit(self.amqp_url)
-        return parts.username or "guest", parts.password or "guest"
+        return unquote(parts.username or "") or "guest", unquote(parts.password or "") or "guest"
 
     def redacted_amqp_url(self) -> str:
         parts = urlsplit(self.amqp_url)
-        netloc = f"{parts.hostname}:{parts.port or 5672}"
-        return f"{parts.scheme}://{parts.username or 'guest'}:***@{netloc}{parts.path or '/'}"
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        return f"{parts.scheme}://{parts.username or 'guest'}:***@{host}:{port}{parts.path or '/'}"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -6,7 +6,12 @@ it, over HTTPS with a self-signed certificate for `*.portal.test`, chosen by the
   expired     401 {"error": "expired_token", "error_description": "The access token ..."}
   error       500 {"error": "INTERNAL_SERVER_ERROR", ...}
   slow        answers after 10 s
+  hold-*      waits until `release` is set, then answers like good-*
   redirect    302 to another host
+
+The call-back only ever connects to port 443, which tests cannot listen on: the portal is
+published on 443 (`port`, `endpoint()`), listens on a free port (`listen_port`), and
+`StaticResolver` maps the one onto the other (aiohttp connects to the port a resolver returns).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import socket
 import ssl
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 CLIENT_ID = "app.b24queue-test"
+PUBLISHED_PORT = 443
+
+# published port -> the port the running fake portal really listens on
+_LISTENING: dict[int, int] = {}
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -52,17 +62,25 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 class StaticResolver(AbstractResolver):
-    """Every name resolves to 127.0.0.1 (where the fake portal listens)."""
+    """Every name resolves to `address` (default 127.0.0.1, where the fake portal listens), and
+    port 443 to the port the running fake portal listens on (or as `ports` maps it)."""
+
+    def __init__(self, address: str = "127.0.0.1", ports: Mapping[int, int] | None = None) -> None:
+        self.address = address
+        self._ports = ports
+        self.asked: list[tuple[str, int]] = []
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        self.asked.append((host, port))
+        ports = _LISTENING if self._ports is None else self._ports
         return [
             {
                 "hostname": host,
-                "host": "127.0.0.1",
-                "port": port,
-                "family": socket.AF_INET,
+                "host": self.address,
+                "port": ports.get(port, port),
+                "family": socket.AF_INET6 if ":" in self.address else socket.AF_INET,
                 "proto": 0,
                 "flags": socket.AI_NUMERICHOST,
             }
@@ -78,7 +96,10 @@ class FakePortal:
         self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._ssl.load_cert_chain(cert, key)
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = PUBLISHED_PORT
+        self.listen_port = 0
+        self.release = asyncio.Event()  # lets hold-* answer
+        self._arrived = asyncio.Condition()
 
     async def start(self) -> None:
         app = web.Application()
@@ -89,19 +110,36 @@ class FakePortal:
         await site.start()
         server = site._server
         assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.listen_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        _LISTENING[self.port] = self.listen_port
 
     async def stop(self) -> None:
+        if _LISTENING.get(self.port) == self.listen_port:
+            del _LISTENING[self.port]
+        self.release.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
     def endpoint(self, domain: str) -> str:
-        return f"https://{domain}:{self.port}/rest/"
+        return f"https://{domain}/rest/"
+
+    async def wait_for_calls(self, count: int, timeout_s: float = 10.0) -> None:
+        """Until `count` calls have arrived (held ones included)."""
+        async with self._arrived:
+            await asyncio.wait_for(
+                self._arrived.wait_for(lambda: len(self.calls) >= count), timeout_s
+            )
 
     async def app_info(self, request: web.Request) -> web.Response:
         form = await request.post()
         token = str(form.get("auth") or request.query.get("auth") or "")
-        self.calls.append({"host": request.host, "token": token})
+        # host:port as the caller sent it (punycode; 443 when it named no port)
+        self.calls.append({"host": f"{request.url.raw_host}:{request.url.port}", "token": token})
+        async with self._arrived:
+            self._arrived.notify_all()
+        if token.startswith("hold"):
+            await self.release.wait()
+            token = "good"
         if token.startswith("good"):
             return web.json_response(
                 {

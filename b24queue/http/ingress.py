@@ -14,7 +14,8 @@ from aiohttp import web
 
 from b24queue.envelope import EventSink, envelope_for
 from b24queue.errors import BadEventError, BrokerUnavailableError, PublishError, UnauthorizedError
-from b24queue.events import FORM_TYPE, JSON_TYPE, parse_event
+from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
+from b24queue.limits import LogBudget
 from b24queue.logs import client_text
 from b24queue.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from b24queue.metrics import EventLabels, IngressMetrics
@@ -71,6 +72,8 @@ class EventsView:
         self._metrics = metrics
         self._retry_after = {"Retry-After": str(settings.retry_after_s)}
         self._labels = EventLabels()
+        # A flood of forged requests must not flood the log: 20 lines at once, then one a second.
+        self._refusal_log = LogBudget(20, 1.0, time.monotonic)
 
     async def post(self, request: web.Request) -> web.Response:
         media = request.content_type.lower()
@@ -100,15 +103,7 @@ class EventsView:
         try:
             await self._verifier.verify(event)
         except UnauthorizedError as exc:
-            self._metrics.refused.labels("unauthorized").inc()
-            log.warning(
-                "refused %s from domain=%s member_id=%s: %s",
-                event.name,
-                client_text(event.auth.domain),
-                client_text(event.auth.member_id),
-                client_text(exc, 300),
-            )
-            return error(401, str(exc))
+            return self._unauthorized(event, exc)
         started = time.perf_counter()
         try:
             await self._sink.publish(envelope)
@@ -134,6 +129,20 @@ class EventsView:
             body=b'{"status": "accepted", "message_id": "%s"}' % envelope.message_id.encode(),
             content_type="application/json",
         )
+
+    def _unauthorized(self, event: Event, exc: UnauthorizedError) -> web.Response:
+        self._metrics.refused.labels("unauthorized").inc()
+        dropped = self._refusal_log.spend()
+        if dropped is not None:
+            log.warning(
+                "refused %s from domain=%s member_id=%s: %s%s",
+                event.name,
+                client_text(event.auth.domain),
+                client_text(event.auth.member_id),
+                client_text(exc, 300),
+                f" ({dropped} refusals before this one not logged)" if dropped else "",
+            )
+        return error(401, str(exc))
 
     def _not_stored(self, name: str, message_id: str, exc: Exception) -> web.Response:
         self._metrics.not_stored.labels(self._labels.of(name)).inc()

@@ -1,42 +1,133 @@
 """Confirming an ONAPPINSTALL with the portal itself: `app.info` on the portal's REST endpoint
 with the event's access token must answer for our app.
 
-The endpoint comes from the (unverified) request, so it is treated as hostile: https only, its
-host must be the event's `auth[domain]` and match the configured portal domains, it must not
-resolve to a private, loopback or link-local address (checked when connecting, so DNS rebinding
-cannot slip past), redirects are not followed, the answer is bounded in time and size.
+The endpoint comes from the (unverified) request, so it is treated as hostile: https on port 443,
+path `/rest/`, its host (IDNA-normalised, never an IP literal) must be the event's `auth[domain]`
+and match the configured portal domains, it must not resolve to a private, loopback or link-local
+address, nor to one wrapped in IPv6 (checked when connecting, so DNS rebinding cannot slip past),
+redirects are not followed, the answer is bounded in time and size.
+
+Anyone can post an ONAPPINSTALL and each one costs an outbound call, so call-backs are
+rate-limited per domain and overall, and at most `portal_check_concurrency` run at once: past
+that an install is refused at once, never queued, so a flood cannot make a real install wait out
+the timeout. Every refusal tells the caller the same thing (no oracle for port scans); the reason
+goes to the log, escaped, truncated and itself rate-limited.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from b24queue.errors import UnauthorizedError
+from b24queue.errors import ConfigError, UnauthorizedError
 from b24queue.events import Event
+from b24queue.limits import KeyedLimiter, LogBudget, TokenBucket
+from b24queue.logs import client_text
 from b24queue.settings import Settings
 
+log = logging.getLogger(__name__)
+
 MAX_ANSWER_BYTES = 64 * 1024
+NOT_CONFIRMED = "the portal did not confirm this install"
+MAX_TRACKED_DOMAINS = 4096  # per-domain buckets kept; the domains are chosen by the caller
+REFUSALS_LOGGED_PER_S = 1.0  # sustained; a burst of 20 first (a flood must not flood the log)
+
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (RFC 6052 NAT64, the deprecated
+# IPv4-compatible form); IPv4-mapped and 6to4 have `ipaddress` properties of their own.
+_EMBEDS_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+# RFC 8215 local-use NAT64: where the IPv4 sits depends on the operator's prefix length, and it
+# is never a public portal.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+class PortalNotConfirmed(UnauthorizedError):
+    """A refused install call-back. `str()` is the same generic sentence for every reason (it is
+    what the caller gets back); the reason, escaped and truncated, is `detail` (and a note)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(NOT_CONFIRMED)
+        self.detail = client_text(detail, 300)
+        self.add_note(self.detail)
 
 
 def domain_pattern(patterns: tuple[str, ...]) -> re.Pattern[str]:
     """`*.bitrix24.com` matches exactly one label in place of `*` (never `a.b.bitrix24.com`,
-    never `bitrix24.com.evil.net`)."""
+    never `bitrix24.com.evil.net`). Patterns are matched in their IDNA (punycode) form."""
     parts = []
     for p in patterns:
-        escaped = re.escape(p.strip().lower()).replace(
-            r"\*", "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-        )
+        try:
+            ascii_pattern = p.strip().lower().encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ConfigError(f"B24QUEUE_PORTAL_DOMAINS: {p!r} is not a domain name") from None
+        escaped = re.escape(ascii_pattern).replace(r"\*", "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
         parts.append(escaped)
     return re.compile(r"^(?:" + "|".join(parts) + r")$")
+
+
+def normalise_host(host: str) -> str | None:
+    """The host's IDNA (punycode, lower-case) form, or None if it is not a domain name we can
+    normalise (empty, a label too long, broken punycode): such a host is refused, not guessed."""
+    try:
+        ascii_host = host.encode("idna").decode("ascii").lower()
+        ascii_host.encode("ascii").decode("idna")  # the round trip rejects broken `xn--` labels
+    except UnicodeError:
+        return None
+    return ascii_host or None
+
+
+def is_ip_literal(host: str) -> bool:
+    """Any spelling of an address: `1.2.3.4`, `::1`, and what inet_aton still takes (`127.1`,
+    `0x7f000001`, `2130706433`), which a resolver would turn into an address."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
+
+
+def carried_address(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address an IPv6 one carries (IPv4-mapped, NAT64, 6to4, IPv4-compatible): that is
+    where the packets end up, so that is the address to judge. Any other address is itself."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        if any(ip in net for net in _EMBEDS_IPV4):
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
+def is_public_address(host: str) -> bool:
+    """True for an address a public portal may have; False for private, loopback, link-local,
+    multicast, reserved ones, also when wrapped in IPv6, and for anything not an address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip in _LOCAL_NAT64:
+        return False
+    ip = carried_address(ip)
+    return ip.is_global and not ip.is_multicast
 
 
 class _GuardedResolver(AbstractResolver):
@@ -52,9 +143,10 @@ class _GuardedResolver(AbstractResolver):
         results = await self._inner.resolve(host, port, family)
         if not self._allow_private:
             for r in results:
-                ip = ipaddress.ip_address(r["host"])
-                if not ip.is_global:
-                    raise UnauthorizedError(f"portal host {host} resolves to a private address")
+                if not is_public_address(r["host"]):
+                    raise PortalNotConfirmed(
+                        f"portal host {host} resolves to a private address ({r['host']})"
+                    )
         return results
 
     async def close(self) -> None:
@@ -70,6 +162,7 @@ class PortalCallback:
         *,
         resolver: AbstractResolver | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._domains = domain_pattern(settings.portal_domains)
@@ -78,13 +171,28 @@ class PortalCallback:
             cafile=settings.portal_ca_file or None
         )
         self._session: aiohttp.ClientSession | None = None
+        self._clock = clock
+        per_domain = float(settings.portal_check_per_domain_per_min)
+        self._per_domain = KeyedLimiter(per_domain, per_domain / 60, MAX_TRACKED_DOMAINS, clock)
+        per_s = settings.portal_check_per_s
+        self._overall = TokenBucket(max(1.0, per_s), per_s, clock())
+        self._in_flight = 0
+        self._log_budget = LogBudget(20, REFUSALS_LOGGED_PER_S, clock)
 
     async def __aenter__(self) -> PortalCallback:
         resolver = _GuardedResolver(
             self._resolver or aiohttp.DefaultResolver(), self._settings.portal_allow_private
         )
+        # The pool is as large as the number of call-backs we let run (never a queue to wait
+        # in), and nothing is kept alive: each portal is called once per install.
+        connector = aiohttp.TCPConnector(
+            resolver=resolver,
+            ssl=self._ssl,
+            limit=self._settings.portal_check_concurrency,
+            force_close=True,
+        )
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=resolver, ssl=self._ssl, limit=20),
+            connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._settings.portal_check_timeout_s),
         )
         return self
@@ -94,39 +202,94 @@ class PortalCallback:
             await self._session.close()
 
     def endpoint(self, event: Event) -> str:
-        """The `app.info` URL, or `UnauthorizedError` saying which rule it broke."""
-        domain = (event.auth.domain or "").lower()
-        if not domain or not self._domains.match(domain):
-            raise UnauthorizedError(
-                f"auth[domain] {domain!r} is not a portal domain we accept "
+        """The `app.info` URL, or `PortalNotConfirmed` saying (in `detail`) which rule it broke."""
+        return f"https://{self._target(event)}/rest/app.info"
+
+    def _target(self, event: Event) -> str:
+        """The portal's host, checked. The URL is built from it alone: nothing else of the
+        request's `client_endpoint` reaches the call-back."""
+        raw = event.auth.domain or ""
+        domain = _host_of(raw, "auth[domain]")
+        if not self._domains.match(domain):
+            raise PortalNotConfirmed(
+                f"auth[domain] '{raw[:100]}' is not a portal domain we accept "
                 "(B24QUEUE_PORTAL_DOMAINS)"
             )
-        raw = event.auth.client_endpoint or ""
-        parts = urlsplit(raw)
+        raw_endpoint = event.auth.client_endpoint or ""
+        try:
+            parts = urlsplit(raw_endpoint)
+        except ValueError:  # e.g. an unbalanced '[' in the host
+            raise PortalNotConfirmed("auth[client_endpoint] is not a URL") from None
         if parts.scheme != "https":
-            raise UnauthorizedError("auth[client_endpoint] must be https://")
-        if (parts.hostname or "").lower() != domain:
-            raise UnauthorizedError("auth[client_endpoint] is not on the portal's auth[domain]")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise UnauthorizedError("auth[client_endpoint] is not a plain REST endpoint")
-        base = raw if raw.endswith("/") else raw + "/"
-        return base + "app.info"
+            raise PortalNotConfirmed("auth[client_endpoint] must be https://")
+        if "@" in parts.netloc or "?" in raw_endpoint or "#" in raw_endpoint:
+            raise PortalNotConfirmed("auth[client_endpoint] is not a plain REST endpoint")
+        if _host_of(parts.netloc, "auth[client_endpoint]") != domain:
+            raise PortalNotConfirmed("auth[client_endpoint] is not on the portal's auth[domain]")
+        if parts.path not in ("/rest/", "/rest"):
+            raise PortalNotConfirmed("auth[client_endpoint] path is not /rest/")
+        return domain
 
     async def confirm(self, event: Event) -> None:
         assert self._session is not None, "use `async with PortalCallback(...)`"
-        url = self.endpoint(event)
+        try:
+            await self._confirm(event)
+        except PortalNotConfirmed as exc:
+            self._log_refusal(event.auth.domain, exc.detail)
+            raise
+
+    async def _confirm(self, event: Event) -> None:
+        domain = self._target(event)
         if not event.auth.access_token:
-            raise UnauthorizedError(
+            raise PortalNotConfirmed(
                 "ONAPPINSTALL without auth[access_token]: cannot ask the portal"
             )
-        answer = await self._ask(url, event.auth.access_token)
+        self._admit(domain)
+        self._in_flight += 1
+        try:
+            answer = await self._ask(f"https://{domain}/rest/app.info", event.auth.access_token)
+        finally:
+            self._in_flight -= 1
         result = answer.get("result")
         if not isinstance(result, dict):
-            raise UnauthorizedError("the portal's app.info answer has no result")
+            raise PortalNotConfirmed("the portal's app.info answer has no result")
         ours = self._settings.app_client_id
         codes = {str(result.get(k)) for k in ("CODE", "client_id", "CLIENT_ID") if result.get(k)}
         if ours not in codes:
-            raise UnauthorizedError("the portal says this token belongs to another app")
+            raise PortalNotConfirmed("the portal says this token belongs to another app")
+
+    def _admit(self, domain: str) -> None:
+        """Fail fast, never wait: Bitrix24 sends an install once, and a flood must not make it
+        wait out the timeout behind forged ones. Busy is checked first, so refusals for it spend
+        no rate budget; the per-domain bucket before the overall one, so hammering one domain
+        does not spend the budget of the others."""
+        s = self._settings
+        if self._in_flight >= s.portal_check_concurrency:
+            raise PortalNotConfirmed(
+                f"{self._in_flight} call-backs already in flight "
+                "(B24QUEUE_PORTAL_CHECK_CONCURRENCY): refused at once, not queued"
+            )
+        if not self._per_domain.take(domain):
+            raise PortalNotConfirmed(
+                f"rate limited: more than {s.portal_check_per_domain_per_min} call-backs a minute "
+                "for this domain (B24QUEUE_PORTAL_CHECK_PER_DOMAIN_PER_MIN)"
+            )
+        if not self._overall.take(self._clock()):
+            raise PortalNotConfirmed(
+                f"rate limited: more than {s.portal_check_per_s:g} call-backs a second "
+                "(B24QUEUE_PORTAL_CHECK_PER_S)"
+            )
+
+    def _log_refusal(self, domain: str | None, detail: str) -> None:
+        skipped = self._log_budget.spend()
+        if skipped is None:
+            return
+        log.warning(
+            "install call-back for %s refused: %s%s",
+            client_text(domain),
+            detail,
+            f" ({skipped} refusals before this one not logged)" if skipped else "",
+        )
 
     async def _ask(self, url: str, access_token: str) -> dict[str, Any]:
         assert self._session is not None
@@ -136,30 +299,47 @@ class PortalCallback:
             ) as resp:
                 body = await resp.content.read(MAX_ANSWER_BYTES + 1)
                 status = resp.status
-        except UnauthorizedError:
-            raise
+        except PortalNotConfirmed:
+            raise  # from the resolver guard
         except TimeoutError:
             limit = self._settings.portal_check_timeout_s
-            raise UnauthorizedError(
+            raise PortalNotConfirmed(
                 f"the portal did not answer app.info within {limit:g}s"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise UnauthorizedError(
-                f"cannot reach the portal to confirm the install: {exc!r}"
+            # For the log only (it names addresses and ports): the caller gets NOT_CONFIRMED.
+            raise PortalNotConfirmed(
+                f"cannot reach the portal: {type(exc).__name__}: {exc}"
             ) from None
         if 300 <= status < 400:
-            raise UnauthorizedError("the portal answered app.info with a redirect (not followed)")
+            raise PortalNotConfirmed("the portal answered app.info with a redirect (not followed)")
         if len(body) > MAX_ANSWER_BYTES:
-            raise UnauthorizedError("the portal's app.info answer is too large")
+            raise PortalNotConfirmed("the portal's app.info answer is too large")
         try:
             answer = json.loads(body)
         except ValueError:
-            raise UnauthorizedError(
+            raise PortalNotConfirmed(
                 f"the portal's app.info answer (HTTP {status}) is not JSON"
             ) from None
         if not isinstance(answer, dict):
-            raise UnauthorizedError("the portal's app.info answer is not an object")
+            raise PortalNotConfirmed("the portal's app.info answer is not an object")
         if status != 200 or "error" in answer:
             code = str(answer.get("error", status))[:64]
-            raise UnauthorizedError(f"the portal refused app.info ({code})")
+            raise PortalNotConfirmed(f"the portal refused app.info ({code})")
         return answer
+
+
+def _host_of(hostport: str, field: str) -> str:
+    """The normalised host of `hostport` (auth[domain], or the endpoint's host[:port]): never an
+    address, and a port only if spelt `:443` (the call-back reaches nothing else)."""
+    if hostport.startswith("["):
+        raise PortalNotConfirmed(f"{field} is an IP address")
+    host, colon, port = hostport.partition(":")
+    if colon and port != "443":
+        raise PortalNotConfirmed(f"{field} has a port other than 443")
+    ascii_host = normalise_host(host)
+    if ascii_host is None:
+        raise PortalNotConfirmed(f"{field} host is not a domain name (IDNA)")
+    if is_ip_literal(ascii_host):
+        raise PortalNotConfirmed(f"{field} is an IP address")
+    return ascii_host

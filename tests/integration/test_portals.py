@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue.amqp.publisher import AmqpPublisher
 from b24queue.forms import encode_form
 from b24queue.http.ingress import create_app
-from b24queue.http.portal_check import PortalCallback
+from b24queue.http.portal_check import NOT_CONFIRMED, PortalCallback
 from b24queue.portal_verify import PortalVerifier
 from b24queue.portals import RedisTokenStore, SqliteTokenStore, TokenStore
 from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
@@ -64,7 +64,11 @@ def body(
 
 @asynccontextmanager
 async def portal_ingress(
-    broker: Broker, store: TokenStore, cert: Path, **extra: Any
+    broker: Broker,
+    store: TokenStore,
+    cert: Path,
+    resolver: StaticResolver | None = None,
+    **extra: Any,
 ) -> AsyncIterator[TestClient[Any, Any]]:
     values: dict[str, Any] = {
         "app_tokens": "",
@@ -78,7 +82,7 @@ async def portal_ingress(
     settings = broker.make_settings(**{**values, **extra})
     async with (
         AmqpPublisher(settings, f"b24queue ingress {settings.exchange}") as publisher,
-        PortalCallback(settings, resolver=StaticResolver()) as check,
+        PortalCallback(settings, resolver=resolver or StaticResolver()) as check,
     ):
         app = create_app(settings, publisher, PortalVerifier(store, check))
         async with TestClient(TestServer(app)) as client:
@@ -200,10 +204,79 @@ async def test_a_portal_on_a_private_address_is_refused(
             "/b24/events", data=body("ONAPPINSTALL", "inside", "t", fake_portal), headers=FORM
         )
         assert resp.status == 401
-        assert "private address" in (await resp.json())["error"]
+        assert await resp.json() == {"error": NOT_CONFIRMED}  # the reason is logged, not told
         assert await store.all() == []
     assert await broker.depth(queue) == 0
     assert fake_portal.calls == []
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "closed_port"),
+    [
+        ("https://{domain}:8443/rest/", False),
+        ("https://{domain}:0/rest/", False),
+        ("https://{domain}/other/", False),
+        ("https://{domain}/rest/", True),  # a port scan: nothing listens there
+    ],
+)
+async def test_a_refused_install_call_back_tells_the_caller_nothing_more(
+    broker: Broker,
+    fake_portal: FakePortal,
+    portal_certificate: tuple[Path, Path],
+    tmp_path: Path,
+    endpoint: str,
+    closed_port: bool,
+) -> None:
+    port = free_port()  # closed again: connecting there is refused
+    resolver = StaticResolver(ports={443: port}) if closed_port else None
+    async with (
+        store_of("sqlite", tmp_path) as store,
+        portal_ingress(broker, store, portal_certificate[0], resolver) as client,
+    ):
+        data = body(
+            "ONAPPINSTALL", "scan", "t", None, endpoint=endpoint.format(domain="scan.portal.test")
+        )
+        resp = await client.post("/b24/events", data=data, headers=FORM)
+        text = await resp.text()
+        assert resp.status == 401
+        assert await resp.json() == {"error": NOT_CONFIRMED}
+        for leak in ("127.0.0.1", str(port), "8443", "Errno", "Connect", "other"):
+            assert leak not in text
+        assert await store.all() == []
+    assert fake_portal.calls == []
+
+
+async def test_an_install_flood_does_not_make_a_real_install_wait(
+    broker: Broker, fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    async with (
+        store_of("sqlite", tmp_path) as store,
+        portal_ingress(
+            broker,
+            store,
+            portal_certificate[0],
+            portal_check_concurrency=1,
+            portal_check_timeout_s=15.0,
+        ) as client,
+    ):
+
+        async def post(data: bytes) -> aiohttp.ClientResponse:
+            return await client.post("/b24/events", data=data, headers=FORM)
+
+        held = asyncio.create_task(
+            post(body("ONAPPINSTALL", "slow", "s", fake_portal, access="hold"))
+        )
+        await fake_portal.wait_for_calls(1)  # the only slot is taken, held by the portal
+        resp = await post(body("ONAPPINSTALL", "real", "r", fake_portal))
+        # Answered while the held call-back still waits: refused at once, not queued behind it.
+        assert not held.done()
+        assert resp.status == 401 and await resp.json() == {"error": NOT_CONFIRMED}
+        fake_portal.release.set()
+        assert (await held).status == 200
+        # Bitrix24 does not resend an install; the portal's admin reinstalls, and that goes through.
+        assert (await post(body("ONAPPINSTALL", "real", "r", fake_portal))).status == 200
+        assert sorted(r.member_id for r in await store.all()) == ["real", "slow"]
+    assert [c["token"] for c in fake_portal.calls] == ["hold", "good-1"]
 
 
 async def test_reinstall_with_a_new_token_and_a_replayed_install(
@@ -244,7 +317,7 @@ async def test_two_ingress_processes_share_the_redis_store(broker: Broker, tmp_p
             "B24QUEUE_SPOOL_ENABLED": "false",
         }
     )
-    member = f"shared-{uuid.uuid4().hex[:8]}"
+    member = f"shared_{uuid.uuid4().hex[:8]}"
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,

@@ -132,3 +132,15 @@ async def test_metric_labels_are_bounded(client: TestClient[Any, Any], sink: Mem
     ]
     assert len(lines) == 201, len(lines)
     assert any('event="other"' in line and line.endswith(" 100.0") for line in lines)
+
+
+async def test_a_flood_of_refusals_is_logged_in_bounded_lines(
+    client: TestClient[Any, Any], sink: MemorySink, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = sample_decoded("crm-deal-add")
+    event["auth"]["application_token"] = "forged-token"
+    with caplog.at_level(logging.WARNING, logger="b24queue.http.ingress"):
+        for _ in range(200):
+            assert (await client.post("/b24/events", json=event)).status == 401
+    lines = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert 20 <= len(lines) < 40, len(lines)  # a burst of 20, then about one a second
