@@ -6,19 +6,22 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit faults lint broker run topology bench soak definitions clean
+.PHONY: install test test-unit faults fuzz lint broker run topology bench soak definitions clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "b24queue needs Python >= 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,fuzz]'
 	touch $(STAMP)
 
-# Starts a project-local RabbitMQ node only when nothing listens on the AMQP port yet.
+# Starts a project-local RabbitMQ node only when nothing listens on the AMQP port yet. Either way
+# the management API must answer as guest on :15672 (the tests and `b24queue status` use it): it
+# enables rabbitmq_management and rabbitmq_prometheus when the local rabbitmq-plugins can, and
+# otherwise stops with one line saying what to run.
 broker:
-	bash rabbitmq/local-node.sh start
+	PYTHON=$(PYTHON) bash rabbitmq/local-node.sh start
 
 test: install broker
 	$(BIN)/pytest
@@ -51,6 +54,14 @@ definitions: install
 # The fault suite: its own RabbitMQ node, real processes, faults injected; prints a summary.
 faults: install broker
 	$(BIN)/pytest tests/faults
+
+# Fuzzing the decoder and the whole ingress app, longer than `make test` does: atheris for
+# FUZZ_SECONDS (default 180), hypothesis's hostile bodies FUZZ_EXAMPLES times (default 5000).
+FUZZ_SECONDS ?= 180
+FUZZ_EXAMPLES ?= 5000
+fuzz: install
+	FUZZ_RUNS=100000000 FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(BIN)/pytest tests/security/test_fuzz.py -p no:logging -s -q
 
 # Memory over a steady 5-minute load (ingress and worker).
 soak: install broker

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dlq", help="inspect, replay or purge dead letters (or the unrouted queue)")
     dlq = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    d = dlq.add_parser("list", help="show dead-lettered events and why (order kept, none lost)")
+    d = dlq.add_parser("list", help="show dead-lettered events and why (in queue order, none lost)")
     d.add_argument("queue", help="consumer queue, its .dlq, or the unrouted queue")
     d.add_argument("--limit", type=int, default=50)
     d.add_argument("--json", action="store_true")
@@ -94,8 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MESSAGE_ID",
         help="only these message ids (repeatable)",
     )
-    d = dlq.add_parser("purge", help="delete them for good (asks first)")
+    d = dlq.add_parser(
+        "purge", help="delete the messages counted for good (asks first; newer ones stay)"
+    )
     d.add_argument("queue")
+    d.add_argument("--yes", action="store_true", help="do not ask")
+
+    p = sub.add_parser(
+        "spool", help="the ingress's local spool on this host, and the events it set aside"
+    )
+    spool = p.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
+    d = spool.add_parser("list", help="spool files, events waiting, quarantined events and why")
+    d.add_argument("--limit", type=int, default=50)
+    d.add_argument("--json", action="store_true")
+    d = spool.add_parser(
+        "replay", help="publish quarantined events again (confirmed, then removed)"
+    )
+    d.add_argument(
+        "--id", action="append", dest="ids", metavar="MESSAGE_ID", help="only these (repeatable)"
+    )
+    d = spool.add_parser("drop", help="delete quarantined events for good (asks first)")
+    d.add_argument("ids", nargs="+", metavar="MESSAGE_ID")
     d.add_argument("--yes", action="store_true", help="do not ask")
 
     p = sub.add_parser("portals", help="portals known by their install (never their tokens)")
@@ -159,6 +178,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         "status": commands.cmd_status,
         "dlq": commands.cmd_dlq,
         "portals": commands.cmd_portals,
+        "spool": commands.cmd_spool,
         "send": commands.cmd_send,
     }
     try:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from typing import Any
 
-from b24queue import dlq_view, prefork, runtime, sender, status
+from b24queue import dlq_view, prefork, runtime, sender, spool_tools, status
 from b24queue.amqp.dlq import DeadLetterTool
 from b24queue.consumer import EventConsumer
 from b24queue.definitions import definitions
@@ -108,7 +108,11 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     client = ManagementClient(settings)
     current = status.summarize(
-        settings, client.queues(), client.connections(), client.bound_queues(settings.exchange)
+        settings,
+        client.queues(),
+        client.connections(),
+        client.bound_queues(settings.exchange),
+        spool_tools.files(settings),
     )
     if args.json:
         print(json.dumps(current.as_json(), indent=2))
@@ -152,11 +156,59 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
                 return EXIT_FAILURE
             return EXIT_OK
         total = await tool.count()
-        if not args.yes and not _confirm(f"Delete all {total} message(s) in {source} for good?"):
+        if total == 0:
+            print(f"{source} is empty; nothing purged")
+            return EXIT_OK
+        question = f"Delete the {total} message(s) now in {source} for good?"
+        if not args.yes and not _confirm(question):
             print("nothing purged")
             return EXIT_USAGE
-        print(f"purged {await tool.purge()} message(s) from {source}")
+        # Exactly what was counted (and shown): events that arrive meanwhile are kept.
+        purged = await tool.purge(total)
+        print(f"purged {purged} message(s) from {source}")
+        newer = await tool.count()
+        if newer:
+            print(f"kept {newer} message(s) that arrived after the count")
         return EXIT_OK
+
+
+def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
+    if args.spool_command == "list":
+        found = spool_tools.files(settings)
+        held = spool_tools.quarantined(settings, args.limit)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "files": [{**asdict(f), "path": str(f.path)} for f in found],
+                        "quarantined": [asdict(q) for q in held],
+                    },
+                    indent=2,
+                )
+            )
+            return EXIT_OK
+        if not found:
+            print(f"no spool files at {settings.spool_path} (nothing was spooled on this host)")
+        for f in found:
+            print(f"{f.path}: {f.waiting} waiting for RabbitMQ, {f.quarantined} quarantined")
+        for q in held:
+            print(
+                f"  {q.message_id}  {q.event}  {q.size_bytes} bytes  spooled {q.spooled_at}  "
+                f"set aside {q.quarantined_at}: {q.reason}"
+            )
+        return EXIT_OK
+    if args.spool_command == "drop":
+        ids = set(args.ids)
+        if not args.yes and not _confirm(f"Delete {len(ids)} quarantined event(s) for good?"):
+            print("nothing deleted")
+            return EXIT_FAILURE
+        print(f"deleted {spool_tools.drop(settings, ids)} quarantined event(s)")
+        return EXIT_OK
+    result = asyncio.run(spool_tools.replay(settings, set(args.ids) if args.ids else None))
+    print(f"replayed {result.replayed} quarantined event(s)")
+    for message_id, why in result.refused:
+        print(f"  still refused {message_id}: {why}")
+    return EXIT_FAILURE if result.refused else EXIT_OK
 
 
 def cmd_portals(settings: Settings, args: argparse.Namespace) -> int:

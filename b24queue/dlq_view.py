@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 def render(source: str, total: int, letters: Sequence[DeadLetter]) -> str:
     if total == 0:
         return f"{source} is empty"
-    lines = [f"{source}: {total} message(s); showing {len(letters)}, oldest first", ""]
+    lines = [f"{source}: {total} message(s); showing {len(letters)}, in queue order", ""]
     for i, x in enumerate(letters, 1):
         attempts = f", {x.attempts} attempt(s)" if x.attempts is not None else ""
         lines.append(f"{i}. {x.event}  message_id={x.message_id}")

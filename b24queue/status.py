@@ -3,11 +3,24 @@ unrouted queue and our connections, from the management API, as a table or JSON.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from b24queue import _constants as c
 from b24queue.settings import Settings
+
+
+class SpoolFileLike(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def quarantined(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +45,21 @@ class ConnectionRow:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolRow:
+    """A spool file of an ingress on this host (`B24QUEUE_SPOOL_PATH`)."""
+
+    path: str
+    waiting: int
+    quarantined: int
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     queues: list[QueueRow]
     unrouted: int
     connections: list[ConnectionRow]
     problems: list[str] = field(default_factory=list)
+    spools: list[SpoolRow] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +83,7 @@ def summarize(
     queues: list[dict[str, Any]],
     connections: list[dict[str, Any]],
     bound: set[str],
+    spools: Sequence[SpoolFileLike] = (),
 ) -> Status:
     """Consumer queues are the queues bound to our exchange (`bound`) that have a `.dlq`
     sibling: found on the broker, no consumer code needed."""
@@ -100,7 +124,13 @@ def summarize(
     problems = [f"{r.queue}{c.DLQ_SUFFIX} holds {r.dead_letters}" for r in rows if r.dead_letters]
     if unrouted:
         problems.append(f"{settings.unrouted} holds {unrouted}")
-    return Status(rows, unrouted, sorted(ours, key=lambda r: r.name), problems)
+    spool_rows = [SpoolRow(str(s.path), s.waiting, s.quarantined) for s in spools]
+    problems += [
+        f"spool {s.path} holds {s.quarantined} quarantined (b24queue spool list)"
+        for s in spool_rows
+        if s.quarantined
+    ]
+    return Status(rows, unrouted, sorted(ours, key=lambda r: r.name), problems, spool_rows)
 
 
 def render(status: Status, settings: Settings) -> str:
@@ -147,7 +177,12 @@ def render(status: Status, settings: Settings) -> str:
         lines += [f"  {c.name}  ({c.state}, {c.channels} channels)" for c in status.connections]
     else:
         lines.append("no b24queue connections (no ingress or worker is running)")
+    for spool in status.spools:
+        lines.append(
+            f"spool {spool.path}: {spool.waiting} waiting for RabbitMQ, "
+            f"{spool.quarantined} quarantined"
+        )
     if status.problems:
         lines.append("")
-        lines.append("DEAD LETTERS: " + "; ".join(status.problems))
+        lines.append("DEAD LETTERS / QUARANTINE: " + "; ".join(status.problems))
     return "\n".join(lines)

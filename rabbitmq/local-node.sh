@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A project-local RabbitMQ node from the system's rabbitmq-server, for machines without Docker.
-#   local-node.sh start    start one unless something already listens on the AMQP port
+#   local-node.sh start    start one unless something already listens on the AMQP port; either
+#                          way, see that the management API answers (enabling the plugins on the
+#                          machine's RabbitMQ when rabbitmq-plugins can), or say what to run
 #   local-node.sh stop     stop the project-local node (never a broker this script did not start)
 #   local-node.sh status
 # Its data and logs live in .broker/ (git-ignored). Ports: AMQP_PORT (5672), MGMT_PORT (15672),
@@ -15,7 +17,51 @@ PROM_PORT="${PROM_PORT:-15692}"
 NODE="b24queue${AMQP_PORT}@localhost"
 DIR="$ROOT/.broker/node-$AMQP_PORT"
 
+PLUGINS=(rabbitmq_management rabbitmq_prometheus)
+
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The management API answers as guest (what the tests, `b24queue status` and policies use).
+mgmt_answers() {
+  "${PYTHON:-python3}" - "$MGMT_PORT" 2>/dev/null <<'PY'
+import sys, urllib.request
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/api/overview",
+                             headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})  # guest:guest
+no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+with no_proxy.open(req, timeout=2) as resp:
+    sys.exit(resp.status != 200)
+PY
+}
+
+await_mgmt() {
+  for _ in $(seq 1 120); do
+    mgmt_answers && return 0
+    sleep 0.5
+  done
+  return 1
+}
+
+cannot_enable() {
+  echo "RabbitMQ on 127.0.0.1:$AMQP_PORT has no management API on :$MGMT_PORT ($1); run where it runs: sudo rabbitmq-plugins enable ${PLUGINS[*]}" >&2
+  exit 1
+}
+
+# Enable the plugins on the node behind AMQP_PORT if it lacks them, then wait until the API answers.
+ensure_management() {
+  mgmt_answers && return 0
+  local enable=(rabbitmq-plugins enable "${PLUGINS[@]}")
+  if [[ -f "$DIR/pid" ]] && as_broker_env rabbitmqctl -n "$NODE" -q ping >/dev/null 2>&1; then
+    # Our own node (its enabled_plugins lists them, unless someone disabled them since).
+    enable=(as_broker_env rabbitmq-plugins -n "$NODE" enable "${PLUGINS[@]}")
+  elif ! command -v rabbitmq-plugins >/dev/null; then
+    cannot_enable "no rabbitmq-plugins on this machine"
+  fi
+  echo "Enabling ${PLUGINS[*]} on the RabbitMQ at 127.0.0.1:$AMQP_PORT"
+  local out
+  out="$("${enable[@]}" 2>&1)" || cannot_enable "rabbitmq-plugins: $(grep -m1 . <<<"$out")"
+  await_mgmt || cannot_enable "enabled, but /api/overview does not answer as guest"
+  echo "Management API answers on http://127.0.0.1:$MGMT_PORT"
+}
 
 as_broker_env() {
   # CHANNEL_TICK_MS: how often channels check consumer_timeout (RabbitMQ's default: 60 s).
@@ -30,6 +76,7 @@ as_broker_env() {
 start() {
   if listening "$AMQP_PORT"; then
     echo "RabbitMQ already listening on 127.0.0.1:$AMQP_PORT; using it."
+    ensure_management
     return 0
   fi
   if ! command -v rabbitmq-server >/dev/null; then
@@ -61,10 +108,15 @@ start() {
     sleep 0.5
   done
   as_broker_env timeout 120 rabbitmqctl -n "$NODE" -q await_startup
-  for _ in $(seq 1 100); do
-    listening "$MGMT_PORT" && break
-    sleep 0.3
-  done
+  if [[ -n "${DEFINITIONS:-}" ]]; then
+    # The definitions bring their own users (maybe no guest): wait for the port only.
+    for _ in $(seq 1 100); do
+      listening "$MGMT_PORT" && break
+      sleep 0.3
+    done
+  else
+    await_mgmt || ensure_management
+  fi
   echo "RabbitMQ is up: amqp://guest:guest@127.0.0.1:$AMQP_PORT/  management http://127.0.0.1:$MGMT_PORT"
 }
 

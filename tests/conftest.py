@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+ROOT_DIR = Path(__file__).parents[1]
 SAMPLES = Path(__file__).parent / "samples"
 SAMPLE_TOKEN = "9d1c7e5a3b8f4e2d6c0a9b7e5d3c1f8a"
 SAMPLE_NAMES = sorted(p.stem for p in SAMPLES.glob("*.form"))

@@ -1,11 +1,20 @@
-"""Dead letters and unrouted events: list them without losing or reordering them, replay them
-(publish with a confirm first, then remove: a crash mid-replay duplicates, never loses), purge.
+"""Dead letters and unrouted events: list them without losing them, replay them (publish with a
+confirm first, then remove: a crash mid-replay duplicates, never loses), purge.
 
 Listing holds the messages unacked and then closes the channel, so the broker puts them back.
-It always takes *every* message, even when it shows fewer: a quorum queue puts returned messages
-behind the ones it returned earlier, so returning only some of them would reorder the queue.
-(Checked live: classic and quorum queues keep their order when all are returned together.)
-On a quorum queue each listing counts as a delivery of every message.
+It always takes *every* message, even when it shows fewer: returning only some of them would put
+those behind the rest. A classic queue then has its order back. A quorum queue does not always:
+checked live on RabbitMQ 3.10, more than a few messages returned at once (by closing the channel,
+or by nacks, even one by one) come back in hash order, and behind any that arrived meanwhile.
+Nothing is lost, but a quorum DLQ that was listed (or replayed by id) is no longer in failure
+order. On a quorum queue each listing also counts as a delivery of every message.
+
+Holding is the broker's job: the client keeps no message once it has looked at it (a listing
+keeps the descriptions it shows, never a body), so a DLQ of any size costs the tool the same
+memory.
+
+Purging deletes exactly the messages counted before the operator said yes: the first N, taken
+from the head and acked one by one. Whatever arrived after the count stays.
 """
 
 from __future__ import annotations
@@ -158,16 +167,23 @@ class DeadLetterTool:
         return channel, queue, int(queue.declaration_result.message_count or 0)
 
     async def list(self, limit: int) -> tuple[int, list[DeadLetter]]:
-        """(messages in the queue, the first `limit` of them described)."""
+        """(messages in the queue, the first `limit` of them described).
+
+        Every message is taken and held unacked (see the module docstring) but only the first
+        `limit` descriptions are kept here; the rest are held by the broker, by delivery tag.
+        """
         channel, queue, total = await self._open()
+        held = 0
+        letters: list[DeadLetter] = []
         try:
-            held = []
-            for _ in range(total):
+            while held < total:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                held.append(message)
-            return len(held), [describe(m) for m in held[:limit]]
+                held += 1
+                if len(letters) < limit:
+                    letters.append(describe(message))
+            return held, letters
         finally:
             # Closing without acks returns every held message, in order.
             await channel.close()
@@ -195,7 +211,8 @@ class DeadLetterTool:
         try:
             for _ in range(total):
                 # With ids, go on to the end even when all are found: every message not
-                # replayed must be held and returned together, or a quorum queue reorders them.
+                # replayed is held and returned together (returned early, a quorum queue would
+                # put them behind the rest). Only its delivery tag stays with the broker.
                 if ids is None and replayed >= wanted:
                     break
                 message = await queue.get(no_ack=False, fail=False)
@@ -231,10 +248,21 @@ class DeadLetterTool:
         await channel.close()
         return total
 
-    async def purge(self) -> int:
+    async def purge(self, count: int) -> int:
+        """Delete the first `count` messages (those counted before asking); returns how many.
+
+        Not queue.purge(): that would also delete what arrived after the operator saw the
+        count. A crash midway leaves the rest, unacked, back in the queue.
+        """
         channel, queue, _ = await self._open()
+        purged = 0
         try:
-            result = await queue.purge()
-            return int(result.message_count or 0)
+            while purged < count:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break  # someone else took some since the count
+                await message.ack()
+                purged += 1
         finally:
             await channel.close()
+        return purged

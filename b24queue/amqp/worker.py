@@ -131,6 +131,7 @@ class ConsumerRunner:
         self._transport: AmqpTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
+        self._settled: asyncio.Future[None]
         self._idle.set()
 
     @property
@@ -146,6 +147,8 @@ class ConsumerRunner:
         self._queue = await declare_consumer_queues(channel, self._settings, self.spec)
         self._transport = AmqpTransport(channel, self.spec)
         await self.consumer.on_start()
+        self._settled = asyncio.get_running_loop().create_future()
+        self._settled.set_result(None)
         self._consumer_tag = await self._queue.consume(
             self._on_message, no_ack=False, consumer_tag=self._tag_name()
         )
@@ -160,13 +163,15 @@ class ConsumerRunner:
     def _tag_name(self) -> str:
         return f"b24queue.{self.spec.name}.{socket.gethostname()}.{os.getpid()}"
 
-    def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # Not a coroutine: aio-pika would wrap it in a task of its own, which our own task
-        # (that a channel close does not cancel) makes redundant.
+    def _on_message(self, message: AbstractIncomingMessage) -> asyncio.Future[None]:
+        # Not a coroutine: the handling runs in our own task (that a channel close does not
+        # cancel). aio-pika awaits what this returns, and warns when it is not awaitable: a
+        # future that is already done costs nothing to await.
         task = asyncio.create_task(self._handle(message), name=f"b24queue-{self.spec.name}")
         self._tasks.add(task)
         self._idle.clear()
         task.add_done_callback(self._done)
+        return self._settled
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

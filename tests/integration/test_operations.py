@@ -248,8 +248,10 @@ async def test_purge_and_unrouted_replay(broker: Broker) -> None:
     assert code == 2 and "pass --yes" in out  # no terminal to ask: refuse
     assert await broker.depth(f"{cls.queue}.dlq") == 3
     code, out = await cli(broker, "dlq", "purge", cls.queue, "--yes")
-    assert code == 0 and "purged 3" in out
+    assert code == 0 and "purged 3" in out and "kept" not in out
     assert await broker.depth(f"{cls.queue}.dlq") == 0
+    code, out = await cli(broker, "dlq", "purge", cls.queue)  # nothing to ask about
+    assert code == 0 and "is empty; nothing purged" in out, out
 
     # An event that landed in unrouted before its consumer existed goes through the exchange.
     async with running_ingress(broker.settings) as (client, _):

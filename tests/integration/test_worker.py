@@ -104,7 +104,7 @@ async def test_always_failing_ends_in_the_dlq_with_error_headers(broker: Broker)
 
     async def broken(self: EventConsumer, event: Event) -> None:
         attempts.append(event.attempt)
-        raise ValueError(f"cannot sync deal (token {event.auth.application_token})")
+        raise ValueError(f"cannot sync deal (token {event.auth.access_token})")
 
     cls = consumer(
         broker.name("broken"),
@@ -162,12 +162,12 @@ async def test_undecodable_bodies_go_to_the_dlq_at_once(broker: Broker) -> None:
     cls = consumer(broker.name("strict"), ("ONX",), handle)
     async with Worker(broker.settings, [cls]):
         await broker.publish_raw(cls.queue, b"\x00not json", message_id="garbage-1")
-        await broker.publish_raw(cls.queue, b'{"event": "no.dots"}', message_id="garbage-2")
+        await broker.publish_raw(cls.queue, b'{"event": "no..dots"}', message_id="garbage-2")
         dead = await broker.take(f"{cls.queue}.dlq", 2)
     assert called == []
     assert {d.message_id for d in dead} == {"garbage-1", "garbage-2"}
     assert {d.headers[c.H_DEAD_LETTER_REASON] for d in dead} == {"undecodable"}
-    assert {d.body for d in dead} == {b"\x00not json", b'{"event": "no.dots"}'}
+    assert {d.body for d in dead} == {b"\x00not json", b'{"event": "no..dots"}'}
 
 
 async def test_two_consumers_each_get_the_event_and_a_retry_stays_with_its_consumer(

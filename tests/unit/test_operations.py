@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,10 @@ async def test_management_unreachable_is_a_clear_error() -> None:
     client = ManagementClient(load_settings(management_url="http://127.0.0.1:1"), timeout_s=2)
     with pytest.raises(ManagementError, match="cannot reach the RabbitMQ management API"):
         await asyncio.to_thread(client.queues)
+
+
+def test_management_client_logs_in_with_the_decoded_password() -> None:
+    """`amqp://user:p%40ss@…` logs in to AMQP as p@ss (yarl decodes): so must the API client."""
+    client = ManagementClient(load_settings(amqp_url="amqp://user:p%40ss@host/"))
+    token = client._headers["Authorization"].removeprefix("Basic ")
+    assert base64.b64decode(token) == b"user:p@ss"

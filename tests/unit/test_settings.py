@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from yarl import URL
 
 from b24queue.errors import ConfigError
 from b24queue.settings import load_settings
@@ -69,3 +70,34 @@ def test_redacted_url_hides_the_password() -> None:
     assert "s3cret" not in s.redacted_amqp_url()
     assert s.vhost == "prod"
     assert s.broker_credentials == ("app", "s3cret")
+
+
+@pytest.mark.parametrize(
+    ("url", "credentials"),
+    [
+        ("amqp://user:p%40ss@host/", ("user", "p@ss")),
+        ("amqp://us%40er%3A1:a%2Fb%3Ac%25d%20e@host:5672/vh", ("us@er:1", "a/b:c%d e")),
+        ("amqp://user:pa+ss@host/", ("user", "pa+ss")),  # userinfo has no "+ is a space"
+        ("amqp://host/", ("guest", "guest")),
+        ("amqp://user@host/", ("user", "guest")),
+    ],
+)
+def test_broker_credentials_are_percent_decoded_as_aio_pika_does(
+    url: str, credentials: tuple[str, str]
+) -> None:
+    """The management API must get the same user and password as the AMQP login."""
+    assert load_settings(amqp_url=url).broker_credentials == credentials
+    parsed = URL(url)  # what aio-pika (aiormq) logs in with
+    assert (parsed.user or "guest", parsed.password or "guest") == credentials
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("amqp://app:s%40cret@broker/prod", "amqp://app:***@broker:5672/prod"),
+        ("amqps://app:secret@broker/", "amqps://app:***@broker:5671/"),
+        ("amqp://app:secret@[::1]:5673/", "amqp://app:***@[::1]:5673/"),
+    ],
+)
+def test_redacted_url_keeps_host_and_port_right(url: str, redacted: str) -> None:
+    assert load_settings(amqp_url=url).redacted_amqp_url() == redacted
