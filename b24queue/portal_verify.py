@@ -14,6 +14,11 @@
   only when it came with that portal's own token (not a static one), and only if the stored token
   is still the one it came with.
 - Writes are compare-and-set: two installs of one portal racing cannot overwrite each other.
+- ONAPPPAYMENT carries no application token (Bitrix24 sends domain, member_id and endpoints
+  only), so anyone knowing a member_id could forge a payment. It is accepted only for a known
+  portal, from its own domain, once the portal itself confirms: `app.info` with the freshest access
+  token the portal's verified events brought (kept in the store, 0600). With no such token still
+  valid, or no call-back, it is refused with a 401 that says why.
 Static tokens (B24QUEUE_APP_TOKENS, e.g. an outgoing webhook's) keep working beside it.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -33,11 +39,20 @@ log = logging.getLogger(__name__)
 
 INSTALL = "ONAPPINSTALL"
 UNINSTALL = "ONAPPUNINSTALL"
+PAYMENT = "ONAPPPAYMENT"
+# Keep a fresher access token once the stored one has less than this left (at most a write per
+# portal per half hour, not one per event).
+REFRESH_BEFORE_S = 30 * 60
+# A stored access token this close to expiry is not used to ask the portal.
+EXPIRY_MARGIN_S = 60
 
 
 class InstallCheck(Protocol):
     async def confirm(self, event: Event) -> None:
         """Return if the portal confirms this install is ours; raise `UnauthorizedError`."""
+
+    async def confirm_app(self, domain: str, access_token: str) -> None:
+        """Return if the portal at `domain` answers `app.info` for our app with this token."""
 
 
 def _same(a: str, b: str) -> bool:
@@ -59,6 +74,9 @@ class PortalVerifier:
         if self._static is not None and self._static.matches(event):
             return
         token, member_id = event.auth.application_token, event.auth.member_id
+        if not token and event.name == PAYMENT:
+            await self._payment(event)
+            return
         if not token:
             raise UnauthorizedError("auth[application_token] is missing")
         if not member_id:
@@ -74,6 +92,40 @@ class PortalVerifier:
         if not _same(record.token, token):
             raise UnauthorizedError("auth[application_token] does not match this portal's token")
         _check_same_portal(event, record)
+        await self._keep_fresh_access(event, record)
+
+    async def _keep_fresh_access(self, event: Event, record: PortalRecord) -> None:
+        if record.access_expires > time.time() + REFRESH_BEFORE_S:
+            return
+        fresh = access_of(event)
+        if fresh is not None and fresh[1] > record.access_expires:
+            await self.store.refresh_access(record.member_id, record.token, *fresh)
+
+    async def _payment(self, event: Event) -> None:
+        member_id = event.auth.member_id
+        if not member_id:
+            raise UnauthorizedError("ONAPPPAYMENT without auth[member_id]")
+        record = await self.store.get(member_id)
+        if record is None:
+            raise UnauthorizedError(
+                f"ONAPPPAYMENT for unknown portal {member_id}: no ONAPPINSTALL was accepted for it"
+            )
+        _check_same_portal(event, record)
+        if self._check is None:
+            raise UnauthorizedError(
+                "ONAPPPAYMENT carries no application token: it is accepted only when the portal "
+                "confirms it, and the install call-back is off (B24QUEUE_PORTAL_CALLBACK)"
+            )
+        if not record.access_token or record.access_expires < time.time() + EXPIRY_MARGIN_S:
+            raise UnauthorizedError(
+                "ONAPPPAYMENT carries no application token and this portal's last access token "
+                "has expired, so the portal cannot be asked to confirm it (access tokens come "
+                "with the portal's events and last an hour)"
+            )
+        await self._check.confirm_app(record.domain, record.access_token)
+        log.info(
+            "ONAPPPAYMENT from %s (member_id %s) confirmed by the portal", record.domain, member_id
+        )
 
     async def _install(
         self, event: Event, token: str, member_id: str, record: PortalRecord | None
@@ -97,8 +149,16 @@ class PortalVerifier:
             log.warning("trusting first install of %s (member_id %s) unchecked", domain, member_id)
         else:
             await self._check.confirm(event)
+        access_token, access_expires = access_of(event) or ("", 0)
+        record_new = PortalRecord(
+            member_id=member_id,
+            domain=domain,
+            token=token,
+            access_token=access_token,
+            access_expires=access_expires,
+        )
         stored = await self.store.remember(
-            PortalRecord(member_id=member_id, domain=domain, token=token),
+            record_new,
             replacing=None if record is None else record.token,
         )
         if not stored:
@@ -147,3 +207,16 @@ def _host(url: str) -> str | None:
         return urlsplit(url).hostname
     except ValueError:  # e.g. an unbalanced '[' in the host
         return None
+
+
+def access_of(event: Event) -> tuple[str, int] | None:
+    """The event's access token and when it expires (unix seconds), if it carries one."""
+    auth = event.auth
+    if not auth.access_token:
+        return None
+    # Unix seconds and an hour's seconds are a few digits; anything longer is not a time.
+    if auth.expires and auth.expires.isdigit() and len(auth.expires) <= 12:
+        return auth.access_token, int(auth.expires)
+    if auth.expires_in and auth.expires_in.isdigit() and len(auth.expires_in) <= 8:
+        return auth.access_token, int(time.time()) + int(auth.expires_in)
+    return None

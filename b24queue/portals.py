@@ -26,10 +26,28 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class PortalRecord:
+    """A portal that installed the app. `access_token` (expiring at `access_expires`, unix
+    seconds) is the freshest one its verified events brought: what lets the ingress ask the
+    portal about an event that carries no application token (ONAPPPAYMENT)."""
+
     member_id: str
     domain: str
     token: str = field(repr=False)
     installed_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    access_token: str = field(default="", repr=False)
+    access_expires: int = 0
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "member_id": self.member_id,
+                "domain": self.domain,
+                "token": self.token,
+                "installed_at": self.installed_at,
+                "access_token": self.access_token,
+                "access_expires": self.access_expires,
+            }
+        )
 
 
 class TokenStore(Protocol):
@@ -44,6 +62,12 @@ class TokenStore(Protocol):
 
     async def forget(self, member_id: str, token: str | None = None) -> bool:
         """Forget the portal (only while its token is `token`, when given)."""
+
+    async def refresh_access(
+        self, member_id: str, token: str, access_token: str, access_expires: int
+    ) -> bool:
+        """Keep a fresher access token, while the portal's token is still `token` and the stored
+        access token expires sooner."""
 
     async def all(self) -> list[PortalRecord]: ...
 
@@ -71,6 +95,13 @@ class SqliteTokenStore:
                 "CREATE TABLE IF NOT EXISTS portals (member_id TEXT PRIMARY KEY, "
                 "domain TEXT NOT NULL, token TEXT NOT NULL, installed_at TEXT NOT NULL)"
             )
+            have = {row[1] for row in db.execute("PRAGMA table_info(portals)")}
+            for column, kind in (("access_token", "TEXT"), ("access_expires", "INTEGER")):
+                if column not in have:  # a store made by an older version
+                    default = "''" if kind == "TEXT" else "0"
+                    db.execute(
+                        f"ALTER TABLE portals ADD COLUMN {column} {kind} NOT NULL DEFAULT {default}"
+                    )
             self._db = db
         return self._db
 
@@ -78,13 +109,10 @@ class SqliteTokenStore:
         row = await self._run(self._get, member_id)
         return PortalRecord(*row) if row else None
 
-    def _get(self, member_id: str) -> tuple[str, str, str, str] | None:
+    def _get(self, member_id: str) -> tuple[Any, ...] | None:
         row = (
             self._conn()
-            .execute(
-                "SELECT member_id, domain, token, installed_at FROM portals WHERE member_id = ?",
-                (member_id,),
-            )
+            .execute(f"SELECT {_COLUMNS} FROM portals WHERE member_id = ?", (member_id,))  # noqa: S608
             .fetchone()
         )
         return tuple(row) if row else None
@@ -93,23 +121,28 @@ class SqliteTokenStore:
         return bool(await self._run(self._remember, record, replacing))
 
     def _remember(self, r: PortalRecord, replacing: str | None) -> int:
+        values = (r.domain, r.token, r.installed_at, r.access_token, r.access_expires)
         if replacing is None:
             sql = (
-                "INSERT INTO portals (member_id, domain, token, installed_at) VALUES (?, ?, ?, ?) "
+                f"INSERT INTO portals ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "  # noqa: S608
                 "ON CONFLICT(member_id) DO NOTHING"
             )
-            return (
-                self._conn().execute(sql, (r.member_id, r.domain, r.token, r.installed_at)).rowcount
-            )
+            return self._conn().execute(sql, (r.member_id, *values)).rowcount
         sql = (
-            "UPDATE portals SET domain = ?, token = ?, installed_at = ? "
-            "WHERE member_id = ? AND token = ?"
+            "UPDATE portals SET domain = ?, token = ?, installed_at = ?, access_token = ?, "
+            "access_expires = ? WHERE member_id = ? AND token = ?"
         )
-        return (
-            self._conn()
-            .execute(sql, (r.domain, r.token, r.installed_at, r.member_id, replacing))
-            .rowcount
+        return self._conn().execute(sql, (*values, r.member_id, replacing)).rowcount
+
+    async def refresh_access(
+        self, member_id: str, token: str, access_token: str, access_expires: int
+    ) -> bool:
+        sql = (
+            "UPDATE portals SET access_token = ?, access_expires = ? "
+            "WHERE member_id = ? AND token = ? AND access_expires < ?"
         )
+        args = (access_token, access_expires, member_id, token, access_expires)
+        return bool(await self._run(lambda: self._conn().execute(sql, args).rowcount))
 
     async def forget(self, member_id: str, token: str | None = None) -> bool:
         return bool(await self._run(self._forget, member_id, token))
@@ -128,13 +161,9 @@ class SqliteTokenStore:
         rows = await self._run(self._all)
         return [PortalRecord(*row) for row in rows]
 
-    def _all(self) -> list[tuple[str, str, str, str]]:
-        return [
-            tuple(r)
-            for r in self._conn().execute(
-                "SELECT member_id, domain, token, installed_at FROM portals ORDER BY installed_at"
-            )
-        ]
+    def _all(self) -> list[tuple[Any, ...]]:
+        sql = f"SELECT {_COLUMNS} FROM portals ORDER BY installed_at"  # noqa: S608
+        return [tuple(r) for r in self._conn().execute(sql)]
 
     async def close(self) -> None:
         def close() -> None:
@@ -167,14 +196,7 @@ class RedisTokenStore:
         return _decode(raw) if raw else None
 
     async def remember(self, record: PortalRecord, replacing: str | None = None) -> bool:
-        value = json.dumps(
-            {
-                "member_id": record.member_id,
-                "domain": record.domain,
-                "token": record.token,
-                "installed_at": record.installed_at,
-            }
-        )
+        value = record.as_json()
         key = self.prefix + record.member_id
         if replacing is None:
             return bool(await self._redis().set(key, value, nx=True))
@@ -186,6 +208,15 @@ class RedisTokenStore:
         if token is None:
             return bool(await self._redis().delete(key))
         return bool(await self._redis().eval(_DELETE_IF_SAME_LUA, 1, key, token))
+
+    async def refresh_access(
+        self, member_id: str, token: str, access_token: str, access_expires: int
+    ) -> bool:
+        key = self.prefix + member_id
+        done = await self._redis().eval(
+            _REFRESH_ACCESS_LUA, 1, key, token, access_token, str(access_expires)
+        )
+        return bool(done)
 
     async def all(self) -> list[PortalRecord]:
         records = []
@@ -207,6 +238,17 @@ local v = redis.call('GET', KEYS[1])
 if v and cjson.decode(v)['token'] == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+_REFRESH_ACCESS_LUA = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local r = cjson.decode(v)
+if r['token'] ~= ARGV[1] then return 0 end
+if (tonumber(r['access_expires']) or 0) >= tonumber(ARGV[3]) then return 0 end
+r['access_token'] = ARGV[2]
+r['access_expires'] = tonumber(ARGV[3])
+redis.call('SET', KEYS[1], cjson.encode(r))
+return 1
+"""
 _DELETE_IF_SAME_LUA = """
 local v = redis.call('GET', KEYS[1])
 if v and cjson.decode(v)['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -214,9 +256,19 @@ return 0
 """
 
 
+_COLUMNS = "member_id, domain, token, installed_at, access_token, access_expires"
+
+
 def _decode(raw: bytes | str) -> PortalRecord:
     data = json.loads(raw)
-    return PortalRecord(data["member_id"], data["domain"], data["token"], data["installed_at"])
+    return PortalRecord(
+        data["member_id"],
+        data["domain"],
+        data["token"],
+        data["installed_at"],
+        str(data.get("access_token") or ""),
+        int(data.get("access_expires") or 0),
+    )
 
 
 def open_store(spec: str) -> TokenStore:

@@ -47,6 +47,11 @@ class StaticTokens:
         return matched
 
     async def verify(self, event: Event) -> None:
+        if not event.auth.application_token and event.name == "ONAPPPAYMENT":
+            raise UnauthorizedError(
+                "ONAPPPAYMENT carries no application token: it is accepted only when the portal "
+                "confirms it, with per-portal verification (B24QUEUE_PORTAL_VERIFICATION)"
+            )
         if not event.auth.application_token:
             raise UnauthorizedError("auth[application_token] is missing")
         if not self.matches(event):

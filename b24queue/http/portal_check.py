@@ -250,6 +250,28 @@ class PortalCallback:
             answer = await self._ask(f"https://{domain}/rest/app.info", event.auth.access_token)
         finally:
             self._in_flight -= 1
+        self._check_ours(answer)
+
+    async def confirm_app(self, domain: str, access_token: str) -> None:
+        """Ask the portal at `domain` (a known portal's stored domain) whether this access token
+        is our app's: for events that carry no application token (ONAPPPAYMENT)."""
+        assert self._session is not None, "use `async with PortalCallback(...)`"
+        try:
+            host = _host_of(domain, "the portal's domain")
+            if not self._domains.match(host):
+                raise PortalNotConfirmed(f"domain '{domain[:100]}' is not one we accept")
+            self._admit(host)
+            self._in_flight += 1
+            try:
+                answer = await self._ask(f"https://{host}/rest/app.info", access_token)
+            finally:
+                self._in_flight -= 1
+            self._check_ours(answer)
+        except PortalNotConfirmed as exc:
+            self._log_refusal(domain, exc.detail)
+            raise
+
+    def _check_ours(self, answer: dict[str, Any]) -> None:
         result = answer.get("result")
         if not isinstance(result, dict):
             raise PortalNotConfirmed("the portal's app.info answer has no result")

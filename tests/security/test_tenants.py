@@ -138,8 +138,36 @@ async def test_compare_and_set_writes(store: TokenStore) -> None:
     assert not await store.remember(PortalRecord(first.member_id, first.domain, "t2"))
     assert not await store.remember(PortalRecord(first.member_id, first.domain, "t3"), "wrong")
     assert await store.remember(PortalRecord(first.member_id, first.domain, "t3"), "t1")
+    # A fresher access token is kept only while the token is the portal's and it is fresher.
+    assert await store.refresh_access(first.member_id, "t3", "access-1", 2000)
+    assert not await store.refresh_access(first.member_id, "t3", "access-0", 1000)
+    assert not await store.refresh_access(first.member_id, "t1", "access-2", 3000)
+    record = await store.get(first.member_id)
+    assert record is not None and (record.access_token, record.access_expires) == ("access-1", 2000)
+    assert "access-1" not in repr(record)
     assert not await store.forget(first.member_id, token="t1")
     assert await store.forget(first.member_id, token="t3")
+
+
+async def test_a_store_made_by_an_older_version_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "portals.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE portals (member_id TEXT PRIMARY KEY, domain TEXT NOT NULL, "
+        "token TEXT NOT NULL, installed_at TEXT NOT NULL)"
+    )
+    db.execute("INSERT INTO portals VALUES ('m1', 'old.bitrix24.com', 'tok', '2026-01-01')")
+    db.commit()
+    db.close()
+    store = SqliteTokenStore(path)
+    try:
+        record = await store.get("m1")
+        assert record is not None and (record.token, record.access_token) == ("tok", "")
+        assert await store.refresh_access("m1", "tok", "fresh", 100)
+    finally:
+        await store.close()
 
 
 async def test_token_store_is_private_whatever_the_umask(tmp_path: Path) -> None:

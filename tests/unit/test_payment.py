@@ -1,0 +1,164 @@
+"""ONAPPPAYMENT carries no application token: accepted only for a known portal, from its own
+domain, once the portal confirms with the freshest access token the portal's events brought
+(against the fake portal over HTTPS); otherwise a 401 that says why, and nothing published."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from b24queue.http.ingress import create_app
+from b24queue.http.portal_check import PortalCallback
+from b24queue.portal_verify import PortalVerifier
+from b24queue.portals import SqliteTokenStore
+from b24queue.settings import load_settings
+from b24queue.verify import StaticTokens
+from tests.conftest import SAMPLE_TOKEN, SAMPLES
+from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
+from tests.unit.test_ingress_http import MemorySink
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+DOMAIN = "acme.portal.test"
+MEMBER = "5f2a9c3e1b7d4a6f8e0c2b4d6f8a0c1e"
+
+
+def payment_form(domain: str = DOMAIN, member: str = MEMBER) -> bytes:
+    body = (SAMPLES / "payment" / "app-payment.form").read_bytes().strip()
+    return body.replace(b"acme.bitrix24.com", domain.encode()).replace(
+        MEMBER.encode(), member.encode()
+    )
+
+
+def event(name: str, *, access: str, expires: int, token: str = "portal-token") -> dict[str, Any]:
+    return {
+        "event": name,
+        "data": {"FIELDS": {"ID": "1"}},
+        "auth": {
+            "domain": DOMAIN,
+            "member_id": MEMBER,
+            "application_token": token,
+            "access_token": access,
+            "expires": str(expires),
+            "client_endpoint": f"https://{DOMAIN}/rest/",
+        },
+    }
+
+
+class Ingress:
+    def __init__(self, client: TestClient[Any, Any], sink: MemorySink, store: SqliteTokenStore):
+        self.client, self.sink, self.store = client, sink, store
+
+    async def post_json(self, body: dict[str, Any]) -> int:
+        return (await self.client.post("/b24/events", json=body)).status
+
+    async def pay(self, form: bytes | None = None) -> tuple[int, str]:
+        resp = await self.client.post("/b24/events", data=form or payment_form(), headers=FORM)
+        return resp.status, (await resp.json()).get("error", "")
+
+
+@pytest.fixture
+async def ingress(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> AsyncIterator[Ingress]:
+    settings = load_settings(
+        portal_verification=True,
+        app_client_id=CLIENT_ID,
+        portal_domains="*.portal.test",
+        portal_allow_private=True,
+        portal_ca_file=str(portal_certificate[0]),
+        app_tokens="webhook-token",
+    )
+    store = SqliteTokenStore(tmp_path / "portals.sqlite3")
+    sink = MemorySink()
+    async with PortalCallback(settings, resolver=StaticResolver()) as callback:
+        verifier = PortalVerifier(store, callback, StaticTokens(settings.app_tokens))
+        async with TestClient(TestServer(create_app(settings, sink, verifier))) as client:
+            yield Ingress(client, sink, store)
+    await store.close()
+
+
+async def test_a_payment_from_a_known_portal_is_confirmed_by_the_portal(
+    ingress: Ingress, fake_portal: FakePortal
+) -> None:
+    soon = int(time.time()) + 3600
+    assert (
+        await ingress.post_json(event("ONAPPINSTALL", access="good-install", expires=soon)) == 200
+    )
+    fake_portal.calls.clear()
+    status, error = await ingress.pay()
+    assert status == 200, error
+    # Asked with the stored access token, on the stored domain; nothing from the request.
+    assert fake_portal.calls == [{"host": f"{DOMAIN}:443", "token": "good-install"}]
+    published = json.loads(ingress.sink.published[-1].body)
+    assert published["event"] == "ONAPPPAYMENT" and published["data"]["STATUS"] == "P"
+
+
+async def test_later_events_keep_the_stored_access_token_fresh(
+    ingress: Ingress, fake_portal: FakePortal
+) -> None:
+    now = int(time.time())
+    assert await ingress.post_json(event("ONAPPINSTALL", access="good-1", expires=now + 120)) == 200
+    # An event with a later token, while the stored one has under half an hour left: kept.
+    assert (
+        await ingress.post_json(event("ONCRMDEALADD", access="good-2", expires=now + 3600)) == 200
+    )
+    record = await ingress.store.get(MEMBER)
+    assert record is not None and record.access_token == "good-2"
+    # One with a still later token while the stored one is fresh: no write (one per half hour).
+    assert (
+        await ingress.post_json(event("ONCRMDEALADD", access="good-3", expires=now + 3700)) == 200
+    )
+    record = await ingress.store.get(MEMBER)
+    assert record is not None and record.access_token == "good-2"
+    fake_portal.calls.clear()
+    assert (await ingress.pay())[0] == 200
+    assert [c["token"] for c in fake_portal.calls] == ["good-2"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "form", "words"),
+    [
+        ("none", None, "unknown portal"),
+        ("expired", None, "has expired"),
+        ("wrong-app", None, "did not confirm"),
+        ("good", payment_form(domain="other.portal.test"), "auth[domain]"),
+        ("good", payment_form(member="0" * 32), "unknown portal"),
+    ],
+)
+async def test_a_payment_that_cannot_be_confirmed_is_refused_and_says_why(
+    ingress: Ingress, setup: str, form: bytes | None, words: str
+) -> None:
+    now = int(time.time())
+    if setup != "none":
+        expires = now + 30 if setup == "expired" else now + 3600
+        assert (
+            await ingress.post_json(event("ONAPPINSTALL", access="good-1", expires=expires)) == 200
+        )
+    if setup == "wrong-app":  # the portal now says the stored token is another app's
+        assert await ingress.store.refresh_access(MEMBER, "portal-token", "wrong-app", now + 7200)
+    published = len(ingress.sink.published)
+    status, error = await ingress.pay(form)
+    assert status == 401 and words in error, error
+    assert len(ingress.sink.published) == published
+
+
+async def test_with_static_tokens_only_a_payment_is_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    sink = MemorySink()
+    app = create_app(load_settings(app_tokens=SAMPLE_TOKEN), sink, StaticTokens((SAMPLE_TOKEN,)))
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.post(
+            "/b24/events",
+            data=(SAMPLES / "payment" / "app-payment.form").read_bytes().strip(),
+            headers=FORM,
+        )
+        assert resp.status == 401
+        assert "ONAPPPAYMENT carries no application token" in (await resp.json())["error"]
+    assert sink.published == []
