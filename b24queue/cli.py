@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print broker definitions (rabbitmq/definitions.json) instead; no broker",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the bindings that would be added or removed; change nothing",
+    )
 
     p = sub.add_parser("status", help="queues, rates, consumers, retries, DLQs, connections")
     p.add_argument("--json", action="store_true", help="machine-readable output")

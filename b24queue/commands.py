@@ -16,11 +16,13 @@ from dataclasses import asdict
 from typing import Any
 
 from b24queue import dlq_view, prefork, runtime, sender, spool_tools, status
+from b24queue.amqp import bindings
 from b24queue.amqp.dlq import DeadLetterTool
 from b24queue.consumer import EventConsumer
 from b24queue.definitions import definitions
 from b24queue.errors import ConfigError
 from b24queue.events import FORM_TYPE, JSON_TYPE
+from b24queue.layout import spec_for
 from b24queue.management import ManagementClient
 from b24queue.portals import open_store
 from b24queue.settings import Settings
@@ -78,6 +80,8 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
     if args.definitions:
         print(json.dumps(definitions(settings, classes), indent=2))
         return EXIT_OK
+    if args.dry_run:
+        return _topology_dry_run(settings, classes, as_json=args.json)
     states = asyncio.run(runtime.declare_topology(settings, classes))
     if args.json:
         print(
@@ -102,6 +106,31 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
     for s in states:
         arguments = " ".join(f"{k}={v}" for k, v in s.arguments.items())
         print(f"{s.name:<{width}}  {s.messages:>7}  {s.consumers:>9}  {arguments}")
+    return EXIT_OK
+
+
+def _topology_dry_run(
+    settings: Settings, classes: list[type[EventConsumer]], *, as_json: bool
+) -> int:
+    runtime.check_consumers(classes)
+    changes = asyncio.run(bindings.plan(settings, [spec_for(cls) for cls in classes]))
+    if as_json:
+        rows = [
+            {
+                "queue": c.queue,
+                "exists": c.current is not None,
+                "add": list(c.to_add),
+                "remove": list(c.to_remove),
+            }
+            for c in changes
+        ]
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for c in changes:
+        state = "would be created" if c.current is None else "exists"
+        print(f"queue {c.queue} ({state}) on {settings.exchange}:")
+        lines = [f"  + bind {k}" for k in c.to_add] + [f"  - unbind {k}" for k in c.to_remove]
+        print("\n".join(lines) if lines else "  bindings up to date")
     return EXIT_OK
 
 

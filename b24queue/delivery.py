@@ -41,6 +41,7 @@ class Incoming:
     routing_key: str
     headers: Mapping[str, Any]
     redelivered: bool = False
+    accepted_at: datetime | None = None  # when the ingress accepted it (the message timestamp)
     # The transport's own object for this delivery (e.g. the AMQP message to ack); opaque here.
     handle: Any = field(default=None, repr=False, compare=False)
 
@@ -86,7 +87,9 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     attempt = incoming.attempt
     try:
         event = _decode(incoming)
-        event._set_delivery(incoming.message_id, attempt, incoming.redelivered)
+        event._set_delivery(
+            incoming.message_id, attempt, incoming.redelivered, incoming.accepted_at
+        )
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
     key = f"{queue}:{incoming.message_id}" if incoming.message_id else None

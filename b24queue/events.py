@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -143,6 +144,7 @@ class Event(BaseModel):
     _message_id: str | None = PrivateAttr(default=None)
     _attempt: int = PrivateAttr(default=1)
     _redelivered: bool = PrivateAttr(default=False)
+    _accepted_at: datetime | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -213,11 +215,25 @@ class Event(BaseModel):
         disconnected while holding it), so the handler may have run already."""
         return self._redelivered
 
-    def _set_delivery(self, message_id: str | None, attempt: int, redelivered: bool) -> None:
+    @property
+    def accepted_at(self) -> datetime | None:
+        """Set by the worker: when the ingress accepted the event (the message's timestamp, whole
+        seconds, UTC). A spooled event keeps the time it was accepted, so with `ts` (when the
+        portal sent it) a handler can order events that reached it out of order."""
+        return self._accepted_at
+
+    def _set_delivery(
+        self,
+        message_id: str | None,
+        attempt: int,
+        redelivered: bool,
+        accepted_at: datetime | None = None,
+    ) -> None:
         """For the worker, on the event it just decoded (private attributes, not fields)."""
         self._message_id = message_id
         self._attempt = attempt
         self._redelivered = redelivered
+        self._accepted_at = accepted_at
 
 
 def decode_body(content_type: str, body: bytes) -> dict[str, Any]:

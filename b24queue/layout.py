@@ -123,6 +123,24 @@ def consumer_policy(settings: Settings, spec: QueueSpec) -> Policy:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class BindingChange:
+    """How a consumer queue's bindings differ from what its class declares. `current` None:
+    the queue does not exist yet."""
+
+    queue: str
+    current: frozenset[str] | None
+    wanted: tuple[str, ...]
+
+    @property
+    def to_add(self) -> tuple[str, ...]:
+        return tuple(k for k in self.wanted if self.current is None or k not in self.current)
+
+    @property
+    def to_remove(self) -> tuple[str, ...]:
+        return tuple(sorted((self.current or frozenset()) - set(self.wanted)))
+
+
 def queue_plan(settings: Settings, spec: QueueSpec) -> list[tuple[str, dict[str, Any]]]:
     """Every queue of a consumer with the arguments we declare it with."""
     plan = [(spec.name, queue_arguments(settings))]

@@ -71,6 +71,19 @@ class ManagementClient:
             return set()
         return {b["destination"] for b in bindings if b.get("destination_type") == "queue"}
 
+    def queue_bindings(self, queue: str, exchange: str) -> set[str] | None:
+        """Routing keys binding `queue` to `exchange`; None when the queue does not exist."""
+        q, x = quote(queue, safe=""), quote(exchange, safe="")
+        try:
+            self.get(f"/api/queues/{self.vhost}/{q}?columns=name")
+        except LookupError:
+            return None
+        try:
+            bindings: list[dict[str, Any]] = self.get(f"/api/bindings/{self.vhost}/e/{x}/q/{q}")
+        except LookupError:  # no such exchange yet
+            return set()
+        return {str(b.get("routing_key", "")) for b in bindings}
+
     def policy(self, name: str) -> dict[str, Any] | None:
         try:
             result: dict[str, Any] = self.get(f"/api/policies/{self.vhost}/{quote(name, safe='')}")

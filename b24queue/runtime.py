@@ -23,6 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from b24queue.amqp import bindings
 from b24queue.amqp.connection import Connection, close_quietly, connect, connection_name
 from b24queue.amqp.publisher import AmqpPublisher
 from b24queue.amqp.topology import (
@@ -220,6 +221,9 @@ class Worker:
                 runner = ConsumerRunner(cls(), self.settings, self._connection, self.metrics)
                 self.runners.append(runner)
                 await runner.start()
+            await bindings.prune(
+                self.settings, [(r.spec, r.queue) for r in self.runners], required=False
+            )
         except BaseException:
             await self._close()
             raise
@@ -317,10 +321,12 @@ async def declare_topology(
         channel = await connection.channel()
         await declare_exchanges(channel, settings)
         plan = [(settings.unrouted, queue_arguments(settings))]
+        declared = []
         for cls in classes:
             spec = spec_for(cls)
-            await declare_consumer_queues(channel, settings, spec)
+            declared.append((spec, await declare_consumer_queues(channel, settings, spec)))
             plan += queue_plan(settings, spec)
+        await bindings.prune(settings, declared, required=True)
         states = [await inspect_queue(channel, name, args) for name, args in plan]
         await channel.close()
         return states

@@ -172,8 +172,10 @@ class Settings(BaseSettings):
 
     @property
     def vhost(self) -> str:
-        path = urlsplit(self.amqp_url).path.lstrip("/")
-        return path or "/"
+        """The vhost named in the URL's path, percent-decoded (`/%2F` is `/`), as aio-pika reads
+        it; `/` when the path is empty."""
+        path = urlsplit(self.amqp_url).path.removeprefix("/")
+        return unquote(path) or "/"
 
     @property
     def broker_credentials(self) -> tuple[str, str]:

@@ -61,6 +61,11 @@ async def declare_consumer_queues(
     return queue
 
 
+async def unbind(queue: AbstractQueue, exchange: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        await queue.unbind(exchange, routing_key=key)
+
+
 async def _declare_queue(
     channel: AbstractChannel, name: str, arguments: dict[str, Any]
 ) -> AbstractQueue:

@@ -12,7 +12,12 @@ import socket
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 
 from b24queue import _constants as c
 from b24queue.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
@@ -153,12 +158,20 @@ class ConsumerRunner:
             self._on_message, no_ack=False, consumer_tag=self._tag_name()
         )
         log.info(
-            "consuming %s (bindings %s, prefetch %d, max_attempts %d)",
+            "consuming %s (bindings %s, prefetch %d, max_attempts %d, retry delays %s: "
+            "Retry(delay_s=...) waits the first of these at least as long)",
             self.spec.name,
             ",".join(self.spec.bindings),
             self.consumer.prefetch,
             self.consumer.max_attempts,
+            ", ".join(f"{d:g}s" for d in sorted(set(self.spec.retry_delays_s))),
         )
+
+    @property
+    def queue(self) -> AbstractQueue:
+        assert self._queue is not None, "start() first"
+        queue: AbstractQueue = self._queue
+        return queue
 
     def _tag_name(self) -> str:
         return f"b24queue.{self.spec.name}.{socket.gethostname()}.{os.getpid()}"
@@ -188,6 +201,7 @@ class ConsumerRunner:
             routing_key=str(message.headers.get(c.H_ORIGINAL_ROUTING_KEY) or message.routing_key),
             headers=dict(message.headers),
             redelivered=bool(message.redelivered),
+            accepted_at=message.timestamp,
             handle=message,
         )
         gauge = self._in_flight_gauge

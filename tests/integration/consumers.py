@@ -28,3 +28,14 @@ class Recorder(EventConsumer):
         _record(f"start {event.message_id} {int(event.redelivered)}")
         await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")))
         _record(f"done {event.message_id} {int(event.redelivered)}")
+
+
+class Narrowing(EventConsumer):
+    """A consumer whose events come from B24QT_EVENTS (comma-separated): a deploy that changes
+    them, for the stale-binding tests."""
+
+    queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
+    events = tuple(os.environ.get("B24QT_EVENTS", "ONX").split(","))
+
+    async def handle(self, event: Event) -> None:
+        return None

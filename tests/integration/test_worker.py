@@ -284,3 +284,41 @@ async def test_catalog_events_with_dots_route_by_exact_name_and_topic_patterns(
         "deal": {"ONCRMDEALADD"},
     }
     assert await broker.depth(broker.settings.unrouted) == 0
+
+
+async def test_a_spooled_event_keeps_when_it_was_accepted(broker: Broker, tmp_path: Any) -> None:
+    """Spooled events can reach handlers after newer ones: `accepted_at` (the message timestamp,
+    kept through the spool) and `ts` (the portal's) let a handler order them."""
+    from dataclasses import replace
+    from datetime import UTC, timedelta
+
+    from b24queue.amqp.publisher import AmqpPublisher
+    from b24queue.envelope import envelope_for
+    from b24queue.spool import Spool
+    from b24queue.spooling import SpoolingSink
+    from b24queue.testing import make_event
+
+    earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    old = replace(
+        envelope_for(make_event("ONCRMDEALADD", {"FIELDS": {"ID": "1"}})), timestamp=earlier
+    )
+    async with Spool(tmp_path / "spool.sqlite3", 10) as spool:
+        await spool.put(old)  # accepted five minutes ago, while RabbitMQ was away
+    seen: dict[str, Event] = {}
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        seen[event.message_id or ""] = event
+
+    cls = consumer(broker.name("ordered"), ("ONCRMDEALADD",), handle)
+    async with Worker(broker.settings, [cls]):
+        [new_id] = await post_samples(broker, ["crm-deal-add"])  # accepted now, handled first
+        await wait_until(lambda: new_id in seen, what="the new event")
+        async with (
+            AmqpPublisher(broker.settings, f"b24queue test {broker.prefix}") as publisher,
+            Spool(tmp_path / "spool.sqlite3", 10) as spool,
+            SpoolingSink(publisher, spool, bypass_s=1, retry_interval_s=0.1),
+        ):
+            await wait_until(lambda: old.message_id in seen, what="the spooled event")
+    assert seen[old.message_id].accepted_at == earlier
+    newer = seen[new_id].accepted_at
+    assert newer is not None and newer > earlier

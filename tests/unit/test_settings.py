@@ -101,3 +101,17 @@ def test_broker_credentials_are_percent_decoded_as_aio_pika_does(
 )
 def test_redacted_url_keeps_host_and_port_right(url: str, redacted: str) -> None:
     assert load_settings(amqp_url=url).redacted_amqp_url() == redacted
+
+
+@pytest.mark.parametrize(
+    ("url", "vhost"),
+    [
+        ("amqp://h/", "/"),
+        ("amqp://h", "/"),
+        ("amqp://h/%2F", "/"),
+        ("amqp://h/prod", "prod"),
+        ("amqp://h/a%2Fb", "a/b"),
+    ],
+)
+def test_the_vhost_is_percent_decoded(url: str, vhost: str) -> None:
+    assert load_settings(amqp_url=url).vhost == vhost
