@@ -38,7 +38,11 @@ def message_body(payload: dict[str, Any]) -> bytes:
     if isinstance(bots, dict) and any(_has_token(b) for b in bots.values()):
         bots = {k: _without_token(b, "AUTH") if _has_token(b) else b for k, b in bots.items()}
         payload = {**payload, "data": {**data, "BOT": bots}}  # type: ignore[dict-item]
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN or an infinity that came in some other way than decode_json
+        raise BadEventError("the event holds a number that is not JSON (NaN or infinite)") from None
+    return text.encode()
 
 
 def _has_token(node: Any, key: str = "AUTH") -> bool:

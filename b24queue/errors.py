@@ -22,7 +22,8 @@ class BadEventError(B24QueueError):
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.field = field
+        # The name as the caller sent it, cut short: a key can be as long as the body.
+        self.field = field[:200] if field else field
 
 
 class UnauthorizedError(B24QueueError):
@@ -44,6 +45,11 @@ class PublishError(B24QueueError):
         super().__init__(message)
         self.returned = returned
         self.permanent = permanent
+
+
+class StoreUnavailableError(B24QueueError):
+    """The portal token store cannot be read or written now (e.g. Redis down): the event cannot
+    be verified, so it is not stored (503), whoever sent it."""
 
 
 class TopologyMismatchError(B24QueueError):

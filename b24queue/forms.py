@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlencode
@@ -122,24 +123,24 @@ def split_key(key: str) -> tuple[str, list[Segment]]:
     open_at = key.find("[")
     if open_at == -1:
         if "]" in key:
-            raise BadEventError(f"unbalanced brackets in key {key!r}", field=key)
+            raise BadEventError(f"unbalanced brackets in key {_shown(key)}", field=key)
         if not key:
             raise BadEventError("empty field name", field=key)
         return key, []
     base, rest = key[:open_at], key[open_at:]
     if not base or "]" in base:
-        raise BadEventError(f"malformed key {key!r}: a name must come before '['", field=key)
+        raise BadEventError(f"malformed key {_shown(key)}: a name must come before '['", field=key)
     segments: list[Segment] = []
     pos = 0
     while pos < len(rest):
         close = rest.find("]", pos + 1)
         if rest[pos] != "[" or close == -1 or "[" in rest[pos + 1 : close]:
-            raise BadEventError(f"unbalanced brackets in key {key!r}", field=key)
+            raise BadEventError(f"unbalanced brackets in key {_shown(key)}", field=key)
         segment = rest[pos + 1 : close]
         segments.append(segment if segment else None)
         pos = close + 1
     if len(segments) > MAX_DEPTH:
-        raise BadEventError(f"key {key!r} nests deeper than {MAX_DEPTH} levels", field=key)
+        raise BadEventError(f"key {_shown(key)} nests deeper than {MAX_DEPTH} levels", field=key)
     return base, segments
 
 
@@ -185,7 +186,8 @@ def _unquote(raw: str, *, what: str, field: str) -> str:
         return _percent_decode(raw)
     except UnicodeDecodeError:
         raise BadEventError(
-            f"{what} of field {field!r} has percent-escapes that are not UTF-8", field=field
+            f"{what} of field {_shown(field)} has percent-escapes that are not UTF-8",
+            field=field,
         ) from None
 
 
@@ -206,7 +208,7 @@ def _insert(root: dict[str, Any], key: str, path: list[Segment], value: str) -> 
         if following is _END:
             if existing is not _END:
                 raise BadEventError(
-                    f"conflicting key {key!r}: {_path_text(path, i)} was already given",
+                    f"conflicting key {_shown(key)}: {_path_text(path, i)} was already given",
                     field=key,
                 )
             node[segment] = value
@@ -217,16 +219,23 @@ def _insert(root: dict[str, Any], key: str, path: list[Segment], value: str) -> 
             node[segment] = existing
         elif type(existing) is not wanted:
             raise BadEventError(
-                f"conflicting key {key!r}: {_path_text(path, i)} is already "
+                f"conflicting key {_shown(key)}: {_path_text(path, i)} is already "
                 f"{_kind(existing)}, cannot also be {_kind(wanted())}",
                 field=key,
             )
         node = existing
 
 
+MAX_SHOWN = 100  # a key quoted in an error: enough to find it, not a copy of a 1 MB key
+
+
+def _shown(key: str) -> str:
+    return repr(key[:MAX_SHOWN]) + ("..." if len(key) > MAX_SHOWN else "")
+
+
 def _path_text(path: list[Segment], upto: int) -> str:
     head, *rest = path[: upto + 1]
-    return repr(str(head) + "".join(f"[{s or ''}]" for s in rest))
+    return _shown(str(head) + "".join(f"[{s or ''}]" for s in rest))
 
 
 def _kind(value: Any) -> str:
@@ -247,6 +256,9 @@ def _check_tree(root: dict[str, Any]) -> None:
         if depth > MAX_DEPTH:
             where = _field(path)
             raise BadEventError(f"{where} nests deeper than {MAX_DEPTH} levels", field=where)
+        if isinstance(value, float) and not math.isfinite(value):
+            where = _field(path)  # `1e400` parses to inf, which is not JSON
+            raise BadEventError(f"{where} is a number out of range", field=where)
         if isinstance(value, str):
             if _SURROGATE.search(value):
                 where = _field(path)

@@ -4,6 +4,7 @@ tools and policy setup, never a hot path)."""
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -44,12 +45,18 @@ class ManagementClient:
             raise ManagementError(
                 f"management API {method} {path}: HTTP {exc.code} {detail}"
             ) from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             raise ManagementError(
                 f"cannot reach the RabbitMQ management API at {self.base} ({exc}); is the "
                 "rabbitmq_management plugin enabled? (rabbitmq-plugins enable rabbitmq_management)"
             ) from None
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:  # e.g. a proxy's login page answering in its place
+            raise ManagementError(
+                f"the management API at {self.base} answered {method} {path} with something "
+                "that is not JSON"
+            ) from None
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

@@ -27,15 +27,18 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from typing import Protocol
-from urllib.parse import urlsplit
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
-from b24queue.errors import UnauthorizedError
+from b24queue.errors import StoreUnavailableError, UnauthorizedError
 from b24queue.events import Event
+from b24queue.hosts import same_host, url_host
+from b24queue.limits import LogBudget
 from b24queue.portals import PortalRecord, TokenStore
 from b24queue.verify import StaticTokens
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INSTALL = "ONAPPINSTALL"
 UNINSTALL = "ONAPPUNINSTALL"
@@ -51,8 +54,9 @@ class InstallCheck(Protocol):
     async def confirm(self, event: Event) -> None:
         """Return if the portal confirms this install is ours; raise `UnauthorizedError`."""
 
-    async def confirm_app(self, domain: str, access_token: str) -> None:
-        """Return if the portal at `domain` answers `app.info` for our app with this token."""
+    async def confirm_app(self, domain: str, access_token: str) -> dict[str, Any]:
+        """The portal's `app.info` result, if the portal at `domain` answers for our app with
+        this token; raise `UnauthorizedError` otherwise."""
 
 
 def _same(a: str, b: str) -> bool:
@@ -69,6 +73,19 @@ class PortalVerifier:
         self.store = store
         self._check = check
         self._static = static
+        self._log_budget = LogBudget(5, 0.1, time.monotonic)
+
+    async def _get(self, member_id: str) -> PortalRecord | None:
+        return await self._store_call(self.store.get, member_id)
+
+    async def _store_call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
+        try:
+            return await fn(*args, **kw)
+        except Exception as exc:
+            # The detail (addresses, the driver's words) is for the log, not for the caller.
+            if self._log_budget.spend() is not None:
+                log.error("portal token store: %r", exc)
+            raise StoreUnavailableError("the portal token store is unavailable") from exc
 
     async def verify(self, event: Event) -> None:
         if self._static is not None and self._static.matches(event):
@@ -81,7 +98,7 @@ class PortalVerifier:
             raise UnauthorizedError("auth[application_token] is missing")
         if not member_id:
             raise UnauthorizedError("auth[member_id] is missing")
-        record = await self.store.get(member_id)
+        record = await self._get(member_id)
         if event.name == INSTALL:
             await self._install(event, token, member_id, record)
             return
@@ -99,13 +116,17 @@ class PortalVerifier:
             return
         fresh = access_of(event)
         if fresh is not None and fresh[1] > record.access_expires:
-            await self.store.refresh_access(record.member_id, record.token, *fresh)
+            try:
+                await self.store.refresh_access(record.member_id, record.token, *fresh)
+            except Exception as exc:  # best effort: the event itself is verified
+                if self._log_budget.spend() is not None:
+                    log.warning("could not keep the portal's fresher access token: %r", exc)
 
     async def _payment(self, event: Event) -> None:
         member_id = event.auth.member_id
         if not member_id:
             raise UnauthorizedError("ONAPPPAYMENT without auth[member_id]")
-        record = await self.store.get(member_id)
+        record = await self._get(member_id)
         if record is None:
             raise UnauthorizedError(
                 f"ONAPPPAYMENT for unknown portal {member_id}: no ONAPPINSTALL was accepted for it"
@@ -122,7 +143,8 @@ class PortalVerifier:
                 "has expired, so the portal cannot be asked to confirm it (access tokens come "
                 "with the portal's events and last an hour)"
             )
-        await self._check.confirm_app(record.domain, record.access_token)
+        state = await self._check.confirm_app(record.domain, record.access_token)
+        _check_payment_state(event, state)
         log.info(
             "ONAPPPAYMENT from %s (member_id %s) confirmed by the portal", record.domain, member_id
         )
@@ -132,8 +154,11 @@ class PortalVerifier:
     ) -> None:
         domain = event.auth.domain or ""
         if record is not None and _same(record.token, token):
-            return  # the same install again (Bitrix24 retrying, or a replay): nothing changes
-        if record is not None and record.domain.lower() != domain.lower():
+            # The same install again (Bitrix24 retrying, or a replay): nothing changes, but it
+            # speaks for its own portal only, as any other event.
+            _check_same_portal(event, record)
+            return
+        if record is not None and not same_host(record.domain, domain):
             # app.info confirms the app and the token's portal, but not the member_id: without
             # this, someone with the app on their own portal could claim another portal's id.
             raise UnauthorizedError(
@@ -157,12 +182,13 @@ class PortalVerifier:
             access_token=access_token,
             access_expires=access_expires,
         )
-        stored = await self.store.remember(
+        stored = await self._store_call(
+            self.store.remember,
             record_new,
             replacing=None if record is None else record.token,
         )
         if not stored:
-            now = await self.store.get(member_id)
+            now = await self._get(member_id)
             if now is None or not _same(now.token, token):
                 # Another install of this portal was stored meanwhile (a race, or a forgery
                 # racing the real one): this one is not the portal's token now.
@@ -193,20 +219,16 @@ class PortalVerifier:
 
 
 def _check_same_portal(event: Event, record: PortalRecord) -> None:
-    """The event speaks for the portal whose token it carries, and no other."""
-    domain = (event.auth.domain or "").lower()
-    if domain != record.domain.lower():
+    """The event speaks for the portal whose token it carries, and no other (host names compared
+    in their IDNA form: a portal may spell its name either way)."""
+    domain = event.auth.domain or ""
+    if not same_host(domain, record.domain):
         raise UnauthorizedError("auth[domain] is not the domain this portal installed the app on")
     endpoint = event.auth.client_endpoint
-    if endpoint and _host(endpoint) != domain.split(":", 1)[0]:
-        raise UnauthorizedError("auth[client_endpoint] is not on this portal's domain")
-
-
-def _host(url: str) -> str | None:
-    try:
-        return urlsplit(url).hostname
-    except ValueError:  # e.g. an unbalanced '[' in the host
-        return None
+    if endpoint:
+        host = url_host(endpoint)
+        if host is None or not same_host(host.removesuffix(":443"), domain.removesuffix(":443")):
+            raise UnauthorizedError("auth[client_endpoint] is not on this portal's domain")
 
 
 def access_of(event: Event) -> tuple[str, int] | None:
@@ -220,3 +242,28 @@ def access_of(event: Event) -> tuple[str, int] | None:
     if auth.expires_in and auth.expires_in.isdigit() and len(auth.expires_in) <= 8:
         return auth.access_token, int(time.time()) + int(auth.expires_in)
     return None
+
+
+# What ONAPPPAYMENT says and app.info must say too. DAYS counts down: a day apart is the same.
+_PAYMENT_FIELDS = ("CODE", "STATUS", "PAYMENT_EXPIRED")
+
+
+def _check_payment_state(event: Event, state: dict[str, Any]) -> None:
+    """The event itself is unsigned: its payment state must be what the portal says now, or a
+    caller could publish any state (a paid, never-expiring licence) for a known portal."""
+    data = event.data if isinstance(event.data, dict) else {}
+    for key in _PAYMENT_FIELDS:
+        if key in data and str(data[key]) != str(state.get(key)):
+            raise UnauthorizedError(
+                f"ONAPPPAYMENT data[{key}] is not what the portal's app.info says"
+            )
+    days = data.get("DAYS")
+    if days is not None and not _close_days(days, state.get("DAYS")):
+        raise UnauthorizedError("ONAPPPAYMENT data[DAYS] is not what the portal's app.info says")
+
+
+def _close_days(sent: Any, now: Any) -> bool:
+    try:
+        return abs(int(str(sent)[:12]) - int(str(now)[:12])) <= 1
+    except ValueError:
+        return False

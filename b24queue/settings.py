@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     http_path: str = "/b24/events"
     app_tokens: Annotated[tuple[str, ...], NoDecode] = ()
     allow_unverified: bool = False
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # At most 8 MiB: a message is at most about twice its body, and must stay within RabbitMQ's
+    # max_message_size (16 MiB on 4.x).
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
     publish_timeout_s: float = Field(
         default=0.75,
         gt=0,

@@ -8,9 +8,10 @@ forwarder's next successful publish ends that early.
 An event the broker refuses for itself (`PublishError.permanent`) is never spooled: the caller
 hears at once. A spooled event that fails for a reason of its own is moved aside (`quarantine`)
 rather than block the line: at once when the broker refuses it for itself; and when a batch
-broke the connection, the forwarder sends the oldest event alone next, and moves it aside once it
-has broken the connection alone `MAX_STRIKES` times (a blocked or stopped broker breaks nothing:
-it does not count).
+broke the channel or connection, the forwarder sends the oldest event alone next, and moves it
+aside once it has broken them alone `MAX_STRIKES` times (a blocked or stopped broker breaks
+nothing: it does not count). A channel closed for one message fails every publish in flight on it,
+so only an event that fails alone is ever set aside.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class SpoolingSink:
         self.quarantined_total = 0
         # Told how many events were just spooled and forwarded (the metrics count them).
         self.on_change: Callable[[int, int], None] | None = None
-        # After a batch broke the connection, send the oldest event alone: is it the cause?
+        # After a batch broke the channel or connection, send the oldest event alone: the cause?
         self._isolate = False
         self._strikes: dict[int, int] = {}
 
@@ -145,7 +146,7 @@ class SpoolingSink:
         return True
 
     def _losses(self) -> int:
-        return int(getattr(self._broker, "connection_losses", 0))
+        return int(getattr(self._broker, "breaks", 0))
 
     async def _judge(self, row_id: int, error: BaseException, *, alone: bool, broke: bool) -> None:
         """Move a spooled event aside if it is the reason it fails."""
@@ -155,7 +156,8 @@ class SpoolingSink:
             strikes = self._strikes[row_id] = self._strikes.get(row_id, 0) + 1
             if strikes >= MAX_STRIKES:
                 await self._set_aside(
-                    row_id, f"publishing it alone broke the connection {strikes} times: {error}"
+                    row_id,
+                    f"publishing it alone broke the channel or connection {strikes} times: {error}",
                 )
 
     async def _set_aside(self, row_id: int, reason: str) -> None:

@@ -2,6 +2,8 @@
 it, over HTTPS with a self-signed certificate for `*.portal.test`, chosen by the access token:
 
   good-*      200 {"result": {"CODE": <client id>, ...}}
+  split-*     like good-*, the answer written in two pieces 100 ms apart
+  paid-*      the same, for a paid app: STATUS "P", PAYMENT_EXPIRED "N", DAYS 365
   wrong-app   200 {"result": {"CODE": "someone.else", ...}}
   expired     401 {"error": "expired_token", "error_description": "The access token ..."}
   error       500 {"error": "INTERNAL_SERVER_ERROR", ...}
@@ -17,6 +19,7 @@ published on 443 (`port`, `endpoint()`), listens on a free port (`listen_port`),
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import subprocess
@@ -140,6 +143,30 @@ class FakePortal:
         if token.startswith("hold"):
             await self.release.wait()
             token = "good"
+        if token.startswith("split"):  # a good answer that arrives in two pieces
+            answer = json.dumps({"result": {"CODE": CLIENT_ID, "PAD": "x" * 2000}}).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            await resp.write(answer[:1000])
+            await asyncio.sleep(0.1)  # the second piece comes later, as over a slow network
+            await resp.write(answer[1000:])
+            await resp.write_eof()
+            return resp
+        if token.startswith("paid"):
+            return web.json_response(
+                {
+                    "result": {
+                        "ID": 77,
+                        "CODE": CLIENT_ID,
+                        "VERSION": 3,
+                        "STATUS": "P",
+                        "INSTALLED": True,
+                        "PAYMENT_EXPIRED": "N",
+                        "DAYS": 365,
+                        "LANGUAGE_ID": "en",
+                    }
+                }
+            )
         if token.startswith("good"):
             return web.json_response(
                 {

@@ -49,8 +49,8 @@ async def prune(
     for `b24queue topology`. Returns what was changed."""
     try:
         changes = await plan(settings, [spec for spec, _ in declared])
-    except (ManagementError, ConfigError) as exc:
-        if required:
+    except Exception as exc:
+        if required or not isinstance(exc, ManagementError | ConfigError | OSError | ValueError):
             raise
         log.warning(
             "could not check for stale bindings (%s): a consumer whose events shrank may still "

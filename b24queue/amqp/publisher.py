@@ -20,7 +20,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from b24queue import _constants as c
 from b24queue.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
@@ -70,22 +70,22 @@ def persistent_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -
 # least, 128 KiB by default). A larger header frame would close the whole connection (FRAME_ERROR)
 # and, spooled and forwarded again, close it every time.
 MAX_HEADER_BYTES = 3 * 1024
+# RabbitMQ closes the channel for a message over its max_message_size (128 MiB on 3.x, 16 MiB on
+# 4.x), failing every publish in flight on it. Bodies are bounded (B24QUEUE_MAX_BODY_BYTES, at
+# most 8 MiB, and a message is at most about twice its body), so this is a last guard.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def check_size(envelope: Envelope) -> None:
-    """Refuse, before it reaches the wire, a message whose header frame could break the
-    connection: a permanent `PublishError`."""
+    """Refuse, before it reaches the wire, a message the broker would not take (a header frame
+    that breaks the connection, a body over its size limit): a permanent `PublishError`."""
     size = len(envelope.routing_key.encode()) + len(envelope.event_type.encode())
     for key, value in envelope.headers.items():
         size += len(key.encode()) + len(value.encode())
     if size > MAX_HEADER_BYTES:
         raise PublishError(f"the message's headers exceed {MAX_HEADER_BYTES} bytes", permanent=True)
-
-
-def refused_for_itself(exc: BaseException) -> bool:
-    """The broker closed the channel for this message (larger than its max_message_size), not
-    because it is unavailable."""
-    return isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and "size" in str(exc)
+    if len(envelope.body) > MAX_MESSAGE_BYTES:
+        raise PublishError(f"the message exceeds {MAX_MESSAGE_BYTES} bytes", permanent=True)
 
 
 class AmqpPublisher:
@@ -99,9 +99,9 @@ class AmqpPublisher:
         self._channel: AbstractChannel | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        # Connections lost so far: tells the spool's forwarder whether a publish that failed
-        # broke the connection (an event that does so every time is moved aside).
-        self.connection_losses = 0
+        # Channels and connections closed under us so far: tells the spool's forwarder whether a
+        # publish that failed broke them (an event that does so every time is moved aside).
+        self.breaks = 0
 
     async def __aenter__(self) -> AmqpPublisher:
         self._task = asyncio.create_task(self._connect(), name="b24queue-publisher-connect")
@@ -144,10 +144,12 @@ class AmqpPublisher:
         log.info("publishing to exchange %r (confirms on)", self._settings.exchange)
 
     def _lost(self, *_: object) -> None:
-        self.connection_losses += 1
+        self.breaks += 1
 
     async def _open_channel(self, connection: AbstractRobustConnection) -> AbstractChannel:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        # A channel the broker closes (and aio-pika reopens) counts as a break too.
+        channel.close_callbacks.add(self._lost)
         try:
             await declare_exchanges(channel, self._settings)
         except BaseException:
@@ -188,9 +190,7 @@ class AmqpPublisher:
             async with asyncio.timeout(timeout_s):
                 try:
                     await self._publish_once(channel, envelope, properties)
-                except TRANSIENT_ERRORS as exc:
-                    if refused_for_itself(exc):
-                        raise
+                except TRANSIENT_ERRORS:
                     # A publish cut by a dropped connection is not replayed by aio-pika; repeat
                     # it until the deadline. The broker may then hold it twice: at-least-once,
                     # never lost. (Off the hot path: the first attempt needs no retry machinery.)
@@ -207,10 +207,6 @@ class AmqpPublisher:
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"RabbitMQ refused the message (nack): {exc}") from None
         except TRANSIENT_ERRORS as exc:
-            if refused_for_itself(exc):
-                raise PublishError(
-                    f"RabbitMQ refuses this message: {exc}", permanent=True
-                ) from None
             raise BrokerUnavailableError(f"connection to RabbitMQ failed: {exc!r}") from None
 
     async def _publish_once(
@@ -235,9 +231,7 @@ class AmqpPublisher:
         self, channel: AbstractChannel, envelope: Envelope, properties: Basic.Properties
     ) -> None:
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(
-                lambda e: isinstance(e, TRANSIENT_ERRORS) and not refused_for_itself(e)
-            ),
+            retry=retry_if_exception_type(TRANSIENT_ERRORS),
             wait=wait_exponential(multiplier=0.02, max=0.2),
             reraise=True,
         ):

@@ -13,7 +13,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from b24queue.envelope import EventSink, envelope_for
-from b24queue.errors import BadEventError, BrokerUnavailableError, PublishError, UnauthorizedError
+from b24queue.errors import (
+    BadEventError,
+    BrokerUnavailableError,
+    PublishError,
+    StoreUnavailableError,
+    UnauthorizedError,
+)
 from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
 from b24queue.limits import LogBudget
 from b24queue.logs import client_text
@@ -74,25 +80,14 @@ class EventsView:
         self._labels = EventLabels()
         # A flood of forged requests must not flood the log: 20 lines at once, then one a second.
         self._refusal_log = LogBudget(20, 1.0, time.monotonic)
+        # Each 503 is an event Bitrix24 will not resend: log them, but not without bound.
+        self._not_stored_log = LogBudget(50, 5.0, time.monotonic)
 
     async def post(self, request: web.Request) -> web.Response:
         media = request.content_type.lower()
-        if media not in ACCEPTED_TYPES:
-            self._metrics.refused.labels("unsupported_type").inc()
-            return error(
-                415,
-                f"unsupported content type {media or '(none)'!r}; "
-                f"send {FORM_TYPE} (as Bitrix24 does) or {JSON_TYPE}",
-            )
-        limit = self._settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            self._metrics.refused.labels("too_large").inc()
-            return error(413, f"body of {request.content_length} bytes exceeds {limit} bytes")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            self._metrics.refused.labels("too_large").inc()
-            return error(413, f"body exceeds {limit} bytes")
+        body = await self._read(request, media)
+        if isinstance(body, web.Response):
+            return body
         try:
             event = parse_event(media, body)
             envelope = envelope_for(event)
@@ -104,6 +99,8 @@ class EventsView:
             await self._verifier.verify(event)
         except UnauthorizedError as exc:
             return self._unauthorized(event, exc)
+        except StoreUnavailableError as exc:
+            return self._not_stored(event.name, envelope.message_id, exc)
         started = time.perf_counter()
         try:
             await self._sink.publish(envelope)
@@ -130,6 +127,25 @@ class EventsView:
             content_type="application/json",
         )
 
+    async def _read(self, request: web.Request, media: str) -> bytes | web.Response:
+        """The body, or the refusal: an unsupported type (415) or too large (413)."""
+        if media not in ACCEPTED_TYPES:
+            self._metrics.refused.labels("unsupported_type").inc()
+            return error(
+                415,
+                f"unsupported content type {media or '(none)'!r}; "
+                f"send {FORM_TYPE} (as Bitrix24 does) or {JSON_TYPE}",
+            )
+        limit = self._settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            self._metrics.refused.labels("too_large").inc()
+            return error(413, f"body of {request.content_length} bytes exceeds {limit} bytes")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self._metrics.refused.labels("too_large").inc()
+            return error(413, f"body exceeds {limit} bytes")
+
     def _unauthorized(self, event: Event, exc: UnauthorizedError) -> web.Response:
         self._metrics.refused.labels("unauthorized").inc()
         dropped = self._refusal_log.spend()
@@ -146,7 +162,15 @@ class EventsView:
 
     def _not_stored(self, name: str, message_id: str, exc: Exception) -> web.Response:
         self._metrics.not_stored.labels(self._labels.of(name)).inc()
-        log.error("not accepted %s message_id=%s: %s", name, message_id, exc)
+        dropped = self._not_stored_log.spend()
+        if dropped is not None:
+            log.error(
+                "not accepted %s message_id=%s: %s%s",
+                name,
+                message_id,
+                exc,
+                f" ({dropped} more not logged; see the metrics)" if dropped else "",
+            )
         return web.json_response(
             {"error": f"event not stored, try again later: {exc}"},
             status=503,

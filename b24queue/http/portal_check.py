@@ -32,6 +32,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from b24queue.errors import ConfigError, UnauthorizedError
 from b24queue.events import Event
+from b24queue.hosts import normalise_host
 from b24queue.limits import KeyedLimiter, LogBudget, TokenBucket
 from b24queue.logs import client_text
 from b24queue.settings import Settings
@@ -73,17 +74,6 @@ def domain_pattern(patterns: tuple[str, ...]) -> re.Pattern[str]:
         escaped = re.escape(ascii_pattern).replace(r"\*", "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
         parts.append(escaped)
     return re.compile(r"^(?:" + "|".join(parts) + r")$")
-
-
-def normalise_host(host: str) -> str | None:
-    """The host's IDNA (punycode, lower-case) form, or None if it is not a domain name we can
-    normalise (empty, a label too long, broken punycode): such a host is refused, not guessed."""
-    try:
-        ascii_host = host.encode("idna").decode("ascii").lower()
-        ascii_host.encode("ascii").decode("idna")  # the round trip rejects broken `xn--` labels
-    except UnicodeError:
-        return None
-    return ascii_host or None
 
 
 def is_ip_literal(host: str) -> bool:
@@ -252,7 +242,7 @@ class PortalCallback:
             self._in_flight -= 1
         self._check_ours(answer)
 
-    async def confirm_app(self, domain: str, access_token: str) -> None:
+    async def confirm_app(self, domain: str, access_token: str) -> dict[str, Any]:
         """Ask the portal at `domain` (a known portal's stored domain) whether this access token
         is our app's: for events that carry no application token (ONAPPPAYMENT)."""
         assert self._session is not None, "use `async with PortalCallback(...)`"
@@ -266,12 +256,12 @@ class PortalCallback:
                 answer = await self._ask(f"https://{host}/rest/app.info", access_token)
             finally:
                 self._in_flight -= 1
-            self._check_ours(answer)
+            return self._check_ours(answer)
         except PortalNotConfirmed as exc:
             self._log_refusal(domain, exc.detail)
             raise
 
-    def _check_ours(self, answer: dict[str, Any]) -> None:
+    def _check_ours(self, answer: dict[str, Any]) -> dict[str, Any]:
         result = answer.get("result")
         if not isinstance(result, dict):
             raise PortalNotConfirmed("the portal's app.info answer has no result")
@@ -279,6 +269,7 @@ class PortalCallback:
         codes = {str(result.get(k)) for k in ("CODE", "client_id", "CLIENT_ID") if result.get(k)}
         if ours not in codes:
             raise PortalNotConfirmed("the portal says this token belongs to another app")
+        return result
 
     def _admit(self, domain: str) -> None:
         """Fail fast, never wait: Bitrix24 sends an install once, and a flood must not make it
@@ -319,7 +310,7 @@ class PortalCallback:
             async with self._session.post(
                 url, data={"auth": access_token}, allow_redirects=False
             ) as resp:
-                body = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                body = await _read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
                 status = resp.status
         except PortalNotConfirmed:
             raise  # from the resolver guard
@@ -365,3 +356,17 @@ def _host_of(hostport: str, field: str) -> str:
     if is_ip_literal(ascii_host):
         raise PortalNotConfirmed(f"{field} is an IP address")
     return ascii_host
+
+
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of the answer, however many pieces it arrives in (a single `read(n)`
+    returns whatever has arrived so far)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

@@ -84,6 +84,7 @@ async def test_a_bad_header_or_routing_field_is_a_400_naming_it(
         b'{"event": "ONCRMDEALADD", "auth": {"member_id": "\\ud800"}}',
         b'{"event": "ONCRMDEALADD", "auth": {"application_token": "\\ud800abc"}}',
         b'{"name": "ONCRMDEALADD"}',
+        b'{"event": "ONCRMDEALADD", "data": {"x": 1e400, "y": -1e999}}',  # parse to infinities
         b'{"event": "ONCRMDEALADD\\n"}',
     ],
 )
@@ -128,3 +129,11 @@ async def test_integer_auth_fields_in_json_are_accepted_as_their_decimal_strings
         resp = await client.post("/b24/events", data=json.dumps(event), headers=JSON)
         assert resp.status == 400 and (await resp.json())["field"] == "auth[expires_in]"
     assert len(sink.published) == 1
+
+
+async def test_a_refusal_does_not_echo_a_huge_key(
+    client: TestClient[Any, Any], sink: MemorySink
+) -> None:
+    key = "k" * 500_000 + "]"
+    body = await refused_400(client, sink, data=f"event=ONX&{key}=1".encode(), headers=FORM)
+    assert len(json.dumps(body)) < 1000

@@ -74,6 +74,59 @@ async def test_a_tenant_cannot_send_events_as_another_portals_domain(
     assert (await client.post("/b24/events", json=event("ONCRMDEALADD", ALPHA))).status == 200
 
 
+async def test_a_repeated_install_speaks_only_for_its_own_portal(
+    portals: tuple[TestClient[Any, Any], MemorySink, TokenStore],
+) -> None:
+    client, sink, _ = portals
+    forged = event("ONAPPINSTALL", {**ALPHA, "domain": BETA["domain"]})
+    assert (await client.post("/b24/events", json=forged)).status == 401
+    forged = event("ONAPPINSTALL", ALPHA, client_endpoint="https://evil.example/rest/")
+    assert (await client.post("/b24/events", json=forged)).status == 401
+    assert sink.published == []
+    assert (await client.post("/b24/events", json=event("ONAPPINSTALL", ALPHA))).status == 200
+
+
+async def test_a_portal_may_spell_its_idn_name_either_way(tmp_path: Path) -> None:
+    store = SqliteTokenStore(tmp_path / "portals.sqlite3")
+    verifier = PortalVerifier(store, Trust())
+    auth = {"domain": "пример.bitrix24.ru", "member_id": "f" * 32, "application_token": "idn"}
+    try:
+        puny = "https://xn--e1afmkfd.bitrix24.ru/rest/"
+        await verifier.verify(Event.from_payload(event("ONAPPINSTALL", auth, client_endpoint=puny)))
+        await verifier.verify(Event.from_payload(event("ONCRMDEALADD", auth, client_endpoint=puny)))
+        await verifier.verify(
+            Event.from_payload(
+                event("ONCRMDEALADD", {**auth, "domain": "xn--e1afmkfd.bitrix24.ru"})
+            )
+        )
+    finally:
+        await store.close()
+
+
+class BrokenStore(SqliteTokenStore):
+    async def get(self, member_id: str) -> PortalRecord | None:
+        raise ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused.")
+
+
+async def test_a_token_store_outage_is_a_503_that_tells_no_detail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = BrokenStore(tmp_path / "portals.sqlite3")
+    sink = MemorySink()
+    app = create_app(load_settings(allow_unverified=True), sink, PortalVerifier(store, Trust()))
+    async with TestClient(TestServer(app)) as client:
+        for _ in range(30):
+            resp = await client.post("/b24/events", json=event("ONCRMDEALADD", ALPHA))
+            assert resp.status == 503 and resp.headers["Retry-After"]
+            body = await resp.text()
+            assert "10.0.0.7" not in body and "Traceback" not in body
+    await store.close()
+    assert sink.published == []
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert tracebacks == []
+    assert len([r for r in caplog.records if "portal token store:" in r.getMessage()]) <= 6
+
+
 async def test_a_static_token_cannot_uninstall_a_portal(
     portals: tuple[TestClient[Any, Any], MemorySink, TokenStore],
 ) -> None:

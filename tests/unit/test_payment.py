@@ -88,37 +88,68 @@ async def test_a_payment_from_a_known_portal_is_confirmed_by_the_portal(
 ) -> None:
     soon = int(time.time()) + 3600
     assert (
-        await ingress.post_json(event("ONAPPINSTALL", access="good-install", expires=soon)) == 200
+        await ingress.post_json(event("ONAPPINSTALL", access="paid-install", expires=soon)) == 200
     )
     fake_portal.calls.clear()
     status, error = await ingress.pay()
     assert status == 200, error
     # Asked with the stored access token, on the stored domain; nothing from the request.
-    assert fake_portal.calls == [{"host": f"{DOMAIN}:443", "token": "good-install"}]
+    assert fake_portal.calls == [{"host": f"{DOMAIN}:443", "token": "paid-install"}]
     published = json.loads(ingress.sink.published[-1].body)
     assert published["event"] == "ONAPPPAYMENT" and published["data"]["STATUS"] == "P"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("STATUS", "T"),
+        ("PAYMENT_EXPIRED", "Y"),
+        ("DAYS", "36500"),
+        ("DAYS", "x"),
+        ("CODE", "someone.else"),
+    ],
+)
+async def test_a_payment_state_the_portal_does_not_show_is_refused(
+    ingress: Ingress, field: str, value: str
+) -> None:
+    """The event is unsigned: a caller who knows a portal's domain and member_id must not be
+    able to publish another payment state for it."""
+    install = event("ONAPPINSTALL", access="paid-install", expires=int(time.time()) + 3600)
+    assert await ingress.post_json(install) == 200
+    forged = payment_form().replace(
+        f"data%5B{field}%5D=".encode(), f"data%5B{field}%5D={value}&x=".encode()
+    )
+    published = len(ingress.sink.published)
+    status, error = await ingress.pay(forged)
+    assert status == 401 and f"data[{field}]" in error, error
+    assert len(ingress.sink.published) == published
+    # A day's difference in DAYS is the same state (it counts down while the event waits).
+    status, error = await ingress.pay(
+        payment_form().replace(b"data%5BDAYS%5D=365", b"data%5BDAYS%5D=364")
+    )
+    assert status == 200, error
 
 
 async def test_later_events_keep_the_stored_access_token_fresh(
     ingress: Ingress, fake_portal: FakePortal
 ) -> None:
     now = int(time.time())
-    assert await ingress.post_json(event("ONAPPINSTALL", access="good-1", expires=now + 120)) == 200
+    assert await ingress.post_json(event("ONAPPINSTALL", access="paid-1", expires=now + 120)) == 200
     # An event with a later token, while the stored one has under half an hour left: kept.
     assert (
-        await ingress.post_json(event("ONCRMDEALADD", access="good-2", expires=now + 3600)) == 200
+        await ingress.post_json(event("ONCRMDEALADD", access="paid-2", expires=now + 3600)) == 200
     )
     record = await ingress.store.get(MEMBER)
-    assert record is not None and record.access_token == "good-2"
+    assert record is not None and record.access_token == "paid-2"
     # One with a still later token while the stored one is fresh: no write (one per half hour).
     assert (
-        await ingress.post_json(event("ONCRMDEALADD", access="good-3", expires=now + 3700)) == 200
+        await ingress.post_json(event("ONCRMDEALADD", access="paid-3", expires=now + 3700)) == 200
     )
     record = await ingress.store.get(MEMBER)
-    assert record is not None and record.access_token == "good-2"
+    assert record is not None and record.access_token == "paid-2"
     fake_portal.calls.clear()
     assert (await ingress.pay())[0] == 200
-    assert [c["token"] for c in fake_portal.calls] == ["good-2"]
+    assert [c["token"] for c in fake_portal.calls] == ["paid-2"]
 
 
 @pytest.mark.parametrize(
@@ -127,6 +158,7 @@ async def test_later_events_keep_the_stored_access_token_fresh(
         ("none", None, "unknown portal"),
         ("expired", None, "has expired"),
         ("wrong-app", None, "did not confirm"),
+        ("unpaid", None, "data[STATUS]"),
         ("good", payment_form(domain="other.portal.test"), "auth[domain]"),
         ("good", payment_form(member="0" * 32), "unknown portal"),
     ],
@@ -138,10 +170,12 @@ async def test_a_payment_that_cannot_be_confirmed_is_refused_and_says_why(
     if setup != "none":
         expires = now + 30 if setup == "expired" else now + 3600
         assert (
-            await ingress.post_json(event("ONAPPINSTALL", access="good-1", expires=expires)) == 200
+            await ingress.post_json(event("ONAPPINSTALL", access="paid-1", expires=expires)) == 200
         )
     if setup == "wrong-app":  # the portal now says the stored token is another app's
         assert await ingress.store.refresh_access(MEMBER, "portal-token", "wrong-app", now + 7200)
+    if setup == "unpaid":  # the portal answers for our app, but shows no payment (STATUS "L")
+        assert await ingress.store.refresh_access(MEMBER, "portal-token", "good-9", now + 7200)
     published = len(ingress.sink.published)
     status, error = await ingress.pay(form)
     assert status == 401 and words in error, error

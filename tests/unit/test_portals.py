@@ -220,3 +220,11 @@ async def test_a_portal_on_a_private_address_is_refused(
                 portal_event("ONAPPINSTALL", endpoint=fake_portal.endpoint("acme.portal.test"))
             )
     assert fake_portal.calls == []  # never connected
+
+
+async def test_an_answer_in_several_pieces_is_read_whole(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
+) -> None:
+    settings = settings_for(portal_certificate[0])
+    async with PortalCallback(settings, resolver=StaticResolver()) as cb:
+        await cb.confirm(portal_event("ONAPPINSTALL", access="split-1"))

@@ -214,7 +214,7 @@ class PoisonBroker(FlakyBroker):
         super().__init__()
         self.poison = poison
         self.permanent = permanent
-        self.connection_losses = 0
+        self.breaks = 0
         self._in_flight = 0
         self._broken = False
 
@@ -224,7 +224,7 @@ class PoisonBroker(FlakyBroker):
             if envelope.message_id == self.poison:
                 if self.permanent:
                     raise PublishError("message size 999 is larger than max size", permanent=True)
-                self.connection_losses += 1
+                self.breaks += 1
                 self._broken = True
             await asyncio.sleep(0.001)  # the batch is in flight together
             if self._broken:
