@@ -17,15 +17,14 @@ from typing import Any
 
 from b24queue import dlq_view, prefork, runtime, sender, spool_tools, status
 from b24queue.amqp import bindings
-from b24queue.amqp.dlq import DeadLetterTool
 from b24queue.consumer import EventConsumer
 from b24queue.definitions import definitions
 from b24queue.errors import ConfigError
 from b24queue.events import FORM_TYPE, JSON_TYPE
 from b24queue.layout import spec_for
-from b24queue.management import ManagementClient
 from b24queue.portals import open_store
 from b24queue.settings import Settings
+from b24queue.transports import transport_for
 
 log = logging.getLogger("b24queue")
 
@@ -77,6 +76,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
     classes = [load_consumer(spec) for spec in args.consumers]
+    if (args.definitions or args.dry_run) and settings.transport != "amqp":
+        raise ConfigError(
+            "--definitions and --dry-run are RabbitMQ's; B24QUEUE_BROKER_URL names "
+            f"{settings.transport}, where `b24queue topology` applies and prints the bindings"
+        )
     if args.definitions:
         print(json.dumps(definitions(settings, classes), indent=2))
         return EXIT_OK
@@ -135,14 +139,7 @@ def _topology_dry_run(
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    client = ManagementClient(settings)
-    current = status.summarize(
-        settings,
-        client.queues(),
-        client.connections(),
-        client.bound_queues(settings.exchange),
-        spool_tools.files(settings),
-    )
+    current = asyncio.run(transport_for(settings).status())
     if args.json:
         print(json.dumps(current.as_json(), indent=2))
     else:
@@ -157,8 +154,8 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
-    async with DeadLetterTool(settings, args.queue) as tool:
-        source = tool.target.source
+    async with transport_for(settings).dead_letters(args.queue) as tool:
+        source = tool.source
         if args.dlq_command == "list":
             total, letters = await tool.list(args.limit)
             if args.json:
@@ -172,7 +169,7 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
                 print(dlq_view.render(source, total, letters))
             return EXIT_OK
         if args.dlq_command == "replay":
-            target = tool.target.queue or f"exchange {settings.exchange}"
+            target = tool.destination
             ids = set(args.ids) if args.ids else None
 
             def progress(done: int, wanted: int) -> None:

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from b24queue.amqp.dlq import DeadLetter
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-lettered (or unrouted) event as an operator sees it; never its body."""
+
+    message_id: str | None
+    event: str
+    domain: str | None
+    member_id: str | None
+    reason: str
+    attempts: int | None
+    error: str
+    first_failed_at: str | None
+    last_failed_at: str | None
+    original_queue: str | None
+    published_at: str | None
+    size_bytes: int
 
 
 def render(source: str, total: int, letters: Sequence[DeadLetter]) -> str:

@@ -124,6 +124,16 @@ def consumer_policy(settings: Settings, spec: QueueSpec) -> Policy:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueState:
+    """A queue as it exists: what `b24queue topology` prints."""
+
+    name: str
+    messages: int
+    consumers: int
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class BindingChange:
     """How a consumer queue's bindings differ from what its class declares. `current` None:
     the queue does not exist yet."""

@@ -23,29 +23,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-from b24queue.amqp import bindings
-from b24queue.amqp.connection import Connection, close_quietly, connect, connection_name
-from b24queue.amqp.publisher import AmqpPublisher
-from b24queue.amqp.topology import (
-    QueueState,
-    declare_consumer_queues,
-    declare_exchanges,
-    inspect_queue,
-)
-from b24queue.amqp.worker import ConsumerRunner
 from b24queue.consumer import EventConsumer
 from b24queue.envelope import EventSink
-from b24queue.errors import ConfigError, ManagementError
+from b24queue.errors import ConfigError
 from b24queue.http.ingress import create_app
 from b24queue.http.portal_check import PortalCallback
-from b24queue.layout import consumer_policy, queue_arguments, queue_plan, spec_for
-from b24queue.management import ManagementClient
+from b24queue.layout import QueueState
 from b24queue.metrics import IngressMetrics, WorkerMetrics
 from b24queue.portal_verify import PortalVerifier
 from b24queue.portals import open_store
 from b24queue.settings import Settings
 from b24queue.spool import Spool, merge_stray_spools, slot_path
 from b24queue.spooling import SpoolingSink
+from b24queue.transports import Runner, WorkerSession, connection_name, transport_for
 from b24queue.verify import StaticTokens, TokenVerifier, verifier_from_settings
 
 log = logging.getLogger(__name__)
@@ -83,11 +73,14 @@ async def serve_ingress(
     async with contextlib.AsyncExitStack() as stack:
         if settings.portal_verification:
             verifier = await _portal_verifier(settings, verifier, stack)
+        transport = transport_for(settings)
         publisher = await stack.enter_async_context(
-            AmqpPublisher(settings, connection_name("ingress", f"#{slot}" if sock else ""))
+            transport.publisher(connection_name("ingress", f"#{slot}" if sock else ""))
         )
         sink: EventSink = publisher
-        if settings.spool_enabled:
+        if not transport.needs_spool:
+            log.info("%s: the queue is on this host's disk, no spool needed", transport.name)
+        elif settings.spool_enabled:
             spool_path = Path(settings.spool_path)
             if sock is None:
                 merge_stray_spools(spool_path, keep=1)
@@ -186,7 +179,7 @@ def check_consumers(classes: Sequence[type[EventConsumer]]) -> None:
 
 
 class Worker:
-    """Consumers of one process on one named connection, each on its own channel.
+    """Consumers of one process, on the transport the settings name.
 
     `async with Worker(settings, classes) as worker:` returns once every consumer consumes;
     leaving the block shuts down gracefully (see the module docstring).
@@ -202,28 +195,21 @@ class Worker:
         self.settings = settings
         self.metrics = metrics
         self.classes = list(classes)
-        self.runners: list[ConsumerRunner] = []
-        self._connection: Connection | None = None
+        self.runners: list[Runner] = []
+        self._session: WorkerSession | None = None
 
     @property
     def queues(self) -> str:
         return ",".join(cls.queue for cls in self.classes)
 
     async def __aenter__(self) -> Worker:
-        await ensure_policies(self.settings, self.classes)
-        self._connection = await connect(
-            self.settings,
-            connection_name("worker", self.queues),
-            give_up_after_s=self.settings.connect_timeout_s,
-        )
+        session = self._session = await transport_for(self.settings).open_workers(self.classes)
         try:
             for cls in self.classes:
-                runner = ConsumerRunner(cls(), self.settings, self._connection, self.metrics)
+                runner = session.runner(cls(), self.metrics)
                 self.runners.append(runner)
                 await runner.start()
-            await bindings.prune(
-                self.settings, [(r.spec, r.queue) for r in self.runners], required=False
-            )
+            await session.started(self.runners)
         except BaseException:
             await self._close()
             raise
@@ -260,37 +246,9 @@ class Worker:
             except Exception:
                 log.exception("on_stop of %s failed", runner.spec.name)
         self.runners = []
-        await close_quietly(self._connection)
-
-
-async def ensure_policies(
-    settings: Settings, classes: Sequence[type[EventConsumer]], *, required: bool = False
-) -> list[str]:
-    """Create each consumer queue's policy (dead-lettering, delivery limit) where it is missing.
-
-    Best effort for a worker (a warning when the management API is unreachable: the queues work
-    without it, only the delivery limit is missing); `required` for `b24queue topology`.
-    Returns the names of the policies created.
-    """
-    if not classes:
-        return []
-    client = ManagementClient(settings)
-    created = []
-    try:
-        for cls in classes:
-            policy = consumer_policy(settings, spec_for(cls))
-            if await asyncio.to_thread(client.ensure_policy, policy):
-                log.info("created policy %s: %s", policy.name, policy.definition)
-                created.append(policy.name)
-    except (ManagementError, ConfigError) as exc:
-        if required:
-            raise
-        log.warning(
-            "could not check the queue policies (%s); without them a message that crashes the "
-            "worker is redelivered without limit. Run `b24queue topology` with management access.",
-            exc,
-        )
-    return created
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 async def serve_worker(
@@ -311,24 +269,6 @@ async def serve_worker(
 async def declare_topology(
     settings: Settings, classes: Sequence[type[EventConsumer]]
 ) -> list[QueueState]:
-    """Declare the exchanges, the unrouted queue and each consumer's queues; report them."""
+    """Declare what these consumers need on the transport; report each queue."""
     check_consumers(classes)
-    await ensure_policies(settings, classes, required=True)
-    connection = await connect(
-        settings, connection_name("topology"), give_up_after_s=settings.connect_timeout_s
-    )
-    try:
-        channel = await connection.channel()
-        await declare_exchanges(channel, settings)
-        plan = [(settings.unrouted, queue_arguments(settings))]
-        declared = []
-        for cls in classes:
-            spec = spec_for(cls)
-            declared.append((spec, await declare_consumer_queues(channel, settings, spec)))
-            plan += queue_plan(settings, spec)
-        await bindings.prune(settings, declared, required=True)
-        states = [await inspect_queue(channel, name, args) for name, args in plan]
-        await channel.close()
-        return states
-    finally:
-        await close_quietly(connection)
+    return await transport_for(settings).declare(classes)

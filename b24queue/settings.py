@@ -53,7 +53,10 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, extra="forbid", frozen=True, case_sensitive=False
     )
 
-    # Broker
+    # Broker. B24QUEUE_BROKER_URL's scheme picks the transport: amqp(s):// (RabbitMQ, the default)
+    # or sqlite:///abs/path, sqlite:rel/path (an embedded queue on one host). B24QUEUE_AMQP_URL is
+    # the older name of an amqp:// URL and keeps working.
+    broker_url: str = ""
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     exchange: str = Field(default="b24.events", pattern=_NAME_PATTERN)
     unrouted: str = Field(
@@ -126,6 +129,48 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(t.strip() for t in value.split(",") if t.strip())
         return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        if not value:
+            return value
+        scheme = value.split(":", 1)[0].lower()
+        if scheme in ("amqp", "amqps"):
+            return value
+        if scheme == "sqlite" and value.removeprefix("sqlite:").removeprefix("//"):
+            return value
+        raise ValueError(
+            f"unknown transport {scheme!r}: use amqp://user:password@host:5672/vhost "
+            "(RabbitMQ) or sqlite:///path/to/queue.sqlite3 (one host, no server)"
+        )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_url_is_the_amqp_url(cls, data: Any) -> Any:
+        """An amqp:// B24QUEUE_BROKER_URL is the AMQP URL (the old name may say the same)."""
+        if isinstance(data, dict):
+            url = data.get("broker_url") or ""
+            if isinstance(url, str) and url.lower().startswith(("amqp://", "amqps://")):
+                old = data.get("amqp_url")
+                if old and old != url:
+                    raise ValueError(
+                        "B24QUEUE_BROKER_URL and B24QUEUE_AMQP_URL name different brokers; "
+                        "set only B24QUEUE_BROKER_URL"
+                    )
+                data = {**data, "amqp_url": url}
+        return data
+
+    @property
+    def transport(self) -> str:
+        """`amqp` or `sqlite`, from the broker URL's scheme."""
+        return "sqlite" if self.broker_url.lower().startswith("sqlite:") else "amqp"
+
+    @property
+    def sqlite_path(self) -> str:
+        """The database file of a sqlite: URL (`sqlite:///abs/path` or `sqlite:rel/path`)."""
+        rest = self.broker_url.split(":", 1)[1]
+        return rest[2:] if rest.startswith("//") else rest
 
     @field_validator("amqp_url")
     @classmethod

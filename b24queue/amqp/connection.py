@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -38,12 +36,6 @@ PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
     *TRANSIENT_ERRORS,
     aio_pika.exceptions.DeliveryError,
 )
-
-
-def connection_name(role: str, detail: str = "") -> str:
-    """What the management UI shows: role, what it serves, host:pid (to find the process)."""
-    middle = f" {detail}" if detail else ""
-    return f"b24queue {role}{middle} {socket.gethostname()}:{os.getpid()}"
 
 
 async def connect_once(settings: Settings, name: str) -> AbstractRobustConnection:

@@ -29,10 +29,12 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from b24queue import _constants as c
-from b24queue.amqp.connection import close_quietly, connect, connection_name
+from b24queue.amqp.connection import close_quietly, connect
 from b24queue.amqp.publisher import persistent_copy
+from b24queue.dlq_view import DeadLetter
 from b24queue.errors import B24QueueError, ConfigError
 from b24queue.settings import Settings
+from b24queue.transports import connection_name
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +78,6 @@ def target_for(settings: Settings, name: str) -> Target:
     if not queue:
         raise ConfigError(f"not a queue name: {name!r}")
     return Target(queue + c.DLQ_SUFFIX, "", queue)
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    message_id: str | None
-    event: str
-    domain: str | None
-    member_id: str | None
-    reason: str
-    attempts: int | None
-    error: str
-    first_failed_at: str | None
-    last_failed_at: str | None
-    original_queue: str | None
-    published_at: str | None
-    size_bytes: int
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
@@ -146,6 +132,8 @@ class DeadLetterTool:
     def __init__(self, settings: Settings, name: str) -> None:
         self.settings = settings
         self.target = target_for(settings, name)
+        self.source = self.target.source
+        self.destination = self.target.queue or f"exchange {settings.exchange}"
 
     async def __aenter__(self) -> DeadLetterTool:
         self._connection = await connect(

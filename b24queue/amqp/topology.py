@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from b24queue.errors import TopologyMismatchError
-from b24queue.layout import QueueSpec, queue_arguments, retry_queue_arguments
+from b24queue.layout import QueueSpec, QueueState, queue_arguments, retry_queue_arguments
 from b24queue.settings import Settings
 
 T = TypeVar("T")
@@ -88,14 +87,6 @@ async def _guard(kind: str, name: str, declare: Callable[[], Awaitable[T]]) -> T
             f"{kind} {name!r} already exists with different arguments: {detail}. "
             f"Declare it with the same settings, or delete it (after draining it) to recreate."
         ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class QueueState:
-    name: str
-    messages: int
-    consumers: int
-    arguments: dict[str, Any]
 
 
 async def inspect_queue(

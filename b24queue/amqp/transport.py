@@ -1,0 +1,139 @@
+"""RabbitMQ behind the transport seam (`b24queue.transports`): the reference transport."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from aio_pika.abc import AbstractRobustConnection
+
+from b24queue import spool_tools
+from b24queue.amqp import bindings
+from b24queue.amqp.connection import close_quietly, connect
+from b24queue.amqp.dlq import DeadLetterTool
+from b24queue.amqp.publisher import AmqpPublisher
+from b24queue.amqp.topology import declare_consumer_queues, declare_exchanges, inspect_queue
+from b24queue.amqp.worker import ConsumerRunner
+from b24queue.consumer import EventConsumer
+from b24queue.errors import ConfigError, ManagementError
+from b24queue.layout import QueueState, consumer_policy, queue_arguments, queue_plan, spec_for
+from b24queue.management import ManagementClient
+from b24queue.metrics import WorkerMetrics
+from b24queue.settings import Settings
+from b24queue.status import Status, summarize
+from b24queue.transports import Runner, connection_name
+
+log = logging.getLogger(__name__)
+
+
+class AmqpWorkers:
+    """A worker process's named connection; each consumer on a channel of its own."""
+
+    def __init__(self, settings: Settings, connection: AbstractRobustConnection) -> None:
+        self._settings = settings
+        self._connection = connection
+
+    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> ConsumerRunner:
+        return ConsumerRunner(consumer, self._settings, self._connection, metrics)
+
+    async def started(self, runners: Sequence[Runner]) -> None:
+        declared = [(r.spec, r.queue) for r in runners if isinstance(r, ConsumerRunner)]
+        await bindings.prune(self._settings, declared, required=False)
+
+    async def close(self) -> None:
+        await close_quietly(self._connection)
+
+
+class Amqp:
+    name = "amqp"
+    needs_spool = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def publisher(self, connection_name: str) -> AmqpPublisher:
+        return AmqpPublisher(self.settings, connection_name)
+
+    async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> AmqpWorkers:
+        await ensure_policies(self.settings, classes)
+        queues = ",".join(cls.queue for cls in classes)
+        connection = await connect(
+            self.settings,
+            connection_name("worker", queues),
+            give_up_after_s=self.settings.connect_timeout_s,
+        )
+        return AmqpWorkers(self.settings, connection)
+
+    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
+        """Exchanges, the unrouted queue, each consumer's queues, policies; stale bindings go."""
+        settings = self.settings
+        await ensure_policies(settings, classes, required=True)
+        connection = await connect(
+            settings, connection_name("topology"), give_up_after_s=settings.connect_timeout_s
+        )
+        try:
+            channel = await connection.channel()
+            await declare_exchanges(channel, settings)
+            plan = [(settings.unrouted, queue_arguments(settings))]
+            declared = []
+            for cls in classes:
+                spec = spec_for(cls)
+                declared.append((spec, await declare_consumer_queues(channel, settings, spec)))
+                plan += queue_plan(settings, spec)
+            await bindings.prune(settings, declared, required=True)
+            states = [await inspect_queue(channel, name, args) for name, args in plan]
+            await channel.close()
+            return states
+        finally:
+            await close_quietly(connection)
+
+    async def status(self) -> Status:
+        client = ManagementClient(self.settings)
+        queues, connections, bound = await asyncio.to_thread(
+            lambda: (
+                client.queues(),
+                client.connections(),
+                client.bound_queues(self.settings.exchange),
+            )
+        )
+        return summarize(
+            self.settings, queues, connections, bound, spool_tools.files(self.settings)
+        )
+
+    def dead_letters(self, queue: str) -> DeadLetterTool:
+        return DeadLetterTool(self.settings, queue)
+
+
+async def ensure_policies(
+    settings: Settings, classes: Sequence[type[EventConsumer]], *, required: bool = False
+) -> list[str]:
+    """Create each consumer queue's policy (dead-lettering, delivery limit) where it is missing.
+
+    Best effort for a worker (a warning when the management API is unreachable: the queues work
+    without it, only the delivery limit is missing); `required` for `b24queue topology`.
+    Returns the names of the policies created.
+    """
+    if not classes:
+        return []
+    client = ManagementClient(settings)
+    created = []
+    try:
+        for cls in classes:
+            policy = consumer_policy(settings, spec_for(cls))
+            if await asyncio.to_thread(client.ensure_policy, policy):
+                log.info("created policy %s: %s", policy.name, policy.definition)
+                created.append(policy.name)
+    except (ManagementError, ConfigError) as exc:
+        if required:
+            raise
+        log.warning(
+            "could not check the queue policies (%s); without them a message that crashes the "
+            "worker is redelivered without limit. Run `b24queue topology` with management access.",
+            exc,
+        )
+    return created
+
+
+def transport(settings: Settings) -> Amqp:
+    return Amqp(settings)

@@ -1,0 +1,142 @@
+"""The transport seam: what the ingress, the worker process and the CLI ask of a queue, whichever
+it is. The transport is picked by the broker URL's scheme (`B24QUEUE_BROKER_URL`): `amqp(s)://`
+RabbitMQ, `sqlite:` the embedded queue. Nothing here imports a transport: `transport_for` loads
+the one the settings name.
+
+Each transport keeps the same guarantees (`shared/TRANSPORTS.md`): `publish` returns only once the
+event is durable; a runner settles each delivery with `b24queue.delivery` (ack only after the
+handler; a retry or dead-letter copy durable before the original goes); declaring is idempotent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
+
+from b24queue.envelope import EventSink
+
+if TYPE_CHECKING:
+    from b24queue.consumer import EventConsumer
+    from b24queue.dlq_view import DeadLetter
+    from b24queue.layout import QueueSpec, QueueState
+    from b24queue.metrics import WorkerMetrics
+    from b24queue.settings import Settings
+    from b24queue.status import Status
+
+Progress = Callable[[int, int], None]
+
+
+class Publisher(EventSink, Protocol):
+    """The ingress's sink, as an async context manager (it connects in the background)."""
+
+    async def __aenter__(self) -> Publisher: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def failed(self) -> BaseException:
+        """Return (never raise) why publishing cannot go on for good; wait forever otherwise."""
+
+
+class Runner(Protocol):
+    """One consumer in a worker process."""
+
+    spec: QueueSpec
+
+    @property
+    def in_flight(self) -> int: ...
+
+    async def start(self) -> None:
+        """Declare what the consumer needs, call `on_start`, begin consuming."""
+
+    async def stop_consuming(self) -> None:
+        """Take no new deliveries; in-flight ones go on."""
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for in-flight handlers, cancel what is left after `timeout_s` (their events are
+        delivered again); return how many were cancelled."""
+
+    async def close(self) -> None:
+        """`on_stop`, then release what the runner holds."""
+
+
+class WorkerSession(Protocol):
+    """A worker process's hold on the transport (a connection, a database)."""
+
+    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> Runner: ...
+
+    async def started(self, runners: Sequence[Runner]) -> None:
+        """Every runner consumes (e.g. remove bindings their consumers no longer name)."""
+
+    async def close(self) -> None: ...
+
+
+class DeadLetters(Protocol):
+    """`b24queue dlq` on one queue: a consumer queue, its `.dlq`, or the unrouted queue."""
+
+    source: str  # the queue read from
+    destination: str  # where a replay sends them, for the operator
+
+    async def __aenter__(self) -> DeadLetters: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    async def list(self, limit: int) -> tuple[int, list[DeadLetter]]:
+        """(how many there are, the first `limit` described)."""
+
+    async def replay(
+        self,
+        *,
+        limit: int | None = None,
+        ids: set[str] | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[int, int]:
+        """Send back (durably first, then remove); found ids are taken out of `ids`. Returns
+        (replayed, there were)."""
+
+    async def count(self) -> int: ...
+
+    async def purge(self, count: int) -> int:
+        """Delete the first `count` (what the operator was shown); newer ones stay."""
+
+
+class Transport(Protocol):
+    name: str
+    # True where the queue's server can be away while the ingress runs (the ingress then keeps
+    # a local spool); False for an embedded queue on the ingress's own disk.
+    needs_spool: bool
+
+    def publisher(self, connection_name: str) -> Publisher: ...
+
+    async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> WorkerSession: ...
+
+    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
+        """The topology for these consumers, idempotently; what exists now."""
+
+    async def status(self) -> Status: ...
+
+    def dead_letters(self, queue: str) -> DeadLetters: ...
+
+
+def connection_name(role: str, detail: str = "") -> str:
+    """What operators see (management UI, status): role, what it serves, host:pid."""
+    middle = f" {detail}" if detail else ""
+    return f"b24queue {role}{middle} {socket.gethostname()}:{os.getpid()}"
+
+
+_MODULES = {"amqp": "b24queue.amqp.transport", "sqlite": "b24queue.sqlite.transport"}
+
+
+def transport_for(settings: Settings) -> Transport:
+    """The transport the settings name (its package is imported only now)."""
+    module = importlib.import_module(_MODULES[settings.transport])
+    transport: Transport = module.transport(settings)
+    return transport
