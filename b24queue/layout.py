@@ -151,6 +151,27 @@ class BindingChange:
         return tuple(sorted((self.current or frozenset()) - set(self.wanted)))
 
 
+def topic_matches(pattern: str, key: str) -> bool:
+    """A topic exchange's rule, for transports that route themselves: words split on `.`; `*`
+    is exactly one word, `#` zero or more words. (`CATALOG.#` matches `CATALOG` too.)"""
+    words, parts = key.split("."), pattern.split(".")
+    # reachable[j]: the first i pattern parts can match the first j words
+    reachable = [True] + [False] * len(words)
+    for part in parts:
+        nxt = [False] * (len(words) + 1)
+        for j, ok in enumerate(reachable):
+            if not ok:
+                continue
+            if part == "#":
+                for k in range(j, len(words) + 1):
+                    nxt[k] = True
+                break  # every later j is covered by this one
+            if j < len(words) and (part == "*" or part == words[j]):
+                nxt[j + 1] = True
+        reachable = nxt
+    return reachable[len(words)]
+
+
 def queue_plan(settings: Settings, spec: QueueSpec) -> list[tuple[str, dict[str, Any]]]:
     """Every queue of a consumer with the arguments we declare it with."""
     plan = [(spec.name, queue_arguments(settings))]

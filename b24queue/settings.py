@@ -65,6 +65,8 @@ class Settings(BaseSettings):
         description="alternate exchange and its queue: events nobody is bound to land here",
     )
     queue_type: Literal["quorum", "classic"] = "quorum"
+    # SQLite: how often an idle worker looks for events published by another process (a read).
+    sqlite_poll_s: float = Field(default=0.05, gt=0, le=10)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     reconnect_interval_s: float = Field(default=0.5, gt=0)
 

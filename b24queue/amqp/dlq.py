@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -31,7 +30,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from b24queue import _constants as c
 from b24queue.amqp.connection import close_quietly, connect
 from b24queue.amqp.publisher import persistent_copy
-from b24queue.dlq_view import DeadLetter
+from b24queue.dlq_view import DeadLetter, fresh_history, letter
 from b24queue.errors import B24QueueError, ConfigError
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
@@ -39,21 +38,6 @@ from b24queue.transports import connection_name
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-
-# Headers that describe one failure history; a replayed message starts a new one.
-_FAILURE_HEADERS = (
-    c.H_ATTEMPT,
-    c.H_FIRST_FAILED_AT,
-    c.H_LAST_FAILED_AT,
-    c.H_ERROR_TYPE,
-    c.H_ERROR_MESSAGE,
-    c.H_DEAD_LETTER_REASON,
-    c.H_ORIGINAL_QUEUE,
-    c.H_ORIGINAL_ROUTING_KEY,
-    "x-delivery-count",
-)
-H_REPLAYS = "x-b24queue-replays"
-H_REPLAYED_AT = "x-b24queue-replayed-at"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,48 +66,17 @@ def target_for(settings: Settings, name: str) -> Target:
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
     """What an operator needs to see; never the body (it carries tokens)."""
-    h = message.headers or {}
-    reason = _str(h.get(c.H_DEAD_LETTER_REASON) or h.get("x-first-death-reason")) or "unrouted"
-    error_type, error_message = _str(h.get(c.H_ERROR_TYPE)), _str(h.get(c.H_ERROR_MESSAGE))
-    error = f"{error_type}: {error_message}" if error_type else ""
-    if not error and reason == "delivery_limit":
-        error = "delivered too often without an ack (did the worker crash on it?)"
-    attempt = h.get(c.H_ATTEMPT)
-    return DeadLetter(
+    return letter(
+        message.headers or {},
         message_id=message.message_id,
-        event=_str(h.get(c.H_ORIGINAL_ROUTING_KEY)) or message.type or message.routing_key or "",
-        domain=_str(h.get(c.H_DOMAIN)),
-        member_id=_str(h.get(c.H_MEMBER_ID)),
-        reason=reason,
-        attempts=int(attempt)
-        if isinstance(attempt, int | str) and str(attempt).isdigit()
-        else None,
-        error=error,
-        first_failed_at=_str(h.get(c.H_FIRST_FAILED_AT)),
-        last_failed_at=_str(h.get(c.H_LAST_FAILED_AT)),
-        original_queue=_str(h.get(c.H_ORIGINAL_QUEUE)) or _str(h.get("x-first-death-queue")),
-        published_at=message.timestamp.isoformat() if message.timestamp else None,
+        event=message.type or message.routing_key or "",
+        published_at=message.timestamp,
         size_bytes=len(message.body),
     )
 
 
-def _str(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def replay_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
-    headers = {
-        k: v
-        for k, v in (message.headers or {}).items()
-        if k not in _FAILURE_HEADERS
-        and not k.startswith(("x-death", "x-first-death", "x-last-death"))
-    }
-    previous = headers.get(H_REPLAYS, 0)
-    headers[H_REPLAYS] = (previous if isinstance(previous, int) else 0) + 1
-    headers[H_REPLAYED_AT] = datetime.now(UTC).isoformat(timespec="milliseconds")
-    return headers
+    return fresh_history(message.headers or {})
 
 
 class DeadLetterTool:

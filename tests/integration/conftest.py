@@ -157,6 +157,13 @@ class Broker:
 
 @pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
+    async with broker_slice() as b:
+        yield b
+
+
+@asynccontextmanager
+async def broker_slice() -> AsyncIterator[Broker]:
+    """A test's own slice of the real broker (unique names), deleted afterwards."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     connection = await aio_pika.connect_robust(
         AMQP_URL, client_properties={"connection_name": f"pytest {prefix}"}

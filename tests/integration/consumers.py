@@ -23,6 +23,7 @@ class Recorder(EventConsumer):
     queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
     events = ("#",)
     prefetch = int(os.environ.get("B24QT_PREFETCH", "8"))
+    handle_timeout_s = float(os.environ.get("B24QT_HANDLE_TIMEOUT_S", "1500"))
 
     async def handle(self, event: Event) -> None:
         _record(f"start {event.message_id} {int(event.redelivered)}")

@@ -1,0 +1,153 @@
+"""The queue database: schema, and one process's access to it.
+
+WAL, `synchronous=FULL`: a commit is on disk before it returns. Every write of a process goes
+through one thread and is group-committed: whatever arrived while the last transaction ran is
+written in the next one, with one fsync (publishes, claims and settlements alike), so throughput
+is not bounded by fsync latency. Reads use the same thread (SQLite connections are not shared
+across threads here); other processes on the host (ingress, workers, the CLI) wait for the
+write lock up to `BUSY_TIMEOUT_MS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from b24queue._files import private_file
+from b24queue.errors import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # kind: consumer, dlq or unrouted
+    "CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY, kind TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS bindings (queue TEXT NOT NULL, pattern TEXT NOT NULL, "
+    "PRIMARY KEY (queue, pattern))",
+    """CREATE TABLE IF NOT EXISTS messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        routing_key TEXT NOT NULL,
+        body BLOB NOT NULL,
+        headers TEXT NOT NULL,
+        timestamp TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        available_at REAL NOT NULL,
+        lease_owner TEXT,
+        lease_until REAL,
+        deliveries INTEGER NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, available_at, id)",
+    # Workers say they are alive here (what `status` counts as consumers).
+    "CREATE TABLE IF NOT EXISTS workers (owner TEXT PRIMARY KEY, queue TEXT NOT NULL, "
+    "name TEXT NOT NULL, seen_at REAL NOT NULL)",
+)
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if need be) the queue database: private, WAL, fsync at every commit."""
+    private_file(path)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                db.execute(statement)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{path} has queue schema {row[0]}, newer than this b24queue knows "
+                    f"({SCHEMA_VERSION}): upgrade b24queue"
+                )
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+class Database:
+    """One process's connection, on one thread, with group-committed writes. An async context
+    manager; `write(op)` returns once the transaction holding `op` is committed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b24queue-sqlite")
+        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        # Told after each commit, in the event loop (wakes this process's runners at once).
+        self.committed = asyncio.Event()
+
+    async def __aenter__(self) -> Database:
+        self._db = await self._run(connect, self.path)
+        self._writer = asyncio.create_task(self._write_loop(), name="b24queue-sqlite-writer")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(ConnectionError("the queue database is closed"))
+        if self._db is not None:
+            await self._run(self._db.close)
+        self._thread.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._db is not None, "use `async with Database(...)`"
+        return await self._run(op, self._db)
+
+    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                results = await self._run(self._transaction, [op for op, _ in batch])
+            except Exception as exc:  # a full disk, a lock held past the timeout: these fail
+                log.error("queue database write failed: %r", exc)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+            self.committed.set()
+            self.committed.clear()
+
+    def _transaction(self, ops: list[Op]) -> list[Any]:
+        db = self._db
+        assert db is not None
+        with db:  # one transaction, one fsync, for the whole batch
+            db.execute("BEGIN IMMEDIATE")
+            return [op(db) for op in ops]

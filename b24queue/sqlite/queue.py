@@ -1,0 +1,253 @@
+"""The queue operations, as functions of one SQLite connection (run inside a transaction by
+`db.Database.write`): publish with routing, claim with a lease, settle, and the operator's view.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from b24queue.envelope import Envelope
+from b24queue.layout import topic_matches
+
+CONSUMER, DLQ, UNROUTED = "consumer", "dlq", "unrouted"
+_MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: int
+    message_id: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any]
+    timestamp: datetime
+    event_type: str
+    deliveries: int
+
+
+def _row(values: tuple[Any, ...]) -> Row:
+    return Row(
+        values[0],
+        values[1],
+        values[2],
+        bytes(values[3]),
+        json.loads(values[4]),
+        datetime.fromisoformat(values[5]),
+        values[6],
+        values[7],
+    )
+
+
+def publish(db: sqlite3.Connection, envelopes: Iterable[Envelope], unrouted: str) -> int:
+    """One row per bound queue for each event (inside the caller's transaction). Returns rows."""
+    bindings = db.execute("SELECT queue, pattern FROM bindings").fetchall()
+    now = time.time()
+    rows = []
+    for e in envelopes:
+        queues = sorted({q for q, p in bindings if topic_matches(p, e.routing_key)}) or [unrouted]
+        headers = json.dumps(e.headers)
+        stamp = e.timestamp.isoformat()
+        rows += [
+            (q, e.message_id, e.routing_key, e.body, headers, stamp, e.event_type, now)
+            for q in queues
+        ]
+    db.executemany(
+        "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
+        "event_type, available_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return len(rows)
+
+
+def due(db: sqlite3.Connection, queue: str) -> bool:
+    """Is anything ready to be claimed (a read: idle workers poll with this, not a write)?"""
+    now = time.time()
+    row = db.execute(
+        "SELECT 1 FROM messages WHERE queue = ? AND available_at <= ? "
+        "AND (lease_until IS NULL OR lease_until < ?) LIMIT 1",
+        (queue, now, now),
+    ).fetchone()
+    return row is not None
+
+
+def claim(db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
+    """Lease up to `count` due messages, oldest first (an expired lease counts as free)."""
+    now = time.time()
+    sql = (
+        "UPDATE messages SET lease_owner = ?, lease_until = ?, deliveries = deliveries + 1 "
+        "WHERE id IN (SELECT id FROM messages WHERE queue = ? AND available_at <= ? "
+        "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT ?) "
+        "RETURNING id, message_id, routing_key, body, headers, timestamp, event_type, deliveries"
+    )
+    rows = db.execute(sql, (owner, now + lease_s, queue, now, now, count)).fetchall()
+    return sorted((_row(r) for r in rows), key=lambda r: r.id)
+
+
+def ack(db: sqlite3.Connection, row_id: int, owner: str) -> bool:
+    cursor = db.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner))
+    return cursor.rowcount == 1
+
+
+def move(
+    db: sqlite3.Connection,
+    row_id: int,
+    owner: str,
+    *,
+    queue: str,
+    headers: dict[str, Any],
+    delay_s: float = 0.0,
+) -> bool:
+    """Retry (the same queue, later) or dead-letter (its `.dlq`): one statement, so there is no
+    moment with the message in two places or none."""
+    cursor = db.execute(
+        "UPDATE messages SET queue = ?, headers = ?, available_at = ?, lease_owner = NULL, "
+        "lease_until = NULL, deliveries = 0 WHERE id = ? AND lease_owner = ?",
+        (queue, json.dumps(headers, default=str), time.time() + delay_s, row_id, owner),
+    )
+    return cursor.rowcount == 1
+
+
+def release(db: sqlite3.Connection, owner: str) -> int:
+    """Give back what `owner` holds (a stopping worker's cancelled handlers): redelivered now."""
+    return db.execute(
+        "UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+        (owner,),
+    ).rowcount
+
+
+def heartbeat(db: sqlite3.Connection, owner: str, queue: str, name: str) -> None:
+    db.execute(
+        "INSERT INTO workers (owner, queue, name, seen_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(owner) DO UPDATE SET seen_at = excluded.seen_at",
+        (owner, queue, name, time.time()),
+    )
+
+
+def leave(db: sqlite3.Connection, owner: str) -> int:
+    return db.execute("DELETE FROM workers WHERE owner = ?", (owner,)).rowcount
+
+
+def declare(
+    db: sqlite3.Connection, queue: str, dlq: str, patterns: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """The consumer queue and its DLQ exist, and its bindings are exactly `patterns`.
+    Returns (added, removed) bindings."""
+    db.execute("INSERT OR IGNORE INTO queues VALUES (?, ?)", (queue, CONSUMER))
+    db.execute("INSERT OR IGNORE INTO queues VALUES (?, ?)", (dlq, DLQ))
+    current = {p for (p,) in db.execute("SELECT pattern FROM bindings WHERE queue = ?", (queue,))}
+    added = [p for p in patterns if p not in current]
+    removed = sorted(current - set(patterns))
+    db.executemany("INSERT INTO bindings VALUES (?, ?)", [(queue, p) for p in added])
+    db.executemany(
+        "DELETE FROM bindings WHERE queue = ? AND pattern = ?", [(queue, p) for p in removed]
+    )
+    return added, removed
+
+
+def declare_unrouted(db: sqlite3.Connection, unrouted: str) -> None:
+    db.execute("INSERT OR IGNORE INTO queues VALUES (?, ?)", (unrouted, UNROUTED))
+
+
+def first(db: sqlite3.Connection, queue: str, limit: int, after: int = -1) -> list[Row]:
+    """Messages of a queue in order, from after id `after` (to read a large queue in pieces)."""
+    return [
+        _row(r)
+        for r in db.execute(
+            f"SELECT {_MESSAGE} FROM messages WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",  # noqa: S608
+            (queue, after, limit),
+        )
+    ]
+
+
+WriteOp = Callable[[sqlite3.Connection], Any]
+
+
+def exists(db: sqlite3.Connection, queue: str) -> bool:
+    return db.execute("SELECT 1 FROM queues WHERE name = ?", (queue,)).fetchone() is not None
+
+
+def depths(db: sqlite3.Connection) -> dict[str, int]:
+    return dict(db.execute("SELECT queue, count(*) FROM messages GROUP BY queue").fetchall())
+
+
+@dataclass(frozen=True, slots=True)
+class Depth:
+    ready: int = 0  # due and free
+    leased: int = 0  # a worker is on it
+    later: int = 0  # waiting for its retry delay
+
+    @property
+    def total(self) -> int:
+        return self.ready + self.leased + self.later
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    consumer_queues: list[str]
+    queues: dict[str, Depth]
+    workers: dict[str, int]  # live workers per queue
+    worker_names: list[str]
+
+
+def overview(db: sqlite3.Connection, alive_since: float) -> Overview:
+    now = time.time()
+    queues: dict[str, Depth] = {}
+    for queue, ready, leased, later in db.execute(
+        "SELECT queue, "
+        "sum(lease_until IS NULL OR lease_until < ?) - sum((lease_until IS NULL OR lease_until < ?)"
+        " AND available_at > ?), "
+        "sum(lease_until IS NOT NULL AND lease_until >= ?), "
+        "sum((lease_until IS NULL OR lease_until < ?) AND available_at > ?) "
+        "FROM messages GROUP BY queue",
+        (now, now, now, now, now, now),
+    ):
+        queues[queue] = Depth(int(ready or 0), int(leased or 0), int(later or 0))
+    consumer_queues = [
+        name for (name,) in db.execute("SELECT name FROM queues WHERE kind = ?", (CONSUMER,))
+    ]
+    live = db.execute(
+        "SELECT queue, name FROM workers WHERE seen_at >= ?", (alive_since,)
+    ).fetchall()
+    workers: dict[str, int] = {}
+    for queue, _ in live:
+        workers[queue] = workers.get(queue, 0) + 1
+    return Overview(consumer_queues, queues, workers, sorted({name for _, name in live}))
+
+
+def replay(
+    db: sqlite3.Connection, row: Row, headers: dict[str, Any], back_to: str | None, unrouted: str
+) -> None:
+    """A dead letter back to its queue, or an unrouted event to the queues bound to it now (if
+    none, it stays where it is), in the caller's transaction."""
+    if back_to is not None:
+        db.execute(
+            "UPDATE messages SET queue = ?, headers = ?, available_at = ?, lease_owner = NULL, "
+            "lease_until = NULL, deliveries = 0 WHERE id = ?",
+            (back_to, json.dumps(headers, default=str), time.time(), row.id),
+        )
+        return
+    envelope = Envelope(
+        message_id=row.message_id,
+        routing_key=row.routing_key,
+        body=row.body,
+        headers={k: str(v) for k, v in headers.items()},
+        timestamp=row.timestamp,
+        event_type=row.event_type,
+    )
+    db.execute("DELETE FROM messages WHERE id = ?", (row.id,))
+    publish(db, [envelope], unrouted)
+
+
+def purge(db: sqlite3.Connection, queue: str, count: int) -> int:
+    """The first `count` messages of the queue, for good."""
+    return db.execute(
+        "DELETE FROM messages WHERE id IN "
+        "(SELECT id FROM messages WHERE queue = ? ORDER BY id LIMIT ?)",
+        (queue, count),
+    ).rowcount
