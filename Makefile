@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit faults fuzz lint broker run topology bench soak definitions clean
+.PHONY: install test test-unit faults fuzz lint broker run run-sqlite topology bench soak definitions clean
 
 install: $(STAMP)
 
@@ -39,9 +39,13 @@ lint: install
 topology: install broker
 	$(BIN)/b24queue topology examples.deals:DealSync examples.logger:EventLogger
 
-# The ingress and the example workers together; Ctrl-C stops both.
-run: install broker
+# The ingress and the example workers together; Ctrl-C stops both. On RabbitMQ when one runs or
+# can be started here, else on the embedded SQLite queue (said in one line); run-sqlite forces it.
+run: install
 	bash scripts/run-local.sh
+
+run-sqlite: install
+	B24QUEUE_BROKER_URL=sqlite:.b24queue/queue.sqlite3 bash scripts/run-local.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

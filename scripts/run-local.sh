@@ -5,6 +5,19 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 PORT="${B24QUEUE_HTTP_PORT:-8080}"
 
+# The queue: RabbitMQ when one runs here or can be started (rabbitmq/local-node.sh), else the
+# embedded SQLite queue, which needs no server at all.
+if [[ "${B24QUEUE_BROKER_URL:-}" != sqlite:* ]]; then
+  if ! PYTHON="$BIN/python" bash rabbitmq/local-node.sh start; then
+    export B24QUEUE_BROKER_URL="sqlite:.b24queue/queue.sqlite3"
+    echo "RabbitMQ is not usable here: running on the embedded SQLite queue ($B24QUEUE_BROKER_URL)."
+  fi
+fi
+QUEUE_UI="Management UI:  http://127.0.0.1:15672   (guest / guest)"
+if [[ "${B24QUEUE_BROKER_URL:-}" == sqlite:* ]]; then
+  QUEUE_UI="Queue:          ${B24QUEUE_BROKER_URL#sqlite:} (SQLite; b24queue status shows it)"
+fi
+
 if [[ -z "${B24QUEUE_APP_TOKENS:-}" && -z "${B24QUEUE_ALLOW_UNVERIFIED:-}" ]]; then
   export B24QUEUE_APP_TOKENS="local-dev-token"
   echo "No B24QUEUE_APP_TOKENS set: using 'local-dev-token' for this local run."
@@ -38,7 +51,7 @@ token="${B24QUEUE_APP_TOKENS%%,*}"
 cat <<MSG
 
   Ingress:        http://127.0.0.1:$PORT/b24/events   (ready: http://127.0.0.1:$PORT/readyz)
-  Management UI:  http://127.0.0.1:15672   (guest / guest)
+  $QUEUE_UI
   Metrics:        http://127.0.0.1:$PORT/metrics (ingress)   http://127.0.0.1:$METRICS_PORT/metrics (workers)
   Status:         $BIN/b24queue status      Dead letters: $BIN/b24queue dlq list example.deal-sync
   Send an event:  $BIN/b24queue send ONCRMDEALADD --url http://127.0.0.1:$PORT/b24/events --token '$token' --field 'data[FIELDS][ID]=42'

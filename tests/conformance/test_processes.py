@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,20 @@ def records(path: Path, kind: str) -> dict[str, str]:
         if parts[0] == kind:
             out[parts[1]] = parts[2]
     return out
+
+
+_STARTED: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture(autouse=True)
+async def _no_worker_left() -> AsyncIterator[None]:
+    """A failing test must not leave its worker processes running."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.subprocess.Process:
@@ -57,6 +72,7 @@ async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.su
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    _STARTED.append(proc)
     # Consuming (its queue and bindings declared) before anything is posted.
     assert proc.stdout is not None
     seen = []
