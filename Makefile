@@ -52,6 +52,7 @@ clean:
 
 bench: install broker
 	$(PY) -m bench
+	$(PY) -m bench.sqlite
 
 # Regenerate rabbitmq/definitions.json after changing the examples or the topology.
 definitions: install

@@ -1,14 +1,12 @@
-"""A no-op consumer for the soak run: `b24queue worker bench.noop:NoOp` (queue from BENCH_QUEUE)."""
+"""A consumer that does nothing: what the benchmarks drain queues with."""
 
 from __future__ import annotations
-
-import os
 
 from b24queue import Event, EventConsumer
 
 
-class NoOp(EventConsumer):
-    queue = os.environ.get("BENCH_QUEUE", "bench.noop")
+class Noop(EventConsumer):
+    queue = "bench.sqlite"
     events = ("#",)
     prefetch = 64
 
