@@ -33,6 +33,7 @@ lint: install
 	$(BIN)/ruff check b24queue examples tests bench
 	$(BIN)/ruff format --check b24queue examples tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	# No Docker engine here to try it: at least the compose file must be valid compose.
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec rabbitmq/docker-compose.yml
 
