@@ -100,3 +100,74 @@ async def test_the_tour_on_sqlite(tmp_path: Path) -> None:
     assert code == 0 and "ONTASKADD" in out, out
     code, out = await cli(db, "dlq", "purge", "b24.unrouted", "--yes")
     assert code == 0 and "purged 1" in out, out
+
+
+async def test_sigkill_of_the_ingress_under_load_loses_no_accepted_event(tmp_path: Path) -> None:
+    """Every event answered 200 is in the queue file, whatever the moment the ingress dies."""
+    import sqlite3
+
+    import aiohttp
+
+    from tests.conftest import sample_form
+
+    db = tmp_path / "queue.sqlite3"
+    code, out = await cli(db, "topology", "tests.integration.consumers:Narrowing")
+    assert code == 0, out
+    port = free_port()
+    ingress = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "b24queue",
+        "ingress",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env=env_for(db),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/b24/events"
+    accepted: list[str] = []
+    body = sample_form("crm-deal-add")
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        try:
+            async with session.post(
+                url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+            ) as resp:
+                if resp.status == 200:
+                    accepted.append((await resp.json())["message_id"])
+        except (aiohttp.ClientError, OSError):
+            pass  # the ingress died under it: not answered 200, so not promised
+
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def up() -> bool:
+                await one(session)
+                return bool(accepted)
+
+            await wait_until(up, 30, "the ingress to answer")
+            sem = asyncio.Semaphore(16)
+
+            async def limited() -> None:
+                async with sem:
+                    await one(session)
+
+            load = [asyncio.create_task(limited()) for _ in range(600)]
+            await wait_until(lambda: len(accepted) >= 150, 60, "150 accepted")
+            ingress.kill()  # mid-load: requests in flight die with it
+            await asyncio.gather(*load)
+    finally:
+        if ingress.returncode is None:
+            ingress.kill()
+        await ingress.wait()
+    conn = sqlite3.connect(db)
+    try:
+        stored = {m for (m,) in conn.execute("SELECT message_id FROM messages")}
+    finally:
+        conn.close()
+    assert len(accepted) >= 150
+    assert set(accepted) <= stored, len(set(accepted) - stored)
