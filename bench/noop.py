@@ -1,6 +1,12 @@
-"""A consumer that does nothing: what the benchmarks drain queues with."""
+"""A consumer that does nothing: what the benchmarks drain queues with. With BENCH_LATENCY_FILE
+set it notes each event's time from accepted (the ingress's timestamp; microseconds on SQLite)
+to handled, and writes p50/p99 there when it stops."""
 
 from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
 
 from b24queue import Event, EventConsumer
 
@@ -10,5 +16,24 @@ class Noop(EventConsumer):
     events = ("#",)
     prefetch = 64
 
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+
     async def handle(self, event: Event) -> None:
-        return None
+        if event.accepted_at is not None:
+            self.latencies.append((datetime.now(UTC) - event.accepted_at).total_seconds())
+
+    async def on_stop(self) -> None:
+        path = os.environ.get("BENCH_LATENCY_FILE")
+        if not path or not self.latencies:
+            return
+        ordered = sorted(self.latencies)
+        with open(path, "w") as f:  # noqa: ASYNC230 - once, as the worker stops
+            json.dump(
+                {
+                    "events": len(ordered),
+                    "p50_ms": round(ordered[len(ordered) // 2] * 1000, 1),
+                    "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 1),
+                },
+                f,
+            )

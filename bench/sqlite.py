@@ -88,9 +88,10 @@ def run(requests: int, concurrency: int) -> dict[str, Any]:
                 env,
                 port,
             )
+            latency_file = Path(tmp) / f"latency-{label}.json"
             worker = subprocess.Popen(
                 [py, "-m", "b24queue", "worker", "bench.noop:Noop"],
-                env=env,
+                env={**env, "BENCH_LATENCY_FILE": str(latency_file)},
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -114,6 +115,8 @@ def run(requests: int, concurrency: int) -> dict[str, Any]:
                 worker.terminate()
                 worker.wait(30)
                 server.stop()
+            if latency_file.exists():
+                results[label]["accepted_to_handled"] = json.loads(latency_file.read_text())
     return results
 
 
