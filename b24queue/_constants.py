@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 APP_ID = "b24queue"
+# Exchange and queue names: what RabbitMQ and the management UI show well.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$"
+# Every connection (and SQLite worker) we open is named so: status finds ours by it.
+CONNECTION_PREFIX = "b24queue "
+# Headers a broker adds on its own (RabbitMQ's dead-letter history and delivery count).
+BROKER_HEADER_PREFIXES = ("x-death", "x-first-death", "x-last-death")
+DELIVERY_COUNT = "x-delivery-count"
 CONTENT_TYPE = "application/json"
 
 # Message headers we set. Kept short and prefixed so they sort together in the management UI.

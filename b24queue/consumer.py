@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
+from b24queue import _constants as c
 from b24queue.errors import ConfigError
 from b24queue.events import BINDING, MAX_EVENT_NAME, Event
 from b24queue.idempotency import SeenStore
 
-_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$")
+_QUEUE = re.compile(c.NAME_PATTERN)
 MAX_DELAY_S = 7 * 24 * 3600
 # RabbitMQ's consumer_timeout (30 min by default) closes the channel of a delivery unacked for
 # longer and requeues everything on it: a handler must be stopped well before that.

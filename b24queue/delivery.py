@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer, Reject, Retry
 from b24queue.errors import BadEventError
-from b24queue.events import Event
+from b24queue.events import Event, mark_delivered
 from b24queue.idempotency import SeenStore
 from b24queue.retry import delay_after, snap_delay
 
@@ -87,8 +87,8 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     attempt = incoming.attempt
     try:
         event = _decode(incoming)
-        event._set_delivery(
-            incoming.message_id, attempt, incoming.redelivered, incoming.accepted_at
+        mark_delivered(
+            event, incoming.message_id, attempt, incoming.redelivered, incoming.accepted_at
         )
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
@@ -189,9 +189,7 @@ def _failure_headers(
 
 
 def _broker_header(name: str) -> bool:
-    return name.startswith(("x-death", "x-first-death", "x-last-death")) or name in (
-        "x-delivery-count",
-    )
+    return name.startswith(c.BROKER_HEADER_PREFIXES) or name == c.DELIVERY_COUNT
 
 
 def _secrets(payload: Any) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ _FAILURE_HEADERS = (
     c.H_DEAD_LETTER_REASON,
     c.H_ORIGINAL_QUEUE,
     c.H_ORIGINAL_ROUTING_KEY,
-    "x-delivery-count",
+    c.DELIVERY_COUNT,
 )
 H_REPLAYS = "x-b24queue-replays"
 H_REPLAYED_AT = "x-b24queue-replayed-at"
@@ -82,8 +82,7 @@ def fresh_history(headers: Mapping[str, Any]) -> dict[str, Any]:
     out = {
         k: v
         for k, v in headers.items()
-        if k not in _FAILURE_HEADERS
-        and not k.startswith(("x-death", "x-first-death", "x-last-death"))
+        if k not in _FAILURE_HEADERS and not k.startswith(c.BROKER_HEADER_PREFIXES)
     }
     previous = out.get(H_REPLAYS, 0)
     out[H_REPLAYS] = (previous if isinstance(previous, int) else 0) + 1

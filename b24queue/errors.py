@@ -52,6 +52,10 @@ class StoreUnavailableError(B24QueueError):
     be verified, so it is not stored (503), whoever sent it."""
 
 
+class SpoolFullError(B24QueueError):
+    """The ingress's spool holds its maximum: the event cannot be made durable."""
+
+
 class TopologyMismatchError(B24QueueError):
     """An exchange or queue exists with other arguments than the ones we declare."""
 

@@ -222,18 +222,20 @@ class Event(BaseModel):
         portal sent it) a handler can order events that reached it out of order."""
         return self._accepted_at
 
-    def _set_delivery(
-        self,
-        message_id: str | None,
-        attempt: int,
-        redelivered: bool,
-        accepted_at: datetime | None = None,
-    ) -> None:
-        """For the worker, on the event it just decoded (private attributes, not fields)."""
-        self._message_id = message_id
-        self._attempt = attempt
-        self._redelivered = redelivered
-        self._accepted_at = accepted_at
+
+def mark_delivered(
+    event: Event,
+    message_id: str | None,
+    attempt: int,
+    redelivered: bool,
+    accepted_at: datetime | None = None,
+) -> None:
+    """The delivery facts of an event the worker just decoded (private attributes, not fields:
+    they are not part of the body)."""
+    event._message_id = message_id
+    event._attempt = attempt
+    event._redelivered = redelivered
+    event._accepted_at = accepted_at
 
 
 def decode_body(content_type: str, body: bytes) -> dict[str, Any]:

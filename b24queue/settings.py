@@ -13,11 +13,12 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from b24queue import _constants as c
 from b24queue.errors import ConfigError
 
 ENV_PREFIX = "B24QUEUE_"
 
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,200}$"
+_NAME_PATTERN = c.NAME_PATTERN
 
 # Bitrix24 cloud portals (`*` is exactly one label). Self-hosted portals: set your domains.
 DEFAULT_PORTAL_DOMAINS = tuple(

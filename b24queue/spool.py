@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from b24queue._files import private_file
 from b24queue.envelope import Envelope
-from b24queue.errors import B24QueueError, ConfigError
+from b24queue.errors import ConfigError, SpoolFullError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,10 +67,6 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 _COLUMNS = "message_id, routing_key, body, headers, timestamp, event_type, spooled_at"
 MAX_REASON_CHARS = 500
-
-
-class SpoolFullError(B24QueueError):
-    """The spool holds its maximum: the event cannot be made durable."""
 
 
 class SpoolInUseError(ConfigError):

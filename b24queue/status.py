@@ -117,7 +117,7 @@ def summarize(
         for conn in connections
         if conn.get("vhost", settings.vhost) == settings.vhost
         and str((conn.get("client_properties") or {}).get("connection_name", "")).startswith(
-            "b24queue "
+            c.CONNECTION_PREFIX
         )
     ]
     unrouted = _depth(by_name.get(settings.unrouted))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
+from b24queue import _constants as c
 from b24queue.envelope import EventSink
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class Transport(Protocol):
 def connection_name(role: str, detail: str = "") -> str:
     """What operators see (management UI, status): role, what it serves, host:pid."""
     middle = f" {detail}" if detail else ""
-    return f"b24queue {role}{middle} {socket.gethostname()}:{os.getpid()}"
+    return f"{c.CONNECTION_PREFIX}{role}{middle} {socket.gethostname()}:{os.getpid()}"
 
 
 _MODULES = {"amqp": "b24queue.amqp.transport", "sqlite": "b24queue.sqlite.transport"}

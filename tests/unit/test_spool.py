@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from b24queue.envelope import Envelope, envelope_for
-from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.errors import BrokerUnavailableError, PublishError, SpoolFullError
 from b24queue.metrics import IngressMetrics
-from b24queue.spool import Spool, SpoolFullError, merge_stray_spools, slot_path, stray_spools
+from b24queue.spool import Spool, merge_stray_spools, slot_path, stray_spools
 from b24queue.spooling import SpoolingSink
 from b24queue.testing import make_event
 
