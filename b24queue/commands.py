@@ -16,7 +16,6 @@ from dataclasses import asdict
 from typing import Any
 
 from b24queue import dlq_view, prefork, runtime, sender, spool_tools, status
-from b24queue.amqp import bindings
 from b24queue.consumer import EventConsumer
 from b24queue.definitions import definitions
 from b24queue.errors import ConfigError
@@ -25,6 +24,7 @@ from b24queue.layout import spec_for
 from b24queue.portals import open_store
 from b24queue.settings import Settings
 from b24queue.transports import transport_for
+from b24queue.transports.amqp import bindings
 
 log = logging.getLogger("b24queue")
 

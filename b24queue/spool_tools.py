@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from b24queue.amqp.publisher import AmqpPublisher
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
 from b24queue.spool import spool_files
 from b24queue.transports import connection_name
+from b24queue.transports.amqp.publisher import AmqpPublisher
 
 _ROW = "id, message_id, routing_key, length(body), spooled_at, reason, quarantined_at"
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import aio_pika
 
-from b24queue.amqp.topology import declare_consumer_queues, declare_exchanges
 from b24queue.forms import encode_form
 from b24queue.layout import QueueSpec
 from b24queue.settings import load_settings
+from b24queue.transports.amqp.topology import declare_consumer_queues, declare_exchanges
 
 ROOT = Path(__file__).resolve().parents[1]
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -50,7 +50,7 @@ async def test_a_worker_restarted_with_fewer_events_stops_getting_the_dropped_on
         broker.settings, [consumer(queue, ("ONCRMDEALADD", "ONCRMDEALUPDATE"), seen)]
     ):
         assert await bound_keys(broker, queue) == {"ONCRMDEALADD", "ONCRMDEALUPDATE"}
-    with caplog.at_level(logging.INFO, logger="b24queue.amqp.bindings"):
+    with caplog.at_level(logging.INFO, logger="b24queue.transports.amqp.bindings"):
         async with Worker(broker.settings, [consumer(queue, ("ONCRMDEALADD",), seen)]):
             assert await bound_keys(broker, queue) == {"ONCRMDEALADD"}
             await post(broker, "crm-deal-update", "crm-deal-add")

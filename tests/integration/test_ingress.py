@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from b24queue.amqp.publisher import AmqpPublisher
 from b24queue.errors import TopologyMismatchError
+from b24queue.transports.amqp.publisher import AmqpPublisher
 from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_published
 from tests.integration.conftest import Broker, running_ingress, wait_until
 from tests.integration.proxy import Proxy, channel_open

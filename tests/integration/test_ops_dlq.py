@@ -17,9 +17,9 @@ import aio_pika.queue
 import pytest
 
 from b24queue import Event, EventConsumer
-from b24queue.amqp.dlq import DeadLetterTool
 from b24queue.runtime import declare_topology
 from b24queue.settings import Settings
+from b24queue.transports.amqp.dlq import DeadLetterTool
 from tests.integration.conftest import Broker, cli_env
 
 ROOT = Path(__file__).parents[2]
@@ -63,7 +63,7 @@ async def ids_in(broker: Broker, queue: str) -> list[str]:
 
 def back_in_place(queue_type: str, ids: list[str], found: list[str]) -> bool:
     """All back; in order too on a classic queue. A quorum queue (RabbitMQ 3.10) returns held
-    messages in hash order once there are more than a few: see b24queue.amqp.dlq."""
+    messages in hash order once there are more than a few: see b24queue.transports.amqp.dlq."""
     return found == ids if queue_type == "classic" else sorted(found) == sorted(ids)
 
 

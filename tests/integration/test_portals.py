@@ -17,12 +17,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from b24queue.amqp.publisher import AmqpPublisher
 from b24queue.forms import encode_form
 from b24queue.http.ingress import create_app
 from b24queue.http.portal_check import NOT_CONFIRMED, PortalCallback
 from b24queue.portal_verify import PortalVerifier
 from b24queue.portals import RedisTokenStore, SqliteTokenStore, TokenStore
+from b24queue.transports.amqp.publisher import AmqpPublisher
 from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
 from tests.integration.conftest import AMQP_URL, Broker
 from tests.integration.proxy import free_port

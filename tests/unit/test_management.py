@@ -48,8 +48,8 @@ def test_an_answer_that_is_not_json_is_a_management_error(login_page: str) -> No
 
 
 async def test_stale_binding_pruning_is_best_effort_for_a_worker(login_page: str) -> None:
-    from b24queue.amqp.bindings import prune
     from b24queue.layout import QueueSpec
+    from b24queue.transports.amqp.bindings import prune
 
     settings = load_settings(management_url=login_page)
     spec = QueueSpec("q", ("ONX",), (1.0,))

@@ -39,10 +39,10 @@ from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.layout import QueueState, spec_for
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
-from b24queue.sqlite import queue as q
-from b24queue.sqlite.db import Database
 from b24queue.status import ConnectionRow, QueueRow, Status
 from b24queue.transports import Progress, Runner
+from b24queue.transports.sqlite import queue as q
+from b24queue.transports.sqlite.db import Database
 
 log = logging.getLogger(__name__)
 

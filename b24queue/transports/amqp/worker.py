@@ -20,14 +20,14 @@ from aio_pika.abc import (
 )
 
 from b24queue import _constants as c
-from b24queue.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
-from b24queue.amqp.publisher import persistent_copy
-from b24queue.amqp.topology import declare_consumer_queues
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, process
 from b24queue.layout import QueueSpec, spec_for
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
+from b24queue.transports.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
+from b24queue.transports.amqp.publisher import persistent_copy
+from b24queue.transports.amqp.topology import declare_consumer_queues
 
 log = logging.getLogger(__name__)
 

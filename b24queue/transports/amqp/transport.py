@@ -9,12 +9,6 @@ from collections.abc import Sequence
 from aio_pika.abc import AbstractRobustConnection
 
 from b24queue import spool_tools
-from b24queue.amqp import bindings
-from b24queue.amqp.connection import close_quietly, connect
-from b24queue.amqp.dlq import DeadLetterTool
-from b24queue.amqp.publisher import AmqpPublisher
-from b24queue.amqp.topology import declare_consumer_queues, declare_exchanges, inspect_queue
-from b24queue.amqp.worker import ConsumerRunner
 from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.layout import QueueState, consumer_policy, queue_arguments, queue_plan, spec_for
@@ -23,6 +17,16 @@ from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.status import Status, summarize
 from b24queue.transports import Runner, connection_name
+from b24queue.transports.amqp import bindings
+from b24queue.transports.amqp.connection import close_quietly, connect
+from b24queue.transports.amqp.dlq import DeadLetterTool
+from b24queue.transports.amqp.publisher import AmqpPublisher
+from b24queue.transports.amqp.topology import (
+    declare_consumer_queues,
+    declare_exchanges,
+    inspect_queue,
+)
+from b24queue.transports.amqp.worker import ConsumerRunner
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from b24queue import _constants as c
-from b24queue.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
-from b24queue.amqp.topology import declare_exchanges
 from b24queue.envelope import Envelope
 from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
+from b24queue.transports.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
+from b24queue.transports.amqp.topology import declare_exchanges
 
 log = logging.getLogger(__name__)
 

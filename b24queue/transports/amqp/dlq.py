@@ -28,12 +28,12 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from b24queue import _constants as c
-from b24queue.amqp.connection import close_quietly, connect
-from b24queue.amqp.publisher import persistent_copy
 from b24queue.dlq_view import DeadLetter, fresh_history, letter
 from b24queue.errors import B24QueueError, ConfigError
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
+from b24queue.transports.amqp.connection import close_quietly, connect
+from b24queue.transports.amqp.publisher import persistent_copy
 
 log = logging.getLogger(__name__)
 

@@ -133,7 +133,10 @@ def connection_name(role: str, detail: str = "") -> str:
     return f"{c.CONNECTION_PREFIX}{role}{middle} {socket.gethostname()}:{os.getpid()}"
 
 
-_MODULES = {"amqp": "b24queue.amqp.transport", "sqlite": "b24queue.sqlite.transport"}
+_MODULES = {
+    "amqp": "b24queue.transports.amqp.transport",
+    "sqlite": "b24queue.transports.sqlite.transport",
+}
 
 
 def transport_for(settings: Settings) -> Transport:
