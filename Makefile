@@ -62,6 +62,8 @@ definitions: install
 # The fault suite: its own RabbitMQ node, real processes, faults injected; prints a summary.
 faults: install broker
 	$(BIN)/pytest tests/faults
+	# The SQLite part: SIGKILL of a worker mid-handler and of an ingress under load.
+	$(BIN)/pytest tests/conformance -k "sigkill and (sqlite or test_sigkill_of_the_ingress)"
 
 # Fuzzing the decoder and the whole ingress app, longer than `make test` does: atheris for
 # FUZZ_SECONDS (default 180), hypothesis's hostile bodies FUZZ_EXAMPLES times (default 5000).
