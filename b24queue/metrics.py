@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import start_http_server as _start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -114,6 +114,11 @@ class IngressMetrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
+
+
+def forget_process(pid: int, directory: str) -> None:
+    """A child ingress process is gone: drop its live gauges from the summed metrics."""
+    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 class SpoolStats(Protocol):

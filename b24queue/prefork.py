@@ -24,9 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from prometheus_client import multiprocess
-
 from b24queue.errors import B24QueueError
+from b24queue.metrics import forget_process
 from b24queue.settings import ENV_PREFIX, Settings
 from b24queue.spool import merge_stray_spools
 from b24queue.verify import verifier_from_settings
@@ -105,7 +104,7 @@ def _supervise(
         time.sleep(_POLL_S)
         for child in [c for c in running if c.poll() is not None]:
             running.remove(child)
-            multiprocess.mark_process_dead(child.pid, metrics_dir)  # type: ignore[no-untyped-call]
+            forget_process(child.pid, metrics_dir)
             if stopping() or failed:
                 continue
             failed = child.returncode or EXIT_CHILD_FAILED

@@ -21,12 +21,10 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from aiohttp import web
-
 from b24queue.consumer import EventConsumer
 from b24queue.envelope import EventSink
 from b24queue.errors import ConfigError
-from b24queue.http.ingress import create_app
+from b24queue.http.ingress import create_app, serve
 from b24queue.http.portal_check import PortalCallback
 from b24queue.layout import QueueState
 from b24queue.metrics import IngressMetrics, WorkerMetrics
@@ -39,8 +37,6 @@ from b24queue.transports import Runner, WorkerSession, connection_name, transpor
 from b24queue.verify import StaticTokens, TokenVerifier, verifier_from_settings
 
 log = logging.getLogger(__name__)
-
-HTTP_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
@@ -101,21 +97,14 @@ async def serve_ingress(
         else:
             log.warning("spool off: while RabbitMQ is unavailable, events are refused with 503")
         app = create_app(settings, sink, verifier, metrics)
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S, handle_signals=False
-        )
-        await runner.setup()
+        runner = await serve(app, host=host, port=port, sock=sock)
         # Exits in reverse: HTTP stops (in-flight requests finish) before the spool and the
         # broker connection close.
         stack.push_async_callback(runner.cleanup)
-        site: web.BaseSite
         if sock is None:
-            site = web.TCPSite(runner, host, port, backlog=1024)
             log.info("ingress listening on http://%s:%d%s", host, port, settings.http_path)
         else:
-            site = web.SockSite(runner, sock)
             stack.enter_context(_stop_when_orphaned(stop))
-        await site.start()
         stopping = asyncio.create_task(stop.wait())
         failed = asyncio.create_task(publisher.failed())
         await asyncio.wait({stopping, failed}, return_when=asyncio.FIRST_COMPLETED)

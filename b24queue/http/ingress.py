@@ -7,6 +7,7 @@ a JSON `{"error": ...}` with its status, and nothing is published for it.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -212,3 +213,28 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+HTTP_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+async def serve(
+    app: web.Application, *, host: str, port: int, sock: socket.socket | None
+) -> web.AppRunner:
+    """Listen on host:port, or on a socket handed over (one of several ingress processes).
+    `cleanup()` the runner to stop: in-flight requests finish first."""
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT_S, handle_signals=False
+    )
+    await runner.setup()
+    site: web.BaseSite
+    if sock is None:
+        site = web.TCPSite(runner, host, port, backlog=1024)
+    else:
+        site = web.SockSite(runner, sock)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
