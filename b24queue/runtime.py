@@ -200,6 +200,9 @@ class Worker:
                 await runner.start()
             await session.started(self.runners)
         except BaseException:
+            # Those already consuming stop first (nothing left running behind a failed start).
+            await asyncio.gather(*(r.stop_consuming() for r in self.runners))
+            await asyncio.gather(*(r.drain(0) for r in self.runners))
             await self._close()
             raise
         log.info("worker running: %s", self.queues)

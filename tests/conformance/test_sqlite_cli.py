@@ -169,5 +169,14 @@ async def test_sigkill_of_the_ingress_under_load_loses_no_accepted_event(tmp_pat
         stored = {m for (m,) in conn.execute("SELECT message_id FROM messages")}
     finally:
         conn.close()
+    # SIGKILL leaves the page cache: what makes a 200 survive a power cut is the fsync'd WAL.
+    from b24queue.transports.sqlite.db import connect
+
+    check = connect(db)
+    try:
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert check.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        check.close()
     assert len(accepted) >= 150
     assert set(accepted) <= stored, len(set(accepted) - stored)

@@ -128,26 +128,44 @@ class Database:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._pending = self._pending, []
+            # A caller that gave up (a publish past its timeout) is not written for: it has been
+            # answered 503, and its event must not appear later.
+            batch = [(op, f) for op, f in self._pending if not f.done()]
+            self._pending = []
             if not batch:
                 continue
             try:
-                results = await self._run(self._transaction, [op for op, _ in batch])
+                outcomes = await self._run(self._transaction, [op for op, _ in batch])
             except Exception as exc:  # a full disk, a lock held past the timeout: these fail
                 log.error("queue database write failed: %r", exc)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
             self.committed.set()
             self.committed.clear()
 
-    def _transaction(self, ops: list[Op]) -> list[Any]:
+    def _transaction(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        """All ops in one transaction (one fsync), each in a savepoint of its own: an op that
+        fails is undone alone and only its caller hears of it."""
         db = self._db
         assert db is not None
-        with db:  # one transaction, one fsync, for the whole batch
+        outcomes: list[tuple[bool, Any]] = []
+        with db:
             db.execute("BEGIN IMMEDIATE")
-            return [op(db) for op in ops]
+            for op in ops:
+                db.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, op(db)))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO op")
+                    outcomes.append((False, exc))
+                db.execute("RELEASE op")
+        return outcomes

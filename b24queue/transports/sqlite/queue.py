@@ -89,28 +89,57 @@ def claim(db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: f
     return sorted((_row(r) for r in rows), key=lambda r: r.id)
 
 
-def ack(db: sqlite3.Connection, row_id: int, owner: str) -> bool:
-    cursor = db.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner))
+def ack(db: sqlite3.Connection, row: Row, owner: str) -> bool:
+    """Only while this delivery still holds the lease (`deliveries` fences an older one)."""
+    cursor = db.execute(
+        "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND deliveries = ?",
+        (row.id, owner, row.deliveries),
+    )
     return cursor.rowcount == 1
 
 
 def move(
     db: sqlite3.Connection,
-    row_id: int,
+    row: Row,
     owner: str,
     *,
     queue: str,
     headers: dict[str, Any],
     delay_s: float = 0.0,
 ) -> bool:
-    """Retry (the same queue, later) or dead-letter (its `.dlq`): one statement, so there is no
-    moment with the message in two places or none."""
+    """Retry (the same queue, later) or dead-letter (its `.dlq`, at the end of it: a DLQ is in the
+    order things failed), only while this delivery holds the lease; in the caller's transaction,
+    so there is no moment with the message in two places or none."""
+    fence = (row.id, owner, row.deliveries)
+    encoded = json.dumps(headers, default=str)
+    if queue.endswith(".dlq"):
+        copied = db.execute(
+            "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
+            "event_type, available_at) SELECT ?, message_id, routing_key, body, ?, timestamp, "
+            "event_type, ? FROM messages WHERE id = ? AND lease_owner = ? AND deliveries = ?",
+            (queue, encoded, time.time(), *fence),
+        ).rowcount
+        if copied != 1:
+            return False
+        db.execute("DELETE FROM messages WHERE id = ?", (row.id,))
+        return True
     cursor = db.execute(
-        "UPDATE messages SET queue = ?, headers = ?, available_at = ?, lease_owner = NULL, "
-        "lease_until = NULL, deliveries = 0 WHERE id = ? AND lease_owner = ?",
-        (queue, json.dumps(headers, default=str), time.time() + delay_s, row_id, owner),
+        "UPDATE messages SET headers = ?, available_at = ?, lease_owner = NULL, "
+        "lease_until = NULL, deliveries = 0 WHERE id = ? AND lease_owner = ? AND deliveries = ?",
+        (encoded, time.time() + delay_s, *fence),
     )
     return cursor.rowcount == 1
+
+
+def renew(db: sqlite3.Connection, owner: str, ids: list[int], lease_s: float) -> int:
+    """Extend the leases of the rows this worker is still handling (each heartbeat)."""
+    if not ids:
+        return 0
+    marks = ",".join("?" * len(ids))
+    return db.execute(
+        f"UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND id IN ({marks})",  # noqa: S608
+        (time.time() + lease_s, owner, *ids),
+    ).rowcount
 
 
 def release(db: sqlite3.Connection, owner: str) -> int:
@@ -221,17 +250,34 @@ def overview(db: sqlite3.Connection, alive_since: float) -> Overview:
 
 
 def replay(
-    db: sqlite3.Connection, row: Row, headers: dict[str, Any], back_to: str | None, unrouted: str
-) -> None:
-    """A dead letter back to its queue, or an unrouted event to the queues bound to it now (if
-    none, it stays where it is), in the caller's transaction."""
+    db: sqlite3.Connection,
+    row: Row,
+    headers: dict[str, Any],
+    back_to: str | None,
+    unrouted: str,
+    source: str,
+) -> bool:
+    """A dead letter back to its queue, or an unrouted event to the queues bound to it now, in
+    the caller's transaction. False (nothing changed) when the row is no longer in `source`, or an
+    unrouted event is still bound by no queue."""
     if back_to is not None:
-        db.execute(
-            "UPDATE messages SET queue = ?, headers = ?, available_at = ?, lease_owner = NULL, "
-            "lease_until = NULL, deliveries = 0 WHERE id = ?",
-            (back_to, json.dumps(headers, default=str), time.time(), row.id),
+        return (
+            db.execute(
+                "UPDATE messages SET queue = ?, headers = ?, available_at = ?, "
+                "lease_owner = NULL, lease_until = NULL, deliveries = 0 "
+                "WHERE id = ? AND queue = ?",
+                (back_to, json.dumps(headers, default=str), time.time(), row.id, source),
+            ).rowcount
+            == 1
         )
-        return
+    bindings = db.execute("SELECT queue, pattern FROM bindings").fetchall()
+    if not any(topic_matches(p, row.routing_key) for _, p in bindings):
+        return False
+    if (
+        db.execute("DELETE FROM messages WHERE id = ? AND queue = ?", (row.id, source)).rowcount
+        != 1
+    ):
+        return False
     envelope = Envelope(
         message_id=row.message_id,
         routing_key=row.routing_key,
@@ -240,8 +286,8 @@ def replay(
         timestamp=row.timestamp,
         event_type=row.event_type,
     )
-    db.execute("DELETE FROM messages WHERE id = ?", (row.id,))
     publish(db, [envelope], unrouted)
+    return True
 
 
 def purge(db: sqlite3.Connection, queue: str, count: int) -> int:

@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LEASE_S = 30 * 60
 LEASE_MARGIN_S = 5.0  # the settle after a handler is cut by its timeout
 HEARTBEAT_S = 5.0
+SETTLE_ATTEMPTS = 5
 ALIVE_S = 3 * HEARTBEAT_S
 
 # Runners of this process, per database file: woken at once by this process's publishes.
@@ -132,6 +134,7 @@ class SqliteRunner:
         timeout = consumer.handle_timeout_s
         self._lease_s = (timeout if timeout is not None else DEFAULT_LEASE_S) + LEASE_MARGIN_S
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rows: dict[asyncio.Task[None], q.Row] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._room = asyncio.Event()
@@ -166,30 +169,41 @@ class SqliteRunner:
         )
 
     async def _loop(self) -> None:
+        """Claim while there is room; between claims, wait for a wake-up, room or the poll. Each
+        heartbeat also extends the leases of the rows still being handled, so a lease runs out
+        only when this process is gone. No failure ends the loop: it is retried next round."""
         assert self._wake is not None
         beat_at = 0.0
-        name = f"b24queue worker {self.spec.name} {socket.gethostname()}:{os.getpid()}"
-        beat = functools.partial(q.heartbeat, owner=self.owner, queue=self.spec.name, name=name)
         while True:
-            if time.monotonic() >= beat_at:
-                await self._db.write(beat)
-                beat_at = time.monotonic() + HEARTBEAT_S
-            free = self.consumer.prefetch - len(self._tasks)
-            claimed = 0
-            if free > 0:
-                claimed = await self._claim(free)
+            try:
+                if time.monotonic() >= beat_at:
+                    await self._heartbeat()
+                    beat_at = time.monotonic() + HEARTBEAT_S
+                free = self.consumer.prefetch - len(self._tasks)
+                claimed = await self._claim(free) if free > 0 else 0
+            except Exception as exc:  # a database locked past its timeout: next round
+                log.warning("worker of %s: %r; retrying", self.spec.name, exc)
+                free, claimed = 0, 0
             if claimed and claimed == free:
                 continue  # there may be more: claim again as soon as there is room
             self._wake.clear()
             self._room.clear()
-            waits = [asyncio.ensure_future(self._wake.wait())]
-            if free <= 0:
-                waits = [asyncio.ensure_future(self._room.wait())]
+            wake = self._wake if free > 0 else self._room
+            wait_s = min(self._settings.sqlite_poll_s if free > 0 else HEARTBEAT_S, HEARTBEAT_S)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._settings.sqlite_poll_s if free > 0 else None):
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+                async with asyncio.timeout(wait_s):
+                    await wake.wait()
+
+    async def _heartbeat(self) -> None:
+        owner, queue, lease_s = self.owner, self.spec.name, self._lease_s
+        name = f"b24queue worker {queue} {socket.gethostname()}:{os.getpid()}"
+        ids = [row.id for row in self._rows.values()]
+
+        def beat(db: sqlite3.Connection) -> None:
+            q.heartbeat(db, owner, queue, name)
+            q.renew(db, owner, ids, lease_s)
+
+        await self._db.write(beat)
 
     async def _claim(self, count: int) -> int:
         queue, owner, lease_s = self.spec.name, self.owner, self._lease_s
@@ -203,12 +217,14 @@ class SqliteRunner:
         for row in rows:
             task = asyncio.create_task(self._handle(row), name=f"b24queue-{queue}")
             self._tasks.add(task)
+            self._rows[task] = row
             self._idle.clear()
             task.add_done_callback(self._done)
         return len(rows)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._rows.pop(task, None)
         self._room.set()
         if not self._tasks:
             self._idle.set()
@@ -237,13 +253,13 @@ class SqliteRunner:
         row: q.Row = incoming.handle
         owner = self.owner
         if outcome.kind == "ack":
-            done = await self._write(lambda db: q.ack(db, row.id, owner))
+            done = await self._write(lambda db: q.ack(db, row, owner))
         else:
             queue = self.spec.name if outcome.kind == "retry" else self.spec.dlq
             delay_s = outcome.delay_s or 0.0 if outcome.kind == "retry" else 0.0
             headers = outcome.headers
             done = await self._write(
-                lambda db: q.move(db, row.id, owner, queue=queue, headers=headers, delay_s=delay_s)
+                lambda db: q.move(db, row, owner, queue=queue, headers=headers, delay_s=delay_s)
             )
         if done is False:
             log.warning(
@@ -252,13 +268,17 @@ class SqliteRunner:
             )
 
     async def _write(self, op: q.WriteOp) -> bool | None:
-        try:
-            return bool(await self._db.write(op))
-        except Exception as exc:  # the lease runs out and the row comes back: never lost
-            log.error(
-                "settling in %s failed (%r); it is delivered again later", self.spec.name, exc
-            )
-            return None
+        """A settlement, retried while the database is busy (another process holding the write
+        lock): giving up would leave the row until its lease ends."""
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                return bool(await self._db.write(op))
+            except Exception as exc:
+                if attempt + 1 == SETTLE_ATTEMPTS:  # the lease runs out: delivered again, not lost
+                    log.error("settling in %s failed (%r); delivered again", self.spec.name, exc)
+                    return None
+                await asyncio.sleep(0.2 * 2**attempt)
+        return None
 
     async def stop_consuming(self) -> None:
         if self._loop_task is not None:
@@ -274,9 +294,10 @@ class SqliteRunner:
         for task in left:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
-        if left:  # hand back what was not finished: delivered again at once, not after the lease
-            owner = self.owner
-            await self._write(lambda db: q.release(db, owner) >= 0)
+        # Hand back what was not finished (and a claim that committed as the loop stopped):
+        # delivered again at once, not after the lease.
+        owner = self.owner
+        await self._write(lambda db: q.release(db, owner) >= 0)
         return len(left)
 
     async def close(self) -> None:
@@ -432,11 +453,18 @@ class SqliteDeadLetters:
                 if ids is not None:
                     ids.discard(row.message_id)
                 headers = fresh_history(row.headers)
-                await self._db.write(
+                moved = await self._db.write(
                     functools.partial(
-                        q.replay, row=row, headers=headers, back_to=back_to, unrouted=unrouted
+                        q.replay,
+                        row=row,
+                        headers=headers,
+                        back_to=back_to,
+                        unrouted=unrouted,
+                        source=source,
                     )
                 )
+                if not moved:
+                    continue  # gone meanwhile, or still bound by no queue: it stays
                 replayed += 1
                 if progress is not None and (replayed % 100 == 0 or replayed == wanted):
                     progress(replayed, wanted)

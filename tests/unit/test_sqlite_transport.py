@@ -1,0 +1,181 @@
+"""The SQLite transport's own traps (no broker): a locked database, a handler outliving its
+lease, a stop during a claim, one failing write in a batch, DLQ order, unrouted replay, a failed
+start. The shared scenarios are in tests/conformance/."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from b24queue import Event, EventConsumer, Reject
+from b24queue.envelope import envelope_for
+from b24queue.runtime import Worker
+from b24queue.settings import Settings, load_settings
+from b24queue.testing import make_event
+from b24queue.transports import transport_for
+from b24queue.transports.sqlite import db as sqlite_db
+from b24queue.transports.sqlite import transport as sqlite_transport
+from b24queue.transports.sqlite.db import Database
+from tests.integration.conftest import wait_until
+
+
+def settings_for(tmp_path: Path) -> Settings:
+    return load_settings(
+        broker_url=f"sqlite:{tmp_path / 'queue.sqlite3'}", sqlite_poll_s=0.02, shutdown_timeout_s=2
+    )
+
+
+def consumer(queue: str, handle: Any, **attrs: Any) -> type[EventConsumer]:
+    body = {"queue": queue, "events": ("#",), "handle": handle, **attrs}
+    return type("C", (EventConsumer,), body)
+
+
+async def publish(settings: Settings, *ids: str) -> None:
+    async with transport_for(settings).publisher("test") as sink:
+        for i in ids:
+            await sink.publish(envelope_for(make_event("ONCRMDEALADD", {"FIELDS": {"ID": i}})))
+
+
+async def test_a_database_locked_for_a_while_does_not_stop_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_db, "BUSY_TIMEOUT_MS", 100)
+    settings = settings_for(tmp_path)
+    seen: list[str] = []
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        seen.append(event.data["FIELDS"]["ID"])
+
+    async with Worker(settings, [consumer("locked", handle)]):
+        other = sqlite3.connect(tmp_path / "queue.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock for a while
+        await asyncio.sleep(0.5)  # the worker's writes fail meanwhile (the point of the test)
+        other.execute("ROLLBACK")
+        other.close()
+        await publish(settings, "1")
+        await wait_until(lambda: seen == ["1"], 10, "the event handled after the lock")
+
+
+async def test_a_handler_longer_than_its_lease_never_runs_twice_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_transport, "DEFAULT_LEASE_S", 0.3)
+    monkeypatch.setattr(sqlite_transport, "LEASE_MARGIN_S", 0.0)
+    monkeypatch.setattr(sqlite_transport, "HEARTBEAT_S", 0.1)
+    settings = settings_for(tmp_path)
+    running = 0
+    peak = 0
+    done: list[bool] = []
+
+    async def slow(self: EventConsumer, event: Event) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(1.5)  # five leases long: renewed by the heartbeat, never lost
+        running -= 1
+        done.append(event.redelivered)
+
+    cls = consumer("long", slow, handle_timeout_s=None)
+    async with Worker(settings, [cls]), Worker(settings, [cls]):
+        await publish(settings, "1")
+        await wait_until(lambda: done == [False], 10, "handled once")
+        await asyncio.sleep(0.5)  # a second, wrong delivery would start within this
+    assert peak == 1 and done == [False]
+
+
+async def test_a_stop_leaves_no_row_leased(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    release = asyncio.Event()
+
+    async def blocked(self: EventConsumer, event: Event) -> None:
+        await release.wait()
+
+    worker = Worker(settings, [consumer("stop", blocked, prefetch=2)])
+    await worker.__aenter__()
+    await publish(settings, "1", "2", "3")
+    await wait_until(lambda: worker.runners[0].in_flight == 2, 10, "two in flight")
+    await worker.shutdown()  # the two are cancelled after the shutdown timeout
+    db = sqlite3.connect(tmp_path / "queue.sqlite3")
+    leased = db.execute("SELECT count(*) FROM messages WHERE lease_owner IS NOT NULL").fetchone()
+    total = db.execute("SELECT count(*) FROM messages").fetchone()
+    db.close()
+    assert (leased[0], total[0]) == (0, 3)
+
+
+async def test_one_failing_write_is_undone_alone(tmp_path: Path) -> None:
+    def insert(conn: sqlite3.Connection) -> int:
+        conn.execute("INSERT INTO meta VALUES ('x', '1')")
+        return 1
+
+    def broken(conn: sqlite3.Connection) -> int:
+        conn.execute("INSERT INTO meta VALUES ('y', '1')")
+        raise ValueError("this one fails")
+
+    async with Database(tmp_path / "q.sqlite3") as db:
+        results = await asyncio.gather(db.write(insert), db.write(broken), return_exceptions=True)
+        assert results[0] == 1 and isinstance(results[1], ValueError)
+        keys = await db.read(lambda c: {k for (k,) in c.execute("SELECT key FROM meta")})
+    assert "x" in keys and "y" not in keys
+
+
+async def test_the_dlq_is_in_the_order_things_failed_and_purge_takes_what_was_shown(
+    tmp_path: Path,
+) -> None:
+    settings = settings_for(tmp_path)
+    rejected: list[str] = []
+    ids: dict[str, str | None] = {}
+    hold_first = asyncio.Event()
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        ids[event.data["FIELDS"]["ID"]] = event.message_id
+        if event.data["FIELDS"]["ID"] == "old":
+            await hold_first.wait()  # the older event fails later
+        rejected.append(event.data["FIELDS"]["ID"])
+        raise Reject("no")
+
+    async with Worker(settings, [consumer("order", handle)]):
+        await publish(settings, "old", "new")
+        await wait_until(lambda: rejected == ["new"], 10)
+        async with transport_for(settings).dead_letters("order") as dlq:
+            shown = await dlq.count()
+            hold_first.set()
+            await wait_until(lambda: rejected == ["new", "old"], 10)
+            assert await dlq.purge(shown) == 1
+            _, left = await dlq.list(10)
+    # The one counted and shown ("new") is purged; the older one, dead-lettered after, is kept.
+    assert [x.message_id for x in left] == [ids["old"]]
+
+
+async def test_an_unrouted_event_still_unbound_is_not_replayed(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    await publish(settings, "1")  # no consumer declared: unrouted
+    async with transport_for(settings).dead_letters(settings.unrouted) as unrouted:
+        assert await unrouted.replay() == (0, 1)
+        assert await unrouted.count() == 1
+
+
+async def test_a_failed_start_leaves_nothing_running(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        return None
+
+    async def broken_start(self: EventConsumer) -> None:
+        raise RuntimeError("cannot open a client")
+
+    good = consumer("good", handle)
+    bad = type(
+        "Bad",
+        (EventConsumer,),
+        {"queue": "bad", "events": ("#",), "handle": handle, "on_start": broken_start},
+    )
+    with pytest.raises(RuntimeError):
+        async with Worker(settings, [good, bad]):
+            pass
+    await asyncio.sleep(0)
+    claiming = [t for t in asyncio.all_tasks() if t.get_name().startswith("b24queue-claim")]
+    assert claiming == []
