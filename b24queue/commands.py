@@ -15,13 +15,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from typing import Any
 
-from b24queue import dlq_view, prefork, runtime, sender, spool_tools, status
+from b24queue import dlq_view, runtime, sender, status
+from b24queue.auth.store import open_store
 from b24queue.consumer import EventConsumer
 from b24queue.definitions import definitions
 from b24queue.errors import ConfigError
 from b24queue.events import FORM_TYPE, JSON_TYPE
+from b24queue.ingress import prefork, spool_ops
 from b24queue.layout import spec_for
-from b24queue.portals import open_store
 from b24queue.settings import Settings
 from b24queue.transports import transport_for
 from b24queue.transports.amqp import bindings
@@ -200,8 +201,8 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
     if args.spool_command == "list":
-        found = spool_tools.files(settings)
-        held = spool_tools.quarantined(settings, args.limit)
+        found = spool_ops.files(settings)
+        held = spool_ops.quarantined(settings, args.limit)
         if args.json:
             print(
                 json.dumps(
@@ -228,9 +229,9 @@ def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
         if not args.yes and not _confirm(f"Delete {len(ids)} quarantined event(s) for good?"):
             print("nothing deleted")
             return EXIT_FAILURE
-        print(f"deleted {spool_tools.drop(settings, ids)} quarantined event(s)")
+        print(f"deleted {spool_ops.drop(settings, ids)} quarantined event(s)")
         return EXIT_OK
-    result = asyncio.run(spool_tools.replay(settings, set(args.ids) if args.ids else None))
+    result = asyncio.run(spool_ops.replay(settings, set(args.ids) if args.ids else None))
     print(f"replayed {result.replayed} quarantined event(s)")
     for message_id, why in result.refused:
         print(f"  still refused {message_id}: {why}")

@@ -21,20 +21,20 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from b24queue.auth.portal import PortalVerifier
+from b24queue.auth.store import open_store
+from b24queue.auth.tokens import StaticTokens, TokenVerifier, verifier_from_settings
 from b24queue.consumer import EventConsumer
 from b24queue.envelope import EventSink
 from b24queue.errors import ConfigError
 from b24queue.http.ingress import create_app, serve
 from b24queue.http.portal_check import PortalCallback
+from b24queue.ingress.fallback import SpoolingSink
+from b24queue.ingress.spool import Spool, merge_stray_spools, slot_path
 from b24queue.layout import QueueState
 from b24queue.metrics import IngressMetrics, WorkerMetrics
-from b24queue.portal_verify import PortalVerifier
-from b24queue.portals import open_store
 from b24queue.settings import Settings
-from b24queue.spool import Spool, merge_stray_spools, slot_path
-from b24queue.spooling import SpoolingSink
 from b24queue.transports import Runner, WorkerSession, connection_name, transport_for
-from b24queue.verify import StaticTokens, TokenVerifier, verifier_from_settings
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from b24queue.auth.tokens import TokenVerifier
 from b24queue.envelope import EventSink, envelope_for
 from b24queue.errors import (
     BadEventError,
@@ -27,7 +28,6 @@ from b24queue.logs import client_text
 from b24queue.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from b24queue.metrics import EventLabels, IngressMetrics
 from b24queue.settings import Settings
-from b24queue.verify import TokenVerifier
 
 log = logging.getLogger(__name__)
 

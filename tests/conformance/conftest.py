@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from b24queue.auth.tokens import StaticTokens
 from b24queue.http.ingress import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.transports import Transport, connection_name, transport_for
-from b24queue.verify import StaticTokens
 from tests.conftest import SAMPLE_TOKEN, sample_form
 from tests.integration.conftest import AMQP_URL, broker_slice, wait_until
 

@@ -23,13 +23,13 @@ import atheris
 with atheris.instrument_imports(include=["b24queue"]):
     from aiohttp.test_utils import TestClient, TestServer
 
+    from b24queue.auth.tokens import StaticTokens
     from b24queue.envelope import MAX_HEADER_CHARS, Envelope, envelope_for
     from b24queue.errors import BadEventError
     from b24queue.events import FORM_TYPE, JSON_TYPE, parse_event
     from b24queue.http.ingress import create_app
     from b24queue.settings import load_settings
     from b24queue.transports.amqp.publisher import check_size
-    from b24queue.verify import StaticTokens
 
 TOKEN = "9d1c7e5a3b8f4e2d6c0a9b7e5d3c1f8a"
 TYPES = (FORM_TYPE, JSON_TYPE, "text/plain", "", "application/json; charset=latin-1")

@@ -21,11 +21,11 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient, TestServer
 
+from b24queue.auth.tokens import StaticTokens
 from b24queue.http.ingress import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from b24queue.transports.amqp.topology import declare_exchanges
-from b24queue.verify import StaticTokens
 from tests.conftest import SAMPLE_TOKEN
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

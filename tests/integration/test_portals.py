@@ -17,11 +17,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from b24queue.auth.portal import PortalVerifier
+from b24queue.auth.store import RedisTokenStore, SqliteTokenStore, TokenStore
 from b24queue.forms import encode_form
 from b24queue.http.ingress import create_app
 from b24queue.http.portal_check import NOT_CONFIRMED, PortalCallback
-from b24queue.portal_verify import PortalVerifier
-from b24queue.portals import RedisTokenStore, SqliteTokenStore, TokenStore
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
 from tests.integration.conftest import AMQP_URL, Broker
@@ -373,7 +373,7 @@ async def test_two_ingress_processes_share_the_redis_store(broker: Broker, tmp_p
 async def test_portals_cli_lists_without_tokens_and_forgets(tmp_path: Path) -> None:
     path = tmp_path / "portals.sqlite3"
     store = SqliteTokenStore(path)
-    from b24queue.portals import PortalRecord
+    from b24queue.auth.store import PortalRecord
 
     await store.remember(PortalRecord("m-cli", "acme.bitrix24.com", "very-secret-token"))
     await store.close()

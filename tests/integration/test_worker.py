@@ -293,8 +293,8 @@ async def test_a_spooled_event_keeps_when_it_was_accepted(broker: Broker, tmp_pa
     from datetime import UTC, timedelta
 
     from b24queue.envelope import envelope_for
-    from b24queue.spool import Spool
-    from b24queue.spooling import SpoolingSink
+    from b24queue.ingress.fallback import SpoolingSink
+    from b24queue.ingress.spool import Spool
     from b24queue.testing import make_event
     from b24queue.transports.amqp.publisher import AmqpPublisher
 

@@ -26,9 +26,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from b24queue.auth.tokens import StaticTokens
 from b24queue.http.ingress import create_app
 from b24queue.settings import load_settings
-from b24queue.verify import StaticTokens
 from tests.conftest import ROOT_DIR, SAMPLE_NAMES, SAMPLE_TOKEN, SAMPLES
 from tests.unit.test_ingress_http import MemorySink
 

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import Envelope, envelope_for
 from b24queue.http.ingress import create_app
-from b24queue.spool import Spool
-from b24queue.spooling import SpoolingSink
+from b24queue.ingress.fallback import SpoolingSink
+from b24queue.ingress.spool import Spool
 from b24queue.testing import make_event
 from b24queue.transports.amqp import publisher as publisher_module
 from b24queue.transports.amqp.publisher import AmqpPublisher
-from b24queue.verify import StaticTokens
 from tests.conftest import sample_form
 from tests.integration.conftest import Broker, wait_until
 from tests.security.conftest import FORM

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from b24queue.auth.portal import PortalVerifier
+from b24queue.auth.store import PortalRecord, RedisTokenStore, SqliteTokenStore, TokenStore
+from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import envelope_for
 from b24queue.events import Event
 from b24queue.http.ingress import create_app
-from b24queue.portal_verify import PortalVerifier
-from b24queue.portals import PortalRecord, RedisTokenStore, SqliteTokenStore, TokenStore
 from b24queue.settings import load_settings
-from b24queue.verify import StaticTokens
 from tests.conftest import SAMPLE_TOKEN, sample_decoded, sample_form
 from tests.unit.test_ingress_http import MemorySink
 

@@ -12,11 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import BadEventError
 from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form
 from b24queue.http.ingress import create_app
 from b24queue.settings import load_settings
-from b24queue.verify import StaticTokens
 from tests.conftest import SAMPLE_TOKEN
 from tests.unit.test_ingress_http import MemorySink
 

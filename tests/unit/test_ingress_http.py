@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.http.ingress import create_app
 from b24queue.settings import load_settings
-from b24queue.verify import StaticTokens
 from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

@@ -1,5 +1,5 @@
 """The durable spool and the spooling sink, with an in-memory broker stand-in (no RabbitMQ:
-the real-broker spool path is in tests/integration/test_spool.py)."""
+the real-broker spool path is in tests/security/test_pipeline.py and tests/faults)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from b24queue.envelope import Envelope, envelope_for
 from b24queue.errors import BrokerUnavailableError, PublishError, SpoolFullError
+from b24queue.ingress.fallback import SpoolingSink
+from b24queue.ingress.spool import Spool, merge_stray_spools, slot_path, stray_spools
 from b24queue.metrics import IngressMetrics
-from b24queue.spool import Spool, merge_stray_spools, slot_path, stray_spools
-from b24queue.spooling import SpoolingSink
 from b24queue.testing import make_event
 
 
@@ -305,7 +305,7 @@ async def test_spool_files_are_private_whatever_the_umask(tmp_path: Path) -> Non
 
 
 async def test_two_ingresses_cannot_share_a_spool(tmp_path: Path) -> None:
-    from b24queue.spool import SpoolInUseError
+    from b24queue.ingress.spool import SpoolInUseError
 
     async with Spool(tmp_path / "s.db", 10):
         with pytest.raises(SpoolInUseError, match="in use by another ingress process"):
@@ -316,7 +316,7 @@ async def test_two_ingresses_cannot_share_a_spool(tmp_path: Path) -> None:
 
 
 async def test_merging_leaves_a_stray_spool_that_a_running_process_owns(tmp_path: Path) -> None:
-    from b24queue.spool import SpoolInUseError
+    from b24queue.ingress.spool import SpoolInUseError
 
     base = tmp_path / "spool.sqlite3"
     async with Spool(slot_path(base, 1), 10) as running:

@@ -4,10 +4,10 @@ import logging
 
 import pytest
 
+from b24queue.auth.tokens import AcceptAll, StaticTokens, verifier_from_settings
 from b24queue.errors import ConfigError, UnauthorizedError
 from b24queue.events import Event
 from b24queue.settings import load_settings
-from b24queue.verify import AcceptAll, StaticTokens, verifier_from_settings
 
 
 def event(token: str | None) -> Event:

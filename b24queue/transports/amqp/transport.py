@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from aio_pika.abc import AbstractRobustConnection
 
-from b24queue import spool_tools
 from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError, ManagementError
+from b24queue.ingress import spool_ops
 from b24queue.layout import QueueState, consumer_policy, queue_arguments, queue_plan, spec_for
 from b24queue.management import ManagementClient
 from b24queue.metrics import WorkerMetrics
@@ -101,9 +101,7 @@ class Amqp:
                 client.bound_queues(self.settings.exchange),
             )
         )
-        return summarize(
-            self.settings, queues, connections, bound, spool_tools.files(self.settings)
-        )
+        return summarize(self.settings, queues, connections, bound, spool_ops.files(self.settings))
 
     def dead_letters(self, queue: str) -> DeadLetterTool:
         return DeadLetterTool(self.settings, queue)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from b24queue.envelope import Envelope, EventSink
 from b24queue.errors import BrokerUnavailableError, PublishError, SpoolFullError
-from b24queue.spool import Spool
+from b24queue.ingress.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from b24queue.auth.tokens import verifier_from_settings
 from b24queue.errors import B24QueueError
+from b24queue.ingress.spool import merge_stray_spools
 from b24queue.metrics import forget_process
 from b24queue.settings import ENV_PREFIX, Settings
-from b24queue.spool import merge_stray_spools
-from b24queue.verify import verifier_from_settings
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Verification against per-portal tokens (b24queue.portals), the trust model of a Bitrix24 app.
+"""Verification against per-portal tokens (b24queue.auth.store), the trust model of a Bitrix24 app.
 
 - ONAPPINSTALL from an unknown portal: the portal is asked to confirm (an `InstallCheck`: the
   ingress calls `app.info` on the portal with the event's access token), then the token is
@@ -30,12 +30,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from b24queue.auth.store import PortalRecord, TokenStore
+from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import StoreUnavailableError, UnauthorizedError
 from b24queue.events import Event
 from b24queue.hosts import same_host, url_host
 from b24queue.limits import LogBudget
-from b24queue.portals import PortalRecord, TokenStore
-from b24queue.verify import StaticTokens
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.ingress.spool import spool_files
 from b24queue.settings import Settings
-from b24queue.spool import spool_files
 from b24queue.transports import connection_name
 from b24queue.transports.amqp.publisher import AmqpPublisher
 

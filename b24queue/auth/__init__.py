@@ -1,0 +1,1 @@
+"""Who may send events: static tokens, per-portal tokens learned at install, their store."""
