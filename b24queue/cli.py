@@ -16,11 +16,7 @@ from b24queue import commands, logs, sender
 from b24queue.commands import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from b24queue.errors import (
     B24QueueError,
-    BadEventError,
-    BrokerUnavailableError,
     ConfigError,
-    ManagementError,
-    TopologyMismatchError,
 )
 from b24queue.settings import Settings, load_settings
 
@@ -188,12 +184,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](settings, args)
-    except (ConfigError, TopologyMismatchError, BadEventError) as exc:
+    except B24QueueError as exc:  # each error class says what to exit with
         log.error("%s", exc)
-        return EXIT_USAGE
-    except (BrokerUnavailableError, ManagementError) as exc:
-        log.error("%s", exc)
-        return EXIT_BROKER
-    except B24QueueError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILURE
+        return exc.exit_code

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 
 class B24QueueError(Exception):
-    """Base of every error b24queue raises on purpose."""
+    """Base of every error b24queue raises on purpose. `exit_code`: what the CLI exits with
+    (1 runtime failure, 2 usage or configuration, 3 broker unreachable)."""
+
+    exit_code = 1
 
 
 class ConfigError(B24QueueError):
     """Settings or a consumer class are wrong; the message names the field."""
+
+    exit_code = 2
 
 
 class BadEventError(B24QueueError):
@@ -19,6 +24,8 @@ class BadEventError(B24QueueError):
 
     `field` names the offending key (PHP bracket form, e.g. ``data[FIELDS][ID]``) when one is known.
     """
+
+    exit_code = 2
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -32,6 +39,8 @@ class UnauthorizedError(B24QueueError):
 
 class BrokerUnavailableError(B24QueueError):
     """RabbitMQ cannot be reached, or did not confirm a publish in time."""
+
+    exit_code = 3
 
 
 class PublishError(B24QueueError):
@@ -59,6 +68,10 @@ class SpoolFullError(B24QueueError):
 class TopologyMismatchError(B24QueueError):
     """An exchange or queue exists with other arguments than the ones we declare."""
 
+    exit_code = 2
+
 
 class ManagementError(B24QueueError):
     """The RabbitMQ management API is unreachable or refused our credentials."""
+
+    exit_code = 3

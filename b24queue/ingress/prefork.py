@@ -30,6 +30,11 @@ from b24queue.ingress.spool import merge_stray_spools
 from b24queue.metrics import forget_process
 from b24queue.settings import ENV_PREFIX, Settings
 
+
+class ListenError(B24QueueError):
+    """The ingress's address is taken or not ours to bind."""
+
+
 log = logging.getLogger(__name__)
 
 EXIT_CHILD_FAILED = 1
@@ -53,7 +58,7 @@ def run(settings: Settings) -> int:
     try:
         sock = socket.create_server(address, backlog=1024)
     except OSError as exc:
-        raise B24QueueError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
+        raise ListenError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
     if settings.spool_enabled:
         # Events spooled by a process slot this run does not have (fewer processes than
         # before) go to slot 0's spool, whose forwarder then moves them on.

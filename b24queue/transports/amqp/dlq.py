@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from b24queue import _constants as c
 from b24queue.dlq_view import DeadLetter, fresh_history, letter
-from b24queue.errors import B24QueueError, ConfigError
+from b24queue.errors import ConfigError, PublishError
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
 from b24queue.transports.amqp.connection import close_quietly, connect
@@ -179,7 +179,7 @@ class DeadLetterTool:
                 copy, routing_key=self.target.routing_key(message), mandatory=True
             )
         except aio_pika.exceptions.DeliveryError as exc:
-            raise B24QueueError(
+            raise PublishError(
                 f"replay stopped: RabbitMQ did not take message_id={message.message_id} "
                 f"({exc}); it stays in {self.target.source}"
             ) from None
