@@ -238,20 +238,7 @@ class Spool:
 
     async def oldest(self, limit: int) -> list[tuple[int, Envelope]]:
         rows: list[tuple[Any, ...]] = await self._run(self._select, limit)
-        return [
-            (
-                row[0],
-                Envelope(
-                    message_id=row[1],
-                    routing_key=row[2],
-                    body=bytes(row[3]),
-                    headers=json.loads(row[4]),
-                    timestamp=datetime.fromisoformat(row[5]),
-                    event_type=row[6],
-                ),
-            )
-            for row in rows
-        ]
+        return [(row[0], envelope_of(row)) for row in rows]
 
     def _select(self, limit: int) -> list[tuple[Any, ...]]:
         assert self._db is not None
@@ -297,6 +284,19 @@ class Spool:
             ).rowcount
             self._db.execute("DELETE FROM spool WHERE id = ?", (row_id,))
         return moved
+
+
+def envelope_of(row: tuple[Any, ...]) -> Envelope:
+    """A spooled (or quarantined) row `id, message_id, routing_key, body, headers, timestamp,
+    event_type` as the envelope it was."""
+    return Envelope(
+        message_id=row[1],
+        routing_key=row[2],
+        body=bytes(row[3]),
+        headers=json.loads(row[4]),
+        timestamp=datetime.fromisoformat(row[5]),
+        event_type=row[6],
+    )
 
 
 def _connect(path: Path) -> sqlite3.Connection:

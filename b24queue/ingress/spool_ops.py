@@ -9,16 +9,14 @@ Works beside a running ingress (SQLite in WAL mode; each write waits for the oth
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
-from b24queue.ingress.spool import spool_files
+from b24queue.ingress.spool import envelope_of, spool_files
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
 from b24queue.transports.amqp.publisher import AmqpPublisher
@@ -174,14 +172,4 @@ def _envelopes(
         last = row[0]
         if message_ids is not None and row[1] not in message_ids:
             continue
-        yield (
-            row[0],
-            Envelope(
-                message_id=row[1],
-                routing_key=row[2],
-                body=bytes(row[3]),
-                headers=json.loads(row[4]),
-                timestamp=datetime.fromisoformat(row[5]),
-                event_type=row[6],
-            ),
-        )
+        yield row[0], envelope_of(row)

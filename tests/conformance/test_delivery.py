@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,17 +16,9 @@ from b24queue.runtime import Worker
 from tests.conformance.conftest import Bench
 from tests.conftest import SAMPLE_NAMES, sample_published
 from tests.integration.conftest import wait_until
+from tests.integration.test_worker import Handle, consumer
 
 pytestmark = pytest.mark.broker
-
-Handle = Callable[[EventConsumer, Event], Awaitable[None]]
-
-
-def consumer(
-    queue: str, events: tuple[str, ...], handle: Handle, **attrs: Any
-) -> type[EventConsumer]:
-    body: dict[str, Any] = {"queue": queue, "events": events, "handle": handle, **attrs}
-    return type(f"C_{queue.replace('.', '_').replace('-', '_')}", (EventConsumer,), body)
 
 
 async def test_every_sample_once_to_the_right_consumers_fanned_out(bench: Bench) -> None:

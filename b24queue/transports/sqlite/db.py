@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+from weakref import WeakSet
 
 from b24queue._files import private_file
 from b24queue.errors import ConfigError
@@ -169,3 +170,18 @@ class Database:
                     outcomes.append((False, exc))
                 db.execute("RELEASE op")
         return outcomes
+
+
+# Runners of this process, per database file: woken at once by this process's publishes.
+_LISTENERS: dict[str, WeakSet[asyncio.Event]] = {}
+
+
+def notify(path: Path) -> None:
+    for event in list(_LISTENERS.get(str(path.resolve()), ())):
+        event.set()
+
+
+def listen(path: Path) -> asyncio.Event:
+    event = asyncio.Event()
+    _LISTENERS.setdefault(str(path.resolve()), WeakSet()).add(event)
+    return event
