@@ -70,7 +70,9 @@ def _as_text(value: Any) -> Any:
 class Auth(BaseModel):
     """`auth[...]` of an event. Token fields never appear in repr() or logs."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # JSON bodies send `expires_in: 3600`; forms send "3600": numbers become their decimal strings
+    # (pydantic's own coercion, cheaper than a validator per field).
+    model_config = ConfigDict(extra="allow", frozen=True, coerce_numbers_to_str=True)
 
     domain: str | None = None
     member_id: str | None = None
@@ -84,11 +86,6 @@ class Auth(BaseModel):
     client_endpoint: str | None = None
     status: str | None = None
     user_id: str | None = None
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _integers_as_text(cls, value: Any) -> Any:
-        return _as_text(value)
 
     @field_validator("domain")
     @classmethod

@@ -43,12 +43,14 @@ def decode_form(body: bytes) -> dict[str, Any]:
         key, path = _parse_key(raw_key)
         value = _unquote(raw_value, what="value", field=key) if raw_value else ""
         _insert(root, key, path, value)
-    return _php_lists(root)
+    # A list starts at key 0: a body with no `[0]` (plain or percent-encoded) has none to make.
+    return _php_lists(root) if _ZERO_KEY.search(text) else root
 
 
 # Only short keys are cached: a portal sends the same few dozen short keys every time, while a
 # caller's long random keys would otherwise pin up to 4,096 of them (each up to the body size).
 MAX_CACHED_KEY = 200
+_ZERO_KEY = re.compile(r"(?:\[|%5[bB])0(?:\]|%5[dD])")
 
 
 def _parse_key(raw_key: str) -> tuple[str, list[Segment]]:
