@@ -46,6 +46,8 @@ PAYMENT = "ONAPPPAYMENT"
 # Keep a fresher access token once the stored one has less than this left (at most a write per
 # portal per half hour, not one per event).
 REFRESH_BEFORE_S = 30 * 60
+# Longest an access token is believed to live, whatever an event says (Bitrix24's: one hour).
+MAX_ACCESS_S = 2 * 3600
 # A stored access token this close to expiry is not used to ask the portal.
 EXPIRY_MARGIN_S = 60
 
@@ -237,11 +239,15 @@ def access_of(event: Event) -> tuple[str, int] | None:
     if not auth.access_token:
         return None
     # Unix seconds and an hour's seconds are a few digits; anything longer is not a time.
+    now = int(time.time())
     if auth.expires and auth.expires.isdigit() and len(auth.expires) <= 12:
-        return auth.access_token, int(auth.expires)
-    if auth.expires_in and auth.expires_in.isdigit() and len(auth.expires_in) <= 8:
-        return auth.access_token, int(time.time()) + int(auth.expires_in)
-    return None
+        expires = int(auth.expires)
+    elif auth.expires_in and auth.expires_in.isdigit() and len(auth.expires_in) <= 8:
+        expires = now + int(auth.expires_in)
+    else:
+        return None
+    # Bitrix24's tokens last an hour: a claim of more must not keep a fresher token out.
+    return auth.access_token, min(expires, now + MAX_ACCESS_S)
 
 
 # What ONAPPPAYMENT says and app.info must say too. DAYS counts down: a day apart is the same.

@@ -196,3 +196,13 @@ async def test_with_static_tokens_only_a_payment_is_refused_with_the_reason(
         assert resp.status == 401
         assert "ONAPPPAYMENT carries no application token" in (await resp.json())["error"]
     assert sink.published == []
+
+
+async def test_an_event_claiming_a_far_expiry_cannot_keep_fresher_tokens_out(
+    ingress: Ingress,
+) -> None:
+    now = int(time.time())
+    install = event("ONAPPINSTALL", access="paid-1", expires=now + 100 * 365 * 86400)
+    assert await ingress.post_json(install) == 200
+    record = await ingress.store.get(MEMBER)
+    assert record is not None and record.access_expires <= now + 2 * 3600 + 5
