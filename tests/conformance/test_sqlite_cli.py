@@ -46,6 +46,23 @@ async def cli(db: Path, *args: str) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
+async def start_ingress(db: Path, port: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "b24queue",
+        "ingress",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env=env_for(db),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,20 +79,7 @@ async def test_the_tour_on_sqlite(tmp_path: Path) -> None:
     assert code == 2 and "RabbitMQ's" in out, out
 
     port = free_port()
-    ingress = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24queue",
-        "ingress",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        cwd=ROOT,
-        env=env_for(db),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    ingress = await start_ingress(db, port)
     try:
         url = f"http://127.0.0.1:{port}/b24/events"
 
@@ -114,20 +118,7 @@ async def test_sigkill_of_the_ingress_under_load_loses_no_accepted_event(tmp_pat
     code, out = await cli(db, "topology", "tests.integration.consumers:Narrowing")
     assert code == 0, out
     port = free_port()
-    ingress = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24queue",
-        "ingress",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        cwd=ROOT,
-        env=env_for(db),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    ingress = await start_ingress(db, port)
     url = f"http://127.0.0.1:{port}/b24/events"
     accepted: list[str] = []
     body = sample_form("crm-deal-add")

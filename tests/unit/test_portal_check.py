@@ -12,7 +12,6 @@ import asyncio
 import logging
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,8 +26,8 @@ from b24queue.http.portal_check import (
     normalise_host,
 )
 from b24queue.limits import KeyedLimiter
-from b24queue.settings import Settings, load_settings
-from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
+from tests.fake_portal import FakePortal, StaticResolver
+from tests.unit.test_portals import portal_event, settings_for
 
 PUNY = "xn--e1afmkfd"  # "пример"
 
@@ -46,31 +45,7 @@ class Clock:
 def install(
     *, domain: str = "acme.portal.test", endpoint: str | None = None, access: str = "good-1"
 ) -> Event:
-    return Event.from_payload(
-        {
-            "event": "ONAPPINSTALL",
-            "auth": {
-                "domain": domain,
-                "member_id": "m1",
-                "application_token": "tok-1",
-                "access_token": access,
-                "client_endpoint": endpoint if endpoint is not None else f"https://{domain}/rest/",
-            },
-        }
-    )
-
-
-def settings_for(cert: Path, **extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "portal_verification": True,
-        "app_client_id": CLIENT_ID,
-        "portal_domains": "*.portal.test",
-        "portal_allow_private": True,
-        "portal_ca_file": str(cert),
-        "portal_check_timeout_s": 1.0,
-    }
-    values.update(extra)
-    return load_settings(**values)
+    return portal_event("ONAPPINSTALL", domain=domain, endpoint=endpoint, access=access)
 
 
 async def refused(cb: PortalCallback, event: Event) -> PortalNotConfirmed:
