@@ -16,9 +16,8 @@ from b24queue.envelope import envelope_for
 from b24queue.runtime import Worker
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
-from b24queue.transports import transport_for
+from b24queue.transports import leased, transport_for
 from b24queue.transports.sqlite import db as sqlite_db
-from b24queue.transports.sqlite import worker as sqlite_worker
 from b24queue.transports.sqlite.db import Database
 from tests.integration.conftest import wait_until
 
@@ -63,9 +62,9 @@ async def test_a_database_locked_for_a_while_does_not_stop_the_worker(
 async def test_a_handler_longer_than_its_lease_never_runs_twice_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_worker, "DEFAULT_LEASE_S", 0.3)
-    monkeypatch.setattr(sqlite_worker, "LEASE_MARGIN_S", 0.0)
-    monkeypatch.setattr(sqlite_worker, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(leased, "DEFAULT_LEASE_S", 0.3)
+    monkeypatch.setattr(leased, "LEASE_MARGIN_S", 0.0)
+    monkeypatch.setattr(leased, "HEARTBEAT_S", 0.1)
     settings = settings_for(tmp_path)
     running = 0
     peak = 0

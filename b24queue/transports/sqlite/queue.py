@@ -8,27 +8,15 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from b24queue.envelope import Envelope
 from b24queue.layout import topic_matches
+from b24queue.transports.leased import Row
+from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 
-CONSUMER, DLQ, UNROUTED = "consumer", "dlq", "unrouted"
 _MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries"
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    id: int
-    message_id: str
-    routing_key: str
-    body: bytes
-    headers: dict[str, Any]
-    timestamp: datetime
-    event_type: str
-    deliveries: int
 
 
 def _row(values: tuple[Any, ...]) -> Row:
@@ -203,25 +191,6 @@ def exists(db: sqlite3.Connection, queue: str) -> bool:
 
 def depths(db: sqlite3.Connection) -> dict[str, int]:
     return dict(db.execute("SELECT queue, count(*) FROM messages GROUP BY queue").fetchall())
-
-
-@dataclass(frozen=True, slots=True)
-class Depth:
-    ready: int = 0  # due and free
-    leased: int = 0  # a worker is on it
-    later: int = 0  # waiting for its retry delay
-
-    @property
-    def total(self) -> int:
-        return self.ready + self.leased + self.later
-
-
-@dataclass(frozen=True, slots=True)
-class Overview:
-    consumer_queues: list[str]
-    queues: dict[str, Depth]
-    workers: dict[str, int]  # live workers per queue
-    worker_names: list[str]
 
 
 def overview(db: sqlite3.Connection, alive_since: float) -> Overview:

@@ -31,10 +31,12 @@ from b24queue.errors import BrokerUnavailableError
 from b24queue.layout import QueueState, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
+from b24queue.transports.leased import ALIVE_S
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database, notify
-from b24queue.transports.sqlite.ops import SqliteDeadLetters, sqlite_status
-from b24queue.transports.sqlite.worker import ALIVE_S, SqliteWorkers
+from b24queue.transports.sqlite.ops import SqliteShelf
+from b24queue.transports.sqlite.worker import SqliteWorkers
+from b24queue.transports.tables import TableDeadLetters, table_status
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +121,16 @@ class Sqlite:
     async def status(self) -> Status:
         async with Database(self.path) as db:
             view = await db.read(lambda conn: q.overview(conn, time.time() - ALIVE_S))
-        return sqlite_status(self.settings, view)
+        return table_status(self.settings, view, "sqlite")
 
-    def dead_letters(self, queue: str) -> SqliteDeadLetters:
-        return SqliteDeadLetters(self.settings, self.path, queue)
+    def dead_letters(self, queue: str) -> TableDeadLetters:
+        db = Database(self.path)
+
+        async def opened() -> SqliteShelf:
+            await db.__aenter__()
+            return SqliteShelf(db, self.settings.unrouted)
+
+        return TableDeadLetters(self.settings, queue, opened, db.__aexit__)
 
 
 def transport(settings: Settings) -> Sqlite:

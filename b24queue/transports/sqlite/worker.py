@@ -1,240 +1,75 @@
-"""The SQLite transport's worker side: a runner per consumer claims up to `prefetch` rows under a
-lease, handles each in a task of its own, settles it in one statement (fenced by the delivery
-count), and renews its leases at every heartbeat."""
+"""The SQLite transport's worker side: the `Leases` of `b24queue.transports.leased` on the queue
+database (every write group-committed by `db.Database`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import os
-import socket
 import sqlite3
-import time
-import uuid
 from collections.abc import Sequence
+from typing import Any
 
-from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
-from b24queue.delivery import Incoming, Outcome, process
-from b24queue.layout import spec_for
+from b24queue.layout import QueueSpec
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.transports import Runner
+from b24queue.transports.leased import LeasedRunner, Row
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database, listen
 
-log = logging.getLogger(__name__)
 
-# Without handle_timeout_s a handler may run for ever; its lease must end some time.
-DEFAULT_LEASE_S = 30 * 60
-LEASE_MARGIN_S = 5.0  # the settle after a handler is cut by its timeout
-HEARTBEAT_S = 5.0
-SETTLE_ATTEMPTS = 5
-ALIVE_S = 3 * HEARTBEAT_S
-
-
-class SqliteRunner:
-    """One consumer: claims up to `prefetch` rows, handles each in a task of its own."""
-
-    def __init__(
-        self,
-        consumer: EventConsumer,
-        settings: Settings,
-        db: Database,
-        metrics: WorkerMetrics | None,
-    ) -> None:
-        self.consumer = consumer
-        self.spec = spec_for(type(consumer))
-        self._settings = settings
+class SqliteLeases:
+    def __init__(self, settings: Settings, db: Database) -> None:
         self._db = db
-        self._observe = metrics.observe if metrics is not None else None
-        self._gauge = metrics.in_flight.labels(consumer.queue) if metrics is not None else None
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{self.spec.name}:{uuid.uuid4().hex[:8]}"
-        timeout = consumer.handle_timeout_s
-        self._lease_s = (timeout if timeout is not None else DEFAULT_LEASE_S) + LEASE_MARGIN_S
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._rows: dict[asyncio.Task[None], q.Row] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._room = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
+        self.where = str(db.path)
+        self.poll_s = settings.sqlite_poll_s
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
-    async def start(self) -> None:
-        spec = self.spec
+    async def declare(self, spec: QueueSpec) -> list[str]:
         _, removed = await self._db.write(
             lambda db: q.declare(db, spec.name, spec.dlq, spec.bindings)
         )
-        for key in removed:
-            log.info(
-                "queue %s: removed binding %s (no longer in its consumer's events)", spec.name, key
-            )
-        await self.consumer.on_start()
-        self._wake = listen(self._db.path)
-        self._loop_task = asyncio.create_task(self._loop(), name=f"b24queue-claim-{spec.name}")
-        log.info(
-            "consuming %s from %s (bindings %s, prefetch %d, max_attempts %d, retry delays %s: "
-            "Retry(delay_s=...) waits the first of these at least as long)",
-            spec.name,
-            self._db.path,
-            ",".join(spec.bindings),
-            self.consumer.prefetch,
-            self.consumer.max_attempts,
-            ", ".join(f"{d:g}s" for d in sorted(set(spec.retry_delays_s))),
+        return removed
+
+    def wake(self, queue: str) -> asyncio.Event:
+        return listen(self._db.path)
+
+    async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
+        # A read first: idle workers of several processes poll without taking the write lock.
+        if not await self._db.read(lambda db: q.due(db, queue)):
+            return []
+        return await self._db.write(lambda db: q.claim(db, queue, owner, count, lease_s))
+
+    async def ack(self, row: Row, owner: str) -> bool:
+        return await self._db.write(lambda db: q.ack(db, row, owner))
+
+    async def move(
+        self, row: Row, owner: str, *, queue: str, headers: dict[str, Any], delay_s: float
+    ) -> bool:
+        return await self._db.write(
+            lambda db: q.move(db, row, owner, queue=queue, headers=headers, delay_s=delay_s)
         )
 
-    async def _loop(self) -> None:
-        """Claim while there is room; between claims, wait for a wake-up, room or the poll. Each
-        heartbeat also extends the leases of the rows still being handled, so a lease runs out
-        only when this process is gone. No failure ends the loop: it is retried next round."""
-        assert self._wake is not None
-        beat_at = 0.0
-        while True:
-            try:
-                if time.monotonic() >= beat_at:
-                    await self._heartbeat()
-                    beat_at = time.monotonic() + HEARTBEAT_S
-                free = self.consumer.prefetch - len(self._tasks)
-                claimed = await self._claim(free) if free > 0 else 0
-            except Exception as exc:  # a database locked past its timeout: next round
-                log.warning("worker of %s: %r; retrying", self.spec.name, exc)
-                free, claimed = 0, 0
-            if claimed and claimed == free:
-                continue  # there may be more: claim again as soon as there is room
-            self._wake.clear()
-            self._room.clear()
-            wake = self._wake if free > 0 else self._room
-            wait_s = min(self._settings.sqlite_poll_s if free > 0 else HEARTBEAT_S, HEARTBEAT_S)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await wake.wait()
-
-    async def _heartbeat(self) -> None:
-        owner, queue, lease_s = self.owner, self.spec.name, self._lease_s
-        name = f"b24queue worker {queue} {socket.gethostname()}:{os.getpid()}"
-        ids = [row.id for row in self._rows.values()]
-
+    async def beat(self, owner: str, queue: str, name: str, ids: list[int], lease_s: float) -> None:
         def beat(db: sqlite3.Connection) -> None:
             q.heartbeat(db, owner, queue, name)
             q.renew(db, owner, ids, lease_s)
 
         await self._db.write(beat)
 
-    async def _claim(self, count: int) -> int:
-        queue, owner, lease_s = self.spec.name, self.owner, self._lease_s
-        try:
-            if not await self._db.read(lambda db: q.due(db, queue)):
-                return 0
-            rows = await self._db.write(lambda db: q.claim(db, queue, owner, count, lease_s))
-        except Exception as exc:  # a locked or failing database: try again after the poll
-            log.warning("claiming from %s failed: %r", queue, exc)
-            return 0
-        for row in rows:
-            task = asyncio.create_task(self._handle(row), name=f"b24queue-{queue}")
-            self._tasks.add(task)
-            self._rows[task] = row
-            self._idle.clear()
-            task.add_done_callback(self._done)
-        return len(rows)
+    async def release(self, owner: str) -> None:
+        await self._db.write(lambda db: q.release(db, owner))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._rows.pop(task, None)
-        self._room.set()
-        if not self._tasks:
-            self._idle.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("delivery task crashed", exc_info=task.exception())
-
-    async def _handle(self, row: q.Row) -> None:
-        incoming = Incoming(
-            body=row.body,
-            message_id=row.message_id,
-            routing_key=str(row.headers.get(c.H_ORIGINAL_ROUTING_KEY) or row.routing_key),
-            headers=row.headers,
-            redelivered=row.deliveries > 1,
-            accepted_at=row.timestamp,
-            handle=row,
-        )
-        if self._gauge is not None:
-            self._gauge.inc()
-        try:
-            await process(self.consumer, incoming, self.spec.name, self, self._observe)
-        finally:
-            if self._gauge is not None:
-                self._gauge.dec()
-
-    async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
-        row: q.Row = incoming.handle
-        owner = self.owner
-        if outcome.kind == "ack":
-            done = await self._write(lambda db: q.ack(db, row, owner))
-        else:
-            queue = self.spec.name if outcome.kind == "retry" else self.spec.dlq
-            delay_s = outcome.delay_s or 0.0 if outcome.kind == "retry" else 0.0
-            headers = outcome.headers
-            done = await self._write(
-                lambda db: q.move(db, row, owner, queue=queue, headers=headers, delay_s=delay_s)
-            )
-        if done is False:
-            log.warning(
-                "message_id=%s: its lease ran out before it was settled; it is delivered again",
-                row.message_id,
-            )
-
-    async def _write(self, op: q.WriteOp) -> bool | None:
-        """A settlement, retried while the database is busy (another process holding the write
-        lock): giving up would leave the row until its lease ends."""
-        for attempt in range(SETTLE_ATTEMPTS):
-            try:
-                return bool(await self._db.write(op))
-            except Exception as exc:
-                if attempt + 1 == SETTLE_ATTEMPTS:  # the lease runs out: delivered again, not lost
-                    log.error("settling in %s failed (%r); delivered again", self.spec.name, exc)
-                    return None
-                await asyncio.sleep(0.2 * 2**attempt)
-        return None
-
-    async def stop_consuming(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-            self._loop_task = None
-
-    async def drain(self, timeout_s: float) -> int:
-        if self._tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
-        left = list(self._tasks)
-        for task in left:
-            task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
-        # Hand back what was not finished (and a claim that committed as the loop stopped):
-        # delivered again at once, not after the lease.
-        owner = self.owner
-        await self._write(lambda db: q.release(db, owner) >= 0)
-        return len(left)
-
-    async def close(self) -> None:
-        try:
-            await self.consumer.on_stop()
-        finally:
-            owner = self.owner
-            await self._write(lambda db: q.leave(db, owner) >= 0)
+    async def leave(self, owner: str) -> None:
+        await self._db.write(lambda db: q.leave(db, owner))
 
 
 class SqliteWorkers:
     def __init__(self, settings: Settings, db: Database) -> None:
-        self._settings = settings
+        self._leases = SqliteLeases(settings, db)
         self._db = db
 
-    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> SqliteRunner:
-        return SqliteRunner(consumer, self._settings, self._db, metrics)
+    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> LeasedRunner:
+        return LeasedRunner(consumer, self._leases, metrics)
 
     async def started(self, runners: Sequence[Runner]) -> None:
         return None
