@@ -172,6 +172,20 @@ def topic_matches(pattern: str, key: str) -> bool:
     return reachable[len(words)]
 
 
+def topic_regex(pattern: str) -> str:
+    """`topic_matches` as a regular expression over `"." + key` (for a database that routes in
+    SQL): `*` is one `.word`, `#` any number of them."""
+    parts = []
+    for part in pattern.split("."):
+        if part == "#":
+            parts.append(r"(\.[^.]+)*")
+        elif part == "*":
+            parts.append(r"\.[^.]+")
+        else:
+            parts.append(r"\." + re.escape(part))
+    return "^" + "".join(parts) + "$"
+
+
 def queue_plan(settings: Settings, spec: QueueSpec) -> list[tuple[str, dict[str, Any]]]:
     """Every queue of a consumer with the arguments we declare it with."""
     plan = [(spec.name, queue_arguments(settings))]

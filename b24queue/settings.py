@@ -54,8 +54,9 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, extra="forbid", frozen=True, case_sensitive=False
     )
 
-    # Broker. B24QUEUE_BROKER_URL's scheme picks the transport: amqp(s):// (RabbitMQ, the default)
-    # or sqlite:///abs/path, sqlite:rel/path (an embedded queue on one host). B24QUEUE_AMQP_URL is
+    # Broker. B24QUEUE_BROKER_URL's scheme picks the transport: amqp(s):// (RabbitMQ, the default),
+    # sqlite:///abs/path, sqlite:rel/path (an embedded queue on one host) or
+    # postgresql://user:password@host:5432/db (a queue in PostgreSQL). B24QUEUE_AMQP_URL is
     # the older name of an amqp:// URL and keeps working.
     broker_url: str = ""
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
@@ -68,6 +69,10 @@ class Settings(BaseSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     # SQLite: how often an idle worker looks for events published by another process (a read).
     sqlite_poll_s: float = Field(default=0.05, gt=0, le=10)
+    # PostgreSQL: the schema holding the queue's tables, and how often an idle worker looks for
+    # events anyway (LISTEN/NOTIFY wakes it at once; this covers a notification lost meanwhile).
+    postgres_schema: str = Field(default="b24queue", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    postgres_poll_s: float = Field(default=1.0, gt=0, le=60)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     reconnect_interval_s: float = Field(default=0.5, gt=0)
 
@@ -143,9 +148,14 @@ class Settings(BaseSettings):
             return value
         if scheme == "sqlite" and value.removeprefix("sqlite:").removeprefix("//"):
             return value
+        if scheme in ("postgres", "postgresql"):
+            if not value.split(":", 1)[1].startswith("//"):
+                raise ValueError("must look like postgresql://user:password@host:5432/database")
+            return value
         raise ValueError(
             f"unknown transport {scheme!r}: use amqp://user:password@host:5672/vhost "
-            "(RabbitMQ) or sqlite:///path/to/queue.sqlite3 (one host, no server)"
+            "(RabbitMQ), postgresql://user:password@host:5432/database (PostgreSQL) or "
+            "sqlite:///path/to/queue.sqlite3 (one host, no server)"
         )
 
     @model_validator(mode="before")
@@ -166,8 +176,11 @@ class Settings(BaseSettings):
 
     @property
     def transport(self) -> str:
-        """`amqp` or `sqlite`, from the broker URL's scheme."""
-        return "sqlite" if self.broker_url.lower().startswith("sqlite:") else "amqp"
+        """`amqp`, `sqlite` or `postgres`, from the broker URL's scheme."""
+        scheme = self.broker_url.split(":", 1)[0].lower()
+        if scheme == "sqlite":
+            return "sqlite"
+        return "postgres" if scheme in ("postgres", "postgresql") else "amqp"
 
     @property
     def sqlite_path(self) -> str:
@@ -233,6 +246,13 @@ class Settings(BaseSettings):
         aio-pika (yarl) decodes them for the AMQP login; guest/guest when absent, as there."""
         parts = urlsplit(self.amqp_url)
         return unquote(parts.username or "") or "guest", unquote(parts.password or "") or "guest"
+
+    def redacted_postgres_url(self) -> str:
+        """The PostgreSQL URL for a log line: host, port and database, never the password."""
+        parts = urlsplit(self.broker_url)
+        host = parts.hostname or "localhost"
+        user = f"{parts.username}@" if parts.username else ""
+        return f"postgresql://{user}{host}:{parts.port or 5432}{parts.path or '/'}"
 
     def redacted_amqp_url(self) -> str:
         parts = urlsplit(self.amqp_url)

@@ -1,7 +1,7 @@
 """The transport seam: what the ingress, the worker process and the CLI ask of a queue, whichever
 it is. The transport is picked by the broker URL's scheme (`B24QUEUE_BROKER_URL`): `amqp(s)://`
-RabbitMQ, `sqlite:` the embedded queue. Nothing here imports a transport: `transport_for` loads
-the one the settings name.
+RabbitMQ, `sqlite:` the embedded queue, `postgresql://` a queue in PostgreSQL. Nothing here
+imports a transport: `transport_for` loads the one the settings name.
 
 Each transport keeps the same guarantees (`shared/TRANSPORTS.md`): `publish` returns only once the
 event is durable; a runner settles each delivery with `b24queue.delivery` (ack only after the
@@ -136,6 +136,7 @@ def connection_name(role: str, detail: str = "") -> str:
 _MODULES = {
     "amqp": "b24queue.transports.amqp.transport",
     "sqlite": "b24queue.transports.sqlite.transport",
+    "postgres": "b24queue.transports.postgres.transport",
 }
 
 

@@ -19,6 +19,7 @@ from b24queue.settings import Settings, load_settings
 from b24queue.transports import Transport, connection_name, transport_for
 from tests.conftest import SAMPLE_TOKEN, sample_form
 from tests.integration.conftest import AMQP_URL, broker_slice, wait_until
+from tests.postgres import postgres_schema
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -56,13 +57,17 @@ class Bench:
         return ids
 
 
-@pytest.fixture(params=["amqp", "sqlite"])
+@pytest.fixture(params=["amqp", "sqlite", "postgres"])
 async def bench(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bench]:
     if request.param == "amqp":
         async with broker_slice() as broker:
             yield Bench(broker.make_settings(broker_url=AMQP_URL), broker.prefix)
         return
     prefix = f"t{uuid.uuid4().hex[:10]}"
+    if request.param == "postgres":
+        async with postgres_schema(prefix) as settings:
+            yield Bench(settings, prefix)
+        return
     settings = load_settings(
         broker_url=f"sqlite:{tmp_path / 'queue.sqlite3'}",
         app_tokens=SAMPLE_TOKEN,

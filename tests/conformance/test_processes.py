@@ -54,6 +54,7 @@ async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.su
             "B24QUEUE_UNROUTED": s.unrouted,
             "B24QUEUE_SHUTDOWN_TIMEOUT_S": "20",
             "B24QUEUE_SQLITE_POLL_S": "0.05",
+            "B24QUEUE_POSTGRES_SCHEMA": s.postgres_schema,
             "B24QT_QUEUE": bench.name("proc"),
             "B24QT_RECORD": str(record),
             "B24QT_SLEEP_S": str(sleep_s),

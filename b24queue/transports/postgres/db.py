@@ -1,0 +1,280 @@
+"""The queue's schema in PostgreSQL, connections to it, group commit and wake-ups.
+
+Every connection says who it is (`application_name`: the connection name operators see in
+`pg_stat_activity`) and commits synchronously: a commit has returned only once PostgreSQL has it
+in its write-ahead log on disk, whatever the server's or the role's default says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeAlias, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from b24queue.errors import BrokerUnavailableError, ConfigError
+from b24queue.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+SCHEMA_VERSION = 1
+# A connection of our own or one lent by a pool.
+Db: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+# Errors that mean "the database is away or was restarted", as opposed to a bad statement.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    # a terminated backend, a server shutting down or starting, a canceled statement
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    TimeoutError,
+)
+
+
+def schema_statements(schema: str) -> list[str]:
+    s = f'"{schema}"'
+    return [
+        f"CREATE SCHEMA IF NOT EXISTS {s}",
+        f"CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value text NOT NULL)",
+        # kind: consumer, dlq or unrouted
+        f"CREATE TABLE IF NOT EXISTS {s}.queues (name text PRIMARY KEY, kind text NOT NULL)",
+        # regex: the pattern as a regular expression over '.' || routing_key (routing in SQL)
+        f"CREATE TABLE IF NOT EXISTS {s}.bindings (queue text NOT NULL, pattern text NOT NULL, "
+        "regex text NOT NULL, PRIMARY KEY (queue, pattern))",
+        f"""CREATE TABLE IF NOT EXISTS {s}.messages (
+            id bigserial PRIMARY KEY,
+            queue text NOT NULL,
+            message_id text NOT NULL,
+            routing_key text NOT NULL,
+            body bytea NOT NULL,
+            headers text NOT NULL,
+            stamp timestamptz NOT NULL,
+            event_type text NOT NULL,
+            available_at timestamptz NOT NULL DEFAULT now(),
+            lease_owner text,
+            lease_until timestamptz,
+            deliveries integer NOT NULL DEFAULT 0
+        )""",
+        # Claims read a queue in due order: the rows being handled first (few: prefetch per
+        # worker), then the due ones; those waiting for a retry are past the range scanned.
+        f"CREATE INDEX IF NOT EXISTS messages_due ON {s}.messages (queue, available_at, id)",
+        f"CREATE TABLE IF NOT EXISTS {s}.workers (owner text PRIMARY KEY, queue text NOT NULL, "
+        "name text NOT NULL, seen_at timestamptz NOT NULL)",
+    ]
+
+
+def notify_channel(schema: str) -> str:
+    """Where publishes notify (payload: the queue's name) and idle workers listen."""
+    return f"b24queue.{schema}"
+
+
+async def _no_reset(connection: asyncpg.Connection) -> None:
+    """Pool connections keep no session state of ours: skip asyncpg's reset round trip."""
+
+
+def server_settings(name: str) -> dict[str, str]:
+    # application_name: at most 63 bytes are kept by PostgreSQL.
+    return {
+        "application_name": name.encode()[:63].decode(errors="ignore"),
+        "synchronous_commit": "on",
+    }
+
+
+async def connect(settings: Settings, name: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(
+            settings.broker_url,
+            timeout=settings.connect_timeout_s,
+            server_settings=server_settings(name),
+        )
+    except Exception as exc:
+        raise translate(exc, settings) from None
+
+
+async def opened(settings: Settings, name: str) -> asyncpg.Connection:
+    """A connection, with the schema created or checked (the CLI's and the publisher's start)."""
+    connection = await connect(settings, name)
+    try:
+        await ensure_schema(connection, settings.postgres_schema)
+    except BaseException as exc:
+        await asyncio.gather(connection.close(), return_exceptions=True)
+        if isinstance(exc, Exception):
+            raise translate(exc, settings) from None
+        raise
+    return connection
+
+
+async def create_pool(settings: Settings, name: str, size: int) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            settings.broker_url,
+            min_size=1,
+            max_size=size,
+            timeout=settings.connect_timeout_s,
+            server_settings=server_settings(name),
+            reset=_no_reset,
+        )
+    except Exception as exc:
+        raise translate(exc, settings) from None
+    assert pool is not None
+    return pool
+
+
+async def ensure_schema(connection: Db, schema: str) -> None:
+    """Create or check the schema, under an advisory lock (several processes may start at once).
+    A schema newer than this code is a clear error, not a guess."""
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"b24queue:{schema}")
+        for statement in schema_statements(schema):
+            await connection.execute(statement)
+        version = await connection.fetchval(
+            f'SELECT value FROM "{schema}".meta WHERE key = $1',
+            "schema",
+        )
+        if version is None:
+            await connection.execute(
+                f'INSERT INTO "{schema}".meta VALUES ($1, $2)',
+                "schema",
+                str(SCHEMA_VERSION),
+            )
+        elif int(version) > SCHEMA_VERSION:
+            raise ConfigError(
+                f"PostgreSQL schema {schema!r} has queue schema {version}, newer than this "
+                f"b24queue knows ({SCHEMA_VERSION}): upgrade b24queue"
+            )
+    if await connection.fetchval("SHOW fsync") == "off":
+        log.error("PostgreSQL runs with fsync=off: a crash of its host can lose accepted events")
+
+
+def translate(exc: Exception, settings: Settings) -> Exception:
+    """A driver error as ours (`b24queue.errors`), for the CLI's one-line messages (the URL in
+    them without its password)."""
+    where = settings.redacted_postgres_url()
+    refused = (
+        asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+        asyncpg.exceptions.InvalidPasswordError,
+        asyncpg.exceptions.InvalidCatalogNameError,
+        asyncpg.exceptions.InsufficientPrivilegeError,
+    )
+    if isinstance(exc, refused):
+        return ConfigError(f"PostgreSQL at {where} refused: {exc}")
+    if isinstance(exc, CONNECTION_ERRORS):
+        return BrokerUnavailableError(f"cannot reach PostgreSQL at {where}: {exc!r}")
+    return exc
+
+
+class Batcher(Generic[T, R]):
+    """Group commit: items that arrive while a batch runs go together in the next one (one
+    statement, one commit). `run(items)` returns one result per item, or raises for all; a batch
+    that fails is tried item by item, so one bad item fails alone."""
+
+    def __init__(self, run: Callable[[list[T]], Awaitable[list[R]]], name: str) -> None:
+        self._run = run
+        self._name = name
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(ConnectionError("closed"))
+        self._pending = []
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self._wake.set()
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # A caller that gave up (a publish past its timeout, answered 503) is not written for.
+            batch = [(item, f) for item, f in self._pending if not f.done()]
+            self._pending = []
+            if batch:
+                await self._batch(batch)
+
+    async def _batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1 or isinstance(exc, CONNECTION_ERRORS):
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for one in batch:
+                await self._batch([one])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+class Listener:
+    """One connection that LISTENs on the schema's channel and sets the wake-up of the queue a
+    notification names. Reconnects by itself; after a reconnect it wakes every queue (what was
+    notified meanwhile is lost), and until then the runners poll."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self._settings = settings
+        self._name = name
+        self.channel = notify_channel(settings.postgres_schema)
+        self._events: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+
+    def event(self, queue: str) -> asyncio.Event:
+        return self._events.setdefault(queue, asyncio.Event())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._keep(), name="b24queue-postgres-listen")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _notified(self, connection: Any, pid: int, channel: str, payload: object) -> None:
+        event = self._events.get(str(payload))
+        if event is not None:
+            event.set()
+
+    async def _keep(self) -> None:
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await connect(self._settings, self._name)
+                self._lost.clear()
+                connection.add_termination_listener(lambda _: self._lost.set())
+                await connection.add_listener(self.channel, self._notified)
+                for event in self._events.values():
+                    event.set()
+                await self._lost.wait()
+                log.warning("the LISTEN connection to PostgreSQL was lost; reconnecting")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot LISTEN on PostgreSQL (%r); polling meanwhile", exc)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(connection.close(), 2)
+            await asyncio.sleep(self._settings.reconnect_interval_s)

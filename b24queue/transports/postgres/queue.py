@@ -1,0 +1,333 @@
+"""The queue operations in PostgreSQL's SQL, one schema's worth: publish with routing (in SQL, by
+the bindings' regular expressions, in the same statement that inserts and notifies), claim with a
+lease (`FOR UPDATE SKIP LOCKED`), settle fenced by the delivery count, and the operator's view.
+Times are the server's (`now()`), so hosts with skewed clocks agree on leases and due times.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from b24queue.envelope import Envelope
+from b24queue.layout import topic_regex
+from b24queue.transports.leased import Row
+from b24queue.transports.postgres.db import Db, notify_channel
+from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
+
+_COLUMNS = "id, message_id, routing_key, body, headers, stamp, event_type, deliveries"
+
+
+def _row(record: asyncpg.Record) -> Row:
+    return Row(
+        record["id"],
+        record["message_id"],
+        record["routing_key"],
+        bytes(record["body"]),
+        json.loads(record["headers"]),
+        record["stamp"],
+        record["event_type"],
+        record["deliveries"],
+    )
+
+
+class Queries:
+    """The statements for one schema (its name is checked by the settings: a plain identifier)."""
+
+    def __init__(self, schema: str) -> None:
+        s = f'"{schema}"'
+        self.schema, self.channel = schema, notify_channel(schema)
+        # One statement: route every event by the bindings as they are now, one row per bound
+        # queue (or one in the unrouted queue), and notify each queue that got rows (sent on
+        # commit). Order: as published, then by queue.
+        self.publish_sql = f"""
+            WITH e AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[],
+                    $5::timestamptz[], $6::text[])
+                    WITH ORDINALITY AS e(message_id, routing_key, body, headers, stamp,
+                        event_type, n)
+            ), routed AS (
+                SELECT coalesce(r.queue, $7) AS queue, e.* FROM e LEFT JOIN LATERAL (
+                    SELECT DISTINCT b.queue FROM {s}.bindings b
+                    WHERE '.' || e.routing_key ~ b.regex
+                ) r ON true
+            ), ins AS (
+                INSERT INTO {s}.messages (queue, message_id, routing_key, body, headers, stamp,
+                    event_type)
+                SELECT queue, message_id, routing_key, body, headers, stamp, event_type
+                FROM routed ORDER BY n, queue
+                RETURNING queue
+            )
+            SELECT count(*) AS n, pg_notify($8, queue) FROM ins GROUP BY queue
+        """
+        self.claim_sql = f"""
+            UPDATE {s}.messages SET lease_owner = $1,
+                lease_until = now() + make_interval(secs => $2), deliveries = deliveries + 1
+            WHERE id IN (
+                SELECT id FROM {s}.messages WHERE queue = $3 AND available_at <= now()
+                    AND (lease_until IS NULL OR lease_until < now())
+                ORDER BY available_at, id LIMIT $4 FOR UPDATE SKIP LOCKED
+            ) RETURNING {_COLUMNS}
+        """
+        self.ack_sql = f"""
+            DELETE FROM {s}.messages m USING unnest($1::bigint[], $2::text[], $3::int[])
+                AS a(id, owner, deliveries)
+            WHERE m.id = a.id AND m.lease_owner = a.owner AND m.deliveries = a.deliveries
+            RETURNING m.id
+        """
+        self.dead_letter_sql = f"""
+            WITH gone AS (
+                DELETE FROM {s}.messages WHERE id = $1 AND lease_owner = $2 AND deliveries = $3
+                RETURNING message_id, routing_key, body, stamp, event_type
+            )
+            INSERT INTO {s}.messages (queue, message_id, routing_key, body, headers, stamp,
+                event_type)
+            SELECT $4, message_id, routing_key, body, $5, stamp, event_type FROM gone
+            RETURNING id
+        """
+        self.retry_sql = f"""
+            UPDATE {s}.messages SET headers = $4,
+                available_at = now() + make_interval(secs => $5),
+                lease_owner = NULL, lease_until = NULL, deliveries = 0
+            WHERE id = $1 AND lease_owner = $2 AND deliveries = $3
+        """
+        self.s = s
+
+    async def publish(self, db: Db, envelopes: Sequence[Envelope], unrouted: str) -> int:
+        """Rows inserted, in one statement (one commit, when not inside a transaction)."""
+        per_queue = await db.fetch(
+            self.publish_sql,
+            [e.message_id for e in envelopes],
+            [e.routing_key for e in envelopes],
+            [e.body for e in envelopes],
+            [json.dumps(e.headers) for e in envelopes],
+            [e.timestamp for e in envelopes],
+            [e.event_type for e in envelopes],
+            unrouted,
+            self.channel,
+        )
+        return sum(int(r["n"]) for r in per_queue)
+
+    async def claim(self, db: Db, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
+        records = await db.fetch(self.claim_sql, owner, lease_s, queue, count)
+        return sorted((_row(r) for r in records), key=lambda r: r.id)
+
+    async def ack(self, db: Db, rows: Sequence[tuple[Row, str]]) -> list[bool]:
+        """Each only while its delivery still holds the lease."""
+        done = {
+            r["id"]
+            for r in await db.fetch(
+                self.ack_sql,
+                [row.id for row, _ in rows],
+                [owner for _, owner in rows],
+                [row.deliveries for row, _ in rows],
+            )
+        }
+        return [row.id in done for row, _ in rows]
+
+    async def move(
+        self,
+        db: Db,
+        row: Row,
+        owner: str,
+        *,
+        queue: str,
+        headers: dict[str, Any],
+        delay_s: float,
+        dead_letter: bool,
+    ) -> bool:
+        """Retry (the same row, later) or dead-letter (a new row at the end of the DLQ: a DLQ
+        is in the order things failed), in one statement, only while this delivery holds the
+        lease: there is no moment with the message in two places or none."""
+        encoded = json.dumps(headers, default=str)
+        fence = (row.id, owner, row.deliveries)
+        if dead_letter:
+            return await db.fetchval(self.dead_letter_sql, *fence, queue, encoded) is not None
+        status = await db.execute(self.retry_sql, *fence, encoded, delay_s)
+        return bool(status == "UPDATE 1")
+
+    async def beat(
+        self,
+        db: Db,
+        owner: str,
+        queue: str,
+        name: str,
+        ids: list[int],
+        lease_s: float,
+    ) -> None:
+        async with db.transaction():
+            await db.execute(
+                f"INSERT INTO {self.s}.workers (owner, queue, name, seen_at) "
+                "VALUES ($1, $2, $3, now()) ON CONFLICT (owner) DO UPDATE SET seen_at = now()",
+                owner,
+                queue,
+                name,
+            )
+            if ids:
+                await db.execute(
+                    f"UPDATE {self.s}.messages SET lease_until = now() + "
+                    "make_interval(secs => $1) WHERE lease_owner = $2 AND id = any($3::bigint[])",
+                    lease_s,
+                    owner,
+                    ids,
+                )
+
+    async def release(self, db: Db, owner: str) -> None:
+        await db.execute(
+            f"UPDATE {self.s}.messages SET lease_owner = NULL, lease_until = NULL "
+            "WHERE lease_owner = $1",
+            owner,
+        )
+
+    async def leave(self, db: Db, owner: str) -> None:
+        await db.execute(f"DELETE FROM {self.s}.workers WHERE owner = $1", owner)
+
+    async def declare(self, db: Db, queue: str, dlq: str, patterns: tuple[str, ...]) -> list[str]:
+        """The consumer queue and its DLQ exist, and its bindings are exactly `patterns`.
+        Returns the bindings removed."""
+        async with db.transaction():
+            await db.executemany(
+                f"INSERT INTO {self.s}.queues VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                [(queue, CONSUMER), (dlq, DLQ)],
+            )
+            current = {
+                r["pattern"]
+                for r in await db.fetch(
+                    f"SELECT pattern FROM {self.s}.bindings WHERE queue = $1 FOR UPDATE",
+                    queue,
+                )
+            }
+            await db.executemany(
+                f"INSERT INTO {self.s}.bindings VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                [(queue, p, topic_regex(p)) for p in patterns if p not in current],
+            )
+            removed = sorted(current - set(patterns))
+            await db.executemany(
+                f"DELETE FROM {self.s}.bindings WHERE queue = $1 AND pattern = $2",
+                [(queue, p) for p in removed],
+            )
+        return removed
+
+    async def declare_unrouted(self, db: Db, unrouted: str) -> None:
+        await db.execute(
+            f"INSERT INTO {self.s}.queues VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            unrouted,
+            UNROUTED,
+        )
+
+    async def first(self, db: Db, queue: str, limit: int, after: int) -> list[Row]:
+        records = await db.fetch(
+            f"SELECT {_COLUMNS} FROM {self.s}.messages WHERE queue = $1 AND id > $2 "
+            "ORDER BY id LIMIT $3",
+            queue,
+            after,
+            limit,
+        )
+        return [_row(r) for r in records]
+
+    async def exists(self, db: Db, queue: str) -> bool:
+        found = await db.fetchval(f"SELECT 1 FROM {self.s}.queues WHERE name = $1", queue)
+        return found is not None
+
+    async def depths(self, db: Db) -> dict[str, int]:
+        records = await db.fetch(
+            f"SELECT queue, count(*) AS n FROM {self.s}.messages GROUP BY queue"
+        )
+        return {r["queue"]: r["n"] for r in records}
+
+    async def count(self, db: Db, queue: str) -> int:
+        n = await db.fetchval(f"SELECT count(*) FROM {self.s}.messages WHERE queue = $1", queue)
+        return int(n)
+
+    async def overview(self, db: Db, alive_s: float) -> Overview:
+        free = "(lease_until IS NULL OR lease_until < now())"
+        queues = {
+            r["queue"]: Depth(r["ready"], r["leased"], r["later"])
+            for r in await db.fetch(
+                "SELECT queue, "
+                f"count(*) FILTER (WHERE {free} AND available_at <= now()) AS ready, "
+                "count(*) FILTER (WHERE lease_until >= now()) AS leased, "
+                f"count(*) FILTER (WHERE {free} AND available_at > now()) AS later "
+                f"FROM {self.s}.messages GROUP BY queue"
+            )
+        }
+        consumer_queues = [
+            r["name"]
+            for r in await db.fetch(
+                f"SELECT name FROM {self.s}.queues WHERE kind = $1",
+                CONSUMER,
+            )
+        ]
+        live = await db.fetch(
+            f"SELECT queue, name FROM {self.s}.workers "
+            "WHERE seen_at >= now() - make_interval(secs => $1)",
+            alive_s,
+        )
+        workers: dict[str, int] = {}
+        for r in live:
+            workers[r["queue"]] = workers.get(r["queue"], 0) + 1
+        return Overview(consumer_queues, queues, workers, sorted({r["name"] for r in live}))
+
+    async def replay(
+        self,
+        db: Db,
+        row: Row,
+        headers: dict[str, Any],
+        back_to: str | None,
+        unrouted: str,
+        source: str,
+    ) -> bool:
+        """A dead letter back to its queue, or an unrouted event to the queues bound to it now,
+        in one transaction. False (nothing changed) when the row has left `source`, or an
+        unrouted event is still bound by no queue."""
+        encoded = json.dumps(headers, default=str)
+        if back_to is not None:
+            status = await db.execute(
+                f"UPDATE {self.s}.messages SET queue = $1, headers = $2, "
+                "available_at = now(), lease_owner = NULL, lease_until = NULL, deliveries = 0 "
+                "WHERE id = $3 AND queue = $4",
+                back_to,
+                encoded,
+                row.id,
+                source,
+            )
+            if status != "UPDATE 1":
+                return False
+            await db.execute("SELECT pg_notify($1, $2)", self.channel, back_to)
+            return True
+        async with db.transaction():
+            bound = await db.fetchval(
+                f"SELECT 1 FROM {self.s}.bindings WHERE $1 ~ regex LIMIT 1",
+                "." + row.routing_key,
+            )
+            if bound is None:
+                return False
+            status = await db.execute(
+                f"DELETE FROM {self.s}.messages WHERE id = $1 AND queue = $2",
+                row.id,
+                source,
+            )
+            if status != "DELETE 1":
+                return False
+            envelope = Envelope(
+                message_id=row.message_id,
+                routing_key=row.routing_key,
+                body=row.body,
+                headers={k: str(v) for k, v in headers.items()},
+                timestamp=row.timestamp,
+                event_type=row.event_type,
+            )
+            await self.publish(db, [envelope], unrouted)
+        return True
+
+    async def purge(self, db: Db, queue: str, count: int) -> int:
+        status = await db.execute(
+            f"DELETE FROM {self.s}.messages WHERE id IN (SELECT id FROM {self.s}.messages "
+            "WHERE queue = $1 ORDER BY id LIMIT $2)",
+            queue,
+            count,
+        )
+        return int(status.split()[-1])

@@ -1,0 +1,123 @@
+"""The PostgreSQL transport's worker side: the `Leases` of `b24queue.transports.leased` on a small
+connection pool, acks group-committed (one DELETE for all that finished meanwhile), wake-ups by
+LISTEN/NOTIFY with a poll behind them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from b24queue import _constants as c
+from b24queue.consumer import EventConsumer
+from b24queue.layout import QueueSpec
+from b24queue.metrics import WorkerMetrics
+from b24queue.settings import Settings
+from b24queue.transports import Runner
+from b24queue.transports.leased import LeasedRunner, Row
+from b24queue.transports.postgres.db import Batcher, Listener
+from b24queue.transports.postgres.queue import Queries
+
+POOL_SIZE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    row: Row
+    owner: str
+    queue: str | None = None  # None: ack; the consumer's queue: retry; its DLQ: dead-letter
+    headers: dict[str, Any] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+class PostgresLeases:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, listener: Listener) -> None:
+        self._pool = pool
+        self._listener = listener
+        self._q = Queries(settings.postgres_schema)
+        self.where = f"{settings.redacted_postgres_url()} schema {settings.postgres_schema}"
+        self.poll_s = settings.postgres_poll_s
+        # Settlements are group-committed, in the order handlers finished: one transaction for
+        # whatever finished meanwhile (all acks in one DELETE); a DLQ keeps the order of failures.
+        self._settles: Batcher[Settle, bool] = Batcher(self._settle_batch, "b24queue-pg-settle")
+        self._settles.start()
+
+    async def close(self) -> None:
+        await self._settles.stop()
+
+    async def declare(self, spec: QueueSpec) -> list[str]:
+        async with self._pool.acquire() as db:
+            return await self._q.declare(db, spec.name, spec.dlq, spec.bindings)
+
+    def wake(self, queue: str) -> asyncio.Event:
+        return self._listener.event(queue)
+
+    async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
+        async with self._pool.acquire() as db:
+            return await self._q.claim(db, queue, owner, count, lease_s)
+
+    async def _settle_batch(self, items: list[Settle]) -> list[bool]:
+        done: dict[int, bool] = {}
+        async with self._pool.acquire() as db, db.transaction():
+            for i, s in enumerate(items):
+                if s.queue is not None:
+                    done[i] = await self._q.move(
+                        db,
+                        s.row,
+                        s.owner,
+                        queue=s.queue,
+                        headers=s.headers,
+                        delay_s=s.delay_s,
+                        dead_letter=s.queue.endswith(c.DLQ_SUFFIX),
+                    )
+            acks = [(i, s) for i, s in enumerate(items) if s.queue is None]
+            if acks:
+                acked = await self._q.ack(db, [(s.row, s.owner) for _, s in acks])
+                done.update((i, ok) for (i, _), ok in zip(acks, acked, strict=True))
+        return [done[i] for i in range(len(items))]
+
+    async def ack(self, row: Row, owner: str) -> bool:
+        return await self._settles.submit(Settle(row, owner))
+
+    async def move(
+        self, row: Row, owner: str, *, queue: str, headers: dict[str, Any], delay_s: float
+    ) -> bool:
+        moved = await self._settles.submit(Settle(row, owner, queue, headers, delay_s))
+        if moved and not queue.endswith(c.DLQ_SUFFIX):
+            # Due then: this process looks at once (other workers by their poll).
+            wake = self.wake(queue)
+            asyncio.get_running_loop().call_later(delay_s, wake.set)
+        return moved
+
+    async def beat(self, owner: str, queue: str, name: str, ids: list[int], lease_s: float) -> None:
+        async with self._pool.acquire() as db:
+            await self._q.beat(db, owner, queue, name, ids, lease_s)
+
+    async def release(self, owner: str) -> None:
+        async with self._pool.acquire() as db:
+            await self._q.release(db, owner)
+
+    async def leave(self, owner: str) -> None:
+        async with self._pool.acquire() as db:
+            await self._q.leave(db, owner)
+
+
+class PostgresWorkers:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, listener: Listener) -> None:
+        self._pool = pool
+        self._listener = listener
+        self._leases = PostgresLeases(settings, pool, listener)
+
+    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> LeasedRunner:
+        return LeasedRunner(consumer, self._leases, metrics)
+
+    async def started(self, runners: Sequence[Runner]) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self._leases.close()
+        await self._listener.stop()
+        await asyncio.gather(asyncio.wait_for(self._pool.close(), 10), return_exceptions=True)

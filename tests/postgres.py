@@ -1,0 +1,39 @@
+"""The machine's PostgreSQL for tests: a schema of its own per test, dropped afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from b24queue.settings import Settings, load_settings
+from tests.conftest import SAMPLE_TOKEN
+
+POSTGRES_URL = os.environ.get("B24QT_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.asynccontextmanager
+async def postgres_schema(prefix: str, **overrides: Any) -> AsyncIterator[Settings]:
+    """Settings of a queue in schema `prefix` of the machine's PostgreSQL (dropped at the end)."""
+    values: dict[str, Any] = {
+        "broker_url": POSTGRES_URL,
+        "postgres_schema": prefix,
+        "app_tokens": SAMPLE_TOKEN,
+        "exchange": f"{prefix}.events",
+        "unrouted": f"{prefix}.unrouted",
+        "publish_timeout_s": 3.0,
+        "shutdown_timeout_s": 10.0,
+        "postgres_poll_s": 0.5,
+    }
+    settings = load_settings(**{**values, **overrides})
+    try:
+        yield settings
+    finally:
+        db = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await db.execute(f'DROP SCHEMA IF EXISTS "{prefix}" CASCADE')
+        finally:
+            await db.close()

@@ -1,0 +1,29 @@
+"""Routing in SQL (PostgreSQL) uses `topic_regex`; it must agree with `topic_matches`, the rule
+the other row-backed transport and RabbitMQ's topic exchange follow."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from b24queue.layout import topic_matches, topic_regex
+
+WORDS = st.sampled_from(["A", "B", "ONCRMDEALADD", "x_1"])
+KEYS = st.lists(WORDS, min_size=1, max_size=5).map(".".join)
+PATTERNS = st.lists(st.one_of(WORDS, st.just("*"), st.just("#")), min_size=1, max_size=5).map(
+    ".".join
+)
+
+
+@given(PATTERNS, KEYS)
+def test_the_regex_matches_what_the_topic_rule_matches(pattern: str, key: str) -> None:
+    assert bool(re.fullmatch(topic_regex(pattern), "." + key)) == topic_matches(pattern, key)
+
+
+def test_known_cases() -> None:
+    regex = topic_regex("CATALOG.#")
+    assert re.fullmatch(regex, ".CATALOG") and re.fullmatch(regex, ".CATALOG.A.B")
+    assert not re.fullmatch(regex, ".CATALOGX")
+    assert re.fullmatch(topic_regex("*.B"), ".A.B") and not re.fullmatch(topic_regex("*.B"), ".B")
