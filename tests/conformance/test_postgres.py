@@ -1,0 +1,281 @@
+"""The PostgreSQL transport's own traps, on the machine's PostgreSQL (a schema per test): the CLI
+tour, the schema's version and concurrent starts, the ingress spooling while PostgreSQL is
+unreachable, two worker processes on one queue, workers' backends terminated under them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from b24queue.errors import ConfigError
+from b24queue.settings import Settings
+from b24queue.transports.postgres.db import SCHEMA_VERSION, ensure_schema
+from tests.conftest import SAMPLE_TOKEN, sample_form
+from tests.integration.conftest import ROOT, wait_until
+from tests.integration.proxy import Proxy, free_port
+from tests.postgres import POSTGRES_URL, postgres_schema
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+_STARTED: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[Settings]:
+    async with postgres_schema(f"t{uuid.uuid4().hex[:10]}") as settings:
+        yield settings
+
+
+@pytest.fixture(autouse=True)
+async def _no_process_left() -> AsyncIterator[None]:
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def env_for(settings: Settings, record: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
+    env.update(
+        {
+            "B24QUEUE_BROKER_URL": settings.broker_url,
+            "B24QUEUE_POSTGRES_SCHEMA": settings.postgres_schema,
+            "B24QUEUE_UNROUTED": settings.unrouted,
+            "B24QUEUE_POSTGRES_POLL_S": "0.5",
+            "B24QUEUE_APP_TOKENS": SAMPLE_TOKEN,
+            "B24QUEUE_SHUTDOWN_TIMEOUT_S": "20",
+            "B24QUEUE_SPOOL_PATH": str((record or Path("/tmp/x")).parent / "spool.sqlite3"),
+            "B24QT_QUEUE": "cli.deals",
+            "B24QT_RECORD": str(record or "/dev/null"),
+            "B24QT_EVENTS": "ONCRMDEALADD",
+            **extra,
+        }
+    )
+    return env
+
+
+async def cli(settings: Settings, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "b24queue",
+        *args,
+        cwd=ROOT,
+        env=env_for(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def start(settings: Settings, *args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "b24queue",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    _STARTED.append(proc)
+    return proc
+
+
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+def lines(record: Path, kind: str) -> list[str]:
+    if not record.exists():
+        return []
+    return [ln.split()[1] for ln in record.read_text().splitlines() if ln.startswith(kind + " ")]
+
+
+async def post(url: str, count: int, name: str = "crm-deal-add") -> list[str]:
+    ids = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            async with session.post(url, data=sample_form(name), headers=FORM) as resp:
+                assert resp.status == 200, await resp.text()
+                ids.append((await resp.json())["message_id"])
+    return ids
+
+
+async def ingress_up(settings: Settings, tmp_path: Path, port: int) -> asyncio.subprocess.Process:
+    env = env_for(settings, tmp_path / "ingress.record")
+    proc = await start(settings, "ingress", "--host", "127.0.0.1", "--port", str(port), env=env)
+
+    async def ready() -> bool:
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{port}/readyz") as r,
+            ):
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(ready, 30, "the ingress ready")
+    return proc
+
+
+async def test_the_tour_on_postgres(schema: Settings, tmp_path: Path) -> None:
+    consumer = "tests.integration.consumers:Narrowing"
+    code, out = await cli(schema, "topology", consumer)
+    assert code == 0 and "cli.deals.dlq" in out, out
+    port = free_port()
+    ingress = await ingress_up(schema, tmp_path, port)
+    url = f"http://127.0.0.1:{port}/b24/events"
+    code, out = await cli(schema, "send", "ONCRMDEALADD", "--url", url)
+    assert code == 0 and out.startswith("200 "), out
+    code, out = await cli(schema, "send", "ONTASKADD", "--url", url)  # nobody binds it
+    assert code == 0, out
+    assert await stop(ingress) == 0
+    code, out = await cli(schema, "status", "--json")
+    assert code == 0, out
+    status = json.loads(out[out.index("{") :])
+    [row] = status["queues"]
+    assert (row["queue"], row["ready"], row["dead_letters"]) == ("cli.deals", 1, 0)
+    assert status["unrouted"] == 1
+    code, out = await cli(schema, "dlq", "list", schema.unrouted)
+    assert code == 0 and "ONTASKADD" in out, out
+    code, out = await cli(schema, "dlq", "purge", schema.unrouted, "--yes")
+    assert code == 0 and "purged 1" in out, out
+    assert "password" not in out
+
+
+async def test_a_newer_schema_is_a_clear_error_and_concurrent_starts_are_safe(
+    schema: Settings,
+) -> None:
+    name = schema.postgres_schema
+    conns = [await asyncpg.connect(POSTGRES_URL) for _ in range(4)]
+    try:
+        # Four processes starting at once on an empty database: one creates, the others wait.
+        await asyncio.gather(*(ensure_schema(c, name) for c in conns))
+        version = await conns[0].fetchval(
+            f'SELECT value FROM "{name}".meta WHERE key = $1', "schema"
+        )
+        assert version == str(SCHEMA_VERSION)
+        await conns[0].execute(
+            f"UPDATE \"{name}\".meta SET value = $1 WHERE key = 'schema'", str(SCHEMA_VERSION + 1)
+        )
+        with pytest.raises(ConfigError, match="newer than this b24queue knows"):
+            await ensure_schema(conns[1], name)
+    finally:
+        for c in conns:
+            await c.close()
+    code, out = await cli(schema, "status")
+    assert code != 0 and "newer than this b24queue knows" in out and "Traceback" not in out, out
+
+
+async def test_unreachable_postgres_is_a_clear_error_without_the_password(
+    schema: Settings,
+) -> None:
+    url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{free_port()}/test"
+    code, out = await cli(schema.model_copy(update={"broker_url": url}), "status")
+    assert code != 0 and "cannot reach PostgreSQL" in out, out
+    assert "s3cret-pw" not in out and "Traceback" not in out, out
+
+
+async def test_the_ingress_spools_while_postgres_is_unreachable_then_forwards(
+    schema: Settings, tmp_path: Path
+) -> None:
+    proxy = Proxy(5432)
+    await proxy.start()
+    via_proxy = schema.model_copy(
+        update={"broker_url": f"postgresql://postgres@127.0.0.1:{proxy.port}/test"}
+    )
+    code, out = await cli(schema, "topology", "tests.integration.consumers:Narrowing")
+    assert code == 0, out
+    port = free_port()
+    ingress = await ingress_up(via_proxy, tmp_path, port)
+    url = f"http://127.0.0.1:{port}/b24/events"
+    try:
+        before = await post(url, 3)
+        await proxy.cut()  # PostgreSQL "goes away" for the ingress only
+        during = await post(url, 5)  # answered 200 from the spool
+        await proxy.start()
+        db = await asyncpg.connect(POSTGRES_URL)
+        try:
+
+            async def stored() -> set[str]:
+                rows = await db.fetch(
+                    f'SELECT message_id FROM "{schema.postgres_schema}".messages WHERE queue = $1',
+                    "cli.deals",
+                )
+                return {r["message_id"] for r in rows}
+
+            async def all_there() -> bool:
+                return set(before + during) <= await stored()
+
+            await wait_until(all_there, 60, "the spooled events forwarded")
+        finally:
+            await db.close()
+    finally:
+        await proxy.cut()
+    assert await stop(ingress) == 0
+
+
+async def test_two_worker_processes_never_run_one_message_at_once(
+    schema: Settings, tmp_path: Path
+) -> None:
+    record = tmp_path / "record.txt"
+    env = env_for(schema, record, B24QT_SLEEP_S="0.01", B24QT_PREFETCH="8")
+    code, out = await cli(schema, "topology", "tests.integration.consumers:Recorder")
+    assert code == 0, out
+    workers = [
+        await start(schema, "worker", "tests.integration.consumers:Recorder", env=env)
+        for _ in range(2)
+    ]
+    port = free_port()
+    ingress = await ingress_up(schema, tmp_path, port)
+    url = f"http://127.0.0.1:{port}/b24/events"
+    ids = [i for batch in await asyncio.gather(*(post(url, 50) for _ in range(4))) for i in batch]
+    await wait_until(lambda: set(lines(record, "done")) == set(ids), 60, "all 200 handled")
+    for proc in (*workers, ingress):
+        assert await stop(proc) == 0
+    starts = lines(record, "start")
+    assert len(starts) == len(ids) == len(set(starts)), "a message was handled twice"
+
+
+async def test_terminated_worker_backends_lose_nothing(schema: Settings, tmp_path: Path) -> None:
+    record = tmp_path / "record.txt"
+    env = env_for(schema, record, B24QT_SLEEP_S="0.02", B24QT_PREFETCH="8")
+    code, out = await cli(schema, "topology", "tests.integration.consumers:Recorder")
+    assert code == 0, out
+    worker = await start(schema, "worker", "tests.integration.consumers:Recorder", env=env)
+    port = free_port()
+    ingress = await ingress_up(schema, tmp_path, port)
+    url = f"http://127.0.0.1:{port}/b24/events"
+    db = await asyncpg.connect(POSTGRES_URL)
+    try:
+        first = await post(url, 40)
+        await wait_until(lambda: len(lines(record, "start")) > 5, 30, "the worker handling")
+        killed = await db.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name LIKE 'b24queue worker cli.deals %'"
+        )
+        assert killed >= 1
+        second = await post(url, 40)
+        ids = set(first + second)
+        await wait_until(lambda: ids <= set(lines(record, "done")), 60, "every event handled")
+    finally:
+        await db.close()
+    for proc in (worker, ingress):
+        assert await stop(proc) == 0
