@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit faults fuzz lint broker run run-sqlite topology bench soak definitions clean
+.PHONY: install test test-unit faults fuzz lint broker postgres run run-sqlite topology bench soak definitions clean
 
 install: $(STAMP)
 
@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml
 broker:
 	PYTHON=$(PYTHON) bash rabbitmq/local-node.sh start
 
-test: install broker
+# The machine's PostgreSQL (the PostgreSQL transport's tests), started when it is down.
+postgres:
+	bash scripts/postgres-up.sh
+
+test: install broker postgres
 	$(BIN)/pytest
 
 test-unit: install
@@ -51,7 +55,7 @@ run-sqlite: install
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-bench: install broker
+bench: install broker postgres
 	$(PY) -m bench
 	$(PY) -m bench.sqlite
 
@@ -60,10 +64,12 @@ definitions: install
 	$(BIN)/b24queue topology --definitions examples.deals:DealSync examples.logger:EventLogger > rabbitmq/definitions.json
 
 # The fault suite: its own RabbitMQ node, real processes, faults injected; prints a summary.
-faults: install broker
+faults: install broker postgres
 	$(BIN)/pytest tests/faults
 	# The SQLite part: SIGKILL of a worker mid-handler and of an ingress under load.
 	$(BIN)/pytest tests/conformance -k "sigkill and (sqlite or test_sigkill_of_the_ingress)"
+	# The PostgreSQL part: SIGKILL of a worker mid-handler, PostgreSQL restarted under load.
+	$(BIN)/pytest tests/conformance -k "sigkill and postgres"
 
 # Fuzzing the decoder and the whole ingress app, longer than `make test` does: atheris for
 # FUZZ_SECONDS (default 180), hypothesis's hostile bodies FUZZ_EXAMPLES times (default 5000).

@@ -95,7 +95,7 @@ async def serve_ingress(
             sink = spooling
             log.info("spool at %s (up to %d events)", spool.path, spool.max_events)
         else:
-            log.warning("spool off: while RabbitMQ is unavailable, events are refused with 503")
+            log.warning("spool off: while the queue is unavailable, events are refused with 503")
         app = create_app(settings, sink, verifier, metrics)
         runner = await serve(app, host=host, port=port, sock=sock)
         # Exits in reverse: HTTP stops (in-flight requests finish) before the spool and the

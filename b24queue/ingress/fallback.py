@@ -1,5 +1,6 @@
-"""The ingress's sink when the spool is on: RabbitMQ first, the local spool when RabbitMQ cannot
-take the event in time, and a forwarder that empties the spool into RabbitMQ once it can.
+"""The ingress's sink when the spool is on: the queue's server first (RabbitMQ, PostgreSQL), the
+local spool when it cannot take the event in time, and a forwarder that empties the spool into it
+once it can.
 
 After a publish times out (broker down, or blocked by a memory/disk alarm) requests go straight
 to the spool for `spool_bypass_s`, so callers are not each made to wait out the timeout; the
@@ -90,7 +91,7 @@ class SpoolingSink:
         try:
             await self.spool.put(envelope)
         except SpoolFullError as exc:
-            raise BrokerUnavailableError(f"RabbitMQ cannot take the event and {exc}") from None
+            raise BrokerUnavailableError(f"the queue cannot take the event and {exc}") from None
         self.spooled_total += 1
         if self.on_change is not None:
             self.on_change(1, 0)
@@ -134,7 +135,7 @@ class SpoolingSink:
         self._isolate = broke and bool(failed)
         if failed:
             log.warning(
-                "forwarded %d spooled event(s); %d wait for RabbitMQ (%s)",
+                "forwarded %d spooled event(s); %d wait for the queue (%s)",
                 len(done),
                 len(failed),
                 failed[0][1],
@@ -142,7 +143,7 @@ class SpoolingSink:
             return False
         self._bypass_until = 0.0  # RabbitMQ takes events again
         if not self.spool.count:
-            log.info("spool empty: every accepted event is in RabbitMQ")
+            log.info("spool empty: every accepted event is in the queue")
         return True
 
     def _losses(self) -> int:

@@ -71,7 +71,8 @@ class Leases(Protocol):
         """Retry (`queue` is its own, later) or dead-letter (`queue` is the DLQ)."""
 
     async def beat(self, owner: str, queue: str, name: str, ids: list[int], lease_s: float) -> None:
-        """Say the worker is alive; extend the leases of `ids`."""
+        """Say the worker is alive; extend the leases of `ids`, and give back any other row
+        `owner` holds (leased by a claim whose answer never arrived)."""
 
     async def release(self, owner: str) -> None:
         """Give back what `owner` holds: delivered again at once."""

@@ -81,7 +81,11 @@ async def cli(settings: Settings, *args: str) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
-async def start(settings: Settings, *args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+async def start(
+    settings: Settings, *args: str, env: dict[str, str], log: Path | None = None
+) -> asyncio.subprocess.Process:
+    """A `b24queue` process; its output to `log` (read it when a test fails), else dropped."""
+    out = open(log, "ab") if log is not None else None  # noqa: SIM115 - the child holds it
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -89,9 +93,11 @@ async def start(settings: Settings, *args: str, env: dict[str, str]) -> asyncio.
         *args,
         cwd=ROOT,
         env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stdout=out if out is not None else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.STDOUT,
     )
+    if out is not None:
+        out.close()
     _STARTED.append(proc)
     return proc
 
@@ -119,7 +125,8 @@ async def post(url: str, count: int, name: str = "crm-deal-add") -> list[str]:
 
 async def ingress_up(settings: Settings, tmp_path: Path, port: int) -> asyncio.subprocess.Process:
     env = env_for(settings, tmp_path / "ingress.record")
-    proc = await start(settings, "ingress", "--host", "127.0.0.1", "--port", str(port), env=env)
+    args = ("ingress", "--host", "127.0.0.1", "--port", str(port))
+    proc = await start(settings, *args, env=env, log=tmp_path / "ingress.log")
 
     async def ready() -> bool:
         try:

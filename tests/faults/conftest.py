@@ -109,6 +109,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         tr.write_line(
             "  ".join(f"{row[c]:>10}" if i else f"{row[c]:<{width}}" for i, c in enumerate(cols))
         )
+    for row in SUMMARY:
+        if row.get("note"):
+            tr.write_line(f"{row['fault']}: {row['note']}")
     total_lost = sum(r["lost"] for r in SUMMARY)
     tr.write_line(
         f"total: {sum(r['accepted'] for r in SUMMARY)} accepted, {total_lost} lost, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeAlias, TypeVar
 
 import asyncpg
@@ -31,6 +31,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a connection left mid-operation by a failure
     asyncpg.exceptions.PostgresConnectionError,
     # a terminated backend, a server shutting down or starting, a canceled statement
     asyncpg.exceptions.OperatorInterventionError,
@@ -126,6 +127,25 @@ async def create_pool(settings: Settings, name: str, size: int) -> asyncpg.Pool:
         raise translate(exc, settings) from None
     assert pool is not None
     return pool
+
+
+def broken(exc: BaseException) -> bool:
+    """After this, is the connection unusable? A statement the server refused leaves it fine;
+    anything on the client's side (a lost socket, a cancel mid-statement, asyncpg's protocol
+    left mid-operation) does not, and it must not be used again."""
+    return not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, CONNECTION_ERRORS)
+
+
+@contextlib.asynccontextmanager
+async def lent(pool: asyncpg.Pool, timeout_s: float) -> AsyncIterator[Db]:
+    """A pool connection; one that `broken` says is unusable is closed, not given back."""
+    async with pool.acquire(timeout=timeout_s) as db:
+        try:
+            yield db
+        except BaseException as exc:
+            if broken(exc):
+                db.terminate()
+            raise
 
 
 async def ensure_schema(connection: Db, schema: str) -> None:

@@ -166,14 +166,21 @@ class Queries:
                 queue,
                 name,
             )
-            if ids:
-                await db.execute(
-                    f"UPDATE {self.s}.messages SET lease_until = now() + "
-                    "make_interval(secs => $1) WHERE lease_owner = $2 AND id = any($3::bigint[])",
-                    lease_s,
-                    owner,
-                    ids,
-                )
+            await db.execute(
+                f"UPDATE {self.s}.messages SET lease_until = now() + make_interval(secs => $1) "
+                "WHERE lease_owner = $2 AND id = any($3::bigint[])",
+                lease_s,
+                owner,
+                ids,
+            )
+            # A claim whose answer was lost (the connection dropped as it committed) leased rows
+            # this worker never saw: give them back now, not when their lease ends.
+            await db.execute(
+                f"UPDATE {self.s}.messages SET lease_owner = NULL, lease_until = NULL "
+                "WHERE lease_owner = $1 AND NOT id = any($2::bigint[])",
+                owner,
+                ids,
+            )
 
     async def release(self, db: Db, owner: str) -> None:
         await db.execute(

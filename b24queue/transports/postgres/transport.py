@@ -38,6 +38,7 @@ from b24queue.transports.postgres.db import (
     CONNECTION_ERRORS,
     Batcher,
     Listener,
+    broken,
     create_pool,
     ensure_schema,
     opened,
@@ -102,19 +103,27 @@ class PostgresPublisher:
                 log.warning("PostgreSQL not ready (%r); retrying", exc)
                 await asyncio.sleep(self._settings.reconnect_interval_s)
                 continue
-            self._lost.clear()
-            connection.add_termination_listener(lambda _: self._lost.set())
-            self._connection = connection
-            log.info(
-                "publishing to %s schema %s (synchronous commit)",
-                self._settings.redacted_postgres_url(),
-                self._settings.postgres_schema,
-            )
-            await self._lost.wait()
+            await self._use(connection)
             self.breaks += 1
-            self._connection = None
             log.warning("the connection to PostgreSQL was lost; reconnecting")
             await asyncio.sleep(self._settings.reconnect_interval_s)
+
+    async def _use(self, connection: asyncpg.Connection) -> None:
+        """Publish on `connection` until it is lost (or `_write` finds it broken)."""
+        # One event per connection: a late notice from an old one cannot drop the new one.
+        lost = self._lost = asyncio.Event()
+        connection.add_termination_listener(lambda _: lost.set())
+        self._connection = connection
+        log.info(
+            "publishing to %s schema %s (synchronous commit)",
+            self._settings.redacted_postgres_url(),
+            self._settings.postgres_schema,
+        )
+        try:
+            await lost.wait()
+        finally:
+            self._connection = None
+            connection.terminate()
 
     async def failed(self) -> BaseException:
         assert self._task is not None, "use `async with PostgresPublisher(...)`"
@@ -132,7 +141,14 @@ class PostgresPublisher:
         connection = self._connection
         if connection is None or connection.is_closed():
             raise ConnectionError("not connected to PostgreSQL")
-        await self._q.publish(connection, envelopes, self._settings.unrouted)
+        try:
+            await self._q.publish(connection, envelopes, self._settings.unrouted)
+        except BaseException as exc:
+            if broken(exc):  # never use it again: connect anew
+                self._connection = None
+                connection.terminate()
+                self._lost.set()
+            raise
         return [1] * len(envelopes)
 
     async def publish(self, envelope: Envelope) -> None:

@@ -18,7 +18,7 @@ from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.transports import Runner
 from b24queue.transports.leased import LeasedRunner, Row
-from b24queue.transports.postgres.db import Batcher, Listener
+from b24queue.transports.postgres.db import Batcher, Listener, lent
 from b24queue.transports.postgres.queue import Queries
 
 POOL_SIZE = 4
@@ -40,6 +40,7 @@ class PostgresLeases:
         self._q = Queries(settings.postgres_schema)
         self.where = f"{settings.redacted_postgres_url()} schema {settings.postgres_schema}"
         self.poll_s = settings.postgres_poll_s
+        self._timeout_s = settings.connect_timeout_s
         # Settlements are group-committed, in the order handlers finished: one transaction for
         # whatever finished meanwhile (all acks in one DELETE); a DLQ keeps the order of failures.
         self._settles: Batcher[Settle, bool] = Batcher(self._settle_batch, "b24queue-pg-settle")
@@ -49,19 +50,19 @@ class PostgresLeases:
         await self._settles.stop()
 
     async def declare(self, spec: QueueSpec) -> list[str]:
-        async with self._pool.acquire() as db:
+        async with lent(self._pool, self._timeout_s) as db:
             return await self._q.declare(db, spec.name, spec.dlq, spec.bindings)
 
     def wake(self, queue: str) -> asyncio.Event:
         return self._listener.event(queue)
 
     async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
-        async with self._pool.acquire() as db:
+        async with lent(self._pool, self._timeout_s) as db:
             return await self._q.claim(db, queue, owner, count, lease_s)
 
     async def _settle_batch(self, items: list[Settle]) -> list[bool]:
         done: dict[int, bool] = {}
-        async with self._pool.acquire() as db, db.transaction():
+        async with lent(self._pool, self._timeout_s) as db, db.transaction():
             for i, s in enumerate(items):
                 if s.queue is not None:
                     done[i] = await self._q.move(
@@ -93,15 +94,15 @@ class PostgresLeases:
         return moved
 
     async def beat(self, owner: str, queue: str, name: str, ids: list[int], lease_s: float) -> None:
-        async with self._pool.acquire() as db:
+        async with lent(self._pool, self._timeout_s) as db:
             await self._q.beat(db, owner, queue, name, ids, lease_s)
 
     async def release(self, owner: str) -> None:
-        async with self._pool.acquire() as db:
+        async with lent(self._pool, self._timeout_s) as db:
             await self._q.release(db, owner)
 
     async def leave(self, owner: str) -> None:
-        async with self._pool.acquire() as db:
+        async with lent(self._pool, self._timeout_s) as db:
             await self._q.leave(db, owner)
 
 

@@ -120,10 +120,16 @@ def move(
 
 
 def renew(db: sqlite3.Connection, owner: str, ids: list[int], lease_s: float) -> int:
-    """Extend the leases of the rows this worker is still handling (each heartbeat)."""
+    """Extend the leases of the rows this worker is still handling (each heartbeat); give back
+    any other row it holds (a claim it never saw the answer of)."""
+    marks = ",".join("?" * len(ids))
+    db.execute(
+        f"UPDATE messages SET lease_owner = NULL, lease_until = NULL "  # noqa: S608
+        f"WHERE lease_owner = ? AND id NOT IN ({marks})",
+        (owner, *ids),
+    )
     if not ids:
         return 0
-    marks = ",".join("?" * len(ids))
     return db.execute(
         f"UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND id IN ({marks})",  # noqa: S608
         (time.time() + lease_s, owner, *ids),
