@@ -57,7 +57,7 @@ clean:
 
 bench: install broker postgres
 	$(PY) -m bench
-	$(PY) -m bench.sqlite
+	$(PY) -m bench.tables
 
 # Regenerate rabbitmq/definitions.json after changing the examples or the topology.
 definitions: install

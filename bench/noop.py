@@ -12,7 +12,7 @@ from b24queue import Event, EventConsumer
 
 
 class Noop(EventConsumer):
-    queue = "bench.sqlite"
+    queue = "bench.tables"
     events = ("#",)
     prefetch = 64
 

@@ -286,3 +286,42 @@ async def test_terminated_worker_backends_lose_nothing(schema: Settings, tmp_pat
         await db.close()
     for proc in (worker, ingress):
         assert await stop(proc) == 0
+
+
+async def test_a_role_without_create_runs_on_a_schema_made_by_its_owner(schema: Settings) -> None:
+    """What the README promises: after the first start, USAGE and table privileges suffice."""
+    from b24queue.envelope import envelope_for
+    from b24queue.testing import make_event
+    from b24queue.transports import transport_for
+
+    name, role = schema.postgres_schema, f"r{uuid.uuid4().hex[:10]}"
+    code, out = await cli(schema, "topology", "tests.integration.consumers:Narrowing")
+    assert code == 0, out
+    admin = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f'GRANT USAGE ON SCHEMA "{name}" TO {role}')
+        await admin.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{name}" TO {role}'
+        )
+        await admin.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{name}" TO {role}')
+        as_app = schema.model_copy(
+            update={"broker_url": f"postgresql://{role}@127.0.0.1:5432/test"}
+        )
+        async with transport_for(as_app).publisher("least-privilege") as sink:
+            await wait_until(sink.is_ready, 15, "the publisher connected as the app's role")
+            await sink.publish(envelope_for(make_event("ONCRMDEALADD", {"FIELDS": {"ID": "1"}})))
+        status = await transport_for(as_app).status()
+        assert [(r.queue, r.ready) for r in status.queues] == [("cli.deals", 1)]
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            conn = await asyncpg.connect(as_app.broker_url)
+            try:
+                await conn.execute(f'CREATE TABLE "{name}".nope (id int)')
+            finally:
+                await conn.close()
+    finally:
+        await admin.execute(f'REVOKE ALL ON ALL TABLES IN SCHEMA "{name}" FROM {role}')
+        await admin.execute(f'REVOKE ALL ON ALL SEQUENCES IN SCHEMA "{name}" FROM {role}')
+        await admin.execute(f'REVOKE ALL ON SCHEMA "{name}" FROM {role}')
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()

@@ -148,28 +148,39 @@ async def lent(pool: asyncpg.Pool, timeout_s: float) -> AsyncIterator[Db]:
             raise
 
 
+async def _version(connection: Db, schema: str) -> int | None:
+    """The queue schema's version, or None where there is none yet."""
+    if await connection.fetchval("SELECT to_regclass($1)", f'"{schema}".meta') is None:
+        return None
+    version = await connection.fetchval(
+        f'SELECT value FROM "{schema}".meta WHERE key = $1',
+        "schema",
+    )
+    if version is not None and int(version) > SCHEMA_VERSION:
+        raise ConfigError(
+            f"PostgreSQL schema {schema!r} has queue schema {version}, newer than this "
+            f"b24queue knows ({SCHEMA_VERSION}): upgrade b24queue"
+        )
+    return None if version is None else int(version)
+
+
 async def ensure_schema(connection: Db, schema: str) -> None:
     """Create or check the schema, under an advisory lock (several processes may start at once).
-    A schema newer than this code is a clear error, not a guess."""
-    async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"b24queue:{schema}")
-        for statement in schema_statements(schema):
-            await connection.execute(statement)
-        version = await connection.fetchval(
-            f'SELECT value FROM "{schema}".meta WHERE key = $1',
-            "schema",
-        )
-        if version is None:
+    A schema newer than this code is a clear error, not a guess. A current one is only read: a
+    role with no CREATE privilege can run on a schema made once by its owner."""
+    if await _version(connection, schema) != SCHEMA_VERSION:
+        async with connection.transaction():
             await connection.execute(
-                f'INSERT INTO "{schema}".meta VALUES ($1, $2)',
-                "schema",
-                str(SCHEMA_VERSION),
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"b24queue:{schema}"
             )
-        elif int(version) > SCHEMA_VERSION:
-            raise ConfigError(
-                f"PostgreSQL schema {schema!r} has queue schema {version}, newer than this "
-                f"b24queue knows ({SCHEMA_VERSION}): upgrade b24queue"
-            )
+            if await _version(connection, schema) is None:
+                for statement in schema_statements(schema):
+                    await connection.execute(statement)
+                await connection.execute(
+                    f'INSERT INTO "{schema}".meta VALUES ($1, $2) ON CONFLICT DO NOTHING',
+                    "schema",
+                    str(SCHEMA_VERSION),
+                )
     if await connection.fetchval("SHOW fsync") == "off":
         log.error("PostgreSQL runs with fsync=off: a crash of its host can lose accepted events")
 
