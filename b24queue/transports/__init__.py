@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from b24queue import _constants as c
 from b24queue.envelope import EventSink
+from b24queue.errors import ConfigError
 
 if TYPE_CHECKING:
     from b24queue.consumer import EventConsumer
@@ -140,8 +141,20 @@ _MODULES = {
 }
 
 
+# The client library each optional transport needs, and the extra that installs it.
+_EXTRAS = {"asyncpg": "postgres"}
+
+
 def transport_for(settings: Settings) -> Transport:
     """The transport the settings name (its package is imported only now)."""
-    module = importlib.import_module(_MODULES[settings.transport])
+    try:
+        module = importlib.import_module(_MODULES[settings.transport])
+    except ModuleNotFoundError as exc:
+        if exc.name not in _EXTRAS:
+            raise
+        raise ConfigError(
+            f"the {settings.transport} transport needs {exc.name}: "
+            f"pip install 'b24queue[{_EXTRAS[exc.name]}]'"
+        ) from None
     transport: Transport = module.transport(settings)
     return transport

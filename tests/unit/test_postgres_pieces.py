@@ -1,0 +1,48 @@
+"""The PostgreSQL transport's pieces that need no server. Routing in SQL uses `topic_regex`: it
+must agree with `topic_matches`, the rule SQLite and RabbitMQ's topic exchange follow."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from b24queue.layout import topic_matches, topic_regex
+
+WORDS = st.sampled_from(["A", "B", "ONCRMDEALADD", "x_1"])
+KEYS = st.lists(WORDS, min_size=1, max_size=5).map(".".join)
+PATTERNS = st.lists(st.one_of(WORDS, st.just("*"), st.just("#")), min_size=1, max_size=5).map(
+    ".".join
+)
+
+
+@given(PATTERNS, KEYS)
+def test_the_regex_matches_what_the_topic_rule_matches(pattern: str, key: str) -> None:
+    assert bool(re.fullmatch(topic_regex(pattern), "." + key)) == topic_matches(pattern, key)
+
+
+def test_known_cases() -> None:
+    regex = topic_regex("CATALOG.#")
+    assert re.fullmatch(regex, ".CATALOG") and re.fullmatch(regex, ".CATALOG.A.B")
+    assert not re.fullmatch(regex, ".CATALOGX")
+    assert re.fullmatch(topic_regex("*.B"), ".A.B") and not re.fullmatch(topic_regex("*.B"), ".B")
+
+
+def test_a_missing_driver_is_a_clear_error() -> None:
+    """`postgresql://` without asyncpg installed: one line naming the extra, not a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['asyncpg'] = None\n"
+        "from b24queue.settings import load_settings\n"
+        "from b24queue.transports import transport_for\n"
+        "from b24queue.errors import ConfigError\n"
+        "try:\n"
+        "    transport_for(load_settings(broker_url='postgresql://u@h/db'))\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'b24queue[postgres]'" in out.stdout, out
