@@ -185,19 +185,23 @@ def consume(
         "BENCHWORK",
     ]
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = 0.0
-    while proc.poll() is None:
-        try:
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) / 1024)
-        except FileNotFoundError:
-            break
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=240)
-    if proc.returncode != 0:
-        raise RuntimeError(err.decode()[-2000:])
+    # The worker logs a line per event (as `b24queue worker` does): to a file, not a pipe that
+    # nobody reads until the end.
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors)
+        peak = 0.0
+        while proc.poll() is None:
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=240)
+        if proc.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(errors.read().decode(errors="replace")[-2000:])
     result: dict[str, Any] = json.loads(out)
     result["peak_rss_mb"] = round(peak, 1)
     result["wall_s"] = round(time.perf_counter() - started, 2)
@@ -455,6 +459,7 @@ def main() -> None:
                 key = f"worker_{kind}"
                 if key not in results or result["per_s"] > results[key]["per_s"]:
                     results[key] = result
+                results.setdefault("worker_rounds", {}).setdefault(kind, []).append(result)
                 asyncio.run(purge(work))
     finally:
         asyncio.run(cleanup(prefix))
@@ -527,12 +532,14 @@ def report(r: dict[str, Any]) -> None:
         (
             "plain consume-and-ack loop (msg/s)",
             f"{wp['per_s']:.0f}",
-            f"peak RSS {wp['peak_rss_mb']} MB",
+            f"{wp.get('cpu_us_per_msg', '-')} us CPU/msg; peak RSS {wp['peak_rss_mb']} MB",
         ),
         (
-            "b24queue worker, no-op handler (msg/s)",
+            "b24queue worker, no-op handler, INFO line per event (msg/s)",
             f"{wo['per_s']:.0f}",
-            f"{ratio(wo['per_s'], wp['per_s'])} plain; peak RSS {wo['peak_rss_mb']} MB",
+            f"{ratio(wo['per_s'], wp['per_s'])} plain; {wo.get('cpu_us_per_msg', '-')} us CPU/msg "
+            f"({ratio(wp.get('cpu_us_per_msg', 0), wo.get('cpu_us_per_msg', 0))} plain's pace "
+            f"per CPU); peak RSS {wo['peak_rss_mb']} MB",
         ),
         (
             "peak RSS ingress (MB, largest process)",
@@ -547,6 +554,10 @@ def report(r: dict[str, Any]) -> None:
     for a, b, c in rows:
         print(f"{a:<{width}}  {b:>10}  {c}")
     print(f"non-200 answers: {non200}")
+    if r.get("worker_rounds"):
+        from bench.consume import summary
+
+        print(summary(r["worker_rounds"]))
     done = r.get("rounds", {})
     print(
         f"best of {done.get('ingress', 0)} ingress and {done.get('worker', 0)} worker rounds; "
