@@ -5,12 +5,30 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
-class _JsonFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """The standard formatter, with the time text made once per second rather than per line
+    (the worker logs a line per event; localtime + strftime each time add up)."""
+
+    _cache: tuple[int, str | None, str] = (-1, None, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        cached_second, cached_fmt, text = self._cache
+        if second != cached_second or datefmt != cached_fmt:
+            text = time.strftime(datefmt or self.default_time_format, self.converter(second))
+            self._cache = (second, datefmt, text)  # one tuple: handlers in threads may share us
+        if datefmt:
+            return text
+        return self.default_msec_format % (text, record.msecs) if self.default_msec_format else text
+
+
+class _JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -30,7 +48,7 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(_Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

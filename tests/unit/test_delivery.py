@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
-from b24queue import Event, EventConsumer, Reject, Retry
+import pytest
+
+from b24queue import Event, EventConsumer, Reject, Retry, logs
 from b24queue import _constants as c
-from b24queue.delivery import Incoming, decide
+from b24queue.delivery import Incoming, Outcome, _log_outcome, decide, process
 from b24queue.testing import event_from_form, make_event, run_handler, run_until_settled
 from tests.conftest import SAMPLE_TOKEN, sample_form
 
@@ -133,3 +136,95 @@ async def test_event_carries_delivery_facts() -> None:
 
     await run_handler(Spy(), make_event("ONX"), attempt=3, message_id="abc")
     assert (seen[0].message_id, seen[0].attempt) == ("abc", 3)
+
+
+class _Settled:
+    async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
+        pass
+
+
+def _incoming(consumer: EventConsumer, message_id: str | None = "m-1") -> Incoming:
+    body = json.dumps(make_event("ONCRMDEALADD").payload).encode()
+    return Incoming(body=body, message_id=message_id, routing_key="ONCRMDEALADD", headers={})
+
+
+@pytest.mark.parametrize(
+    ("consumer", "level", "text"),
+    [
+        (Flaky(0), logging.INFO, "outcome=ack duration_ms={ms}"),
+        (Flaky(1), logging.WARNING, "outcome=retry duration_ms={ms} delay_s=1 error=RuntimeError"),
+        (
+            Rejecting(),
+            logging.WARNING,
+            "outcome=dead_letter duration_ms={ms} reason=rejected error=Reject",
+        ),
+    ],
+)
+async def test_one_log_line_per_outcome_with_its_fields(
+    consumer: EventConsumer, level: int, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What operators read and filter on: the same words and record fields for every event."""
+    with caplog.at_level(logging.INFO, logger="b24queue.delivery"):
+        outcome = await process(consumer, _incoming(consumer), "q1", _Settled())
+    [record] = [r for r in caplog.records if r.name == "b24queue.delivery"]
+    assert record.levelno == level
+    fields = {k: getattr(record, k) for k in ("event", "queue", "message_id", "attempt", "outcome")}
+    assert fields == {
+        "event": "ONCRMDEALADD",
+        "queue": "q1",
+        "message_id": "m-1",
+        "attempt": 1,
+        "outcome": outcome.kind,
+    }
+    ms = record.duration_ms
+    assert isinstance(ms, float) and ms == round(ms, 1)
+    head = "event=ONCRMDEALADD queue=q1 message_id=m-1 attempt=1 "
+    assert record.getMessage() == head + text.format(ms=ms)
+    error = None if outcome.error is None else type(outcome.error).__name__
+    assert getattr(record, "error", None) == error
+    assert record.funcName == "_log_outcome" and record.filename == "delivery.py"
+
+
+async def test_a_duplicate_says_why_it_was_acked(caplog: pytest.LogCaptureFixture) -> None:
+    class Seen:
+        async def seen(self, key: str) -> bool:
+            return True
+
+        async def remember(self, key: str) -> None:
+            raise AssertionError("not handled, not remembered")
+
+    class Guarded(Flaky):
+        idempotency = Seen()  # type: ignore[assignment]
+
+    with caplog.at_level(logging.INFO, logger="b24queue.delivery"):
+        await process(Guarded(0), _incoming(Flaky(0), message_id=None), "q1", _Settled())
+        await process(Guarded(0), _incoming(Flaky(0)), "q1", _Settled())
+    first, second = (r.getMessage() for r in caplog.records if r.name == "b24queue.delivery")
+    assert first.startswith("event=ONCRMDEALADD queue=q1 message_id=None attempt=1 outcome=ack ")
+    assert not first.endswith("reason=duplicate")
+    assert second.endswith(" reason=duplicate")
+
+
+def test_the_outcome_line_in_json_carries_its_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        logs.configure("INFO", "json")
+        incoming = _incoming(Flaky(0))
+        _log_outcome(incoming, "q1", Outcome("ack", 2), 0.01234)
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    record = json.loads(line)
+    assert record["msg"] == (
+        "event=ONCRMDEALADD queue=q1 message_id=m-1 attempt=2 outcome=ack duration_ms=12.3"
+    )
+    assert {k: record[k] for k in ("event", "queue", "message_id", "attempt", "outcome")} == {
+        "event": "ONCRMDEALADD",
+        "queue": "q1",
+        "message_id": "m-1",
+        "attempt": 2,
+        "outcome": "ack",
+    }
+    assert record["duration_ms"] == 12.3 and record["level"] == "INFO"

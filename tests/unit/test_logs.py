@@ -30,3 +30,18 @@ def test_json_lines_carry_the_outcome_fields(capsys: pytest.CaptureFixture[str])
         "ack",
     )
     assert record["level"] == "INFO" and record["logger"] == "b24queue.delivery"
+
+
+def test_text_lines_read_as_the_standard_formatter_writes_them() -> None:
+    """The time text is cached per second: a cached one must be the one strftime would give."""
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    ours, standard = logs._Formatter(fmt), logging.Formatter(fmt)
+    json_ours = logs._JsonFormatter()
+    record = logging.LogRecord("b24queue.x", logging.INFO, "f.py", 1, "a=%s", ("b",), None)
+    for created in (1764367200.001, 1764367200.999, 1764367201.5, 1764367200.25, 1764370800.0):
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == standard.format(record)
+        assert ours.formatTime(record, "%H:%M:%S") == standard.formatTime(record, "%H:%M:%S")
+        assert json.loads(json_ours.format(record))["ts"] == standard.formatTime(
+            record, "%Y-%m-%dT%H:%M:%S"
+        )
