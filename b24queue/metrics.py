@@ -97,6 +97,16 @@ class IngressMetrics:
             multiprocess_mode="livesum",
         )
 
+        self._accepted: dict[str, Any] = {}
+
+    def count_accepted(self, event: str) -> None:
+        """One more accepted event. `event` is a bounded label (`EventLabels.of`): its counter
+        is looked up once, not hashed and locked per request as `labels()` does."""
+        counter = self._accepted.get(event)
+        if counter is None:
+            counter = self._accepted[event] = self.accepted.labels(event)
+        counter.inc()
+
     def watch_spool(self, sink: SpoolStats) -> None:
         def changed(spooled: int, forwarded: int) -> None:
             self.spooled.inc(spooled)

@@ -120,7 +120,7 @@ class EventsView:
         except Exception:  # the event is stored: its 200 stands; say what went wrong
             log.exception("after accepting %s message_id=%s", event.name, envelope.message_id)
         self._metrics.publish_seconds.observe(time.perf_counter() - started)
-        self._metrics.accepted.labels(self._labels.of(event.name)).inc()
+        self._metrics.count_accepted(self._labels.of(event.name))
         log.debug("accepted %s message_id=%s", event.name, envelope.message_id)
         # message_id is hex: no escaping needed, and this is the hot path.
         return web.Response(

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
-from b24queue.envelope import envelope_for
+from b24queue.envelope import envelope_for, message_body, new_message_id
 from b24queue.errors import BadEventError
 from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
 from tests.conftest import (
@@ -80,3 +81,68 @@ def test_envelope_carries_the_exact_body_and_portal_headers() -> None:
     }
     assert len(env.message_id) == 32
     assert envelope_for(event).message_id != env.message_id
+
+
+def _as_before(payload: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """The body as it always was made: the standard library's compact UTF-8 JSON."""
+
+    def refuse(value: object) -> bytes:
+        raise TypeError("the fast path is off")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("b24queue.envelope.orjson.dumps", refuse)
+        return message_body(payload)
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_the_body_is_byte_for_byte_what_it_was(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for event in (
+        parse_event(FORM_TYPE, sample_form(name)),
+        parse_event(JSON_TYPE, json.dumps(sample_json(name)).encode()),
+    ):
+        body = message_body(event.payload)
+        assert body == _as_before(event.payload, monkeypatch)
+        assert (
+            body == json.dumps(json.loads(body), ensure_ascii=False, separators=(",", ":")).encode()
+        )
+        assert SAMPLE_TOKEN.encode() not in body
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"text": 'quotes " and \\ backslash\n\t\x00\x1f\x7f \u2028 \U0001f600 \u00fc'},
+        {"n": None, "t": True, "f": False, "i": -12, "x": 1.5, "l": [1, "2", [None]]},
+        {"nullable": "null", "big": 2**70},  # past 64 bits: the exact path
+        {"2": "a key that looks like a number", "deep": {"a": {"b": {"c": []}}}},
+    ],
+)
+def test_the_body_of_any_json_value_is_the_same_as_before(
+    data: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = {"event": "ONX", "data": data}
+    assert message_body(payload) == _as_before(payload, monkeypatch)
+    assert json.loads(message_body(payload)) == payload
+
+
+def test_floats_keep_their_value() -> None:
+    payload = {
+        "event": "ONX",
+        "data": {"x": [1e-05, 1e16, 5e-324, -0.0, 0.1, 1.7976931348623157e308]},
+    }
+    assert json.loads(message_body(payload)) == payload
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), -float("inf")])
+def test_a_number_that_is_not_json_is_still_refused(number: float) -> None:
+    with pytest.raises(BadEventError, match="not JSON"):
+        message_body({"event": "ONX", "data": {"deep": [{"x": number}]}})
+
+
+def test_message_ids_are_uuid4_hex(monkeypatch: pytest.MonkeyPatch) -> None:
+    for raw in (bytes(16), b"\xff" * 16, bytes(range(16)), bytes(range(100, 116))):
+        monkeypatch.setattr("os.urandom", lambda n, raw=raw: raw)
+        assert new_message_id() == uuid.UUID(bytes=raw, version=4).hex
+    monkeypatch.undo()
+    ids = {new_message_id() for _ in range(100)}
+    assert len(ids) == 100 and all(uuid.UUID(i).version == 4 for i in ids)

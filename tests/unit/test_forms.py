@@ -3,7 +3,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from b24queue import forms
 from b24queue.errors import BadEventError
 from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form, decode_json, encode_form, split_key
 from tests.conftest import SAMPLE_NAMES, SAMPLES, sample_decoded, sample_form, sample_json
@@ -160,3 +163,24 @@ def test_json_bodies() -> None:
         decode_json(json.dumps({"a": deep}).encode())
     with pytest.raises(BadEventError, match="deeper than 32"):
         decode_json(b"[" * 100_000)
+
+
+_KEYS = st.sampled_from(["a", "b", "a[x]", "a[y]", "a[]", "a[x][z]", "a[0]", "a[1]", "b[0][x]"])
+_VALUES = st.sampled_from(["", "1", "x+y", "%C3%BC", "%5B0%5D", "%FF"])
+
+
+@given(st.lists(st.tuples(_KEYS, _VALUES), max_size=6))
+def test_the_shortcuts_decide_as_the_general_walk(fields: list[tuple[str, str]]) -> None:
+    """Fields of one or two levels go in without the general walk: same result, same refusals."""
+    body = "&".join(f"{k}={v}" for k, v in fields).encode()
+
+    def outcome() -> object:
+        try:
+            return decode_form(body)
+        except BadEventError as exc:
+            return ("refused", str(exc), exc.field)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(forms, "_insert", forms._insert_walk)
+        expected = outcome()
+    assert outcome() == expected
