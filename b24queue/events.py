@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from b24queue.errors import BadEventError
 from b24queue.forms import decode_form, decode_json
@@ -136,12 +136,8 @@ class Event(BaseModel):
     ts: int | None = Field(default=None, ge=0, le=2**53)
     auth: Auth = Field(default_factory=Auth)
 
-    _payload: dict[str, Any] | None = PrivateAttr(default=None)
-    _raw: bytes | None = PrivateAttr(default=None)
-    _message_id: str | None = PrivateAttr(default=None)
-    _attempt: int = PrivateAttr(default=1)
-    _redelivered: bool = PrivateAttr(default=False)
-    _accepted_at: datetime | None = PrivateAttr(default=None)
+    # Not fields: the decoded body (`payload`) and what the worker knows of the delivery live in
+    # pydantic's slot for private values, `__pydantic_private__`, filled by `_private` (see there).
 
     @field_validator("name")
     @classmethod
@@ -243,13 +239,29 @@ def mark_delivered(
     private["_accepted_at"] = accepted_at
 
 
+# What an event holds besides its fields, and the values it starts with.
+_PRIVATE_DEFAULTS: dict[str, Any] = {
+    "_payload": None,  # the decoded body, when known (from a form, or decoded from _raw)
+    "_raw": None,  # the JSON body it was validated from (the worker's path)
+    "_message_id": None,
+    "_attempt": 1,
+    "_redelivered": False,
+    "_accepted_at": None,
+}
+
+
 def _private(event: Event) -> dict[str, Any]:
-    """The event's private attributes, read and written in pydantic's own dict for them: as
-    attributes, each read goes through `BaseModel.__getattr__` after a failed lookup and each
-    write through `__setattr__` (about 1 us apiece, several per event on both hot paths). The
-    dict exists from validation on (the model declares private attributes)."""
+    """The event's values that are not fields, in pydantic's own slot for private values.
+
+    Declared as `PrivateAttr`s they would cost ~3 us per validated event (pydantic sets each
+    default through its generic machinery) and ~1 us per read or write (through
+    `BaseModel.__getattr__` / `__setattr__` after a failed lookup), on both hot paths. Kept in the
+    slot, they still travel with `model_copy`, pickling and `==` as private attributes do.
+    """
     private = event.__pydantic_private__
-    assert private is not None
+    if private is None:
+        private = dict(_PRIVATE_DEFAULTS)
+        object.__setattr__(event, "__pydantic_private__", private)
     return private
 
 

@@ -146,3 +146,35 @@ def test_message_ids_are_uuid4_hex(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()
     ids = {new_message_id() for _ in range(100)}
     assert len(ids) == 100 and all(uuid.UUID(i).version == 4 for i in ids)
+
+
+def test_delivery_facts_and_payload_travel_with_the_event() -> None:
+    """They are not fields: kept beside them, through copies and pickling, as before."""
+    import pickle
+    from datetime import UTC, datetime
+
+    from b24queue.events import mark_delivered
+
+    raw = json.dumps(sample_json("crm-deal-add")).encode()
+    fresh = Event.from_json(raw)
+    assert (fresh.message_id, fresh.attempt, fresh.redelivered, fresh.accepted_at) == (
+        None,
+        1,
+        False,
+        None,
+    )
+    event = Event.from_json(raw)
+    at = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    mark_delivered(event, "m-1", 3, True, at)
+    assert fresh.message_id is None  # nothing shared between two events
+    for twin in (event.model_copy(), pickle.loads(pickle.dumps(event))):
+        assert (twin.message_id, twin.attempt, twin.redelivered, twin.accepted_at) == (
+            "m-1",
+            3,
+            True,
+            at,
+        )
+        assert twin == event  # (before payload is decoded on one of them: it is compared too)
+        assert twin.payload == sample_json("crm-deal-add")
+    assert Event.model_construct(name="ONX").attempt == 1
+    assert Event.from_payload({"event": "onx", "data": {"A": "1"}}).payload["data"] == {"A": "1"}
