@@ -1,0 +1,158 @@
+"""Per-event pieces of the ingress and the worker, this tree against a baseline tree, in one
+process, interleaved, in CPU time (no broker, no HTTP):
+
+  git archive main b24queue | tar -x -C /tmp/base
+  python -m bench.parts --baseline /tmp/base
+
+Each piece runs `--calls` times per round, baseline and this tree in turn, `--rounds` rounds; it
+prints each side's range and median in us per call. Log lines go to stderr: send it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import uvloop
+
+from bench.__main__ import TOKEN, deal_body
+
+ROOT = Path(__file__).resolve().parents[1]
+FORM = "application/x-www-form-urlencoded"
+EVENT_JSON = (
+    b'{"event":"ONCRMDEALUPDATE","data":{"FIELDS":{"ID":"1"}},"ts":"1764367200",'
+    b'"auth":{"domain":"acme.bitrix24.com"}}'
+)
+MODULES = ("delivery", "events", "envelope", "forms", "logs", "metrics", "transports.amqp.worker")
+
+
+def load(tree: Path) -> dict[str, ModuleType]:
+    """b24queue as found in `tree`, imported afresh (the other tree's modules are put aside)."""
+    for name in [n for n in sys.modules if n == "b24queue" or n.startswith("b24queue.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(tree))
+    try:
+        return {name: importlib.import_module(f"b24queue.{name}") for name in MODULES}
+    finally:
+        sys.path.remove(str(tree))
+
+
+def repeat(fn: Callable[[], Any]) -> Callable[[int], None]:
+    def run(n: int) -> None:
+        for _ in range(n):
+            fn()
+
+    return run
+
+
+def pieces(m: dict[str, ModuleType]) -> dict[str, Callable[[int], Any]]:
+    """Each piece: a function of n that runs it n times (a coroutine for the async ones)."""
+    return {**ingress_pieces(m), **worker_pieces(m)}
+
+
+def ingress_pieces(m: dict[str, ModuleType]) -> dict[str, Callable[[int], Any]]:
+    body = deal_body(TOKEN)
+    event = m["events"].parse_event(FORM, body)
+    metrics, labels = m["metrics"].IngressMetrics(), m["metrics"].EventLabels()
+    count = getattr(metrics, "count_accepted", None) or (lambda e: metrics.accepted.labels(e).inc())
+    return {
+        "ingress: decode_form": repeat(lambda: m["forms"].decode_form(body)),
+        "ingress: parse_event": repeat(lambda: m["events"].parse_event(FORM, body)),
+        "ingress: envelope_for": repeat(lambda: m["envelope"].envelope_for(event)),
+        "ingress: accepted counter": repeat(lambda: count(labels.of(event.name))),
+    }
+
+
+def worker_pieces(m: dict[str, ModuleType]) -> dict[str, Callable[[int], Any]]:
+    delivery = m["delivery"]
+    incoming = delivery.Incoming(
+        body=EVENT_JSON, message_id="w1", routing_key="ONCRMDEALUPDATE", headers={}
+    )
+    ack = delivery.Outcome("ack", 1)
+
+    class NoOp(delivery.EventConsumer):  # type: ignore[name-defined,misc]
+        queue = "q"
+        events = ("#",)
+        prefetch = 64  # the burst size below: the broker sends at most prefetch unacked
+
+        async def handle(self, event: Any) -> None:
+            pass
+
+    class Settled:
+        async def settle(self, incoming: Any, outcome: Any) -> None:
+            pass
+
+    async def process(n: int) -> None:
+        consumer, settled = NoOp(), Settled()
+        for _ in range(n):
+            await delivery.process(consumer, incoming, "q", settled, None)
+
+    async def hand_off(n: int) -> None:
+        runner = m["transports.amqp.worker"].ConsumerRunner(NoOp(), None, None)
+        runner._settled = asyncio.get_running_loop().create_future()
+        runner._settled.set_result(None)
+
+        async def handle(message: Any) -> None:
+            await asyncio.sleep(0)  # one suspension, as an ack's write may
+
+        runner._handle = handle
+        for start in range(0, n, 64):  # deliveries come in bursts of up to prefetch
+            for i in range(min(64, n - start)):
+                runner._on_message(i)
+            await runner._idle.wait()
+        await runner.drain(0)
+
+    return {
+        "worker: Event.from_json": repeat(lambda: m["events"].Event.from_json(EVENT_JSON)),
+        "worker: outcome log line": repeat(
+            lambda: delivery._log_outcome(incoming, "deal-sync", ack, 0.00123)
+        ),
+        "worker: delivery.process": process,
+        "worker: runner hand-off": hand_off,
+    }
+
+
+def measure(run: Callable[[int], Any], n: int, configure: Callable[[], None]) -> float:
+    configure()  # each side's own logging set-up (its formatter is part of the log line's cost)
+    started = time.process_time()
+    result = run(n)
+    if asyncio.iscoroutine(result):
+        uvloop.run(result)
+    return (time.process_time() - started) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--baseline", type=Path, required=True, help="a tree with b24queue/")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=20000)
+    args = parser.parse_args()
+    sides = {}
+    for side, tree in (("baseline", args.baseline), ("this tree", ROOT)):
+        modules = load(tree)
+        sides[side] = (pieces(modules), lambda logs=modules["logs"]: logs.configure("INFO"))
+    results: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for side, (runs, configure) in sides.items():
+            for name, run in runs.items():
+                results.setdefault((name, side), []).append(measure(run, args.calls, configure))
+    width = max(len(name) for name, _ in results)
+    print(f"us CPU per call, {args.rounds} interleaved rounds of {args.calls}:")
+    for name in sides["baseline"][0]:
+        line = [f"  {name:<{width}}"]
+        for side in sides:
+            v = results[(name, side)]
+            line.append(f"{side} {min(v):.2f}-{max(v):.2f} (median {statistics.median(v):.2f})")
+        print("  ".join(line))
+
+
+if __name__ == "__main__":
+    main()
