@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     sqlite_poll_s: float = Field(default=0.05, gt=0, le=10)
     # PostgreSQL: the schema holding the queue's tables, and how often an idle worker looks for
     # events anyway (LISTEN/NOTIFY wakes it at once; this covers a notification lost meanwhile).
-    postgres_schema: str = Field(default="b24queue", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # (54 characters at most: its NOTIFY channel, "b24queue.<schema>", must fit in 63 bytes)
+    postgres_schema: str = Field(default="b24queue", pattern=r"^[a-z_][a-z0-9_]{0,53}$")
     postgres_poll_s: float = Field(default=1.0, gt=0, le=60)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     reconnect_interval_s: float = Field(default=0.5, gt=0)
@@ -248,11 +249,12 @@ class Settings(BaseSettings):
         return unquote(parts.username or "") or "guest", unquote(parts.password or "") or "guest"
 
     def redacted_postgres_url(self) -> str:
-        """The PostgreSQL URL for a log line: host, port and database, never the password."""
-        parts = urlsplit(self.broker_url)
-        host = parts.hostname or "localhost"
-        user = f"{parts.username}@" if parts.username else ""
-        return f"postgresql://{user}{host}:{parts.port or 5432}{parts.path or '/'}"
+        """The PostgreSQL URL for a log line: user, hosts and database, never the password (nor
+        the query string, where a password may be too). Several hosts are allowed."""
+        rest = self.broker_url.split("://", 1)[1].split("?", 1)[0]
+        userinfo, _, where = rest.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        return f"postgresql://{user + '@' if user else ''}{where}"
 
     def redacted_amqp_url(self) -> str:
         parts = urlsplit(self.amqp_url)

@@ -18,8 +18,7 @@ from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.ingress.spool import envelope_of, spool_files
 from b24queue.settings import Settings
-from b24queue.transports import connection_name
-from b24queue.transports.amqp.publisher import AmqpPublisher
+from b24queue.transports import Publisher, connection_name, transport_for
 
 _ROW = "id, message_id, routing_key, length(body), spooled_at, reason, quarantined_at"
 
@@ -115,11 +114,12 @@ class ReplayResult:
 
 
 async def replay(settings: Settings, message_ids: set[str] | None = None) -> ReplayResult:
-    """Publish quarantined events (all, or those with these ids) to the exchange, each deleted
-    once RabbitMQ confirmed it. One the broker still refuses stays, with the reason."""
+    """Publish quarantined events (all, or those with these ids) to the queue, each deleted once
+    the queue has it (RabbitMQ confirmed it, PostgreSQL committed it). One still refused stays,
+    with the reason."""
     replayed = 0
     refused: list[tuple[str, str]] = []
-    async with AmqpPublisher(settings, connection_name("spool-replay")) as publisher:
+    async with transport_for(settings).publisher(connection_name("spool-replay")) as publisher:
         await _until_ready(publisher, settings)
         for spool in files(settings):
             if not spool.quarantined:
@@ -139,8 +139,12 @@ async def replay(settings: Settings, message_ids: set[str] | None = None) -> Rep
     return ReplayResult(replayed, refused)
 
 
-async def _until_ready(publisher: AmqpPublisher, settings: Settings) -> None:
-    ready = asyncio.ensure_future(publisher.connected.wait())
+async def _until_ready(publisher: Publisher, settings: Settings) -> None:
+    async def connected() -> None:
+        while not publisher.is_ready():  # noqa: ASYNC110 - the seam has is_ready(), no event
+            await asyncio.sleep(0.05)
+
+    ready = asyncio.ensure_future(connected())
     failed = asyncio.ensure_future(publisher.failed())
     done, pending = await asyncio.wait(
         {ready, failed}, timeout=settings.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED
@@ -150,9 +154,13 @@ async def _until_ready(publisher: AmqpPublisher, settings: Settings) -> None:
     if failed in done:
         raise failed.result()
     if ready not in done:
+        where = (
+            settings.redacted_postgres_url()
+            if settings.transport == "postgres"
+            else settings.redacted_amqp_url()
+        )
         raise BrokerUnavailableError(
-            f"RabbitMQ at {settings.redacted_amqp_url()} did not answer within "
-            f"{settings.connect_timeout_s:g}s"
+            f"{where} did not answer within {settings.connect_timeout_s:g}s"
         )
 
 

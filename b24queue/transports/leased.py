@@ -32,11 +32,14 @@ LEASE_MARGIN_S = 5.0  # the settle after a handler is cut by its timeout
 HEARTBEAT_S = 5.0
 SETTLE_ATTEMPTS = 5
 ALIVE_S = 3 * HEARTBEAT_S
+STOP_WAIT_S = 15.0  # a claim or heartbeat in progress as a worker stops
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One message row, as claimed (`deliveries` fences a settlement to this delivery)."""
+    """One message row, as claimed. `fence` counts every claim of the row and is never reset: a
+    settlement applies only while the row still holds this claim. `deliveries` counts the claims
+    since the row was last settled (a retry resets it): more than one means redelivered."""
 
     id: int
     message_id: str
@@ -46,6 +49,7 @@ class Row:
     timestamp: datetime
     event_type: str
     deliveries: int
+    fence: int
 
 
 class Leases(Protocol):
@@ -104,6 +108,7 @@ class LeasedRunner:
         self._room = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._stopping = False
 
     @property
     def in_flight(self) -> int:
@@ -135,7 +140,7 @@ class LeasedRunner:
         only when this process is gone. No failure ends the loop: it is retried next round."""
         assert self._wake is not None
         beat_at = 0.0
-        while True:
+        while not self._stopping:
             try:
                 if time.monotonic() >= beat_at:
                     await self._heartbeat()
@@ -234,10 +239,20 @@ class LeasedRunner:
         return None
 
     async def stop_consuming(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-            self._loop_task = None
+        """Let the loop finish its round rather than cancel it: a claim cancelled mid-statement
+        may still commit in the database, leasing rows to a worker that then never hands them
+        back (until the lease ends). Cancelled only if the round outlasts `STOP_WAIT_S`."""
+        task = self._loop_task
+        if task is None:
+            return
+        self._stopping = True
+        for event in (self._wake, self._room):
+            if event is not None:
+                event.set()
+        await asyncio.wait({task}, timeout=STOP_WAIT_S)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self._loop_task = None
 
     async def drain(self, timeout_s: float) -> int:
         if self._tasks:

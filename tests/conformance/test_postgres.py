@@ -325,3 +325,30 @@ async def test_a_role_without_create_runs_on_a_schema_made_by_its_owner(schema: 
         await admin.execute(f'REVOKE ALL ON SCHEMA "{name}" FROM {role}')
         await admin.execute(f"DROP ROLE {role}")
         await admin.close()
+
+
+async def test_a_stale_settlement_never_lands_on_a_later_claim(schema: Settings) -> None:
+    """Claimed, lease ran out, claimed again, retried, claimed a third time: the first claim's
+    ack must not delete the row the third one is handling (the fence is never reset)."""
+    from b24queue.envelope import envelope_for
+    from b24queue.testing import make_event
+    from b24queue.transports.postgres.queue import Queries
+
+    q = Queries(schema.postgres_schema)
+    db = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await ensure_schema(db, schema.postgres_schema)
+        await q.declare(db, "fence.q", "fence.q.dlq", ("#",))
+        await q.publish(db, [envelope_for(make_event("ONCRMDEALADD", {}))], schema.unrouted)
+        [first] = await q.claim(db, "fence.q", "w1", 1, 0.0)  # a lease that is over at once
+        [second] = await q.claim(db, "fence.q", "w1", 1, 60.0)
+        assert await q.move(
+            db, second, "w1", queue="fence.q", headers={}, delay_s=0.0, dead_letter=False
+        )
+        [third] = await q.claim(db, "fence.q", "w1", 1, 60.0)
+        assert (first.deliveries, third.deliveries) == (1, 1)  # redelivered counts anew
+        assert await q.ack(db, [(first, "w1"), (second, "w1")]) == [False, False]
+        assert await q.count(db, "fence.q") == 1
+        assert await q.ack(db, [(third, "w1")]) == [True]
+    finally:
+        await db.close()

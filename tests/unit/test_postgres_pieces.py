@@ -46,3 +46,28 @@ def test_a_missing_driver_is_a_clear_error() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'b24queue[postgres]'" in out.stdout, out
+
+
+def test_the_url_in_logs_never_holds_the_password() -> None:
+    from b24queue.settings import load_settings
+
+    for url, shown in (
+        ("postgresql://app:s3cret@db:5432/q", "postgresql://app@db:5432/q"),
+        (
+            "postgresql://app:s3cret@h1:5432,h2:5433/q?sslmode=require",
+            "postgresql://app@h1:5432,h2:5433/q",
+        ),
+        ("postgres://db/q?password=s3cret", "postgresql://db/q"),
+    ):
+        assert load_settings(broker_url=url).redacted_postgres_url() == shown
+
+
+def test_a_schema_name_whose_notify_channel_would_not_fit_is_refused() -> None:
+    import pytest
+
+    from b24queue.errors import ConfigError
+    from b24queue.settings import load_settings
+
+    load_settings(broker_url="postgresql://db/q", postgres_schema="s" * 54)
+    with pytest.raises(ConfigError, match="B24QUEUE_POSTGRES_SCHEMA"):
+        load_settings(broker_url="postgresql://db/q", postgres_schema="s" * 55)

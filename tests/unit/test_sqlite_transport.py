@@ -178,3 +178,45 @@ async def test_a_failed_start_leaves_nothing_running(tmp_path: Path) -> None:
     await asyncio.sleep(0)
     claiming = [t for t in asyncio.all_tasks() if t.get_name().startswith("b24queue-claim")]
     assert claiming == []
+
+
+def test_a_stale_settlement_never_lands_on_a_later_claim(tmp_path: Path) -> None:
+    """As on PostgreSQL: the fence counts every claim and a retry does not reset it."""
+    from b24queue.transports.sqlite import queue as q
+
+    db = sqlite_db.connect(tmp_path / "q.sqlite3")
+    try:
+        q.declare(db, "fence.q", "fence.q.dlq", ("#",))
+        q.publish(db, [envelope_for(make_event("ONCRMDEALADD", {}))], "b24.unrouted")
+        [first] = q.claim(db, "fence.q", "w1", 1, -1.0)  # a lease that is already over
+        [second] = q.claim(db, "fence.q", "w1", 1, 60.0)
+        assert q.move(db, second, "w1", queue="fence.q", headers={})
+        [third] = q.claim(db, "fence.q", "w1", 1, 60.0)
+        assert (first.deliveries, third.deliveries) == (1, 1)
+        assert not q.ack(db, first, "w1") and not q.ack(db, second, "w1")
+        assert q.ack(db, third, "w1")
+    finally:
+        db.close()
+
+
+def test_a_version_1_queue_file_gains_the_fence_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    old.execute("INSERT INTO meta VALUES ('schema', '1')")
+    old.execute(
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, "
+        "message_id TEXT NOT NULL, routing_key TEXT NOT NULL, body BLOB NOT NULL, "
+        "headers TEXT NOT NULL, timestamp TEXT NOT NULL, event_type TEXT NOT NULL, "
+        "available_at REAL NOT NULL, lease_owner TEXT, lease_until REAL, "
+        "deliveries INTEGER NOT NULL DEFAULT 0)"
+    )
+    old.commit()
+    old.close()
+    db = sqlite_db.connect(path)
+    try:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
+        assert "fence" in columns
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "2"
+    finally:
+        db.close()

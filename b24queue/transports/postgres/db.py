@@ -47,7 +47,8 @@ def schema_statements(schema: str) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value text NOT NULL)",
         # kind: consumer, dlq or unrouted
         f"CREATE TABLE IF NOT EXISTS {s}.queues (name text PRIMARY KEY, kind text NOT NULL)",
-        # regex: the pattern as a regular expression over '.' || routing_key (routing in SQL)
+        # regex: a pattern with wildcards as a regular expression over '.' || routing_key
+        # (routing in SQL); '' for an exact name, matched by equality
         f"CREATE TABLE IF NOT EXISTS {s}.bindings (queue text NOT NULL, pattern text NOT NULL, "
         "regex text NOT NULL, PRIMARY KEY (queue, pattern))",
         f"""CREATE TABLE IF NOT EXISTS {s}.messages (
@@ -62,11 +63,15 @@ def schema_statements(schema: str) -> list[str]:
             available_at timestamptz NOT NULL DEFAULT now(),
             lease_owner text,
             lease_until timestamptz,
-            deliveries integer NOT NULL DEFAULT 0
-        )""",
+            deliveries integer NOT NULL DEFAULT 0,
+            fence bigint NOT NULL DEFAULT 0
+        ) WITH (fillfactor = 80)""",
         # Claims read a queue in due order: the rows being handled first (few: prefetch per
         # worker), then the due ones; those waiting for a retry are past the range scanned.
         f"CREATE INDEX IF NOT EXISTS messages_due ON {s}.messages (queue, available_at, id)",
+        # A worker's heartbeat finds the rows it holds by owner.
+        f"CREATE INDEX IF NOT EXISTS messages_leased ON {s}.messages (lease_owner) "
+        "WHERE lease_owner IS NOT NULL",
         f"CREATE TABLE IF NOT EXISTS {s}.workers (owner text PRIMARY KEY, queue text NOT NULL, "
         "name text NOT NULL, seen_at timestamptz NOT NULL)",
     ]
@@ -75,6 +80,12 @@ def schema_statements(schema: str) -> list[str]:
 def notify_channel(schema: str) -> str:
     """Where publishes notify (payload: the queue's name) and idle workers listen."""
     return f"b24queue.{schema}"
+
+
+def statement_timeout_s(settings: Settings) -> float:
+    """No statement of ours waits longer: a connection stalled without being closed (a half-open
+    TCP connection) fails it, and `broken` then drops the connection for a new one."""
+    return max(settings.connect_timeout_s, settings.publish_timeout_s)
 
 
 async def _no_reset(connection: asyncpg.Connection) -> None:
@@ -94,6 +105,7 @@ async def connect(settings: Settings, name: str) -> asyncpg.Connection:
         return await asyncpg.connect(
             settings.broker_url,
             timeout=settings.connect_timeout_s,
+            command_timeout=statement_timeout_s(settings),
             server_settings=server_settings(name),
         )
     except Exception as exc:
@@ -120,6 +132,7 @@ async def create_pool(settings: Settings, name: str, size: int) -> asyncpg.Pool:
             min_size=1,
             max_size=size,
             timeout=settings.connect_timeout_s,
+            command_timeout=statement_timeout_s(settings),
             server_settings=server_settings(name),
             reset=_no_reset,
         )
@@ -194,12 +207,16 @@ def translate(exc: Exception, settings: Settings) -> Exception:
         asyncpg.exceptions.InvalidPasswordError,
         asyncpg.exceptions.InvalidCatalogNameError,
         asyncpg.exceptions.InsufficientPrivilegeError,
+        asyncpg.exceptions.ClientConfigurationError,
     )
     if isinstance(exc, refused):
         return ConfigError(f"PostgreSQL at {where} refused: {exc}")
     if isinstance(exc, CONNECTION_ERRORS):
         return BrokerUnavailableError(f"cannot reach PostgreSQL at {where}: {exc!r}")
     return exc
+
+
+MAX_BATCH = 256  # items in one statement (bodies are bounded: at most 8 MiB each)
 
 
 class Batcher(Generic[T, R]):
@@ -237,8 +254,10 @@ class Batcher(Generic[T, R]):
             await self._wake.wait()
             self._wake.clear()
             # A caller that gave up (a publish past its timeout, answered 503) is not written for.
-            batch = [(item, f) for item, f in self._pending if not f.done()]
-            self._pending = []
+            waiting = [(item, f) for item, f in self._pending if not f.done()]
+            batch, self._pending = waiting[:MAX_BATCH], waiting[MAX_BATCH:]
+            if self._pending:
+                self._wake.set()  # the rest in the next statement
             if batch:
                 await self._batch(batch)
 

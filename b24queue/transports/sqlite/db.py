@@ -25,7 +25,7 @@ from b24queue.errors import ConfigError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: messages.fence
 BUSY_TIMEOUT_MS = 5000
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -45,9 +45,13 @@ _SCHEMA = (
         available_at REAL NOT NULL,
         lease_owner TEXT,
         lease_until REAL,
-        deliveries INTEGER NOT NULL DEFAULT 0
+        deliveries INTEGER NOT NULL DEFAULT 0,
+        fence INTEGER NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, available_at, id)",
+    # A worker's heartbeat finds the rows it holds by owner.
+    "CREATE INDEX IF NOT EXISTS messages_leased ON messages (lease_owner) "
+    "WHERE lease_owner IS NOT NULL",
     # Workers say they are alive here (what `status` counts as consumers).
     "CREATE TABLE IF NOT EXISTS workers (owner TEXT PRIMARY KEY, queue TEXT NOT NULL, "
     "name TEXT NOT NULL, seen_at REAL NOT NULL)",
@@ -71,6 +75,9 @@ def connect(path: Path) -> sqlite3.Connection:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) == 1:  # before the fence column: each row's claims start anew
+                db.execute("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif int(row[0]) > SCHEMA_VERSION:
                 raise ConfigError(
                     f"{path} has queue schema {row[0]}, newer than this b24queue knows "

@@ -16,7 +16,7 @@ from b24queue.layout import topic_matches
 from b24queue.transports.leased import Row
 from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 
-_MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries"
+_MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, fence"
 
 
 def _row(values: tuple[Any, ...]) -> Row:
@@ -29,6 +29,7 @@ def _row(values: tuple[Any, ...]) -> Row:
         datetime.fromisoformat(values[5]),
         values[6],
         values[7],
+        values[8],
     )
 
 
@@ -68,20 +69,22 @@ def claim(db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: f
     """Lease up to `count` due messages, oldest first (an expired lease counts as free)."""
     now = time.time()
     sql = (
-        "UPDATE messages SET lease_owner = ?, lease_until = ?, deliveries = deliveries + 1 "
+        "UPDATE messages SET lease_owner = ?, lease_until = ?, deliveries = deliveries + 1, "
+        "fence = fence + 1 "
         "WHERE id IN (SELECT id FROM messages WHERE queue = ? AND available_at <= ? "
         "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT ?) "
-        "RETURNING id, message_id, routing_key, body, headers, timestamp, event_type, deliveries"
+        "RETURNING id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, "
+        "fence"
     )
     rows = db.execute(sql, (owner, now + lease_s, queue, now, now, count)).fetchall()
     return sorted((_row(r) for r in rows), key=lambda r: r.id)
 
 
 def ack(db: sqlite3.Connection, row: Row, owner: str) -> bool:
-    """Only while this delivery still holds the lease (`deliveries` fences an older one)."""
+    """Only while this claim still holds the row (`fence` tells an older one)."""
     cursor = db.execute(
-        "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND deliveries = ?",
-        (row.id, owner, row.deliveries),
+        "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
+        (row.id, owner, row.fence),
     )
     return cursor.rowcount == 1
 
@@ -98,13 +101,13 @@ def move(
     """Retry (the same queue, later) or dead-letter (its `.dlq`, at the end of it: a DLQ is in the
     order things failed), only while this delivery holds the lease; in the caller's transaction,
     so there is no moment with the message in two places or none."""
-    fence = (row.id, owner, row.deliveries)
+    fence = (row.id, owner, row.fence)
     encoded = json.dumps(headers, default=str)
     if queue.endswith(".dlq"):
         copied = db.execute(
             "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
             "event_type, available_at) SELECT ?, message_id, routing_key, body, ?, timestamp, "
-            "event_type, ? FROM messages WHERE id = ? AND lease_owner = ? AND deliveries = ?",
+            "event_type, ? FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
             (queue, encoded, time.time(), *fence),
         ).rowcount
         if copied != 1:
@@ -113,7 +116,7 @@ def move(
         return True
     cursor = db.execute(
         "UPDATE messages SET headers = ?, available_at = ?, lease_owner = NULL, "
-        "lease_until = NULL, deliveries = 0 WHERE id = ? AND lease_owner = ? AND deliveries = ?",
+        "lease_until = NULL, deliveries = 0 WHERE id = ? AND lease_owner = ? AND fence = ?",
         (encoded, time.time() + delay_s, *fence),
     )
     return cursor.rowcount == 1
