@@ -50,9 +50,10 @@ class EventConsumer:
     max_attempts: ClassVar[int] = 5
     retry_delays_s: ClassVar[tuple[float, ...]] = (1, 5, 30, 120, 600)
     handle_timeout_s: ClassVar[float | None] = DEFAULT_HANDLE_TIMEOUT_S
-    # Deliveries (not attempts) after which the broker dead-letters a message: what stops a
-    # message that crashes the worker process from looping forever. Quorum queues only; set as
-    # the queue's policy, so operators can change it without a deploy.
+    # Deliveries (not attempts) after which a message is dead-lettered: what stops a message that
+    # crashes the worker process from looping forever. On RabbitMQ quorum queues only, set as the
+    # queue's policy (operators can change it without a deploy); the database queues count
+    # deliveries themselves.
     max_deliveries: ClassVar[int] = 20
     # Opt-in duplicate suppression by message_id (b24queue.idempotency): None = off.
     idempotency: ClassVar[SeenStore | None] = None

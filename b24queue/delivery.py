@@ -156,6 +156,30 @@ async def process(
     return outcome
 
 
+async def give_up(
+    incoming: Incoming,
+    queue: str,
+    transport: Transport,
+    deliveries: int,
+    observe: Observer | None = None,
+) -> Outcome:
+    """Dead-letter, without running the handler, a message delivered `deliveries` times without
+    ever being settled (its handler crashes the worker, or outlives every lease): the delivery
+    limit RabbitMQ's quorum queues keep by themselves, for transports that count deliveries."""
+    exc = RuntimeError(
+        f"delivered {deliveries} times without being settled: the worker died or was stopped "
+        "while handling it each time"
+    )
+    outcome = _dead_letter(incoming, queue, incoming.attempt, "delivery_limit", exc, ())
+    started = time.perf_counter()
+    await transport.settle(incoming, outcome)
+    duration_s = time.perf_counter() - started
+    _log_outcome(incoming, queue, outcome, duration_s)
+    if observe is not None:
+        observe(queue, incoming.routing_key, outcome.kind, duration_s)
+    return outcome
+
+
 def _decode(incoming: Incoming) -> Event:
     return Event.from_json(incoming.body)
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
-from b24queue.delivery import Incoming, Outcome, process
+from b24queue.delivery import Incoming, Outcome, give_up, process
 from b24queue.layout import QueueSpec, spec_for
 from b24queue.metrics import WorkerMetrics
 
@@ -202,7 +202,10 @@ class LeasedRunner:
         if self._gauge is not None:
             self._gauge.inc()
         try:
-            await process(self.consumer, incoming, self.spec.name, self, self._observe)
+            if row.deliveries > self.consumer.max_deliveries:
+                await give_up(incoming, self.spec.name, self, row.deliveries, self._observe)
+            else:
+                await process(self.consumer, incoming, self.spec.name, self, self._observe)
         finally:
             if self._gauge is not None:
                 self._gauge.dec()

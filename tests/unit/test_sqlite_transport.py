@@ -220,3 +220,30 @@ def test_a_version_1_queue_file_gains_the_fence_column(tmp_path: Path) -> None:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "2"
     finally:
         db.close()
+
+
+async def test_a_message_delivered_too_often_is_dead_lettered_unhandled(tmp_path: Path) -> None:
+    """What RabbitMQ's delivery limit does: a message whose handler keeps killing the worker
+    (each claim ends with no settlement) goes to the DLQ instead of looping for ever."""
+    settings = settings_for(tmp_path)
+    seen: list[str] = []
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        seen.append(event.data["FIELDS"]["ID"])
+
+    cls = consumer("limited", handle, max_deliveries=3)
+    async with transport_for(settings).publisher("test"):
+        pass
+    await transport_for(settings).declare([cls])
+    await publish(settings, "1", "2")
+    db = sqlite3.connect(tmp_path / "queue.sqlite3")
+    # "1" was claimed three times already, and each time its worker died.
+    db.execute("UPDATE messages SET deliveries = 3 WHERE id = (SELECT min(id) FROM messages)")
+    db.commit()
+    db.close()
+    async with Worker(settings, [cls]):
+        await wait_until(lambda: seen == ["2"], 10, "the other event handled")
+        async with transport_for(settings).dead_letters("limited.dlq") as dlq:
+            total, [letter] = await dlq.list(5)
+    assert total == 1 and letter.reason == "delivery_limit", letter
+    assert seen == ["2"]
