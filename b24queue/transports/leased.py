@@ -41,7 +41,7 @@ class Row:
     settlement applies only while the row still holds this claim. `deliveries` counts the claims
     since the row was last settled (a retry resets it): more than one means redelivered."""
 
-    id: int
+    id: Any  # the database's: a row number, a stream entry id
     message_id: str
     routing_key: str
     body: bytes
@@ -74,7 +74,7 @@ class Leases(Protocol):
     ) -> bool:
         """Retry (`queue` is its own, later) or dead-letter (`queue` is the DLQ)."""
 
-    async def beat(self, owner: str, queue: str, name: str, ids: list[int], lease_s: float) -> None:
+    async def beat(self, owner: str, queue: str, name: str, ids: list[Any], lease_s: float) -> None:
         """Say the worker is alive; extend the leases of `ids`, and give back any other row
         `owner` holds (leased by a claim whose answer never arrived)."""
 

@@ -71,8 +71,9 @@ class Shelf(Protocol):
 
     async def count(self, queue: str) -> int: ...
 
-    async def first(self, queue: str, limit: int, after: int) -> list[Row]:
-        """In order, from after id `after` (a large queue is read in pieces)."""
+    async def first(self, queue: str, limit: int, after: Any) -> list[Row]:
+        """In order, from after id `after` (None: from the start; a large queue is read in
+        pieces)."""
 
     async def replay(
         self, row: Row, headers: dict[str, Any], back_to: str | None, source: str
@@ -124,7 +125,7 @@ class TableDeadLetters:
         return await self.shelf.count(self.source)
 
     async def list(self, limit: int) -> tuple[int, list[DeadLetter]]:
-        rows = await self.shelf.first(self.source, limit, -1)
+        rows = await self.shelf.first(self.source, limit, None)
         return await self.count(), [_describe(r) for r in rows]
 
     async def replay(
@@ -136,7 +137,7 @@ class TableDeadLetters:
     ) -> tuple[int, int]:
         total = await self.count()
         wanted = total if limit is None else min(limit, total)
-        replayed, after = 0, -1
+        replayed, after = 0, None
         while replayed < wanted:
             rows = await self.shelf.first(self.source, 100, after)
             if not rows:

@@ -33,10 +33,10 @@ from b24queue.layout import QueueState, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
 from b24queue.transports import connection_name
+from b24queue.transports.batching import Batcher
 from b24queue.transports.leased import ALIVE_S, Row
 from b24queue.transports.postgres.db import (
     CONNECTION_ERRORS,
-    Batcher,
     Listener,
     broken,
     create_pool,
@@ -62,7 +62,9 @@ class PostgresPublisher:
         self._connection: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._batches: Batcher[Envelope, int] = Batcher(self._write, "b24queue-pg-publish")
+        self._batches: Batcher[Envelope, int] = Batcher(
+            self._write, "b24queue-pg-publish", CONNECTION_ERRORS
+        )
         # Connections lost so far (the spool's forwarder tells a poison event by it).
         self.breaks = 0
 
@@ -186,8 +188,8 @@ class PostgresShelf:
     async def count(self, queue: str) -> int:
         return await self._q.count(self._db, queue)
 
-    async def first(self, queue: str, limit: int, after: int) -> list[Row]:
-        return await self._q.first(self._db, queue, limit, after)
+    async def first(self, queue: str, limit: int, after: Any) -> list[Row]:
+        return await self._q.first(self._db, queue, limit, -1 if after is None else int(after))
 
     async def replay(
         self, row: Row, headers: dict[str, Any], back_to: str | None, source: str

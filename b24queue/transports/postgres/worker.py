@@ -17,8 +17,9 @@ from b24queue.layout import QueueSpec
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.transports import Runner
+from b24queue.transports.batching import Batcher
 from b24queue.transports.leased import LeasedRunner, Row
-from b24queue.transports.postgres.db import Batcher, Listener, lent
+from b24queue.transports.postgres.db import CONNECTION_ERRORS, Listener, lent
 from b24queue.transports.postgres.queue import Queries
 
 POOL_SIZE = 4
@@ -43,7 +44,9 @@ class PostgresLeases:
         self._timeout_s = settings.connect_timeout_s
         # Settlements are group-committed, in the order handlers finished: one transaction for
         # whatever finished meanwhile (all acks in one DELETE); a DLQ keeps the order of failures.
-        self._settles: Batcher[Settle, bool] = Batcher(self._settle_batch, "b24queue-pg-settle")
+        self._settles: Batcher[Settle, bool] = Batcher(
+            self._settle_batch, "b24queue-pg-settle", CONNECTION_ERRORS
+        )
         self._settles.start()
 
     async def close(self) -> None:

@@ -20,8 +20,9 @@ class SqliteShelf:
     async def count(self, queue: str) -> int:
         return int(await self._db.read(lambda db: q.depths(db).get(queue, 0)))
 
-    async def first(self, queue: str, limit: int, after: int) -> list[Row]:
-        return await self._db.read(lambda db: q.first(db, queue, limit, after))
+    async def first(self, queue: str, limit: int, after: Any) -> list[Row]:
+        start = -1 if after is None else int(after)
+        return await self._db.read(lambda db: q.first(db, queue, limit, start))
 
     async def replay(
         self, row: Row, headers: dict[str, Any], back_to: str | None, source: str
