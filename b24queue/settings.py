@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     # (54 characters at most: its NOTIFY channel, "b24queue.<schema>", must fit in 63 bytes)
     postgres_schema: str = Field(default="b24queue", pattern=r"^[a-z_][a-z0-9_]{0,53}$")
     postgres_poll_s: float = Field(default=1.0, gt=0, le=60)
+    # Redis Streams: the prefix of every key, how often an idle worker looks anyway (a blocking
+    # read on the streams wakes it at once), and the opt-out of the persistence check (a 200
+    # then no longer survives a crash of Redis: never in production).
+    redis_prefix: str = Field(default="b24queue", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    redis_poll_s: float = Field(default=0.5, gt=0, le=60)
+    redis_allow_unsafe: bool = False
     connect_timeout_s: float = Field(default=10.0, gt=0)
     reconnect_interval_s: float = Field(default=0.5, gt=0)
 
@@ -149,13 +155,18 @@ class Settings(BaseSettings):
             return value
         if scheme == "sqlite" and value.removeprefix("sqlite:").removeprefix("//"):
             return value
+        if scheme in ("redis", "rediss"):
+            if not value.split(":", 1)[1].startswith("//"):
+                raise ValueError("must look like redis://[:password@]host:6379/0")
+            return value
         if scheme in ("postgres", "postgresql"):
             if not value.split(":", 1)[1].startswith("//"):
                 raise ValueError("must look like postgresql://user:password@host:5432/database")
             return value
         raise ValueError(
             f"unknown transport {scheme!r}: use amqp://user:password@host:5672/vhost "
-            "(RabbitMQ), postgresql://user:password@host:5432/database (PostgreSQL) or "
+            "(RabbitMQ), postgresql://user:password@host:5432/database (PostgreSQL), "
+            "redis://host:6379/0 (Redis Streams) or "
             "sqlite:///path/to/queue.sqlite3 (one host, no server)"
         )
 
@@ -177,10 +188,12 @@ class Settings(BaseSettings):
 
     @property
     def transport(self) -> str:
-        """`amqp`, `sqlite` or `postgres`, from the broker URL's scheme."""
+        """`amqp`, `sqlite`, `postgres` or `redis`, from the broker URL's scheme."""
         scheme = self.broker_url.split(":", 1)[0].lower()
         if scheme == "sqlite":
             return "sqlite"
+        if scheme in ("redis", "rediss"):
+            return "redis"
         return "postgres" if scheme in ("postgres", "postgresql") else "amqp"
 
     @property
@@ -255,6 +268,12 @@ class Settings(BaseSettings):
         userinfo, _, where = rest.rpartition("@")
         user = userinfo.split(":", 1)[0]
         return f"postgresql://{user + '@' if user else ''}{where}"
+
+    def redacted_redis_url(self) -> str:
+        """The Redis URL for a log line: host, port and database, never the password."""
+        scheme, rest = self.broker_url.split("://", 1)
+        where = rest.split("?", 1)[0].rpartition("@")[2]
+        return f"{scheme}://{where}"
 
     def redacted_amqp_url(self) -> str:
         parts = urlsplit(self.amqp_url)

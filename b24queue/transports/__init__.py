@@ -138,11 +138,12 @@ _MODULES = {
     "amqp": "b24queue.transports.amqp.transport",
     "sqlite": "b24queue.transports.sqlite.transport",
     "postgres": "b24queue.transports.postgres.transport",
+    "redis": "b24queue.transports.redis_streams.transport",
 }
 
 
 # The client library each optional transport needs, and the extra that installs it.
-_EXTRAS = {"asyncpg": "postgres"}
+_EXTRAS = {"asyncpg": "postgres", "redis": "redis"}
 
 
 def transport_for(settings: Settings) -> Transport:

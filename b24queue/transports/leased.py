@@ -67,7 +67,7 @@ class Leases(Protocol):
 
     async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]: ...
 
-    async def ack(self, row: Row, owner: str) -> bool: ...
+    async def ack(self, row: Row, owner: str, queue: str) -> bool: ...
 
     async def move(
         self, row: Row, owner: str, *, queue: str, headers: dict[str, Any], delay_s: float
@@ -78,10 +78,10 @@ class Leases(Protocol):
         """Say the worker is alive; extend the leases of `ids`, and give back any other row
         `owner` holds (leased by a claim whose answer never arrived)."""
 
-    async def release(self, owner: str) -> None:
+    async def release(self, owner: str, queue: str) -> None:
         """Give back what `owner` holds: delivered again at once."""
 
-    async def leave(self, owner: str) -> None: ...
+    async def leave(self, owner: str, queue: str) -> None: ...
 
 
 class LeasedRunner:
@@ -214,7 +214,7 @@ class LeasedRunner:
         row: Row = incoming.handle
         owner, leases = self.owner, self._leases
         if outcome.kind == "ack":
-            done = await self._retrying(lambda: leases.ack(row, owner))
+            done = await self._retrying(lambda: leases.ack(row, owner, self.spec.name))
         else:
             queue = self.spec.name if outcome.kind == "retry" else self.spec.dlq
             delay_s = outcome.delay_s or 0.0 if outcome.kind == "retry" else 0.0
@@ -268,7 +268,7 @@ class LeasedRunner:
         # Hand back what was not finished (and a claim that committed as the loop stopped):
         # delivered again at once, not after the lease.
         owner, leases = self.owner, self._leases
-        await self._retrying(lambda: leases.release(owner))
+        await self._retrying(lambda: leases.release(owner, self.spec.name))
         return len(left)
 
     async def close(self) -> None:
@@ -276,4 +276,4 @@ class LeasedRunner:
             await self.consumer.on_stop()
         finally:
             owner, leases = self.owner, self._leases
-            await self._retrying(lambda: leases.leave(owner))
+            await self._retrying(lambda: leases.leave(owner, self.spec.name))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from b24queue.transports import Transport, connection_name, transport_for
 from tests.conftest import SAMPLE_TOKEN, sample_form
 from tests.integration.conftest import AMQP_URL, broker_slice, wait_until
 from tests.postgres import postgres_schema
+from tests.redis_server import RedisServer, redis_server
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -57,7 +58,13 @@ class Bench:
         return ids
 
 
-@pytest.fixture(params=["amqp", "sqlite", "postgres"])
+@pytest.fixture(scope="session")
+def redis_aof() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["amqp", "sqlite", "postgres", "redis"])
 async def bench(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bench]:
     if request.param == "amqp":
         async with broker_slice() as broker:
@@ -67,6 +74,22 @@ async def bench(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     if request.param == "postgres":
         async with postgres_schema(prefix) as settings:
             yield Bench(settings, prefix)
+        return
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_aof")
+        yield Bench(
+            load_settings(
+                broker_url=server.url,
+                redis_prefix=prefix,
+                redis_poll_s=0.2,
+                app_tokens=SAMPLE_TOKEN,
+                exchange=f"{prefix}.events",
+                unrouted=f"{prefix}.unrouted",
+                publish_timeout_s=3.0,
+                shutdown_timeout_s=10.0,
+            ),
+            prefix,
+        )
         return
     settings = load_settings(
         broker_url=f"sqlite:{tmp_path / 'queue.sqlite3'}",

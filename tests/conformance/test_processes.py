@@ -55,6 +55,8 @@ async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.su
             "B24QUEUE_SHUTDOWN_TIMEOUT_S": "20",
             "B24QUEUE_SQLITE_POLL_S": "0.05",
             "B24QUEUE_POSTGRES_SCHEMA": s.postgres_schema,
+            "B24QUEUE_REDIS_PREFIX": s.redis_prefix,
+            "B24QUEUE_REDIS_POLL_S": "0.2",
             "B24QT_QUEUE": bench.name("proc"),
             "B24QT_RECORD": str(record),
             "B24QT_SLEEP_S": str(sleep_s),

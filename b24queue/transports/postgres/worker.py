@@ -83,7 +83,7 @@ class PostgresLeases:
                 done.update((i, ok) for (i, _), ok in zip(acks, acked, strict=True))
         return [done[i] for i in range(len(items))]
 
-    async def ack(self, row: Row, owner: str) -> bool:
+    async def ack(self, row: Row, owner: str, queue: str) -> bool:
         return await self._settles.submit(Settle(row, owner))
 
     async def move(
@@ -100,11 +100,11 @@ class PostgresLeases:
         async with lent(self._pool, self._timeout_s) as db:
             await self._q.beat(db, owner, queue, name, ids, lease_s)
 
-    async def release(self, owner: str) -> None:
+    async def release(self, owner: str, queue: str) -> None:
         async with lent(self._pool, self._timeout_s) as db:
             await self._q.release(db, owner)
 
-    async def leave(self, owner: str) -> None:
+    async def leave(self, owner: str, queue: str) -> None:
         async with lent(self._pool, self._timeout_s) as db:
             await self._q.leave(db, owner)
 

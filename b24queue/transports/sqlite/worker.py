@@ -39,7 +39,7 @@ class SqliteLeases:
             return []
         return await self._db.write(lambda db: q.claim(db, queue, owner, count, lease_s))
 
-    async def ack(self, row: Row, owner: str) -> bool:
+    async def ack(self, row: Row, owner: str, queue: str) -> bool:
         return await self._db.write(lambda db: q.ack(db, row, owner))
 
     async def move(
@@ -56,10 +56,10 @@ class SqliteLeases:
 
         await self._db.write(beat)
 
-    async def release(self, owner: str) -> None:
+    async def release(self, owner: str, queue: str) -> None:
         await self._db.write(lambda db: q.release(db, owner))
 
-    async def leave(self, owner: str) -> None:
+    async def leave(self, owner: str, queue: str) -> None:
         await self._db.write(lambda db: q.leave(db, owner))
 
 

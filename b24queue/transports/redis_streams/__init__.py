@@ -1,0 +1,1 @@
+"""The Redis Streams transport (`pip install 'b24queue[redis]'`; see transport.py)."""

@@ -1,0 +1,179 @@
+"""The Lua scripts of the Redis Streams transport: each queue operation is one script, so it is
+atomic (and, with `appendfsync always`, on disk when it returns).
+
+An entry's fields: m message_id, k routing key, b body, h headers (JSON), t accepted at (ISO),
+e event type. A consumer queue is a stream with one consumer group (`GROUP`); a worker's runner is
+one consumer of it; what it holds is its part of the group's pending entries list (PEL), and the
+lease is the PEL's idle time: a heartbeat resets it, `XAUTOCLAIM` takes entries idle longer than
+the lease. A settlement is fenced by (entry id, consumer, delivery count), read from the PEL.
+Delayed retries wait in a sorted set by due time (ms) and are moved back into the stream by the
+claim script once due.
+"""
+
+from __future__ import annotations
+
+GROUP = "workers"
+
+# KEYS[1] bindings version; KEYS[2..] streams. ARGV[1] expected version, ARGV[2] entries, then
+# per entry: stream index (into KEYS), m, k, b, h, t, e.
+PUBLISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] and not (ARGV[1] == '0' and
+    redis.call('EXISTS', KEYS[1]) == 0) then
+  return -1
+end
+local n = tonumber(ARGV[2])
+local at = 3
+for i = 1, n do
+  redis.call('XADD', KEYS[tonumber(ARGV[at])], '*', 'm', ARGV[at + 1], 'k', ARGV[at + 2],
+    'b', ARGV[at + 3], 'h', ARGV[at + 4], 't', ARGV[at + 5], 'e', ARGV[at + 6])
+  at = at + 7
+end
+return n
+"""
+
+_NOW = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+"""
+
+# KEYS[1] stream, KEYS[2] its delayed set. ARGV: group, consumer, count, lease ms.
+# Returns {id, {fields...}, deliveries} for each entry claimed.
+CLAIM = (
+    _NOW
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
+for _, member in ipairs(due) do
+  local f = cjson.decode(member)
+  redis.call('XADD', KEYS[1], '*', 'm', f.m, 'k', f.k, 'b', f.b, 'h', f.h, 't', f.t, 'e', f.e)
+  redis.call('ZREM', KEYS[2], member)
+end
+local count = tonumber(ARGV[3])
+local out = {}
+local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], '0-0',
+  'COUNT', count)
+for _, entry in ipairs(claimed[2]) do
+  if entry[2] then out[#out + 1] = entry end
+end
+if #out < count then
+  local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count - #out,
+    'STREAMS', KEYS[1], '>')
+  if read then
+    for _, entry in ipairs(read[1][2]) do out[#out + 1] = entry end
+  end
+end
+local result = {}
+for _, entry in ipairs(out) do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+  result[#result + 1] = {entry[1], entry[2], p[1][4]}
+end
+return result
+"""
+)
+
+_HOLDS = """
+local function holds(stream, group, id, consumer, deliveries)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  return p[1] ~= nil and p[1][2] == consumer and tostring(p[1][4]) == deliveries
+end
+"""
+
+# KEYS[1] stream. ARGV: group, then (id, consumer, deliveries) per entry. Returns 1/0 each.
+ACK = (
+    _HOLDS
+    + """
+local out = {}
+for i = 2, #ARGV, 3 do
+  if holds(KEYS[1], ARGV[1], ARGV[i], ARGV[i + 1], ARGV[i + 2]) then
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+)
+
+# KEYS[1] stream, KEYS[2] delayed set (retry) or DLQ stream. ARGV: group, id, consumer,
+# deliveries, 'retry' or 'dlq', headers JSON, delay ms. Returns 1 when moved.
+MOVE = (
+    _HOLDS
+    + _NOW
+    + """
+if not holds(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 0 end
+local rows = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if rows[1] == nil then return 0 end
+local f = {}
+local raw = rows[1][2]
+for i = 1, #raw, 2 do f[raw[i]] = raw[i + 1] end
+f.h = ARGV[6]
+if ARGV[5] == 'retry' then
+  f.o = ARGV[2]
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), cjson.encode(f))
+else
+  redis.call('XADD', KEYS[2], '*', 'm', f.m, 'k', f.k, 'b', f.b, 'h', f.h, 't', f.t, 'e', f.e)
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS[1] stream, KEYS[2] workers hash. ARGV: group, consumer, lease ms, heartbeat JSON (or ''
+# to give everything back), then the ids the consumer still handles. Resets their idle time (the
+# lease); any other entry it holds (a claim whose answer was lost) becomes claimable at once.
+BEAT = """
+local held = {}
+for i = 5, #ARGV do held[ARGV[i]] = true end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[2], ARGV[4]) end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
+for _, p in ipairs(pending) do
+  if held[p[1]] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, p[1], 'JUSTID')
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, p[1], 'IDLE', tonumber(ARGV[3]) * 10,
+      'JUSTID')
+  end
+end
+return #pending
+"""
+
+# KEYS[1] stream, KEYS[2] workers hash. ARGV: group, consumer. The consumer goes from the group
+# only when it holds nothing (deleting it would drop its pending entries).
+LEAVE = """
+redis.call('HDEL', KEYS[2], ARGV[2])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if pending[1] == nil then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return 1
+"""
+
+# KEYS[1] the source stream (a DLQ or the unrouted stream), KEYS[2] bindings version, KEYS[3..]
+# targets. ARGV: id, headers JSON, expected bindings version. Returns 1 when moved, 0 when the
+# entry is gone, -1 when the bindings changed meanwhile.
+REPLAY = """
+if redis.call('GET', KEYS[2]) ~= ARGV[3] and not (ARGV[3] == '0' and
+    redis.call('EXISTS', KEYS[2]) == 0) then
+  return -1
+end
+local rows = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if rows[1] == nil then return 0 end
+local f = {}
+local raw = rows[1][2]
+for i = 1, #raw, 2 do f[raw[i]] = raw[i + 1] end
+for i = 3, #KEYS do
+  redis.call('XADD', KEYS[i], '*', 'm', f.m, 'k', f.k, 'b', f.b, 'h', ARGV[2], 't', f.t,
+    'e', f.e)
+end
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS[1] stream. ARGV: count. Deletes the first `count` entries.
+PURGE = """
+local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))
+for _, row in ipairs(rows) do redis.call('XDEL', KEYS[1], row[1]) end
+return #rows
+"""

@@ -1,0 +1,306 @@
+"""The Redis Streams transport's keys, connections, routing and queue operations (the scripts in
+`scripts.py`), for the ingress, the workers and the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rx
+
+from b24queue.envelope import Envelope
+from b24queue.errors import BrokerUnavailableError, ConfigError
+from b24queue.layout import QueueSpec, topic_matches
+from b24queue.settings import Settings
+from b24queue.transports.leased import Row
+from b24queue.transports.redis_streams import scripts
+from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
+
+log = logging.getLogger(__name__)
+
+# What means "Redis is away": the client reconnects by itself on the next command.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    rx.ConnectionError,
+    rx.TimeoutError,
+    rx.BusyLoadingError,
+    OSError,
+    ConnectionError,
+)
+
+
+def connect(settings: Settings, name: str) -> aioredis.Redis:
+    timeout_s = max(settings.connect_timeout_s, settings.publish_timeout_s)
+    return aioredis.Redis.from_url(
+        settings.broker_url,
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_timeout=timeout_s,
+        client_name=name.replace(" ", "_")[:100],
+        health_check_interval=30,
+    )
+
+
+async def check_durable(client: aioredis.Redis, settings: Settings) -> None:
+    """A 200 means the event is in the append-only file: refuse to go on without `appendonly
+    yes` and `appendfsync always`, unless the operator opted out (then say so loudly)."""
+    try:
+        aof = (await client.config_get("appendonly")).get("appendonly")
+        fsync = (await client.config_get("appendfsync")).get("appendfsync")
+    except rx.ResponseError as exc:
+        raise ConfigError(
+            f"cannot read Redis's persistence settings ({exc}): b24queue needs appendonly yes "
+            "and appendfsync always, or B24QUEUE_REDIS_ALLOW_UNSAFE=true"
+        ) from None
+    if (aof, fsync) == ("yes", "always"):
+        return
+    why = (
+        f"Redis runs with appendonly {aof} and appendfsync {fsync}: an event answered 200 can "
+        "be lost when Redis or its host stops (b24queue needs appendonly yes and appendfsync "
+        "always)"
+    )
+    if not settings.redis_allow_unsafe:
+        raise ConfigError(why + "; set B24QUEUE_REDIS_ALLOW_UNSAFE=true to run anyway")
+    log.error("UNSAFE: %s; running anyway (B24QUEUE_REDIS_ALLOW_UNSAFE=true)", why)
+
+
+def translate(exc: Exception, settings: Settings) -> Exception:
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
+        return ConfigError(f"Redis at {settings.redacted_redis_url()} refused: {exc}")
+    if isinstance(exc, CONNECTION_ERRORS):
+        return BrokerUnavailableError(
+            f"cannot reach Redis at {settings.redacted_redis_url()}: {exc!r}"
+        )
+    return exc
+
+
+class Store:
+    """One namespace (`B24QUEUE_REDIS_PREFIX`) of queues on one client."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        p = settings.redis_prefix
+        self.bindings_key, self.version_key = f"{p}:bindings", f"{p}:bindings:version"
+        self.queues_key, self.workers_key = f"{p}:queues", f"{p}:workers"
+        self._prefix = p
+        self._scripts = {
+            name: client.register_script(getattr(scripts, name))
+            for name in ("PUBLISH", "CLAIM", "ACK", "MOVE", "BEAT", "LEAVE", "REPLAY", "PURGE")
+        }
+        self._routes: tuple[str, list[tuple[str, str]]] | None = None
+
+    def stream(self, queue: str) -> str:
+        return f"{self._prefix}:q:{queue}"
+
+    def later(self, queue: str) -> str:
+        return f"{self._prefix}:later:{queue}"
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._scripts[name](keys=keys, args=args)
+
+    # Routing -------------------------------------------------------------------------------
+
+    async def _load_routes(self) -> tuple[str, list[tuple[str, str]]]:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.version_key)
+            pipe.hkeys(self.bindings_key)
+            version, fields = await pipe.execute()
+        pairs = [text(f).split("\n", 1) for f in fields]
+        self._routes = (text(version or b"0"), [(q, p) for q, p in pairs])
+        return self._routes
+
+    def _targets(self, bindings: list[tuple[str, str]], key: str) -> list[str]:
+        return sorted({q for q, p in bindings if topic_matches(p, key)})
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Every copy of every event in one script (atomic; one fsync), routed by the bindings
+        the script confirms are still current."""
+        for _ in range(5):
+            version, bindings = self._routes or await self._load_routes()
+            streams: dict[str, int] = {}
+            args: list[Any] = [version, 0]
+            count = 0
+            for e in envelopes:
+                queues = self._targets(bindings, e.routing_key) or [self.settings.unrouted]
+                fields = [
+                    e.message_id,
+                    e.routing_key,
+                    e.body,
+                    json.dumps(e.headers),
+                    e.timestamp.isoformat(),
+                    e.event_type,
+                ]
+                for queue in queues:
+                    index = streams.setdefault(self.stream(queue), len(streams) + 2)
+                    args += [index, *fields]
+                    count += 1
+            args[1] = count
+            keys = [self.version_key, *streams]
+            if await self._run("PUBLISH", keys, args) != -1:
+                return
+            self._routes = None  # the bindings changed meanwhile: route again
+        raise BrokerUnavailableError("the bindings kept changing while publishing")
+
+    # Topology ------------------------------------------------------------------------------
+
+    async def declare(self, spec: QueueSpec) -> list[str]:
+        """The queue, its group and DLQ, and exactly its bindings; the bindings removed."""
+        c = self.client
+        await c.hset(self.queues_key, mapping={spec.name: CONSUMER, spec.dlq: DLQ})
+        try:
+            await c.xgroup_create(self.stream(spec.name), scripts.GROUP, id="0", mkstream=True)
+        except rx.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        current = {
+            text(f).split("\n", 1)[1]
+            for f in await c.hkeys(self.bindings_key)
+            if text(f).split("\n", 1)[0] == spec.name
+        }
+        added = [p for p in spec.bindings if p not in current]
+        removed = sorted(current - set(spec.bindings))
+        if added or removed:
+            async with c.pipeline(transaction=True) as pipe:
+                for p in added:
+                    pipe.hset(self.bindings_key, f"{spec.name}\n{p}", "1")
+                for p in removed:
+                    pipe.hdel(self.bindings_key, f"{spec.name}\n{p}")
+                pipe.incr(self.version_key)
+                await pipe.execute()
+        return removed
+
+    async def declare_unrouted(self) -> None:
+        await self.client.hset(self.queues_key, self.settings.unrouted, UNROUTED)
+
+    # Worker side ---------------------------------------------------------------------------
+
+    async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
+        found = await self._run(
+            "CLAIM",
+            [self.stream(queue), self.later(queue)],
+            [scripts.GROUP, owner, count, int(lease_s * 1000)],
+        )
+        return [_row(entry_id, fields, int(n)) for entry_id, fields, n in found]
+
+    async def ack(self, queue: str, rows: Sequence[tuple[Row, str]]) -> list[bool]:
+        args: list[Any] = [scripts.GROUP]
+        for row, owner in rows:
+            args += [row.id, owner, row.fence]
+        done = await self._run("ACK", [self.stream(queue)], args)
+        return [bool(x) for x in done]
+
+    async def move(
+        self, row: Row, owner: str, *, queue: str, headers: dict[str, Any], delay_s: float
+    ) -> bool:
+        """Retry (`queue` is the row's own: the delayed set) or dead-letter (`queue` its DLQ)."""
+        dead = queue.endswith(".dlq")
+        source = queue.removesuffix(".dlq")
+        target = self.stream(queue) if dead else self.later(queue)
+        args = [
+            scripts.GROUP,
+            row.id,
+            owner,
+            row.fence,
+            "dlq" if dead else "retry",
+            json.dumps(headers, default=str),
+            int(delay_s * 1000),
+        ]
+        return bool(await self._run("MOVE", [self.stream(source), target], args))
+
+    async def beat(self, owner: str, queue: str, name: str, ids: list[Any], lease_s: float) -> None:
+        alive = json.dumps({"queue": queue, "name": name, "seen": time.time()})
+        await self._run(
+            "BEAT",
+            [self.stream(queue), self.workers_key],
+            [scripts.GROUP, owner, int(lease_s * 1000), alive, *ids],
+        )
+
+    async def release(self, queue: str, owner: str) -> None:
+        await self._run(
+            "BEAT", [self.stream(queue), self.workers_key], [scripts.GROUP, owner, 0, ""]
+        )
+
+    async def leave(self, queue: str, owner: str) -> None:
+        await self._run("LEAVE", [self.stream(queue), self.workers_key], [scripts.GROUP, owner])
+
+    # Operator side -------------------------------------------------------------------------
+
+    async def exists(self, queue: str) -> bool:
+        return bool(await self.client.hexists(self.queues_key, queue))
+
+    async def count(self, queue: str) -> int:
+        return int(await self.client.xlen(self.stream(queue)))
+
+    async def first(self, queue: str, limit: int, after: Any) -> list[Row]:
+        start = "-" if after is None else f"({after}"
+        entries: Any = await self.client.xrange(self.stream(queue), min=start, count=limit)
+        return [_row(entry_id, fields, 0) for entry_id, fields in entries or []]
+
+    async def replay(
+        self, row: Row, headers: dict[str, Any], back_to: str | None, source: str
+    ) -> bool:
+        for _ in range(5):
+            version, bindings = await self._load_routes()
+            targets = [back_to] if back_to is not None else self._targets(bindings, row.routing_key)
+            if not targets:
+                return False  # still bound by no queue: it stays
+            keys = [self.stream(source), self.version_key, *(self.stream(t) for t in targets)]
+            moved = await self._run(
+                "REPLAY", keys, [row.id, json.dumps(headers, default=str), version]
+            )
+            if moved != -1:
+                return bool(moved)
+        return False
+
+    async def purge(self, queue: str, count: int) -> int:
+        return int(await self._run("PURGE", [self.stream(queue)], [count]))
+
+    async def overview(self, alive_s: float) -> Overview:
+        kinds = {text(k): text(v) for k, v in (await self.client.hgetall(self.queues_key)).items()}
+        queues: dict[str, Depth] = {}
+        for name, kind in kinds.items():
+            total = int(await self.client.xlen(self.stream(name)))
+            leased = later = 0
+            if kind == CONSUMER:
+                try:
+                    pending = await self.client.xpending(self.stream(name), scripts.GROUP)
+                    leased = int(pending["pending"])
+                except rx.ResponseError:  # no group yet
+                    leased = 0
+                later = int(await self.client.zcard(self.later(name)))
+            queues[name] = Depth(total - leased, leased, later)
+        now = time.time()
+        workers: dict[str, int] = {}
+        names = set()
+        for raw in (await self.client.hgetall(self.workers_key)).values():
+            seen = json.loads(raw)
+            if now - seen["seen"] <= alive_s:
+                workers[seen["queue"]] = workers.get(seen["queue"], 0) + 1
+                names.add(seen["name"])
+        consumers = [n for n, k in kinds.items() if k == CONSUMER]
+        return Overview(consumers, queues, workers, sorted(names))
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _row(entry_id: Any, fields: Any, deliveries: int) -> Row:
+    if isinstance(fields, list):  # from a script: a flat list
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+    return Row(
+        id=text(entry_id),
+        message_id=f["m"].decode(),
+        routing_key=f["k"].decode(),
+        body=bytes(f["b"]),
+        headers=json.loads(f["h"]),
+        timestamp=datetime.fromisoformat(f["t"].decode()),
+        event_type=f["e"].decode(),
+        deliveries=deliveries,
+        fence=deliveries,
+    )
