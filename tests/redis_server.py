@@ -21,7 +21,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, *, aof: bool = True) -> None:
+        self.aof = aof
         self.directory = directory
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
@@ -34,7 +35,7 @@ class RedisServer:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--dir", str(self.directory),
-                "--appendonly", "yes",
+                "--appendonly", "yes" if self.aof else "no",
                 "--appendfsync", "always",
                 "--save", "",
                 "--logfile", str(self.directory / "redis.log"),
@@ -69,11 +70,11 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
+def redis_server(*, aof: bool = True) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not installed (Debian: redis-server)")
     directory = Path(tempfile.mkdtemp(prefix="b24q-redis-"))
-    server = RedisServer(directory, free_port())
+    server = RedisServer(directory, free_port(), aof=aof)
     server.start()
     try:
         yield server

@@ -53,6 +53,8 @@ def env_for(settings: Settings, record: Path | None = None, **extra: str) -> dic
             "B24QUEUE_POSTGRES_SCHEMA": settings.postgres_schema,
             "B24QUEUE_UNROUTED": settings.unrouted,
             "B24QUEUE_POSTGRES_POLL_S": "0.5",
+            "B24QUEUE_REDIS_PREFIX": settings.redis_prefix,
+            "B24QUEUE_REDIS_POLL_S": "0.2",
             "B24QUEUE_APP_TOKENS": SAMPLE_TOKEN,
             "B24QUEUE_SHUTDOWN_TIMEOUT_S": "20",
             "B24QUEUE_SPOOL_PATH": str((record or Path("/tmp/x")).parent / "spool.sqlite3"),
