@@ -117,7 +117,41 @@ def postgres_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callabl
         postgres_sql(f'DROP SCHEMA "{schema}" CASCADE')
 
 
-QUEUES = {"sqlite": sqlite_queue, "postgres": postgres_queue}
+def redis_baseline(url: str, count: int, body: bytes) -> float:
+    """Events/s of one XADD each (AOF, appendfsync always), one connection: no batching."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        started = time.perf_counter()
+        for _ in range(count):
+            client.xadd("plain", {"b": body})
+        return round(count / (time.perf_counter() - started), 1)
+    finally:
+        client.close()
+
+
+@contextmanager
+def redis_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[], int]]]:
+    """A Redis of the benchmark's own, persistent as b24queue needs it."""
+    import redis
+
+    from tests.redis_server import redis_server
+
+    with redis_server() as server:
+        client = redis.Redis.from_url(server.url)
+
+        def left() -> int:  # entries still in the stream: not yet acked (XACK + XDEL)
+            return int(client.xlen("b24queue:q:" + QUEUE))
+
+        try:
+            yield server.url, redis_baseline(server.url, 2000, body), left
+        finally:
+            client.close()
+
+
+QUEUE = "bench.tables"
+QUEUES = {"sqlite": sqlite_queue, "postgres": postgres_queue, "redis": redis_queue}
 
 
 def run(name: str, requests: int, concurrency: int) -> dict[str, Any]:
