@@ -21,8 +21,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int, *, aof: bool = True) -> None:
+    def __init__(
+        self, directory: Path, port: int, *, aof: bool = True, extra: tuple[str, ...] = ()
+    ) -> None:
         self.aof = aof
+        self.extra = extra
         self.directory = directory
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
@@ -39,6 +42,7 @@ class RedisServer:
                 "--appendfsync", "always",
                 "--save", "",
                 "--logfile", str(self.directory / "redis.log"),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -70,11 +74,11 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(*, aof: bool = True) -> Iterator[RedisServer]:
+def redis_server(*, aof: bool = True, extra: tuple[str, ...] = ()) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not installed (Debian: redis-server)")
     directory = Path(tempfile.mkdtemp(prefix="b24q-redis-"))
-    server = RedisServer(directory, free_port(), aof=aof)
+    server = RedisServer(directory, free_port(), aof=aof, extra=extra)
     server.start()
     try:
         yield server

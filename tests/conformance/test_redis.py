@@ -134,3 +134,60 @@ async def test_killed_worker_connections_lose_nothing(queue: Settings, tmp_path:
         await admin.aclose()
     for proc in (worker, ingress):
         assert await stop(proc) == 0
+
+
+async def test_what_the_persistence_check_refuses_and_what_the_opt_out_allows() -> None:
+    from b24queue.errors import ConfigError
+    from b24queue.transports.redis_streams.store import check_durable
+
+    for extra, refused in (
+        (("--maxmemory-policy", "allkeys-lru"), "maxmemory-policy allkeys-lru"),
+        (("--rename-command", "CONFIG", ""), "cannot read Redis's persistence settings"),
+    ):
+        with redis_server(extra=extra) as server:
+            client = aioredis.Redis.from_url(server.url)
+            try:
+                settings = load_settings(broker_url=server.url)
+                with pytest.raises(ConfigError, match=refused):
+                    await check_durable(client, settings)
+                unsafe = settings.model_copy(update={"redis_allow_unsafe": True})
+                await check_durable(client, unsafe)  # runs, with an error in the log
+            finally:
+                await client.aclose()
+
+
+async def test_released_and_abandoned_entries_are_claimed_again(queue: Settings) -> None:
+    """A stopping worker's release makes its entries claimable at once; an entry abandoned
+    behind many held ones is found (XAUTOCLAIM goes on from where it stopped)."""
+    from b24queue import EventConsumer
+    from b24queue.envelope import envelope_for
+    from b24queue.layout import spec_for
+    from b24queue.testing import make_event
+    from b24queue.transports.redis_streams.store import Store, connect
+
+    async def handle(self: EventConsumer, event: object) -> None:
+        return None
+
+    everything = type("C", (EventConsumer,), {"queue": "rel.q", "events": ("#",), "handle": handle})
+    store = Store(connect(queue, "test"), queue)
+    try:
+        spec = spec_for(everything)
+        await store.declare(spec)
+        events = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(32)]
+        await store.publish(events)
+        [gone] = await store.claim(spec.name, "B", 1, 60.0)
+        await store.release(spec.name, "B")
+        [again] = await store.claim(spec.name, "C", 1, 60.0)
+        assert (again.id, again.deliveries) == (gone.id, 2)
+        held = await store.claim(spec.name, "A", 30, 60.0)  # alive, holding 30
+        [dead] = await store.claim(spec.name, "D", 1, 60.0)  # the last one: D then dies
+        assert dead.id not in {r.id for r in held}
+        await store.release(spec.name, "D")  # as if its lease had run out long ago
+        found = []
+        for _ in range(8):  # one slot free at a time, as a busy runner claims
+            found += await store.claim(spec.name, "E", 1, 60.0)
+            if found:
+                break
+        assert [r.id for r in found] == [dead.id]
+    finally:
+        await store.client.aclose()

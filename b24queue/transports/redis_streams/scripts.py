@@ -36,7 +36,9 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 """
 
-# KEYS[1] stream, KEYS[2] its delayed set. ARGV: group, consumer, count, lease ms.
+# KEYS[1] stream, KEYS[2] its delayed set, KEYS[3] where XAUTOCLAIM goes on from (it looks at
+# about 10 x count pending entries per call: from the oldest every time, an abandoned entry
+# behind many live ones would wait). ARGV: group, consumer, count, lease ms.
 # Returns {id, {fields...}, deliveries} for each entry claimed.
 CLAIM = (
     _NOW
@@ -49,8 +51,10 @@ for _, member in ipairs(due) do
 end
 local count = tonumber(ARGV[3])
 local out = {}
-local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], '0-0',
+local cursor = redis.call('GET', KEYS[3]) or '0-0'
+local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], cursor,
   'COUNT', count)
+redis.call('SET', KEYS[3], claimed[1])
 for _, entry in ipairs(claimed[2]) do
   if entry[2] then out[#out + 1] = entry end
 end
@@ -140,7 +144,8 @@ return #pending
 """
 
 # KEYS[1] stream, KEYS[2] workers hash. ARGV: group, consumer. The consumer goes from the group
-# only when it holds nothing (deleting it would drop its pending entries).
+# only when it holds nothing (deleting it would drop its pending entries); else PRUNE takes it
+# once what it held was taken over.
 LEAVE = """
 redis.call('HDEL', KEYS[2], ARGV[2])
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
@@ -148,6 +153,30 @@ if pending[1] == nil then
   redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 end
 return 1
+"""
+
+# KEYS[1] stream, KEYS[2] workers hash. ARGV: group, queue, now (s), max age (s). Heartbeats of
+# this queue older than max age (crashed workers) go, and so do the group's consumers that hold
+# nothing and did nothing for that long (a live runner reads every poll; XREADGROUP would make
+# its consumer again anyway).
+PRUNE = """
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local seen = cjson.decode(all[i + 1])
+  if seen.queue == ARGV[2] and tonumber(ARGV[3]) - seen.seen > tonumber(ARGV[4]) then
+    redis.call('HDEL', KEYS[2], all[i])
+  end
+end
+local gone = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if tonumber(info['pending']) == 0 and tonumber(info['idle']) > tonumber(ARGV[4]) * 1000 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    gone = gone + 1
+  end
+end
+return gone
 """
 
 # KEYS[1] the source stream (a DLQ or the unrouted stream), KEYS[2] bindings version, KEYS[3..]

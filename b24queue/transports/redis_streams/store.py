@@ -50,18 +50,23 @@ async def check_durable(client: aioredis.Redis, settings: Settings) -> None:
     try:
         aof = (await client.config_get("appendonly")).get("appendonly")
         fsync = (await client.config_get("appendfsync")).get("appendfsync")
+        policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
     except rx.ResponseError as exc:
-        raise ConfigError(
-            f"cannot read Redis's persistence settings ({exc}): b24queue needs appendonly yes "
-            "and appendfsync always, or B24QUEUE_REDIS_ALLOW_UNSAFE=true"
-        ) from None
-    if (aof, fsync) == ("yes", "always"):
-        return
-    why = (
-        f"Redis runs with appendonly {aof} and appendfsync {fsync}: an event answered 200 can "
-        "be lost when Redis or its host stops (b24queue needs appendonly yes and appendfsync "
-        "always)"
-    )
+        why = (
+            f"cannot read Redis's persistence settings ({exc}): b24queue needs appendonly yes, "
+            "appendfsync always and maxmemory-policy noeviction"
+        )
+    else:
+        # Nothing of ours has a TTL: volatile-* policies never evict it; allkeys-* would.
+        evicts = not (policy == "noeviction" or str(policy).startswith("volatile-"))
+        if (aof, fsync) == ("yes", "always") and not evicts:
+            return
+        why = (
+            f"Redis runs with appendonly {aof}, appendfsync {fsync} and maxmemory-policy "
+            f"{policy}: an event answered 200 can be lost when Redis or its host stops, or "
+            "evicted when memory is full (b24queue needs appendonly yes, appendfsync always "
+            "and maxmemory-policy noeviction)"
+        )
     if not settings.redis_allow_unsafe:
         raise ConfigError(why + "; set B24QUEUE_REDIS_ALLOW_UNSAFE=true to run anyway")
     log.error("UNSAFE: %s; running anyway (B24QUEUE_REDIS_ALLOW_UNSAFE=true)", why)
@@ -89,7 +94,17 @@ class Store:
         self._prefix = p
         self._scripts = {
             name: client.register_script(getattr(scripts, name))
-            for name in ("PUBLISH", "CLAIM", "ACK", "MOVE", "BEAT", "LEAVE", "REPLAY", "PURGE")
+            for name in (
+                "PUBLISH",
+                "CLAIM",
+                "ACK",
+                "MOVE",
+                "BEAT",
+                "LEAVE",
+                "PRUNE",
+                "REPLAY",
+                "PURGE",
+            )
         }
         self._routes: tuple[str, list[tuple[str, str]]] | None = None
 
@@ -181,7 +196,7 @@ class Store:
     async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
         found = await self._run(
             "CLAIM",
-            [self.stream(queue), self.later(queue)],
+            [self.stream(queue), self.later(queue), self.stream(queue) + ":cursor"],
             [scripts.GROUP, owner, count, int(lease_s * 1000)],
         )
         return [_row(entry_id, fields, int(n)) for entry_id, fields, n in found]
@@ -220,8 +235,19 @@ class Store:
         )
 
     async def release(self, queue: str, owner: str) -> None:
+        """Everything `owner` holds becomes claimable at once (idle far past any lease)."""
         await self._run(
-            "BEAT", [self.stream(queue), self.workers_key], [scripts.GROUP, owner, 0, ""]
+            "BEAT", [self.stream(queue), self.workers_key], [scripts.GROUP, owner, 10**11, ""]
+        )
+
+    async def prune(self, queue: str, max_age_s: float) -> int:
+        """Forget the workers of `queue` not heard of for `max_age_s` (crashed ones)."""
+        return int(
+            await self._run(
+                "PRUNE",
+                [self.stream(queue), self.workers_key],
+                [scripts.GROUP, queue, time.time(), max_age_s],
+            )
         )
 
     async def leave(self, queue: str, owner: str) -> None:

@@ -202,19 +202,18 @@ class Waker:
                         newest: Any = await self._client.xrevrange(key, count=1)
                         last[key] = text(newest[0][0]) if newest else "0-0"
                 found: Any = await self._client.xread(last, count=1, block=block_ms)
+                for key, _ in found or []:
+                    name = text(key)
+                    self._events[streams[name]].set()
+                    newest = await self._client.xrevrange(name, count=1)
+                    if newest:
+                        last[name] = text(newest[0][0])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: the runners poll meanwhile
                 log.debug("wake-up read failed: %r", exc)
                 last = {}
                 await asyncio.sleep(self._settings.reconnect_interval_s)
-                continue
-            for key, _ in found or []:
-                name = text(key)
-                self._events[streams[name]].set()
-                newest = await self._client.xrevrange(name, count=1)
-                if newest:
-                    last[name] = text(newest[0][0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +221,11 @@ class _Ack:
     row: Row
     owner: str
     queue: str
+
+
+# A worker not heard of for this long has crashed: its heartbeat is forgotten, and its consumer
+# once the entries it held have been taken over (after their lease).
+PRUNE_AFTER_S = 20 * ALIVE_S
 
 
 class RedisLeases:
@@ -271,6 +275,7 @@ class RedisLeases:
 
     async def beat(self, owner: str, queue: str, name: str, ids: list[Any], lease_s: float) -> None:
         await self._store.beat(owner, queue, name, ids, lease_s)
+        await self._store.prune(queue, PRUNE_AFTER_S)
 
     async def release(self, owner: str, queue: str) -> None:
         await self._store.release(queue, owner)
