@@ -63,13 +63,15 @@ bench: install broker postgres
 definitions: install
 	$(BIN)/b24queue topology --definitions examples.deals:DealSync examples.logger:EventLogger > rabbitmq/definitions.json
 
-# The fault suite: its own RabbitMQ node, real processes, faults injected; prints a summary.
+# The fault suite: its own RabbitMQ node (and PostgreSQL restarted, a Redis of its own stopped and
+# killed), real processes, faults injected; prints a summary.
 faults: install broker postgres
 	$(BIN)/pytest tests/faults
 	# The SQLite part: SIGKILL of a worker mid-handler and of an ingress under load.
 	$(BIN)/pytest tests/conformance -k "sigkill and (sqlite or test_sigkill_of_the_ingress)"
-	# The PostgreSQL part: SIGKILL of a worker mid-handler, PostgreSQL restarted under load.
-	$(BIN)/pytest tests/conformance -k "sigkill and postgres"
+	# PostgreSQL and Redis: SIGKILL of a worker mid-handler (their servers restarted under load
+	# are in tests/faults).
+	$(BIN)/pytest tests/conformance -k "sigkill and (postgres or redis)"
 
 # Fuzzing the decoder and the whole ingress app, longer than `make test` does: atheris for
 # FUZZ_SECONDS (default 180), hypothesis's hostile bodies FUZZ_EXAMPLES times (default 5000).
