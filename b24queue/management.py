@@ -16,9 +16,15 @@ from b24queue.layout import Policy
 from b24queue.settings import Settings
 
 
+class _Unreachable(Exception):
+    """This node's API did not answer: ask the next one."""
+
+
 class ManagementClient:
     def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
-        self.base = settings.management_url
+        # Several nodes of one cluster: any answers for all; the last that did is asked first.
+        self.bases = settings.management_urls
+        self.base = self.bases[0]
         self.vhost = quote(settings.vhost, safe="")
         user, password = settings.broker_credentials
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -26,7 +32,20 @@ class ManagementClient:
         self._timeout_s = timeout_s
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        url = self.base + path
+        unreachable: ManagementError | None = None
+        for base in [self.base] + [b for b in self.bases if b != self.base]:
+            try:
+                answer = self._request(base, method, path, body)
+            except _Unreachable as exc:
+                unreachable = ManagementError(str(exc))
+                continue
+            self.base = base
+            return answer
+        assert unreachable is not None
+        raise unreachable
+
+    def _request(self, base: str, method: str, path: str, body: Any) -> Any:
+        url = base + path
         data = json.dumps(body).encode() if body is not None else None
         # The scheme is http(s): Settings checks management_url.
         req = urllib.request.Request(url, data=data, method=method, headers=self._headers)  # noqa: S310
@@ -36,7 +55,7 @@ class ManagementClient:
         except urllib.error.HTTPError as exc:
             if exc.code == 401:
                 raise ConfigError(
-                    f"the management API at {self.base} refused the credentials of "
+                    f"the management API at {base} refused the credentials of "
                     "B24QUEUE_AMQP_URL (the user needs the 'monitoring' or 'management' tag)"
                 ) from None
             if exc.code == 404:
@@ -46,15 +65,15 @@ class ManagementClient:
                 f"management API {method} {path}: HTTP {exc.code} {detail}"
             ) from None
         except (OSError, ValueError, http.client.HTTPException) as exc:
-            raise ManagementError(
-                f"cannot reach the RabbitMQ management API at {self.base} ({exc}); is the "
+            raise _Unreachable(
+                f"cannot reach the RabbitMQ management API at {base} ({exc}); is the "
                 "rabbitmq_management plugin enabled? (rabbitmq-plugins enable rabbitmq_management)"
             ) from None
         try:
             return json.loads(raw) if raw else None
         except ValueError:  # e.g. a proxy's login page answering in its place
             raise ManagementError(
-                f"the management API at {self.base} answered {method} {path} with something "
+                f"the management API at {base} answered {method} {path} with something "
                 "that is not JSON"
             ) from None
 

@@ -205,18 +205,39 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must look like amqp://user:password@host:5672/vhost")
-        return value
+        """One URL, or several (the nodes of one cluster), comma-separated: the same user,
+        password and vhost on each."""
+        urls = [u.strip() for u in value.split(",") if u.strip()]
+        for url in urls or [""]:
+            parts = urlsplit(url)
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(
+                    "must look like amqp://user:password@host:5672/vhost (several nodes of one "
+                    "cluster: comma-separated)"
+                )
+        if len({(urlsplit(u).username, urlsplit(u).password, urlsplit(u).path) for u in urls}) > 1:
+            raise ValueError("the nodes of one cluster must share the user, password and vhost")
+        return ",".join(urls)
 
     @field_validator("management_url")
     @classmethod
     def _check_management_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must look like http://host:15672")
-        return value.rstrip("/")
+        urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        for url in urls or [""]:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must look like http://host:15672 (several: comma-separated)")
+        return ",".join(urls)
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker's nodes, in the order to try them."""
+        return self.amqp_url.split(",")
+
+    @property
+    def management_urls(self) -> list[str]:
+        """The management API of each node (any answers for the cluster)."""
+        return self.management_url.split(",")
 
     @field_validator("http_path")
     @classmethod
@@ -251,14 +272,14 @@ class Settings(BaseSettings):
     def vhost(self) -> str:
         """The vhost named in the URL's path, percent-decoded (`/%2F` is `/`), as aio-pika reads
         it; `/` when the path is empty."""
-        path = urlsplit(self.amqp_url).path.removeprefix("/")
+        path = urlsplit(self.amqp_urls[0]).path.removeprefix("/")
         return unquote(path) or "/"
 
     @property
     def broker_credentials(self) -> tuple[str, str]:
         """User and password of the AMQP URL, percent-decoded (`p%40ss` is `p@ss`), as
         aio-pika (yarl) decodes them for the AMQP login; guest/guest when absent, as there."""
-        parts = urlsplit(self.amqp_url)
+        parts = urlsplit(self.amqp_urls[0])
         return unquote(parts.username or "") or "guest", unquote(parts.password or "") or "guest"
 
     def redacted_postgres_url(self) -> str:
@@ -276,11 +297,15 @@ class Settings(BaseSettings):
         return f"{scheme}://{where}"
 
     def redacted_amqp_url(self) -> str:
-        parts = urlsplit(self.amqp_url)
-        host = parts.hostname or ""
-        host = f"[{host}]" if ":" in host else host
-        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-        return f"{parts.scheme}://{parts.username or 'guest'}:***@{host}:{port}{parts.path or '/'}"
+        return ",".join(_redacted_amqp(url) for url in self.amqp_urls)
+
+
+def _redacted_amqp(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    return f"{parts.scheme}://{parts.username or 'guest'}:***@{host}:{port}{parts.path or '/'}"
 
 
 def load_settings(**overrides: Any) -> Settings:

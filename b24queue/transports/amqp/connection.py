@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -14,6 +15,7 @@ from tenacity import (
     stop_never,
     wait_exponential,
 )
+from yarl import URL
 
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.settings import Settings
@@ -38,20 +40,57 @@ PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection to one of several nodes of a cluster: each (re)connection tries them
+    in turn, starting after the node that was lost, so a node that goes away is left for the
+    next one (channels, consumers and the connection's name restored as aio-pika does).
+    Options in the query of the first URL apply to all."""
+
+    def __init__(self, urls: list[str], **kwargs: Any) -> None:
+        super().__init__(URL(urls[0]), **kwargs)
+        self._urls = [URL(u) for u in urls]
+        self._at = 0  # the node to try first
+
+    # aio-pika 10's RobustConnection makes each (re)connection in this private step (pinned in
+    # pyproject; tests/integration/test_failover.py fails if it moves).
+    async def _RobustConnection__connect_transport(self) -> None:
+        failure: BaseException | None = None
+        for at in [(self._at + step) % len(self._urls) for step in range(len(self._urls))]:
+            self.url = self._urls[at]
+            try:
+                await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+            except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
+                failure = exc
+                continue
+            self._at = at
+            return
+        assert failure is not None
+        raise failure
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if self.connected.is_set() and not (self._close_called or self.is_closed):
+            self._at = (self._at + 1) % len(self._urls)  # the node we were on went away
+        await super()._on_connection_close(closing)
+
+
 async def connect_once(settings: Settings, name: str) -> AbstractRobustConnection:
-    """One attempt bounded by `connect_timeout_s`; later drops reconnect by themselves."""
+    """One attempt (over every node, each bounded by `connect_timeout_s`); later drops
+    reconnect by themselves."""
+    connection = FailoverConnection(
+        settings.amqp_urls,
+        client_properties={"connection_name": name},
+        reconnect_interval=settings.reconnect_interval_s,
+    )
     try:
-        return await aio_pika.connect_robust(
-            settings.amqp_url,
-            client_properties={"connection_name": name},
-            timeout=settings.connect_timeout_s,
-            reconnect_interval=settings.reconnect_interval_s,
-        )
+        await connection.connect(timeout=settings.connect_timeout_s)
+        return connection
     except aio_pika.exceptions.ProbableAuthenticationError as exc:
+        await close_quietly(connection)
         raise ConfigError(
             f"RabbitMQ at {settings.redacted_amqp_url()} refused the credentials or vhost: {exc}"
         ) from None
     except CONNECT_ERRORS as exc:
+        await close_quietly(connection)
         raise BrokerUnavailableError(
             f"cannot reach RabbitMQ at {settings.redacted_amqp_url()}: {exc or type(exc).__name__}"
         ) from None

@@ -1,0 +1,77 @@
+"""Several broker addresses (the nodes of one cluster), tried in turn: here two TCP proxies in
+front of the one local RabbitMQ stand for two nodes, so a "node" can go away while the broker
+stays. The cluster itself is tested by `make faults-cluster`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from b24queue import Event, EventConsumer
+from b24queue.management import ManagementClient
+from b24queue.runtime import Worker
+from tests.conftest import sample_form
+from tests.integration.conftest import AMQP_URL, MGMT_URL, Broker, running_ingress, wait_until
+from tests.integration.proxy import Proxy, free_port
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def node(port: int) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{port}/"
+
+
+async def post(client: Any, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        resp = await client.post("/b24/events", data=sample_form("crm-deal-add"), headers=FORM)
+        assert resp.status == 200, await resp.text()
+        ids.append((await resp.json())["message_id"])
+    return ids
+
+
+async def test_the_first_node_that_answers_is_used(broker: Broker) -> None:
+    settings = broker.make_settings(amqp_url=f"{node(free_port())},{AMQP_URL}")
+    queue = await broker.bind_queue("all", "#")
+    async with running_ingress(settings) as (client, _):
+        await post(client, 2)
+    assert await broker.depth(queue) == 2
+
+
+async def test_a_lost_node_is_left_for_the_next_with_consumers_restored(broker: Broker) -> None:
+    a, b = Proxy(), Proxy()
+    await a.start()
+    await b.start()
+    settings = broker.make_settings(
+        amqp_url=f"{node(a.port)},{node(b.port)}",
+        management_url=f"http://127.0.0.1:{free_port()},{MGMT_URL}",
+    )
+    seen: list[str] = []
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        seen.append(event.message_id or "")
+
+    queue = broker.name(f"fo{uuid.uuid4().hex[:6]}")
+    cls = type("C", (EventConsumer,), {"queue": queue, "events": ("#",), "handle": handle})
+    try:
+        async with Worker(settings, [cls]), running_ingress(settings) as (client, publisher):
+            first = await post(client, 3)
+            await wait_until(lambda: set(first) <= set(seen), 15, "handled through node A")
+            await a.cut()  # node A is gone, for every connection through it
+            await wait_until(publisher.is_ready, 20, "the publisher on node B")
+            second = await post(client, 3)
+            await wait_until(lambda: set(second) <= set(seen), 30, "handled through node B")
+
+            # The worker's connection came back under its name (the management API answered
+            # from the second address: the first has nothing listening).
+            def named() -> bool:
+                names = {
+                    c.get("client_properties", {}).get("connection_name", "")
+                    for c in ManagementClient(settings).connections()
+                }
+                return any(n.startswith(f"b24queue worker {queue} ") for n in names)
+
+            await wait_until(named, 20, "the worker's connection listed under its name")
+    finally:
+        await a.cut()
+        await b.cut()
