@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit faults fuzz lint broker postgres run run-sqlite topology bench soak definitions clean
+.PHONY: install test test-unit faults faults-cluster cluster fuzz lint broker postgres run run-sqlite topology bench soak definitions clean
 
 install: $(STAMP)
 
@@ -72,6 +72,16 @@ faults: install broker postgres
 	# PostgreSQL and Redis: SIGKILL of a worker mid-handler (their servers restarted under load
 	# are in tests/faults).
 	$(BIN)/pytest tests/conformance -k "sigkill and (postgres or redis)"
+
+# A three-node RabbitMQ cluster on this host (rabbitmq/cluster.sh; the machine's node on 5672 is
+# left alone); prints the B24QUEUE_BROKER_URL to use. `bash rabbitmq/cluster.sh stop` stops it.
+cluster:
+	bash rabbitmq/cluster.sh start
+
+# Nodes of that cluster lost under load (tests/cluster, a few minutes); the cluster is stopped after.
+faults-cluster: install
+	bash rabbitmq/cluster.sh start
+	$(BIN)/pytest tests/cluster; rc=$$?; bash rabbitmq/cluster.sh stop; exit $$rc
 
 # Fuzzing the decoder and the whole ingress app, longer than `make test` does: atheris for
 # FUZZ_SECONDS (default 180), hypothesis's hostile bodies FUZZ_EXAMPLES times (default 5000).

@@ -80,7 +80,10 @@ def spec_for(consumer: type[EventConsumer]) -> QueueSpec:
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:
-    return {"x-queue-type": settings.queue_type}
+    args: dict[str, Any] = {"x-queue-type": settings.queue_type}
+    if settings.queue_type == "quorum" and settings.quorum_group_size is not None:
+        args["x-quorum-initial-group-size"] = settings.quorum_group_size
+    return args
 
 
 def retry_queue_arguments(settings: Settings, target: str, delay_s: float) -> dict[str, Any]:

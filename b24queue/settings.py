@@ -67,6 +67,10 @@ class Settings(BaseSettings):
         description="alternate exchange and its queue: events nobody is bound to land here",
     )
     queue_type: Literal["quorum", "classic"] = "quorum"
+    # Quorum queues on a cluster: how many nodes hold each new queue's replicas (RabbitMQ's
+    # default when unset: every node, up to its quorum_cluster_size). Read when a queue is
+    # created; change existing ones with rabbitmq-queues grow / shrink.
+    quorum_group_size: int | None = Field(default=None, ge=1, le=9)
     # SQLite: how often an idle worker looks for events published by another process (a read).
     sqlite_poll_s: float = Field(default=0.05, gt=0, le=10)
     # PostgreSQL: the schema holding the queue's tables, and how often an idle worker looks for

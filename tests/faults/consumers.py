@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from b24queue import Event, EventConsumer
@@ -41,3 +42,6 @@ class FaultRecorder(EventConsumer):
             f.write(f"{event.message_id}\n")
             f.flush()
             os.fsync(f.fileno())
+        if times := os.environ.get("B24QT_TIMES"):  # when each was handled, for recovery times
+            with open(times, "a") as f:
+                f.write(f"{event.message_id} {time.time():.3f}\n")

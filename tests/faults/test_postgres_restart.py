@@ -53,9 +53,11 @@ class SteadyLoad:
     def __init__(self, url: str) -> None:
         self.url = url
         self.accepted: list[str] = []
+        self.accepted_at: dict[str, float] = {}  # message_id -> wall time of its 200
         self.answers: list[tuple[float, int]] = []  # (seconds since the start, status; 0: none)
         self.sent = 0
         self._began = time.monotonic()
+        self.started_at = time.time()  # the wall clock at the start (answers are relative)
 
     def now(self) -> float:
         return time.monotonic() - self._began
@@ -65,12 +67,14 @@ class SteadyLoad:
             async with session.post(self.url, data=sample_form("crm-deal-add"), headers=FORM) as r:
                 self.answers.append((self.now(), r.status))
                 if r.status == 200:
-                    self.accepted.append((await r.json())["message_id"])
+                    message_id = (await r.json())["message_id"]
+                    self.accepted.append(message_id)
+                    self.accepted_at[message_id] = time.time()
         except (aiohttp.ClientError, OSError):
             self.answers.append((self.now(), 0))
 
     async def run(self, duration_s: float, rate_per_s: float) -> None:
-        self._began = time.monotonic()
+        self._began, self.started_at = time.monotonic(), time.time()
         tasks = []
         async with aiohttp.ClientSession() as session:
             while (elapsed := self.now()) < duration_s:

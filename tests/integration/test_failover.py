@@ -75,3 +75,28 @@ async def test_a_lost_node_is_left_for_the_next_with_consumers_restored(broker: 
     finally:
         await a.cut()
         await b.cut()
+
+
+async def test_a_nack_moves_publishing_to_a_new_channel(broker: Broker) -> None:
+    """A queue that refuses (reject-publish at its length limit) nacks; the publisher then opens
+    a new channel (a stale one can nack for ever after a quorum leader change), and publishes go
+    on once the queue takes messages again."""
+    from b24queue.transports.amqp.topology import declare_exchanges
+
+    settings = broker.make_settings()
+    full = broker.name("full")
+    async with broker.connection.channel() as channel:
+        exchange = await declare_exchanges(channel, settings)
+        queue = await channel.declare_queue(
+            full, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await queue.bind(exchange, routing_key="#")
+    async with running_ingress(settings) as (client, publisher):
+        first = publisher._channel
+        resp = await client.post("/b24/events", data=sample_form("crm-deal-add"), headers=FORM)
+        assert resp.status != 200  # nacked (no spool in this app): refused, not accepted
+        await wait_until(lambda: publisher._channel is not first, 10, "a new publishing channel")
+        async with broker.connection.channel() as channel:
+            await channel.queue_delete(full)
+        await wait_until(publisher.is_ready, 10, "ready on the new channel")
+        await post(client, 1)

@@ -102,6 +102,8 @@ class AmqpPublisher:
         # Channels and connections closed under us so far: tells the spool's forwarder whether a
         # publish that failed broke them (an event that does so every time is moved aside).
         self.breaks = 0
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = float("-inf")
 
     async def __aenter__(self) -> AmqpPublisher:
         self._task = asyncio.create_task(self._connect(), name="b24queue-publisher-connect")
@@ -116,6 +118,9 @@ class AmqpPublisher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
             await asyncio.gather(self._channel.close(), return_exceptions=True)
         await close_quietly(self._connection)
@@ -145,6 +150,35 @@ class AmqpPublisher:
 
     def _lost(self, *_: object) -> None:
         self.breaks += 1
+
+    def _renew_channel(self) -> None:
+        """Publish on a new channel from now on (at most once per second). A nack means a queue
+        could not take the message; after a quorum queue's leader moved, RabbitMQ 3.10 was seen
+        to nack every later publish on the channel that first published to it while the old
+        leader was being declared dead, for as long as that channel lived (a new channel
+        published fine): the spool's forwarder would retry on it for ever."""
+        now = asyncio.get_running_loop().time()
+        if self._renewing is not None or now < self._renewed_at + 1.0:
+            return
+        self._renewed_at = now
+        self._renewing = asyncio.create_task(self._swap_channel(), name="b24queue-renew-channel")
+
+    async def _swap_channel(self) -> None:
+        try:
+            connection = self._connection
+            if connection is None:
+                return
+            await asyncio.wait_for(connection.connected.wait(), self._settings.connect_timeout_s)
+            fresh = await self._open_channel(connection)
+            old, self._channel = self._channel, fresh
+            if old is not None:
+                old.close_callbacks.discard(self._lost)  # closed by us: not a break
+                await asyncio.gather(old.close(), return_exceptions=True)
+            log.warning("publishing on a new channel after a nack")
+        except Exception as exc:  # the next nack tries again
+            log.warning("could not open a new publishing channel: %r", exc)
+        finally:
+            self._renewing = None
 
     async def _open_channel(self, connection: AbstractRobustConnection) -> AbstractChannel:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -205,6 +239,7 @@ class AmqpPublisher:
                 f"RabbitMQ returned the message as unroutable: {exc}", returned=True
             ) from None
         except aio_pika.exceptions.DeliveryError as exc:
+            self._renew_channel()
             raise PublishError(f"RabbitMQ refused the message (nack): {exc}") from None
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailableError(f"connection to RabbitMQ failed: {exc!r}") from None
