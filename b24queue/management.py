@@ -60,6 +60,10 @@ class ManagementClient:
                 ) from None
             if exc.code == 404:
                 raise LookupError(path) from None
+            if exc.code >= 500:  # a node starting or cut off from the others: ask the next
+                raise _Unreachable(
+                    f"the management API at {base} answered HTTP {exc.code}"
+                ) from None
             detail = exc.read().decode("utf-8", "replace")[:300]
             raise ManagementError(
                 f"management API {method} {path}: HTTP {exc.code} {detail}"

@@ -156,7 +156,7 @@ class Settings(BaseSettings):
             return value
         scheme = value.split(":", 1)[0].lower()
         if scheme in ("amqp", "amqps"):
-            return value
+            return ",".join(u.strip() for u in value.split(",") if u.strip())
         if scheme == "sqlite" and value.removeprefix("sqlite:").removeprefix("//"):
             return value
         if scheme in ("redis", "rediss"):
@@ -219,7 +219,12 @@ class Settings(BaseSettings):
                     "must look like amqp://user:password@host:5672/vhost (several nodes of one "
                     "cluster: comma-separated)"
                 )
-        if len({(urlsplit(u).username, urlsplit(u).password, urlsplit(u).path) for u in urls}) > 1:
+
+        def who(url: str) -> tuple[str | None, str | None, str]:
+            parts = urlsplit(url)
+            return parts.username, parts.password, unquote(parts.path.removeprefix("/")) or "/"
+
+        if len({who(u) for u in urls}) > 1:
             raise ValueError("the nodes of one cluster must share the user, password and vhost")
         return ",".join(urls)
 

@@ -89,7 +89,9 @@ join() {
   member "$n" && return 0
   echo "joining $(node "$n") to $(node 1)"
   ctl "$n" -q stop_app
-  ctl "$n" -q join_cluster "$(node 1)"
+  # Whatever happens to the join, the node's app runs again (a stopped app answers ping, and
+  # the next start would take it for a running node).
+  ctl "$n" -q join_cluster "$(node 1)" || { ctl "$n" -q start_app; return 1; }
   ctl "$n" -q start_app
 }
 
@@ -97,9 +99,11 @@ wait_all() {
   for n in 1 2 3; do
     ctl "$n" -q await_startup --timeout 120 >/dev/null
     for _ in $(seq 1 120); do
-      listening "$(amqp_port "$n")" && listening "$(mgmt_port "$n")" && break
+      listening "$(amqp_port "$n")" && listening "$(mgmt_port "$n")" && continue 2
       sleep 0.5
     done
+    echo "$(node "$n") runs but does not listen on $(amqp_port "$n") / $(mgmt_port "$n")" >&2
+    exit 1
   done
 }
 
@@ -107,6 +111,7 @@ start() {
   command -v rabbitmq-server >/dev/null || { echo "rabbitmq-server is not installed" >&2; exit 1; }
   for n in 1 2 3; do
     launch "$n"
+    ctl "$n" -q start_app >/dev/null 2>&1 || true  # a node left with its app stopped
   done
   ctl 1 -q await_startup --timeout 300 >/dev/null
   for n in 2 3; do
@@ -125,8 +130,13 @@ start() {
 
 stop_node() {
   local n=$1
-  [[ -f "$(dir "$n")/pid" ]] || return 0
-  ctl "$n" -q stop "$(dir "$n")/pid" >/dev/null 2>&1 || true
+  running "$n" || { rm -f "$(dir "$n")/pid"; return 0; }
+  if [[ -f "$(dir "$n")/pid" ]]; then
+    ctl "$n" -q stop "$(dir "$n")/pid" >/dev/null 2>&1 || ctl "$n" -q stop >/dev/null 2>&1 || true
+  else
+    ctl "$n" -q stop >/dev/null 2>&1 || true  # started from another checkout
+  fi
+  running "$n" && { echo "$(node "$n") did not stop" >&2; return 1; }
   rm -f "$(dir "$n")/pid"
 }
 

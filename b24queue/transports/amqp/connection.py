@@ -47,25 +47,34 @@ class FailoverConnection(aio_pika.RobustConnection):
     Options in the query of the first URL apply to all."""
 
     def __init__(self, urls: list[str], **kwargs: Any) -> None:
-        super().__init__(URL(urls[0]), **kwargs)
-        self._urls = [URL(u) for u in urls]
+        first = URL(urls[0])
+        super().__init__(first, **kwargs)
+        # aiormq reads some options (TLS files, heartbeat) from the URL it connects to: every
+        # node gets the first URL's, unless it names its own.
+        self._urls = [first] + [
+            URL(u).with_query({**dict(first.query), **dict(URL(u).query)}) for u in urls[1:]
+        ]
         self._at = 0  # the node to try first
 
     # aio-pika 10's RobustConnection makes each (re)connection in this private step (pinned in
     # pyproject; tests/integration/test_failover.py fails if it moves).
     async def _RobustConnection__connect_transport(self) -> None:
-        failure: BaseException | None = None
+        failures: list[Exception] = []
         for at in [(self._at + step) % len(self._urls) for step in range(len(self._urls))]:
             self.url = self._urls[at]
             try:
                 await super()._RobustConnection__connect_transport()  # type: ignore[misc]
-            except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
-                failure = exc
+            except Exception as exc:  # whatever failed on this node, the next may do
+                failures.append(exc)
                 continue
             self._at = at
             return
-        assert failure is not None
-        raise failure
+        self._at = (self._at + 1) % len(self._urls)
+        # A node that refused the credentials says more than one that is down.
+        refused = [
+            e for e in failures if isinstance(e, aio_pika.exceptions.ProbableAuthenticationError)
+        ]
+        raise (refused or failures)[-1]
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
         if self.connected.is_set() and not (self._close_called or self.is_closed):

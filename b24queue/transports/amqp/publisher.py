@@ -171,10 +171,12 @@ class AmqpPublisher:
             await asyncio.wait_for(connection.connected.wait(), self._settings.connect_timeout_s)
             fresh = await self._open_channel(connection)
             old, self._channel = self._channel, fresh
+            log.warning("publishing on a new channel after a nack")
             if old is not None:
                 old.close_callbacks.discard(self._lost)  # closed by us: not a break
+                # Publishes already under way on it keep their time to be confirmed.
+                await asyncio.sleep(self._settings.publish_timeout_s + 1)
                 await asyncio.gather(old.close(), return_exceptions=True)
-            log.warning("publishing on a new channel after a nack")
         except Exception as exc:  # the next nack tries again
             log.warning("could not open a new publishing channel: %r", exc)
         finally:
@@ -271,4 +273,5 @@ class AmqpPublisher:
             reraise=True,
         ):
             with attempt:
-                await self._publish_once(channel, envelope, properties)
+                # The current channel: a nack may have moved publishing to a new one.
+                await self._publish_once(self._channel or channel, envelope, properties)
