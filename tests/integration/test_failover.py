@@ -4,6 +4,7 @@ stays. The cluster itself is tested by `make faults-cluster`."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -75,6 +76,56 @@ async def test_a_lost_node_is_left_for_the_next_with_consumers_restored(broker: 
     finally:
         await a.cut()
         await b.cut()
+
+
+class BlackHole:
+    """A "node" that accepts connections and never answers (a host gone without a word)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._hold, "127.0.0.1", self.port)
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.append(writer)
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_after_losing_its_node_a_connection_tries_the_next_node_first(
+    broker: Broker,
+) -> None:
+    """Node A is lost and its address then swallows connections without answering: the
+    reconnection starts with node B (a lost node is tried last), so it never waits on A."""
+    a, b = Proxy(), Proxy()
+    await a.start()
+    await b.start()
+    settings = broker.make_settings(amqp_url=f"{node(a.port)},{node(b.port)}")
+    queue = await broker.bind_queue("all", "#")
+    hole = BlackHole(a.port)
+    try:
+        async with running_ingress(settings) as (client, publisher):
+            await post(client, 1)
+            await a.cut()
+            await hole.start()  # before the reconnection (B24QUEUE_RECONNECT_INTERVAL_S later)
+            await wait_until(lambda: not publisher.is_ready(), 10, "the loss noticed")
+            await wait_until(publisher.is_ready, 20, "the publisher on node B")
+            await post(client, 1)
+            assert hole.accepted == 0, "the lost node was tried before the next one"
+    finally:
+        await hole.close()
+        await b.cut()
+    assert await broker.depth(queue) == 2
 
 
 async def test_a_nack_moves_publishing_to_a_new_channel(broker: Broker) -> None:
