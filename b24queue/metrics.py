@@ -165,9 +165,12 @@ class WorkerMetrics:
         )
 
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # Whoever can publish to the exchange names events: bounded like the ingress's.
+        self._events = EventLabels()
 
     def observe(self, queue: str, event: str, outcome: str, duration_s: float) -> None:
         # Label lookups hash and lock on every call; the children are cached per label set.
+        event = self._events.of(event)
         key = (queue, event, outcome)
         children = self._children.get(key)
         if children is None:

@@ -144,3 +144,19 @@ async def test_a_flood_of_refusals_is_logged_in_bounded_lines(
             assert (await client.post("/b24/events", json=event)).status == 401
     lines = [r for r in caplog.records if "refused" in r.getMessage()]
     assert 20 <= len(lines) < 40, len(lines)  # a burst of 20, then about one a second
+
+
+def test_worker_metric_labels_are_bounded() -> None:
+    """Whoever can publish to the exchange names the events a worker counts: past
+    MAX_EVENT_LABELS distinct names they are counted as `other`, in a bounded set of series."""
+    from prometheus_client import generate_latest
+
+    from b24queue.metrics import MAX_EVENT_LABELS, WorkerMetrics
+
+    metrics = WorkerMetrics()
+    for i in range(MAX_EVENT_LABELS + 100):
+        metrics.observe("q", f"ONEVENT{i}", "ack", 0.001)
+    lines = generate_latest(metrics.registry).decode().splitlines()
+    counted = [ln for ln in lines if ln.startswith("b24queue_worker_events_total{")]
+    assert len(counted) == MAX_EVENT_LABELS + 1
+    assert any('event="other"' in ln and ln.endswith(" 100.0") for ln in counted)
