@@ -26,6 +26,7 @@ from b24queue import _constants as c
 from b24queue.envelope import Envelope
 from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
+from b24queue.transports import given_up
 from b24queue.transports.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
 from b24queue.transports.amqp.topology import declare_exchanges
 
@@ -198,13 +199,7 @@ class AmqpPublisher:
 
         Never returns once connected: from then on the robust connection reconnects by itself.
         """
-        assert self._task is not None, "use `async with AmqpPublisher(...)`"
-        try:
-            await asyncio.shield(self._task)
-        except B24QueueError as exc:
-            return exc
-        await asyncio.get_running_loop().create_future()  # wait forever (until cancelled)
-        raise AssertionError("unreachable")
+        return await given_up(self._task)
 
     def is_ready(self) -> bool:
         conn, channel = self._connection, self._channel

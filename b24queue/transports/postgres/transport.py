@@ -32,7 +32,7 @@ from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
 from b24queue.layout import QueueState, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
-from b24queue.transports import connection_name
+from b24queue.transports import connection_name, given_up
 from b24queue.transports.batching import Batcher
 from b24queue.transports.leased import ALIVE_S, Row
 from b24queue.transports.postgres.db import (
@@ -128,13 +128,7 @@ class PostgresPublisher:
             connection.terminate()
 
     async def failed(self) -> BaseException:
-        assert self._task is not None, "use `async with PostgresPublisher(...)`"
-        try:
-            await asyncio.shield(self._task)
-        except B24QueueError as exc:
-            return exc
-        await asyncio.get_running_loop().create_future()  # wait forever (until cancelled)
-        raise AssertionError("unreachable")
+        return await given_up(self._task)
 
     def is_ready(self) -> bool:
         return self._connection is not None and not self._connection.is_closed()

@@ -34,7 +34,7 @@ from b24queue.layout import QueueSpec, QueueState, spec_for
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.status import Status
-from b24queue.transports import Runner, connection_name
+from b24queue.transports import Runner, connection_name, given_up
 from b24queue.transports.batching import Batcher
 from b24queue.transports.leased import ALIVE_S, LeasedRunner, Row
 from b24queue.transports.redis_streams.store import (
@@ -129,13 +129,7 @@ class RedisPublisher:
             log.info("Redis answers again")
 
     async def failed(self) -> BaseException:
-        assert self._task is not None, "use `async with RedisPublisher(...)`"
-        try:
-            await asyncio.shield(self._task)
-        except B24QueueError as exc:
-            return exc
-        await asyncio.get_running_loop().create_future()
-        raise AssertionError("unreachable")
+        return await given_up(self._task)
 
     def is_ready(self) -> bool:
         return self._store is not None and self._ready
