@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +92,12 @@ async def fake_portal(portal_certificate: tuple[Path, Path]) -> Any:
         yield portal
     finally:
         await portal.stop()
+
+
+@pytest.fixture(autouse=True)
+async def _no_process_left() -> AsyncIterator[None]:
+    """A failing test must not leave the processes it started (tests.processes) running."""
+    yield
+    from tests.processes import kill_leftovers
+
+    await kill_leftovers()

@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 
 from b24queue.settings import Settings, load_settings
-from tests.conformance.test_postgres import env_for, start, stop
 from tests.conftest import SAMPLE_TOKEN
 from tests.faults.test_postgres_restart import SteadyLoad, handled
 from tests.integration.conftest import ROOT, wait_until
 from tests.integration.proxy import free_port
+from tests.processes import env_for, start, start_workers, stop
 
 CLUSTER = ROOT / "rabbitmq" / "cluster.sh"
 PORTS = (5681, 5682, 5683)
@@ -119,21 +119,10 @@ async def run_scenario(
     )  # fmt: skip
     out, _ = await proc.communicate()
     assert proc.returncode == 0, out.decode()
-    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    workers = [
-        await start(settings, "worker", "tests.faults.consumers:FaultRecorder", env=env, log=log)
-        for log in logs
-    ]
-    await wait_until(
-        lambda: all(p.exists() and "worker running" in p.read_text() for p in logs),
-        60,
-        "both workers consuming",
-    )
+    workers = await start_workers(env, tmp_path, "tests.faults.consumers:FaultRecorder")
     port = free_port()
     ingress_env = {**env}
-    ingress = await start(
-        settings,
-        "ingress", "--host", "127.0.0.1", "--port", str(port),
+    ingress = await start("ingress", "--host", "127.0.0.1", "--port", str(port),
         env=ingress_env, log=tmp_path / "ingress.log",
     )  # fmt: skip
     await wait_until(lambda: _ready(port), 60, "the ingress ready")

@@ -6,142 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
 
 from b24queue.errors import ConfigError
 from b24queue.settings import Settings
 from b24queue.transports.postgres.db import SCHEMA_VERSION, ensure_schema
-from tests.conftest import SAMPLE_TOKEN, sample_form
-from tests.integration.conftest import ROOT, wait_until
+from tests.integration.conftest import wait_until
 from tests.integration.proxy import Proxy, free_port
 from tests.postgres import POSTGRES_URL, postgres_schema
-
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-_STARTED: list[asyncio.subprocess.Process] = []
+from tests.processes import cli, env_for, ingress_up, lines, post, start, stop
 
 
 @pytest.fixture
 async def schema() -> AsyncIterator[Settings]:
     async with postgres_schema(f"t{uuid.uuid4().hex[:10]}") as settings:
         yield settings
-
-
-@pytest.fixture(autouse=True)
-async def _no_process_left() -> AsyncIterator[None]:
-    yield
-    while _STARTED:
-        proc = _STARTED.pop()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-def env_for(settings: Settings, record: Path | None = None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
-    env.update(
-        {
-            "B24QUEUE_BROKER_URL": settings.broker_url,
-            "B24QUEUE_POSTGRES_SCHEMA": settings.postgres_schema,
-            "B24QUEUE_UNROUTED": settings.unrouted,
-            "B24QUEUE_POSTGRES_POLL_S": "0.5",
-            "B24QUEUE_REDIS_PREFIX": settings.redis_prefix,
-            "B24QUEUE_REDIS_POLL_S": "0.2",
-            "B24QUEUE_APP_TOKENS": SAMPLE_TOKEN,
-            "B24QUEUE_SHUTDOWN_TIMEOUT_S": "20",
-            "B24QUEUE_SPOOL_PATH": str((record or Path("/tmp/x")).parent / "spool.sqlite3"),
-            "B24QT_QUEUE": "cli.deals",
-            "B24QT_RECORD": str(record or "/dev/null"),
-            "B24QT_EVENTS": "ONCRMDEALADD",
-            **extra,
-        }
-    )
-    return env
-
-
-async def cli(settings: Settings, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24queue",
-        *args,
-        cwd=ROOT,
-        env=env_for(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
-
-
-async def start(
-    settings: Settings, *args: str, env: dict[str, str], log: Path | None = None
-) -> asyncio.subprocess.Process:
-    """A `b24queue` process; its output to `log` (read it when a test fails), else dropped."""
-    out = open(log, "ab") if log is not None else None  # noqa: SIM115 - the child holds it
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "b24queue",
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=out if out is not None else asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    if out is not None:
-        out.close()
-    _STARTED.append(proc)
-    return proc
-
-
-async def stop(proc: asyncio.subprocess.Process) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(proc.wait(), 30)
-
-
-def lines(record: Path, kind: str) -> list[str]:
-    if not record.exists():
-        return []
-    return [ln.split()[1] for ln in record.read_text().splitlines() if ln.startswith(kind + " ")]
-
-
-async def post(url: str, count: int, name: str = "crm-deal-add") -> list[str]:
-    ids = []
-    async with aiohttp.ClientSession() as session:
-        for _ in range(count):
-            async with session.post(url, data=sample_form(name), headers=FORM) as resp:
-                assert resp.status == 200, await resp.text()
-                ids.append((await resp.json())["message_id"])
-    return ids
-
-
-async def ingress_up(settings: Settings, tmp_path: Path, port: int) -> asyncio.subprocess.Process:
-    env = env_for(settings, tmp_path / "ingress.record")
-    args = ("ingress", "--host", "127.0.0.1", "--port", str(port))
-    proc = await start(settings, *args, env=env, log=tmp_path / "ingress.log")
-
-    async def ready() -> bool:
-        try:
-            async with (
-                aiohttp.ClientSession() as s,
-                s.get(f"http://127.0.0.1:{port}/readyz") as r,
-            ):
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await wait_until(ready, 30, "the ingress ready")
-    return proc
 
 
 async def test_the_tour_on_postgres(schema: Settings, tmp_path: Path) -> None:
@@ -249,8 +133,7 @@ async def test_two_worker_processes_never_run_one_message_at_once(
     code, out = await cli(schema, "topology", "tests.integration.consumers:Recorder")
     assert code == 0, out
     workers = [
-        await start(schema, "worker", "tests.integration.consumers:Recorder", env=env)
-        for _ in range(2)
+        await start("worker", "tests.integration.consumers:Recorder", env=env) for _ in range(2)
     ]
     port = free_port()
     ingress = await ingress_up(schema, tmp_path, port)
@@ -268,7 +151,7 @@ async def test_terminated_worker_backends_lose_nothing(schema: Settings, tmp_pat
     env = env_for(schema, record, B24QT_SLEEP_S="0.02", B24QT_PREFETCH="8")
     code, out = await cli(schema, "topology", "tests.integration.consumers:Recorder")
     assert code == 0, out
-    worker = await start(schema, "worker", "tests.integration.consumers:Recorder", env=env)
+    worker = await start("worker", "tests.integration.consumers:Recorder", env=env)
     port = free_port()
     ingress = await ingress_up(schema, tmp_path, port)
     url = f"http://127.0.0.1:{port}/b24/events"

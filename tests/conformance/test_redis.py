@@ -14,7 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from b24queue.settings import Settings, load_settings
-from tests.conformance.test_postgres import (
+from tests.conftest import SAMPLE_TOKEN
+from tests.integration.conftest import wait_until
+from tests.integration.proxy import free_port
+from tests.processes import (
     cli,
     env_for,
     ingress_up,
@@ -23,9 +26,6 @@ from tests.conformance.test_postgres import (
     start,
     stop,
 )
-from tests.conftest import SAMPLE_TOKEN
-from tests.integration.conftest import wait_until
-from tests.integration.proxy import free_port
 from tests.redis_server import RedisServer, redis_server
 
 
@@ -47,14 +47,14 @@ async def test_the_ingress_refuses_a_redis_that_does_not_persist(tmp_path: Path)
         port = free_port()
         env = env_for(settings, tmp_path / "x.record")
         args = ("ingress", "--host", "127.0.0.1", "--port", str(port))
-        proc = await start(settings, *args, env=env, log=tmp_path / "refused.log")
+        proc = await start(*args, env=env, log=tmp_path / "refused.log")
         assert await asyncio.wait_for(proc.wait(), 30) != 0
         said = (tmp_path / "refused.log").read_text()
         assert "appendonly no" in said and "B24QUEUE_REDIS_ALLOW_UNSAFE" in said, said
         assert "Traceback" not in said, said
         # Opted out: it runs, and says so loudly.
         env["B24QUEUE_REDIS_ALLOW_UNSAFE"] = "true"
-        proc = await start(settings, *args, env=env, log=tmp_path / "unsafe.log")
+        proc = await start(*args, env=env, log=tmp_path / "unsafe.log")
         try:
             await wait_until(
                 lambda: "UNSAFE" in (tmp_path / "unsafe.log").read_text(), 30, "the warning"
@@ -94,8 +94,7 @@ async def test_two_worker_processes_never_run_one_message_at_once(
     code, out = await cli(queue, "topology", "tests.integration.consumers:Recorder")
     assert code == 0, out
     workers = [
-        await start(queue, "worker", "tests.integration.consumers:Recorder", env=env)
-        for _ in range(2)
+        await start("worker", "tests.integration.consumers:Recorder", env=env) for _ in range(2)
     ]
     port = free_port()
     ingress = await ingress_up(queue, tmp_path, port)
@@ -113,7 +112,7 @@ async def test_killed_worker_connections_lose_nothing(queue: Settings, tmp_path:
     env = env_for(queue, record, B24QT_SLEEP_S="0.02", B24QT_PREFETCH="8")
     code, out = await cli(queue, "topology", "tests.integration.consumers:Recorder")
     assert code == 0, out
-    worker = await start(queue, "worker", "tests.integration.consumers:Recorder", env=env)
+    worker = await start("worker", "tests.integration.consumers:Recorder", env=env)
     port = free_port()
     ingress = await ingress_up(queue, tmp_path, port)
     url = f"http://127.0.0.1:{port}/b24/events"

@@ -16,11 +16,11 @@ import asyncpg
 import pytest
 
 from b24queue.settings import Settings
-from tests.conformance.test_postgres import cli, env_for, ingress_up, start, stop
 from tests.conftest import sample_form
 from tests.faults.conftest import SUMMARY
-from tests.integration.conftest import wait_until
+from tests.integration.proxy import free_port
 from tests.postgres import POSTGRES_URL, postgres_schema
+from tests.processes import cli, env_for, ingress_up, start_workers, stop
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 RATE_PER_S = 150
@@ -110,23 +110,8 @@ async def test_postgres_restart_under_load_loses_nothing(tmp_path: Path) -> None
         env = env_for(settings, record, B24QT_QUEUE="faults.pg", B24QT_PREFETCH="16")
         code, out = await cli(settings, "topology", "tests.faults.consumers:FaultRecorder")
         assert code == 0, out
-        workers = [
-            await start(
-                settings,
-                "worker",
-                "tests.faults.consumers:FaultRecorder",
-                env=env,
-                log=tmp_path / f"worker{i}.log",
-            )
-            for i in range(2)
-        ]
-        logs_of = [tmp_path / f"worker{i}.log" for i in range(2)]
-
-        def consuming() -> bool:
-            return all(p.exists() and "worker running" in p.read_text() for p in logs_of)
-
-        await wait_until(consuming, 30, "both workers consuming")
-        port = 20000 + uuid.uuid4().int % 20000
+        workers = await start_workers(env, tmp_path, "tests.faults.consumers:FaultRecorder")
+        port = free_port()
         ingress = await ingress_up(settings, tmp_path, port)
         load = SteadyLoad(f"http://127.0.0.1:{port}/b24/events")
         restarted: list[float] = []

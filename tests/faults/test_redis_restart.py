@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from b24queue.settings import load_settings
-from tests.conformance.test_postgres import cli, env_for, ingress_up, start, stop
 from tests.conftest import SAMPLE_TOKEN
 from tests.faults.conftest import SUMMARY
 from tests.faults.test_postgres_restart import SteadyLoad, handled
-from tests.integration.conftest import wait_until
+from tests.integration.proxy import free_port
+from tests.processes import cli, env_for, ingress_up, start_workers, stop
 from tests.redis_server import redis_server
 
 RATE_PER_S = 150
@@ -35,19 +35,8 @@ async def test_redis_restart_under_load_loses_nothing(how: str, tmp_path: Path) 
         env = env_for(settings, record, B24QT_QUEUE="faults.redis", B24QT_PREFETCH="16")
         code, out = await cli(settings, "topology", "tests.faults.consumers:FaultRecorder")
         assert code == 0, out
-        logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-        workers = [
-            await start(
-                settings, "worker", "tests.faults.consumers:FaultRecorder", env=env, log=log
-            )
-            for log in logs
-        ]
-        await wait_until(
-            lambda: all(p.exists() and "worker running" in p.read_text() for p in logs),
-            30,
-            "both workers consuming",
-        )
-        port = 20000 + uuid.uuid4().int % 20000
+        workers = await start_workers(env, tmp_path, "tests.faults.consumers:FaultRecorder")
+        port = free_port()
         ingress = await ingress_up(settings, tmp_path, port)
         load = SteadyLoad(f"http://127.0.0.1:{port}/b24/events")
         window: list[float] = []

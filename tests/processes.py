@@ -1,0 +1,142 @@
+"""Real `b24queue` processes for tests on every transport: the environment for a queue's
+settings, the CLI, an ingress, workers, and posting through the ingress. Whatever a test starts
+here is killed after it, if it is still running (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from b24queue.settings import Settings
+from tests.conftest import SAMPLE_TOKEN, sample_form
+from tests.integration.conftest import ROOT, wait_until
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+STARTED: list[asyncio.subprocess.Process] = []
+
+
+async def kill_leftovers() -> None:
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def env_for(settings: Settings, record: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
+    env.update(
+        {
+            "B24QUEUE_BROKER_URL": settings.broker_url,
+            "B24QUEUE_POSTGRES_SCHEMA": settings.postgres_schema,
+            "B24QUEUE_UNROUTED": settings.unrouted,
+            "B24QUEUE_POSTGRES_POLL_S": "0.5",
+            "B24QUEUE_REDIS_PREFIX": settings.redis_prefix,
+            "B24QUEUE_REDIS_POLL_S": "0.2",
+            "B24QUEUE_APP_TOKENS": SAMPLE_TOKEN,
+            "B24QUEUE_SHUTDOWN_TIMEOUT_S": "20",
+            "B24QUEUE_SPOOL_PATH": str((record or Path("/tmp/x")).parent / "spool.sqlite3"),
+            "B24QT_QUEUE": "cli.deals",
+            "B24QT_RECORD": str(record or "/dev/null"),
+            "B24QT_EVENTS": "ONCRMDEALADD",
+            **extra,
+        }
+    )
+    return env
+
+
+async def cli(settings: Settings, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "b24queue",
+        *args,
+        cwd=ROOT,
+        env=env_for(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def start(
+    *args: str, env: dict[str, str], log: Path | None = None
+) -> asyncio.subprocess.Process:
+    """A `b24queue` process; its output to `log` (read it when a test fails), else dropped."""
+    out = open(log, "ab") if log is not None else None  # noqa: SIM115 - the child holds it
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "b24queue",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=out if out is not None else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    if out is not None:
+        out.close()
+    STARTED.append(proc)
+    return proc
+
+
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+def lines(record: Path, kind: str) -> list[str]:
+    if not record.exists():
+        return []
+    return [ln.split()[1] for ln in record.read_text().splitlines() if ln.startswith(kind + " ")]
+
+
+async def post(url: str, count: int, name: str = "crm-deal-add") -> list[str]:
+    ids = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            async with session.post(url, data=sample_form(name), headers=FORM) as resp:
+                assert resp.status == 200, await resp.text()
+                ids.append((await resp.json())["message_id"])
+    return ids
+
+
+async def ingress_up(settings: Settings, tmp_path: Path, port: int) -> asyncio.subprocess.Process:
+    env = env_for(settings, tmp_path / "ingress.record")
+    args = ("ingress", "--host", "127.0.0.1", "--port", str(port))
+    proc = await start(*args, env=env, log=tmp_path / "ingress.log")
+
+    async def ready() -> bool:
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{port}/readyz") as r,
+            ):
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(ready, 30, "the ingress ready")
+    return proc
+
+
+async def start_workers(
+    env: dict[str, str], tmp_path: Path, consumer: str, count: int = 2
+) -> list[asyncio.subprocess.Process]:
+    """`count` worker processes, consuming (their queue declared) when this returns; their
+    output in tmp_path/worker<i>.log."""
+    logs = [tmp_path / f"worker{i}.log" for i in range(count)]
+    workers = [await start("worker", consumer, env=env, log=log) for log in logs]
+    await wait_until(
+        lambda: all(p.exists() and "worker running" in p.read_text() for p in logs),
+        60,
+        "the workers consuming",
+    )
+    return workers
