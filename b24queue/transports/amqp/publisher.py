@@ -27,6 +27,7 @@ from b24queue.envelope import Envelope
 from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
 from b24queue.transports import given_up
+from b24queue.transports.amqp import fast_publish
 from b24queue.transports.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
 from b24queue.transports.amqp.topology import declare_exchanges
 
@@ -215,17 +216,16 @@ class AmqpPublisher:
         if channel is None:
             raise BrokerUnavailableError("not connected to RabbitMQ yet")
         check_size(envelope)
-        properties = properties_for(envelope)
         timeout_s = self._settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 try:
-                    await self._publish_once(channel, envelope, properties)
+                    await self._publish_once(channel, envelope)
                 except TRANSIENT_ERRORS:
                     # A publish cut by a dropped connection is not replayed by aio-pika; repeat
                     # it until the deadline. The broker may then hold it twice: at-least-once,
                     # never lost. (Off the hot path: the first attempt needs no retry machinery.)
-                    await self._publish_retrying(channel, envelope, properties)
+                    await self._publish_retrying(channel, envelope)
         except TimeoutError:
             raise BrokerUnavailableError(
                 f"RabbitMQ did not confirm within {timeout_s:g}s"
@@ -241,27 +241,29 @@ class AmqpPublisher:
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailableError(f"connection to RabbitMQ failed: {exc!r}") from None
 
-    async def _publish_once(
-        self, channel: AbstractChannel, envelope: Envelope, properties: Basic.Properties
-    ) -> None:
+    async def _publish_once(self, channel: AbstractChannel, envelope: Envelope) -> None:
         # Straight on the channel aio-pika keeps open (and reopens after a reconnect): the
         # same confirm, mandatory flag and returned/nack errors as `Exchange.publish`.
-        # (`wait` is on aiormq's Channel, not on its abstract interface.)
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        if fast_publish.usable(underlay):
+            try:
+                await fast_publish.publish(underlay, self._settings.exchange, envelope)
+            except ValueError as exc:  # nothing was sent
+                raise PublishError(f"the message cannot be sent: {exc}", permanent=True) from None
+            return
+        # (`wait` is on aiormq's Channel, not on its abstract interface.)
         await underlay.basic_publish(
             envelope.body,
             exchange=self._settings.exchange,
             routing_key=envelope.routing_key,
-            properties=properties,
+            properties=properties_for(envelope),
             mandatory=True,
             # Wait for the confirm only, not also for the frame to leave the socket buffer: the
             # confirm cannot come before that, and a connection lost first fails it all the same.
             wait=False,
         )
 
-    async def _publish_retrying(
-        self, channel: AbstractChannel, envelope: Envelope, properties: Basic.Properties
-    ) -> None:
+    async def _publish_retrying(self, channel: AbstractChannel, envelope: Envelope) -> None:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT_ERRORS),
             wait=wait_exponential(multiplier=0.02, max=0.2),
@@ -269,4 +271,4 @@ class AmqpPublisher:
         ):
             with attempt:
                 # The current channel: a nack may have moved publishing to a new one.
-                await self._publish_once(self._channel or channel, envelope, properties)
+                await self._publish_once(self._channel or channel, envelope)
