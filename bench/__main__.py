@@ -138,6 +138,43 @@ class Server:
             self.proc.kill()
 
 
+def broker_cpu_s() -> float:
+    """CPU seconds used so far by the local RabbitMQ node (its beam.smp; not a cluster's)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "beam.smp":
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"rabbit" not in cmdline or b"b24c" in cmdline:
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def spooled(port: int) -> float | None:
+    """Events our ingress put in its spool (its metrics; None for a baseline without them): a
+    run that measured the spool instead of the broker is void."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    found = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("b24queue_ingress_spooled_total")
+    ]
+    return sum(found) if found else 0.0
+
+
 def load(
     url: str, body_file: str, requests: int, concurrency: int, rate: float | None = None
 ) -> dict[str, Any]:
@@ -237,12 +274,15 @@ async def broker_ceiling(exchange: str, count: int, window: int) -> dict[str, An
     }
 
 
-async def prepare(settings: Any, sink: str, work: str) -> None:
+async def prepare(settings: Any, sinks: tuple[str, str], work: str) -> None:
+    """The topology every ingress and the ceiling publish into: each event goes to one quorum
+    and one classic queue (what a deployment with an old classic consumer beside ours sees)."""
     connection = await aio_pika.connect_robust(AMQP_URL)
     channel = await connection.channel()
     exchange = await declare_exchanges(channel, settings)
-    queue = await channel.declare_queue(sink, durable=True, arguments={"x-queue-type": "quorum"})
-    await queue.bind(exchange, routing_key="#")
+    for sink, kind in zip(sinks, ("quorum", "classic"), strict=True):
+        queue = await channel.declare_queue(sink, durable=True, arguments={"x-queue-type": kind})
+        await queue.bind(exchange, routing_key="#")
     await declare_consumer_queues(channel, settings, QueueSpec(work, ("BENCHWORK",), (1.0,)))
     await connection.close()
 
@@ -256,10 +296,11 @@ async def amqp_call(fn: Any) -> Any:
         await connection.close()
 
 
-async def purge(name: str) -> None:
+async def purge(*names: str) -> None:
     async def go(channel: Any) -> None:
-        queue = await channel.get_queue(name)
-        await queue.purge()
+        for name in names:
+            queue = await channel.get_queue(name)
+            await queue.purge()
 
     await amqp_call(go)
 
@@ -317,8 +358,33 @@ def rounds(most: int, deadline: float, what: str, results: dict[str, Any]) -> It
         results.setdefault("rounds", {})[what] = n + 1
 
 
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
+def workers(
+    most: int,
+    deadline: float,
+    args: argparse.Namespace,
+    work: str,
+    env: dict[str, str],
+    results: dict[str, Any],
+) -> None:
+    """Ours and the raw loop on the same quorum queue contents, rounds interleaved."""
+    event_json = json.dumps(
+        {
+            "event": "ONCRMDEALUPDATE",
+            "data": {"FIELDS": {"ID": "1"}},
+            "ts": "1764367200",
+            "auth": {"domain": "acme.bitrix24.com"},
+        }
+    )
+    for _ in rounds(most, deadline, "worker", results):
+        for kind in ("plain", "b24queue"):
+            print(f"worker {kind} ...", flush=True)
+            asyncio.run(fill(work, event_json.encode(), args.worker_messages))
+            result = consume(kind, work, args.worker_messages, args.prefetch, env)
+            key = f"worker_{kind}"
+            if key not in results or result["per_s"] > results[key]["per_s"]:
+                results[key] = result
+            results.setdefault("worker_rounds", {}).setdefault(kind, []).append(result)
+            asyncio.run(purge(work))
 
 
 def main() -> None:
@@ -328,6 +394,9 @@ def main() -> None:
     parser.add_argument("--worker-messages", type=int, default=20000)
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; best counts")
+    parser.add_argument(
+        "--steady-rate", type=float, default=2000, help="the rate at which CPU is compared"
+    )
     parser.add_argument("--ingress-only", action="store_true", help="skip the worker part")
     parser.add_argument(
         "--budget-s",
@@ -358,7 +427,7 @@ def main() -> None:
     settings = load_settings(
         amqp_url=AMQP_URL, exchange=env["B24QUEUE_EXCHANGE"], unrouted=env["B24QUEUE_UNROUTED"]
     )
-    sink, work = f"{prefix}.sink", f"{prefix}.work"
+    sinks, work = (f"{prefix}.sink", f"{prefix}.sink-classic"), f"{prefix}.work"
     body = deal_body(TOKEN)
     with tempfile.NamedTemporaryFile(suffix=".form", delete=False) as body_file:
         body_file.write(body)
@@ -371,26 +440,46 @@ def main() -> None:
         "params": vars(args),
     }
     started = time.monotonic()
-    asyncio.run(prepare(settings, sink, work))
+    asyncio.run(prepare(settings, sinks, work))
     try:
         print("broker ceiling ...", flush=True)
-        results["broker_ceiling"] = asyncio.run(
+        broker_before = broker_cpu_s()
+        results["broker_ceiling"] = ceiling = asyncio.run(
             broker_ceiling(settings.exchange, args.requests * 2, window=256)
         )
-        asyncio.run(purge(sink))
+        ceiling["broker_us_per_event"] = round(
+            (broker_cpu_s() - broker_before) / ceiling["count"] * 1e6, 1
+        )
+        asyncio.run(purge(*sinks))
 
-        def serve(name: str, argv: list[str], ready_path: str) -> dict[str, Any]:
-            print(f"{name} ...", flush=True)
+        def serve(
+            name: str, argv: list[str], ready_path: str, rate: float | None = None
+        ) -> dict[str, Any]:
+            print(f"{name}{f' at {rate:.0f}/s' if rate else ''} ...", flush=True)
             port = free_port()
             server = Server([*argv, "--port", str(port)], env, port)
             try:
                 server.wait_ready(ready_path)
-                result = load(server.url, body_file.name, args.requests, args.concurrency)
+                cpu_before, broker_before = server.cpu_s(), broker_cpu_s()
+                if rate is None:
+                    result = load(server.url, body_file.name, args.requests, args.concurrency)
+                else:  # about five seconds at a steady rate, open loop
+                    result = load(
+                        server.url, body_file.name, int(rate * 5), args.concurrency * 4, rate
+                    )
+                # CPU per request of the server (all its processes) and of the broker.
+                result["cpu_us_per_request"] = round(
+                    (server.cpu_s() - cpu_before) / result["requests"] * 1e6, 1
+                )
+                result["broker_us_per_event"] = round(
+                    (broker_cpu_s() - broker_before) / result["requests"] * 1e6, 1
+                )
                 result["peak_rss_mb"] = server.peak_rss_mb()
+                result["spooled"] = spooled(port)
                 return result
             finally:
                 server.stop()
-                asyncio.run(purge(sink))
+                asyncio.run(purge(*sinks))
 
         py = sys.executable
         servers = {
@@ -420,47 +509,20 @@ def main() -> None:
                 if name not in results or result["rps"] > results[name]["rps"]:
                     results[name] = result
 
-        # Latency at the same steady rate (half of our peak) for ours and the plain ingress.
-        half = max(1.0, results["b24queue_ingress"]["rps"] / 2)
-        for name in ("plain_aiopika_ingress", "b24queue_ingress"):
-            print(f"{name} at {half:.0f}/s ...", flush=True)
+        # Each at half of its own peak (the latency floor) and all at one steady rate (CPU per
+        # request at equal broker work): CPU per event is steadier than throughput here.
+        paced = ("plain_aiopika_ingress", "b24queue_ingress_1_process", "b24queue_ingress")
+        for name in paced:
             argv, ready = servers[name]
-            port = free_port()
-            server = Server([*argv, "--port", str(port)], env, port)
-            try:
-                server.wait_ready(ready)
-                cpu_before = server.cpu_s()
-                paced = load(
-                    server.url, body_file.name, int(half * 5), args.concurrency * 4, rate=half
-                )
-                # CPU per request at the same rate: steadier than throughput on a busy machine.
-                paced["cpu_us_per_request"] = round(
-                    (server.cpu_s() - cpu_before) / paced["requests"] * 1e6, 1
-                )
-                results[f"{name}_half_rate"] = paced
-            finally:
-                server.stop()
-                asyncio.run(purge(sink))
+            results[f"{name}_half_rate"] = serve(
+                name, argv, ready, rate=max(1.0, results[name]["rps"] / 2)
+            )
+        for name in paced:
+            argv, ready = servers[name]
+            results[f"{name}_steady"] = serve(name, argv, ready, rate=args.steady_rate)
 
-        event_json = json.dumps(
-            {
-                "event": "ONCRMDEALUPDATE",
-                "data": {"FIELDS": {"ID": "1"}},
-                "ts": "1764367200",
-                "auth": {"domain": "acme.bitrix24.com"},
-            }
-        )
         worker_rounds = 0 if args.ingress_only else args.rounds
-        for _ in rounds(worker_rounds, started + args.budget_s * 0.95, "worker", results):
-            for kind in ("plain", "b24queue"):
-                print(f"worker {kind} ...", flush=True)
-                asyncio.run(fill(work, event_json.encode(), args.worker_messages))
-                result = consume(kind, work, args.worker_messages, args.prefetch, env)
-                key = f"worker_{kind}"
-                if key not in results or result["per_s"] > results[key]["per_s"]:
-                    results[key] = result
-                results.setdefault("worker_rounds", {}).setdefault(kind, []).append(result)
-                asyncio.run(purge(work))
+        workers(worker_rounds, started + args.budget_s * 0.95, args, work, env, results)
     finally:
         asyncio.run(cleanup(prefix))
         os.unlink(body_file.name)
@@ -475,94 +537,147 @@ def main() -> None:
 
 
 def report(r: dict[str, Any]) -> None:
-    if "worker_b24queue" not in r:
-        r = {
-            **r,
-            "worker_b24queue": {"per_s": 0.0, "peak_rss_mb": 0.0},
-            "worker_plain": {"per_s": 0.0, "peak_rss_mb": 0.0},
-        }
-    ours = r["b24queue_ingress"]
-    one = r.get("b24queue_ingress_1_process", ours)
+    """The table issue 13 judges by: per server req/s, CPU per request (saturated and at one
+    steady rate), the broker's CPU per event, p99 at half its own peak, spooled events; then the
+    worker beside the raw loop, and each floor with its verdict."""
     procs = r["params"].get("processes", 1)
-    plain = r["plain_aiopika_ingress"]
-    bare = r["bare_http"]
+    steady = r["params"].get("steady_rate", 2000)
     ceiling = r["broker_ceiling"]
-    half = r["b24queue_ingress_half_rate"]
-    plain_half = r["plain_aiopika_ingress_half_rate"]
-    wo, wp = r["worker_b24queue"], r["worker_plain"]
+    names = {
+        "bare_http": "bare aiohttp (no broker)",
+        "plain_aiopika_ingress": "hand-written aio-pika ingress",
+        "b24queue_ingress_1_process": "b24queue ingress, 1 process",
+        "b24queue_ingress": f"b24queue ingress, {procs} processes",
+    }
+
+    def cell(name: str, suffix: str, key: str) -> str:
+        value = r.get(f"{name}{suffix}", {}).get(key)
+        return "-" if value is None else f"{value:g}"
+
+    header = (
+        "server",
+        "req/s",
+        "CPU us/req",
+        "broker us/ev",
+        f"CPU us/req @{steady:g}/s",
+        "p99 ms @half peak",
+        "spooled",
+    )
     rows = [
-        ("broker ceiling (confirmed publishes/s, 256 in flight)", f"{ceiling['per_s']:.0f}", ""),
         (
-            "bare aiohttp, no broker (req/s)",
-            f"{bare['rps']:.0f}",
-            f"p50 {bare['p50_ms']} ms, p99 {bare['p99_ms']} ms",
-        ),
-        (
-            "plain aio-pika ingress (req/s)",
-            f"{plain['rps']:.0f}",
-            f"p50 {plain['p50_ms']} ms, p99 {plain['p99_ms']} ms",
-        ),
-        (
-            "b24queue ingress, 1 process (req/s)",
-            f"{one['rps']:.0f}",
-            f"{ratio(one['rps'], plain['rps'])} plain, "
-            f"{ratio(one['rps'], ceiling['per_s'])} ceiling; "
-            f"p50 {one['p50_ms']} ms, p99 {one['p99_ms']} ms",
-        ),
-        (
-            f"b24queue ingress, {procs} processes (req/s)",
-            f"{ours['rps']:.0f}",
-            f"{ratio(ours['rps'], plain['rps'])} plain, "
-            f"{ratio(ours['rps'], ceiling['per_s'])} ceiling, "
-            f"{ratio(ours['rps'], bare['rps'])} bare; "
-            f"p50 {ours['p50_ms']} ms, p99 {ours['p99_ms']} ms",
-        ),
-        (
-            f"b24queue ingress ({procs} proc.) at half peak ({half['rps']:.0f} req/s)",
-            f"p99 {half['p99_ms']} ms",
-            f"p50 {half['p50_ms']} ms; plain at the same rate: p50 {plain_half['p50_ms']} ms, "
-            f"p99 {plain_half['p99_ms']} ms; non-200: {half['not_ok']}",
-        ),
-        (
-            "ingress CPU per request at that rate (us, all processes)",
-            f"{half['cpu_us_per_request']}",
-            f"plain {plain_half['cpu_us_per_request']} us "
-            f"({ratio(half['cpu_us_per_request'], plain_half['cpu_us_per_request'])} plain's)",
-        ),
-        (
-            "plain consume-and-ack loop (msg/s)",
-            f"{wp['per_s']:.0f}",
-            f"{wp.get('cpu_us_per_msg', '-')} us CPU/msg; peak RSS {wp['peak_rss_mb']} MB",
-        ),
-        (
-            "b24queue worker, no-op handler, INFO line per event (msg/s)",
-            f"{wo['per_s']:.0f}",
-            f"{ratio(wo['per_s'], wp['per_s'])} plain; {wo.get('cpu_us_per_msg', '-')} us CPU/msg "
-            f"({ratio(wp.get('cpu_us_per_msg', 0), wo.get('cpu_us_per_msg', 0))} plain's pace "
-            f"per CPU); peak RSS {wo['peak_rss_mb']} MB",
-        ),
-        (
-            "peak RSS ingress (MB, largest process)",
-            f"{ours['peak_rss_mb']}",
-            f"plain {plain['peak_rss_mb']} MB, bare {bare['peak_rss_mb']} MB",
-        ),
+            "broker ceiling (raw confirmed publishes, 256 in flight)",
+            f"{ceiling['per_s']:.0f}",
+            "-",
+            f"{ceiling.get('broker_us_per_event', '-')}",
+            "-",
+            "-",
+            "-",
+        )
     ]
-    non200 = {k: v["not_ok"] for k, v in r.items() if isinstance(v, dict) and "not_ok" in v}
-    width = max(len(a) for a, _, _ in rows)
+    for name, label in names.items():
+        if name not in r:
+            continue
+        rows.append(
+            (
+                label,
+                f"{r[name]['rps']:.0f}",
+                cell(name, "", "cpu_us_per_request"),
+                cell(name, "", "broker_us_per_event"),
+                cell(name, "_steady", "cpu_us_per_request"),
+                cell(name, "_half_rate", "p99_ms"),
+                " ".join(cell(name, suffix, "spooled") for suffix in ("", "_half_rate", "_steady")),
+            )
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print()
-    print(f"{'measurement':<{width}}  {'value':>10}  vs baselines")
-    for a, b, c in rows:
-        print(f"{a:<{width}}  {b:>10}  {c}")
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                f"{v:<{w}}" if i == 0 else f"{v:>{w}}"
+                for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    non200 = {k: v["not_ok"] for k, v in r.items() if isinstance(v, dict) and "not_ok" in v}
     print(f"non-200 answers: {non200}")
     if r.get("worker_rounds"):
         from bench.consume import summary
 
         print(summary(r["worker_rounds"]))
+    print()
+    for verdict in floors(r):
+        print(verdict)
     done = r.get("rounds", {})
     print(
         f"best of {done.get('ingress', 0)} ingress and {done.get('worker', 0)} worker rounds; "
         f"whole run {r.get('wall_s', '?')} s"
     )
+
+
+def floors(r: dict[str, Any]) -> list[str]:
+    """Issue 13's floors, each with the figures it compares and whether it is met."""
+    out = []
+
+    def check(what: str, value: float | None, limit: float, at_most: bool) -> None:
+        if value is None:
+            out.append(f"floor  {what}: not measured")
+            return
+        met = value <= limit if at_most else value >= limit
+        sign = "<=" if at_most else ">="
+        out.append(f"floor  {what}: {value:.2f} ({sign} {limit:g}) {'met' if met else 'NOT met'}")
+
+    def get(name: str, key: str) -> float | None:
+        value = r.get(name, {}).get(key)
+        return float(value) if value is not None else None
+
+    def over(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    one, plain = "b24queue_ingress_1_process", "plain_aiopika_ingress"
+    check(
+        "ingress CPU/request vs hand-written, saturated (1 process)",
+        over(get(one, "cpu_us_per_request"), get(plain, "cpu_us_per_request")),
+        0.8,
+        True,
+    )
+    check(
+        "ingress CPU/request vs hand-written, steady rate (1 process)",
+        over(
+            get(f"{one}_steady", "cpu_us_per_request"), get(f"{plain}_steady", "cpu_us_per_request")
+        ),
+        0.8,
+        True,
+    )
+    check(
+        "ingress req/s vs hand-written (1 process)",
+        over(get(one, "rps"), get(plain, "rps")),
+        1.15,
+        False,
+    )
+    check(
+        "ingress req/s vs broker ceiling (1 process)",
+        over(get(one, "rps"), get("broker_ceiling", "per_s")),
+        0.75,
+        False,
+    )
+    for name in (one, "b24queue_ingress"):
+        check(f"{name} p99 ms at half its peak", get(f"{name}_half_rate", "p99_ms"), 25, True)
+    # The worker, round by round (each round's ours over the raw loop's), median of the rounds.
+    rounds_of = r.get("worker_rounds", {})
+    pairs = list(zip(rounds_of.get("b24queue", []), rounds_of.get("plain", []), strict=False))
+    for what, key, invert in (
+        ("msg/s", "per_s", False),
+        ("messages per CPU second", "cpu_us_per_msg", True),
+    ):
+        ratios = sorted(
+            (p[key] / o[key]) if invert else (o[key] / p[key])
+            for o, p in pairs
+            if o[key] and p[key]
+        )
+        median = ratios[len(ratios) // 2] if ratios else None
+        check(f"worker {what} vs raw loop (median of rounds)", median, 0.9, False)
+    spooled = sum(float(v.get("spooled") or 0) for v in r.values() if isinstance(v, dict))
+    out.append(f"spooled during the run: {spooled:g} events" + (" (VOID)" if spooled else ""))
+    return out
 
 
 if __name__ == "__main__":
