@@ -168,6 +168,10 @@ class WorkerMetrics:
         # Whoever can publish to the exchange names events: bounded like the ingress's.
         self._events = EventLabels()
 
+    def count_in_flight(self, queue: str, count: Callable[[], int]) -> None:
+        """The queue's in-flight gauge reads `count()` when scraped: nothing to do per event."""
+        self.in_flight.labels(queue).set_function(count)
+
     def observe(self, queue: str, event: str, outcome: str, duration_s: float) -> None:
         # Label lookups hash and lock on every call; the children are cached per label set.
         event = self._events.of(event)

@@ -97,11 +97,12 @@ class LeasedRunner:
         self.spec = spec_for(type(consumer))
         self._leases = leases
         self._observe = metrics.observe if metrics is not None else None
-        self._gauge = metrics.in_flight.labels(consumer.queue) if metrics is not None else None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{self.spec.name}:{uuid.uuid4().hex[:8]}"
         timeout = consumer.handle_timeout_s
         self._lease_s = (timeout if timeout is not None else DEFAULT_LEASE_S) + LEASE_MARGIN_S
         self._tasks: set[asyncio.Task[None]] = set()
+        if metrics is not None:
+            metrics.count_in_flight(consumer.queue, lambda: len(self._tasks))
         self._rows: dict[asyncio.Task[None], Row] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -199,16 +200,10 @@ class LeasedRunner:
             accepted_at=row.timestamp,
             handle=row,
         )
-        if self._gauge is not None:
-            self._gauge.inc()
-        try:
-            if row.deliveries > self.consumer.max_deliveries:
-                await give_up(incoming, self.spec.name, self, row.deliveries, self._observe)
-            else:
-                await process(self.consumer, incoming, self.spec.name, self, self._observe)
-        finally:
-            if self._gauge is not None:
-                self._gauge.dec()
+        if row.deliveries > self.consumer.max_deliveries:
+            await give_up(incoming, self.spec.name, self, row.deliveries, self._observe)
+        else:
+            await process(self.consumer, incoming, self.spec.name, self, self._observe)
 
     async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
         row: Row = incoming.handle

@@ -12,6 +12,7 @@ import pytest
 
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
+from b24queue.metrics import WorkerMetrics
 from b24queue.runtime import Worker
 from tests.conformance.conftest import Bench
 from tests.conftest import SAMPLE_NAMES, sample_published
@@ -149,12 +150,18 @@ async def test_prefetch_bounds_handlers_in_flight(bench: Bench) -> None:
         running -= 1
         done.append(event.message_id or "")
 
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("b24queue_worker_in_flight", {"queue": cls.queue})
+
     cls = consumer(bench.name("slow"), ("ONCRMDEALADD",), slow, prefetch=3)
-    async with Worker(bench.settings, [cls]):
+    metrics = WorkerMetrics()
+    async with Worker(bench.settings, [cls], metrics=metrics):
         await bench.post(*["crm-deal-add"] * 8)
         await wait_until(lambda: running == 3, what="three in flight")
+        assert gauge() == 3  # the in-flight gauge counts them as they run
         release.set()
         await wait_until(lambda: len(done) == 8, what="all eight")
+        await wait_until(lambda: gauge() == 0, what="none in flight")
     assert peak == 3
 
 

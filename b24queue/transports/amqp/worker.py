@@ -124,9 +124,6 @@ class ConsumerRunner:
     ) -> None:
         self.consumer = consumer
         self._observe = metrics.observe if metrics is not None else None
-        self._in_flight_gauge = (
-            metrics.in_flight.labels(consumer.queue) if metrics is not None else None
-        )
         self.spec = spec_for(type(consumer))
         self._settings = settings
         self._connection = connection
@@ -135,6 +132,8 @@ class ConsumerRunner:
         self._consumer_tag: str | None = None
         self._transport: AmqpTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        if metrics is not None:
+            metrics.count_in_flight(consumer.queue, lambda: len(self._tasks))
         self._idle = asyncio.Event()
         self._settled: asyncio.Future[None]
         self._idle.set()
@@ -204,14 +203,7 @@ class ConsumerRunner:
             accepted_at=message.timestamp,
             handle=message,
         )
-        gauge = self._in_flight_gauge
-        if gauge is not None:
-            gauge.inc()
-        try:
-            await process(self.consumer, incoming, self.spec.name, self._transport, self._observe)
-        finally:
-            if gauge is not None:
-                gauge.dec()
+        await process(self.consumer, incoming, self.spec.name, self._transport, self._observe)
 
     async def stop_consuming(self) -> None:
         """Ask the broker for no more deliveries; in-flight ones go on."""
