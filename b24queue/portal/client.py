@@ -114,8 +114,8 @@ class PortalClient:
         if not METHOD.fullmatch(method):
             raise PortalError("BAD_METHOD", f"not a REST method name: {method[:64]!r}")
         target = await self._resolve()
-        refreshed = False
-        for _ in range(BUSY_TRIES):
+        replaced = 0
+        for tries in range(BUSY_TRIES):
             await self._turn(target)
             status, answer = await self._post(target, method, params)
             code = answer.get("error")
@@ -123,11 +123,16 @@ class PortalClient:
                 return answer
             code = str(code or f"HTTP_{status}")
             if code == "QUERY_LIMIT_EXCEEDED":
-                continue  # never ran; the bucket spaces the next try
+                # It never ran. The portal's bucket is fuller than ours says (other apps, other
+                # addresses): give it time to drain a request or more, then re-send.
+                await asyncio.sleep((tries + 1) / self._ctx.limit.drain_per_s)
+                continue
             if code == "OPERATION_TIME_LIMIT":
                 raise PortalRetry(code, _description(answer), OPERATION_LIMIT_RETRY_S)
-            if code in EXPIRED and target.kind == "oauth" and not refreshed:
-                refreshed = True
+            if code in EXPIRED and target.kind == "oauth" and replaced < 2:
+                # The event's own token first gives way to the stored one; a stored one that
+                # failed is refreshed (once: the refresher re-reads before it spends anything).
+                replaced += 1
                 record = await self._ctx.refresher.fresh(target.key, self._token)
                 self._token = record.access_token
                 continue
