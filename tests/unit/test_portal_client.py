@@ -109,9 +109,7 @@ async def test_64_concurrent_handlers_never_exceed_the_bucket(
     served = [t for host, _, t in rest.served if host == "m1.portal.test"]
     assert len(served) == 128
     rate = (len(served) - 10) / (served[-1] - served[0])
-    print(
-        f"\n128 calls from 64 handlers: {rate:.1f} calls/s after the burst (limit 25/s), {took:.1f}s"
-    )
+    print(f"\n128 calls, 64 handlers: {rate:.1f}/s after the burst (limit 25/s), {took:.1f}s")
     assert 15 < rate <= 25 * 1.1
     await store.close()
 
