@@ -114,3 +114,24 @@ def test_portal_outside_a_worker_says_so() -> None:
 
     with pytest.raises(ConfigError, match="no portal clients"):
         Lonely().portal(deal_event("m1", 1))
+
+
+async def test_the_example_reads_the_deal_its_event_names(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from b24queue.consumer import Reject
+    from examples.deals import DealSync
+    from tests.portal_setup import install
+
+    store = SqliteTokenStore(tmp_path / "p.db")
+    await install(store, fake_portal.rest, "m1")
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        consumer = DealSync()
+        consumer.portals = clients
+        await consumer.handle(deal_event("m1", 42))
+        await consumer.handle(deal_event("nobody", 43))  # not installed: logged, acked
+        with pytest.raises(Reject, match="no longer exists"):
+            await consumer.handle(deal_event("m1", 999))
+    assert fake_portal.rest.deal_gets == ["42"]
+    await store.close()
