@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from b24queue.auth.record import PortalRecord, TokenStore
+from b24queue.auth.record import PortalRecord
+from b24queue.auth.store import TokenStore
 from b24queue.events import Event
 from b24queue.settings import Settings, load_settings
 from tests.fake_portal import CLIENT_ID

@@ -1,12 +1,11 @@
-"""What the portal store keeps per portal (`PortalRecord`) and what a store must do
-(`TokenStore`). Standard library only."""
+"""What the portal store keeps per portal (`PortalRecord`), and its JSON form (Redis).
+Standard library only."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,39 +51,3 @@ def decode_record(raw: bytes | str) -> PortalRecord:
         str(data.get("refresh_token") or ""),
         str(data.get("client_endpoint") or ""),
     )
-
-
-class TokenStore(Protocol):
-    """Writes are compare-and-set, so two ingress processes (or nodes) handling installs of one
-    portal at once cannot overwrite each other's decision."""
-
-    async def get(self, member_id: str) -> PortalRecord | None: ...
-
-    async def remember(self, record: PortalRecord, replacing: str | None = None) -> bool:
-        """Store `record` if the portal is unknown (`replacing` None), or if its stored token is
-        still `replacing`. True when stored; durable before it returns."""
-
-    async def forget(self, member_id: str, token: str | None = None) -> bool:
-        """Forget the portal and all its credentials (only while its token is `token`)."""
-
-    async def refresh_access(
-        self, member_id: str, token: str, access_token: str, access_expires: int
-    ) -> bool:
-        """Keep a fresher access token, while the portal's token is still `token` and the stored
-        access token expires sooner."""
-
-    async def refreshed(
-        self,
-        member_id: str,
-        old_refresh: str,
-        access_token: str,
-        refresh_token: str,
-        access_expires: int,
-    ) -> bool:
-        """Keep the pair an OAuth refresh returned, only while the stored refresh token is still
-        `old_refresh` (the one spent): a compare-and-set, so a refresh that lost a race (or a
-        portal uninstalled meanwhile) writes nothing."""
-
-    async def all(self) -> list[PortalRecord]: ...
-
-    async def close(self) -> None: ...

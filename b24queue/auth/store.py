@@ -12,13 +12,50 @@ file (b24queue.auth.sqlite_store, 0600) and Redis (b24queue.auth.redis_store).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
-from b24queue.auth.record import PortalRecord, TokenStore
+from b24queue.auth.record import PortalRecord
 from b24queue.auth.redis_store import RedisTokenStore
 from b24queue.auth.sqlite_store import SqliteTokenStore
 from b24queue.errors import ConfigError
 
 __all__ = ["PortalRecord", "RedisTokenStore", "SqliteTokenStore", "TokenStore", "open_store"]
+
+
+class TokenStore(Protocol):
+    """Writes are compare-and-set, so two ingress processes (or nodes) handling installs of one
+    portal at once cannot overwrite each other's decision."""
+
+    async def get(self, member_id: str) -> PortalRecord | None: ...
+
+    async def remember(self, record: PortalRecord, replacing: str | None = None) -> bool:
+        """Store `record` if the portal is unknown (`replacing` None), or if its stored token is
+        still `replacing`. True when stored; durable before it returns."""
+
+    async def forget(self, member_id: str, token: str | None = None) -> bool:
+        """Forget the portal and all its credentials (only while its token is `token`)."""
+
+    async def refresh_access(
+        self, member_id: str, token: str, access_token: str, access_expires: int
+    ) -> bool:
+        """Keep a fresher access token, while the portal's token is still `token` and the stored
+        access token expires sooner."""
+
+    async def refreshed(
+        self,
+        member_id: str,
+        old_refresh: str,
+        access_token: str,
+        refresh_token: str,
+        access_expires: int,
+    ) -> bool:
+        """Keep the pair an OAuth refresh returned, only while the stored refresh token is still
+        `old_refresh` (the one spent): a compare-and-set, so a refresh that lost a race (or a
+        portal uninstalled meanwhile) writes nothing."""
+
+    async def all(self) -> list[PortalRecord]: ...
+
+    async def close(self) -> None: ...
 
 
 def open_store(spec: str) -> TokenStore:

@@ -23,7 +23,8 @@ from typing import Any
 import aiohttp
 
 from b24queue.auth.portal import access_of
-from b24queue.auth.record import PortalRecord, TokenStore
+from b24queue.auth.record import PortalRecord
+from b24queue.auth.store import TokenStore
 from b24queue.events import Event
 from b24queue.forms import encode_form
 from b24queue.hosts import same_host

@@ -12,8 +12,7 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from b24queue.auth.record import TokenStore
-from b24queue.auth.store import open_store
+from b24queue.auth.store import TokenStore, open_store
 from b24queue.events import Event
 from b24queue.http.portal_check import is_public_address
 from b24queue.portal.api import PortalError

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import time
@@ -22,10 +23,13 @@ from collections.abc import Callable
 
 import aiohttp
 
-from b24queue.auth.record import PortalRecord, TokenStore
+from b24queue.auth.record import PortalRecord
+from b24queue.auth.store import TokenStore
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.limits import SharedState
 from b24queue.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # A token is "valid" while it has this long left (a call must reach the portal in time).
 MARGIN_S = 60
@@ -100,6 +104,7 @@ class Refresher:
         access, refresh, expires = await self._ask(record)
         if await self._store.refreshed(member_id, record.refresh_token, access, refresh, expires):
             self.refreshes += 1
+            log.info("portal %s (member_id %s): access token refreshed", record.domain, member_id)
             return await self._current(member_id)
         now = await self._current(member_id)
         if self.valid(now.access_expires) and now.access_token != spent:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from b24queue.auth.portal import PortalVerifier
-from b24queue.auth.record import PortalRecord, TokenStore
-from b24queue.auth.store import RedisTokenStore, SqliteTokenStore
+from b24queue.auth.record import PortalRecord
+from b24queue.auth.store import RedisTokenStore, SqliteTokenStore, TokenStore
 from b24queue.events import Event
 from b24queue.portal.api import PortalError
 from b24queue.portal.clients import PortalClients
