@@ -101,7 +101,10 @@ class PortalClient:
         start, given = 0, 0
         while given < max_items:
             answer = await self._request(method, {**(params or {}), "start": start})
-            for item in _items(answer["result"]):
+            items = _items(answer["result"])
+            if not items:
+                return  # an empty page ends it, whatever `next` says (no endless paging)
+            for item in items:
                 if given >= max_items:
                     return
                 given += 1

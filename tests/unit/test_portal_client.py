@@ -110,7 +110,7 @@ async def test_64_concurrent_handlers_never_exceed_the_bucket(
     assert len(served) == 128
     rate = (len(served) - 10) / (served[-1] - served[0])
     print(f"\n128 calls, 64 handlers: {rate:.1f}/s after the burst (limit 25/s), {took:.1f}s")
-    assert 15 < rate <= 25 * 1.1
+    assert 10 < rate <= 25 * 1.1
     await store.close()
 
 
@@ -187,4 +187,19 @@ async def test_the_events_own_token_first_then_the_stored_one(
     stored = record.access_token
     assert rest.used_tokens == [own, stored, own, stored, fresh.access_token]
     assert rest.refreshes == 1 and clients.refresher.refreshes == 1
+    await store.close()
+
+
+async def test_a_portal_name_leading_to_a_private_address_is_refused(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    settings = portal_settings(
+        portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}", portal_allow_private=False
+    )
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        with pytest.raises(PortalError, match="private address"):
+            await clients.for_event(deal_event("m1", 1)).call("crm.deal.get", {"id": 1})
+    assert fake_portal.rest.used_tokens == []
     await store.close()
