@@ -203,3 +203,22 @@ async def test_a_portal_name_leading_to_a_private_address_is_refused(
             await clients.for_event(deal_event("m1", 1)).call("crm.deal.get", {"id": 1})
     assert fake_portal.rest.used_tokens == []
     await store.close()
+
+
+async def test_operation_time_limit_retries_the_event_after_its_delay(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    from b24queue.testing import run_handler
+    from examples.deals import DealSync
+
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    fake_portal.rest.time_limited.add("crm.deal.get")
+    consumer = DealSync()
+    consumer.portals = clients
+    outcome = await run_handler(consumer, deal_event("m1", 5))
+    # Through the worker's own rules: a retry, its 60 s snapped to the consumer's retry queues
+    # as every Retry delay is (DealSync declares 1, 5 and 30 s: the longest).
+    assert outcome.retried and outcome.delay_s == 30
+    assert isinstance(outcome.error, PortalRetry)
+    await store.close()
