@@ -14,6 +14,7 @@ Tokens go in the request body, never in a URL, a log line or an error.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -82,8 +83,9 @@ class PortalClient:
             chunk = items[start : start + BATCH_SIZE]
             cmd = {name: _command(method, params) for name, (method, params) in chunk}
             result = (await self._request("batch", {"halt": int(halt), "cmd": cmd}))["result"]
-            results = result.get("result") if isinstance(result, dict) else None
-            errors = result.get("result_error") if isinstance(result, dict) else None
+            if not isinstance(result, dict):
+                raise PortalError("BAD_ANSWER", "batch answered with something else than results")
+            results, errors = result.get("result"), result.get("result_error")
             for name, _ in chunk:
                 error = errors.get(name) if isinstance(errors, dict) else None
                 if error:
@@ -196,6 +198,12 @@ async def _credentials(ctx: Context, event: Event) -> tuple[Target, str]:
         raise PortalError("NO_CREDENTIALS", "no installed portal or webhook for this event")
     if event.auth.domain and not same_host(event.auth.domain, record.domain):
         raise PortalError("WRONG_PORTAL", "the event's domain is not its portal's")
+    # The ingress also lets in events carrying a static token (B24QUEUE_APP_TOKENS: an outgoing
+    # webhook's), whatever member_id they name: only an event that came with the portal's own
+    # application token may act with that portal's credentials.
+    given = (event.auth.application_token or "").encode()
+    if not hmac.compare_digest(given, record.token.encode()):
+        raise PortalError("WRONG_PORTAL", "the event does not carry its portal's application token")
     return oauth_target(record), await _token(ctx.refresher, event, record)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.consumer import Retry
+from b24queue.events import Event
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.clients import PortalClients
 from tests.fake_portal import FakePortal, StaticResolver
@@ -163,6 +164,12 @@ async def test_a_portal_uses_its_own_credentials_only(
         await clients.for_event(forged).call("crm.deal.get", {"id": 1})
     with pytest.raises(PortalError, match="NO_CREDENTIALS"):
         await clients.for_event(deal_event("m3", 1)).call("crm.deal.get", {"id": 1})
+    # m2's member_id and domain, let in by a static token (an outgoing webhook's, of another
+    # portal): not m2's own application token, so not m2's credentials.
+    payload = deal_event("m2", 1).payload
+    payload["auth"]["application_token"] = "a-static-token"
+    with pytest.raises(PortalError, match="application token"):
+        await clients.for_event(Event.from_payload(payload)).call("crm.deal.get", {"id": 1})
     assert fake_portal.rest.served == []
     await store.close()
 
