@@ -26,7 +26,8 @@ import aiohttp
 from b24queue.auth.portal import access_of
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
-from b24queue.events import Event
+from b24queue.envelope import token_digest
+from b24queue.events import Event, token_digest_of
 from b24queue.forms import encode_form
 from b24queue.hosts import same_host
 from b24queue.portal.api import PortalError, PortalRetry
@@ -201,8 +202,8 @@ async def _credentials(ctx: Context, event: Event) -> tuple[Target, str]:
     # The ingress also lets in events carrying a static token (B24QUEUE_APP_TOKENS: an outgoing
     # webhook's), whatever member_id they name: only an event that came with the portal's own
     # application token may act with that portal's credentials.
-    given = (event.auth.application_token or "").encode()
-    if not hmac.compare_digest(given, record.token.encode()):
+    given = came_with(event)
+    if given is None or not hmac.compare_digest(given, token_digest(record.token)):
         raise PortalError("WRONG_PORTAL", "the event does not carry its portal's application token")
     return oauth_target(record), await _token(ctx.refresher, event, record)
 
@@ -214,6 +215,14 @@ async def _token(refresher: Refresher, event: Event, record: PortalRecord) -> st
     if refresher.valid(record.access_expires):
         return record.access_token
     return (await refresher.fresh(record.member_id, record.access_token)).access_token
+
+
+def came_with(event: Event) -> str | None:
+    """The digest of the application token the event came with: from its message's header in a
+    worker (the body leaves the token out), or of the token itself in an event built directly."""
+    if event.auth.application_token:
+        return token_digest(event.auth.application_token)
+    return token_digest_of(event)
 
 
 def _command(method: str, params: Mapping[str, Any]) -> str:

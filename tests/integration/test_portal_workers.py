@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from b24queue import Event, EventConsumer, Retry
+from b24queue import Event, EventConsumer, PortalError, Retry
 from b24queue.auth.store import open_store
 from b24queue.portal.clients import PortalClients
 from b24queue.runtime import Worker
@@ -181,4 +181,45 @@ async def test_a_token_expired_while_the_event_waited_for_its_retry_is_refreshed
     fresh = await store.get("m1")
     assert fresh is not None and rest.refreshes == 1
     assert rest.used_tokens == [own, stored.access_token, fresh.access_token]
+    await store.close()
+
+
+async def test_an_event_let_in_by_another_token_cannot_use_the_portals_credentials(
+    broker: Broker, fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec = f"sqlite:{tmp_path / 'p.db'}"
+    store = open_store(spec)
+    await install(store, fake_portal.rest, "m1")
+    outcomes: dict[str, str] = {}
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        deal = event.data["FIELDS"]["ID"]
+        try:
+            await self.portal(event).call("crm.deal.get", {"id": deal})
+            outcomes[deal] = "read"
+        except PortalError as exc:
+            outcomes[deal] = exc.code
+
+    cls = type(
+        "Guarded",
+        (EventConsumer,),
+        {"queue": broker.name("deals"), "events": ("ONCRMDEALUPDATE",), "handle": handle},
+    )
+    tokens = "app-token-m1,another-portals-webhook-token"
+    settings = broker.make_settings(
+        app_tokens=tokens, portal_store=spec, portal_allow_private=True,
+        portal_ca_file=str(portal_certificate[0]),
+    )  # fmt: skip
+    forged = deal_event("m1", 2).payload
+    forged["auth"]["application_token"] = "another-portals-webhook-token"
+    async with (
+        PortalClients(settings, resolver=StaticResolver()) as portals,
+        Worker(settings, [cls], portals=portals),
+    ):
+        # Both pass the ingress (each carries a configured token); the body keeps neither token,
+        # the message keeps a digest of it, and only m1's own opens m1's credentials.
+        await post(broker, [deal_event("m1", 1), Event.from_payload(forged)], tokens)
+        await wait_until(lambda: len(outcomes) == 2, 20, "both events handled")
+    assert outcomes == {"1": "read", "2": "WRONG_PORTAL"}
+    assert fake_portal.rest.deal_gets == ["1"]
     await store.close()
