@@ -30,7 +30,7 @@ from b24queue.envelope import token_digest
 from b24queue.events import Event, token_digest_of
 from b24queue.forms import encode_form
 from b24queue.hosts import same_host
-from b24queue.portal.api import PortalError, PortalRetry
+from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.credentials import METHOD, Target, Webhooks, oauth_target
 from b24queue.portal.limits import Limit, SharedState
 from b24queue.portal.oauth import Refresher
@@ -54,6 +54,7 @@ class Context:
     refresher: Refresher
     limit: Limit
     webhooks: Webhooks
+    observer: PortalObserver
 
 
 class PortalClient:
@@ -127,8 +128,10 @@ class PortalClient:
             status, answer = await self._post(target, method, params)
             code = answer.get("error")
             if code is None and status == 200 and "result" in answer:
+                self._ctx.observer.portal_answered("ok")
                 return answer
             code = str(code or f"HTTP_{status}")
+            self._ctx.observer.portal_answered(code if code in ANSWERS else "error")
             if code == "QUERY_LIMIT_EXCEEDED":
                 # It never ran. The portal's bucket is fuller than ours says (other apps, other
                 # addresses): give it time to drain a request or more, then re-send.
@@ -154,6 +157,7 @@ class PortalClient:
                 f"the portal's bucket is full for more than {self._ctx.limit.max_wait_s:g}s",
                 self._ctx.limit.max_wait_s,
             )
+        self._ctx.observer.portal_waited(wait_s)
         if wait_s > 0:
             await asyncio.sleep(wait_s)  # our reserved place in the portal's leaky bucket
 

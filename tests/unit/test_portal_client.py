@@ -232,3 +232,32 @@ async def test_operation_time_limit_retries_the_event_after_its_delay(
     assert outcome.retried and outcome.delay_s == 30
     assert isinstance(outcome.error, PortalRetry)
     await store.close()
+
+
+async def test_calls_waits_and_refreshes_are_counted(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from b24queue.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    rest = fake_portal.rest
+    store = await store_of(tmp_path)
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    rest.time_limited.add("crm.deal.list")
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}")
+    async with PortalClients(settings, resolver=StaticResolver(), observer=metrics) as clients:
+        portal = clients.for_event(deal_event("m1", 1))
+        await portal.call("crm.deal.get", {"id": 1})
+        with pytest.raises(PortalError):
+            await portal.call("crm.deal.get", {"id": 999})
+        with pytest.raises(PortalRetry):
+            await portal.call("crm.deal.list")
+    text = metrics.render().decode()
+    assert 'b24queue_portal_calls_total{answer="expired_token"} 1.0' in text
+    assert 'b24queue_portal_calls_total{answer="ok"} 1.0' in text
+    assert 'b24queue_portal_calls_total{answer="error"} 1.0' in text  # NOT_FOUND: no own label
+    assert 'b24queue_portal_calls_total{answer="OPERATION_TIME_LIMIT"} 1.0' in text
+    assert "b24queue_portal_refreshes_total 1.0" in text
+    assert "b24queue_portal_wait_seconds_count 4.0" in text
+    await store.close()
