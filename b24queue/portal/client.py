@@ -33,7 +33,7 @@ from b24queue.hosts import same_host
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.credentials import METHOD, Target, Webhooks, oauth_target
 from b24queue.portal.limits import Limit, SharedState
-from b24queue.portal.oauth import Refresher
+from b24queue.portal.oauth import Refresher, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class PortalClient:
             async with self._ctx.session.post(
                 target.url(method), json=body, allow_redirects=False
             ) as resp:
-                raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                raw = await read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # Not str(exc): it names the URL, and a webhook's holds its code.
