@@ -3,6 +3,7 @@
 from b24queue.consumer import EventConsumer, Reject, Retry
 from b24queue.errors import B24QueueError
 from b24queue.events import Auth, Event
+from b24queue.portal.api import Portal, PortalError, PortalRetry
 from b24queue.settings import Settings, load_settings
 
 __all__ = [
@@ -10,6 +11,9 @@ __all__ = [
     "B24QueueError",
     "Event",
     "EventConsumer",
+    "Portal",
+    "PortalError",
+    "PortalRetry",
     "Reject",
     "Retry",
     "Settings",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from b24queue import _constants as c
 from b24queue.errors import ConfigError
 from b24queue.events import BINDING, MAX_EVENT_NAME, Event
 from b24queue.idempotency import SeenStore
+
+if TYPE_CHECKING:
+    from b24queue.portal.api import Portal, PortalProvider
 
 _QUEUE = re.compile(c.NAME_PATTERN)
 MAX_DELAY_S = 7 * 24 * 3600
@@ -57,6 +60,18 @@ class EventConsumer:
     max_deliveries: ClassVar[int] = 20
     # Opt-in duplicate suppression by message_id (b24queue.idempotency): None = off.
     idempotency: ClassVar[SeenStore | None] = None
+
+    # Set by the worker before `on_start`: what `portal(event)` calls the portal with.
+    portals: PortalProvider | None = None
+
+    def portal(self, event: Event) -> Portal:
+        """A REST client for the event's portal, with that portal's credentials only
+        (b24queue.portal): `await self.portal(event).call("crm.deal.get", {"id": 42})`."""
+        if self.portals is None:
+            raise ConfigError(
+                f"{type(self).__name__}.portal(): no portal clients (run it in a Worker)"
+            )
+        return self.portals.for_event(event)
 
     async def handle(self, event: Event) -> None:
         raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")

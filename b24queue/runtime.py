@@ -33,6 +33,8 @@ from b24queue.ingress.fallback import SpoolingSink
 from b24queue.ingress.spool import Spool, merge_stray_spools, slot_path
 from b24queue.layout import QueueState
 from b24queue.metrics import IngressMetrics, WorkerMetrics
+from b24queue.portal.api import PortalProvider
+from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings
 from b24queue.transports import Runner, WorkerSession, connection_name, transport_for
 
@@ -179,6 +181,7 @@ class Worker:
         settings: Settings,
         classes: Sequence[type[EventConsumer]],
         metrics: WorkerMetrics | None = None,
+        portals: PortalProvider | None = None,
     ) -> None:
         check_consumers(classes)
         self.settings = settings
@@ -186,16 +189,30 @@ class Worker:
         self.classes = list(classes)
         self.runners: list[Runner] = []
         self._session: WorkerSession | None = None
+        # Handlers' portal clients (`EventConsumer.portal`): given, or our own, opened with the
+        # worker (no I/O until a handler calls a portal) and closed after the last handler.
+        self._portals = portals
+        self._own_portals: PortalClients | None = None
 
     @property
     def queues(self) -> str:
         return ",".join(cls.queue for cls in self.classes)
 
     async def __aenter__(self) -> Worker:
-        session = self._session = await transport_for(self.settings).open_workers(self.classes)
+        if self._portals is None:
+            own = PortalClients(self.settings, observer=self.metrics)
+            self._own_portals = await own.__aenter__()
+        portals = self._portals or self._own_portals
+        try:
+            session = self._session = await transport_for(self.settings).open_workers(self.classes)
+        except BaseException:
+            await self._close()
+            raise
         try:
             for cls in self.classes:
-                runner = session.runner(cls(), self.metrics)
+                consumer = cls()
+                consumer.portals = portals
+                runner = session.runner(consumer, self.metrics)
                 self.runners.append(runner)
                 await runner.start()
             await session.started(self.runners)
@@ -241,6 +258,9 @@ class Worker:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._own_portals is not None:
+            await self._own_portals.__aexit__(None, None, None)
+            self._own_portals = None
 
 
 async def serve_worker(

@@ -10,7 +10,7 @@ import os
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from b24queue import _constants as c
@@ -131,6 +131,22 @@ class Settings(BaseSettings):
     portal_allow_private: bool = False
     portal_ca_file: str = ""
 
+    # Calling portals back (b24queue.portal). OAuth refresh needs the app's client id and secret;
+    # the OAuth server's token URL is a setting so tests can point it at a fake.
+    app_client_secret: SecretStr = SecretStr("")
+    oauth_url: str = "https://oauth.bitrix.info/oauth/token/"
+    # Bitrix24's leaky bucket per portal: "standard" drains 2 requests/s with a burst of 50,
+    # "enterprise" 5/s and 250; B24QUEUE_PORTAL_BURST / _DRAIN_PER_S override the plan's numbers.
+    portal_plan: Literal["standard", "enterprise"] = "standard"
+    portal_burst: int | None = Field(default=None, ge=1, le=10_000)
+    portal_drain_per_s: float | None = Field(default=None, gt=0, le=10_000)
+    # Longest a call waits for the bucket; past it the event is retried later instead.
+    portal_max_wait_s: float = Field(default=20.0, ge=0, le=600)
+    portal_call_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # Inbound webhooks (https://<portal>/rest/<user>/<code>/), comma-separated: events from a
+    # webhook's portal without OAuth credentials call through it.
+    portal_webhooks: SecretStr = SecretStr("")
+
     # Workers
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     worker_metrics_port: int = Field(
@@ -247,6 +263,20 @@ class Settings(BaseSettings):
     def management_urls(self) -> list[str]:
         """The management API of each node (any answers for the cluster)."""
         return self.management_url.split(",")
+
+    @field_validator("oauth_url")
+    @classmethod
+    def _check_oauth_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname or parts.query or "@" in parts.netloc:
+            raise ValueError("must look like https://oauth.bitrix.info/oauth/token/")
+        return value
+
+    @property
+    def portal_limits(self) -> tuple[int, float]:
+        """The portal's leaky bucket: (burst, drain per second)."""
+        burst, drain = (250, 5.0) if self.portal_plan == "enterprise" else (50, 2.0)
+        return self.portal_burst or burst, self.portal_drain_per_s or drain
 
     @field_validator("http_path")
     @classmethod

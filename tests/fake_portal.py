@@ -11,6 +11,9 @@ it, over HTTPS with a self-signed certificate for `*.portal.test`, chosen by the
   hold-*      waits until `release` is set, then answers like good-*
   redirect    302 to another host
 
+Any other token the REST side issued (tests/fake_rest.py: OAuth, CRM methods, batch, the leaky
+bucket, under `rest`) is answered there, as are /rest/<method> and /oauth/token/.
+
 The call-back only ever connects to port 443, which tests cannot listen on: the portal is
 published on 443 (`port`, `endpoint()`), listens on a free port (`listen_port`), and
 `StaticResolver` maps the one onto the other (aiohttp connects to the port a resolver returns).
@@ -29,6 +32,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+
+from tests.fake_rest import FakeRest
 
 CLIENT_ID = "app.b24queue-test"
 PUBLISHED_PORT = 443
@@ -103,10 +108,14 @@ class FakePortal:
         self.listen_port = 0
         self.release = asyncio.Event()  # lets hold-* answer
         self._arrived = asyncio.Condition()
+        self.rest = FakeRest(CLIENT_ID)
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/rest/app.info", self.app_info)
+        app.router.add_route("POST", "/rest/{user:[0-9]+}/{code}/{method}", self.rest.webhook)
+        app.router.add_route("POST", "/rest/{method}", self.rest.rest)
+        app.router.add_route("GET", "/oauth/token/", self.rest.oauth)
         self._runner = web.AppRunner(app, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
@@ -134,6 +143,8 @@ class FakePortal:
             )
 
     async def app_info(self, request: web.Request) -> web.Response:
+        if request.content_type == "application/json":
+            return await self.rest.rest(request)
         form = await request.post()
         token = str(form.get("auth") or request.query.get("auth") or "")
         # host:port as the caller sent it (punycode; 443 when it named no port)

@@ -119,7 +119,12 @@ class PortalVerifier:
         fresh = access_of(event)
         if fresh is not None and fresh[1] > record.access_expires:
             try:
-                await self.store.refresh_access(record.member_id, record.token, *fresh)
+                # The event's refresh token too: every OAuth event brings a new pair, so a
+                # portal whose stored refresh token was lost (spent by a refresh whose answer
+                # never arrived) can be called back again after its next event.
+                await self.store.refresh_access(
+                    record.member_id, record.token, *fresh, event.auth.refresh_token or ""
+                )
             except Exception as exc:  # best effort: the event itself is verified
                 if self._log_budget.spend() is not None:
                     log.warning("could not keep the portal's fresher access token: %r", exc)
@@ -177,12 +182,17 @@ class PortalVerifier:
         else:
             await self._check.confirm(event)
         access_token, access_expires = access_of(event) or ("", 0)
+        endpoint = event.auth.client_endpoint or ""
         record_new = PortalRecord(
             member_id=member_id,
             domain=domain,
             token=token,
             access_token=access_token,
             access_expires=access_expires,
+            # What calling the portal back needs (b24queue.portal); an endpoint off the portal's
+            # domain is not kept (the client builds https://<domain>/rest/ instead).
+            refresh_token=event.auth.refresh_token or "",
+            client_endpoint=endpoint if _on_domain(endpoint, domain) else "",
         )
         stored = await self._store_call(
             self.store.remember,
@@ -231,6 +241,11 @@ def _check_same_portal(event: Event, record: PortalRecord) -> None:
         host = url_host(endpoint)
         if host is None or not same_host(host.removesuffix(":443"), domain.removesuffix(":443")):
             raise UnauthorizedError("auth[client_endpoint] is not on this portal's domain")
+
+
+def _on_domain(endpoint: str, domain: str) -> bool:
+    host = url_host(endpoint) if endpoint.startswith("https://") else None
+    return host is not None and same_host(host.removesuffix(":443"), domain.removesuffix(":443"))
 
 
 def access_of(event: Event) -> tuple[str, int] | None:

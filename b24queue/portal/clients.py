@@ -1,0 +1,110 @@
+"""`PortalClients`: the portal clients of one worker process, handed to every consumer
+(`EventConsumer.portal(event)`). It owns one HTTP session (a pool per portal host), the portal
+store and the shared limits; nothing connects until a handler calls a portal."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from b24queue.auth.store import TokenStore, open_store
+from b24queue.events import Event
+from b24queue.http.portal_check import is_public_address
+from b24queue.portal.api import NoObserver, PortalError, PortalObserver
+from b24queue.portal.client import Context, PortalClient
+from b24queue.portal.credentials import Webhooks
+from b24queue.portal.limits import Limit, SharedState, open_state
+from b24queue.portal.oauth import Refresher
+from b24queue.settings import Settings
+
+CONNECTIONS = 100  # across every portal of the process; per host Bitrix24's limit is lower
+
+
+class _GuardedResolver(AbstractResolver):
+    """A portal's name must not lead to a private address (the store's domains came from
+    installs, and names can be re-pointed later)."""
+
+    def __init__(self, inner: AbstractResolver, allow_private: bool) -> None:
+        self._inner = inner
+        self._allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if not self._allow_private and not all(is_public_address(r["host"]) for r in results):
+            raise PortalError("UNREACHABLE", f"{host[:100]} resolves to a private address")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class PortalClients:
+    """`async with PortalClients(settings) as clients: clients.for_event(event)`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: TokenStore | None = None,
+        state: SharedState | None = None,
+        resolver: AbstractResolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.time,
+        observer: PortalObserver | None = None,
+    ) -> None:
+        self._settings = settings
+        self._observer = observer or NoObserver()
+        self._store, self._own_store = store, store is None
+        self._state, self._own_state = state, state is None
+        self._resolver = resolver
+        self._ssl = ssl_context
+        self._clock = clock
+        self._webhooks = Webhooks(settings.portal_webhooks.get_secret_value())
+        burst, drain = settings.portal_limits
+        self._limit = Limit(burst, drain, settings.portal_max_wait_s)
+        self._context: Context | None = None
+
+    @property
+    def refresher(self) -> Refresher:
+        assert self._context is not None, "use `async with PortalClients(...)`"
+        return self._context.refresher
+
+    async def __aenter__(self) -> PortalClients:
+        s = self._settings
+        store = self._store or open_store(s.portal_store)
+        state = self._state or open_state(s.portal_store)
+        ssl_context = self._ssl or ssl.create_default_context(cafile=s.portal_ca_file or None)
+        resolver = _GuardedResolver(
+            self._resolver or aiohttp.DefaultResolver(), s.portal_allow_private
+        )
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=resolver, ssl=ssl_context, limit=CONNECTIONS),
+            timeout=aiohttp.ClientTimeout(total=s.portal_call_timeout_s),
+        )
+        refresher = Refresher(session, store, state, s, self._clock, self._observer)
+        self._store, self._state = store, state
+        self._context = Context(
+            session, store, state, refresher, self._limit, self._webhooks, self._observer
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._context is not None:
+            await self._context.session.close()
+            self._context = None
+        if self._own_state and self._state is not None:
+            await self._state.close()
+        if self._own_store and self._store is not None:
+            await self._store.close()
+
+    def for_event(self, event: Event) -> PortalClient:
+        if self._context is None:
+            raise RuntimeError("use `async with PortalClients(...)` first")
+        return PortalClient(self._context, event)

@@ -1,0 +1,85 @@
+"""Bitrix24's per-portal limit, kept on our side: a leaky bucket that drains `drain_per_s`
+requests a second and holds `burst` (2/s and 50 on most plans, 5/s and 250 on Enterprise; the
+portal counts per portal and per source address). Every worker process on one store shares one
+bucket per portal, so 64 handlers in each of several processes together stay under the limit
+instead of finding it with 503 QUERY_LIMIT_EXCEEDED.
+
+A call *reserves* its place: the bucket's level goes up by one at once and the caller is told how
+long to wait before sending (level above the burst, divided by the drain rate). Reservations are
+served in the order they were made, without polling. A reservation that would wait longer than
+`max_wait_s` is not made: the caller retries its event later instead of holding a handler.
+
+The same state holds the refresh lease: one token refresh per portal at a time, across
+processes (a refresh token is single-use; two concurrent refreshes would lose the portal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from b24queue.errors import ConfigError
+
+# The portal counts a request when it arrives, not when we reserved its place: requests held up
+# (a TLS handshake, a busy event loop) arrive bunched, and the portal's bucket starts draining
+# only at the first arrival. The bucket we keep is smaller than the portal's by what half a second
+# of such scatter brings, and at least two requests (Bitrix24's 2/s: 2; its 5/s: 2.5).
+HEADROOM = 2
+SCATTER_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    burst: int
+    drain_per_s: float
+    max_wait_s: float
+
+    @property
+    def capacity(self) -> float:
+        return max(1.0, self.burst - max(HEADROOM, self.drain_per_s * SCATTER_S))
+
+    @property
+    def idle_s(self) -> float:
+        """After this long unused, a bucket is empty (its state can be dropped)."""
+        return self.capacity / self.drain_per_s + self.max_wait_s + 1
+
+
+def reserve(level: float, stamp: float, now: float, limit: Limit) -> tuple[float, float] | None:
+    """(new level, seconds to wait) for one more request, or None if it would wait longer than
+    `limit.max_wait_s` (nothing reserved). `level` was the bucket's at `stamp`; a clock that went
+    back drains nothing."""
+    level = max(0.0, level - max(0.0, now - stamp) * limit.drain_per_s)
+    wait_s = max(0.0, (level + 1 - limit.capacity) / limit.drain_per_s)
+    if wait_s > limit.max_wait_s:
+        return None
+    return level + 1, wait_s
+
+
+class SharedState(Protocol):
+    """Buckets and leases of every portal, shared by the processes using one portal store."""
+
+    async def reserve(self, key: str, limit: Limit) -> float | None:
+        """Seconds to wait before sending one request to portal `key`, or None: over the wait."""
+
+    async def lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Take portal `key`'s refresh lease for `ttl_s` if nobody holds it (or theirs ran out)."""
+
+    async def release(self, key: str, owner: str) -> None:
+        """Give the lease back, if `owner` still holds it."""
+
+    async def close(self) -> None: ...
+
+
+def open_state(spec: str) -> SharedState:
+    """Beside the portal store (B24QUEUE_PORTAL_STORE): `sqlite:PATH` or `redis://…`."""
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        from b24queue.portal.redis_state import RedisState
+
+        return RedisState(spec)
+    if spec.startswith("sqlite:"):
+        from pathlib import Path
+
+        from b24queue.portal.sqlite_state import SqliteState
+
+        return SqliteState(Path(spec.removeprefix("sqlite:")))
+    raise ConfigError(f"B24QUEUE_PORTAL_STORE: {spec[:100]!r} is neither sqlite:PATH nor redis://")

@@ -1,0 +1,217 @@
+"""The REST side of the fake portal (tests/fake_portal.py serves it): Bitrix24's OAuth token
+endpoint, a few methods, `batch`, and the per-portal leaky bucket, with the documented answers:
+
+  over the bucket     503 {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many
+                          requests"}
+  method out of time  429 {"error": "OPERATION_TIME_LIMIT", ...} (methods in `time_limited`)
+  token expired       401 {"error": "expired_token", "error_description": "The access token
+                          provided has expired."}
+  refresh token spent 400 {"error": "invalid_grant", ...} (refresh tokens are single-use)
+
+Tokens are issued here (`issue`) and by the OAuth endpoint; an access token lives
+`token_lifetime_s` (3600) unless `expire` ends it. The bucket has Bitrix24's numbers by default
+(burst 50, drain 2/s); tests may drain faster, and they count at the fake (`max_level`,
+`over_limit`, `served`). Calls are counted per host (the portal), whatever the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from b24queue.forms import decode_form
+
+CLIENT_SECRET = "fake-client-secret"
+DEALS = 120
+PAGE = 50
+
+_ids = itertools.count(1)
+
+
+def _error(status: int, code: str, description: str) -> web.Response:
+    return web.json_response({"error": code, "error_description": description}, status=status)
+
+
+class FakeRest:
+    def __init__(self, client_id: str, *, burst: int = 50, drain_per_s: float = 2.0) -> None:
+        self.client_id = client_id
+        self.burst, self.drain_per_s = burst, drain_per_s
+        self.token_lifetime_s = 3600
+        self.tokens: dict[str, tuple[str, float]] = {}  # access token -> (member_id, expires)
+        self.refresh_tokens: dict[str, str] = {}  # live refresh token -> member_id
+        self.spent: set[str] = set()
+        self.refreshes = 0  # successful refreshes
+        self.refused_refreshes = 0
+        self.buckets: dict[str, tuple[float, float]] = {}  # host -> (level, stamp)
+        self.max_level: dict[str, float] = {}
+        self.over_limit = 0  # 503s answered
+        self.served: list[tuple[str, str, float]] = []  # (host, method, when) of every 200
+        self.deal_gets: list[str] = []  # the ids crm.deal.get answered for
+        self.used_tokens: list[str] = []  # the access token of every REST call, in order
+        self.time_limited: set[str] = set()
+        self.webhooks: dict[str, str] = {}  # code -> member_id
+        self.deals = {i: {"ID": str(i), "TITLE": f"Deal {i}"} for i in range(1, DEALS + 1)}
+
+    def issue(self, member_id: str, lifetime_s: float | None = None) -> tuple[str, str, int]:
+        """A new (access, refresh, expires) for the portal."""
+        n = next(_ids)
+        access, refresh = f"acc{n:06d}x{member_id}"[:60], f"ref{n:06d}x{member_id}"[:60]
+        expires = time.time() + (self.token_lifetime_s if lifetime_s is None else lifetime_s)
+        self.tokens[access] = (member_id, expires)
+        self.refresh_tokens[refresh] = member_id
+        return access, refresh, int(expires)
+
+    def expire(self, access: str) -> None:
+        member, _ = self.tokens[access]
+        self.tokens[access] = (member, 0.0)
+
+    def valid_refresh_tokens(self, member_id: str) -> list[str]:
+        return [r for r, m in self.refresh_tokens.items() if m == member_id]
+
+    # -- the bucket ------------------------------------------------------------------------
+    def _admit(self, host: str) -> bool:
+        now = time.monotonic()
+        level, stamp = self.buckets.get(host, (0.0, now))
+        level = max(0.0, level - (now - stamp) * self.drain_per_s)
+        if level + 1 > self.burst:
+            self.buckets[host] = (level, now)
+            self.over_limit += 1
+            return False
+        self.buckets[host] = (level + 1, now)
+        self.max_level[host] = max(self.max_level.get(host, 0.0), level + 1)
+        return True
+
+    # -- HTTP ------------------------------------------------------------------------------
+    async def rest(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"].removesuffix(".json")
+        params = await _params(request)
+        host = str(request.url.raw_host)
+        if not self._admit(host):
+            return _error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+        token = str(params.pop("auth", ""))
+        self.used_tokens.append(token)
+        known = self.tokens.get(token)
+        if known is None:
+            return _error(401, "invalid_token", "The access token provided is invalid.")
+        if known[1] < time.time():
+            return _error(401, "expired_token", "The access token provided has expired.")
+        if method == "crm.deal.pieces":  # a large answer, written in two pieces
+            return await _in_pieces(request, {"result": {"PAD": "x" * 200_000}})
+        return self._run(host, method, params)
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"].removesuffix(".json")
+        params = await _params(request)
+        host = str(request.url.raw_host)
+        if not self._admit(host):
+            return _error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+        if request.match_info["code"] not in self.webhooks:
+            return _error(401, "INVALID_CREDENTIALS", "Invalid request credentials")
+        return self._run(host, method, params)
+
+    def _run(self, host: str, method: str, params: dict[str, Any]) -> web.Response:
+        if method in self.time_limited:
+            return _error(
+                429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit."
+            )
+        status, answer = self.answer(method, params)
+        if status == 200:
+            self.served.append((host, method, time.monotonic()))
+        return web.json_response(answer, status=status)
+
+    def answer(self, method: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if method == "crm.deal.get":
+            deal = self.deals.get(_int(params.get("id") or params.get("ID")))
+            if deal is None:
+                return 400, {"error": "NOT_FOUND", "error_description": "Not found"}
+            self.deal_gets.append(deal["ID"])
+            return 200, {"result": deal}
+        if method == "crm.deal.list":
+            start = _int(params.get("start"))
+            ids = sorted(self.deals)
+            page = [self.deals[i] for i in ids[start : start + PAGE]]
+            answer: dict[str, Any] = {"result": page, "total": len(ids)}
+            if start + PAGE < len(ids):
+                answer["next"] = start + PAGE
+            return 200, answer
+        if method == "app.info":
+            return 200, {"result": {"ID": 77, "CODE": self.client_id, "STATUS": "L"}}
+        if method == "batch":
+            return 200, {"result": self._batch(params.get("cmd") or {})}
+        return 404, {"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"}
+
+    def _batch(self, commands: dict[str, str]) -> dict[str, Any]:
+        if len(commands) > 50:
+            return {"result": {}, "result_error": {"batch": "more than 50 commands"}}
+        results: dict[str, Any] = {}
+        errors: dict[str, Any] = {}
+        for name, command in commands.items():
+            method, _, query = command.partition("?")
+            status, answer = self.answer(method, dict(parse_qsl(query)))
+            if status == 200:
+                results[name] = answer["result"]
+            else:
+                errors[name] = answer
+        return {"result": results, "result_error": errors}
+
+    async def oauth(self, request: web.Request) -> web.Response:
+        q = request.query
+        if q.get("client_id") != self.client_id or q.get("client_secret") != CLIENT_SECRET:
+            return _error(401, "invalid_client", "Invalid client credentials")
+        if q.get("grant_type") != "refresh_token":
+            return _error(400, "unsupported_grant_type", "Unsupported grant type")
+        refresh = q.get("refresh_token", "")
+        member = self.refresh_tokens.pop(refresh, None)
+        if member is None:
+            self.refused_refreshes += 1
+            return _error(400, "invalid_grant", "Invalid refresh token")
+        self.spent.add(refresh)
+        self.refreshes += 1
+        access, new_refresh, expires = self.issue(member)
+        return web.json_response(
+            {
+                "access_token": access,
+                "expires": expires,
+                "expires_in": self.token_lifetime_s,
+                "scope": "crm",
+                "domain": "oauth.bitrix.info",
+                "server_endpoint": "https://oauth.bitrix.info/rest/",
+                "status": "L",
+                "client_endpoint": f"https://{member}.portal.test/rest/",
+                "member_id": member,
+                "user_id": 1,
+                "refresh_token": new_refresh,
+            }
+        )
+
+
+async def _in_pieces(request: web.Request, answer: dict[str, Any]) -> web.StreamResponse:
+    body = json.dumps(answer).encode()
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(body[:1000])
+    await asyncio.sleep(0.05)  # the rest comes later, as over a slow network
+    await resp.write(body[1000:])
+    await resp.write_eof()
+    return resp
+
+
+async def _params(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if request.content_type == "application/json":
+        loaded = json.loads(raw or b"{}")
+        return loaded if isinstance(loaded, dict) else {}
+    return decode_form(raw) if raw else {}
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        return -1

@@ -1,0 +1,265 @@
+"""The portal client against the fake portal over HTTPS (no broker): calls, batch, paging, the
+documented errors, the leaky bucket counted at the fake, token choice and tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from b24queue.auth.store import SqliteTokenStore
+from b24queue.consumer import Retry
+from b24queue.events import Event
+from b24queue.portal.api import PortalError, PortalRetry
+from b24queue.portal.clients import PortalClients
+from tests.fake_portal import FakePortal, StaticResolver
+from tests.portal_setup import deal_event, install, portal_settings
+
+
+@pytest.fixture
+async def clients(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> AsyncIterator[PortalClients]:
+    settings = portal_settings(
+        portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}", portal_max_wait_s=30
+    )
+    async with PortalClients(settings, resolver=StaticResolver()) as c:
+        yield c
+
+
+async def store_of(tmp_path: Path) -> SqliteTokenStore:
+    return SqliteTokenStore(tmp_path / "portals.db")
+
+
+async def test_call_batch_and_list(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    portal = clients.for_event(deal_event("m1", 42))
+    assert (await portal.call("crm.deal.get", {"id": 42}))["TITLE"] == "Deal 42"
+    commands = {f"d{i}": ("crm.deal.get", {"id": i}) for i in range(1, 121)}
+    commands["missing"] = ("crm.deal.get", {"id": 999})
+    results = await portal.batch(commands)
+    assert results["d120"]["ID"] == "120" and len(results) == 121
+    assert isinstance(results["missing"], PortalError) and results["missing"].code == "NOT_FOUND"
+    batches = [m for _, m, _ in fake_portal.rest.served if m == "batch"]
+    assert len(batches) == 3  # 121 commands: 50 + 50 + 21
+    with pytest.raises(PortalError, match="NOT_FOUND"):
+        await portal.batch({"missing": ("crm.deal.get", {"id": 999})}, halt=True)
+    ids = [deal["ID"] async for deal in portal.list("crm.deal.list", {"select": ["ID"]})]
+    assert ids == [str(i) for i in range(1, 121)]  # three pages, by `next`
+    assert [d async for d in portal.list("crm.deal.list", max_items=7)][-1]["ID"] == "7"
+    # An answer that arrives in pieces is read whole.
+    assert len((await portal.call("crm.deal.pieces"))["PAD"]) == 200_000
+    await store.close()
+
+
+async def test_errors_are_typed_and_never_show_a_token(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    store = await store_of(tmp_path)
+    record = await install(store, fake_portal.rest, "m1")
+    portal = clients.for_event(deal_event("m1", 42))
+    with pytest.raises(PortalError) as caught:
+        await portal.call("crm.nothing.here")
+    assert caught.value.code == "ERROR_METHOD_NOT_FOUND" and caught.value.status == 404
+    fake_portal.rest.time_limited.add("crm.deal.get")
+    with pytest.raises(PortalRetry) as limited:
+        await portal.call("crm.deal.get", {"id": 1})
+    # A Retry for the event (the worker retries it later), not a busy wait in the handler.
+    assert isinstance(limited.value, Retry) and limited.value.delay_s == 60
+    assert limited.value.code == "OPERATION_TIME_LIMIT"
+    with pytest.raises(PortalError, match="BAD_METHOD"):
+        await portal.call("../../oauth/token/?x=")
+    for shown in (str(caught.value), repr(caught.value), repr(portal), repr(record)):
+        assert record.access_token not in shown and record.refresh_token not in shown
+    await store.close()
+
+
+async def test_64_concurrent_handlers_never_exceed_the_bucket(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rest = fake_portal.rest
+    rest.burst, rest.drain_per_s = 25, 25.0  # Bitrix24's shape, time scaled down
+    settings = portal_settings(
+        portal_certificate[0],
+        f"sqlite:{tmp_path / 'portals.db'}",
+        portal_burst=25,
+        portal_drain_per_s=25,
+        portal_max_wait_s=30,
+    )
+    store = await store_of(tmp_path)
+    await install(store, rest, "m1")
+    await install(store, rest, "m2")
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+
+        async def handler(member: str, deal: int) -> None:
+            portal = clients.for_event(deal_event(member, deal))
+            await portal.call("crm.deal.get", {"id": deal})
+            await portal.call("crm.deal.get", {"id": deal})
+
+        started = time.monotonic()
+        await asyncio.gather(*(handler("m1", i) for i in range(1, 65)), handler("m2", 1))
+        took = time.monotonic() - started
+    assert rest.over_limit == 0
+    assert rest.max_level["m1.portal.test"] <= 25
+    # The other portal has a bucket of its own: not held up behind m1's.
+    assert rest.max_level["m2.portal.test"] <= 2
+    served = [t for host, _, t in rest.served if host == "m1.portal.test"]
+    assert len(served) == 128
+    span = served[-1] - served[0]
+    rate = (len(served) - 12) / span  # after the first 12 (our bucket's capacity) went at once
+    allowed = 25 + 25 * span  # the most the portal's bucket lets through in that time
+    print(f"\n128 calls by 64 handlers in {span:.2f}s: {rate:.1f}/s after the burst (drain 25/s);")
+    print(f"the portal would have let {allowed:.0f} through in that time; took {took:.1f}s")
+    assert 10 < rate <= 25 * 1.1
+    await store.close()
+
+
+async def test_a_bucket_full_for_longer_than_the_wait_retries_the_event(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    settings = portal_settings(
+        portal_certificate[0],
+        f"sqlite:{tmp_path / 'portals.db'}",
+        portal_burst=4,
+        portal_drain_per_s=1,
+        portal_max_wait_s=0.5,
+    )
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        portal = clients.for_event(deal_event("m1", 1))
+        await portal.call("crm.deal.get", {"id": 1})
+        await portal.call("crm.deal.get", {"id": 1})  # capacity 4 - 2 of headroom
+        with pytest.raises(PortalRetry, match="QUERY_LIMIT_EXCEEDED"):
+            await portal.call("crm.deal.get", {"id": 1})
+    await store.close()
+
+
+async def test_query_limit_exceeded_is_resent(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    rest = fake_portal.rest
+    rest.buckets["m1.portal.test"] = (rest.burst, time.monotonic())  # someone else filled it
+    rest.drain_per_s = 20.0
+    assert (await clients.for_event(deal_event("m1", 5)).call("crm.deal.get", {"id": 5}))["ID"]
+    assert rest.over_limit >= 1
+    await store.close()
+
+
+async def test_a_portal_uses_its_own_credentials_only(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    await install(store, fake_portal.rest, "m2")
+    # m2's member_id with m1's domain: refused before any call.
+    forged = deal_event("m2", 1, domain="m1.portal.test")
+    with pytest.raises(PortalError, match="WRONG_PORTAL"):
+        await clients.for_event(forged).call("crm.deal.get", {"id": 1})
+    with pytest.raises(PortalError, match="NO_CREDENTIALS"):
+        await clients.for_event(deal_event("m3", 1)).call("crm.deal.get", {"id": 1})
+    # m2's member_id and domain, let in by a static token (an outgoing webhook's, of another
+    # portal): not m2's own application token, so not m2's credentials.
+    payload = deal_event("m2", 1).payload
+    payload["auth"]["application_token"] = "a-static-token"
+    with pytest.raises(PortalError, match="application token"):
+        await clients.for_event(Event.from_payload(payload)).call("crm.deal.get", {"id": 1})
+    assert fake_portal.rest.served == []
+    await store.close()
+
+
+async def test_the_events_own_token_first_then_the_stored_one(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    rest = fake_portal.rest
+    store = await store_of(tmp_path)
+    record = await install(store, rest, "m1")
+    own, _, expires = rest.issue("m1")
+    await clients.for_event(deal_event("m1", 1, access=own, expires=expires)).call(
+        "crm.deal.get", {"id": 1}
+    )
+    # Replayed later: its own token is past its time, so the stored one is used.
+    stale = deal_event("m1", 1, access=own, expires=int(time.time()) + 10)
+    await clients.for_event(stale).call("crm.deal.get", {"id": 1})
+    # Both tokens end early (revoked): the event's gives way to the stored one, which is
+    # refreshed (once), and the call goes through.
+    rest.expire(record.access_token)
+    rest.expire(own)
+    await clients.for_event(deal_event("m1", 1, access=own)).call("crm.deal.get", {"id": 1})
+    fresh = await store.get("m1")
+    assert fresh is not None and fresh.access_token not in (own, record.access_token)
+    stored = record.access_token
+    assert rest.used_tokens == [own, stored, own, stored, fresh.access_token]
+    assert rest.refreshes == 1 and clients.refresher.refreshes == 1
+    await store.close()
+
+
+async def test_a_portal_name_leading_to_a_private_address_is_refused(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    settings = portal_settings(
+        portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}", portal_allow_private=False
+    )
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        with pytest.raises(PortalError, match="private address"):
+            await clients.for_event(deal_event("m1", 1)).call("crm.deal.get", {"id": 1})
+    assert fake_portal.rest.used_tokens == []
+    await store.close()
+
+
+async def test_operation_time_limit_retries_the_event_after_its_delay(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    from b24queue.testing import run_handler
+    from examples.deals import DealSync
+
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    fake_portal.rest.time_limited.add("crm.deal.get")
+    consumer = DealSync()
+    consumer.portals = clients
+    outcome = await run_handler(consumer, deal_event("m1", 5))
+    # Through the worker's own rules: a retry, its 60 s snapped to the consumer's retry queues
+    # as every Retry delay is (DealSync declares 1, 5 and 30 s: the longest).
+    assert outcome.retried and outcome.delay_s == 30
+    assert isinstance(outcome.error, PortalRetry)
+    await store.close()
+
+
+async def test_calls_waits_and_refreshes_are_counted(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from b24queue.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    rest = fake_portal.rest
+    store = await store_of(tmp_path)
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    rest.time_limited.add("crm.deal.list")
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}")
+    async with PortalClients(settings, resolver=StaticResolver(), observer=metrics) as clients:
+        portal = clients.for_event(deal_event("m1", 1))
+        await portal.call("crm.deal.get", {"id": 1})
+        with pytest.raises(PortalError):
+            await portal.call("crm.deal.get", {"id": 999})
+        with pytest.raises(PortalRetry):
+            await portal.call("crm.deal.list")
+    text = metrics.render().decode()
+    assert 'b24queue_portal_calls_total{answer="expired_token"} 1.0' in text
+    assert 'b24queue_portal_calls_total{answer="ok"} 1.0' in text
+    assert 'b24queue_portal_calls_total{answer="error"} 1.0' in text  # NOT_FOUND: no own label
+    assert 'b24queue_portal_calls_total{answer="OPERATION_TIME_LIMIT"} 1.0' in text
+    assert "b24queue_portal_refreshes_total 1.0" in text
+    assert "b24queue_portal_wait_seconds_count 4.0" in text
+    await store.close()
