@@ -55,7 +55,7 @@ class FakeRest:
         self.deal_gets: list[str] = []  # the ids crm.deal.get answered for
         self.used_tokens: list[str] = []  # the access token of every REST call, in order
         self.time_limited: set[str] = set()
-        self.webhooks: dict[str, str] = {}  # code -> member_id
+        self.webhooks: dict[str, str] = {}  # code -> member_id (its host: <member_id>.portal.test)
         self.deals = {i: {"ID": str(i), "TITLE": f"Deal {i}"} for i in range(1, DEALS + 1)}
 
     def issue(self, member_id: str, lifetime_s: float | None = None) -> tuple[str, str, int]:
@@ -111,7 +111,8 @@ class FakeRest:
         host = str(request.url.raw_host)
         if not self._admit(host):
             return _error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
-        if request.match_info["code"] not in self.webhooks:
+        member = self.webhooks.get(request.match_info["code"])
+        if member is None or host != f"{member}.portal.test":  # a code is its own portal's only
             return _error(401, "INVALID_CREDENTIALS", "Invalid request credentials")
         return self._run(host, method, params)
 

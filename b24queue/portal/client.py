@@ -197,10 +197,7 @@ async def _credentials(ctx: Context, event: Event) -> tuple[Target, str]:
     member_id = event.auth.member_id
     record = await ctx.store.get(member_id) if member_id else None
     if record is None:
-        webhook = ctx.webhooks.for_domain(event.auth.domain)
-        if webhook is not None:
-            return webhook, ""
-        raise PortalError("NO_CREDENTIALS", "no installed portal or webhook for this event")
+        return _webhook(ctx, event), ""
     if event.auth.domain and not same_host(event.auth.domain, record.domain):
         raise PortalError("WRONG_PORTAL", "the event's domain is not its portal's")
     # The ingress also lets in events carrying a static token (B24QUEUE_APP_TOKENS: an outgoing
@@ -210,6 +207,25 @@ async def _credentials(ctx: Context, event: Event) -> tuple[Target, str]:
     if given is None or not hmac.compare_digest(given, token_digest(record.token)):
         raise PortalError("WRONG_PORTAL", "the event does not carry its portal's application token")
     return oauth_target(record), await _token(ctx.refresher, event, record)
+
+
+def _webhook(ctx: Context, event: Event) -> Target:
+    """The webhook of the event's domain, if the event came with a token paired with it: the
+    ingress lets in an event carrying any configured token whatever domain it names, so the
+    domain alone would give portal B's admin (who knows B's token) portal A's webhook."""
+    found = ctx.webhooks.for_domain(event.auth.domain)
+    if found is None:
+        raise PortalError("NO_CREDENTIALS", "no installed portal or webhook for this event")
+    webhook, digests = found
+    given = came_with(event)
+    if given is None:
+        raise PortalError("NO_APP_TOKEN", "the event carries no application token")
+    matched = False
+    for digest in digests:  # all of them, without stopping early
+        matched |= hmac.compare_digest(given, digest)
+    if not matched:
+        raise PortalError("WRONG_PORTAL", "the event does not carry its webhook's app token")
+    return webhook
 
 
 async def _token(refresher: Refresher, event: Event, record: PortalRecord) -> str:

@@ -3,9 +3,11 @@
 Two kinds. OAuth (an app on many portals): the event's member_id selects the portal's record in
 the store, and only that portal's tokens are ever used for it; the REST endpoint is the one the
 install sent if it is https, on the portal's stored domain, at /rest/, else https://<domain>/rest/.
-An inbound webhook (B24QUEUE_PORTAL_WEBHOOKS, https://<portal>/rest/<user>/<code>/): for events
-of a portal with no OAuth record, chosen by the event's domain. The code in a webhook URL is a
-password: it is never shown (`redact`).
+An inbound webhook (B24QUEUE_PORTAL_WEBHOOKS, https://<portal>/rest/<user>/<code>/#<app token>):
+for events of a portal with no OAuth record, chosen by the event's domain, and only for an event
+that came with the application token paired with it (the ingress lets in any event carrying any
+configured token, whatever domain it names). The code in a webhook URL is a password: it is
+never shown (`redact`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from b24queue.auth.record import PortalRecord
+from b24queue.envelope import token_digest
 from b24queue.errors import ConfigError
 from b24queue.hosts import normalise_host, same_host
 
 _WEBHOOK_PATH = re.compile(r"/rest/([0-9]{1,12})/([A-Za-z0-9]{4,128})/?")
+# The application token paired with a webhook, after its '#': printable, no ',' '#' or space.
+_APP_TOKEN = re.compile(r"[\x21-\x22\x24-\x2b\x2d-\x7e]{1,256}")
 # Method names go into the URL's path: letters, digits, dots and underscores only.
 METHOD = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,127}")
 
@@ -61,27 +66,43 @@ def rest_endpoint(record: PortalRecord) -> str:
 
 
 class Webhooks:
-    """Inbound webhook URLs by their portal's host (IDNA form)."""
+    """Inbound webhook URLs by their portal's host (IDNA form), each with the digests of the
+    application tokens its events must have come with (the same URL may be given again with
+    another token: the portal's events may come through several outgoing webhooks)."""
 
     def __init__(self, spec: str) -> None:
-        self._by_host: dict[str, Target] = {}
-        for i, url in enumerate(u.strip() for u in spec.split(",") if u.strip()):
-            target = _parse_webhook(url, i + 1)
-            self._by_host[target.domain] = target
+        self._by_host: dict[str, tuple[Target, tuple[str, ...]]] = {}
+        for i, entry in enumerate(u.strip() for u in spec.split(",") if u.strip()):
+            target, digest = _parse_webhook(entry, i + 1)
+            known = self._by_host.get(target.domain)
+            if known is not None and known[0] != target:
+                raise ConfigError(
+                    f"B24QUEUE_PORTAL_WEBHOOKS: webhook #{i + 1} names {target.domain} again "
+                    "with another URL (one webhook per portal)"
+                )
+            self._by_host[target.domain] = (target, (*(known[1] if known else ()), digest))
 
     def __len__(self) -> int:
         return len(self._by_host)
 
-    def for_domain(self, domain: str | None) -> Target | None:
+    def hosts(self) -> list[str]:
+        return [target.domain for target, _ in self._by_host.values()]
+
+    def for_domain(self, domain: str | None) -> tuple[Target, tuple[str, ...]] | None:
+        """The portal's webhook and the digests of the tokens paired with it."""
         host = normalise_host(domain or "")
         return self._by_host.get(host) if host else None
 
 
-def _parse_webhook(url: str, position: int) -> Target:
+def _parse_webhook(entry: str, position: int) -> tuple[Target, str]:
     bad = ConfigError(
         f"B24QUEUE_PORTAL_WEBHOOKS: webhook #{position} must look like "
-        "https://<portal>/rest/<user id>/<code>/ (the code is not shown here)"
+        "https://<portal>/rest/<user id>/<code>/#<the portal's application token> "
+        "(the code and the token are not shown here)"
     )
+    url, _, app_token = entry.partition("#")
+    if not _APP_TOKEN.fullmatch(app_token):
+        raise bad
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -93,7 +114,7 @@ def _parse_webhook(url: str, position: int) -> Target:
         raise bad
     where = f"{host}:{port}" if port not in (None, 443) else host
     base = f"https://{where}/rest/{match.group(1)}/{match.group(2)}/"
-    return Target("webhook", f"webhook:{where}", where, base)
+    return Target("webhook", f"webhook:{where}", where, base), token_digest(app_token)
 
 
 def redact(url: str) -> str:

@@ -12,8 +12,10 @@ from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.consumer import EventConsumer
+from b24queue.envelope import token_digest
 from b24queue.errors import ConfigError
 from b24queue.events import Event
+from b24queue.portal.api import PortalError
 from b24queue.portal.clients import PortalClients
 from b24queue.portal.credentials import Webhooks, redact, rest_endpoint
 from tests.fake_portal import FakePortal, StaticResolver
@@ -41,19 +43,22 @@ def test_the_endpoint_is_the_installs_only_on_the_portals_domain(endpoint: str, 
 
 def test_webhooks_by_domain_and_their_code_never_shown() -> None:
     hooks = Webhooks(
-        "https://a.portal.test/rest/1/abcd1234/, https://b.portal.test/rest/7/zz99zz99"
+        "https://a.portal.test/rest/1/abcd1234/#tok-a, https://b.portal.test/rest/7/zz99zz99#tok-b"
     )
-    a = hooks.for_domain("A.portal.test")
-    assert (
-        a is not None
-        and a.url("crm.deal.get") == "https://a.portal.test/rest/1/abcd1234/crm.deal.get"
-    )
+    found = hooks.for_domain("A.portal.test")
+    assert found is not None
+    a, digests = found
+    assert a.url("crm.deal.get") == "https://a.portal.test/rest/1/abcd1234/crm.deal.get"
+    assert digests == (token_digest("tok-a"),)
     assert "abcd1234" not in repr(a) and hooks.for_domain("c.portal.test") is None
     assert redact("https://a.portal.test/rest/1/abcd1234/x") == "https://a.portal.test/rest/1/***/x"
     for bad in (
-        "http://a.test/rest/1/abcd1234/",
-        "https://a.test/rest/x/abcd1234/",
-        "https://u:p@a.test/rest/1/abcd1234/",
+        "http://a.test/rest/1/abcd1234/#t",
+        "https://a.test/rest/x/abcd1234/#t",
+        "https://u:p@a.test/rest/1/abcd1234/#t",
+        "https://a.test/rest/1/abcd1234/",  # no application token to pair it with
+        "https://a.test/rest/1/abcd1234/#",
+        "https://a.test/rest/1/abcd1234/#t, https://a.test/rest/2/efgh5678/#u",  # two per host
     ):
         with pytest.raises(ConfigError) as caught:
             Webhooks(bad)
@@ -67,7 +72,7 @@ async def test_a_webhook_portal_is_called_through_its_webhook(
     settings = portal_settings(
         portal_certificate[0],
         f"sqlite:{tmp_path / 'p.db'}",
-        portal_webhooks="https://w1.portal.test/rest/1/abcd1234/",
+        portal_webhooks="https://w1.portal.test/rest/1/abcd1234/#app-token-w1",
     )
     async with PortalClients(settings, resolver=StaticResolver()) as clients:
         # An outgoing-webhook event: no OAuth record for its portal.
@@ -75,6 +80,46 @@ async def test_a_webhook_portal_is_called_through_its_webhook(
         assert (await portal.call("crm.deal.get", {"id": 3}))["ID"] == "3"
         assert [d async for d in portal.list("crm.deal.list", max_items=60)][-1]["ID"] == "60"
     assert fake_portal.rest.used_tokens == []  # no OAuth token was sent
+
+
+async def test_a_webhook_is_used_only_for_events_with_its_portals_token(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    fake_portal.rest.webhooks["abcd1234"] = "w1"
+    settings = portal_settings(
+        portal_certificate[0],
+        f"sqlite:{tmp_path / 'p.db'}",
+        portal_webhooks="https://w1.portal.test/rest/1/abcd1234/#app-token-w1",
+    )
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        # Portal B's admin knows B's own token (accepted by the ingress too) and names w1's
+        # domain: w1's webhook is not B's to use.
+        forged = deal_event("w1", 3).payload
+        forged["auth"]["application_token"] = "app-token-b"
+        with pytest.raises(PortalError, match="WRONG_PORTAL"):
+            await clients.for_event(Event.from_payload(forged)).call("crm.deal.get", {"id": 3})
+        # An event that carries no token at all (no digest either): refused too.
+        bare = deal_event("w1", 3).payload
+        del bare["auth"]["application_token"]
+        with pytest.raises(PortalError, match="NO_APP_TOKEN"):
+            await clients.for_event(Event.from_payload(bare)).call("crm.deal.get", {"id": 3})
+    assert fake_portal.rest.served == []
+
+
+async def test_the_fake_takes_a_webhook_code_only_on_its_own_portal(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # w1's code sent to w2's host: the fake answers as Bitrix24 would (the code is not w2's).
+    fake_portal.rest.webhooks["abcd1234"] = "w1"
+    settings = portal_settings(
+        portal_certificate[0],
+        f"sqlite:{tmp_path / 'p.db'}",
+        portal_webhooks="https://w2.portal.test/rest/1/abcd1234/#app-token-w2",
+    )
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        with pytest.raises(PortalError, match="INVALID_CREDENTIALS"):
+            await clients.for_event(deal_event("w2", 3)).call("crm.deal.get", {"id": 3})
+    assert fake_portal.rest.served == []
 
 
 async def test_an_install_keeps_what_calling_back_needs(tmp_path: Path) -> None:
