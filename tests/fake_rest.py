@@ -57,6 +57,11 @@ class FakeRest:
         self.time_limited: set[str] = set()
         self.webhooks: dict[str, str] = {}  # code -> member_id (its host: <member_id>.portal.test)
         self.deals = {i: {"ID": str(i), "TITLE": f"Deal {i}"} for i in range(1, DEALS + 1)}
+        self.oauth_requests = 0  # every request to the token endpoint, answered or not
+        self.oauth_arrived = asyncio.Event()  # set at each one
+        # When set: the refresh is done (the old refresh token spent, the new pair issued), and
+        # the answer waits for this gate, as when it is lost on the way or a server hangs.
+        self.oauth_gate: asyncio.Event | None = None
 
     def issue(self, member_id: str, lifetime_s: float | None = None) -> tuple[str, str, int]:
         """A new (access, refresh, expires) for the portal."""
@@ -162,7 +167,14 @@ class FakeRest:
         return {"result": results, "result_error": errors}
 
     async def oauth(self, request: web.Request) -> web.Response:
-        q = request.query
+        self.oauth_requests += 1
+        self.oauth_arrived.set()
+        answer = self._refresh(request.query)
+        if self.oauth_gate is not None:
+            await self.oauth_gate.wait()
+        return answer
+
+    def _refresh(self, q: Any) -> web.Response:
         if q.get("client_id") != self.client_id or q.get("client_secret") != CLIENT_SECRET:
             return _error(401, "invalid_client", "Invalid client credentials")
         if q.get("grant_type") != "refresh_token":

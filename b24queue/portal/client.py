@@ -33,7 +33,8 @@ from b24queue.hosts import same_host
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.credentials import METHOD, Target, Webhooks, oauth_target
 from b24queue.portal.limits import Limit, SharedState
-from b24queue.portal.oauth import Refresher, read_bounded
+from b24queue.portal.oauth import Refresher
+from b24queue.portal.oauth_server import read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class PortalClient:
         self._event = event
         self._target: Target | None = None
         self._token = ""  # OAuth only; empty for a webhook
+        self._record: PortalRecord | None = None  # the install the target was made from
 
     def __repr__(self) -> str:
         return f"PortalClient(domain={self.domain!r})"
@@ -139,11 +141,11 @@ class PortalClient:
                 continue
             if code == "OPERATION_TIME_LIMIT":
                 raise PortalRetry(code, _description(answer), OPERATION_LIMIT_RETRY_S)
-            if code in EXPIRED and target.kind == "oauth" and replaced < 2:
+            if code in EXPIRED and self._record is not None and replaced < 2:
                 # The event's own token first gives way to the stored one; a stored one that
                 # failed is refreshed (once: the refresher re-reads before it spends anything).
                 replaced += 1
-                record = await self._ctx.refresher.fresh(target.key, self._token)
+                record = await self._ctx.refresher.fresh(target.key, self._token, self._record)
                 self._token = record.access_token
                 continue
             raise PortalError(code, _description(answer), status=status)
@@ -188,16 +190,16 @@ class PortalClient:
 
     async def _resolve(self) -> Target:
         if self._target is None:
-            self._target, self._token = await _credentials(self._ctx, self._event)
+            self._target, self._token, self._record = await _credentials(self._ctx, self._event)
         return self._target
 
 
-async def _credentials(ctx: Context, event: Event) -> tuple[Target, str]:
+async def _credentials(ctx: Context, event: Event) -> tuple[Target, str, PortalRecord | None]:
     """The event's portal only: its member_id selects the record; its domain must agree."""
     member_id = event.auth.member_id
     record = await ctx.store.get(member_id) if member_id else None
     if record is None:
-        return _webhook(ctx, event), ""
+        return _webhook(ctx, event), "", None
     if event.auth.domain and not same_host(event.auth.domain, record.domain):
         raise PortalError("WRONG_PORTAL", "the event's domain is not its portal's")
     # The ingress also lets in events carrying a static token (B24QUEUE_APP_TOKENS: an outgoing
@@ -206,7 +208,7 @@ async def _credentials(ctx: Context, event: Event) -> tuple[Target, str]:
     given = came_with(event)
     if given is None or not hmac.compare_digest(given, token_digest(record.token)):
         raise PortalError("WRONG_PORTAL", "the event does not carry its portal's application token")
-    return oauth_target(record), await _token(ctx.refresher, event, record)
+    return oauth_target(record), await _token(ctx.refresher, event, record), record
 
 
 def _webhook(ctx: Context, event: Event) -> Target:
@@ -234,7 +236,7 @@ async def _token(refresher: Refresher, event: Event, record: PortalRecord) -> st
         return own[0]  # the event's own, still valid
     if refresher.valid(record.access_expires):
         return record.access_token
-    return (await refresher.fresh(record.member_id, record.access_token)).access_token
+    return (await refresher.fresh(record.member_id, record.access_token, record)).access_token
 
 
 def came_with(event: Event) -> str | None:

@@ -97,6 +97,7 @@ class PortalClients:
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._context is not None:
+            await self._context.refresher.close()
             await self._context.session.close()
             self._context = None
         if self._own_state and self._state is not None:

@@ -5,41 +5,61 @@ and the loser's answer (or the winner's, stored second) leaves a pair the OAuth 
 knows, and the portal is lost until it sends an event with a new one. So: take the portal's
 refresh lease (b24queue.portal.limits), re-read the record (someone may have refreshed while we
 waited), refresh only if it is still stale, store the new pair by compare-and-set on the spent
-refresh token, give the lease back. Within a process, callers of one portal queue on one lock
-first, so 64 handlers make one refresh, not 64 lease attempts. Another process's refresh is
-waited for by re-reading the store (there is no notification across processes), with a deadline.
+refresh token, give the lease back. Another process's refresh is waited for by re-reading the
+store (there is no notification across processes), with a deadline.
+
+Within a process there is one refresh per portal in flight, a task of the Refresher's own: every
+caller of that portal waits for it (at most `WAIT_S`, then `PortalRetry`) and gets its result or
+its error, so 64 handlers make one attempt, not one each in turn. The task is not the caller's:
+a handler cancelled (its timeout, a shutdown) while the OAuth server answers does not lose the
+new pair, whose refresh token was spent by then. A store write that fails is tried again; if it
+still fails the pair is kept in this process's memory (said in an error log), which beats losing
+the portal. After `invalid_grant` (the stored refresh token is dead) the stored one is cleared,
+so later calls give NO_CREDENTIALS at once until an event brings a new pair.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
+import hmac
 import logging
 import os
-import re
 import time
-import weakref
 from collections.abc import Callable
+from functools import partial
 
 import aiohttp
 
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
+from b24queue.hosts import same_host
 from b24queue.portal.api import NoObserver, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.limits import SharedState
+from b24queue.portal.oauth_server import OAUTH_TIMEOUT_S, ask_oauth
 from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # A token is "valid" while it has this long left (a call must reach the portal in time).
 MARGIN_S = 60
-# The longest an OAuth token is believed to live, whatever the server says (Bitrix24's: 1 hour).
-MAX_LIFETIME_S = 2 * 3600
-LEASE_S = 20.0  # longer than the OAuth call may take (its timeout is below)
-OAUTH_TIMEOUT_S = 10.0
+STORE_BUSY_S = 5.0  # sqlite3's busy timeout on the store's connection (its default)
+WRITE_PAUSES_S = (0.2, 1.0)  # between the tries of storing a refreshed pair
+# The lease outlives the slowest refresh: the re-read, the OAuth call, every try of the write
+# (each may wait out the busy timeout), and a margin.
+LEASE_S = OAUTH_TIMEOUT_S + (2 + len(WRITE_PAUSES_S)) * STORE_BUSY_S + sum(WRITE_PAUSES_S) + 5
+WAIT_S = OAUTH_TIMEOUT_S + 5.0  # the longest a caller waits for a refresh, then PortalRetry
+CLOSE_WAIT_S = 5.0  # at close, refreshes in flight get this long to store what they got
 POLL_S = 0.1  # re-reading the store while another process refreshes
-MAX_ANSWER_BYTES = 64 * 1024
-_TOKEN = re.compile(r"[\x21-\x7e]{1,256}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Unsaved:
+    """A refreshed pair the store would not take: `stored_refresh` is what the store still
+    holds (spent), `record` the portal with the live pair."""
+
+    stored_refresh: str
+    record: PortalRecord
 
 
 class Refresher:
@@ -59,25 +79,58 @@ class Refresher:
         self._settings = settings
         self._clock = clock
         self._owner = f"{os.getpid()}-{id(self):x}"
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._inflight: dict[str, asyncio.Task[PortalRecord]] = {}
+        self._unsaved: dict[str, _Unsaved] = {}
         self.refreshes = 0  # OAuth refreshes this process made (tests, metrics)
 
     def valid(self, expires: int) -> bool:
         return expires > self._clock() + MARGIN_S
 
-    async def fresh(self, member_id: str, spent: str) -> PortalRecord:
+    async def fresh(self, member_id: str, spent: str, install: PortalRecord) -> PortalRecord:
         """The portal's record with an access token other than `spent` (one that failed or is
-        about to expire) and valid, refreshing it if nobody else has."""
-        lock = self._locks.get(member_id)
-        if lock is None:
-            lock = self._locks[member_id] = asyncio.Lock()
-        async with lock:
-            return await self._fresh(member_id, spent)
+        about to expire) and valid, refreshing it if nobody else has. `install` is the record
+        the caller's target was made from: a record of another install (the portal forgotten
+        and installed again meanwhile) is refused, never handed to the old target."""
+        for _ in range(2):
+            task = self._inflight.get(member_id) or self._start(member_id, spent)
+            # Shielded: a caller that is cancelled or gives up leaves the refresh running.
+            done, _ = await asyncio.wait({task}, timeout=WAIT_S)
+            if not done:
+                raise PortalRetry("REFRESH_SLOW", "the portal's token refresh takes too long", 5.0)
+            record = task.result()
+            _same_install(record, install)
+            if record.access_token != spent and self.valid(record.access_expires):
+                return record
+            # That refresh was for an older token (ours came after it): one of our own.
+        raise PortalError("REFRESH_LOST", "no valid token after refreshing")
+
+    def _start(self, member_id: str, spent: str) -> asyncio.Task[PortalRecord]:
+        task = asyncio.get_running_loop().create_task(
+            self._fresh(member_id, spent), name=f"b24queue-refresh-{member_id[:40]}"
+        )
+        self._inflight[member_id] = task
+        task.add_done_callback(partial(self._finished, member_id))
+        return task
+
+    def _finished(self, member_id: str, task: asyncio.Task[PortalRecord]) -> None:
+        if self._inflight.get(member_id) is task:
+            del self._inflight[member_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers may all have given up
+
+    async def close(self) -> None:
+        """Let refreshes in flight store what they got (briefly), then cancel the rest."""
+        tasks = set(self._inflight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _fresh(self, member_id: str, spent: str) -> PortalRecord:
         deadline = self._clock() + LEASE_S + OAUTH_TIMEOUT_S
         while True:
-            record = await self._current(member_id)
+            record, _ = await self._current(member_id)
             if record.access_token != spent and self.valid(record.access_expires):
                 return record  # refreshed by someone else meanwhile
             if await self._state.lease(member_id, self._owner, LEASE_S):
@@ -91,91 +144,95 @@ class Refresher:
                 )
             await asyncio.sleep(POLL_S)
 
-    async def _current(self, member_id: str) -> PortalRecord:
+    async def _current(self, member_id: str) -> tuple[PortalRecord, str]:
+        """The portal's record, and the refresh token the store holds for it (which a new pair
+        replaces by compare-and-set). A pair the store would not take, kept here, wins while
+        the store still holds the refresh token it replaced."""
         record = await self._store.get(member_id)
         if record is None:
+            self._unsaved.pop(member_id, None)
             raise PortalError("NO_CREDENTIALS", "the portal is not installed (or was uninstalled)")
-        return record
+        kept = self._unsaved.get(member_id)
+        if kept is not None:
+            if record.refresh_token == kept.stored_refresh and record.token == kept.record.token:
+                return kept.record, kept.stored_refresh
+            del self._unsaved[member_id]  # the store moved on (an event's pair, a reinstall)
+        return record, record.refresh_token
 
     async def _refresh_leased(self, member_id: str, spent: str) -> PortalRecord:
-        record = await self._current(member_id)  # re-read: the lease's last holder may have won
+        # Re-read: the lease's last holder may have won.
+        record, stored_refresh = await self._current(member_id)
         if record.access_token != spent and self.valid(record.access_expires):
             return record
         if not record.refresh_token:
             raise PortalError("NO_CREDENTIALS", "no refresh token stored for this portal")
-        access, refresh, expires = await self._ask(record)
-        if await self._store.refreshed(member_id, record.refresh_token, access, refresh, expires):
-            self.refreshes += 1
-            self._observer.portal_refreshed()
-            log.info("portal %s (member_id %s): access token refreshed", record.domain, member_id)
-            return await self._current(member_id)
-        now = await self._current(member_id)
-        if self.valid(now.access_expires) and now.access_token != spent:
-            return now
-        raise PortalError("REFRESH_LOST", "the refreshed token could not be stored")
+        try:
+            access, refresh, expires = await self._ask(record)
+        except PortalError as exc:
+            if exc.code == "invalid_grant":
+                await self._forget_refresh(record, stored_refresh)
+            raise
+        self.refreshes += 1
+        self._observer.portal_refreshed()
+        new = dataclasses.replace(
+            record, access_token=access, refresh_token=refresh, access_expires=expires
+        )
+        return await self._keep(new, stored_refresh)
+
+    async def _keep(self, new: PortalRecord, stored_refresh: str) -> PortalRecord:
+        """Store the new pair in place of `stored_refresh`, trying again if the store fails;
+        if it still fails, keep the pair in memory (its refresh token is the live one now)."""
+        member_id, domain = new.member_id, new.domain
+        for pause in (*WRITE_PAUSES_S, None):
+            try:
+                ok = await self._store.refreshed(
+                    member_id, stored_refresh, new.access_token, new.refresh_token,
+                    new.access_expires,
+                )  # fmt: skip
+            except Exception as exc:  # the store's own errors (sqlite3, redis): try again
+                log.warning(
+                    "portal %s (member_id %s): storing its refreshed token failed (%s)",
+                    domain, member_id, type(exc).__name__,
+                )  # fmt: skip
+                if pause is not None:
+                    await asyncio.sleep(pause)
+                continue
+            self._unsaved.pop(member_id, None)
+            if ok:
+                log.info("portal %s (member_id %s): access token refreshed", domain, member_id)
+                return new
+            now = await self._store.get(member_id)  # lost the compare-and-set: who won?
+            if now is not None and self.valid(now.access_expires):
+                return now
+            raise PortalError("REFRESH_LOST", "the refreshed token could not be stored")
+        log.error(
+            "portal %s (member_id %s): the refreshed token pair could not be stored; this "
+            "process keeps it in memory (other processes will find the portal's stored refresh "
+            "token spent until its next event brings a new pair)",
+            domain, member_id,
+        )  # fmt: skip
+        self._unsaved[member_id] = _Unsaved(stored_refresh, new)
+        return new
+
+    async def _forget_refresh(self, record: PortalRecord, stored_refresh: str) -> None:
+        """The OAuth server refused the refresh token: clear it in the store (compare-and-set),
+        so no process asks with it again; the portal's next event brings a new one."""
+        self._unsaved.pop(record.member_id, None)
+        try:
+            await self._store.refreshed(
+                record.member_id, stored_refresh, record.access_token, "", record.access_expires
+            )
+        except Exception as exc:  # the next caller asks again and is refused again: no harm
+            log.warning(
+                "portal %s (member_id %s): clearing its refused refresh token failed (%s)",
+                record.domain, record.member_id, type(exc).__name__,
+            )  # fmt: skip
 
     async def _ask(self, record: PortalRecord) -> tuple[str, str, int]:
-        s = self._settings
-        secret = s.app_client_secret.get_secret_value()
-        if not s.app_client_id or not secret:
-            raise PortalError(
-                "expired_token",
-                "the portal's access token has expired; refreshing it needs "
-                "B24QUEUE_APP_CLIENT_ID and B24QUEUE_APP_CLIENT_SECRET",
-            )
-        params = {
-            "grant_type": "refresh_token",
-            "client_id": s.app_client_id,
-            "client_secret": secret,
-            "refresh_token": record.refresh_token,
-        }
-        try:
-            async with self._session.get(
-                s.oauth_url,
-                params=params,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=OAUTH_TIMEOUT_S),
-            ) as resp:
-                body = await read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
-                status = resp.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            # Never str(exc): aiohttp's errors name the URL, and this one holds the secrets.
-            raise PortalError("OAUTH_UNREACHABLE", type(exc).__name__) from None
-        return _tokens(record, status, body, self._clock())
+        return await ask_oauth(self._session, self._settings, record, self._clock())
 
 
-async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    """Up to `limit` bytes of an answer, however many pieces it arrives in (one `read(n)`
-    returns what has arrived so far)."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await stream.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _tokens(record: PortalRecord, status: int, body: bytes, now: float) -> tuple[str, str, int]:
-    try:
-        answer = json.loads(body) if len(body) <= MAX_ANSWER_BYTES else None
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict):
-        raise PortalError("BAD_ANSWER", f"the OAuth server's answer (HTTP {status}) is not JSON")
-    if status != 200 or "error" in answer:
-        error = str(answer.get("error") or status)
-        raise PortalError(error, str(answer.get("error_description") or ""), status=status)
-    access, refresh = answer.get("access_token"), answer.get("refresh_token")
-    if not all(isinstance(t, str) and _TOKEN.fullmatch(t) for t in (access, refresh)):
-        raise PortalError("BAD_ANSWER", "the OAuth server's answer has no usable tokens")
-    member = answer.get("member_id")
-    if member is not None and str(member) != record.member_id:
-        raise PortalError("WRONG_PORTAL", "the OAuth server answered for another portal")
-    lifetime = answer.get("expires_in")
-    if not isinstance(lifetime, int) or isinstance(lifetime, bool) or lifetime <= 0:
-        lifetime = 3600
-    assert isinstance(access, str) and isinstance(refresh, str)
-    return access, refresh, int(now) + min(lifetime, MAX_LIFETIME_S)
+def _same_install(record: PortalRecord, install: PortalRecord) -> None:
+    same = hmac.compare_digest(record.token.encode(), install.token.encode())
+    if not same or not same_host(record.domain, install.domain):
+        raise PortalError("WRONG_PORTAL", "the portal was installed again (by another install)")

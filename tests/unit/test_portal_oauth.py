@@ -5,6 +5,7 @@ shown, and nothing left to refresh with once the portal is uninstalled."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import RedisTokenStore, SqliteTokenStore, TokenStore
 from b24queue.events import Event
-from b24queue.portal.api import PortalError
+from b24queue.portal import oauth, oauth_server
+from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.clients import PortalClients
 from b24queue.portal.limits import SharedState
-from b24queue.portal.oauth import _tokens
+from b24queue.portal.oauth_server import _tokens
 from b24queue.portal.redis_state import RedisState
 from b24queue.portal.sqlite_state import SqliteState
 from tests.fake_portal import FakePortal, StaticResolver
@@ -179,3 +181,189 @@ async def test_a_lost_refresh_token_is_replaced_by_the_portals_next_event(
         await store.forget("m1")
         await store.close()
         await state.close()
+
+
+async def test_a_refresh_never_gives_another_installs_token_to_the_old_target(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rest = fake_portal.rest
+    store = SqliteTokenStore(tmp_path / "p.db")
+    first = await install(store, rest, "m1")
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        portal = clients.for_event(deal_event("m1", 1))
+        await portal.call("crm.deal.get", {"id": 1})  # its target and token are chosen
+        # Meanwhile the portal is forgotten and installed again under the same member_id, by
+        # another party, on another domain, with another application token.
+        assert await store.forget("m1")
+        access, refresh, expires = rest.issue("m1")
+        other = PortalRecord(
+            "m1", "elsewhere.portal.test", "another-app-token",
+            access_token=access, access_expires=expires, refresh_token=refresh,
+        )  # fmt: skip
+        assert await store.remember(other)
+        rest.expire(first.access_token)
+        with pytest.raises(PortalError, match="WRONG_PORTAL"):
+            await portal.call("crm.deal.get", {"id": 2})
+    assert access not in rest.used_tokens and rest.deal_gets == ["1"]
+    await store.close()
+
+
+class FlakyStore(SqliteTokenStore):
+    """Its first `failures` writes of a refreshed pair fail (a locked file, Redis away)."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    async def refreshed(
+        self, member_id: str, old: str, access: str, refresh: str, expires: int
+    ) -> bool:
+        if self.failures > 0:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return await super().refreshed(member_id, old, access, refresh, expires)
+
+
+async def test_a_refreshed_pair_is_stored_after_a_failed_write(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rest = fake_portal.rest
+    store = FlakyStore(tmp_path / "p.db", failures=2)
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        assert await clients.for_event(deal_event("m1", 1)).call("crm.deal.get", {"id": 1})
+    stored = await store.get("m1")
+    assert stored is not None and rest.valid_refresh_tokens("m1") == [stored.refresh_token]
+    assert store.failures == 0 and rest.refreshes == 1
+    await store.close()
+
+
+async def test_a_pair_that_cannot_be_stored_is_kept_in_the_process(
+    fake_portal: FakePortal,
+    portal_certificate: tuple[Path, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rest = fake_portal.rest
+    store = FlakyStore(tmp_path / "p.db", failures=1000)
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        await clients.for_event(deal_event("m1", 1)).call("crm.deal.get", {"id": 1})
+        (live,) = rest.valid_refresh_tokens("m1")
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert errors and "could not be stored" in errors[-1].getMessage()
+        # Its access token expires too: the pair kept in memory is refreshed again.
+        rest.expire(rest.used_tokens[-1])
+        await clients.for_event(deal_event("m1", 2)).call("crm.deal.get", {"id": 2})
+    assert rest.refreshes == 2 and rest.refused_refreshes == 0 and live in rest.spent
+    for secret in (record.refresh_token, live, *rest.used_tokens, CLIENT_SECRET):
+        assert secret not in caplog.text
+    await store.close()
+
+
+async def test_a_refresh_outlives_its_cancelled_caller(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rest = fake_portal.rest
+    store = SqliteTokenStore(tmp_path / "p.db")
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    rest.oauth_gate = asyncio.Event()
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        call = asyncio.create_task(
+            clients.for_event(deal_event("m1", 1)).call("crm.deal.get", {"id": 1})
+        )
+        await asyncio.wait_for(rest.oauth_arrived.wait(), 10)
+        call.cancel()  # the handler's timeout, or a shutdown, while the OAuth server answers
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        rest.oauth_gate.set()
+        # The refresh token was spent; the pair the server gave for it was not lost.
+        await clients.for_event(deal_event("m1", 2)).call("crm.deal.get", {"id": 2})
+    stored = await store.get("m1")
+    assert stored is not None and rest.valid_refresh_tokens("m1") == [stored.refresh_token]
+    assert rest.refreshes == 1 and rest.refused_refreshes == 0
+    await store.close()
+
+
+async def test_callers_share_one_refresh_and_its_failure(
+    fake_portal: FakePortal,
+    portal_certificate: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(oauth_server, "OAUTH_TIMEOUT_S", 0.5)  # the OAuth server is blackholed
+    rest = fake_portal.rest
+    rest.oauth_gate = asyncio.Event()
+    store = SqliteTokenStore(tmp_path / "p.db")
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    try:
+        async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+            calls = [
+                clients.for_event(deal_event("m1", i)).call("crm.deal.get", {"id": i})
+                for i in range(1, 17)
+            ]
+            errors = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    finally:
+        rest.oauth_gate.set()
+    assert {e.code for e in errors if isinstance(e, PortalError)} == {"OAUTH_UNREACHABLE"}
+    assert len(errors) == 16 and rest.oauth_requests == 1
+    await store.close()
+
+
+async def test_waiting_for_a_refresh_has_a_deadline(
+    fake_portal: FakePortal,
+    portal_certificate: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(oauth, "WAIT_S", 0.3)
+    rest = fake_portal.rest
+    rest.oauth_gate = asyncio.Event()
+    store = SqliteTokenStore(tmp_path / "p.db")
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        calls = [
+            clients.for_event(deal_event("m1", i)).call("crm.deal.get", {"id": i})
+            for i in range(1, 9)
+        ]
+        try:
+            errors = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 3)
+        finally:
+            rest.oauth_gate.set()
+        assert all(isinstance(e, PortalRetry) and e.code == "REFRESH_SLOW" for e in errors)
+        assert rest.oauth_requests == 1
+        # The refresh itself went on, and its pair was stored.
+        await clients.for_event(deal_event("m1", 9)).call("crm.deal.get", {"id": 9})
+    stored = await store.get("m1")
+    assert stored is not None and rest.valid_refresh_tokens("m1") == [stored.refresh_token]
+    await store.close()
+
+
+async def test_a_refused_refresh_token_is_not_tried_again(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rest = fake_portal.rest
+    store = SqliteTokenStore(tmp_path / "p.db")
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    rest.refresh_tokens.pop(record.refresh_token)  # spent elsewhere
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        with pytest.raises(PortalError, match="invalid_grant"):
+            await clients.for_event(deal_event("m1", 1)).call("crm.deal.get", {"id": 1})
+        for i in (2, 3):
+            with pytest.raises(PortalError, match="NO_CREDENTIALS"):
+                await clients.for_event(deal_event("m1", i)).call("crm.deal.get", {"id": i})
+    assert rest.oauth_requests == 1 and rest.refused_refreshes == 1
+    await store.close()

@@ -1,0 +1,90 @@
+"""Asking Bitrix24's OAuth server for a new token pair with a refresh token (one HTTP request,
+its answer checked), and reading an answer of bounded size. No state here: b24queue.portal.oauth
+decides when to ask and keeps what comes back."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import aiohttp
+
+from b24queue.auth.record import PortalRecord
+from b24queue.portal.api import PortalError
+from b24queue.settings import Settings
+
+OAUTH_TIMEOUT_S = 10.0
+# The longest an OAuth token is believed to live, whatever the server says (Bitrix24's: 1 hour).
+MAX_LIFETIME_S = 2 * 3600
+MAX_ANSWER_BYTES = 64 * 1024
+_TOKEN = re.compile(r"[\x21-\x7e]{1,256}")
+
+
+async def ask_oauth(
+    session: aiohttp.ClientSession, settings: Settings, record: PortalRecord, now: float
+) -> tuple[str, str, int]:
+    """(access token, refresh token, expiry) for the portal's stored refresh token."""
+    s = settings
+    secret = s.app_client_secret.get_secret_value()
+    if not s.app_client_id or not secret:
+        raise PortalError(
+            "expired_token",
+            "the portal's access token has expired; refreshing it needs "
+            "B24QUEUE_APP_CLIENT_ID and B24QUEUE_APP_CLIENT_SECRET",
+        )
+    params = {
+        "grant_type": "refresh_token",
+        "client_id": s.app_client_id,
+        "client_secret": secret,
+        "refresh_token": record.refresh_token,
+    }
+    try:
+        async with session.get(
+            s.oauth_url,
+            params=params,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=OAUTH_TIMEOUT_S),
+        ) as resp:
+            body = await read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
+            status = resp.status
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        # Never str(exc): aiohttp's errors name the URL, and this one holds the secrets.
+        raise PortalError("OAUTH_UNREACHABLE", type(exc).__name__) from None
+    return _tokens(record, status, body, now)
+
+
+async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of an answer, however many pieces it arrives in (one `read(n)`
+    returns what has arrived so far)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _tokens(record: PortalRecord, status: int, body: bytes, now: float) -> tuple[str, str, int]:
+    try:
+        answer = json.loads(body) if len(body) <= MAX_ANSWER_BYTES else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise PortalError("BAD_ANSWER", f"the OAuth server's answer (HTTP {status}) is not JSON")
+    if status != 200 or "error" in answer:
+        error = str(answer.get("error") or status)
+        raise PortalError(error, str(answer.get("error_description") or ""), status=status)
+    access, refresh = answer.get("access_token"), answer.get("refresh_token")
+    if not all(isinstance(t, str) and _TOKEN.fullmatch(t) for t in (access, refresh)):
+        raise PortalError("BAD_ANSWER", "the OAuth server's answer has no usable tokens")
+    member = answer.get("member_id")
+    if member is not None and str(member) != record.member_id:
+        raise PortalError("WRONG_PORTAL", "the OAuth server answered for another portal")
+    lifetime = answer.get("expires_in")
+    if not isinstance(lifetime, int) or isinstance(lifetime, bool) or lifetime <= 0:
+        lifetime = 3600
+    assert isinstance(access, str) and isinstance(refresh, str)
+    return access, refresh, int(now) + min(lifetime, MAX_LIFETIME_S)
