@@ -164,7 +164,7 @@ class FakeRest:
                 results[name] = answer["result"]
             else:
                 errors[name] = answer
-        return {"result": results, "result_error": errors}
+        return {"result": _php_array(results), "result_error": _php_array(errors)}
 
     async def oauth(self, request: web.Request) -> web.Response:
         self.oauth_requests += 1
@@ -202,6 +202,14 @@ class FakeRest:
                 "refresh_token": new_refresh,
             }
         )
+
+
+def _php_array(values: dict[str, Any]) -> Any:
+    """What PHP's json_encode writes for an array: a JSON array when its keys are 0..n-1 in
+    order (`[]` when empty; command names "0", "1"... become integer keys), else an object."""
+    if list(values) == [str(i) for i in range(len(values))]:
+        return list(values.values())
+    return values
 
 
 async def _in_pieces(request: web.Request, answer: dict[str, Any]) -> web.StreamResponse:

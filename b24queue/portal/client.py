@@ -89,15 +89,15 @@ class PortalClient:
             result = (await self._request("batch", {"halt": int(halt), "cmd": cmd}))["result"]
             if not isinstance(result, dict):
                 raise PortalError("BAD_ANSWER", "batch answered with something else than results")
-            results, errors = result.get("result"), result.get("result_error")
+            results, errors = _by_name(result.get("result")), _by_name(result.get("result_error"))
             for name, _ in chunk:
-                error = errors.get(name) if isinstance(errors, dict) else None
+                error = errors.get(name)
                 if error:
                     failed = _error_of(error)
                     if halt:
                         raise failed
                     out[name] = failed
-                elif isinstance(results, dict):
+                else:
                     out[name] = results.get(name)
         return out
 
@@ -252,6 +252,18 @@ def _command(method: str, params: Mapping[str, Any]) -> str:
         raise PortalError("BAD_METHOD", f"not a REST method name: {method[:64]!r}")
     query = encode_form(dict(params)).decode("ascii")
     return f"{method}?{query}" if query else method
+
+
+def _by_name(answer: Any) -> dict[str, Any]:
+    """A batch's `result` or `result_error` by command name. PHP writes an array whose keys are
+    0..n-1 in order as a JSON array (commands named "0", "1"...; an empty one as `[]`): its
+    n-th item is the command named str(n). The names are the caller's own, not ours, so that
+    `$result[name]` references between commands keep working."""
+    if isinstance(answer, dict):
+        return {str(k): v for k, v in answer.items()}
+    if isinstance(answer, list):
+        return {str(i): v for i, v in enumerate(answer)}
+    return {}
 
 
 def _items(result: Any) -> list[Any]:

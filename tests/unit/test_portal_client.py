@@ -58,6 +58,27 @@ async def test_call_batch_and_list(
     await store.close()
 
 
+async def test_batch_commands_named_by_numbers(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    portal = clients.for_event(deal_event("m1", 1))
+    # PHP answers `result` as a JSON array when the names are 0..n-1, `result_error` as [].
+    results = await portal.batch({str(i): ("crm.deal.get", {"id": i + 1}) for i in range(3)})
+    assert {name: deal["ID"] for name, deal in results.items()} == {"0": "1", "1": "2", "2": "3"}
+    mixed = await portal.batch(
+        {"0": ("crm.deal.get", {"id": 999}), "1": ("crm.deal.get", {"id": 5})}
+    )
+    assert isinstance(mixed["0"], PortalError) and mixed["0"].code == "NOT_FOUND"
+    assert mixed["1"]["ID"] == "5"
+    failed = await portal.batch(
+        {"0": ("crm.deal.get", {"id": 998}), "x": ("crm.deal.get", {"id": 999})}
+    )
+    assert all(isinstance(e, PortalError) for e in failed.values()) and len(failed) == 2
+    await store.close()
+
+
 async def test_errors_are_typed_and_never_show_a_token(
     clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
 ) -> None:

@@ -367,3 +367,12 @@ async def test_a_refused_refresh_token_is_not_tried_again(
                 await clients.for_event(deal_event("m1", i)).call("crm.deal.get", {"id": i})
     assert rest.oauth_requests == 1 and rest.refused_refreshes == 1
     await store.close()
+
+
+def test_the_refresh_lease_outlives_the_slowest_refresh() -> None:
+    # The lease is held over the re-read, the OAuth call and the store's write: each store
+    # access may wait out SQLite's busy timeout, the OAuth call its own timeout.
+    slowest = oauth_server.OAUTH_TIMEOUT_S + 2 * oauth.STORE_BUSY_S
+    assert oauth.LEASE_S >= slowest + 5
+    tries = len(oauth.WRITE_PAUSES_S) + 1
+    assert oauth.LEASE_S >= slowest + (tries - 1) * oauth.STORE_BUSY_S + sum(oauth.WRITE_PAUSES_S)
