@@ -108,7 +108,10 @@ class FakeRest:
             return _error(401, "expired_token", "The access token provided has expired.")
         if method == "crm.deal.pieces":  # a large answer, written in two pieces
             return await _in_pieces(request, {"result": {"PAD": "x" * 200_000}})
-        return self._run(host, method, params)
+        if method == "crm.deal.deep":  # nested deeper than a recursive decoder goes
+            deep = '{"result":' + "[" * 30_000 + "]" * 30_000 + "}"
+            return web.Response(text=deep, content_type="application/json")
+        return self._run(host, method, params, token)
 
     async def webhook(self, request: web.Request) -> web.Response:
         method = request.match_info["method"].removesuffix(".json")
@@ -121,23 +124,31 @@ class FakeRest:
             return _error(401, "INVALID_CREDENTIALS", "Invalid request credentials")
         return self._run(host, method, params)
 
-    def _run(self, host: str, method: str, params: dict[str, Any]) -> web.Response:
+    def _run(self, host: str, method: str, params: dict[str, Any], token: str = "") -> web.Response:
         if method in self.time_limited:
             return _error(
                 429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit."
             )
-        status, answer = self.answer(method, params)
+        status, answer = self.answer(method, params, token)
         if status == 200:
             self.served.append((host, method, time.monotonic()))
         return web.json_response(answer, status=status)
 
-    def answer(self, method: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def answer(
+        self, method: str, params: dict[str, Any], token: str = ""
+    ) -> tuple[int, dict[str, Any]]:
+        if method == "crm.deal.echo":  # an error quoting the request, its token and all
+            return 400, {"error": "INVALID_REQUEST", "error_description": f"bad: auth={token}"}
         if method == "crm.deal.get":
             deal = self.deals.get(_int(params.get("id") or params.get("ID")))
             if deal is None:
                 return 400, {"error": "NOT_FOUND", "error_description": "Not found"}
             self.deal_gets.append(deal["ID"])
             return 200, {"result": deal}
+        if method == "crm.deal.stuck":  # `next` that does not move past the page given
+            start = _int(params.get("start"))
+            page = [{"ID": str(start + i)} for i in range(PAGE)]
+            return 200, {"result": page, "next": start + 1, "total": 10**9}
         if method == "crm.deal.list":
             start = _int(params.get("start"))
             ids = sorted(self.deals)
@@ -149,17 +160,17 @@ class FakeRest:
         if method == "app.info":
             return 200, {"result": {"ID": 77, "CODE": self.client_id, "STATUS": "L"}}
         if method == "batch":
-            return 200, {"result": self._batch(params.get("cmd") or {})}
+            return 200, {"result": self._batch(params.get("cmd") or {}, token)}
         return 404, {"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"}
 
-    def _batch(self, commands: dict[str, str]) -> dict[str, Any]:
+    def _batch(self, commands: dict[str, str], token: str) -> dict[str, Any]:
         if len(commands) > 50:
             return {"result": {}, "result_error": {"batch": "more than 50 commands"}}
         results: dict[str, Any] = {}
         errors: dict[str, Any] = {}
         for name, command in commands.items():
             method, _, query = command.partition("?")
-            status, answer = self.answer(method, dict(parse_qsl(query)))
+            status, answer = self.answer(method, dict(parse_qsl(query)), token)
             if status == 200:
                 results[name] = answer["result"]
             else:

@@ -31,7 +31,7 @@ from b24queue.events import Event, token_digest_of
 from b24queue.forms import encode_form
 from b24queue.hosts import same_host
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
-from b24queue.portal.credentials import METHOD, Target, Webhooks, oauth_target
+from b24queue.portal.credentials import METHOD, Target, Webhooks, oauth_target, redact
 from b24queue.portal.limits import Limit, SharedState
 from b24queue.portal.oauth import Refresher
 from b24queue.portal.oauth_server import read_bounded
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 BATCH_SIZE = 50  # Bitrix24 runs at most 50 commands per batch
 BUSY_TRIES = 5
+MAX_PAGES = 10_000  # a list's pages, whatever `max_items` (Bitrix24 pages by 50)
 OPERATION_LIMIT_RETRY_S = 60.0
 EXPIRED = frozenset({"expired_token", "invalid_token"})
 
@@ -93,7 +94,7 @@ class PortalClient:
             for name, _ in chunk:
                 error = errors.get(name)
                 if error:
-                    failed = _error_of(error)
+                    failed = self._error_of(error)
                     if halt:
                         raise failed
                     out[name] = failed
@@ -105,7 +106,9 @@ class PortalClient:
         self, method: str, params: Mapping[str, Any] | None = None, *, max_items: int = 100_000
     ) -> AsyncIterator[Any]:
         start, given = 0, 0
-        while given < max_items:
+        for _ in range(MAX_PAGES):
+            if given >= max_items:
+                return
             answer = await self._request(method, {**(params or {}), "start": start})
             items = _items(answer["result"])
             if not items:
@@ -116,9 +119,12 @@ class PortalClient:
                 given += 1
                 yield item
             following = answer.get("next")
-            if not isinstance(following, int) or isinstance(following, bool) or following <= start:
+            if not isinstance(following, int) or isinstance(following, bool):
                 return
+            if following < start + len(items):  # it would page over what it gave again
+                raise PortalError("BAD_ANSWER", "a list's `next` does not move past its page")
             start = following
+        raise PortalError("BAD_ANSWER", f"a list of more than {MAX_PAGES} pages")
 
     async def _request(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
         if not METHOD.fullmatch(method):
@@ -140,7 +146,7 @@ class PortalClient:
                 await asyncio.sleep((tries + 1) / self._ctx.limit.drain_per_s)
                 continue
             if code == "OPERATION_TIME_LIMIT":
-                raise PortalRetry(code, _description(answer), OPERATION_LIMIT_RETRY_S)
+                raise PortalRetry(code, self._said(answer), OPERATION_LIMIT_RETRY_S)
             if code in EXPIRED and self._record is not None and replaced < 2:
                 # The event's own token first gives way to the stored one; a stored one that
                 # failed is refreshed (once: the refresher re-reads before it spends anything).
@@ -148,8 +154,21 @@ class PortalClient:
                 record = await self._ctx.refresher.fresh(target.key, self._token, self._record)
                 self._token = record.access_token
                 continue
-            raise PortalError(code, _description(answer), status=status)
+            raise PortalError(code, self._said(answer), status=status)
         raise PortalRetry("QUERY_LIMIT_EXCEEDED", "the portal stayed over its limit", 5.0)
+
+    def _said(self, answer: Mapping[str, Any]) -> str:
+        """The portal's error description, less the token this call sent (it may quote the
+        request) and any webhook code."""
+        text = str(answer.get("error_description") or "")
+        if self._token:
+            text = text.replace(self._token, "***")
+        return redact(text)
+
+    def _error_of(self, error: Any) -> PortalError:
+        if isinstance(error, dict):
+            return PortalError(str(error.get("error") or "ERROR"), self._said(error))
+        return PortalError("ERROR", self._said({"error_description": error}))
 
     async def _turn(self, target: Target) -> None:
         wait_s = await self._ctx.state.reserve(target.key, self._ctx.limit)
@@ -182,7 +201,7 @@ class PortalClient:
             raise PortalError("BAD_ANSWER", "the portal's answer is too large", status=status)
         try:
             answer = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth
             answer = None
         if not isinstance(answer, dict):
             raise PortalError("BAD_ANSWER", f"not a JSON object (HTTP {status})", status=status)
@@ -274,13 +293,3 @@ def _items(result: Any) -> list[Any]:
         if isinstance(inner, list):
             return inner
     raise PortalError("BAD_ANSWER", "a list method answered with something else than a list")
-
-
-def _error_of(error: Any) -> PortalError:
-    if isinstance(error, dict):
-        return PortalError(str(error.get("error") or "ERROR"), _description(error))
-    return PortalError("ERROR", str(error))
-
-
-def _description(answer: Mapping[str, Any]) -> str:
-    return str(answer.get("error_description") or "")

@@ -70,13 +70,16 @@ async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
 def _tokens(record: PortalRecord, status: int, body: bytes, now: float) -> tuple[str, str, int]:
     try:
         answer = json.loads(body) if len(body) <= MAX_ANSWER_BYTES else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth
         answer = None
     if not isinstance(answer, dict):
         raise PortalError("BAD_ANSWER", f"the OAuth server's answer (HTTP {status}) is not JSON")
     if status != 200 or "error" in answer:
         error = str(answer.get("error") or status)
-        raise PortalError(error, str(answer.get("error_description") or ""), status=status)
+        said = str(answer.get("error_description") or "")
+        for secret in (record.refresh_token, record.access_token):
+            said = said.replace(secret, "***") if secret else said
+        raise PortalError(error, said, status=status)
     access, refresh = answer.get("access_token"), answer.get("refresh_token")
     if not all(isinstance(t, str) and _TOKEN.fullmatch(t) for t in (access, refresh)):
         raise PortalError("BAD_ANSWER", "the OAuth server's answer has no usable tokens")

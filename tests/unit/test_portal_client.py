@@ -85,9 +85,14 @@ async def test_errors_are_typed_and_never_show_a_token(
     store = await store_of(tmp_path)
     record = await install(store, fake_portal.rest, "m1")
     portal = clients.for_event(deal_event("m1", 42))
-    with pytest.raises(PortalError) as caught:
+    with pytest.raises(PortalError) as missing:
         await portal.call("crm.nothing.here")
-    assert caught.value.code == "ERROR_METHOD_NOT_FOUND" and caught.value.status == 404
+    assert missing.value.code == "ERROR_METHOD_NOT_FOUND" and missing.value.status == 404
+    # The portal's description quotes the request, the token it came with too.
+    with pytest.raises(PortalError) as caught:
+        await portal.call("crm.deal.echo", {"id": 1})
+    assert caught.value.code == "INVALID_REQUEST" and "auth=***" in caught.value.description
+    assert fake_portal.rest.used_tokens[-1] == record.access_token
     fake_portal.rest.time_limited.add("crm.deal.get")
     with pytest.raises(PortalRetry) as limited:
         await portal.call("crm.deal.get", {"id": 1})
@@ -98,6 +103,33 @@ async def test_errors_are_typed_and_never_show_a_token(
         await portal.call("../../oauth/token/?x=")
     for shown in (str(caught.value), repr(caught.value), repr(portal), repr(record)):
         assert record.access_token not in shown and record.refresh_token not in shown
+    # A batch's command errors are the portal's descriptions too.
+    (echoed,) = (await portal.batch({"e": ("crm.deal.echo", {"id": 1})})).values()
+    assert isinstance(echoed, PortalError) and record.access_token not in str(echoed)
+    await store.close()
+
+
+async def test_answers_nested_too_deep_are_bad_answers(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    with pytest.raises(PortalError, match="BAD_ANSWER"):
+        await clients.for_event(deal_event("m1", 1)).call("crm.deal.deep")
+    await store.close()
+
+
+async def test_paging_must_move_past_each_page(
+    clients: PortalClients, fake_portal: FakePortal, tmp_path: Path
+) -> None:
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    portal = clients.for_event(deal_event("m1", 1))
+    given: list[str] = []
+    with pytest.raises(PortalError, match="BAD_ANSWER"):
+        async for item in portal.list("crm.deal.stuck", max_items=1000):
+            given.append(item["ID"])
+    assert given == [str(i) for i in range(50)]  # the first page, then the bad `next`
     await store.close()
 
 

@@ -151,6 +151,8 @@ def test_an_oauth_answer_for_another_portal_is_refused() -> None:
         _tokens(record, 400, b'{"error": "invalid_grant"}', 1000.0)
     with pytest.raises(PortalError, match="BAD_ANSWER"):
         _tokens(record, 200, b'{"access_token": "a b"}', 1000.0)
+    with pytest.raises(PortalError, match="BAD_ANSWER"):  # nested past any recursion limit
+        _tokens(record, 200, b"[" * 30_000 + b"]" * 30_000, 1000.0)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
@@ -373,6 +375,6 @@ def test_the_refresh_lease_outlives_the_slowest_refresh() -> None:
     # The lease is held over the re-read, the OAuth call and the store's write: each store
     # access may wait out SQLite's busy timeout, the OAuth call its own timeout.
     slowest = oauth_server.OAUTH_TIMEOUT_S + 2 * oauth.STORE_BUSY_S
-    assert oauth.LEASE_S >= slowest + 5
+    assert slowest + 5 <= oauth.LEASE_S
     tries = len(oauth.WRITE_PAUSES_S) + 1
-    assert oauth.LEASE_S >= slowest + (tries - 1) * oauth.STORE_BUSY_S + sum(oauth.WRITE_PAUSES_S)
+    assert slowest + (tries - 1) * oauth.STORE_BUSY_S + sum(oauth.WRITE_PAUSES_S) <= oauth.LEASE_S
