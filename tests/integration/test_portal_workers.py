@@ -223,3 +223,42 @@ async def test_an_event_let_in_by_another_token_cannot_use_the_portals_credentia
     assert outcomes == {"1": "read", "2": "WRONG_PORTAL"}
     assert fake_portal.rest.deal_gets == ["1"]
     await store.close()
+
+
+async def test_a_token_quoted_by_the_portal_never_reaches_the_dead_letter_headers(
+    broker: Broker, fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from b24queue import _constants as c
+
+    spec = f"sqlite:{tmp_path / 'p.db'}"
+    store = open_store(spec)
+    record = await install(store, fake_portal.rest, "m1")
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        await self.portal(event).call("crm.deal.echo", {"id": 1})  # its error quotes the token
+
+    cls = type(
+        "Echoed",
+        (EventConsumer,),
+        {
+            "queue": broker.name("deals"),
+            "events": ("ONCRMDEALUPDATE",),
+            "max_attempts": 1,
+            "handle": handle,
+        },
+    )
+    settings = broker.make_settings(
+        app_tokens="app-token-m1", portal_store=spec, portal_allow_private=True,
+        portal_ca_file=str(portal_certificate[0]),
+    )  # fmt: skip
+    async with (
+        PortalClients(settings, resolver=StaticResolver()) as portals,
+        Worker(settings, [cls], portals=portals),
+    ):
+        await post(broker, [deal_event("m1", 1)], "app-token-m1")
+        (dead,) = await broker.take(f"{cls.queue}.dlq", 1)
+    message = str(dead.headers[c.H_ERROR_MESSAGE])
+    assert fake_portal.rest.used_tokens == [record.access_token]  # the stored one was sent
+    assert "INVALID_REQUEST" in message and "auth=***" in message
+    assert record.access_token not in message and record.access_token not in str(dead.headers)
+    await store.close()
