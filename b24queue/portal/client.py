@@ -14,7 +14,6 @@ Tokens go in the request body, never in a URL, a log line or an error.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -23,18 +22,21 @@ from typing import Any
 
 import aiohttp
 
-from b24queue.auth.portal import access_of
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
-from b24queue.envelope import token_digest
-from b24queue.events import Event, token_digest_of
+from b24queue.events import Event
 from b24queue.forms import encode_form
-from b24queue.hosts import same_host
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
-from b24queue.portal.credentials import METHOD, Target, Webhooks, oauth_target, redact
+from b24queue.portal.credentials import (
+    METHOD,
+    Target,
+    Webhooks,
+    redact,
+)
 from b24queue.portal.limits import Limit, SharedState
 from b24queue.portal.oauth import Refresher
 from b24queue.portal.oauth_server import read_bounded
+from b24queue.portal.tenant import credentials
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Context:
     limit: Limit
     webhooks: Webhooks
     observer: PortalObserver
+    allow_private: bool = False
 
 
 class PortalClient:
@@ -209,61 +212,14 @@ class PortalClient:
 
     async def _resolve(self) -> Target:
         if self._target is None:
-            self._target, self._token, self._record = await _credentials(self._ctx, self._event)
+            self._target, self._token, self._record = await credentials(
+                self._ctx.store,
+                self._ctx.refresher,
+                self._ctx.webhooks,
+                self._event,
+                allow_private=self._ctx.allow_private,
+            )
         return self._target
-
-
-async def _credentials(ctx: Context, event: Event) -> tuple[Target, str, PortalRecord | None]:
-    """The event's portal only: its member_id selects the record; its domain must agree."""
-    member_id = event.auth.member_id
-    record = await ctx.store.get(member_id) if member_id else None
-    if record is None:
-        return _webhook(ctx, event), "", None
-    if event.auth.domain and not same_host(event.auth.domain, record.domain):
-        raise PortalError("WRONG_PORTAL", "the event's domain is not its portal's")
-    # The ingress also lets in events carrying a static token (B24QUEUE_APP_TOKENS: an outgoing
-    # webhook's), whatever member_id they name: only an event that came with the portal's own
-    # application token may act with that portal's credentials.
-    given = came_with(event)
-    if given is None or not hmac.compare_digest(given, token_digest(record.token)):
-        raise PortalError("WRONG_PORTAL", "the event does not carry its portal's application token")
-    return oauth_target(record), await _token(ctx.refresher, event, record), record
-
-
-def _webhook(ctx: Context, event: Event) -> Target:
-    """The webhook of the event's domain, if the event came with a token paired with it: the
-    ingress lets in an event carrying any configured token whatever domain it names, so the
-    domain alone would give portal B's admin (who knows B's token) portal A's webhook."""
-    found = ctx.webhooks.for_domain(event.auth.domain)
-    if found is None:
-        raise PortalError("NO_CREDENTIALS", "no installed portal or webhook for this event")
-    webhook, digests = found
-    given = came_with(event)
-    if given is None:
-        raise PortalError("NO_APP_TOKEN", "the event carries no application token")
-    matched = False
-    for digest in digests:  # all of them, without stopping early
-        matched |= hmac.compare_digest(given, digest)
-    if not matched:
-        raise PortalError("WRONG_PORTAL", "the event does not carry its webhook's app token")
-    return webhook
-
-
-async def _token(refresher: Refresher, event: Event, record: PortalRecord) -> str:
-    own = access_of(event)
-    if own is not None and refresher.valid(own[1]):
-        return own[0]  # the event's own, still valid
-    if refresher.valid(record.access_expires):
-        return record.access_token
-    return (await refresher.fresh(record.member_id, record.access_token, record)).access_token
-
-
-def came_with(event: Event) -> str | None:
-    """The digest of the application token the event came with: from its message's header in a
-    worker (the body leaves the token out), or of the token itself in an event built directly."""
-    if event.auth.application_token:
-        return token_digest(event.auth.application_token)
-    return token_digest_of(event)
 
 
 def _command(method: str, params: Mapping[str, Any]) -> str:

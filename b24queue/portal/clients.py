@@ -13,11 +13,12 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from b24queue.auth.store import TokenStore, open_store
+from b24queue.errors import ConfigError
 from b24queue.events import Event
-from b24queue.http.portal_check import is_public_address
+from b24queue.http.portal_check import is_ip_literal, is_public_address
 from b24queue.portal.api import NoObserver, PortalError, PortalObserver
 from b24queue.portal.client import Context, PortalClient
-from b24queue.portal.credentials import Webhooks
+from b24queue.portal.credentials import Webhooks, host_of
 from b24queue.portal.limits import Limit, SharedState, open_state
 from b24queue.portal.oauth import Refresher
 from b24queue.settings import Settings
@@ -67,6 +68,17 @@ class PortalClients:
         self._ssl = ssl_context
         self._clock = clock
         self._webhooks = Webhooks(settings.portal_webhooks.get_secret_value())
+        if not settings.portal_allow_private:
+            # aiohttp connects to an address as it is, past the guarded resolver.
+            for host, setting in (
+                (host_of(settings.oauth_url), "B24QUEUE_OAUTH_URL"),
+                *((h, "B24QUEUE_PORTAL_WEBHOOKS") for h in sorted(self._webhooks.hostnames)),
+            ):
+                if is_ip_literal(host):
+                    raise ConfigError(
+                        f"{setting}: an IP address, not a name, needs "
+                        "B24QUEUE_PORTAL_ALLOW_PRIVATE=true"
+                    )
         burst, drain = settings.portal_limits
         self._limit = Limit(burst, drain, settings.portal_max_wait_s)
         self._context: Context | None = None
@@ -91,8 +103,9 @@ class PortalClients:
         refresher = Refresher(session, store, state, s, self._clock, self._observer)
         self._store, self._state = store, state
         self._context = Context(
-            session, store, state, refresher, self._limit, self._webhooks, self._observer
-        )
+            session, store, state, refresher, self._limit, self._webhooks, self._observer,
+            s.portal_allow_private,
+        )  # fmt: skip
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -72,8 +72,10 @@ class Webhooks:
 
     def __init__(self, spec: str) -> None:
         self._by_host: dict[str, tuple[Target, tuple[str, ...]]] = {}
+        self.hostnames: set[str] = set()  # as in the URLs, without ports or brackets
         for i, entry in enumerate(u.strip() for u in spec.split(",") if u.strip()):
             target, digest = _parse_webhook(entry, i + 1)
+            self.hostnames.add(host_of(target.base_url))
             known = self._by_host.get(target.domain)
             if known is not None and known[0] != target:
                 raise ConfigError(
@@ -84,9 +86,6 @@ class Webhooks:
 
     def __len__(self) -> int:
         return len(self._by_host)
-
-    def hosts(self) -> list[str]:
-        return [target.domain for target, _ in self._by_host.values()]
 
     def for_domain(self, domain: str | None) -> tuple[Target, tuple[str, ...]] | None:
         """The portal's webhook and the digests of the tokens paired with it."""
@@ -112,9 +111,14 @@ def _parse_webhook(entry: str, position: int) -> tuple[Target, str]:
     host = normalise_host(parts.hostname or "")
     if parts.scheme != "https" or not match or not host or parts.query or "@" in parts.netloc:
         raise bad
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
     where = f"{host}:{port}" if port not in (None, 443) else host
     base = f"https://{where}/rest/{match.group(1)}/{match.group(2)}/"
     return Target("webhook", f"webhook:{where}", where, base), token_digest(app_token)
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).hostname or ""
 
 
 def redact(url: str) -> str:

@@ -180,3 +180,44 @@ async def test_the_example_reads_the_deal_its_event_names(
             await consumer.handle(deal_event("m1", 999))
     assert fake_portal.rest.deal_gets == ["42"]
     await store.close()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"oauth_url": "https://10.0.0.1/oauth/token/"},
+        {"oauth_url": "https://[::1]/oauth/token/"},
+        {"portal_webhooks": "https://127.0.0.1/rest/1/abcd1234/#t"},
+        {
+            "portal_webhooks": "https://2130706433/rest/1/abcd1234/#t"
+        },  # 127.0.0.1 as inet_aton has it
+    ],
+)
+def test_address_literals_need_private_addresses_allowed(
+    extra: dict[str, str], portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # A name goes through the guarded resolver; an address is connected to as it is.
+    spec = f"sqlite:{tmp_path / 'p.db'}"
+    refused = portal_settings(portal_certificate[0], spec, portal_allow_private=False, **extra)
+    with pytest.raises(ConfigError, match="IP address"):
+        PortalClients(refused)
+    PortalClients(portal_settings(portal_certificate[0], spec, portal_allow_private=True, **extra))
+
+
+async def test_an_installed_portal_at_an_address_literal_is_not_called(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store = SqliteTokenStore(tmp_path / "p.db")
+    access, refresh, expires = fake_portal.rest.issue("m9")
+    record = PortalRecord(
+        "m9", "127.0.0.1", "app-token-m9",
+        access_token=access, access_expires=expires, refresh_token=refresh,
+    )  # fmt: skip
+    assert await store.remember(record)
+    settings = portal_settings(
+        portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}", portal_allow_private=False
+    )
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        with pytest.raises(PortalError, match="IP address"):
+            await clients.for_event(deal_event("m9", 1, domain="127.0.0.1")).call("crm.deal.get")
+    await store.close()
