@@ -50,6 +50,7 @@ WRITE_PAUSES_S = (0.2, 1.0)  # between the tries of storing a refreshed pair
 LEASE_S = OAUTH_TIMEOUT_S + (2 + len(WRITE_PAUSES_S)) * STORE_BUSY_S + sum(WRITE_PAUSES_S) + 5
 WAIT_S = OAUTH_TIMEOUT_S + 5.0  # the longest a caller waits for a refresh, then PortalRetry
 CLOSE_WAIT_S = 5.0  # at close, refreshes in flight get this long to store what they got
+MAX_REFUSED = 10_000
 POLL_S = 0.1  # re-reading the store while another process refreshes
 
 
@@ -81,6 +82,8 @@ class Refresher:
         self._owner = f"{os.getpid()}-{id(self):x}"
         self._inflight: dict[str, asyncio.Task[PortalRecord]] = {}
         self._unsaved: dict[str, _Unsaved] = {}
+        # Refresh tokens the OAuth server refused, should clearing them in the store fail.
+        self._refused: set[str] = set()
         self.refreshes = 0  # OAuth refreshes this process made (tests, metrics)
 
     def valid(self, expires: int) -> bool:
@@ -164,8 +167,8 @@ class Refresher:
         record, stored_refresh = await self._current(member_id)
         if record.access_token != spent and self.valid(record.access_expires):
             return record
-        if not record.refresh_token:
-            raise PortalError("NO_CREDENTIALS", "no refresh token stored for this portal")
+        if not record.refresh_token or record.refresh_token in self._refused:
+            raise PortalError("NO_CREDENTIALS", "no usable refresh token stored for this portal")
         try:
             access, refresh, expires = await self._ask(record)
         except PortalError as exc:
@@ -218,6 +221,9 @@ class Refresher:
         """The OAuth server refused the refresh token: clear it in the store (compare-and-set),
         so no process asks with it again; the portal's next event brings a new one."""
         self._unsaved.pop(record.member_id, None)
+        if len(self._refused) >= MAX_REFUSED:
+            self._refused.clear()  # bounded; the store's cleared refresh token is what lasts
+        self._refused.add(record.refresh_token)
         try:
             await self._store.refreshed(
                 record.member_id, stored_refresh, record.access_token, "", record.access_expires

@@ -378,3 +378,21 @@ def test_the_refresh_lease_outlives_the_slowest_refresh() -> None:
     assert slowest + 5 <= oauth.LEASE_S
     tries = len(oauth.WRITE_PAUSES_S) + 1
     assert slowest + (tries - 1) * oauth.STORE_BUSY_S + sum(oauth.WRITE_PAUSES_S) <= oauth.LEASE_S
+
+
+async def test_a_refused_refresh_token_is_not_tried_again_even_if_the_store_fails(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rest = fake_portal.rest
+    store = FlakyStore(tmp_path / "p.db", failures=1000)  # it cannot be cleared in the store
+    record = await install(store, rest, "m1")
+    rest.expire(record.access_token)
+    rest.refresh_tokens.pop(record.refresh_token)  # spent elsewhere
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        with pytest.raises(PortalError, match="invalid_grant"):
+            await clients.for_event(deal_event("m1", 1)).call("crm.deal.get", {"id": 1})
+        with pytest.raises(PortalError, match="NO_CREDENTIALS"):
+            await clients.for_event(deal_event("m1", 2)).call("crm.deal.get", {"id": 2})
+    assert rest.oauth_requests == 1
+    await store.close()
