@@ -262,3 +262,41 @@ async def test_a_token_quoted_by_the_portal_never_reaches_the_dead_letter_header
     assert "INVALID_REQUEST" in message and "auth=***" in message
     assert record.access_token not in message and record.access_token not in str(dead.headers)
     await store.close()
+
+
+async def test_a_webhook_is_used_only_by_events_with_its_paired_token(
+    broker: Broker, fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    fake_portal.rest.webhooks["abcd1234"] = "w1"
+    outcomes: dict[str, str] = {}
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        deal = event.data["FIELDS"]["ID"]
+        try:
+            await self.portal(event).call("crm.deal.get", {"id": deal})
+            outcomes[deal] = "read"
+        except PortalError as exc:
+            outcomes[deal] = exc.code
+
+    cls = type(
+        "Hooked",
+        (EventConsumer,),
+        {"queue": broker.name("deals"), "events": ("ONCRMDEALUPDATE",), "handle": handle},
+    )
+    tokens = "app-token-w1,portal-b-token"
+    settings = broker.make_settings(
+        app_tokens=tokens, portal_store=f"sqlite:{tmp_path / 'p.db'}",
+        portal_allow_private=True, portal_ca_file=str(portal_certificate[0]),
+        portal_webhooks="https://w1.portal.test/rest/1/abcd1234/#app-token-w1",
+    )  # fmt: skip
+    forged = deal_event("w1", 2).payload  # portal B's admin, naming w1's domain
+    forged["auth"]["application_token"] = "portal-b-token"
+    async with (
+        PortalClients(settings, resolver=StaticResolver()) as portals,
+        Worker(settings, [cls], portals=portals),
+    ):
+        # Both pass the ingress; in the worker only the digest header says which token came.
+        await post(broker, [deal_event("w1", 1), Event.from_payload(forged)], tokens)
+        await wait_until(lambda: len(outcomes) == 2, 20, "both events handled")
+    assert outcomes == {"1": "read", "2": "WRONG_PORTAL"}
+    assert fake_portal.rest.deal_gets == ["1"]
