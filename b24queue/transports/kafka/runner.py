@@ -123,8 +123,9 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in assigned:
             committed = await self._kafka.committed(tp)
             handed = await self._commits.handed(tp)
-            if committed is None:
-                committed = self._since.get(tp.partition, 0) if tp.topic == self._names.events else 0
+            if committed is None:  # a new group: from where the queue was first bound
+                events = tp.topic == self._names.events
+                committed = self._since.get(tp.partition, 0) if events else 0
             self._kafka.seek(tp, committed)
             self._offsets.assign(tp, committed, handed or 0)
         self._kafka.resume(*assigned)

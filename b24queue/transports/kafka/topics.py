@@ -86,9 +86,14 @@ async def ensure_topics(
     if missing:
         rf = settings.kafka_replication_factor
         try:
-            await admin.create_topics([NewTopic(n, wanted[n], rf) for n in missing])
-        except ke.TopicAlreadyExistsError:
-            pass  # created by another worker meanwhile
+            response = await admin.create_topics([NewTopic(n, wanted[n], rf) for n in missing])
+        except ke.TopicAlreadyExistsError:  # created by another worker meanwhile
+            response = None
+        for name, code, *_ in getattr(response, "topic_errors", ()):
+            if code not in (0, ke.TopicAlreadyExistsError.errno):
+                raise TopologyMismatchError(
+                    f"Kafka refused to create topic {name!r}: {ke.for_code(code).__name__}"
+                )
     present = [n for n in wanted if n in existing]
     if present:
         for described in await admin.describe_topics(present):
