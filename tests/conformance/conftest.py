@@ -73,17 +73,17 @@ def tansu() -> Iterator[KafkaServer]:
 
 def kafka_settings(server: KafkaServer, prefix: str, **overrides: Any) -> Settings:
     """A test's own namespace on the tests' Tansu: its events topic, unrouted topic, queues."""
-    return load_settings(
-        broker_url=server.url,
-        app_tokens=SAMPLE_TOKEN,
-        exchange=f"{prefix}.events",
-        unrouted=f"{prefix}.unrouted",
-        kafka_partitions=3,
-        kafka_session_timeout_s=6.0,
-        publish_timeout_s=3.0,
-        shutdown_timeout_s=10.0,
-        **overrides,
-    )
+    values: dict[str, Any] = {
+        "broker_url": server.url,
+        "app_tokens": SAMPLE_TOKEN,
+        "exchange": f"{prefix}.events",
+        "unrouted": f"{prefix}.unrouted",
+        "kafka_partitions": 3,
+        "kafka_session_timeout_s": 6.0,
+        "publish_timeout_s": 3.0,
+        "shutdown_timeout_s": 10.0,
+    }
+    return load_settings(**(values | overrides))
 
 
 @pytest.fixture(params=["amqp", "sqlite", "postgres", "redis", "kafka"])
