@@ -155,13 +155,19 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         chosen: list[tuple[Partition, ConsumerRecord[Any, Any]]] = []
         for tp, records in batch.items():
             part = self._offsets.get(tp)
-            if part is None or not records or records[0].offset != part.next:
-                # Revoked since, or read from elsewhere than where its state starts: read again
-                # from there (never skip a record: a commit would pass it for good).
-                if part is not None:
-                    self._kafka.seek(tp, part.next)
-                continue
+            if part is None:
+                continue  # revoked since it was fetched
             for record in records:
+                if record.offset < part.next:
+                    continue  # fetched before the partition's start was set: already seen
+                if record.offset > part.next:  # gone (retention) before this group read it
+                    log.warning(
+                        "%s: offsets %d-%d of %s are gone",
+                        self.spec.name,
+                        part.next,
+                        record.offset - 1,
+                        tp,
+                    )
                 if tp.topic == self._names.events:
                     if self.spec.name not in targets(record):
                         part.skip(record.offset)
