@@ -25,6 +25,7 @@ class Committer:
         self._handout = handout
         self._offsets = offsets
         self._lock = asyncio.Lock()
+        self._marking = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tracked: set[TopicPartition] = set()
@@ -56,10 +57,12 @@ class Committer:
             self._handout.pause(*self._tracked)
 
     async def mark(self) -> None:
-        points = self._offsets.to_mark()
-        if points:
-            await self._handout.commit(points)
-            self._offsets.marked(points)
+        """One at a time: a later mark never goes out before an earlier (lower) one."""
+        async with self._marking:
+            points = self._offsets.to_mark()
+            if points:
+                await self._handout.commit(points)
+                self._offsets.marked(points)
 
     async def commit(self, tps: Iterable[TopicPartition] | None) -> None:
         """Commit the settled prefixes (of `tps`, or all); a failure is logged, tried later."""
