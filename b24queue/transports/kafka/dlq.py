@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from b24queue.settings import Settings
 from b24queue.transports.kafka.client import H_TO, Names, consumer, key_of, record_headers, row_of
@@ -39,14 +40,24 @@ class TopicLog:
             await self._reader.seek_to_beginning(self.tp)
             self._started = True
         end = (await self._reader.end_offsets([self.tp]))[self.tp]
-        while await self._reader.position(self.tp) < end:
-            for record in (await self._reader.getmany(self.tp, timeout_ms=1000)).get(self.tp, []):
-                removes = dict(record.headers or ()).get(H_REMOVES)
-                if removes is not None:
-                    self.removed |= {int(x) for x in bytes(removes).decode().split(",") if x}
-                else:
-                    self.letters[record.offset] = row_of(record)
+        # To the end offset, then on while records come: Tansu 0.6 reports too low an end
+        # offset once one request carried several records (dead letters of concurrent
+        # handlers do), so the end offset alone would leave some unread.
+        while True:
+            behind = await self._reader.position(self.tp) < end
+            found = await self._reader.getmany(self.tp, timeout_ms=1000 if behind else 200)
+            if not found and not behind:
+                break
+            for record in found.get(self.tp, []):
+                self._read(record)
         return [r for o, r in sorted(self.letters.items()) if o not in self.removed]
+
+    def _read(self, record: ConsumerRecord[Any, Any]) -> None:
+        removes = dict(record.headers or ()).get(H_REMOVES)
+        if removes is not None:
+            self.removed |= {int(x) for x in bytes(removes).decode().split(",") if x}
+        else:
+            self.letters[record.offset] = row_of(record)
 
 
 class TopicShelf:

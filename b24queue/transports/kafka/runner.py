@@ -155,28 +155,8 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         chosen: list[tuple[Partition, ConsumerRecord[Any, Any]]] = []
         for tp, records in batch.items():
             part = self._offsets.get(tp)
-            if part is None:
-                continue  # revoked since it was fetched
-            for record in records:
-                if record.offset < part.next:
-                    continue  # fetched before the partition's start was set: already seen
-                if record.offset > part.next:  # gone (retention) before this group read it
-                    log.warning(
-                        "%s: offsets %d-%d of %s are gone",
-                        self.spec.name,
-                        part.next,
-                        record.offset - 1,
-                        tp,
-                    )
-                if tp.topic == self._names.events:
-                    if self.spec.name not in targets(record):
-                        part.skip(record.offset)
-                        continue
-                elif (due := float(header(record, H_DUE) or 0)) > now_ms:
-                    self._wait_until_due(part, record.offset, (due - now_ms) / 1000)
-                    break
-                part.take(record.offset)
-                chosen.append((part, record))
+            if part is not None:  # else revoked since it was fetched
+                chosen += [(part, r) for r in self._choose(part, records, now_ms)]
         if not chosen:
             self._commits.wake()
             return
@@ -192,6 +172,27 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             self._idle.clear()
             task.add_done_callback(self._done)
         self._commits.wake()
+
+    def _choose(
+        self, part: Partition, records: list[ConsumerRecord[Any, Any]], now_ms: float
+    ) -> list[ConsumerRecord[Any, Any]]:
+        """The records of one partition that go to handlers, in order; the others settled."""
+        chosen = []
+        for record in records:
+            if record.offset < part.next:
+                continue  # fetched before the partition's start was set: already seen
+            if record.offset > part.next:  # gone (retention) before this group read it
+                log.warning("%s: %s lost offsets up to %d", self.spec.name, part.tp, record.offset)
+            if part.tp.topic == self._names.events:
+                if self.spec.name not in targets(record):
+                    part.skip(record.offset)
+                    continue
+            elif (due := float(header(record, H_DUE) or 0)) > now_ms:
+                self._wait_until_due(part, record.offset, (due - now_ms) / 1000)
+                break
+            part.take(record.offset)
+            chosen.append(record)
+        return chosen
 
     def _wait_until_due(self, part: Partition, offset: int, delay_s: float) -> None:
         assert self._kafka is not None
