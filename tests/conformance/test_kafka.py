@@ -78,6 +78,33 @@ async def test_a_second_worker_takes_partitions_and_nothing_is_lost_or_doubled(
         seen.add(message_id)
 
 
+async def test_a_commit_never_passes_an_unfinished_event(
+    tansu: KafkaServer, tmp_path: Path
+) -> None:
+    """One portal's events share a partition; the first is slow, the next four finish; the
+    worker is killed: the slow one (and what came after it, uncommitted) comes again, flagged.
+    Committing the highest settled offset instead would lose it."""
+    prefix = _prefix()
+    bench = Bench(kafka_settings(tansu, prefix), prefix)
+    record = tmp_path / "record.txt"
+    env = env_for(bench.settings, record, B24QT_QUEUE=bench.name("order"), B24QT_SLEEP_S="60")
+    consumer_ = "tests.integration.consumers:SlowFirst"
+    [worker] = await start_workers(env, tmp_path, consumer_, 1)
+    ids = await bench.post(*["crm-deal-add"] * 5)  # one portal: one partition, in this order
+    await wait_until(lambda: len(_done(record)) == 4, 30, "four done after the slow first")
+    [slow] = set(ids) - _done(record)
+    assert slow == ids[0]
+    worker.kill()
+    await worker.wait()
+    before = len(_starts(record))
+    env["B24QT_SLEEP_S"] = "0"
+    [worker] = await start_workers(env, tmp_path, consumer_, 1)
+    await wait_until(lambda: slow in _done(record), 60, "the slow event handled again")
+    assert await stop(worker) == 0
+    again = _starts(record)[before:]
+    assert slow in {m for m, _ in again} and {flag for _, flag in again} == {"1"}, again
+
+
 async def test_the_ingress_spools_while_kafka_is_unreachable(tmp_path: Path) -> None:
     """Kafka behind a proxy it advertises (every client goes through it); the proxy is cut."""
     proxy_port = free_port()

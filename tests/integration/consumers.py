@@ -40,3 +40,16 @@ class Narrowing(EventConsumer):
 
     async def handle(self, event: Event) -> None:
         return None
+
+
+class SlowFirst(Recorder):
+    """A Recorder whose first event in the process takes B24QT_SLEEP_S and the others no time:
+    later events finish before an earlier one (out-of-order completion)."""
+
+    first = True
+
+    async def handle(self, event: Event) -> None:
+        slow, SlowFirst.first = SlowFirst.first, False
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")) if slow else 0)
+        _record(f"done {event.message_id} {int(event.redelivered)}")
