@@ -41,6 +41,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 H_TO, H_DUE = "to", "due"
+# How long the broker may hold a fetch that found nothing new. Kafka's 500 ms put 120-140 ms
+# between accepted and handled here (the bench); 50 ms costs an idle consumer 20 fetches/s.
+FETCH_WAIT_MS = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,7 @@ def consumer(settings: Settings, name: str, group: str | None, **extra: Any) -> 
         auto_offset_reset="earliest",
         session_timeout_ms=session_ms,
         heartbeat_interval_ms=max(100, session_ms // 5),
+        fetch_max_wait_ms=FETCH_WAIT_MS,
         **extra,
     )
 
