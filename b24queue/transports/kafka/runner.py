@@ -103,9 +103,11 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
     # The group's callbacks -----------------------------------------------------------------
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Their handlers may finish first (fewer events handled twice); not while stopping:
+        `drain` has waited already, and what it cancelled never settles."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(REVOKE_WAIT_S):
-                while self._offsets.in_flight(revoked):
+                while self._offsets.in_flight(revoked) and not self._stopping:
                     self._room.clear()
                     await self._room.wait()
         assert self._commits is not None
