@@ -323,6 +323,18 @@ class Settings(BaseSettings):
         where = rest.split("?", 1)[0].rpartition("@")[2]
         return f"{scheme}://{where}"
 
+    def redacted_broker_url(self) -> str:
+        """The queue's URL for a log line, whichever transport, never a password."""
+        if self.transport == "postgres":
+            return self.redacted_postgres_url()
+        if self.transport == "redis":
+            return self.redacted_redis_url()
+        if self.transport == "kafka":
+            return "kafka://" + ",".join(self.kafka_bootstrap)
+        if self.transport == "sqlite":
+            return f"sqlite:{self.sqlite_path}"
+        return self.redacted_amqp_url()
+
     def redacted_amqp_url(self) -> str:
         return ",".join(_redacted_amqp(url) for url in self.amqp_urls)
 

@@ -68,3 +68,11 @@ def test_kafka_urls() -> None:
     assert settings.kafka_bootstrap == ["k1:9093", "k2:9092"]
     with pytest.raises(ConfigError):
         load_settings(broker_url="kafka://")
+
+
+def test_the_broker_url_in_a_log_line() -> None:
+    assert load_settings(broker_url="kafka://k1,k2:9093").redacted_broker_url() == (
+        "kafka://k1:9092,k2:9093"
+    )
+    redis = load_settings(broker_url="redis://:secret@r1:6379/0").redacted_broker_url()
+    assert "secret" not in redis and "r1:6379" in redis
