@@ -4,12 +4,14 @@ sharing a queue through a rebalance, the ingress spooling while Kafka is unreach
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
 
 from tests.conformance.conftest import Bench, kafka_settings
 from tests.integration.conftest import wait_until
+from tests.integration.consumers import Crasher
 from tests.integration.proxy import Proxy, free_port
 from tests.kafka_server import KafkaServer, kafka_server
 from tests.processes import cli, env_for, ingress_up, post, start, start_workers, stop
@@ -103,6 +105,36 @@ async def test_a_commit_never_passes_an_unfinished_event(
     assert await stop(worker) == 0
     again = _starts(record)[before:]
     assert slow in {m for m, _ in again} and {flag for _, flag in again} == {"1"}, again
+
+
+async def test_an_event_that_kills_its_worker_every_time_ends_in_the_dlq(
+    tansu: KafkaServer, tmp_path: Path
+) -> None:
+    """max_deliveries 2: handed out twice (two workers killed by it), the third worker
+    dead-letters it unhandled: Kafka keeps no delivery count, `<queue>.deliveries` does."""
+    prefix = _prefix()
+    bench = Bench(kafka_settings(tansu, prefix), prefix)
+    record = tmp_path / "record.txt"
+    queue = bench.name("poison")
+    env = env_for(bench.settings, record, B24QT_QUEUE=queue, B24QT_MAX_DELIVERIES="2")
+    # Bound before the event comes: Crasher's bindings, this test's queue.
+    await bench.transport.declare([type("Poison", (Crasher,), {"queue": queue})])
+    [poison] = await bench.post("crm-deal-add")
+    async with bench.transport.dead_letters(queue) as dlq:
+        for crashes in (1, 2):
+            [worker] = await start_workers(env, tmp_path, "tests.integration.consumers:Crasher", 1)
+            assert await asyncio.wait_for(worker.wait(), 60) != 0
+            assert len(_starts(record)) == crashes
+
+        async def dead() -> bool:
+            return await dlq.count() == 1
+
+        [worker] = await start_workers(env, tmp_path, "tests.integration.consumers:Crasher", 1)
+        await wait_until(dead, 60, "the poison event dead-lettered")
+        _, [letter] = await dlq.list(10)
+        assert await stop(worker) == 0
+    assert letter.message_id == poison and letter.reason == "delivery_limit"
+    assert _starts(record) == [(poison, "0"), (poison, "1")]
 
 
 async def test_the_ingress_spools_while_kafka_is_unreachable(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ events topic and the queue's retry topics.
   record of a retry topic waits the same delay, so the head of a partition is due first, and the
   events topic is never held up by it.
 - Before a batch goes to handlers, the handout group commits where it ends; records under that
-  point, read again by a later owner, are flagged redelivered.
+  point, read again by a later owner, are flagged redelivered and counted (`deliveries`).
 - Commits move over the settled prefix only (`offsets`); on a rebalance the partitions going
   away wait (bounded) for their handlers and commit; what is still open is delivered again.
 """
@@ -24,16 +24,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import ConsumerRecord
 
 from b24queue.consumer import EventConsumer
-from b24queue.delivery import Incoming, Outcome, process
+from b24queue.delivery import Incoming, Outcome, give_up, process
 from b24queue.layout import spec_for
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
 from b24queue.transports.kafka.client import H_DUE, Names, consumer, header, row_of, targets
 from b24queue.transports.kafka.commits import Committer
+from b24queue.transports.kafka.deliveries import DeliveryCounts
 from b24queue.transports.kafka.offsets import Offsets, Partition
 from b24queue.transports.kafka.settle import Settler
-from b24queue.transports.kafka.topics import BindingsLog
+from b24queue.transports.kafka.topics import since_of
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self._gauge = metrics.in_flight.labels(consumer_.queue) if metrics is not None else None
         self._offsets = Offsets()
         self._settler = Settler(producer, self.spec)
+        self._counts = DeliveryCounts(settings, producer, self.spec.name)
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
@@ -74,12 +76,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def start(self) -> None:
         await self._declare(self.spec)
-        bindings = BindingsLog(self._settings, self._names)
-        try:
-            own = (await bindings.load()).get(self.spec.name)
-        finally:
-            await bindings.close()
-        self._since = own.since if own is not None else {}
+        self._since = await since_of(self._settings, self._names, self.spec.name)
         await self.consumer.on_start()
         name = connection_name("worker", self.spec.name)
         group = Names.group(self.spec.name)
@@ -90,15 +87,8 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         topics = [self._names.events, *(self.spec.retry_queue(d) for d in self.spec.retry_delays_s)]
         self._kafka.subscribe(sorted(set(topics)), listener=self)
         self._loop_task = asyncio.create_task(self._loop(), name=f"b24queue-kafka-{self.spec.name}")
-        log.info(
-            "consuming %s from Kafka %s (group %s, bindings %s, prefetch %d, max_attempts %d)",
-            self.spec.name,
-            ",".join(self._settings.kafka_bootstrap),
-            group,
-            ",".join(self.spec.bindings),
-            self.consumer.prefetch,
-            self.consumer.max_attempts,
-        )
+        where, bound = ",".join(self._settings.kafka_bootstrap), ",".join(self.spec.bindings)
+        log.info("consuming %s from Kafka %s (bindings %s)", group, where, bound)
 
     # The group's callbacks -----------------------------------------------------------------
 
@@ -122,6 +112,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         self._kafka.pause(*assigned)
         await self._commits.track(assigned)
+        recount = False
         for tp in assigned:
             committed = await self._kafka.committed(tp)
             handed = await self._commits.handed(tp)
@@ -129,7 +120,10 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 events = tp.topic == self._names.events
                 committed = self._since.get(tp.partition, 0) if events else 0
             self._kafka.seek(tp, committed)
-            self._offsets.assign(tp, committed, handed or 0)
+            part = self._offsets.assign(tp, committed, handed or 0)
+            recount = recount or part.redeliver_below > committed
+        if recount:
+            await self._counts.load()
         self._kafka.resume(*assigned)
 
     # Reading -------------------------------------------------------------------------------
@@ -154,31 +148,39 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _take(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         assert self._kafka is not None and self._commits is not None
         now_ms = time.time() * 1000
-        chosen: list[tuple[Partition, ConsumerRecord[Any, Any]]] = []
+        chosen: list[tuple[Partition, ConsumerRecord[Any, Any], int]] = []
         for tp, records in batch.items():
             part = self._offsets.get(tp)
             if part is not None:  # else revoked since it was fetched
-                chosen += [(part, r) for r in self._choose(part, records, now_ms)]
+                chosen += [(part, r, n) for r, n in self._choose(part, records, now_ms)]
         if not chosen:
             self._commits.wake()
             return
         # Every handler of the batch waits for the mark (see the module's doc); the loop reads
         # on meanwhile.
-        marked = asyncio.ensure_future(self._commits.mark())
+        again = [(p.tp, r.offset, n) for p, r, n in chosen if n > 1]
+        marked = asyncio.ensure_future(self._before_handlers(again))
         marked.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved here too
-        for part, record in chosen:
+        for part, record, deliveries in chosen:
             task = asyncio.create_task(
-                self._handle(part, record, marked), name=f"b24q-{self.spec.name}"
+                self._handle(part, record, deliveries, marked), name=f"b24q-{self.spec.name}"
             )
             self._tasks.add(task)
             self._idle.clear()
             task.add_done_callback(self._done)
         self._commits.wake()
 
+    async def _before_handlers(self, again: list[tuple[TopicPartition, int, int]]) -> None:
+        assert self._commits is not None
+        await self._commits.mark()
+        if again:
+            await self._counts.record(again)
+
     def _choose(
         self, part: Partition, records: list[ConsumerRecord[Any, Any]], now_ms: float
-    ) -> list[ConsumerRecord[Any, Any]]:
-        """The records of one partition that go to handlers, in order; the others settled."""
+    ) -> list[tuple[ConsumerRecord[Any, Any], int]]:
+        """The records of one partition that go to handlers, in order, each with its delivery
+        count; the others settled."""
         chosen = []
         for record in records:
             if record.offset < part.next:
@@ -193,7 +195,8 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._wait_until_due(part, record.offset, (due - now_ms) / 1000)
                 break
             part.take(record.offset)
-            chosen.append(record)
+            redelivered = part.redelivered(record.offset)
+            chosen.append((record, self._counts.next(part.tp, record.offset) if redelivered else 1))
         return chosen
 
     def _wait_until_due(self, part: Partition, offset: int, delay_s: float) -> None:
@@ -216,7 +219,11 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             log.error("delivery task crashed", exc_info=task.exception())
 
     async def _handle(
-        self, part: Partition, record: ConsumerRecord[Any, Any], marked: asyncio.Future[None]
+        self,
+        part: Partition,
+        record: ConsumerRecord[Any, Any],
+        deliveries: int,
+        marked: asyncio.Future[None],
     ) -> None:
         try:
             await asyncio.shield(marked)
@@ -224,7 +231,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             log.warning(
                 "%s: handout not recorded (%r); a redelivery may go unflagged", self.spec.name, exc
             )
-        row = row_of(record)
+        row = row_of(record, deliveries)
         incoming = Incoming(
             body=row.body,
             message_id=row.message_id,
@@ -237,7 +244,10 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         if self._gauge is not None:
             self._gauge.inc()
         try:
-            await process(self.consumer, incoming, self.spec.name, self, self._observe)
+            if deliveries > self.consumer.max_deliveries:
+                await give_up(incoming, self.spec.name, self, deliveries, self._observe)
+            else:
+                await process(self.consumer, incoming, self.spec.name, self, self._observe)
         finally:
             if self._gauge is not None:
                 self._gauge.dec()

@@ -5,6 +5,7 @@
   <unrouted>                 events no queue was bound to (1 partition)
   <queue>.retry.<d>          one per retry delay: copies waiting until their `due` time
   <queue>.dlq                dead letters, and the markers of those replayed or purged
+  <queue>.deliveries         counts of records handed out again (`deliveries`)
 
 The bindings topic is read whole (it holds a record per deploy of a consumer, not per event);
 the latest record of a queue has its bindings, the first its `since`: the end offsets of the
@@ -110,6 +111,7 @@ def queue_topics(settings: Settings, spec: QueueSpec) -> dict[str, int]:
     p = settings.kafka_partitions
     topics = {spec.retry_queue(d): p for d in sorted(set(spec.retry_delays_s))}
     topics[spec.dlq] = 1
+    topics[f"{spec.name}.deliveries"] = 1  # deliveries.deliveries_topic
     return topics
 
 
@@ -141,6 +143,16 @@ async def declare(
     finally:
         await writer.stop()
     return sorted(set(current.bindings) - set(spec.bindings)) if current else []
+
+
+async def since_of(settings: Settings, names: Names, queue: str) -> dict[int, int]:
+    """Where a new group of `queue` starts on the events topic, per partition."""
+    bindings = BindingsLog(settings, names)
+    try:
+        own = (await bindings.load()).get(queue)
+    finally:
+        await bindings.close()
+    return own.since if own is not None else {}
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
