@@ -16,8 +16,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from b24queue.settings import Settings
-from b24queue.transports.kafka.client import H_TO, Names, consumer, key_of, record_headers, row_of
-from b24queue.transports.kafka.publisher import started_producer
+from b24queue.transports.kafka.client import (
+    H_TO,
+    Names,
+    consumer,
+    key_of,
+    producer,
+    record_headers,
+    row_of,
+)
 from b24queue.transports.kafka.topics import BindingsLog
 from b24queue.transports.leased import Row
 
@@ -71,9 +78,20 @@ class TopicShelf:
         self._logs: dict[str, TopicLog] = {}
 
     async def open(self) -> TopicShelf:
-        await self._reader.start()
-        self._producer = await started_producer(self._settings, "b24queue dlq")
+        try:
+            await self._reader.start()
+        except Exception:
+            await self._reader.stop()
+            raise
         return self
+
+    async def _sender(self) -> AIOKafkaProducer:
+        """Started at the first replay or purge (`list`, `count` and `status` send nothing);
+        `acks=all`, not idempotent: a replay may come twice anyway (see the module's doc)."""
+        if self._producer is None:
+            self._producer = producer(self._settings, "b24queue dlq", idempotent=False)
+            await self._producer.start()
+        return self._producer
 
     async def close(self) -> None:
         await self._reader.stop()
@@ -98,7 +116,6 @@ class TopicShelf:
     async def replay(
         self, row: Row, headers: dict[str, Any], back_to: str | None, source: str
     ) -> bool:
-        assert self._producer is not None
         if row.id in self._logs[source].removed:
             return False
         if back_to is not None:
@@ -112,7 +129,7 @@ class TopicShelf:
                 await bindings.close()
         if not queues:
             return False  # still bound by no queue: it stays
-        await self._producer.send_and_wait(
+        await (await self._sender()).send_and_wait(
             self._names.events,
             row.body,
             key=key_of(headers),
@@ -127,9 +144,8 @@ class TopicShelf:
         return len(rows)
 
     async def _mark(self, queue: str, offsets: list[int]) -> None:
-        assert self._producer is not None
         if not offsets:
             return
         removes = ",".join(str(o) for o in offsets).encode()
-        await self._producer.send_and_wait(queue, b"", headers=[(H_REMOVES, removes)])
+        await (await self._sender()).send_and_wait(queue, b"", headers=[(H_REMOVES, removes)])
         self._logs[queue].removed |= set(offsets)

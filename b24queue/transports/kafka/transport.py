@@ -114,9 +114,9 @@ class Kafka:
         """Per queue: READY the records of the events topic its group has not looked at yet
         (its lag: other queues' records among them), RETRYING its retry topics' lag, the
         consumers its group's members; the dead-letter topics counted as `dlq list` does."""
+        client = await _admin(self.settings, connection_name("status"))
         log = topics.BindingsLog(self.settings, self.names)
         reader = consumer(self.settings, connection_name("status"), None)
-        client = await _admin(self.settings, connection_name("status"))
         shelf = TopicShelf(self.settings)
         try:
             await reader.start()
