@@ -173,7 +173,8 @@ async def test_topology_status_and_dlq_from_the_cli(tansu: KafkaServer) -> None:
     assert code == 0 and "cli.deals.dlq" in out, out
     code, out = await cli(settings, "status", "--json")
     assert code == 0, out
-    status = json.loads(out[out.index("\n{") :])
+    lines = out.splitlines(keepends=True)
+    status = json.loads("".join(lines[lines.index("{\n") :]))  # after any log lines
     assert [r["queue"] for r in status["queues"]] == ["cli.deals"], status
     code, out = await cli(settings, "dlq", "list", "cli.deals")
     assert code == 0 and "empty" in out, out
