@@ -56,7 +56,8 @@ class Settings(BaseSettings):
 
     # Broker. B24QUEUE_BROKER_URL's scheme picks the transport: amqp(s):// (RabbitMQ, the default),
     # sqlite:///abs/path, sqlite:rel/path (an embedded queue on one host) or
-    # postgresql://user:password@host:5432/db (a queue in PostgreSQL). B24QUEUE_AMQP_URL is
+    # postgresql://user:password@host:5432/db (a queue in PostgreSQL), redis://host:6379/0
+    # (Redis Streams) or kafka://host:9092[,host:9092...] (Kafka). B24QUEUE_AMQP_URL is
     # the older name of an amqp:// URL and keeps working.
     broker_url: str = ""
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
