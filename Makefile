@@ -69,9 +69,10 @@ faults: install broker postgres
 	$(BIN)/pytest tests/faults
 	# The SQLite part: SIGKILL of a worker mid-handler and of an ingress under load.
 	$(BIN)/pytest tests/conformance -k "sigkill and (sqlite or test_sigkill_of_the_ingress)"
-	# PostgreSQL and Redis: SIGKILL of a worker mid-handler (their servers restarted under load
-	# are in tests/faults).
-	$(BIN)/pytest tests/conformance -k "sigkill and (postgres or redis)"
+	# PostgreSQL, Redis and Kafka (Tansu): SIGKILL of a worker mid-handler (PostgreSQL and Redis
+	# restarted under load are in tests/faults; Tansu keeps memory only: no restart to test).
+	$(BIN)/pytest tests/conformance -k "sigkill and (postgres or redis or kafka)"
+	$(BIN)/pytest tests/conformance/test_kafka.py
 
 # A three-node RabbitMQ cluster on this host (rabbitmq/cluster.sh; the machine's node on 5672 is
 # left alone); prints the B24QUEUE_BROKER_URL to use. `bash rabbitmq/cluster.sh stop` stops it.

@@ -55,6 +55,7 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     # aiormq/aio-pika are chatty at INFO during reconnects; our own lines say what matters.
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
 MAX_CLIENT_TEXT = 80

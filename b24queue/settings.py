@@ -56,7 +56,8 @@ class Settings(BaseSettings):
 
     # Broker. B24QUEUE_BROKER_URL's scheme picks the transport: amqp(s):// (RabbitMQ, the default),
     # sqlite:///abs/path, sqlite:rel/path (an embedded queue on one host) or
-    # postgresql://user:password@host:5432/db (a queue in PostgreSQL). B24QUEUE_AMQP_URL is
+    # postgresql://user:password@host:5432/db (a queue in PostgreSQL), redis://host:6379/0
+    # (Redis Streams) or kafka://host:9092[,host:9092...] (Kafka). B24QUEUE_AMQP_URL is
     # the older name of an amqp:// URL and keeps working.
     broker_url: str = ""
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
@@ -84,6 +85,13 @@ class Settings(BaseSettings):
     redis_prefix: str = Field(default="b24queue", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     redis_poll_s: float = Field(default=0.5, gt=0, le=60)
     redis_allow_unsafe: bool = False
+    # Kafka: partitions of each topic b24queue creates (the events topic bounds how many workers
+    # of one queue share the work), their replication factor (3 and the broker's
+    # min.insync.replicas=2 in production; 1 on a single broker), and how long a worker may be
+    # silent before the group hands its partitions to another.
+    kafka_partitions: int = Field(default=12, ge=1, le=1000)
+    kafka_replication_factor: int = Field(default=1, ge=1, le=10)
+    kafka_session_timeout_s: float = Field(default=10.0, ge=1, le=300)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     reconnect_interval_s: float = Field(default=0.5, gt=0)
 
@@ -179,6 +187,11 @@ class Settings(BaseSettings):
             if not value.split(":", 1)[1].startswith("//"):
                 raise ValueError("must look like redis://[:password@]host:6379/0")
             return value
+        if scheme == "kafka":
+            hosts = value.split("://", 1)[1] if "://" in value else ""
+            if not all(h.strip() for h in hosts.rstrip("/").split(",")):
+                raise ValueError("must look like kafka://host:9092[,host:9092...]")
+            return value
         if scheme in ("postgres", "postgresql"):
             if not value.split(":", 1)[1].startswith("//"):
                 raise ValueError("must look like postgresql://user:password@host:5432/database")
@@ -186,7 +199,7 @@ class Settings(BaseSettings):
         raise ValueError(
             f"unknown transport {scheme!r}: use amqp://user:password@host:5672/vhost "
             "(RabbitMQ), postgresql://user:password@host:5432/database (PostgreSQL), "
-            "redis://host:6379/0 (Redis Streams) or "
+            "redis://host:6379/0 (Redis Streams), kafka://host:9092 (Kafka) or "
             "sqlite:///path/to/queue.sqlite3 (one host, no server)"
         )
 
@@ -208,13 +221,19 @@ class Settings(BaseSettings):
 
     @property
     def transport(self) -> str:
-        """`amqp`, `sqlite`, `postgres` or `redis`, from the broker URL's scheme."""
+        """`amqp`, `sqlite`, `postgres`, `redis` or `kafka`, from the broker URL's scheme."""
         scheme = self.broker_url.split(":", 1)[0].lower()
-        if scheme == "sqlite":
-            return "sqlite"
+        if scheme in ("sqlite", "kafka"):
+            return scheme
         if scheme in ("redis", "rediss"):
             return "redis"
         return "postgres" if scheme in ("postgres", "postgresql") else "amqp"
+
+    @property
+    def kafka_bootstrap(self) -> list[str]:
+        """The brokers of a kafka:// URL, `host:port` each (9092 when the port is left out)."""
+        hosts = self.broker_url.split("://", 1)[1].rstrip("/").split(",")
+        return [h.strip() if ":" in h.strip() else f"{h.strip()}:9092" for h in hosts]
 
     @property
     def sqlite_path(self) -> str:
@@ -334,6 +353,18 @@ class Settings(BaseSettings):
         scheme, rest = self.broker_url.split("://", 1)
         where = rest.split("?", 1)[0].rpartition("@")[2]
         return f"{scheme}://{where}"
+
+    def redacted_broker_url(self) -> str:
+        """The queue's URL for a log line, whichever transport, never a password."""
+        if self.transport == "postgres":
+            return self.redacted_postgres_url()
+        if self.transport == "redis":
+            return self.redacted_redis_url()
+        if self.transport == "kafka":
+            return "kafka://" + ",".join(self.kafka_bootstrap)
+        if self.transport == "sqlite":
+            return f"sqlite:{self.sqlite_path}"
+        return self.redacted_amqp_url()
 
     def redacted_amqp_url(self) -> str:
         return ",".join(_redacted_amqp(url) for url in self.amqp_urls)

@@ -1,4 +1,4 @@
-"""The database queues end to end (SQLite, PostgreSQL), each beside a hand-written baseline
+"""The queues end to end (SQLite, PostgreSQL, Redis, Kafka), each beside a hand-written baseline
 measured in the same run.
 
 `python -m bench.tables` (also part of `make bench`): for each transport, a real `b24queue
@@ -6,7 +6,8 @@ ingress` process, a real `b24queue worker` draining with a no-op consumer, the k
 generator of `bench.load` at saturation; then the same at half that rate for latency. Reports
 events/s accepted (durably), how long the worker took to drain, CPU per event of the ingress and
 the worker, accepted-to-handled p50/p99, and the baseline: one INSERT + COMMIT per event from one
-connection (what a hand-written "database queue" does). `--only sqlite|postgres` runs one.
+connection (what a hand-written "database queue" does; for Kafka, one acknowledged send per
+event). `--only sqlite|postgres|redis|kafka` runs one.
 """
 
 from __future__ import annotations
@@ -151,7 +152,22 @@ def redis_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[
 
 
 QUEUE = "bench.tables"
-QUEUES = {"sqlite": sqlite_queue, "postgres": postgres_queue, "redis": redis_queue}
+
+
+@contextmanager
+def kafka_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[], int]]]:
+    from bench.kafka_queue import kafka_queue as tansu_queue
+
+    with tansu_queue(tmp, body, QUEUE) as found:
+        yield found
+
+
+QUEUES = {
+    "sqlite": sqlite_queue,
+    "postgres": postgres_queue,
+    "redis": redis_queue,
+    "kafka": kafka_queue,
+}
 
 
 def run(name: str, requests: int, concurrency: int) -> dict[str, Any]:
@@ -215,6 +231,10 @@ def one_round(
     )
     try:
         server.wait_ready("/readyz")
+        if env["B24QUEUE_BROKER_URL"].startswith("kafka://"):
+            from bench.kafka_queue import wait_for_member
+
+            wait_for_member(env["B24QUEUE_BROKER_URL"], QUEUE)
         ingress0, worker0 = cpu_s(server.proc.pid), cpu_s(worker.pid)
         started = time.perf_counter()
         result = load(server.url, str(body_file), requests, concurrency, rate)

@@ -38,6 +38,8 @@ def env_for(settings: Settings, record: Path | None = None, **extra: str) -> dic
             "B24QUEUE_POSTGRES_POLL_S": "0.5",
             "B24QUEUE_REDIS_PREFIX": settings.redis_prefix,
             "B24QUEUE_REDIS_POLL_S": "0.2",
+            "B24QUEUE_KAFKA_PARTITIONS": str(settings.kafka_partitions),
+            "B24QUEUE_KAFKA_SESSION_TIMEOUT_S": str(settings.kafka_session_timeout_s),
             "B24QUEUE_APP_TOKENS": SAMPLE_TOKEN,
             "B24QUEUE_SHUTDOWN_TIMEOUT_S": "20",
             "B24QUEUE_SPOOL_PATH": str((record or Path("/tmp/x")).parent / "spool.sqlite3"),
@@ -47,6 +49,8 @@ def env_for(settings: Settings, record: Path | None = None, **extra: str) -> dic
             **extra,
         }
     )
+    if settings.transport == "kafka":  # a test's own namespace: its events topic
+        env.setdefault("B24QUEUE_EXCHANGE", settings.exchange)
     return env
 
 

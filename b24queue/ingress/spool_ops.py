@@ -154,11 +154,7 @@ async def _until_ready(publisher: Publisher, settings: Settings) -> None:
     if failed in done:
         raise failed.result()
     if ready not in done:
-        where = (
-            settings.redacted_postgres_url()
-            if settings.transport == "postgres"
-            else settings.redacted_amqp_url()
-        )
+        where = settings.redacted_broker_url()
         raise BrokerUnavailableError(
             f"{where} did not answer within {settings.connect_timeout_s:g}s"
         )

@@ -1,7 +1,8 @@
 """The transport seam: what the ingress, the worker process and the CLI ask of a queue, whichever
 it is. The transport is picked by the broker URL's scheme (`B24QUEUE_BROKER_URL`): `amqp(s)://`
-RabbitMQ, `sqlite:` the embedded queue, `postgresql://` a queue in PostgreSQL. Nothing here
-imports a transport: `transport_for` loads the one the settings name.
+RabbitMQ, `sqlite:` the embedded queue, `postgresql://` a queue in PostgreSQL, `redis://` Redis
+Streams, `kafka://` Kafka. Nothing here imports a transport: `transport_for` loads the one the
+settings name.
 
 Each transport keeps the same guarantees (`shared/TRANSPORTS.md`): `publish` returns only once the
 event is durable; a runner settles each delivery with `b24queue.delivery` (ack only after the
@@ -153,11 +154,12 @@ _MODULES = {
     "sqlite": "b24queue.transports.sqlite.transport",
     "postgres": "b24queue.transports.postgres.transport",
     "redis": "b24queue.transports.redis_streams.transport",
+    "kafka": "b24queue.transports.kafka.transport",
 }
 
 
 # The client library each optional transport needs, and the extra that installs it.
-_EXTRAS = {"asyncpg": "postgres", "redis": "redis"}
+_EXTRAS = {"asyncpg": "postgres", "redis": "redis", "aiokafka": "kafka"}
 
 
 def transport_for(settings: Settings) -> Transport:

@@ -19,6 +19,7 @@ from b24queue.settings import Settings, load_settings
 from b24queue.transports import Transport, connection_name, transport_for
 from tests.conftest import SAMPLE_TOKEN, sample_form
 from tests.integration.conftest import AMQP_URL, broker_slice, wait_until
+from tests.kafka_server import KafkaServer, kafka_server
 from tests.postgres import postgres_schema
 from tests.redis_server import RedisServer, redis_server
 
@@ -64,7 +65,28 @@ def redis_aof() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(params=["amqp", "sqlite", "postgres", "redis"])
+@pytest.fixture(scope="session")
+def tansu() -> Iterator[KafkaServer]:
+    with kafka_server() as server:
+        yield server
+
+
+def kafka_settings(server: KafkaServer, prefix: str, **overrides: Any) -> Settings:
+    """A test's own namespace on the tests' Tansu: its events topic, unrouted topic, queues."""
+    values: dict[str, Any] = {
+        "broker_url": server.url,
+        "app_tokens": SAMPLE_TOKEN,
+        "exchange": f"{prefix}.events",
+        "unrouted": f"{prefix}.unrouted",
+        "kafka_partitions": 3,
+        "kafka_session_timeout_s": 6.0,
+        "publish_timeout_s": 3.0,
+        "shutdown_timeout_s": 10.0,
+    }
+    return load_settings(**(values | overrides))
+
+
+@pytest.fixture(params=["amqp", "sqlite", "postgres", "redis", "kafka"])
 async def bench(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bench]:
     if request.param == "amqp":
         async with broker_slice() as broker:
@@ -74,6 +96,9 @@ async def bench(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     if request.param == "postgres":
         async with postgres_schema(prefix) as settings:
             yield Bench(settings, prefix)
+        return
+    if request.param == "kafka":
+        yield Bench(kafka_settings(request.getfixturevalue("tansu"), prefix), prefix)
         return
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_aof")

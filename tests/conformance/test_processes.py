@@ -57,6 +57,8 @@ async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.su
             "B24QUEUE_POSTGRES_SCHEMA": s.postgres_schema,
             "B24QUEUE_REDIS_PREFIX": s.redis_prefix,
             "B24QUEUE_REDIS_POLL_S": "0.2",
+            "B24QUEUE_KAFKA_PARTITIONS": str(s.kafka_partitions),
+            "B24QUEUE_KAFKA_SESSION_TIMEOUT_S": str(s.kafka_session_timeout_s),
             "B24QT_QUEUE": bench.name("proc"),
             "B24QT_RECORD": str(record),
             "B24QT_SLEEP_S": str(sleep_s),

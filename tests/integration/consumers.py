@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 from b24queue import Event, EventConsumer
 
@@ -40,3 +41,27 @@ class Narrowing(EventConsumer):
 
     async def handle(self, event: Event) -> None:
         return None
+
+
+class SlowFirst(Recorder):
+    """A Recorder whose first event in the process takes B24QT_SLEEP_S and the others no time:
+    later events finish before an earlier one (out-of-order completion)."""
+
+    first = True
+
+    async def handle(self, event: Event) -> None:
+        slow, SlowFirst.first = SlowFirst.first, False
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")) if slow else 0)
+        _record(f"done {event.message_id} {int(event.redelivered)}")
+
+
+class Crasher(Recorder):
+    """Notes the delivery, then kills its own process (SIGKILL) on every event: an event that
+    crashes its worker each time (B24QT_MAX_DELIVERIES bounds how often it is delivered)."""
+
+    max_deliveries = int(os.environ.get("B24QT_MAX_DELIVERIES", "20"))
+
+    async def handle(self, event: Event) -> None:
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,292 @@
+"""One consumer queue in a worker process: a member of the queue's consumer group reading the
+events topic and the queue's retry topics.
+
+- At most `prefetch` records are with handlers at once, across all partitions.
+- A record of the events topic whose `to` header does not name this queue is settled unread.
+- A retry record not due yet pauses its partition (seeked back to it) until it is due: every
+  record of a retry topic waits the same delay, so the head of a partition is due first, and the
+  events topic is never held up by it.
+- Before a batch goes to handlers, the handout group commits where it ends; records under that
+  point, read again by a later owner, are flagged redelivered and counted (`deliveries`).
+- Commits move over the settled prefix only (`offsets`); on a rebalance the partitions going
+  away wait (bounded) for their handlers and commit; what is still open is delivered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from b24queue.consumer import EventConsumer
+from b24queue.delivery import Incoming, Outcome, give_up, process
+from b24queue.layout import spec_for
+from b24queue.metrics import WorkerMetrics
+from b24queue.settings import Settings
+from b24queue.transports import connection_name
+from b24queue.transports.kafka.client import H_DUE, Names, consumer, header, row_of, targets
+from b24queue.transports.kafka.commits import Committer
+from b24queue.transports.kafka.deliveries import DeliveryCounts
+from b24queue.transports.kafka.offsets import Offsets, Partition
+from b24queue.transports.kafka.settle import Settler
+from b24queue.transports.kafka.topics import since_of
+
+log = logging.getLogger(__name__)
+
+REVOKE_WAIT_S = 10.0  # handlers of partitions going away finish within this, or run again
+
+
+class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(
+        self,
+        consumer_: EventConsumer,
+        settings: Settings,
+        producer: AIOKafkaProducer,
+        declare: Any,
+        metrics: WorkerMetrics | None,
+    ) -> None:
+        self.consumer = consumer_
+        self.spec = spec_for(type(consumer_))
+        self._settings = settings
+        self._names = Names.of(settings)
+        self._declare = declare
+        self._observe = metrics.observe if metrics is not None else None
+        self._gauge = metrics.in_flight.labels(consumer_.queue) if metrics is not None else None
+        self._offsets = Offsets()
+        self._settler = Settler(producer, self.spec)
+        self._counts = DeliveryCounts(settings, producer, self.spec.name)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._kafka: AIOKafkaConsumer | None = None
+        self._commits: Committer | None = None
+        self._since: dict[int, int] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        await self._declare(self.spec)
+        self._since = await since_of(self._settings, self._names, self.spec.name)
+        await self.consumer.on_start()
+        name = connection_name("worker", self.spec.name)
+        group = Names.group(self.spec.name)
+        self._kafka = consumer(self._settings, name, group, max_poll_records=self.consumer.prefetch)
+        handout = consumer(self._settings, name, Names.handout_group(self.spec.name))
+        self._commits = Committer(self._kafka, handout, self._offsets)
+        await self._commits.start()
+        topics = [self._names.events, *(self.spec.retry_queue(d) for d in self.spec.retry_delays_s)]
+        self._kafka.subscribe(sorted(set(topics)), listener=self)
+        self._loop_task = asyncio.create_task(self._loop(), name=f"b24queue-kafka-{self.spec.name}")
+        where, bound = ",".join(self._settings.kafka_bootstrap), ",".join(self.spec.bindings)
+        log.info("consuming %s from Kafka %s (bindings %s)", group, where, bound)
+
+    # The group's callbacks -----------------------------------------------------------------
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Their handlers may finish first (fewer events handled twice); not while stopping:
+        `drain` has waited already, and what it cancelled never settles."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REVOKE_WAIT_S):
+                while self._offsets.in_flight(revoked) and not self._stopping:
+                    self._room.clear()
+                    await self._room.wait()
+        assert self._commits is not None
+        await self._commits.commit(revoked)
+        self._offsets.revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Paused until set up: the fetcher must not hand out records of a partition before
+        its state (and, for a new group, its starting offset) is in place."""
+        assert self._kafka is not None and self._commits is not None
+        if not assigned:
+            return
+        self._kafka.pause(*assigned)
+        await self._commits.track(assigned)
+        recount = False
+        for tp in assigned:
+            committed = await self._kafka.committed(tp)
+            handed = await self._commits.handed(tp)
+            if committed is None:  # a new group: from where the queue was first bound
+                events = tp.topic == self._names.events
+                committed = self._since.get(tp.partition, 0) if events else 0
+            self._kafka.seek(tp, committed)
+            part = self._offsets.assign(tp, committed, handed or 0)
+            recount = recount or part.redeliver_below > committed
+        if recount:
+            await self._counts.load()
+        self._kafka.resume(*assigned)
+
+    # Reading -------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        assert self._kafka is not None
+        while not self._stopping:
+            free = self.consumer.prefetch - len(self._tasks)
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                batch = await self._kafka.getmany(timeout_ms=500, max_records=free)
+                await self._take(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Kafka away: the client reconnects; try again
+                log.warning("worker of %s: %r; retrying", self.spec.name, exc)
+                await asyncio.sleep(self._settings.reconnect_interval_s)
+
+    async def _take(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        assert self._kafka is not None and self._commits is not None
+        now_ms = time.time() * 1000
+        chosen: list[tuple[Partition, ConsumerRecord[Any, Any], int]] = []
+        for tp, records in batch.items():
+            part = self._offsets.get(tp)
+            if part is not None:  # else revoked since it was fetched
+                chosen += [(part, r, n) for r, n in self._choose(part, records, now_ms)]
+        if not chosen:
+            self._commits.wake()
+            return
+        # Every handler of the batch waits for the mark (see the module's doc); the loop reads
+        # on meanwhile.
+        again = [(p.tp, r.offset, n) for p, r, n in chosen if n > 1]
+        marked = asyncio.ensure_future(self._before_handlers(again))
+        marked.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved here too
+        for part, record, deliveries in chosen:
+            task = asyncio.create_task(
+                self._handle(part, record, deliveries, marked), name=f"b24q-{self.spec.name}"
+            )
+            self._tasks.add(task)
+            self._idle.clear()
+            task.add_done_callback(self._done)
+        self._commits.wake()
+
+    async def _before_handlers(self, again: list[tuple[TopicPartition, int, int]]) -> None:
+        assert self._commits is not None
+        await self._commits.mark()
+        if again:
+            await self._counts.record(again)
+
+    def _choose(
+        self, part: Partition, records: list[ConsumerRecord[Any, Any]], now_ms: float
+    ) -> list[tuple[ConsumerRecord[Any, Any], int]]:
+        """The records of one partition that go to handlers, in order, each with its delivery
+        count; the others settled."""
+        chosen = []
+        for record in records:
+            if record.offset < part.next:
+                continue  # fetched before the partition's start was set: already seen
+            if record.offset > part.next:  # gone (retention) before this group read it
+                log.warning("%s: %s lost offsets up to %d", self.spec.name, part.tp, record.offset)
+            if part.tp.topic == self._names.events:
+                if self.spec.name not in targets(record):
+                    part.skip(record.offset)
+                    continue
+            elif (due := float(header(record, H_DUE) or 0)) > now_ms:
+                self._wait_until_due(part, record.offset, (due - now_ms) / 1000)
+                break
+            part.take(record.offset)
+            redelivered = part.redelivered(record.offset)
+            chosen.append((record, self._counts.next(part.tp, record.offset) if redelivered else 1))
+        return chosen
+
+    def _wait_until_due(self, part: Partition, offset: int, delay_s: float) -> None:
+        assert self._kafka is not None
+        self._kafka.pause(part.tp)
+        self._kafka.seek(part.tp, offset)
+
+        def resume() -> None:
+            if self._kafka is not None and self._offsets.owns(part):
+                self._kafka.resume(part.tp)
+
+        asyncio.get_running_loop().call_later(delay_s, resume)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._room.set()
+        if not self._tasks:
+            self._idle.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task crashed", exc_info=task.exception())
+
+    async def _handle(
+        self,
+        part: Partition,
+        record: ConsumerRecord[Any, Any],
+        deliveries: int,
+        marked: asyncio.Future[None],
+    ) -> None:
+        try:
+            await asyncio.shield(marked)
+        except Exception as exc:  # Kafka away: handled all the same; a later owner may not know
+            log.warning(
+                "%s: handout not recorded (%r); a redelivery may go unflagged", self.spec.name, exc
+            )
+        row = row_of(record, deliveries)
+        incoming = Incoming(
+            body=row.body,
+            message_id=row.message_id,
+            routing_key=row.routing_key,
+            headers=row.headers,
+            redelivered=part.redelivered(record.offset),
+            accepted_at=row.timestamp,
+            handle=(part, row, record.key),
+        )
+        if self._gauge is not None:
+            self._gauge.inc()
+        try:
+            if deliveries > self.consumer.max_deliveries:
+                await give_up(incoming, self.spec.name, self, deliveries, self._observe)
+            else:
+                await process(self.consumer, incoming, self.spec.name, self, self._observe)
+        finally:
+            if self._gauge is not None:
+                self._gauge.dec()
+
+    async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
+        part, row, key = incoming.handle
+        await self._settler.settle(row, key, outcome)
+        part.settle(row.id)
+        self._room.set()
+        if self._commits is not None:
+            self._commits.wake()
+
+    # Stopping ------------------------------------------------------------------------------
+
+    async def stop_consuming(self) -> None:
+        self._stopping = True
+        self._room.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+
+    async def drain(self, timeout_s: float) -> int:
+        if self._tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+        left = list(self._tasks)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        if self._commits is not None:
+            await self._commits.commit(None)  # the settled prefix; the rest is delivered again
+        return len(left)
+
+    async def close(self) -> None:
+        try:
+            await self.consumer.on_stop()
+        finally:
+            if self._commits is not None:
+                await self._commits.stop()
+            if self._kafka is not None:
+                await self._kafka.stop()  # leaves the group: its partitions go to the others
