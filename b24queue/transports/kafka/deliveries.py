@@ -2,10 +2,11 @@
 event that kills its worker every time must end in the DLQ, not loop for ever.
 
 Kafka keeps no delivery count. A record handed out again by a later owner (under the handout
-mark: `redelivered`) is counted in `<queue>.deliveries` (one partition): one record per such
-delivery, acknowledged before its handler runs, naming the topic, partition, offset and count.
-The topic is read whole when partitions are assigned with redeliveries ahead; it grows only by a
-record per redelivery (crashes and rebalances), not per event.
+mark: `redelivered`) is counted in `<queue>.deliveries` (one partition, compacted): one record
+per such delivery, keyed by the record it counts (compaction keeps its latest count),
+acknowledged before its handler runs, naming the topic, partition, offset and count. The topic
+is read whole when partitions are assigned with redeliveries ahead; it grows only by a record
+per redelivery (crashes and rebalances), not per event.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from b24queue.transports.kafka.client import consumer
 
 def deliveries_topic(queue: str) -> str:
     return f"{queue}.deliveries"
+
+
+def _key(value: dict[str, Any]) -> bytes:
+    """The topic is compacted: a record's key is what it counts (its latest count is kept)."""
+    return f"{value['topic']}:{value['partition']}:{value['offset']}".encode()
 
 
 class DeliveryCounts:
@@ -63,7 +69,10 @@ class DeliveryCounts:
             for tp, offset, count in items
         ]
         await asyncio.gather(
-            *(self._producer.send_and_wait(self._topic, json.dumps(v).encode()) for v in values)
+            *(
+                self._producer.send_and_wait(self._topic, json.dumps(v).encode(), key=_key(v))
+                for v in values
+            )
         )
         for value in values:
             self._note(value)

@@ -1,14 +1,15 @@
 """The Kafka transport's topology: topics created idempotently, and the bindings topic.
 
   <exchange>                 the events, keyed by member_id; header `to` = the queues routed to
-  <exchange>.bindings        one record per change of a queue's bindings (1 partition, kept)
-  <unrouted>                 events no queue was bound to (1 partition)
+  <exchange>.bindings        one record per change of a queue's bindings (1 partition, compacted)
+  <unrouted>                 events no queue was bound to (1 partition, kept for ever)
   <queue>.retry.<d>          one per retry delay: copies waiting until their `due` time
   <queue>.dlq                dead letters, and the markers of those replayed or purged
   <queue>.deliveries         counts of records handed out again (`deliveries`)
 
 The bindings topic is read whole (it holds a record per deploy of a consumer, not per event);
-the latest record of a queue has its bindings, the first its `since`: the end offsets of the
+the latest record of a queue has its bindings and its `since` (each record repeats the first's,
+so compaction, which keeps only the latest per queue, loses nothing): the end offsets of the
 events topic before the queue was first bound, where its group starts (no event published
 earlier can name it in `to`).
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import errors as ke
@@ -27,8 +30,14 @@ from b24queue.errors import TopologyMismatchError
 from b24queue.layout import QueueSpec, topic_matches
 from b24queue.settings import Settings
 from b24queue.transports.kafka.client import Names, check_topic, consumer
+from b24queue.transports.kafka.configs import COMPACT, KEEP, check_configs
 
 log = logging.getLogger(__name__)
+
+
+class Topic(NamedTuple):
+    partitions: int
+    configs: Mapping[str, str] = {}
 
 
 @dataclass(slots=True)
@@ -77,17 +86,22 @@ class BindingsLog:
 
 
 async def ensure_topics(
-    admin: AIOKafkaAdminClient, settings: Settings, wanted: dict[str, int]
+    admin: AIOKafkaAdminClient, settings: Settings, wanted: dict[str, Topic]
 ) -> None:
-    """Create what is missing; an existing topic with other partitions is an error."""
+    """Create what is missing, with its settings (`configs`); an existing topic with other
+    partitions or settings is an error."""
     for name in wanted:
         check_topic(name)
     existing = set(await admin.list_topics())
     missing = [n for n in wanted if n not in existing]
     if missing:
         rf = settings.kafka_replication_factor
+        new = [
+            NewTopic(n, wanted[n].partitions, rf, topic_configs=dict(wanted[n].configs))
+            for n in missing
+        ]
         try:
-            response = await admin.create_topics([NewTopic(n, wanted[n], rf) for n in missing])
+            response = await admin.create_topics(new)
         except ke.TopicAlreadyExistsError:  # created by another worker meanwhile
             response = None
         for name, code, *_ in getattr(response, "topic_errors", ()):
@@ -100,23 +114,30 @@ async def ensure_topics(
         for described in await admin.describe_topics(present):
             partitions = len(described["partitions"])
             name = described["topic"]
-            if partitions != wanted[name]:
+            if partitions != wanted[name].partitions:
                 raise TopologyMismatchError(
                     f"topic {name!r} has {partitions} partition(s), b24queue declares "
-                    f"{wanted[name]} (B24QUEUE_KAFKA_PARTITIONS); change one to match"
+                    f"{wanted[name].partitions} (B24QUEUE_KAFKA_PARTITIONS); change one to match"
                 )
+        await check_configs(admin, {n: wanted[n].configs for n in present})
 
 
-def queue_topics(settings: Settings, spec: QueueSpec) -> dict[str, int]:
+def queue_topics(settings: Settings, spec: QueueSpec) -> dict[str, Topic]:
     p = settings.kafka_partitions
-    topics = {spec.retry_queue(d): p for d in sorted(set(spec.retry_delays_s))}
-    topics[spec.dlq] = 1
-    topics[f"{spec.name}.deliveries"] = 1  # deliveries.deliveries_topic
+    topics = {spec.retry_queue(d): Topic(p) for d in sorted(set(spec.retry_delays_s))}
+    topics[spec.dlq] = Topic(1, KEEP)
+    topics[f"{spec.name}.deliveries"] = Topic(1, COMPACT)  # deliveries.deliveries_topic
     return topics
 
 
-def base_topics(settings: Settings, names: Names) -> dict[str, int]:
-    return {names.events: settings.kafka_partitions, names.bindings: 1, names.unrouted: 1}
+def base_topics(settings: Settings, names: Names) -> dict[str, Topic]:
+    """The events topic keeps the broker's retention: it bounds how long a queue's workers may
+    be down (records and committed offsets expire); the others hold state (`configs`)."""
+    return {
+        names.events: Topic(settings.kafka_partitions),
+        names.bindings: Topic(1, COMPACT),
+        names.unrouted: Topic(1, KEEP),
+    }
 
 
 async def declare(

@@ -1,0 +1,56 @@
+"""The Kafka transport's topics on the tests' Tansu: created with the retention b24queue needs
+(a stock Kafka deletes records after 7 days by default), and an existing topic whose settings
+differ is a topology mismatch naming the topic and the setting."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from b24queue.errors import TopologyMismatchError
+from tests.conformance.conftest import Bench, kafka_settings
+from tests.integration.consumers import Recorder
+from tests.kafka_server import KafkaServer
+
+
+async def _configs(bootstrap: str, topic: str) -> dict[str, str]:
+    client = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await client.start()
+    try:
+        [response] = await client.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)]
+        )
+    finally:
+        await client.close()
+    [resource] = response.resources
+    return {entry[0]: entry[1] for entry in resource[4]}
+
+
+async def test_topics_are_created_with_the_retention_they_need(tansu: KafkaServer) -> None:
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    bench = Bench(kafka_settings(tansu, prefix), prefix)
+    queue = bench.name("kept")
+    await bench.transport.declare([type("Kept", (Recorder,), {"queue": queue})])
+    compacted = {f"{prefix}.events.bindings", f"{queue}.deliveries"}
+    kept = {f"{prefix}.unrouted", f"{queue}.dlq"}
+    for topic in compacted:
+        assert (await _configs(tansu.bootstrap, topic)).get("cleanup.policy") == "compact", topic
+    for topic in kept:
+        assert (await _configs(tansu.bootstrap, topic)).get("retention.ms") == "-1", topic
+
+
+async def test_an_existing_topic_with_other_retention_is_a_mismatch(tansu: KafkaServer) -> None:
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    bench = Bench(kafka_settings(tansu, prefix), prefix)
+    client = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap)
+    await client.start()
+    try:  # as an older b24queue made it: the broker's default retention
+        await client.create_topics([NewTopic(f"{prefix}.events.bindings", 1, 1)])
+    finally:
+        await client.close()
+    queue = bench.name("stale")
+    with pytest.raises(TopologyMismatchError, match=r"bindings.*cleanup\.policy"):
+        await bench.transport.declare([type("Stale", (Recorder,), {"queue": queue})])
