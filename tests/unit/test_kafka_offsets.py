@@ -8,6 +8,7 @@ from aiokafka import TopicPartition
 
 from b24queue.errors import ConfigError
 from b24queue.settings import load_settings
+from b24queue.transports.kafka.client import REVOKE_WAIT_S, consumer
 from b24queue.transports.kafka.offsets import Offsets
 
 TP = TopicPartition("b24.events", 0)
@@ -76,3 +77,16 @@ def test_the_broker_url_in_a_log_line() -> None:
     )
     redis = load_settings(broker_url="redis://:secret@r1:6379/0").redacted_broker_url()
     assert "secret" not in redis and "r1:6379" in redis
+
+
+async def test_the_rebalance_timeout_outlasts_the_revoke_wait() -> None:
+    """The group waits this long for a member to rejoin; a member still waiting for its
+    handlers (REVOKE_WAIT_S) and committing must not be dropped meanwhile (aiokafka would
+    default it to the session timeout, 10 s: no longer than the wait)."""
+    settings = load_settings(broker_url="kafka://k1")
+    kafka = consumer(settings, "worker", "group")
+    try:
+        assert kafka._rebalance_timeout_ms >= (REVOKE_WAIT_S + 20) * 1000
+        assert kafka._rebalance_timeout_ms >= 60_000
+    finally:
+        await kafka.stop()  # never started: closes its client

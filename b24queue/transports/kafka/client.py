@@ -44,6 +44,13 @@ H_TO, H_DUE = "to", "due"
 # How long the broker may hold a fetch that found nothing new. Kafka's 500 ms put 120-140 ms
 # between accepted and handled here (the bench); 50 ms costs an idle consumer 20 fetches/s.
 FETCH_WAIT_MS = 50
+# On a rebalance, the handlers of partitions going away may finish within REVOKE_WAIT_S (else
+# their records run again elsewhere); the group waits REBALANCE_TIMEOUT_S for a member to rejoin.
+# The second must outlast the first plus the commit after it, with room: a member still in its
+# revoke wait when the group stops waiting is dropped, its commit fails (CommitFailedError) and
+# it rejoins, starting another rebalance. aiokafka would default it to the session timeout.
+REVOKE_WAIT_S = 10.0
+REBALANCE_TIMEOUT_S = max(60.0, REVOKE_WAIT_S + 30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +121,7 @@ def consumer(settings: Settings, name: str, group: str | None, **extra: Any) -> 
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         session_timeout_ms=session_ms,
+        rebalance_timeout_ms=int(REBALANCE_TIMEOUT_S * 1000),
         heartbeat_interval_ms=max(100, session_ms // 5),
         fetch_max_wait_ms=FETCH_WAIT_MS,
         **extra,

@@ -29,7 +29,15 @@ from b24queue.layout import spec_for
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
-from b24queue.transports.kafka.client import H_DUE, Names, consumer, header, row_of, targets
+from b24queue.transports.kafka.client import (
+    H_DUE,
+    REVOKE_WAIT_S,
+    Names,
+    consumer,
+    header,
+    row_of,
+    targets,
+)
 from b24queue.transports.kafka.commits import Committer
 from b24queue.transports.kafka.deliveries import DeliveryCounts
 from b24queue.transports.kafka.offsets import Offsets, Partition
@@ -37,8 +45,6 @@ from b24queue.transports.kafka.settle import Settler
 from b24queue.transports.kafka.topics import since_of
 
 log = logging.getLogger(__name__)
-
-REVOKE_WAIT_S = 10.0  # handlers of partitions going away finish within this, or run again
 
 
 class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
