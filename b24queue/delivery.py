@@ -168,15 +168,18 @@ async def give_up(
     transport: Transport,
     deliveries: int,
     observe: Observer | None = None,
+    malformed: ValueError | None = None,
 ) -> Outcome:
     """Dead-letter, without running the handler, a message delivered `deliveries` times without
     ever being settled (its handler crashes the worker, or outlives every lease): the delivery
-    limit RabbitMQ's quorum queues keep by themselves, for transports that count deliveries."""
-    exc = RuntimeError(
+    limit RabbitMQ's quorum queues keep by themselves, for transports that count deliveries.
+    With `malformed`: a message the transport cannot read (reason `malformed`)."""
+    exc: Exception = malformed or RuntimeError(
         f"delivered {deliveries} times without being settled: the worker died or was stopped "
         "while handling it each time"
     )
-    outcome = _dead_letter(incoming, queue, incoming.attempt, "delivery_limit", exc, ())
+    reason = "delivery_limit" if malformed is None else "malformed"
+    outcome = _dead_letter(incoming, queue, incoming.attempt, reason, exc, ())
     started = time.perf_counter()
     await transport.settle(incoming, outcome)
     duration_s = time.perf_counter() - started

@@ -65,3 +65,19 @@ class Crasher(Recorder):
     async def handle(self, event: Event) -> None:
         _record(f"start {event.message_id} {int(event.redelivered)}")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillsOnUpdate(Recorder):
+    """Records every event; an ONCRMDEALUPDATE kills its own process (SIGKILL) once the file
+    B24QT_GO exists (the test creates it when it has seen what it waits for): one poison event
+    among events that are handled."""
+
+    max_deliveries = int(os.environ.get("B24QT_MAX_DELIVERIES", "20"))
+
+    async def handle(self, event: Event) -> None:
+        if event.name != "ONCRMDEALUPDATE":
+            return await super().handle(event)
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        while not os.path.exists(os.environ["B24QT_GO"]):
+            await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -90,3 +90,25 @@ async def test_the_rebalance_timeout_outlasts_the_revoke_wait() -> None:
         assert kafka._rebalance_timeout_ms >= 60_000
     finally:
         await kafka.stop()  # never started: closes its client
+
+
+def test_records_settled_above_the_commit_point_are_noted_and_passed_over_later() -> None:
+    offsets = Offsets()
+    part = offsets.assign(TP, committed=0, handed=0)
+    for offset in (0, 1, 2):
+        part.take(offset)
+    part.settle(1)
+    part.settle(2)
+    [(noted, done)] = offsets.to_note().items()
+    assert noted is part and done == {1, 2}
+    part.noted = done
+    assert offsets.to_note() == {}  # unchanged: not written again
+    # A later owner: 0 still open, 1 and 2 (and 7, not read yet) settled by the earlier one.
+    later = Offsets().assign(TP, committed=0, handed=3, prior={1, 2, 7})
+    assert later.prior == {1, 2, 7}
+    later.take(0)
+    later.pass_settled(1)
+    later.pass_settled(2)
+    assert later.commit_point == 0 and later.to_note() == {1, 2}
+    later.settle(0)
+    assert later.commit_point == 3 and later.to_note() is None  # nothing above it now

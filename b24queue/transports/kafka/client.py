@@ -152,9 +152,10 @@ def key_of(headers: dict[str, Any]) -> bytes | None:
 
 
 def header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
+    """Never raises: bytes that are not UTF-8 come out as U+FFFD (a `to` naming no queue)."""
     for k, v in record.headers or ():
         if k == name:
-            return bytes(v).decode()
+            return bytes(v).decode(errors="replace")
     return None
 
 
@@ -163,15 +164,26 @@ def targets(record: ConsumerRecord[Any, Any]) -> Sequence[str]:
     return value.split(",") if value else ()
 
 
+def due_ms(record: ConsumerRecord[Any, Any]) -> float:
+    """A retry record's due time; ValueError when its `due` header is not a number."""
+    value = header(record, H_DUE)
+    return float(value) if value is not None else 0.0
+
+
 def row_of(record: ConsumerRecord[Any, Any], deliveries: int = 1) -> Row:
+    """The record as a row; ValueError (UnicodeDecodeError among them) when a header is not
+    what b24queue writes: `malformed`, see `salvage`."""
     h = {k: bytes(v) for k, v in record.headers or ()}
     accepted = h.get("t")
+    headers = json.loads(h["h"]) if "h" in h else {}
+    if not isinstance(headers, dict):
+        raise ValueError(f"header 'h' is not a JSON object: {type(headers).__name__}")
     return Row(
         id=record.offset,
         message_id=h.get("m", b"").decode(),
         routing_key=h.get("k", b"").decode(),
         body=bytes(record.value or b""),
-        headers=json.loads(h["h"]) if "h" in h else {},
+        headers=headers,
         timestamp=datetime.fromisoformat(accepted.decode())
         if accepted
         else datetime.fromtimestamp(record.timestamp / 1000, UTC),
@@ -179,3 +191,41 @@ def row_of(record: ConsumerRecord[Any, Any], deliveries: int = 1) -> Row:
         deliveries=deliveries,
         fence=deliveries,
     )
+
+
+def salvage(record: ConsumerRecord[Any, Any], deliveries: int = 1) -> Row:
+    """What can be read of a record `row_of` refused, to dead-letter it: never raises."""
+    return Row(
+        id=record.offset,
+        message_id=header(record, "m") or "",
+        routing_key=header(record, "k") or "",
+        body=bytes(record.value or b""),
+        headers={},
+        timestamp=datetime.fromtimestamp(record.timestamp / 1000, UTC),
+        event_type=header(record, "e") or "",
+        deliveries=deliveries,
+        fence=deliveries,
+    )
+
+
+def parse(
+    record: ConsumerRecord[Any, Any], deliveries: int, *, retry: bool
+) -> tuple[Row, ValueError | None]:
+    """The record as a row, or, when it is not as b24queue writes it (a header not UTF-8, `h`
+    not a JSON object, `t` not a time, a retry's `due` not a number), what can be read of it
+    and why: it goes to the DLQ unread (`malformed`) instead of staying open for ever."""
+    try:
+        row = row_of(record, deliveries)
+        if retry:
+            due_ms(record)
+    except ValueError as exc:
+        return salvage(record, deliveries), exc
+    return row, None
+
+
+def due_or_now(record: ConsumerRecord[Any, Any]) -> float:
+    """A `due` that is not a number is due now (and its handling dead-letters it)."""
+    try:
+        return due_ms(record)
+    except ValueError:
+        return 0.0

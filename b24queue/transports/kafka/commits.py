@@ -1,12 +1,13 @@
 """Offset commits of one runner: the group's (the settled prefix of each partition, batched:
 whatever settles while a commit is out goes in the next) and the handout group's (where the
-records handed to handlers end, committed before they run)."""
+records handed to handlers end, committed before they run), and with each commit the settled
+marks: the records settled above a commit point (see `deliveries`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -17,10 +18,14 @@ log = logging.getLogger(__name__)
 COMMIT_EVERY_S = 0.05  # at most this often, so a busy queue commits in batches
 
 
+Note = Callable[[dict[TopicPartition, frozenset[int]]], Awaitable[None]]
+
+
 class Committer:
     def __init__(
-        self, kafka: AIOKafkaConsumer, handout: AIOKafkaConsumer, offsets: Offsets
+        self, kafka: AIOKafkaConsumer, handout: AIOKafkaConsumer, offsets: Offsets, note: Note
     ) -> None:
+        self._note = note
         self._kafka = kafka
         self._handout = handout
         self._offsets = offsets
@@ -65,18 +70,34 @@ class Committer:
                 self._offsets.marked(points)
 
     async def commit(self, tps: Iterable[TopicPartition] | None) -> None:
-        """Commit the settled prefixes (of `tps`, or all); a failure is logged, tried later."""
+        """Commit the settled prefixes (of `tps`, or all), then note what is settled above them;
+        a failure is logged, tried later."""
+        tps = None if tps is None else list(tps)  # read twice
         async with self._lock:
-            points = self._offsets.to_commit(tps)
-            if not points:
+            await self._commit(tps)
+            marks = self._offsets.to_note(tps)
+            if not marks:
                 return
             try:
-                await self._kafka.commit(points)
-            except Exception as exc:  # a rebalance under way, Kafka away: next time
-                log.info("commit of %d partition(s) failed (%r); tried again", len(points), exc)
+                await self._note({p.tp: done for p, done in marks.items()})
+            except Exception as exc:  # Kafka away: a later owner may hand them out again
+                log.info("settled marks of %d partition(s) not written (%r)", len(marks), exc)
                 self._wake.set()
                 return
-            self._offsets.committed(points)
+            for part, done in marks.items():
+                part.noted = done
+
+    async def _commit(self, tps: Iterable[TopicPartition] | None) -> None:
+        points = self._offsets.to_commit(tps)
+        if not points:
+            return
+        try:
+            await self._kafka.commit(points)
+        except Exception as exc:  # a rebalance under way, Kafka away: next time
+            log.info("commit of %d partition(s) failed (%r); tried again", len(points), exc)
+            self._wake.set()
+            return
+        self._offsets.committed(points)
 
     async def _loop(self) -> None:
         while True:

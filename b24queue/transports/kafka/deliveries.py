@@ -7,6 +7,11 @@ per such delivery, keyed by the record it counts (compaction keeps its latest co
 acknowledged before its handler runs, naming the topic, partition, offset and count. The topic
 is read whole when partitions are assigned with redeliveries ahead; it grows only by a record
 per redelivery (crashes and rebalances), not per event.
+
+Its other records are settled marks, keyed per partition: the records settled above the
+partition's commit point (a lower one still open), as offset ranges, written with the commits.
+A later owner passes over them: neither handled again nor counted against the delivery limit
+(a record that kills every worker would otherwise drag its handled neighbours to the DLQ).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class DeliveryCounts:
         self._producer = producer
         self._topic = deliveries_topic(queue)
         self._counts: dict[tuple[str, int, int], int] = {}
+        self._settled: dict[tuple[str, int], list[list[int]]] = {}
 
     def next(self, tp: TopicPartition, offset: int) -> int:
         """The count this delivery makes (the first delivery was 1)."""
@@ -59,7 +65,27 @@ class DeliveryCounts:
         finally:
             await reader.stop()
 
+    def settled(self, tp: TopicPartition) -> set[int]:
+        """The records of `tp` an earlier owner noted settled (as loaded)."""
+        ranges = self._settled.get((tp.topic, tp.partition), [])
+        return {o for start, end in ranges for o in range(start, end)}
+
+    async def note_settled(self, marks: dict[TopicPartition, frozenset[int]]) -> None:
+        """Write the settled marks; the latest per partition is what counts (compacted)."""
+        sends = []
+        for tp, offsets in marks.items():
+            value = {"topic": tp.topic, "partition": tp.partition, "ranges": _ranges(offsets)}
+            key = f"settled:{tp.topic}:{tp.partition}".encode()
+            sends.append(
+                self._producer.send_and_wait(self._topic, json.dumps(value).encode(), key=key)
+            )
+        await asyncio.gather(*sends)
+
     def _note(self, value: dict[str, Any]) -> None:
+        if "ranges" in value:
+            where = (str(value["topic"]), int(value["partition"]))
+            self._settled[where] = [[int(a), int(b)] for a, b in value["ranges"]]
+            return
         key = (str(value["topic"]), int(value["partition"]), int(value["offset"]))
         self._counts[key] = max(self._counts.get(key, 1), int(value["count"]))
 
@@ -76,3 +102,14 @@ class DeliveryCounts:
         )
         for value in values:
             self._note(value)
+
+
+def _ranges(offsets: frozenset[int]) -> list[list[int]]:
+    """[start, end) runs: a partition's settled records are mostly contiguous."""
+    runs: list[list[int]] = []
+    for offset in sorted(offsets):
+        if runs and runs[-1][1] == offset:
+            runs[-1][1] = offset + 1
+        else:
+            runs.append([offset, offset + 1])
+    return runs

@@ -24,6 +24,7 @@ from b24queue.transports.kafka.client import (
     producer,
     record_headers,
     row_of,
+    salvage,
 )
 from b24queue.transports.kafka.topics import BindingsLog
 from b24queue.transports.leased import Row
@@ -64,7 +65,10 @@ class TopicLog:
         if removes is not None:
             self.removed |= {int(x) for x in bytes(removes).decode().split(",") if x}
         else:
-            self.letters[record.offset] = row_of(record)
+            try:
+                self.letters[record.offset] = row_of(record)
+            except ValueError:  # not as b24queue writes it: listed all the same
+                self.letters[record.offset] = salvage(record)
 
 
 class TopicShelf:

@@ -4,8 +4,11 @@ handler and not settled yet (or, with none open, the one after the last record l
 Handlers finish out of order; committing the highest settled offset would skip an unfinished
 record for good if the worker then crashed. So the commit point only moves over a contiguous
 settled prefix. Records a queue is not routed to (its `to` header does not name it) are settled
-as they are read. A partition's state is an object of its own: a settlement that comes after the
-partition was revoked (and maybe assigned back) finds another object and changes nothing.
+as they are read. Records settled above the commit point (a lower one still open) are noted in
+`<queue>.deliveries` (settled marks): a later owner passes over them instead of handing them
+out again and counting them against the delivery limit. A partition's state is an object of its
+own: a settlement that comes after the partition was revoked (and maybe assigned back) finds
+another object and changes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from aiokafka import TopicPartition
 @dataclass(slots=True, eq=False)
 class Partition:
     """One assigned partition. `redeliver_below`: records under it may have been handed to a
-    handler by an earlier owner (read from the handout group when assigned)."""
+    handler by an earlier owner (read from the handout group when assigned). `done`: records
+    settled at or above the commit point (by this owner, or by an earlier one: `prior`)."""
 
     tp: TopicPartition
     next: int  # the offset after the last record looked at
@@ -28,6 +32,9 @@ class Partition:
     handed: int = 0  # the offset after the last record handed to a handler
     handed_marked: int = 0  # what the handout group has committed
     pending: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)
+    prior: frozenset[int] = frozenset()  # settled by an earlier owner: passed over
+    noted: frozenset[int] = frozenset()  # `done` as last written to the deliveries topic
 
     def take(self, offset: int) -> None:
         self.pending.add(offset)
@@ -38,7 +45,22 @@ class Partition:
         self.next = max(self.next, offset + 1)
 
     def settle(self, offset: int) -> None:
-        self.pending.discard(offset)
+        if offset in self.pending:
+            self.pending.discard(offset)
+            self.done.add(offset)
+
+    def pass_settled(self, offset: int) -> None:
+        """A record an earlier owner settled: not handed out again, still noted as settled
+        while a lower record holds the commit point."""
+        self.next = max(self.next, offset + 1)
+        self.done.add(offset)
+
+    def to_note(self) -> frozenset[int] | None:
+        """The records settled above the commit point, when they changed since last noted."""
+        point = self.commit_point
+        self.done = {o for o in self.done if o >= point}
+        done = frozenset(self.done)
+        return done if done and done != self.noted else None
 
     @property
     def commit_point(self) -> int:
@@ -54,8 +76,11 @@ class Offsets:
     def __init__(self) -> None:
         self._parts: dict[TopicPartition, Partition] = {}
 
-    def assign(self, tp: TopicPartition, committed: int, handed: int) -> Partition:
+    def assign(
+        self, tp: TopicPartition, committed: int, handed: int, prior: Iterable[int] = ()
+    ) -> Partition:
         part = Partition(tp, committed, committed, redeliver_below=max(handed, committed))
+        part.prior = frozenset(o for o in prior if o >= committed)
         part.handed = part.handed_marked = max(handed, committed)
         self._parts[tp] = part
         return part
@@ -86,6 +111,16 @@ class Offsets:
         for tp, offset in points.items():
             if (part := self._parts.get(tp)) is not None:
                 part.committed = offset
+
+    def to_note(
+        self, tps: Iterable[TopicPartition] | None = None
+    ) -> dict[Partition, frozenset[int]]:
+        parts = (
+            self._parts.values()
+            if tps is None
+            else [self._parts[t] for t in tps if t in self._parts]
+        )
+        return {p: done for p in parts if (done := p.to_note()) is not None}
 
     def to_mark(self) -> dict[TopicPartition, int]:
         """Handout high-waters not yet committed to the handout group."""

@@ -30,12 +30,11 @@ from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
 from b24queue.transports.kafka.client import (
-    H_DUE,
     REVOKE_WAIT_S,
     Names,
     consumer,
-    header,
-    row_of,
+    due_or_now,
+    parse,
     targets,
 )
 from b24queue.transports.kafka.commits import Committer
@@ -88,7 +87,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         group = Names.group(self.spec.name)
         self._kafka = consumer(self._settings, name, group, max_poll_records=self.consumer.prefetch)
         handout = consumer(self._settings, name, Names.handout_group(self.spec.name))
-        self._commits = Committer(self._kafka, handout, self._offsets)
+        self._commits = Committer(self._kafka, handout, self._offsets, self._counts.note_settled)
         await self._commits.start()
         topics = [self._names.events, *(self.spec.retry_queue(d) for d in self.spec.retry_delays_s)]
         self._kafka.subscribe(sorted(set(topics)), listener=self)
@@ -118,18 +117,19 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         self._kafka.pause(*assigned)
         await self._commits.track(assigned)
-        recount = False
+        starts: dict[TopicPartition, tuple[int, int]] = {}
         for tp in assigned:
             committed = await self._kafka.committed(tp)
             handed = await self._commits.handed(tp)
             if committed is None:  # a new group: from where the queue was first bound
                 events = tp.topic == self._names.events
                 committed = self._since.get(tp.partition, 0) if events else 0
+            starts[tp] = (committed, handed or 0)
+        if any(handed > committed for committed, handed in starts.values()):
+            await self._counts.load()  # the delivery counts and the settled marks
+        for tp, (committed, handed) in starts.items():
             self._kafka.seek(tp, committed)
-            part = self._offsets.assign(tp, committed, handed or 0)
-            recount = recount or part.redeliver_below > committed
-        if recount:
-            await self._counts.load()
+            self._offsets.assign(tp, committed, handed, self._counts.settled(tp))
         self._kafka.resume(*assigned)
 
     # Reading -------------------------------------------------------------------------------
@@ -193,11 +193,14 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue  # fetched before the partition's start was set: already seen
             if record.offset > part.next:  # gone (retention) before this group read it
                 log.warning("%s: %s lost offsets up to %d", self.spec.name, part.tp, record.offset)
+            if record.offset in part.prior:  # settled by an earlier owner
+                part.pass_settled(record.offset)
+                continue
             if part.tp.topic == self._names.events:
                 if self.spec.name not in targets(record):
                     part.skip(record.offset)
                     continue
-            elif (due := float(header(record, H_DUE) or 0)) > now_ms:
+            elif (due := due_or_now(record)) > now_ms:
                 self._wait_until_due(part, record.offset, (due - now_ms) / 1000)
                 break
             part.take(record.offset)
@@ -234,10 +237,8 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             await asyncio.shield(marked)
         except Exception as exc:  # Kafka away: handled all the same; a later owner may not know
-            log.warning(
-                "%s: handout not recorded (%r); a redelivery may go unflagged", self.spec.name, exc
-            )
-        row = row_of(record, deliveries)
+            log.warning("%s: handout not recorded (%r): may go unflagged", self.spec.name, exc)
+        row, malformed = parse(record, deliveries, retry=part.tp.topic != self._names.events)
         incoming = Incoming(
             body=row.body,
             message_id=row.message_id,
@@ -250,8 +251,8 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         if self._gauge is not None:
             self._gauge.inc()
         try:
-            if deliveries > self.consumer.max_deliveries:
-                await give_up(incoming, self.spec.name, self, deliveries, self._observe)
+            if malformed is not None or deliveries > self.consumer.max_deliveries:
+                await give_up(incoming, self.spec.name, self, deliveries, self._observe, malformed)
             else:
                 await process(self.consumer, incoming, self.spec.name, self, self._observe)
         finally:
