@@ -107,7 +107,9 @@ class Settings(BaseSettings):
     app_tokens: Annotated[tuple[str, ...], NoDecode] = ()
     allow_unverified: bool = False
     # At most 8 MiB: a message is at most about twice its body, and must stay within RabbitMQ's
-    # max_message_size (16 MiB on 4.x).
+    # max_message_size (16 MiB on 4.x). On Kafka a record must also fit the topic's
+    # max.message.bytes (the broker's message.max.bytes, about 1 MB by default): the default
+    # 1 MiB body plus headers does not; raise the topics' limit or lower this (README, Kafka).
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
     publish_timeout_s: float = Field(
         default=0.75,

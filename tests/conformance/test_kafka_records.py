@@ -5,13 +5,21 @@ addressed to it is passed over."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from b24queue.delivery import Outcome
+from b24queue.errors import PublishError
 from b24queue.layout import spec_for
+from b24queue.transports.kafka.client import producer
+from b24queue.transports.kafka.settle import Settler
+from b24queue.transports.leased import Row
 from tests.conformance.conftest import Bench, kafka_settings
 from tests.conformance.test_kafka import _done
 from tests.integration.conftest import wait_until
@@ -90,3 +98,34 @@ async def test_malformed_records_go_to_the_dlq_and_never_hold_the_commit_point(
         if worker.returncode is None:
             worker.kill()
     assert sorted(x.reason for x in letters) == ["malformed"] * 6, letters
+
+
+async def test_a_copy_kafka_refuses_for_its_size_is_not_tried_for_ever(
+    tansu: KafkaServer,
+) -> None:
+    """A retry or dead-letter copy larger than the producer (or the broker) takes fails the
+    same way every time: the settlement stops with a permanent PublishError naming the topic
+    (the original stays open: held, and said in the log), instead of looping."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = kafka_settings(tansu, prefix)
+    spec = spec_for(type("Big", (Recorder,), {"queue": f"{prefix}.big"}))
+    sender = producer(settings, "test", idempotent=False)
+    await sender.start()
+    try:
+        row = Row(
+            id=0,
+            message_id="m1",
+            routing_key="ONCRMDEALADD",
+            body=b"x" * (17 * 1024 * 1024),  # over the producer's 16 MiB max_request_size
+            headers={},
+            timestamp=datetime.now(UTC),
+            event_type="ONCRMDEALADD",
+            deliveries=1,
+            fence=1,
+        )
+        outcome = Outcome("dead_letter", 1, reason="rejected")
+        with pytest.raises(PublishError, match=r"\.dlq") as raised:
+            await asyncio.wait_for(Settler(sender, spec).settle(row, None, outcome), 30)
+        assert raised.value.permanent
+    finally:
+        await sender.stop()

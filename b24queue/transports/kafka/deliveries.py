@@ -23,7 +23,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from b24queue.settings import Settings
-from b24queue.transports.kafka.client import consumer
+from b24queue.transports.kafka.client import consumer, read_to_now
 
 
 def deliveries_topic(queue: str) -> str:
@@ -54,14 +54,7 @@ class DeliveryCounts:
             tp = TopicPartition(self._topic, 0)
             reader.assign([tp])
             await reader.seek_to_beginning(tp)
-            end = (await reader.end_offsets([tp]))[tp]
-            while True:  # past the end offset too: Tansu reports it too low (see dlq.py)
-                behind = await reader.position(tp) < end
-                found = await reader.getmany(tp, timeout_ms=1000 if behind else 200)
-                if not found and not behind:
-                    break
-                for record in found.get(tp, []):
-                    self._note(json.loads(record.value or b"{}"))
+            await read_to_now(reader, tp, lambda r: self._note(json.loads(r.value or b"{}")))
         finally:
             await reader.stop()
 

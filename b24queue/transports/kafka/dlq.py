@@ -22,6 +22,7 @@ from b24queue.transports.kafka.client import (
     consumer,
     key_of,
     producer,
+    read_to_now,
     record_headers,
     row_of,
     salvage,
@@ -30,45 +31,54 @@ from b24queue.transports.kafka.topics import BindingsLog
 from b24queue.transports.leased import Row
 
 H_REMOVES = "removes"
+# Offsets per marker: at most ~20 bytes each, so a marker stays near 100 KB, far under the
+# 1 MB `message.max.bytes` Kafka has by default (a purge of 100,000 letters writes ten).
+MARK_CHUNK = 5000
 
 
 class TopicLog:
-    """One dead-letter topic as read so far: its letters and the offsets marked removed."""
+    """One dead-letter topic as read so far: the offsets of its letters and those marked
+    removed; no bodies (`rows` reads the few wanted)."""
 
     def __init__(self, reader: AIOKafkaConsumer, topic: str) -> None:
         self._reader = reader
         self.tp = TopicPartition(topic, 0)
-        self.letters: dict[int, Row] = {}
+        self.letters: set[int] = set()
         self.removed: set[int] = set()
         self._started = False
 
-    async def load(self) -> list[Row]:
+    async def load(self) -> list[int]:
+        """The live letters' offsets, in order, as of now (see `read_to_now`)."""
         if not self._started:
             self._reader.assign([self.tp])
             await self._reader.seek_to_beginning(self.tp)
             self._started = True
-        end = (await self._reader.end_offsets([self.tp]))[self.tp]
-        # To the end offset, then on while records come: Tansu 0.6 reports too low an end
-        # offset once one request carried several records (dead letters of concurrent
-        # handlers do), so the end offset alone would leave some unread.
-        while True:
-            behind = await self._reader.position(self.tp) < end
-            found = await self._reader.getmany(self.tp, timeout_ms=1000 if behind else 200)
-            if not found and not behind:
-                break
-            for record in found.get(self.tp, []):
-                self._read(record)
-        return [r for o, r in sorted(self.letters.items()) if o not in self.removed]
+        await read_to_now(self._reader, self.tp, self._read)
+        return sorted(self.letters - self.removed)
 
     def _read(self, record: ConsumerRecord[Any, Any]) -> None:
         removes = dict(record.headers or ()).get(H_REMOVES)
         if removes is not None:
             self.removed |= {int(x) for x in bytes(removes).decode().split(",") if x}
         else:
-            try:
-                self.letters[record.offset] = row_of(record)
-            except ValueError:  # not as b24queue writes it: listed all the same
-                self.letters[record.offset] = salvage(record)
+            self.letters.add(record.offset)
+
+
+async def rows(reader: AIOKafkaConsumer, tp: TopicPartition, offsets: list[int]) -> list[Row]:
+    """The letters at `offsets` (ascending), read with `reader` (its own: it seeks)."""
+    if not offsets:
+        return []
+    wanted, found = set(offsets), dict[int, Row]()
+    reader.assign([tp])
+    reader.seek(tp, offsets[0])
+    while wanted - found.keys() and await reader.position(tp) <= offsets[-1]:
+        for record in (await reader.getmany(tp, timeout_ms=1000)).get(tp, []):
+            if record.offset in wanted:
+                try:
+                    found[record.offset] = row_of(record)
+                except ValueError:  # not as b24queue writes it: listed all the same
+                    found[record.offset] = salvage(record)
+    return [found[o] for o in offsets if o in found]
 
 
 class TopicShelf:
@@ -78,14 +88,17 @@ class TopicShelf:
         self._settings = settings
         self._names = Names.of(settings)
         self._reader = consumer(settings, "b24queue dlq", None)
+        self._fetcher = consumer(settings, "b24queue dlq rows", None)
         self._producer: AIOKafkaProducer | None = None
         self._logs: dict[str, TopicLog] = {}
 
     async def open(self) -> TopicShelf:
         try:
             await self._reader.start()
+            await self._fetcher.start()
         except Exception:
             await self._reader.stop()
+            await self._fetcher.stop()
             raise
         return self
 
@@ -99,10 +112,11 @@ class TopicShelf:
 
     async def close(self) -> None:
         await self._reader.stop()
+        await self._fetcher.stop()
         if self._producer is not None:
             await self._producer.stop()
 
-    async def _live(self, queue: str) -> list[Row]:
+    async def _live(self, queue: str) -> list[int]:
         if queue not in self._logs:
             self._logs[queue] = TopicLog(self._reader, queue)
         return await self._logs[queue].load()
@@ -114,8 +128,9 @@ class TopicShelf:
         return len(await self._live(queue))
 
     async def first(self, queue: str, limit: int, after: Any) -> list[Row]:
-        rows = await self._live(queue)
-        return [r for r in rows if after is None or r.id > after][:limit]
+        live = await self._live(queue)
+        wanted = [o for o in live if after is None or o > after][:limit]
+        return await rows(self._fetcher, TopicPartition(queue, 0), wanted)
 
     async def replay(
         self, row: Row, headers: dict[str, Any], back_to: str | None, source: str
@@ -143,13 +158,16 @@ class TopicShelf:
         return True
 
     async def purge(self, queue: str, count: int) -> int:
-        rows = (await self._live(queue))[:count]
-        await self._mark(queue, [r.id for r in rows])
-        return len(rows)
+        offsets = (await self._live(queue))[:count]
+        await self._mark(queue, offsets)
+        return len(offsets)
 
     async def _mark(self, queue: str, offsets: list[int]) -> None:
         if not offsets:
             return
-        removes = ",".join(str(o) for o in offsets).encode()
-        await (await self._sender()).send_and_wait(queue, b"", headers=[(H_REMOVES, removes)])
-        self._logs[queue].removed |= set(offsets)
+        sender = await self._sender()
+        for i in range(0, len(offsets), MARK_CHUNK):  # each marker well under message.max.bytes
+            chunk = offsets[i : i + MARK_CHUNK]
+            removes = ",".join(str(o) for o in chunk).encode()
+            await sender.send_and_wait(queue, b"", headers=[(H_REMOVES, removes)])
+            self._logs[queue].removed |= set(chunk)

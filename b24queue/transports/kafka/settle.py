@@ -1,8 +1,13 @@
 """Carrying out an outcome on Kafka: an ack changes nothing here (the offset is committed once
 every earlier record is settled too); a retry or a dead letter is a copy sent to the retry topic
 of its delay or to `<queue>.dlq`, acknowledged (`acks=all`) before the original counts as
-settled. A copy that cannot be sent is tried again until it is: the original stays open, so it
-holds its partition's commit point (it is delivered again if the worker stops meanwhile)."""
+settled. A copy that cannot be sent for now (Kafka away, a leader moving) is tried again until
+it is: the original stays open, so it holds its partition's commit point (it is delivered again
+if the worker stops meanwhile). One Kafka refuses for itself (too large for the producer's
+`max_request_size` or the topic's `max.message.bytes`, a topic it may not write, a record a
+compacted topic cannot take) would fail the same way for ever: that raises a permanent
+`PublishError` naming the topic, logged; the original stays open (held, delivered again after a
+restart, and dead-lettered as `delivery_limit` when it can be) instead of a loop."""
 
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ import logging
 import time
 
 from aiokafka import AIOKafkaProducer
+from aiokafka import errors as ke
 
 from b24queue.delivery import Outcome
+from b24queue.errors import PublishError
 from b24queue.layout import QueueSpec
 from b24queue.retry import snap_delay
 from b24queue.transports.kafka.client import H_DUE, record_headers
@@ -21,6 +28,17 @@ from b24queue.transports.leased import Row
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 5.0
+# Refused for the record itself: sending it again fails the same way.
+PERMANENT: tuple[type[BaseException], ...] = (
+    ke.MessageSizeTooLargeError,
+    ke.RecordTooLargeError,
+    ke.RecordListTooLargeError,
+    ke.InvalidTopicError,
+    ke.TopicAuthorizationFailedError,
+    ke.CorruptRecordException,
+    ke.PolicyViolationError,
+    ke.UnsupportedForMessageFormatError,
+)
 
 
 class Settler:
@@ -49,6 +67,12 @@ class Settler:
             try:
                 await self._producer.send_and_wait(topic, body, key=key, headers=headers)
                 return
+            except PERMANENT as exc:
+                log.error("Kafka refuses the copy for %s (%r): the original stays open", topic, exc)
+                raise PublishError(
+                    f"Kafka refuses a copy for {topic!r} ({len(body)} bytes): {exc!r}",
+                    permanent=True,
+                ) from None
             except Exception as exc:  # Kafka away, a leader moving: the copy must get there
                 log.warning("sending to %s failed (%r); trying again", topic, exc)
                 await asyncio.sleep(backoff_s)
