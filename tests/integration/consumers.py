@@ -81,3 +81,9 @@ class KillsOnUpdate(Recorder):
         while not os.path.exists(os.environ["B24QT_GO"]):
             await asyncio.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordsAdds(Recorder):
+    """A Recorder bound to deal additions only."""
+
+    events = ("ONCRMDEALADD",)

@@ -4,7 +4,8 @@ translation of aiokafka's errors into `b24queue.errors`.
 A record: value = the event's body; key = the portal's member_id (its events share a partition,
 so they keep their order); headers `m` message id, `k` routing key, `e` event type, `t` accepted
 at (ISO), `h` our headers as JSON (types kept: the attempt is an int), and, on the events topic,
-`to` the consumer queues the ingress routed it to; on a retry topic, `due` (ms since the epoch).
+`to` the consumer queues the ingress routed it to and `b` the bindings it routed with (the
+bindings topic's offset it had read to); on a retry topic, `due` (ms since the epoch).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 H_TO, H_DUE = "to", "due"
+H_BOUND = "b"  # the bindings topic's offset the ingress had read to when it routed the record
 # How long the broker may hold a fetch that found nothing new. Kafka's 500 ms put 120-140 ms
 # between accepted and handled here (the bench); 50 ms costs an idle consumer 20 fetches/s.
 FETCH_WAIT_MS = 50

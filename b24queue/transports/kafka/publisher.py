@@ -21,6 +21,7 @@ from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
 from b24queue.transports import given_up
 from b24queue.transports.kafka.client import (
+    H_BOUND,
     H_TO,
     UNAVAILABLE,
     Names,
@@ -130,7 +131,8 @@ class KafkaPublisher:
             raise BrokerUnavailableError("not connected to Kafka")
         queues = self._bindings.route(envelope.routing_key)
         topic = self._names.events if queues else self._names.unrouted
-        headers = record_headers(envelope, dict(envelope.headers), [(H_TO, ",".join(queues))])
+        routed = [(H_TO, ",".join(queues)), (H_BOUND, str(self._bindings.seen))]
+        headers = record_headers(envelope, dict(envelope.headers), routed)
         timeout_s = self._settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):

@@ -41,7 +41,7 @@ from b24queue.transports.kafka.commits import Committer
 from b24queue.transports.kafka.deliveries import DeliveryCounts
 from b24queue.transports.kafka.offsets import Offsets, Partition
 from b24queue.transports.kafka.settle import Settler
-from b24queue.transports.kafka.topics import since_of
+from b24queue.transports.kafka.topics import Binding, own_binding
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self._idle.set()
         self._kafka: AIOKafkaConsumer | None = None
         self._commits: Committer | None = None
-        self._since: dict[int, int] = {}
+        self._own = Binding((), {})  # this queue's bindings record (none: never missed)
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -81,7 +81,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def start(self) -> None:
         await self._declare(self.spec)
-        self._since = await since_of(self._settings, self._names, self.spec.name)
+        self._own = await own_binding(self._settings, self._names, self.spec.name) or self._own
         await self.consumer.on_start()
         name = connection_name("worker", self.spec.name)
         group = Names.group(self.spec.name)
@@ -123,7 +123,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             handed = await self._commits.handed(tp)
             if committed is None:  # a new group: from where the queue was first bound
                 events = tp.topic == self._names.events
-                committed = self._since.get(tp.partition, 0) if events else 0
+                committed = self._own.since.get(tp.partition, 0) if events else 0
             starts[tp] = (committed, handed or 0)
         if any(handed > committed for committed, handed in starts.values()):
             await self._counts.load()  # the delivery counts and the settled marks
@@ -197,7 +197,7 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 part.pass_settled(record.offset)
                 continue
             if part.tp.topic == self._names.events:
-                if self.spec.name not in targets(record):
+                if self.spec.name not in targets(record) and not self._own.missed(record):
                     part.skip(record.offset)
                     continue
             elif (due := due_or_now(record)) > now_ms:

@@ -20,16 +20,17 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import errors as ke
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
 
 from b24queue.errors import TopologyMismatchError
 from b24queue.layout import QueueSpec, topic_matches
 from b24queue.settings import Settings
-from b24queue.transports.kafka.client import Names, check_topic, consumer
+from b24queue.transports.kafka.client import H_BOUND, Names, check_topic, consumer, header
 from b24queue.transports.kafka.configs import COMPACT, KEEP, check_configs
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,17 @@ class Topic(NamedTuple):
 class Binding:
     bindings: tuple[str, ...]
     since: dict[int, int]
+    offset: int = 0  # of the queue's latest record in the bindings topic
+
+    def missed(self, record: ConsumerRecord[Any, Any]) -> bool:
+        """An events-topic record whose `to` does not name this queue, routed by an ingress
+        that had not read this binding yet (its `b` header: the offset after the last bindings
+        record it had read), that this binding matches: it is this queue's too."""
+        stamp = header(record, H_BOUND)
+        if stamp is None or not stamp.isdigit() or int(stamp) > self.offset:
+            return False
+        key = header(record, "k") or ""
+        return any(topic_matches(p, key) for p in self.bindings)
 
 
 @dataclass(slots=True)
@@ -53,6 +65,7 @@ class BindingsLog:
     settings: Settings
     names: Names
     queues: dict[str, Binding] = field(default_factory=dict)
+    seen: int = 0  # the offset after the last record read: stamped on what `route` routes
     _reader: AIOKafkaConsumer | None = None
 
     async def load(self) -> dict[str, Binding]:
@@ -69,7 +82,8 @@ class BindingsLog:
                 key = (record.key or b"").decode()
                 first = self.queues.get(key)
                 since = first.since if first else {int(k): v for k, v in value["since"].items()}
-                self.queues[key] = Binding(tuple(value["bindings"]), since)
+                self.queues[key] = Binding(tuple(value["bindings"]), since, record.offset)
+                self.seen = record.offset + 1
         return self.queues
 
     def route(self, routing_key: str) -> list[str]:
@@ -166,14 +180,14 @@ async def declare(
     return sorted(set(current.bindings) - set(spec.bindings)) if current else []
 
 
-async def since_of(settings: Settings, names: Names, queue: str) -> dict[int, int]:
-    """Where a new group of `queue` starts on the events topic, per partition."""
+async def own_binding(settings: Settings, names: Names, queue: str) -> Binding | None:
+    """The queue's latest bindings record: its `since`, where a new group of the queue starts
+    on the events topic, per partition, and its offset (`Binding.missed`)."""
     bindings = BindingsLog(settings, names)
     try:
-        own = (await bindings.load()).get(queue)
+        return (await bindings.load()).get(queue)
     finally:
         await bindings.close()
-    return own.since if own is not None else {}
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
