@@ -9,12 +9,18 @@ import json
 import uuid
 from pathlib import Path
 
-from tests.conformance.conftest import Bench, kafka_settings
+import aiohttp
+
+from b24queue.transports.kafka.client import REVOKE_WAIT_S
+from tests.conformance.conftest import FORM, Bench, kafka_settings
+from tests.conftest import sample_form
 from tests.integration.conftest import wait_until
 from tests.integration.consumers import Crasher
 from tests.integration.proxy import Proxy, free_port
 from tests.kafka_server import KafkaServer, kafka_server
 from tests.processes import cli, env_for, ingress_up, post, start, start_workers, stop
+
+SAMPLE_MEMBER = b"5f2a9c3e1b7d4a6f8e0c2b4d6f8a0c1e"  # the samples' portal
 
 
 def _prefix() -> str:
@@ -37,46 +43,74 @@ def _done(record: Path) -> set[str]:
     return {ln.split()[1] for ln in record.read_text().splitlines() if ln.startswith("done ")}
 
 
+async def _post_portals(bench: Bench, portals: list[str], per_portal: int) -> list[str]:
+    """Deal additions from several portals (member_ids: several partitions), interleaved."""
+    form = sample_form("crm-deal-add")
+    ids = []
+    async with bench.ingress() as client:
+        for _ in range(per_portal):
+            for member in portals:
+                data = form.replace(SAMPLE_MEMBER, member.encode())
+                resp = await client.post("/b24/events", data=data, headers=FORM)
+                assert resp.status == 200, await resp.text()
+                ids.append((await resp.json())["message_id"])
+    return ids
+
+
 async def test_a_second_worker_takes_partitions_and_nothing_is_lost_or_doubled(
     tansu: KafkaServer, tmp_path: Path
 ) -> None:
+    """Six portals' events over the partitions; the first worker's first event of each portal
+    outlives the revoke wait (REVOKE_WAIT_S) when the second worker joins: the partitions it
+    gives up go with those events open, and the second worker handles them flagged
+    redelivered. Every event is handled; one handled twice is flagged the second time."""
     prefix = _prefix()
     bench = Bench(kafka_settings(tansu, prefix), prefix)
-    record = tmp_path / "record.txt"
+    records = [tmp_path / "first.txt", tmp_path / "second.txt"]
     env = env_for(
         bench.settings,
-        record,
+        records[0],
         B24QT_QUEUE=bench.name("shared"),
-        B24QT_PREFETCH="4",
-        B24QT_SLEEP_S="0.2",
+        B24QT_PREFETCH="16",
+        B24QT_SLEEP_S=str(REVOKE_WAIT_S + 12),
     )
-    [first] = await start_workers(env, tmp_path, "tests.integration.consumers:Recorder", 1)
+    portals = [f"{i:032x}" for i in range(1, 7)]
+    consumer_ = "tests.integration.consumers:SlowFirstPerPortal"
+    procs: list[asyncio.subprocess.Process] = []
     try:
-        ids = await bench.post(*["crm-deal-add"] * 40)
-        await wait_until(lambda: len(_done(record)) >= 4, 30, "the first worker busy")
-        log = tmp_path / "second.log"
-        second = await start("worker", "tests.integration.consumers:Recorder", env=env, log=log)
+        procs += await start_workers(env, tmp_path, consumer_, 1)
+        ids = await _post_portals(bench, portals, 3)
+        slow = set(ids[: len(portals)])  # the first of each portal
+        fast = len(ids) - len(portals)
+        await wait_until(lambda: len(_done(records[0])) >= fast, 30, "the fast ones handled")
+        env2 = env | {"B24QT_RECORD": str(records[1]), "B24QT_SLEEP_S": "0"}
+        procs.append(await start("worker", consumer_, env=env2, log=tmp_path / "second.log"))
 
         async def both_members() -> bool:
             status = await bench.transport.status()
             return any(r.queue == bench.name("shared") and r.consumers == 2 for r in status.queues)
 
         await wait_until(both_members, 60, "two members in the group")
-        more = await bench.post(*["crm-deal-add"] * 20)
-        await wait_until(lambda: _done(record) >= set(ids + more), 60, "every event handled")
-        for proc in (first, second):
+        more = await _post_portals(bench, portals, 2)
+        done = lambda: _done(records[0]) | _done(records[1])  # noqa: E731
+        await wait_until(lambda: done() >= set(ids + more), 90, "every event handled")
+        for proc in procs:
             assert await stop(proc) == 0
     finally:
-        for proc in (first,):
+        for proc in procs:
             if proc.returncode is None:
                 proc.kill()
-    starts = _starts(record)
-    assert {m for m, _ in starts} == set(ids + more)
+                await proc.wait()
+    first, second = _starts(records[0]), _starts(records[1])
+    assert first and second, "both workers handled events"
+    assert {m for m, _ in first + second} == set(ids + more)
+    # The partitions that moved took their slow event open: handled again, flagged.
+    assert {m for m, flag in second if flag == "1"} & slow, second
     # Handled again only when the group moved a partition under an unsettled event, and then
     # the later delivery says so.
     seen: set[str] = set()
-    for message_id, flag in starts:
-        assert message_id not in seen or flag == "1", (message_id, starts)
+    for message_id, flag in first + second:
+        assert message_id not in seen or flag == "1", (message_id, first, second)
         seen.add(message_id)
 
 
@@ -156,14 +190,31 @@ async def test_the_ingress_spools_while_kafka_is_unreachable(tmp_path: Path) -> 
         await wait_until(lambda: _done(record) >= set(before), 30, "the first events handled")
         await proxy.cut()
         during = await post(url, 3)  # 200 all the same: kept in the ingress's spool
-        assert not _done(record) & set(during)
+        metrics = f"http://127.0.0.1:{port}/metrics"
+        assert await _spool_events(metrics) == 3  # in the spool, not in Kafka
         await proxy.start()
         await wait_until(lambda: _done(record) >= set(during), 60, "the spooled events handled")
+
+        async def drained() -> bool:
+            return await _spool_events(metrics) == 0
+
+        await wait_until(drained, 30, "the spool empty")
         for proc in (ingress, worker):
             assert await stop(proc) == 0
         await proxy.cut()  # closes its listening socket
         said = (tmp_path / "ingress.log").read_text()
         assert "spool" in said.lower(), said[-2000:]
+
+
+async def _spool_events(metrics_url: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(metrics_url) as resp:
+        text = await resp.text()
+    [value] = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("b24queue_ingress_spool_events")
+    ]
+    return value
 
 
 async def test_topology_status_and_dlq_from_the_cli(tansu: KafkaServer) -> None:

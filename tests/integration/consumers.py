@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import ClassVar
 
 from b24queue import Event, EventConsumer
 
@@ -87,3 +88,18 @@ class RecordsAdds(Recorder):
     """A Recorder bound to deal additions only."""
 
     events = ("ONCRMDEALADD",)
+
+
+class SlowFirstPerPortal(Recorder):
+    """A Recorder whose first event of each portal (member_id) in the process takes B24QT_SLEEP_S
+    and the others no time: every partition holding a portal's events has a slow one open."""
+
+    portals: ClassVar[set[str]] = set()
+
+    async def handle(self, event: Event) -> None:
+        member = event.auth.member_id or ""
+        slow = member not in SlowFirstPerPortal.portals
+        SlowFirstPerPortal.portals.add(member)
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")) if slow else 0)
+        _record(f"done {event.message_id} {int(event.redelivered)}")

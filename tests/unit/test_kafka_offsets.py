@@ -52,7 +52,9 @@ def test_a_settlement_after_a_revoke_changes_nothing() -> None:
     assert new.redelivered(0) and not new.redelivered(1)
 
 
-def test_the_handout_mark_goes_before_the_commit() -> None:
+def test_the_handout_mark_covers_what_was_handed_out_once() -> None:
+    """Bookkeeping only: that the mark is committed before the handlers run is the runner's
+    (`_before_handlers`), exercised by the SIGKILL and rebalance tests on Tansu."""
     offsets = Offsets()
     part = offsets.assign(TP, committed=5, handed=3)  # an older mark below the commit: ignored
     assert not part.redelivered(5)
