@@ -72,7 +72,7 @@ faults: install broker postgres
 	# PostgreSQL, Redis and Kafka (Tansu): SIGKILL of a worker mid-handler (PostgreSQL and Redis
 	# restarted under load are in tests/faults; Tansu keeps memory only: no restart to test).
 	$(BIN)/pytest tests/conformance -k "sigkill and (postgres or redis or kafka)"
-	$(BIN)/pytest tests/conformance/test_kafka.py
+	$(BIN)/pytest tests/conformance/test_kafka*.py
 
 # A three-node RabbitMQ cluster on this host (rabbitmq/cluster.sh; the machine's node on 5672 is
 # left alone); prints the B24QUEUE_BROKER_URL to use. `bash rabbitmq/cluster.sh stop` stops it.

@@ -2,12 +2,12 @@
 events topic and the queue's retry topics.
 
 - At most `prefetch` records are with handlers at once, across all partitions.
-- A record of the events topic whose `to` header does not name this queue is settled unread.
+- An events record whose `to` does not name this queue is settled unread (`Binding.missed`).
 - A retry record not due yet pauses its partition (seeked back to it) until it is due: every
   record of a retry topic waits the same delay, so the head of a partition is due first, and the
   events topic is never held up by it.
 - Before a batch goes to handlers, the handout group commits where it ends; records under that
-  point, read again by a later owner, are flagged redelivered and counted (`deliveries`).
+  point, read again by a later owner and not noted settled, are flagged redelivered and counted.
 - Commits move over the settled prefix only (`offsets`); on a rebalance the partitions going
   away wait (bounded) for their handlers and commit; what is still open is delivered again.
 """
