@@ -98,6 +98,8 @@ async def test_malformed_records_go_to_the_dlq_and_never_hold_the_commit_point(
         if worker.returncode is None:
             worker.kill()
     assert sorted(x.reason for x in letters) == ["malformed"] * 6, letters
+    said = (tmp_path / "worker0.log").read_text()
+    assert f"offset {sent[4].offset}: its 'to' header is not UTF-8" in said, said[-2000:]
 
 
 async def test_a_copy_kafka_refuses_for_its_size_is_not_tried_for_ever(

@@ -11,6 +11,7 @@ bindings topic's offset it had read to); on a retry topic, `due` (ms since the e
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +29,8 @@ from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.settings import Settings
 from b24queue.transports.leased import Row
+
+log = logging.getLogger(__name__)
 
 # What means "Kafka is away (or not answering yet)": try again later.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -164,6 +167,9 @@ def header(record: ConsumerRecord[Any, Any], name: str) -> str | None:
 
 def targets(record: ConsumerRecord[Any, Any]) -> Sequence[str]:
     value = header(record, H_TO)
+    if value and "\ufffd" in value:  # not written by b24queue: said, passed over if unnamed
+        where = f"{record.topic}[{record.partition}] offset {record.offset}"
+        log.warning("%s: its 'to' header is not UTF-8 (%r)", where, value[:200])
     return value.split(",") if value else ()
 
 
