@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -31,6 +32,8 @@ DEALS = 120
 PAGE = 50
 
 _ids = itertools.count(1)
+
+Extension = Callable[[str, str, dict[str, Any]], Awaitable[tuple[int, dict[str, Any]] | None]]
 
 
 def _error(status: int, code: str, description: str) -> web.Response:
@@ -56,6 +59,9 @@ class FakeRest:
         self.time_limited: set[str] = set()
         self.webhooks: dict[str, str] = {}  # code -> member_id
         self.deals = {i: {"ID": str(i), "TITLE": f"Deal {i}"} for i in range(1, DEALS + 1)}
+        # More methods, registered by other fakes (tests/fake_offline.py): (host, method,
+        # params) -> (status, answer), or None when not theirs.
+        self.extensions: list[Extension] = []
 
     def issue(self, member_id: str, lifetime_s: float | None = None) -> tuple[str, str, int]:
         """A new (access, refresh, expires) for the portal."""
@@ -100,6 +106,12 @@ class FakeRest:
             return _error(401, "invalid_token", "The access token provided is invalid.")
         if known[1] < time.time():
             return _error(401, "expired_token", "The access token provided has expired.")
+        for extension in self.extensions:
+            answered = await extension(host, method, params)
+            if answered is not None:
+                if answered[0] == 200:
+                    self.served.append((host, method, time.monotonic()))
+                return web.json_response(answered[1], status=answered[0])
         return self._run(host, method, params)
 
     async def webhook(self, request: web.Request) -> web.Response:

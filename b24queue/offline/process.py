@@ -29,10 +29,14 @@ log = logging.getLogger(__name__)
 
 
 async def serve_offline(
-    settings: Settings, stop: asyncio.Event, *, resolver: AbstractResolver | None = None
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    resolver: AbstractResolver | None = None,
+    metrics: OfflineMetrics | None = None,
 ) -> OfflineMetrics:
-    """Run until `stop`; returns the counts (tests read them). `resolver`: for tests only."""
-    metrics = OfflineMetrics()
+    """Run until `stop`; returns the counts. `resolver` and `metrics`: for tests."""
+    metrics = metrics or OfflineMetrics()
     if settings.offline_metrics_port:
         metrics.serve(settings.worker_metrics_host, settings.offline_metrics_port)
     async with contextlib.AsyncExitStack() as stack:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from b24queue.envelope import EventSink
@@ -53,6 +53,7 @@ class Target:
     auth_connector: str
     limit: int
     max_body_bytes: int
+    token_digest: str = field(repr=False)  # of the portal's application token
 
 
 class Puller:
@@ -144,7 +145,8 @@ class Puller:
         t = self._t
         self._counter.count("pulled", len(batch.records))
         envelopes = [
-            envelope_for_record(r, batch.process_id, t.member_id, t.domain) for r in batch.records
+            envelope_for_record(r, batch.process_id, t.member_id, t.domain, t.token_digest)
+            for r in batch.records
         ]
         # Published together (confirms pipelined); any failure that is not the message's own
         # leaves the whole batch reserved: nothing is cleared.

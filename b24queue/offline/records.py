@@ -24,6 +24,14 @@ from b24queue.events import EVENT_NAME, MAX_EVENT_NAME
 
 H_OFFLINE = "x-b24queue-offline"  # "1" on every message pulled from an offline queue
 H_OFFLINE_MESSAGE_ID = "x-b24-offline-message-id"
+# The portal's application token's digest (as the ingress sets it): the record came from the
+# portal through its own credentials, so handlers may call the portal back for it.
+H_TOKEN_DIGEST = "x-b24-token-sha256"  # noqa: S105 - a header's name
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
 
 MAX_RECORDS = 1000  # whatever a portal answers, one batch is at most this many records
 _ID = re.compile(r"[0-9]{1,20}")
@@ -117,17 +125,18 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def stable_message_id(member_id: str, record: OfflineRecord) -> str:
-    """The same record read again (the same reservation re-read after a crash) gets the same
-    message_id, so the consumers' duplicate guard can drop the repeat. Not MESSAGE_ID alone: the
-    portal reuses it for the object's next change (one record per object), and two portals can
-    have equal ones; the record's ID and TIMESTAMP_X tell changes apart, member_id tenants."""
-    key = "\0".join((member_id, record.id, record.message_id, record.timestamp))
+def stable_message_id(member_id: str, process_id: str, record: OfflineRecord) -> str:
+    """The same record read again under the same reservation (re-read after a crash) gets the
+    same message_id, so the consumers' duplicate guard can drop the repeat. Not MESSAGE_ID alone:
+    the portal keeps one record per object, so a later change of the object comes back with the
+    same MESSAGE_ID (and ID), under a new reservation; two portals can have equal ones too. So:
+    portal, reservation, record, and its TIMESTAMP_X."""
+    key = "\0".join((member_id, process_id, record.id, record.message_id, record.timestamp))
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def envelope_for_record(
-    record: OfflineRecord, process_id: str, member_id: str, domain: str
+    record: OfflineRecord, process_id: str, member_id: str, domain: str, digest: str
 ) -> Envelope:
     """The message of one record: routed by its event name like an online event, the record's
     fields in `data`, and `offline` saying where it came from (no token anywhere)."""
@@ -149,9 +158,10 @@ def envelope_for_record(
         c.H_MEMBER_ID: member_id,
         H_OFFLINE: "1",
         H_OFFLINE_MESSAGE_ID: record.message_id,
+        H_TOKEN_DIGEST: digest,
     }
     return Envelope(
-        message_id=stable_message_id(member_id, record),
+        message_id=stable_message_id(member_id, process_id, record),
         routing_key=record.event,
         body=orjson.dumps(body),
         headers=headers,

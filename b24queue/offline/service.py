@@ -26,7 +26,7 @@ from b24queue.errors import B24QueueError, BadEventError, BrokerUnavailableError
 from b24queue.events import Event
 from b24queue.metrics import OfflineMetrics
 from b24queue.offline.puller import Caller, Puller, Target
-from b24queue.offline.records import BadBatch
+from b24queue.offline.records import BadBatch, token_digest
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.limits import SharedState
 from b24queue.settings import Settings
@@ -138,6 +138,7 @@ class OfflineService:
             self._s.offline_auth_connector,
             self._s.offline_batch,
             self._s.max_body_bytes,
+            token_digest(record.token),
         )
         puller = Puller(portal, self._sink, self._state, target, self.metrics)
         wake = self._wakes[record.member_id]
