@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     offline_poll_s: float = Field(default=60.0, gt=0, le=86_400)
     offline_wake_queue: str = Field(default="b24queue.offline-wake", pattern=_NAME_PATTERN)
     offline_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # A puller's hold on the batch it publishes: others' recovery leaves it alone that long (a
+    # crashed puller's batch waits that long to be redone).
+    offline_lease_s: float = Field(default=30.0, ge=1, le=3600)
 
     # Workers
     shutdown_timeout_s: float = Field(default=30.0, ge=0)

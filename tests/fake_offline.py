@@ -140,11 +140,11 @@ class FakeOffline:
             return self._bind(q, params, connector)
         if method == "event.offline.get":
             answer = self._get(q, params, connector)
-            if method in self.hold:
-                await self.hold[method].wait()
+            if not await self._held(method):
+                return 503, {"error": "DROPPED", "error_description": "the caller is gone"}
             return 200, {"result": self.tamper(answer) if self.tamper else answer}
-        if method in self.hold:
-            await self.hold[method].wait()
+        if not await self._held(method):  # it never reached the portal
+            return 503, {"error": "DROPPED", "error_description": "the caller is gone"}
         if method == "event.offline.clear":
             return 200, {"result": self._clear(host, q, params)}
         if method == "event.offline.error":
@@ -152,6 +152,21 @@ class FakeOffline:
         if method == "event.offline.list":
             return 200, self._list(q, params, connector)
         return 404, {"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"}
+
+    async def _held(self, method: str) -> bool:
+        """Wait while the method is held; False if the hold was taken away before it was
+        released (`drop`): the request is then as if its caller died before it arrived."""
+        held = self.hold.get(method)
+        if held is None:
+            return True
+        await held.wait()
+        return self.hold.get(method) is held
+
+    def drop(self, method: str) -> None:
+        """Requests held on `method` go nowhere; later ones are not held."""
+        held = self.hold.pop(method, None)
+        if held is not None:
+            held.set()
 
     def _bind(self, q: PortalQueue, params: dict[str, Any], connector: str) -> Answer:
         event = str(params.get("event") or "").upper()

@@ -28,7 +28,6 @@ from b24queue.portal.limits import SharedState
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 120.0  # longer than publishing one batch takes; an expired lease only duplicates
 MAX_RECOVER_ITEMS = 1000  # event.offline.list records read per recovery pass
 
 
@@ -53,6 +52,7 @@ class Target:
     auth_connector: str
     limit: int
     max_body_bytes: int
+    lease_s: float  # longer than publishing one batch takes; an expired lease only duplicates
     token_digest: str = field(repr=False)  # of the portal's application token
 
 
@@ -84,12 +84,16 @@ class Puller:
         return size
 
     async def recover(self) -> int:
-        """Redo batches reserved and never cleared (a crashed puller's); returns how many."""
+        """Redo batches reserved and never cleared (a crashed puller's); returns how many are
+        left for later (leased: a live puller's, or a dead one's until its lease runs out)."""
         found = await self._reserved()
-        done = 0
+        left = 0
         for process_id in found:
-            if not await self._state.lease(self._lease_key(process_id), self._owner, LEASE_S):
-                continue  # a live puller works on it
+            if not await self._state.lease(
+                self._lease_key(process_id), self._owner, self._t.lease_s
+            ):
+                left += 1
+                continue
             try:
                 params = {
                     "clear": 0,
@@ -108,10 +112,9 @@ class Puller:
                     )
                     await self._finish(batch)
                     self._counter.count("recovered_batches")
-                    done += 1
             finally:
                 await self._state.release(self._lease_key(process_id), self._owner)
-        return done
+        return left
 
     async def _reserved(self) -> list[str]:
         """Process ids with records reserved and not marked as errors (bounded)."""
@@ -131,7 +134,7 @@ class Puller:
 
     async def _finish_leased(self, batch: Batch) -> None:
         key = self._lease_key(batch.process_id)
-        leased = await self._state.lease(key, self._owner, LEASE_S)
+        leased = await self._state.lease(key, self._owner, self._t.lease_s)
         try:
             await self._finish(batch)
         except BrokerUnavailableError:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 REFRESH_S = 30.0  # how often the list of installed portals is read again
 RECOVER_S = 300.0  # how often a portal's reserved-and-forgotten batches are looked for
 BROKER_WAIT_S = 1.0  # the broker away: try the batch again after this long
+MAX_PULLS_IN_A_ROW = 100  # full batches before the loop waits (a portal answering full forever)
 GONE = frozenset({"NO_CREDENTIALS", "WRONG_PORTAL"})
 
 PortalFor = Callable[[Event], Caller]
@@ -138,6 +139,7 @@ class OfflineService:
             self._s.offline_auth_connector,
             self._s.offline_batch,
             self._s.max_body_bytes,
+            self._s.offline_lease_s,
             token_digest(record.token),
         )
         puller = Puller(portal, self._sink, self._state, target, self.metrics)
@@ -146,19 +148,23 @@ class OfflineService:
         recover_at = loop.time()
         while not self._stop.is_set():
             wake.clear()
-            if loop.time() >= recover_at and isinstance(
-                await self._step(record, puller.recover), int
-            ):
-                recover_at = loop.time() + RECOVER_S
+            if loop.time() >= recover_at:
+                left = await self._step(record, puller.recover)
+                # Batches still leased are looked at again once the lease can have run out.
+                again_s = self._s.offline_lease_s + 1 if left else RECOVER_S
+                recover_at = loop.time() + (again_s if isinstance(left, int) else left)
             delay_s: float = self._s.offline_poll_s
-            while not self._stop.is_set():
+            for _ in range(MAX_PULLS_IN_A_ROW):
                 outcome = await self._step(record, puller.pull_once)
                 if isinstance(outcome, float):
                     delay_s = outcome
-                if outcome != self._s.offline_batch:
+                if outcome != self._s.offline_batch or self._stop.is_set():
                     break  # a full batch means there is more waiting
+            else:
+                delay_s = 0.0  # a long queue: the other portals' turn in the loop first
+            wait_s = max(0.0, min(delay_s, recover_at - loop.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay_s)
+                await asyncio.wait_for(wake.wait(), wait_s)
 
     async def _step(
         self, record: PortalRecord, action: Callable[[], Awaitable[int]]
