@@ -1,0 +1,53 @@
+"""`portals bind-offline` against the fake portal: event.bind with event_type=offline and our
+auth_connector, and ONOFFLINEEVENT to the ingress; names checked before any call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from b24queue.auth.store import SqliteTokenStore
+from b24queue.errors import ConfigError
+from b24queue.offline.bind import bind_events, check_names
+from b24queue.offline.service import portal_event
+from b24queue.portal.clients import PortalClients
+from tests.fake_offline import FakeOffline
+from tests.fake_portal import FakePortal, StaticResolver
+from tests.portal_setup import install, portal_settings
+
+
+async def test_binds_offline_events_and_the_ping(
+    fake_portal: FakePortal, portal_certificate: Any, tmp_path: Path
+) -> None:
+    offline = FakeOffline.attach(fake_portal.rest)
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    record = await install(store, fake_portal.rest, "mbind")
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        portal = clients.for_event(portal_event(record))
+        done = await bind_events(
+            portal, ["ONCRMDEALADD", "onCrmDealUpdate"], "b24queue", "https://app.example/b24"
+        )
+    assert [(b.event, b.outcome) for b in done] == [
+        ("ONCRMDEALADD", "bound"),
+        ("ONCRMDEALUPDATE", "bound"),
+        ("ONOFFLINEEVENT", "bound"),
+    ]
+    queue = offline.queue("mbind.portal.test")
+    assert queue.bindings == {"b24queue": {"ONCRMDEALADD", "ONCRMDEALUPDATE"}}
+    assert queue.ping_handler == "https://app.example/b24"
+    binds = [p for _, m, p in offline.calls if m == "event.bind"]
+    assert binds[0] == {
+        "event": "ONCRMDEALADD",
+        "event_type": "offline",
+        "auth_connector": "b24queue",
+    }
+    await store.close()
+
+
+@pytest.mark.parametrize("name", ["ON CRM", "ONCRM.#", "x" * 200, ""])
+def test_names_are_checked_first(name: str) -> None:
+    with pytest.raises(ConfigError):
+        check_names([name])
