@@ -20,7 +20,7 @@ from tests.fake_portal import FakePortal
 from tests.integration.conftest import ROOT, Broker, wait_until
 from tests.offline_setup import bodies, installed, offline_env
 from tests.portal_setup import domain_of
-from tests.processes import STARTED, stop
+from tests.processes import STARTED, start, stop
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -143,3 +143,15 @@ def _published(log: Path) -> int:
     line = next(ln for ln in log.read_text().splitlines() if "offline puller stopped" in ln)
     totals = json.loads(line.split("stopped: ", 1)[1].replace("'", '"'))
     return int(totals["published"])
+
+
+async def test_the_offline_command_starts_and_stops_gracefully(
+    broker: Broker, fake_portal: FakePortal, portal_certificate: Any, tmp_path: Path
+) -> None:
+    env = env_of(broker, fake_portal, portal_certificate, tmp_path)
+    env.pop("B24QT_PORTAL_PORT")
+    log = tmp_path / "offline.log"
+    proc = await start("offline", env=env, log=log)
+    await wait_until(lambda: log.exists() and "offline puller running" in log.read_text(), 60)
+    assert await stop(proc) == 0
+    assert "offline puller stopped" in log.read_text()
