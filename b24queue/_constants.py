@@ -16,6 +16,9 @@ CONTENT_TYPE = "application/json"
 H_DOMAIN = "x-b24-domain"
 H_MEMBER_ID = "x-b24-member-id"
 H_EVENT_HANDLER_ID = "x-b24-event-handler-id"
+# SHA-256 (hex) of the application token the event came with: the body leaves the token out, and
+# the worker's portal client needs to know the event spoke with its portal's own token.
+H_TOKEN_DIGEST = "x-b24-token-sha256"  # noqa: S105 - a header's name
 H_ATTEMPT = "x-b24queue-attempt"  # the attempt the next delivery will be (1 = first)
 H_FIRST_FAILED_AT = "x-b24queue-first-failed-at"
 H_LAST_FAILED_AT = "x-b24queue-last-failed-at"

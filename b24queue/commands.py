@@ -268,7 +268,14 @@ async def _portals(settings: Settings, args: argparse.Namespace) -> int:
         if args.portals_command == "list":
             records = await store.all()
             rows = [
-                {"member_id": r.member_id, "domain": r.domain, "installed_at": r.installed_at}
+                {
+                    "member_id": r.member_id,
+                    "domain": r.domain,
+                    "installed_at": r.installed_at,
+                    # Whether its handlers can call it back: a refresh token is kept (never shown).
+                    "refreshable": bool(r.refresh_token),
+                    "access_expires": r.access_expires,
+                }
                 for r in records
             ]
             if args.json:
@@ -277,7 +284,11 @@ async def _portals(settings: Settings, args: argparse.Namespace) -> int:
                 print("no portals installed yet")
             else:
                 for row in rows:
-                    print(f"{row['member_id']}  {row['domain']}  installed {row['installed_at']}")
+                    calls = "refreshable" if row["refreshable"] else "no refresh token"
+                    print(
+                        f"{row['member_id']}  {row['domain']}  installed {row['installed_at']}"
+                        f"  ({calls})"
+                    )
             return EXIT_OK
         if await store.forget(args.member_id):
             print(f"forgot portal {args.member_id}: its events are refused until it reinstalls")

@@ -88,8 +88,14 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     attempt = incoming.attempt
     try:
         event = _decode(incoming)
+        digest = incoming.headers.get(c.H_TOKEN_DIGEST)
         mark_delivered(
-            event, incoming.message_id, attempt, incoming.redelivered, incoming.accepted_at
+            event,
+            incoming.message_id,
+            attempt,
+            incoming.redelivered,
+            incoming.accepted_at,
+            digest if isinstance(digest, str) and len(digest) == 64 else None,
         )
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())

@@ -233,14 +233,22 @@ def mark_delivered(
     attempt: int,
     redelivered: bool,
     accepted_at: datetime | None = None,
+    token_digest: str | None = None,
 ) -> None:
     """The delivery facts of an event the worker just decoded (private attributes, not fields:
-    they are not part of the body)."""
+    they are not part of the body). `token_digest`: of the token it came with (H_TOKEN_DIGEST)."""
     private = _private(event)
     private["_message_id"] = message_id
     private["_attempt"] = attempt
     private["_redelivered"] = redelivered
     private["_accepted_at"] = accepted_at
+    private["_token_digest"] = token_digest
+
+
+def token_digest_of(event: Event) -> str | None:
+    """Set by the worker: the digest of the application token the event came with."""
+    digest: str | None = _private(event)["_token_digest"]
+    return digest
 
 
 # What an event holds besides its fields, and the values it starts with.
@@ -251,6 +259,7 @@ _PRIVATE_DEFAULTS: dict[str, Any] = {
     "_attempt": 1,
     "_redelivered": False,
     "_accepted_at": None,
+    "_token_digest": None,
 }
 
 

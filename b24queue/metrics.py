@@ -164,6 +164,22 @@ class WorkerMetrics:
             registry=self.registry,
         )
 
+        # Calling portals back (b24queue.portal): no portal label (there may be thousands).
+        self.portal_calls = Counter(
+            "b24queue_portal_calls",
+            "REST requests to portals, by answer (ok, QUERY_LIMIT_EXCEEDED, expired_token, ...)",
+            ["answer"],
+            registry=self.registry,
+        )
+        self.portal_wait_seconds = Histogram(
+            "b24queue_portal_wait_seconds",
+            "Time a request waited for its place in its portal's bucket",
+            buckets=(0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0),
+            registry=self.registry,
+        )
+        self.portal_refreshes = Counter(
+            "b24queue_portal_refreshes", "OAuth token refreshes made", registry=self.registry
+        )
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         # Whoever can publish to the exchange names events: bounded like the ingress's.
         self._events = EventLabels()
@@ -181,6 +197,15 @@ class WorkerMetrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(duration_s)
+
+    def portal_answered(self, answer: str) -> None:
+        self.portal_calls.labels(answer).inc()
+
+    def portal_waited(self, seconds: float) -> None:
+        self.portal_wait_seconds.observe(seconds)
+
+    def portal_refreshed(self) -> None:
+        self.portal_refreshes.inc()
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics on its own port (a thread of prometheus_client's)."""

@@ -200,7 +200,8 @@ class Worker:
 
     async def __aenter__(self) -> Worker:
         if self._portals is None:
-            self._own_portals = await PortalClients(self.settings).__aenter__()
+            own = PortalClients(self.settings, observer=self.metrics)
+            self._own_portals = await own.__aenter__()
         portals = self._portals or self._own_portals
         try:
             session = self._session = await transport_for(self.settings).open_workers(self.classes)

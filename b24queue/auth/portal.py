@@ -119,7 +119,12 @@ class PortalVerifier:
         fresh = access_of(event)
         if fresh is not None and fresh[1] > record.access_expires:
             try:
-                await self.store.refresh_access(record.member_id, record.token, *fresh)
+                # The event's refresh token too: every OAuth event brings a new pair, so a
+                # portal whose stored refresh token was lost (spent by a refresh whose answer
+                # never arrived) can be called back again after its next event.
+                await self.store.refresh_access(
+                    record.member_id, record.token, *fresh, event.auth.refresh_token or ""
+                )
             except Exception as exc:  # best effort: the event itself is verified
                 if self._log_budget.spend() is not None:
                     log.warning("could not keep the portal's fresher access token: %r", exc)

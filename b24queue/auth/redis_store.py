@@ -46,12 +46,16 @@ class RedisTokenStore:
         return bool(await self._redis().eval(_DELETE_IF_SAME_LUA, 1, key, token))
 
     async def refresh_access(
-        self, member_id: str, token: str, access_token: str, access_expires: int
+        self,
+        member_id: str,
+        token: str,
+        access_token: str,
+        access_expires: int,
+        refresh_token: str = "",
     ) -> bool:
         key = self.prefix + member_id
-        done = await self._redis().eval(
-            _REFRESH_ACCESS_LUA, 1, key, token, access_token, str(access_expires)
-        )
+        args = (token, access_token, str(access_expires), refresh_token)
+        done = await self._redis().eval(_REFRESH_ACCESS_LUA, 1, key, *args)
         return bool(done)
 
     async def refreshed(
@@ -94,6 +98,7 @@ if r['token'] ~= ARGV[1] then return 0 end
 if (tonumber(r['access_expires']) or 0) >= tonumber(ARGV[3]) then return 0 end
 r['access_token'] = ARGV[2]
 r['access_expires'] = tonumber(ARGV[3])
+if ARGV[4] and ARGV[4] ~= '' then r['refresh_token'] = ARGV[4] end
 redis.call('SET', KEYS[1], cjson.encode(r))
 return 1
 """

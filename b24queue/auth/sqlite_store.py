@@ -89,13 +89,20 @@ class SqliteTokenStore:
         return self._conn().execute(sql, (*values, r.member_id, replacing)).rowcount
 
     async def refresh_access(
-        self, member_id: str, token: str, access_token: str, access_expires: int
+        self,
+        member_id: str,
+        token: str,
+        access_token: str,
+        access_expires: int,
+        refresh_token: str = "",
     ) -> bool:
         sql = (
-            "UPDATE portals SET access_token = ?, access_expires = ? "
+            "UPDATE portals SET access_token = ?, access_expires = ?, "
+            "refresh_token = CASE WHEN ? = '' THEN refresh_token ELSE ? END "
             "WHERE member_id = ? AND token = ? AND access_expires < ?"
         )
-        args = (access_token, access_expires, member_id, token, access_expires)
+        fresh = (access_token, access_expires, refresh_token, refresh_token)
+        args = (*fresh, member_id, token, access_expires)
         return bool(await self._run(lambda: self._conn().execute(sql, args).rowcount))
 
     async def refreshed(

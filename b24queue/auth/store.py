@@ -36,10 +36,15 @@ class TokenStore(Protocol):
         """Forget the portal and all its credentials (only while its token is `token`)."""
 
     async def refresh_access(
-        self, member_id: str, token: str, access_token: str, access_expires: int
+        self,
+        member_id: str,
+        token: str,
+        access_token: str,
+        access_expires: int,
+        refresh_token: str = "",
     ) -> bool:
-        """Keep a fresher access token, while the portal's token is still `token` and the stored
-        access token expires sooner."""
+        """Keep a fresher access token (and the refresh token that came with it, if any), while
+        the portal's token is still `token` and the stored access token expires sooner."""
 
     async def refreshed(
         self,

@@ -58,6 +58,35 @@ class Portal(Protocol):
         """Every item of a list method (`crm.deal.list`), page after page (`next`/`start`)."""
 
 
+class PortalObserver(Protocol):
+    """What the portal clients report (b24queue.metrics.WorkerMetrics is one)."""
+
+    def portal_answered(self, answer: str) -> None:
+        """One request answered: `ok`, or one of `ANSWERS` (anything else is `error`)."""
+
+    def portal_waited(self, seconds: float) -> None: ...
+
+    def portal_refreshed(self) -> None: ...
+
+
+# The answers counted by name; every other error code is `error` (codes come from the portal:
+# a label per code would let it create series without bound).
+ANSWERS = frozenset(
+    {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "expired_token", "invalid_token"}
+)
+
+
+class NoObserver:
+    def portal_answered(self, answer: str) -> None:
+        return None
+
+    def portal_waited(self, seconds: float) -> None:
+        return None
+
+    def portal_refreshed(self) -> None:
+        return None
+
+
 class PortalProvider(Protocol):
     def for_event(self, event: Event) -> Portal:
         """The client for the event's portal (chosen by its member_id); no I/O until a call."""

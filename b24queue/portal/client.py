@@ -14,6 +14,7 @@ Tokens go in the request body, never in a URL, a log line or an error.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -25,10 +26,11 @@ import aiohttp
 from b24queue.auth.portal import access_of
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
-from b24queue.events import Event
+from b24queue.envelope import token_digest
+from b24queue.events import Event, token_digest_of
 from b24queue.forms import encode_form
 from b24queue.hosts import same_host
-from b24queue.portal.api import PortalError, PortalRetry
+from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.credentials import METHOD, Target, Webhooks, oauth_target
 from b24queue.portal.limits import Limit, SharedState
 from b24queue.portal.oauth import Refresher
@@ -52,6 +54,7 @@ class Context:
     refresher: Refresher
     limit: Limit
     webhooks: Webhooks
+    observer: PortalObserver
 
 
 class PortalClient:
@@ -82,8 +85,9 @@ class PortalClient:
             chunk = items[start : start + BATCH_SIZE]
             cmd = {name: _command(method, params) for name, (method, params) in chunk}
             result = (await self._request("batch", {"halt": int(halt), "cmd": cmd}))["result"]
-            results = result.get("result") if isinstance(result, dict) else None
-            errors = result.get("result_error") if isinstance(result, dict) else None
+            if not isinstance(result, dict):
+                raise PortalError("BAD_ANSWER", "batch answered with something else than results")
+            results, errors = result.get("result"), result.get("result_error")
             for name, _ in chunk:
                 error = errors.get(name) if isinstance(errors, dict) else None
                 if error:
@@ -124,8 +128,10 @@ class PortalClient:
             status, answer = await self._post(target, method, params)
             code = answer.get("error")
             if code is None and status == 200 and "result" in answer:
+                self._ctx.observer.portal_answered("ok")
                 return answer
             code = str(code or f"HTTP_{status}")
+            self._ctx.observer.portal_answered(code if code in ANSWERS else "error")
             if code == "QUERY_LIMIT_EXCEEDED":
                 # It never ran. The portal's bucket is fuller than ours says (other apps, other
                 # addresses): give it time to drain a request or more, then re-send.
@@ -151,6 +157,7 @@ class PortalClient:
                 f"the portal's bucket is full for more than {self._ctx.limit.max_wait_s:g}s",
                 self._ctx.limit.max_wait_s,
             )
+        self._ctx.observer.portal_waited(wait_s)
         if wait_s > 0:
             await asyncio.sleep(wait_s)  # our reserved place in the portal's leaky bucket
 
@@ -196,6 +203,12 @@ async def _credentials(ctx: Context, event: Event) -> tuple[Target, str]:
         raise PortalError("NO_CREDENTIALS", "no installed portal or webhook for this event")
     if event.auth.domain and not same_host(event.auth.domain, record.domain):
         raise PortalError("WRONG_PORTAL", "the event's domain is not its portal's")
+    # The ingress also lets in events carrying a static token (B24QUEUE_APP_TOKENS: an outgoing
+    # webhook's), whatever member_id they name: only an event that came with the portal's own
+    # application token may act with that portal's credentials.
+    given = came_with(event)
+    if given is None or not hmac.compare_digest(given, token_digest(record.token)):
+        raise PortalError("WRONG_PORTAL", "the event does not carry its portal's application token")
     return oauth_target(record), await _token(ctx.refresher, event, record)
 
 
@@ -206,6 +219,14 @@ async def _token(refresher: Refresher, event: Event, record: PortalRecord) -> st
     if refresher.valid(record.access_expires):
         return record.access_token
     return (await refresher.fresh(record.member_id, record.access_token)).access_token
+
+
+def came_with(event: Event) -> str | None:
+    """The digest of the application token the event came with: from its message's header in a
+    worker (the body leaves the token out), or of the token itself in an event built directly."""
+    if event.auth.application_token:
+        return token_digest(event.auth.application_token)
+    return token_digest_of(event)
 
 
 def _command(method: str, params: Mapping[str, Any]) -> str:

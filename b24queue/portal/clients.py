@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from b24queue.auth.store import TokenStore, open_store
 from b24queue.events import Event
 from b24queue.http.portal_check import is_public_address
-from b24queue.portal.api import PortalError
+from b24queue.portal.api import NoObserver, PortalError, PortalObserver
 from b24queue.portal.client import Context, PortalClient
 from b24queue.portal.credentials import Webhooks
 from b24queue.portal.limits import Limit, SharedState, open_state
@@ -57,8 +57,10 @@ class PortalClients:
         resolver: AbstractResolver | None = None,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
+        observer: PortalObserver | None = None,
     ) -> None:
         self._settings = settings
+        self._observer = observer or NoObserver()
         self._store, self._own_store = store, store is None
         self._state, self._own_state = state, state is None
         self._resolver = resolver
@@ -86,9 +88,11 @@ class PortalClients:
             connector=aiohttp.TCPConnector(resolver=resolver, ssl=ssl_context, limit=CONNECTIONS),
             timeout=aiohttp.ClientTimeout(total=s.portal_call_timeout_s),
         )
-        refresher = Refresher(session, store, state, s, self._clock)
+        refresher = Refresher(session, store, state, s, self._clock, self._observer)
         self._store, self._state = store, state
-        self._context = Context(session, store, state, refresher, self._limit, self._webhooks)
+        self._context = Context(
+            session, store, state, refresher, self._limit, self._webhooks, self._observer
+        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -20,9 +20,12 @@ from typing import Protocol
 
 from b24queue.errors import ConfigError
 
-# Requests in flight are counted by the portal when they arrive, not when we reserved them: the
-# bucket we keep is this much smaller than the portal's, for the scatter of network delays.
+# The portal counts a request when it arrives, not when we reserved its place: requests held up
+# (a TLS handshake, a busy event loop) arrive bunched, and the portal's bucket starts draining
+# only at the first arrival. The bucket we keep is smaller than the portal's by what half a second
+# of such scatter brings, and at least two requests (Bitrix24's 2/s: 2; its 5/s: 2.5).
 HEADROOM = 2
+SCATTER_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +36,7 @@ class Limit:
 
     @property
     def capacity(self) -> float:
-        return float(max(1, self.burst - HEADROOM))
+        return max(1.0, self.burst - max(HEADROOM, self.drain_per_s * SCATTER_S))
 
     @property
     def idle_s(self) -> float:

@@ -25,7 +25,7 @@ import aiohttp
 
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
-from b24queue.portal.api import PortalError, PortalRetry
+from b24queue.portal.api import NoObserver, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.limits import SharedState
 from b24queue.settings import Settings
 
@@ -50,7 +50,9 @@ class Refresher:
         state: SharedState,
         settings: Settings,
         clock: Callable[[], float] = time.time,
+        observer: PortalObserver | None = None,
     ) -> None:
+        self._observer = observer or NoObserver()
         self._session = session
         self._store = store
         self._state = state
@@ -104,6 +106,7 @@ class Refresher:
         access, refresh, expires = await self._ask(record)
         if await self._store.refreshed(member_id, record.refresh_token, access, refresh, expires):
             self.refreshes += 1
+            self._observer.portal_refreshed()
             log.info("portal %s (member_id %s): access token refreshed", record.domain, member_id)
             return await self._current(member_id)
         now = await self._current(member_id)

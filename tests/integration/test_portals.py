@@ -4,6 +4,7 @@ and two ingress processes sharing the Redis store."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -375,7 +376,9 @@ async def test_portals_cli_lists_without_tokens_and_forgets(tmp_path: Path) -> N
     store = SqliteTokenStore(path)
     from b24queue.auth.store import PortalRecord
 
-    await store.remember(PortalRecord("m-cli", "acme.bitrix24.com", "very-secret-token"))
+    await store.remember(
+        PortalRecord("m-cli", "acme.bitrix24.com", "very-secret-token", refresh_token="ref-secret")
+    )
     await store.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("B24QUEUE_")}
     env["B24QUEUE_PORTAL_STORE"] = f"sqlite:{path}"
@@ -398,8 +401,10 @@ async def test_portals_cli_lists_without_tokens_and_forgets(tmp_path: Path) -> N
 
     code, out = await cli("list")
     assert code == 0 and "m-cli  acme.bitrix24.com" in out and "very-secret" not in out
+    assert "(refreshable)" in out and "ref-secret" not in out
     code, out = await cli("list", "--json")
-    assert code == 0 and "very-secret" not in out
+    assert code == 0 and "very-secret" not in out and "ref-secret" not in out
+    assert json.loads(out)[0]["refreshable"] is True
     assert (await cli("forget", "m-cli"))[0] == 0
     assert (await cli("forget", "m-cli"))[0] == 1
     code, out = await cli("list")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 
@@ -78,6 +79,8 @@ def test_envelope_carries_the_exact_body_and_portal_headers() -> None:
         "x-b24-domain": "acme.bitrix24.com",
         "x-b24-member-id": "5f2a9c3e1b7d4a6f8e0c2b4d6f8a0c1e",
         "x-b24-event-handler-id": "77",
+        # What the worker's portal client checks the event's portal by (the body has no token).
+        "x-b24-token-sha256": hashlib.sha256(SAMPLE_TOKEN.encode()).hexdigest(),
     }
     assert len(env.message_id) == 32
     assert envelope_for(event).message_id != env.message_id

@@ -19,6 +19,8 @@ from tests.integration.conftest import wait_until
 def test_reservations_go_at_once_up_to_the_capacity_then_wait_their_turn() -> None:
     limit = Limit(burst=50, drain_per_s=2.0, max_wait_s=10.0)
     assert limit.capacity == 50 - HEADROOM
+    assert Limit(250, 5.0, 10.0).capacity == 247.5  # Enterprise: half a second is 2.5 requests
+    assert Limit(20, 20.0, 10.0).capacity == 10  # a fast drain: more held back
     level, waits = 0.0, []
     for _ in range(60):
         done = reserve(level, 100.0, 100.0, limit)

@@ -149,3 +149,33 @@ def test_an_oauth_answer_for_another_portal_is_refused() -> None:
         _tokens(record, 400, b'{"error": "invalid_grant"}', 1000.0)
     with pytest.raises(PortalError, match="BAD_ANSWER"):
         _tokens(record, 200, b'{"access_token": "a b"}', 1000.0)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_lost_refresh_token_is_replaced_by_the_portals_next_event(
+    kind: str, fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rest = fake_portal.rest
+    store, state = handles(kind, tmp_path, f"b24q-test-{uuid.uuid4().hex}:")
+    record = await install(store, rest, "m1", lifetime_s=600)  # 10 min left: due for renewal
+    # The stored refresh token is spent elsewhere (a refresh whose answer never came back).
+    rest.refresh_tokens.pop(record.refresh_token)
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'p.db'}")
+    try:
+        # The portal's next event brings a new pair; the ingress keeps both tokens of it.
+        access, refresh, expires = rest.issue("m1")
+        event = deal_event("m1", 1, access=access, expires=expires)
+        payload = {**event.payload, "auth": {**event.payload["auth"], "refresh_token": refresh}}
+        await PortalVerifier(store, None).verify(Event.from_payload(payload))
+        kept = await store.get("m1")
+        assert kept is not None and (kept.access_token, kept.refresh_token) == (access, refresh)
+        rest.expire(access)  # ... and an hour later that one has expired too
+        async with PortalClients(
+            settings, store=store, state=state, resolver=StaticResolver()
+        ) as clients:
+            deal = await clients.for_event(deal_event("m1", 2)).call("crm.deal.get", {"id": 2})
+        assert deal["ID"] == "2" and rest.refreshes == 1
+    finally:
+        await store.forget("m1")
+        await store.close()
+        await state.close()
