@@ -24,14 +24,6 @@ from b24queue.events import EVENT_NAME, MAX_EVENT_NAME
 
 H_OFFLINE = "x-b24queue-offline"  # "1" on every message pulled from an offline queue
 H_OFFLINE_MESSAGE_ID = "x-b24-offline-message-id"
-# The portal's application token's digest (as the ingress sets it): the record came from the
-# portal through its own credentials, so handlers may call the portal back for it.
-H_TOKEN_DIGEST = "x-b24-token-sha256"  # noqa: S105 - a header's name
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
 
 MAX_RECORDS = 1000  # whatever a portal answers, one batch is at most this many records
 _ID = re.compile(r"[0-9]{1,20}")
@@ -158,7 +150,9 @@ def envelope_for_record(
         c.H_MEMBER_ID: member_id,
         H_OFFLINE: "1",
         H_OFFLINE_MESSAGE_ID: record.message_id,
-        H_TOKEN_DIGEST: digest,
+        # As the ingress sets it: the record came from the portal through its own credentials,
+        # so handlers may call the portal back for it.
+        c.H_TOKEN_DIGEST: digest,
     }
     return Envelope(
         message_id=stable_message_id(member_id, process_id, record),

@@ -21,12 +21,12 @@ from collections.abc import Awaitable, Callable
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
 from b24queue.consumer import EventConsumer
-from b24queue.envelope import EventSink
+from b24queue.envelope import EventSink, token_digest
 from b24queue.errors import B24QueueError, BadEventError, BrokerUnavailableError
 from b24queue.events import Event
 from b24queue.metrics import OfflineMetrics
 from b24queue.offline.puller import Caller, Puller, Target
-from b24queue.offline.records import BadBatch, token_digest
+from b24queue.offline.records import BadBatch
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.limits import SharedState
 from b24queue.settings import Settings
@@ -43,13 +43,14 @@ PortalFor = Callable[[Event], Caller]
 
 
 def portal_event(record: PortalRecord) -> Event:
-    """The portal client is made per event (b24queue.portal): this one names the portal only."""
-    return Event.from_payload(
-        {
-            "event": "ONOFFLINEEVENT",
-            "auth": {"member_id": record.member_id, "domain": record.domain},
-        }
-    )
+    """The portal client is made per event (b24queue.portal): this one names the portal, with
+    its own application token (never published: it only opens that portal's credentials)."""
+    auth = {
+        "member_id": record.member_id,
+        "domain": record.domain,
+        "application_token": record.token,
+    }
+    return Event.from_payload({"event": "ONOFFLINEEVENT", "auth": auth})
 
 
 class OfflineService:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from b24queue.envelope import envelope_for
+from b24queue.envelope import envelope_for, token_digest
 from b24queue.events import Event
 from b24queue.offline.records import (
     MAX_RECORDS,
@@ -15,7 +15,6 @@ from b24queue.offline.records import (
     envelope_for_record,
     parse_batch,
     stable_message_id,
-    token_digest,
 )
 
 
