@@ -16,6 +16,7 @@ Tokens are issued here (`issue`) and by the OAuth endpoint; an access token live
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -112,6 +113,8 @@ class FakeRest:
                 if answered[0] == 200:
                     self.served.append((host, method, time.monotonic()))
                 return web.json_response(answered[1], status=answered[0])
+        if method == "crm.deal.pieces":  # a large answer, written in two pieces
+            return await _in_pieces(request, {"result": {"PAD": "x" * 200_000}})
         return self._run(host, method, params)
 
     async def webhook(self, request: web.Request) -> web.Response:
@@ -198,6 +201,17 @@ class FakeRest:
                 "refresh_token": new_refresh,
             }
         )
+
+
+async def _in_pieces(request: web.Request, answer: dict[str, Any]) -> web.StreamResponse:
+    body = json.dumps(answer).encode()
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(body[:1000])
+    await asyncio.sleep(0.05)  # the rest comes later, as over a slow network
+    await resp.write(body[1000:])
+    await resp.write_eof()
+    return resp
 
 
 async def _params(request: web.Request) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from b24queue.hosts import same_host
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.credentials import METHOD, Target, Webhooks, oauth_target
 from b24queue.portal.limits import Limit, SharedState
-from b24queue.portal.oauth import Refresher
+from b24queue.portal.oauth import Refresher, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class PortalClient:
             async with self._ctx.session.post(
                 target.url(method), json=body, allow_redirects=False
             ) as resp:
-                raw = await _read_up_to(resp.content, MAX_ANSWER_BYTES + 1)
+                raw = await read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # Not str(exc): it names the URL, and a webhook's holds its code.
@@ -254,13 +254,3 @@ def _error_of(error: Any) -> PortalError:
 
 def _description(answer: Mapping[str, Any]) -> str:
     return str(answer.get("error_description") or "")
-
-
-async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """The answer, at most `limit` bytes: `read(n)` alone returns what one chunk brought."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit and (chunk := await content.read(limit - size)):
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)

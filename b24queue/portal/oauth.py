@@ -136,12 +136,26 @@ class Refresher:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=OAUTH_TIMEOUT_S),
             ) as resp:
-                body = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                body = await read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # Never str(exc): aiohttp's errors name the URL, and this one holds the secrets.
             raise PortalError("OAUTH_UNREACHABLE", type(exc).__name__) from None
         return _tokens(record, status, body, self._clock())
+
+
+async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of an answer, however many pieces it arrives in (one `read(n)`
+    returns what has arrived so far)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _tokens(record: PortalRecord, status: int, body: bytes, now: float) -> tuple[str, str, int]:

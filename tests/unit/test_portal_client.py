@@ -53,6 +53,8 @@ async def test_call_batch_and_list(
     ids = [deal["ID"] async for deal in portal.list("crm.deal.list", {"select": ["ID"]})]
     assert ids == [str(i) for i in range(1, 121)]  # three pages, by `next`
     assert [d async for d in portal.list("crm.deal.list", max_items=7)][-1]["ID"] == "7"
+    # An answer that arrives in pieces is read whole.
+    assert len((await portal.call("crm.deal.pieces"))["PAD"]) == 200_000
     await store.close()
 
 
