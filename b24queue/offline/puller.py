@@ -137,8 +137,10 @@ class Puller:
         leased = await self._state.lease(key, self._owner, self._t.lease_s)
         try:
             await self._finish(batch)
-        except BrokerUnavailableError:
-            self._pending = batch.process_id  # read it again first, with the same process_id
+        except Exception:
+            # The broker away, or the clear not answered: the batch stays reserved; the next
+            # pull reads it again first, with the same process_id (published again, cleared).
+            self._pending = batch.process_id
             raise
         finally:
             if leased:

@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 
+from b24queue import Event, EventConsumer
+from b24queue.idempotency import MemorySeenStore
+from b24queue.runtime import Worker
 from tests.fake_offline import FakeOffline
 from tests.fake_portal import FakePortal
 from tests.integration.conftest import ROOT, Broker, wait_until
@@ -69,7 +72,39 @@ async def test_a_puller_killed_mid_batch_loses_nothing(
     await installed(f"sqlite:{tmp_path / 'portals.db'}", fake_portal.rest, offline, MEMBER)
     for deal in range(1, 41):
         await offline.change(HOST, "ONCRMDEALUPDATE", deal)
-    seen = await broker.bind_queue("seen", "ONCRMDEALUPDATE")
+    await broker.bind_queue("seen", "ONCRMDEALUPDATE")
+    handled: list[str] = []
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        handled.append(event.data["FIELDS"]["ID"])
+
+    guarded = type(
+        "Guarded",
+        (EventConsumer,),
+        {
+            "queue": broker.name("guarded"),
+            "events": ("ONCRMDEALUPDATE",),
+            "idempotency": MemorySeenStore(),
+            "handle": handle,
+        },
+    )
+    async with Worker(broker.settings, [guarded]):
+        await _killed_mid_batch(where, broker, fake_portal, offline, portal_certificate, tmp_path)
+        queue = broker.name("guarded")
+
+        async def drained() -> bool:
+            return len(handled) >= 40 and await broker.depth(queue) == 0
+
+        await wait_until(drained, 30, "the guarded consumer's queue drained")
+    # With the duplicate guard, each record is handled once; the repeats were dropped.
+    assert sorted(int(i) for i in handled) == list(range(1, 41))
+
+
+async def _killed_mid_batch(
+    where: str, broker: Broker, fake_portal: FakePortal, offline: FakeOffline,
+    portal_certificate: Any, tmp_path: Path,
+) -> None:  # fmt: skip
+    seen = broker.name("seen")
     method = "event.offline.clear" if where == "between publish and clear" else "event.offline.get"
     offline.hold[method] = asyncio.Event()
     offline.arrived[method] = asyncio.Event()
