@@ -158,6 +158,10 @@ class Settings(BaseSettings):
     offline_poll_s: float = Field(default=60.0, gt=0, le=86_400)
     offline_wake_queue: str = Field(default="b24queue.offline-wake", pattern=_NAME_PATTERN)
     offline_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Events each puller binds (event_type=offline) on every portal it pulls, at its start; and
+    # the ingress URL ONOFFLINEEVENT is bound to. Empty: bind with `portals bind-offline`.
+    offline_events: Annotated[tuple[str, ...], NoDecode] = ()
+    offline_ping_url: str = Field(default="", pattern=r"^(https://\S{1,2000})?$")
     # A puller's hold on the batch it publishes: others' recovery leaves it alone that long (a
     # crashed puller's batch waits that long to be redone).
     offline_lease_s: float = Field(default=30.0, ge=1, le=3600)
@@ -173,7 +177,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("app_tokens", "portal_domains", "offline_portals", mode="before")
+    @field_validator(
+        "app_tokens", "portal_domains", "offline_portals", "offline_events", mode="before"
+    )
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):

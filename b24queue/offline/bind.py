@@ -11,23 +11,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import open_store
 from b24queue.errors import ConfigError
-from b24queue.events import EVENT_NAME, MAX_EVENT_NAME
+from b24queue.events import EVENT_NAME, MAX_EVENT_NAME, Event
 from b24queue.offline.puller import Caller
-from b24queue.offline.service import portal_event
 from b24queue.portal.api import PortalError
 from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings
 
 # Bitrix24's answer when the same handler is bound twice: not a failure for us.
-ALREADY = frozenset({"ERROR_EVENT_HANDLER_ALREADY_EXISTS", "HANDLER_ALREADY_BINDED"})
+ALREADY = frozenset({"ERROR_HANDLER_ALREADY_EXIST"})
 
 
 @dataclass(frozen=True, slots=True)
 class Bound:
     event: str
     outcome: str  # "bound", "already bound", or the portal's error code
+
+
+def portal_event(record: PortalRecord) -> Event:
+    """The portal client is made per event (b24queue.portal): this one names the portal, with
+    its own application token (never published: it only opens that portal's credentials)."""
+    auth = {
+        "member_id": record.member_id,
+        "domain": record.domain,
+        "application_token": record.token,
+    }
+    return Event.from_payload({"event": "ONOFFLINEEVENT", "auth": auth})
 
 
 def check_names(events: list[str]) -> list[str]:

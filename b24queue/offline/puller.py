@@ -28,6 +28,7 @@ from b24queue.portal.limits import SharedState
 
 log = logging.getLogger(__name__)
 
+PUBLISH_AT_ONCE = 100
 MAX_RECOVER_ITEMS = 1000  # event.offline.list records read per recovery pass
 
 
@@ -153,11 +154,15 @@ class Puller:
             envelope_for_record(r, batch.process_id, t.member_id, t.domain, t.token_digest)
             for r in batch.records
         ]
-        # Published together (confirms pipelined); any failure that is not the message's own
-        # leaves the whole batch reserved: nothing is cleared.
-        results = await asyncio.gather(
-            *(self._sink.publish(e) for e in envelopes), return_exceptions=True
-        )
+        # Published PUBLISH_AT_ONCE at a time (confirms pipelined, each within the publish
+        # timeout even on a busy broker); any failure that is not the message's own leaves the
+        # whole batch reserved: nothing is cleared.
+        results: list[BaseException | None] = []
+        for start in range(0, len(envelopes), PUBLISH_AT_ONCE):
+            chunk = envelopes[start : start + PUBLISH_AT_ONCE]
+            results += await asyncio.gather(
+                *(self._sink.publish(e) for e in chunk), return_exceptions=True
+            )
         published, bad = [], list(batch.bad)
         for record, result in zip(batch.records, results, strict=True):
             if result is None:

@@ -25,6 +25,7 @@ from b24queue.envelope import EventSink, token_digest
 from b24queue.errors import B24QueueError, BadEventError, BrokerUnavailableError
 from b24queue.events import Event
 from b24queue.metrics import OfflineMetrics
+from b24queue.offline.bind import bind_events, portal_event
 from b24queue.offline.puller import Caller, Puller, Target
 from b24queue.offline.records import BadBatch
 from b24queue.portal.api import PortalError, PortalRetry
@@ -40,17 +41,6 @@ MAX_PULLS_IN_A_ROW = 100  # full batches before the loop waits (a portal answeri
 GONE = frozenset({"NO_CREDENTIALS", "WRONG_PORTAL"})
 
 PortalFor = Callable[[Event], Caller]
-
-
-def portal_event(record: PortalRecord) -> Event:
-    """The portal client is made per event (b24queue.portal): this one names the portal, with
-    its own application token (never published: it only opens that portal's credentials)."""
-    auth = {
-        "member_id": record.member_id,
-        "domain": record.domain,
-        "application_token": record.token,
-    }
-    return Event.from_payload({"event": "ONOFFLINEEVENT", "auth": auth})
 
 
 class OfflineService:
@@ -144,6 +134,8 @@ class OfflineService:
             token_digest(record.token),
         )
         puller = Puller(portal, self._sink, self._state, target, self.metrics)
+        if self._s.offline_events:
+            await self._bind(record, portal)
         wake = self._wakes[record.member_id]
         loop = asyncio.get_running_loop()
         recover_at = loop.time()
@@ -166,6 +158,25 @@ class OfflineService:
             wait_s = max(0.0, min(delay_s, recover_at - loop.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), wait_s)
+
+    async def _bind(self, record: PortalRecord, portal: Caller) -> None:
+        """B24QUEUE_OFFLINE_EVENTS bound once per portal and process start (binding again is
+        harmless: the portal answers that it has the handler already)."""
+        try:
+            done = await bind_events(
+                portal,
+                list(self._s.offline_events),
+                self._s.offline_auth_connector,
+                self._s.offline_ping_url or None,
+            )
+        except B24QueueError as exc:
+            log.warning("portal %s: binding offline events failed: %s", record.domain, exc)
+            return
+        log.info(
+            "portal %s: offline bindings: %s",
+            record.domain,
+            ", ".join(f"{b.event} {b.outcome}" for b in done),
+        )
 
     async def _step(
         self, record: PortalRecord, action: Callable[[], Awaitable[int]]

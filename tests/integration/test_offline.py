@@ -220,3 +220,23 @@ async def test_onofflineevent_through_the_ingress_wakes_the_puller(
         waited = loop.time() - started
     assert bodies([message])[0]["data"]["FIELDS"]["ID"] == "5"
     assert offline.pings == 1 and waited < 10  # not the hour of the poll interval
+
+
+async def test_configured_events_are_bound_at_start(
+    broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    await installed(store_of(tmp_path), fake_portal.rest, offline, MEMBER)
+    offline.queue(HOST).bindings.clear()  # installed, nothing bound yet
+    settings = offline_settings(
+        broker, store_of(tmp_path), portal_certificate[0],
+        offline_events="ONCRMDEALADD,ONCRMDEALUPDATE", offline_ping_url="https://in.example/b24",
+    )  # fmt: skip
+    seen = await broker.bind_queue("seen", "ONCRMDEALADD")
+    async with puller(settings):
+        await wait_until(lambda: bool(offline.queue(HOST).bindings), 20, "the events bound")
+        await offline.change(HOST, "ONCRMDEALADD", 3)
+        (message,) = await broker.take(seen, 1)
+    assert offline.queue(HOST).bindings == {"b24queue": {"ONCRMDEALADD", "ONCRMDEALUPDATE"}}
+    assert offline.queue(HOST).ping_handler == "https://in.example/b24"
+    assert bodies([message])[0]["data"]["FIELDS"]["ID"] == "3"

@@ -10,8 +10,7 @@ import pytest
 
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.errors import ConfigError
-from b24queue.offline.bind import bind_events, check_names
-from b24queue.offline.service import portal_event
+from b24queue.offline.bind import bind_events, check_names, portal_event
 from b24queue.portal.clients import PortalClients
 from tests.fake_offline import FakeOffline
 from tests.fake_portal import FakePortal, StaticResolver
