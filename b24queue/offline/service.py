@@ -60,6 +60,7 @@ class OfflineService:
         self._state = state
         self.metrics = metrics
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retired: set[asyncio.Task[None]] = set()
         self._wakes: dict[str, asyncio.Event] = {}
         self._stop = asyncio.Event()
 
@@ -91,7 +92,10 @@ class OfflineService:
         current = {r.member_id: r for r in records}
         for member_id in list(self._tasks):
             if member_id not in current:  # uninstalled (or no longer enabled)
-                self._tasks.pop(member_id).cancel()
+                retired = self._tasks.pop(member_id)
+                retired.cancel()
+                self._retired.add(retired)  # awaited at stop, dropped once done
+                retired.add_done_callback(self._retired.discard)
                 self._wakes.pop(member_id, None)
         for member_id, record in current.items():
             task = self._tasks.get(member_id)
@@ -106,7 +110,7 @@ class OfflineService:
         self._stop.set()
         for wake in self._wakes.values():
             wake.set()
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._retired]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self._s.shutdown_timeout_s)
             for task in late:
@@ -199,6 +203,10 @@ class OfflineService:
         except (BadBatch, B24QueueError) as exc:
             self.metrics.count("failed_pulls")
             log.warning("portal %s: offline pull failed: %s", record.domain, exc)
+            return float(self._s.offline_poll_s)
+        except Exception as exc:  # e.g. the shared state's store away: this portal waits
+            self.metrics.count("failed_pulls")
+            log.warning("portal %s: offline pull failed: %r", record.domain, exc)
             return float(self._s.offline_poll_s)
 
 
