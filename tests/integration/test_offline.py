@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from b24queue.auth.store import open_store
 from b24queue.metrics import OfflineMetrics
+from b24queue.offline import service
 from b24queue.offline.process import serve_offline
 from b24queue.offline.records import H_OFFLINE, H_OFFLINE_MESSAGE_ID
 from b24queue.settings import Settings
@@ -240,3 +242,34 @@ async def test_configured_events_are_bound_at_start(
     assert offline.queue(HOST).bindings == {"b24queue": {"ONCRMDEALADD", "ONCRMDEALUPDATE"}}
     assert offline.queue(HOST).ping_handler == "https://in.example/b24"
     assert bodies([message])[0]["data"]["FIELDS"]["ID"] == "3"
+
+
+async def test_tenants_never_mix_and_an_uninstalled_portal_is_left(
+    broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(service, "REFRESH_S", 0.2)  # the store re-read often
+    other = "m0ther0ff"
+    await installed(store_of(tmp_path), fake_portal.rest, offline, MEMBER)
+    await installed(store_of(tmp_path), fake_portal.rest, offline, other)
+    for deal in range(1, 11):
+        await offline.change(HOST, "ONCRMDEALUPDATE", deal)
+        await offline.change(domain_of(other), "ONCRMDEALUPDATE", 100 + deal)
+    seen = await broker.bind_queue("seen", "ONCRMDEALUPDATE")
+    settings = offline_settings(broker, store_of(tmp_path), portal_certificate[0])
+    async with puller(settings) as metrics:
+        messages = await broker.take(seen, 20)
+        for message, body in zip(messages, bodies(messages), strict=True):
+            member = message.headers["x-b24-member-id"]
+            assert body["auth"]["member_id"] == member
+            assert (int(body["data"]["FIELDS"]["ID"]) > 100) == (member == other)
+            assert body["auth"]["domain"] == domain_of(member)
+        store = open_store(store_of(tmp_path))
+        await store.forget(other)
+        await store.close()
+        await wait_until(lambda: metrics.portals._value.get() == 1, 20, "the portal left")
+        await offline.change(domain_of(other), "ONCRMDEALUPDATE", 150)
+        await offline.change(HOST, "ONCRMDEALUPDATE", 50)
+        (last,) = await broker.take(seen, 1)
+    assert bodies([last])[0]["auth"]["member_id"] == MEMBER
+    assert [r.object_id for r in offline.waiting(domain_of(other))] == ["150"]
