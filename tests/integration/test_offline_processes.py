@@ -190,3 +190,24 @@ async def test_the_offline_command_starts_and_stops_gracefully(
     await wait_until(lambda: log.exists() and "offline puller running" in log.read_text(), 60)
     assert await stop(proc) == 0
     assert "offline puller stopped" in log.read_text()
+
+
+async def test_sigterm_mid_batch_finishes_and_clears_it(
+    broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    await installed(f"sqlite:{tmp_path / 'portals.db'}", fake_portal.rest, offline, MEMBER)
+    for deal in range(1, 31):
+        await offline.change(HOST, "ONCRMDEALUPDATE", deal)
+    seen = await broker.bind_queue("seen", "ONCRMDEALUPDATE")
+    offline.hold["event.offline.clear"] = asyncio.Event()
+    offline.arrived["event.offline.clear"] = asyncio.Event()
+    env = env_of(broker, fake_portal, portal_certificate, tmp_path, offline_batch=30)
+    proc = await start_puller(env, tmp_path / "puller.log")
+    await asyncio.wait_for(offline.arrived["event.offline.clear"].wait(), 60)
+    proc.send_signal(signal.SIGTERM)  # while its clear is under way
+    await wait_until(lambda: "shutting down" in (tmp_path / "puller.log").read_text(), 20)
+    offline.hold["event.offline.clear"].set()  # the portal answers after all
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert len(offline.cleared) == 30 and not offline.waiting(HOST)
+    assert len(await broker.take(seen, 30)) == 30 and await broker.depth(seen) == 0  # once each
