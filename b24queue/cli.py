@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ping-url", help="also bind ONOFFLINEEVENT to this ingress URL (wakes the pullers)"
     )
 
+    d = portals.add_parser(
+        "offline-status", help="a portal's offline queue: waiting, reserved, errors (reads only)"
+    )
+    d.add_argument("member_id")
+    d.add_argument("--json", action="store_true")
+
     p = sub.add_parser(
         "offline", help="pull portals' offline event queues into the exchange (issue 18)"
     )

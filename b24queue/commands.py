@@ -239,8 +239,10 @@ def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_portals(settings: Settings, args: argparse.Namespace) -> int:
-    if args.portals_command == "bind-offline":
-        return _bind_offline(settings, args)
+    if args.portals_command in ("bind-offline", "offline-status"):
+        from b24queue.offline import tools
+
+        return tools.portals_command(settings, args.portals_command, vars(args))
     return asyncio.run(_portals(settings, args))
 
 
@@ -251,15 +253,6 @@ def cmd_offline(settings: Settings, args: argparse.Namespace) -> int:
         await serve_offline(settings, stop)
 
     return _run_service(serve)
-
-
-def _bind_offline(settings: Settings, args: argparse.Namespace) -> int:
-    from b24queue.offline.bind import bind_offline
-
-    done = asyncio.run(bind_offline(settings, args.member_id, args.events, args.ping_url))
-    for bound in done:
-        print(f"{bound.event}: {bound.outcome}")
-    return EXIT_OK if all(b.outcome in ("bound", "already bound") for b in done) else EXIT_FAILURE
 
 
 async def _portals(settings: Settings, args: argparse.Namespace) -> int:
