@@ -171,6 +171,7 @@ async def test_two_pullers_on_one_portal_share_it_without_loss(
     # reservation, so a new message_id), never the same record again.
     assert len({m.message_id for m in messages}) == total
     assert total <= changes
+    assert fake_portal.rest.over_limit == 0  # both within the portal's one shared bucket
     print(f"\n{total} records by 2 pullers in {elapsed:.1f}s: {total / elapsed:.0f}/s")
 
 
