@@ -64,11 +64,7 @@ def parse_batch(result: Any, max_body_bytes: int) -> Batch:
     if not isinstance(result, dict):
         raise BadBatch("event.offline.get answered something else than an object")
     process_id = valid_process_id(result.get("process_id"))
-    events = result.get("events")
-    if events is None or events == {}:
-        events = []
-    if not isinstance(events, list):
-        raise BadBatch("event.offline.get: `events` is not a list")
+    events = _events(result.get("events"))
     if process_id is None:
         if not events:
             return Batch("", [], [], 0, 0)
@@ -85,6 +81,16 @@ def parse_batch(result: Any, max_body_bytes: int) -> Batch:
         elif record is None:
             batch.unnamed += 1
     return batch
+
+
+def _events(events: Any) -> list[Any]:
+    if events is None:
+        return []
+    if isinstance(events, dict):  # PHP's array with keys of its own, as JSON: its values
+        return list(events.values())
+    if not isinstance(events, list):
+        raise BadBatch("event.offline.get: `events` is not a list")
+    return events
 
 
 def _record(raw: Any, max_body_bytes: int) -> tuple[OfflineRecord | None, str | None]:

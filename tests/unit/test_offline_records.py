@@ -66,6 +66,9 @@ def test_an_unusable_answer_is_refused(answer: Any) -> None:
 
 def test_an_empty_queue_is_an_empty_batch() -> None:
     assert parse_batch({"process_id": "p", "events": []}, 1024).records == []
+    assert parse_batch({"process_id": "p", "events": {}}, 1024).records == []
+    keyed = parse_batch({"process_id": "p", "events": {"7": row(7)}}, 1024)
+    assert [r.id for r in keyed.records] == ["7"]
     assert parse_batch({"events": []}, 1024).process_id == ""
 
 
