@@ -20,7 +20,8 @@ from b24queue.idempotency import MemorySeenStore
 from b24queue.runtime import Worker
 from tests.fake_offline import FakeOffline
 from tests.fake_portal import FakePortal
-from tests.integration.conftest import ROOT, Broker, wait_until
+from tests.integration.conftest import AMQP_URL, ROOT, Broker, wait_until
+from tests.integration.proxy import Proxy
 from tests.offline_setup import bodies, installed, offline_env
 from tests.portal_setup import domain_of
 from tests.processes import STARTED, start, stop
@@ -212,3 +213,36 @@ async def test_sigterm_mid_batch_finishes_and_clears_it(
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert len(offline.cleared) == 30 and not offline.waiting(HOST)
     assert len(await broker.take(seen, 30)) == 30 and await broker.depth(seen) == 0  # once each
+
+
+async def test_a_puller_process_clears_nothing_while_the_broker_is_unreachable(
+    broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    await installed(f"sqlite:{tmp_path / 'portals.db'}", fake_portal.rest, offline, MEMBER)
+    seen = await broker.bind_queue("seen", "ONCRMDEALUPDATE")
+    proxy = Proxy()
+    await proxy.start()
+    url = AMQP_URL.replace(":5672/", f":{proxy.port}/")
+    env = env_of(broker, fake_portal, portal_certificate, tmp_path, amqp_url=url)
+    env["B24QUEUE_PUBLISH_TIMEOUT_S"] = "1"
+    log = tmp_path / "puller.log"
+    try:
+        proc = await puller(env, log)
+        await offline.change(HOST, "ONCRMDEALUPDATE", 1)
+        await wait_until(lambda: len(offline.cleared) == 1, 30, "the first record cleared")
+        await proxy.cut()  # RabbitMQ unreachable for this process only
+        for deal in range(2, 41):
+            await offline.change(HOST, "ONCRMDEALUPDATE", deal)
+        await wait_until(
+            lambda: log.read_text().count("wait for the broker") >= 3, 60, "pulls failing"
+        )
+        assert len(offline.cleared) == 1 and all(r.process_id for r in offline.waiting(HOST))
+        await proxy.start()  # back
+        await wait_until(lambda: len(offline.cleared) == 40, 60, "every record cleared")
+        assert await stop(proc) == 0
+    finally:
+        await proxy.cut()
+    messages = await broker.take(seen, 40)
+    assert {b["data"]["FIELDS"]["ID"] for b in bodies(messages)} == {str(i) for i in range(1, 41)}
+    assert await broker.depth(seen) == 0
