@@ -80,6 +80,9 @@ async def test_records_are_published_marked_then_cleared(
     assert set(body["offline"]) == {"id", "message_id", "process_id", "timestamp", "additional"}
     assert len({m.message_id for m in messages}) == 120
     assert metrics.totals["published"] == 120 and metrics.totals["cleared"] == 120
+    shown = metrics.render().decode()
+    assert 'b24queue_offline_records_total{outcome="cleared"} 120.0' in shown
+    assert "b24queue_offline_portals 1.0" in shown
     gets = [p for _, m, p in offline.calls if m == "event.offline.get"]
     assert all(p["clear"] == 0 and p["auth_connector"] == "b24queue" for p in gets)
 
