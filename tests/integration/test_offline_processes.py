@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from b24queue import Event, EventConsumer
+from b24queue.auth.store import open_store
 from b24queue.idempotency import MemorySeenStore
 from b24queue.runtime import Worker
 from tests.fake_offline import FakeOffline
@@ -29,6 +31,7 @@ from tests.processes import STARTED, start, stop
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 MEMBER = "mkill0ff"
+REDIS = "redis://127.0.0.1:6379/0"
 HOST = domain_of(MEMBER)
 
 
@@ -61,7 +64,7 @@ async def kill(proc: asyncio.subprocess.Process) -> None:
 def env_of(
     broker: Broker, fake_portal: FakePortal, cert: Any, tmp_path: Path, **extra: Any
 ) -> dict[str, str]:
-    store = f"sqlite:{tmp_path / 'portals.db'}"
+    store = extra.pop("portal_store", f"sqlite:{tmp_path / 'portals.db'}")
     return offline_env(broker, store, cert[0], fake_portal.listen_port, offline_lease_s=2, **extra)
 
 
@@ -137,26 +140,46 @@ async def _killed_mid_batch(
     assert sorted(int(o) for _, _, o in offline.cleared) == list(range(1, 41))  # once each
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite", "redis"])
 async def test_two_pullers_on_one_portal_share_it_without_loss(
-    broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
-    tmp_path: Path,
+    store_kind: str, broker: Broker, fake_portal: FakePortal, offline: FakeOffline,
+    portal_certificate: Any, tmp_path: Path,
 ) -> None:  # fmt: skip
-    await installed(f"sqlite:{tmp_path / 'portals.db'}", fake_portal.rest, offline, MEMBER)
+    # On Redis (the store pullers on several hosts share) the portal is this test's own.
+    member = MEMBER if store_kind == "sqlite" else f"m{uuid.uuid4().hex[:12]}"
+    spec = f"sqlite:{tmp_path / 'portals.db'}" if store_kind == "sqlite" else REDIS
+    await installed(spec, fake_portal.rest, offline, member)
+    try:
+        await _two_pullers(spec, member, broker, fake_portal, offline, portal_certificate, tmp_path)
+    finally:
+        store = open_store(spec)
+        await store.forget(member)
+        await store.close()
+
+
+async def _two_pullers(
+    spec: str, member: str, broker: Broker, fake_portal: FakePortal, offline: FakeOffline,
+    portal_certificate: Any, tmp_path: Path,
+) -> None:  # fmt: skip
+    host = domain_of(member)
     seen = await broker.bind_queue("seen", "ONCRMDEALUPDATE")
-    env = env_of(broker, fake_portal, portal_certificate, tmp_path, offline_batch=25)
+    env = env_of(
+        broker, fake_portal, portal_certificate, tmp_path, offline_batch=25, portal_store=spec,
+        offline_portals=member,
+    )  # fmt: skip
     procs = [await puller(env, tmp_path / f"puller{i}.log") for i in (1, 2)]
     loop = asyncio.get_running_loop()
     started = loop.time()
     changes = 0
     for deal in range(1, 601):  # while both pull, in bursts; some objects change again
-        await offline.change(HOST, "ONCRMDEALUPDATE", deal)
+        await offline.change(host, "ONCRMDEALUPDATE", deal)
         changes += 1
         if deal % 50 == 0:
             for again in range(deal - 49, deal - 39):
-                await offline.change(HOST, "ONCRMDEALUPDATE", again)
+                await offline.change(host, "ONCRMDEALUPDATE", again)
                 changes += 1
             await asyncio.sleep(0)  # the fake portal answers between bursts
-    await wait_until(lambda: not offline.waiting(HOST), 90, "the queue drained")
+    await wait_until(lambda: not offline.waiting(host), 90, "the queue drained")
     elapsed = loop.time() - started
     for proc in procs:
         assert await stop(proc) == 0
