@@ -127,6 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("member_id")
 
+    d = portals.add_parser(
+        "bind-offline",
+        help="have the portal queue these events for `b24queue offline` (event.bind, offline)",
+    )
+    d.add_argument("member_id")
+    d.add_argument("events", nargs="+", metavar="EVENT", help="e.g. ONCRMDEALADD ONCRMDEALUPDATE")
+    d.add_argument(
+        "--ping-url", help="also bind ONOFFLINEEVENT to this ingress URL (wakes the pullers)"
+    )
+
+    d = portals.add_parser(
+        "offline-status", help="a portal's offline queue: waiting, reserved, errors (reads only)"
+    )
+    d.add_argument("member_id")
+    d.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "offline", help="pull portals' offline event queues into the exchange (issue 18)"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, help="serve /metrics here (B24QUEUE_OFFLINE_METRICS_PORT)"
+    )
+
     p = sub.add_parser("send", help="post an event to an ingress as Bitrix24 would")
     p.add_argument("event", nargs="?", help="event name, e.g. ONCRMDEALADD")
     p.add_argument("--url", default=sender.DEFAULT_URL, help=f"default {sender.DEFAULT_URL}")
@@ -157,6 +180,8 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "processes": "ingress_processes",
         "metrics_port": "worker_metrics_port",
     }
+    if args.command == "offline":
+        flags["metrics_port"] = "offline_metrics_port"
     return {
         setting: getattr(args, flag)
         for flag, setting in flags.items()
@@ -181,6 +206,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         "portals": commands.cmd_portals,
         "spool": commands.cmd_spool,
         "send": commands.cmd_send,
+        "offline": commands.cmd_offline,
     }
     try:
         return handlers[args.command](settings, args)

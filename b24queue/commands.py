@@ -239,7 +239,20 @@ def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_portals(settings: Settings, args: argparse.Namespace) -> int:
+    if args.portals_command in ("bind-offline", "offline-status"):
+        from b24queue.offline import tools
+
+        return tools.portals_command(settings, args.portals_command, vars(args))
     return asyncio.run(_portals(settings, args))
+
+
+def cmd_offline(settings: Settings, args: argparse.Namespace) -> int:
+    from b24queue.offline.process import serve_offline
+
+    async def serve(stop: asyncio.Event) -> None:
+        await serve_offline(settings, stop)
+
+    return _run_service(serve)
 
 
 async def _portals(settings: Settings, args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ def message_body(payload: dict[str, Any]) -> bytes:
     (`auth[application_token]`; bot events repeat it in `data[BOT][<id>][AUTH]`): the ingress has
     verified it, and anyone allowed to read a queue could otherwise forge events with it."""
     payload = _without_token(payload)
+    if "offline" in payload:  # only b24queue.offline marks an event so, never a request body
+        payload = {k: v for k, v in payload.items() if k != "offline"}
     data = payload.get("data")
     bots = data.get("BOT") if isinstance(data, dict) else None
     if isinstance(bots, dict) and any(_has_token(b) for b in bots.values()):

@@ -135,6 +135,10 @@ class Event(BaseModel):
     data: Any = Field(default_factory=dict, repr=False)
     ts: int | None = Field(default=None, ge=0, le=2**53)
     auth: Auth = Field(default_factory=Auth)
+    # Only on events pulled from a portal's offline queue (b24queue.offline): the record's `id`,
+    # `message_id` (MESSAGE_ID), `process_id`, `timestamp` (TIMESTAMP_X) and `additional`
+    # (EVENT_ADDITIONAL). None for an event the portal sent us (the ingress drops the key).
+    offline: dict[str, Any] | None = Field(default=None, repr=False)
 
     # Not fields: the decoded body (`payload`) and what the worker knows of the delivery live in
     # pydantic's slot for private values, `__pydantic_private__`, filled by `_private` (see there).

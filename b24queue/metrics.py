@@ -217,3 +217,43 @@ class WorkerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class OfflineMetrics:
+    """`b24queue offline`: records by outcome (a fixed set of labels, never a portal's name)."""
+
+    OUTCOMES = (
+        "pulled",
+        "published",
+        "cleared",
+        "errored",
+        "unnamed",
+        "recovered_batches",
+        "failed_pulls",
+    )
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.records = Counter(
+            "b24queue_offline_records",
+            "Offline records pulled, published, cleared, marked as errors (event.offline.error), "
+            "left reserved for lack of a usable id (unnamed); batches redone after a crash "
+            "(recovered_batches); pulls that failed (failed_pulls)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.portals = Gauge(
+            "b24queue_offline_portals", "Portals this process pulls", registry=self.registry
+        )
+        self.totals = dict.fromkeys(self.OUTCOMES, 0)
+
+    def count(self, outcome: str, n: int = 1) -> None:
+        if n and outcome in self.totals:
+            self.totals[outcome] += n
+            self.records.labels(outcome).inc(n)
+
+    def serve(self, host: str, port: int) -> None:
+        _start_http_server(port, addr=host, registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -157,6 +157,25 @@ class Settings(BaseSettings):
     # webhook's portal without OAuth credentials call through it.
     portal_webhooks: SecretStr = SecretStr("")
 
+    # Offline events (b24queue.offline): `b24queue offline` pulls each portal's offline queue
+    # (event.offline.get) into the exchange. Which portals ("*": every installed one, or
+    # member_ids, comma-separated), the source key its bindings use (the app's own writes made
+    # with it stay out of its queue), records per get, how often each portal is polled when no
+    # ONOFFLINEEVENT wakes it, and the queue those pings reach the pullers through.
+    offline_portals: Annotated[tuple[str, ...], NoDecode] = ("*",)
+    offline_auth_connector: str = Field(default="b24queue", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    offline_batch: int = Field(default=50, ge=1, le=1000)
+    offline_poll_s: float = Field(default=60.0, gt=0, le=86_400)
+    offline_wake_queue: str = Field(default="b24queue.offline-wake", pattern=_NAME_PATTERN)
+    offline_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Events each puller binds (event_type=offline) on every portal it pulls, at its start; and
+    # the ingress URL ONOFFLINEEVENT is bound to. Empty: bind with `portals bind-offline`.
+    offline_events: Annotated[tuple[str, ...], NoDecode] = ()
+    offline_ping_url: str = Field(default="", pattern=r"^(https://\S{1,2000})?$")
+    # A puller's hold on the batch it publishes: others' recovery leaves it alone that long (a
+    # crashed puller's batch waits that long to be redone).
+    offline_lease_s: float = Field(default=30.0, ge=1, le=3600)
+
     # Workers
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     worker_metrics_port: int = Field(
@@ -168,7 +187,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("app_tokens", "portal_domains", mode="before")
+    @field_validator(
+        "app_tokens", "portal_domains", "offline_portals", "offline_events", mode="before"
+    )
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -32,6 +33,8 @@ DEALS = 120
 PAGE = 50
 
 _ids = itertools.count(1)
+
+Extension = Callable[[str, str, dict[str, Any]], Awaitable[tuple[int, dict[str, Any]] | None]]
 
 
 def _error(status: int, code: str, description: str) -> web.Response:
@@ -62,6 +65,9 @@ class FakeRest:
         # When set: the refresh is done (the old refresh token spent, the new pair issued), and
         # the answer waits for this gate, as when it is lost on the way or a server hangs.
         self.oauth_gate: asyncio.Event | None = None
+        # More methods, registered by other fakes (tests/fake_offline.py): (host, method,
+        # params) -> (status, answer), or None when not theirs.
+        self.extensions: list[Extension] = []
 
     def issue(self, member_id: str, lifetime_s: float | None = None) -> tuple[str, str, int]:
         """A new (access, refresh, expires) for the portal."""
@@ -106,6 +112,12 @@ class FakeRest:
             return _error(401, "invalid_token", "The access token provided is invalid.")
         if known[1] < time.time():
             return _error(401, "expired_token", "The access token provided has expired.")
+        for extension in self.extensions:
+            answered = await extension(host, method, params)
+            if answered is not None:
+                if answered[0] == 200:
+                    self.served.append((host, method, time.monotonic()))
+                return web.json_response(answered[1], status=answered[0])
         if method == "crm.deal.pieces":  # a large answer, written in two pieces
             return await _in_pieces(request, {"result": {"PAD": "x" * 200_000}})
         if method == "crm.deal.deep":  # nested deeper than a recursive decoder goes

@@ -1,0 +1,89 @@
+"""`b24queue portals bind-offline MEMBER_ID EVENT...`: ask the portal to queue these events for
+us (event.bind with event_type=offline and our auth_connector), and optionally to ping the ingress
+with ONOFFLINEEVENT when records appear.
+
+event.bind needs an administrator's token: the one stored at install is the installing user's
+(an admin, since only admins install apps). Offline events need a plan that has them
+(feature.get says); auth_connector needs Professional or above, per Bitrix24's documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from b24queue.auth.record import PortalRecord
+from b24queue.auth.store import open_store
+from b24queue.errors import ConfigError
+from b24queue.events import EVENT_NAME, MAX_EVENT_NAME, Event
+from b24queue.offline.puller import Caller
+from b24queue.portal.api import PortalError
+from b24queue.portal.clients import PortalClients
+from b24queue.settings import Settings
+
+# Bitrix24's answer when the same handler is bound twice: not a failure for us.
+ALREADY = frozenset({"ERROR_HANDLER_ALREADY_EXIST"})
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    event: str
+    outcome: str  # "bound", "already bound", or the portal's error code
+
+
+def portal_event(record: PortalRecord) -> Event:
+    """The portal client is made per event (b24queue.portal): this one names the portal, with
+    its own application token (never published: it only opens that portal's credentials)."""
+    auth = {
+        "member_id": record.member_id,
+        "domain": record.domain,
+        "application_token": record.token,
+    }
+    return Event.from_payload({"event": "ONOFFLINEEVENT", "auth": auth})
+
+
+def check_names(events: list[str]) -> list[str]:
+    names = []
+    for name in events:
+        if len(name) > MAX_EVENT_NAME or not EVENT_NAME.fullmatch(name):
+            raise ConfigError(f"bind-offline: {name[:64]!r} is not a Bitrix24 event name")
+        names.append(name.upper())
+    return names
+
+
+async def bind_events(
+    portal: Caller, events: list[str], auth_connector: str, ping_url: str | None
+) -> list[Bound]:
+    done = []
+    for name in check_names(events):
+        params = {"event": name, "event_type": "offline", "auth_connector": auth_connector}
+        done.append(Bound(name, await _bind(portal, params)))
+    if ping_url:
+        params = {"event": "ONOFFLINEEVENT", "handler": ping_url}
+        done.append(Bound("ONOFFLINEEVENT", await _bind(portal, params)))
+    return done
+
+
+async def _bind(portal: Caller, params: dict[str, str]) -> str:
+    try:
+        await portal.call("event.bind", params)
+    except PortalError as exc:
+        return "already bound" if exc.code in ALREADY else exc.code
+    return "bound"
+
+
+async def bind_offline(
+    settings: Settings, member_id: str, events: list[str], ping_url: str | None
+) -> list[Bound]:
+    check_names(events)
+    if ping_url is not None and not ping_url.startswith("https://"):
+        raise ConfigError("bind-offline: --ping-url must be the ingress's https:// address")
+    store = open_store(settings.portal_store)
+    try:
+        record = await store.get(member_id)
+        if record is None:
+            raise ConfigError(f"bind-offline: no installed portal with member_id {member_id!r}")
+        async with PortalClients(settings, store=store) as clients:
+            portal = clients.for_event(portal_event(record))
+            return await bind_events(portal, events, settings.offline_auth_connector, ping_url)
+    finally:
+        await store.close()

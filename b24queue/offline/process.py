@@ -1,0 +1,74 @@
+"""The `b24queue offline` process: what it opens in which order, and how it stops.
+
+Start: portal store and shared state -> portal clients (no I/O yet) -> publisher (connects in the
+background) -> the wake-up consumer (its queue bound to ONOFFLINEEVENT) -> the pullers.
+Stop: pullers finish the batch they publish (and clear it), then the consumer, the publisher and
+the clients close, in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from b24queue.auth.store import open_store
+from b24queue.metrics import OfflineMetrics
+from b24queue.offline.service import OfflineService, wake_consumer
+from b24queue.portal.clients import PortalClients
+from b24queue.portal.limits import open_state
+from b24queue.runtime import Worker
+from b24queue.settings import Settings
+from b24queue.transports import connection_name, transport_for
+
+if TYPE_CHECKING:
+    from aiohttp.abc import AbstractResolver
+
+log = logging.getLogger(__name__)
+
+
+async def serve_offline(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    resolver: AbstractResolver | None = None,
+    metrics: OfflineMetrics | None = None,
+) -> OfflineMetrics:
+    """Run until `stop`; returns the counts. `resolver` and `metrics`: for tests."""
+    metrics = metrics or OfflineMetrics()
+    if settings.offline_metrics_port:
+        metrics.serve(settings.worker_metrics_host, settings.offline_metrics_port)
+    async with contextlib.AsyncExitStack() as stack:
+        store = open_store(settings.portal_store)
+        stack.push_async_callback(store.close)
+        state = open_state(settings.portal_store)
+        stack.push_async_callback(state.close)
+        clients = await stack.enter_async_context(
+            PortalClients(settings, store=store, state=state, resolver=resolver)
+        )
+        publisher = await stack.enter_async_context(
+            transport_for(settings).publisher(connection_name("offline"))
+        )
+        service = OfflineService(settings, clients.for_event, publisher, store, state, metrics)
+        await stack.enter_async_context(
+            Worker(settings, [wake_consumer(settings, service)], portals=clients)
+        )
+        log.info(
+            "offline puller running (auth_connector %s, batch %d, poll every %gs)",
+            settings.offline_auth_connector,
+            settings.offline_batch,
+            settings.offline_poll_s,
+        )
+        running = asyncio.create_task(service.run(stop), name="b24queue-offline")
+        failed = asyncio.create_task(publisher.failed(), name="b24queue-offline-publisher")
+        await asyncio.wait({running, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if not running.done():
+            stop.set()  # the publisher gave up for good: stop pulling, then report why
+        await asyncio.gather(running, return_exceptions=False)
+        failed.cancel()
+        await asyncio.gather(failed, return_exceptions=True)
+        if failed.done() and not failed.cancelled():
+            raise failed.result()
+        log.info("offline puller stopped: %s", metrics.totals)
+    return metrics

@@ -1,0 +1,205 @@
+"""One portal's offline queue into the exchange: nothing is cleared before it is durable.
+
+A pull: `event.offline.get(clear=0)` reserves a batch under a `process_id`; every record is
+published through the same confirmed path as the ingress (`EventSink.publish` returns only once
+the event is durable); only then `event.offline.clear(process_id, id=[...])`. Records that cannot
+be published (malformed, refused by the broker for good) go to `event.offline.error`.
+
+What a crash leaves behind is a reserved batch nobody clears. The portal keeps it (for 30 days)
+and answers it again to a get with the same process_id, so `recover` finds reserved batches with
+`event.offline.list` and redoes them: the consumers may see a record twice (with the same
+message_id, for the duplicate guard), never not at all. While a puller works on a batch it holds
+a lease on it in the portal store's shared state, so other pullers' recovery leaves it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from b24queue.envelope import EventSink
+from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.offline.records import Batch, envelope_for_record, parse_batch, valid_process_id
+from b24queue.portal.limits import SharedState
+
+log = logging.getLogger(__name__)
+
+PUBLISH_AT_ONCE = 100
+MAX_RECOVER_ITEMS = 1000  # event.offline.list records read per recovery pass
+
+
+class Caller(Protocol):
+    """What a puller needs of its portal's client (b24queue.portal.api.Portal)."""
+
+    async def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any: ...
+
+    def list(
+        self, method: str, params: Mapping[str, Any] | None = None, *, max_items: int = 100_000
+    ) -> AsyncIterator[Any]: ...
+
+
+class Counter(Protocol):
+    def count(self, outcome: str, n: int = 1) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    member_id: str
+    domain: str
+    auth_connector: str
+    limit: int
+    max_body_bytes: int
+    lease_s: float  # longer than publishing one batch takes; an expired lease only duplicates
+    token_digest: str = field(repr=False)  # of the portal's application token
+
+
+class Puller:
+    def __init__(
+        self, portal: Caller, sink: EventSink, state: SharedState, target: Target, counter: Counter
+    ) -> None:
+        self._portal = portal
+        self._sink = sink
+        self._state = state
+        self._t = target
+        self._counter = counter
+        self._owner = f"offline-{os.getpid()}-{id(self):x}"
+        self._pending: str | None = None  # a batch of ours left reserved (broker away)
+
+    async def pull_once(self) -> int:
+        """One get (our own unfinished batch first) and its records finished; returns how many
+        records the portal answered (a full batch means there may be more)."""
+        process_id, self._pending = self._pending, None
+        params: dict[str, Any] = {"clear": 0, "limit": self._t.limit}
+        params["auth_connector"] = self._t.auth_connector
+        if process_id:
+            params["process_id"] = process_id
+        answer = await self._portal.call("event.offline.get", params)
+        batch = parse_batch(answer, self._t.max_body_bytes)
+        size = len(batch.records) + len(batch.bad) + batch.unnamed
+        if batch.process_id:
+            await self._finish_leased(batch)
+        return size
+
+    async def recover(self) -> int:
+        """Redo batches reserved and never cleared (a crashed puller's); returns how many are
+        left for later (leased: a live puller's, or a dead one's until its lease runs out)."""
+        found = await self._reserved()
+        left = 0
+        for process_id in found:
+            if not await self._state.lease(
+                self._lease_key(process_id), self._owner, self._t.lease_s
+            ):
+                left += 1
+                continue
+            try:
+                params = {
+                    "clear": 0,
+                    "limit": self._t.limit,
+                    "process_id": process_id,
+                    "auth_connector": self._t.auth_connector,
+                }
+                answer = await self._portal.call("event.offline.get", params)
+                batch = parse_batch(answer, self._t.max_body_bytes)
+                if batch.process_id:
+                    log.info(
+                        "portal %s: redoing reserved batch %s (%d records)",
+                        self._t.domain,
+                        batch.process_id,
+                        len(batch.records),
+                    )
+                    await self._finish(batch)
+                    self._counter.count("recovered_batches")
+            finally:
+                await self._state.release(self._lease_key(process_id), self._owner)
+        return left
+
+    async def _reserved(self) -> list[str]:
+        """Process ids with records reserved and not marked as errors (bounded)."""
+        found: dict[str, None] = {}
+        params = {
+            "filter": {"!PROCESS_ID": "", "ERROR": 0},
+            "auth_connector": self._t.auth_connector,
+        }
+        listed = self._portal.list("event.offline.list", params, max_items=MAX_RECOVER_ITEMS)
+        async for item in listed:
+            process_id = (
+                valid_process_id(item.get("PROCESS_ID")) if isinstance(item, dict) else None
+            )
+            if process_id:
+                found[process_id] = None
+        return list(found)
+
+    async def _finish_leased(self, batch: Batch) -> None:
+        key = self._lease_key(batch.process_id)
+        leased = await self._state.lease(key, self._owner, self._t.lease_s)
+        try:
+            await self._finish(batch)
+        except Exception:
+            # The broker away, or the clear not answered: the batch stays reserved; the next
+            # pull reads it again first, with the same process_id (published again, cleared).
+            self._pending = batch.process_id
+            raise
+        finally:
+            if leased:
+                await self._state.release(key, self._owner)
+
+    async def _finish(self, batch: Batch) -> None:
+        t = self._t
+        self._counter.count("pulled", len(batch.records))
+        envelopes = [
+            envelope_for_record(r, batch.process_id, t.member_id, t.domain, t.token_digest)
+            for r in batch.records
+        ]
+        # Published PUBLISH_AT_ONCE at a time (confirms pipelined, each within the publish
+        # timeout even on a busy broker); any failure that is not the message's own leaves the
+        # whole batch reserved: nothing is cleared.
+        results: list[BaseException | None] = []
+        for start in range(0, len(envelopes), PUBLISH_AT_ONCE):
+            chunk = envelopes[start : start + PUBLISH_AT_ONCE]
+            results += await asyncio.gather(
+                *(self._sink.publish(e) for e in chunk), return_exceptions=True
+            )
+        published, bad = [], list(batch.bad)
+        for record, result in zip(batch.records, results, strict=True):
+            if result is None:
+                published.append(record.id)
+            elif isinstance(result, PublishError) and result.permanent:
+                bad.append(record.message_id)
+            elif isinstance(result, PublishError | BrokerUnavailableError):
+                raise BrokerUnavailableError(f"publishing offline records: {result}")
+            elif isinstance(result, BaseException):
+                raise result
+        self._counter.count("published", len(published))
+        if published:
+            await self._portal.call(
+                "event.offline.clear", {"process_id": batch.process_id, "id": published}
+            )
+            self._counter.count("cleared", len(published))
+        if bad:
+            await self._portal.call(
+                "event.offline.error", {"process_id": batch.process_id, "message_id": bad}
+            )
+            self._counter.count("errored", len(bad))
+            log.warning(
+                "portal %s: %d offline record(s) could not be published; marked as errors "
+                "(event.offline.get with error=1 reads them)",
+                t.domain,
+                len(bad),
+            )
+        if batch.unnamed or batch.over:
+            self._counter.count("unnamed", batch.unnamed)
+            log.warning(
+                "portal %s: batch %s: %d record(s) without a usable ID/MESSAGE_ID and %d over "
+                "the batch cap left reserved",
+                t.domain,
+                batch.process_id,
+                batch.unnamed,
+                batch.over,
+            )
+
+    def _lease_key(self, process_id: str) -> str:
+        return f"offline:{self._t.member_id}:{process_id}"

@@ -1,0 +1,235 @@
+"""`b24queue offline`: every enabled portal's offline queue pulled into the exchange.
+
+One task per portal (from the portal store, re-read every `REFRESH_S`): redo what a crash left
+reserved, then pull while batches come full, then wait for a wake-up or the poll interval. A
+wake-up is an ONOFFLINEEVENT the portal sent to the ingress: the ingress publishes it like any
+event, and this process consumes it from a small queue of its own (B24QUEUE_OFFLINE_WAKE_QUEUE)
+on whichever transport, so several pullers share the pings. Every call goes through the portal
+client, within the portal's shared rate limit.
+
+Stop (SIGTERM): no new pull starts; a batch being published is finished and cleared, up to
+`shutdown_timeout_s`; what is cancelled after that stays reserved and is redone at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from b24queue.auth.record import PortalRecord
+from b24queue.auth.store import TokenStore
+from b24queue.consumer import EventConsumer
+from b24queue.envelope import EventSink, token_digest
+from b24queue.errors import B24QueueError, BadEventError, BrokerUnavailableError
+from b24queue.events import Event
+from b24queue.metrics import OfflineMetrics
+from b24queue.offline.bind import bind_events, portal_event
+from b24queue.offline.puller import Caller, Puller, Target
+from b24queue.offline.records import BadBatch
+from b24queue.portal.api import PortalError, PortalRetry
+from b24queue.portal.limits import SharedState
+from b24queue.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 30.0  # how often the list of installed portals is read again
+RECOVER_S = 300.0  # how often a portal's reserved-and-forgotten batches are looked for
+BROKER_WAIT_S = 1.0  # the broker away: try the batch again after this long
+MAX_PULLS_IN_A_ROW = 100  # full batches before the loop waits (a portal answering full forever)
+GONE = frozenset({"NO_CREDENTIALS", "WRONG_PORTAL"})
+
+PortalFor = Callable[[Event], Caller]
+
+
+class OfflineService:
+    def __init__(
+        self,
+        settings: Settings,
+        portal_for: PortalFor,
+        sink: EventSink,
+        store: TokenStore,
+        state: SharedState,
+        metrics: OfflineMetrics,
+    ) -> None:
+        self._s = settings
+        self._portal_for = portal_for
+        self._sink = sink
+        self._store = store
+        self._state = state
+        self.metrics = metrics
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retired: set[asyncio.Task[None]] = set()
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._stop = asyncio.Event()
+
+    def enabled(self, member_id: str | None) -> bool:
+        wanted = self._s.offline_portals
+        return bool(member_id) and ("*" in wanted or member_id in wanted)
+
+    def wake(self, member_id: str | None) -> None:
+        """Pull this portal now (an ONOFFLINEEVENT came); unknown portals are ignored."""
+        wake = self._wakes.get(member_id or "")
+        if wake is not None:
+            wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                await self._refresh()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), REFRESH_S)
+        finally:
+            await self._stop_all()
+
+    async def _refresh(self) -> None:
+        try:
+            records = [r for r in await self._store.all() if self.enabled(r.member_id)]
+        except Exception as exc:  # the store away for a moment: keep the portals we have
+            log.warning("cannot read the portal store: %s", type(exc).__name__)
+            return
+        current = {r.member_id: r for r in records}
+        for member_id in list(self._tasks):
+            if member_id not in current:  # uninstalled (or no longer enabled)
+                retired = self._tasks.pop(member_id)
+                retired.cancel()
+                self._retired.add(retired)  # awaited at stop, dropped once done
+                retired.add_done_callback(self._retired.discard)
+                self._wakes.pop(member_id, None)
+        for member_id, record in current.items():
+            task = self._tasks.get(member_id)
+            if task is None or task.done():
+                self._wakes[member_id] = asyncio.Event()
+                self._tasks[member_id] = asyncio.create_task(
+                    self._portal_loop(record), name=f"b24queue-offline-{member_id}"
+                )
+        self.metrics.portals.set(len(self._tasks))
+
+    async def _stop_all(self) -> None:
+        self._stop.set()
+        for wake in self._wakes.values():
+            wake.set()
+        tasks = [*self._tasks.values(), *self._retired]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self._s.shutdown_timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _portal_loop(self, record: PortalRecord) -> None:
+        with contextlib.suppress(_PortalGone):
+            await self._pull_portal(record)
+
+    async def _pull_portal(self, record: PortalRecord) -> None:
+        try:
+            portal = self._portal_for(portal_event(record))
+        except BadEventError:
+            log.error("portal %s: its stored domain is not usable; not pulled", record.member_id)
+            return
+        target = Target(
+            record.member_id,
+            record.domain,
+            self._s.offline_auth_connector,
+            self._s.offline_batch,
+            self._s.max_body_bytes,
+            self._s.offline_lease_s,
+            token_digest(record.token),
+        )
+        puller = Puller(portal, self._sink, self._state, target, self.metrics)
+        if self._s.offline_events:
+            await self._bind(record, portal)
+        wake = self._wakes[record.member_id]
+        loop = asyncio.get_running_loop()
+        recover_at = loop.time()
+        while not self._stop.is_set():
+            wake.clear()
+            if loop.time() >= recover_at:
+                left = await self._step(record, puller.recover)
+                # Batches still leased are looked at again once the lease can have run out.
+                again_s = self._s.offline_lease_s + 1 if left else RECOVER_S
+                recover_at = loop.time() + (again_s if isinstance(left, int) else left)
+            delay_s: float = self._s.offline_poll_s
+            for _ in range(MAX_PULLS_IN_A_ROW):
+                outcome = await self._step(record, puller.pull_once)
+                if isinstance(outcome, float):
+                    delay_s = outcome
+                if outcome != self._s.offline_batch or self._stop.is_set():
+                    break  # a full batch means there is more waiting
+            else:
+                delay_s = 0.0  # a long queue: the other portals' turn in the loop first
+            wait_s = max(0.0, min(delay_s, recover_at - loop.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), wait_s)
+
+    async def _bind(self, record: PortalRecord, portal: Caller) -> None:
+        """B24QUEUE_OFFLINE_EVENTS bound once per portal and process start (binding again is
+        harmless: the portal answers that it has the handler already)."""
+        try:
+            done = await bind_events(
+                portal,
+                list(self._s.offline_events),
+                self._s.offline_auth_connector,
+                self._s.offline_ping_url or None,
+            )
+        except B24QueueError as exc:
+            log.warning("portal %s: binding offline events failed: %s", record.domain, exc)
+            return
+        log.info(
+            "portal %s: offline bindings: %s",
+            record.domain,
+            ", ".join(f"{b.event} {b.outcome}" for b in done),
+        )
+
+    async def _step(
+        self, record: PortalRecord, action: Callable[[], Awaitable[int]]
+    ) -> int | float:
+        """Run one pull or recovery: how many records (int), or how long to wait (float)."""
+        try:
+            return await action()
+        except BrokerUnavailableError as exc:
+            log.warning("portal %s: offline records wait for the broker: %s", record.domain, exc)
+            self.metrics.count("failed_pulls")
+            return BROKER_WAIT_S
+        except PortalRetry as exc:
+            return float(exc.delay_s or BROKER_WAIT_S)
+        except PortalError as exc:
+            self.metrics.count("failed_pulls")
+            log.warning("portal %s: offline pull failed: %s", record.domain, exc)
+            if exc.code in GONE:
+                raise _PortalGone from None
+            return float(self._s.offline_poll_s)
+        except (BadBatch, B24QueueError) as exc:
+            self.metrics.count("failed_pulls")
+            log.warning("portal %s: offline pull failed: %s", record.domain, exc)
+            return float(self._s.offline_poll_s)
+        except Exception as exc:  # e.g. the shared state's store away: this portal waits
+            self.metrics.count("failed_pulls")
+            log.warning("portal %s: offline pull failed: %r", record.domain, exc)
+            return float(self._s.offline_poll_s)
+
+
+class _PortalGone(Exception):
+    """Uninstalled meanwhile: its loop ends; the next refresh starts it again if it is back."""
+
+
+def wake_consumer(settings: Settings, service: OfflineService) -> type[EventConsumer]:
+    """The consumer of ONOFFLINEEVENT pings: wakes the portal's puller, nothing else (a lost
+    ping only delays the pull to the next poll)."""
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        service.wake(event.auth.member_id)
+
+    return type(
+        "OfflineWake",
+        (EventConsumer,),
+        {
+            "queue": settings.offline_wake_queue,
+            "events": ("ONOFFLINEEVENT",),
+            "prefetch": 16,
+            "max_attempts": 1,
+            "retry_delays_s": (1,),
+            "handle": handle,
+        },
+    )
