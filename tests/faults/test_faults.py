@@ -40,11 +40,25 @@ async def test_broker_stopped_and_restarted_mid_load(harness: Harness) -> None:
     harness.start_worker()
     await harness.wait_consuming()
     load = Load()
-    task = asyncio.create_task(harness.load(load, 1500, concurrency=16))
+    outage_over = asyncio.Event()
+
+    async def keep_loading() -> None:
+        # In rounds of 100, 1,500 at least and on until the outage has met the load (something
+        # spooled) or is over: a fixed count could all be answered before stop_app took effect
+        # (it was, once publishing got faster).
+        first = 0
+        while first < 1500 or not (
+            outage_over.is_set() or await harness.metric("b24queue_ingress_spooled_total") > 0
+        ):
+            await harness.load(load, 100, concurrency=16, first=first)
+            first += 100
+
+    task = asyncio.create_task(keep_loading())
     await until_accepted(load, 300)
     await asyncio.to_thread(node_ctl, "stop_app")
     await asyncio.sleep(2)  # the outage: the ingress spools what comes in meanwhile
     await asyncio.to_thread(node_ctl, "start_app")
+    outage_over.set()
     await task
     # With the spool on, the outage costs no event: all were accepted.
     assert load.statuses[200] == load.sent, dict(load.statuses)
