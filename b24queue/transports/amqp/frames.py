@@ -61,12 +61,14 @@ def _long(text: str) -> bytes:
 
 
 @lru_cache(maxsize=16)
-def _publish_method(channel: int, exchange: str) -> tuple[bytes, bytes]:
-    """The method frame's parts before and after the routing key (mandatory set). pamqp checks
-    the exchange's name (at most 127 characters, its character set) and raises ValueError."""
+def _publish_head(exchange: str) -> bytes:
+    """The method frame's payload up to the routing key. pamqp checks the exchange's name (at
+    most 127 characters, its character set) and raises ValueError."""
     commands.Basic.Publish(exchange=exchange)
-    before = struct.pack(">HHH", _BASIC_CLASS, _PUBLISH_METHOD, 0) + _short(exchange)
-    return before, b"\x01"  # bits: mandatory=1, immediate=0
+    return struct.pack(">HHH", _BASIC_CLASS, _PUBLISH_METHOD, 0) + _short(exchange)
+
+
+_MANDATORY = b"\x01"  # the bits after the routing key: mandatory=1, immediate=0
 
 
 # Fixed properties before the headers table, and after the variable ones.
@@ -109,8 +111,7 @@ def publish_frames(
     `max_content_size` is the channel's (frame_max - 8): a body longer than it is split."""
     if not body:
         raise ValueError("an empty body")  # aiormq sends no body frame then; we never publish one
-    before, after = _publish_method(channel, exchange)
-    method = before + _short(routing_key) + after
+    method = _publish_head(exchange) + _short(routing_key) + _MANDATORY
     props = b"".join(
         (
             _PROPS_HEAD,
