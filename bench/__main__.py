@@ -401,7 +401,7 @@ def main() -> None:
     parser.add_argument(
         "--budget-s",
         type=float,
-        default=240,
+        default=360,
         help="wall-time budget: a slow machine runs fewer rounds (at least one of each)",
     )
     parser.add_argument(
@@ -503,7 +503,7 @@ def main() -> None:
         # Rounds interleaved, best of each: a 2-core machine shared with the broker and the
         # load generator is noisy, and interleaving keeps a slow moment from hitting one side.
         # A slow machine gets fewer rounds, so that the whole run stays within its budget.
-        for _ in rounds(args.rounds, started + args.budget_s * 0.6, "ingress", results):
+        for _ in rounds(args.rounds, started + args.budget_s * 0.45, "ingress", results):
             for name, (argv, ready) in servers.items():
                 result = serve(name, argv, ready)
                 if name not in results or result["rps"] > results[name]["rps"]:
@@ -517,9 +517,17 @@ def main() -> None:
             results[f"{name}_half_rate"] = serve(
                 name, argv, ready, rate=max(1.0, results[name]["rps"] / 2)
             )
-        for name in paced:
-            argv, ready = servers[name]
-            results[f"{name}_steady"] = serve(name, argv, ready, rate=args.steady_rate)
+        # The steady rate in interleaved rounds too: its floor compares CPU per request, which a
+        # moment of a shared machine's noise moves by a tenth or more in a single run.
+        steady_rounds: dict[str, list[dict[str, Any]]] = results.setdefault("steady_rounds", {})
+        for _ in rounds(args.rounds, started + args.budget_s * 0.75, "steady", results):
+            for name in paced:
+                argv, ready = servers[name]
+                result = serve(name, argv, ready, rate=args.steady_rate)
+                steady_rounds.setdefault(name, []).append(result)
+        for name, runs in steady_rounds.items():  # the table shows each one's median round
+            by_cpu = sorted(runs, key=lambda one: float(one["cpu_us_per_request"]))
+            results[f"{name}_steady"] = by_cpu[len(by_cpu) // 2]
 
         worker_rounds = 0 if args.ingress_only else args.rounds
         workers(worker_rounds, started + args.budget_s * 0.95, args, work, env, results)
@@ -608,8 +616,8 @@ def report(r: dict[str, Any]) -> None:
         print(verdict)
     done = r.get("rounds", {})
     print(
-        f"best of {done.get('ingress', 0)} ingress and {done.get('worker', 0)} worker rounds; "
-        f"whole run {r.get('wall_s', '?')} s"
+        f"best of {done.get('ingress', 0)} ingress rounds, {done.get('steady', 0)} steady-rate "
+        f"and {done.get('worker', 0)} worker rounds; whole run {r.get('wall_s', '?')} s"
     )
 
 
@@ -639,11 +647,16 @@ def floors(r: dict[str, Any]) -> list[str]:
         0.8,
         True,
     )
+    # At the steady rate, round by round (each round's ours over its hand-written), median.
+    steady = r.get("steady_rounds", {})
+    pairs = list(zip(steady.get(one, []), steady.get(plain, []), strict=False))
+    ratios = sorted(o["cpu_us_per_request"] / p["cpu_us_per_request"] for o, p in pairs)
+    if ratios:
+        each = " ".join(f"{x:.2f}" for x in ratios)
+        out.append(f"       steady-rate CPU, ours over hand-written, per round: {each}")
     check(
-        "ingress CPU/request vs hand-written, steady rate (1 process)",
-        over(
-            get(f"{one}_steady", "cpu_us_per_request"), get(f"{plain}_steady", "cpu_us_per_request")
-        ),
+        "ingress CPU/request vs hand-written, steady rate (1 process, median of rounds)",
+        ratios[len(ratios) // 2] if ratios else None,
         0.8,
         True,
     )

@@ -1,4 +1,4 @@
-"""The publish frames built directly are pamqp's, byte for byte (`frames.publish_frames`)."""
+"""The frames built directly are pamqp's, byte for byte (`frames.publish_frames`, the ack)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pamqp.header import ContentHeader
 from b24queue.envelope import Envelope, envelope_for
 from b24queue.events import parse_event
 from b24queue.testing import make_event
+from b24queue.transports.amqp import fast_consume
 from b24queue.transports.amqp.frames import publish_frames
 from b24queue.transports.amqp.publisher import properties_for
 from tests.conftest import SAMPLE_NAMES, sample_form
@@ -108,3 +109,11 @@ def test_what_it_does_not_cover_is_a_valueerror(change: dict[str, object]) -> No
     envelope = replace(envelope_for(make_event("ONCRMDEALADD")), **change)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ours(envelope, 1, exchange, FRAME_MAX - 8)
+
+
+@pytest.mark.parametrize("channel", [1, 2, 65535])
+@pytest.mark.parametrize("tag", [1, 255, 2**32 + 1, 2**63 - 1])
+def test_the_worker_s_ack_frame_is_pamqp_s(channel: int, tag: int) -> None:
+    assert fast_consume.ack_frame(channel, tag) == frame.marshal(
+        commands.Basic.Ack(delivery_tag=tag), channel
+    )

@@ -173,7 +173,7 @@ class DeadLetterTool:
         return replayed, total
 
     async def _republish(self, exchange: Any, message: AbstractIncomingMessage) -> None:
-        copy = persistent_copy(message, replay_headers(message))
+        copy = persistent_copy(message.body, message.properties, replay_headers(message))
         try:
             await exchange.publish(
                 copy, routing_key=self.target.routing_key(message), mandatory=True

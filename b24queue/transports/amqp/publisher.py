@@ -16,7 +16,6 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractIncomingMessage,
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
@@ -50,20 +49,22 @@ def properties_for(envelope: Envelope) -> Basic.Properties:
     )
 
 
-def persistent_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+def persistent_copy(
+    body: bytes, properties: aiormq.spec.Basic.Properties, headers: dict[str, Any]
+) -> aio_pika.Message:
     """A delivered message, to publish again (retry, dead-letter, replay): same body and
     properties, new headers, persistent."""
     return aio_pika.Message(
-        body=message.body,
+        body=body,
         headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
+        content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
+        message_id=properties.message_id,
+        correlation_id=properties.correlation_id,
+        timestamp=properties.timestamp,
+        type=properties.message_type,
+        app_id=properties.app_id,
     )
 
 

@@ -9,15 +9,17 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aiormq.abc import DeliveredMessage
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
@@ -25,6 +27,7 @@ from b24queue.delivery import Incoming, Outcome, process
 from b24queue.layout import QueueSpec, spec_for
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
+from b24queue.transports.amqp import fast_consume
 from b24queue.transports.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
 from b24queue.transports.amqp.publisher import persistent_copy
 from b24queue.transports.amqp.topology import declare_consumer_queues
@@ -36,6 +39,15 @@ log = logging.getLogger(__name__)
 REQUEUE_BACKOFF_S = 1.0
 
 
+class Delivery(NamedTuple):
+    """What settling one delivery needs: the aiormq channel it came on (delivery tags are per
+    channel), its tag, and its properties (for a retry or dead-letter copy)."""
+
+    channel: aiormq.abc.AbstractChannel
+    delivery_tag: int
+    properties: aiormq.spec.Basic.Properties
+
+
 class AmqpTransport:
     """Settles deliveries of one consumer's channel."""
 
@@ -44,22 +56,20 @@ class AmqpTransport:
         self._spec = spec
 
     async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
-        message: AbstractIncomingMessage = incoming.handle
+        delivery: Delivery = incoming.handle
         if outcome.kind != "ack":
             target = (
                 self._spec.retry_queue(outcome.delay_s or 0)
                 if outcome.kind == "retry"
                 else self._spec.dlq
             )
-            if not await self._republish(message, target, outcome.headers):
-                await self._requeue(message)
+            if not await self._republish(incoming, target, outcome.headers):
+                await self._requeue(delivery)
                 return
-        await self._ack(message)
+        await self._ack(delivery, incoming.message_id)
 
-    async def _republish(
-        self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
-    ) -> bool:
-        copy = persistent_copy(message, headers)
+    async def _republish(self, incoming: Incoming, queue: str, headers: dict[str, Any]) -> bool:
+        copy = persistent_copy(incoming.body, incoming.handle.properties, headers)
         try:
             # Default exchange, queue name as routing key: reaches exactly that queue, and a
             # missing queue comes back as a return (mandatory), not a silent drop.
@@ -67,7 +77,7 @@ class AmqpTransport:
         except PUBLISH_ERRORS as exc:
             log.error(
                 "could not move message_id=%s to %s (%r); it stays in %s",
-                message.message_id,
+                incoming.message_id,
                 queue,
                 exc,
                 self._spec.name,
@@ -75,37 +85,29 @@ class AmqpTransport:
             return False
         return True
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
-        if _channel_gone(message):
-            # The broker requeued it when that channel died; acking on a new channel is an error.
+    async def _ack(self, delivery: Delivery, message_id: str | None) -> None:
+        channel = delivery.channel
+        if channel.is_closed:
+            # The broker requeued it when that channel died; a new channel cannot ack it.
             log.info(
                 "not acking message_id=%s: its channel is gone, the broker redelivers it",
-                message.message_id,
+                message_id,
             )
             return
         try:
-            await message.ack()
+            if fast_consume.usable(channel):
+                await fast_consume.ack(channel, delivery.delivery_tag)  # type: ignore[arg-type]
+            else:
+                await channel.basic_ack(delivery.delivery_tag)
         except TRANSIENT_ERRORS as exc:
-            log.info(
-                "ack of message_id=%s failed (%r); the broker redelivers it",
-                message.message_id,
-                exc,
-            )
+            log.info("ack of message_id=%s failed (%r); the broker redelivers it", message_id, exc)
 
-    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+    async def _requeue(self, delivery: Delivery) -> None:
         await asyncio.sleep(REQUEUE_BACKOFF_S)
-        if _channel_gone(message):
+        if delivery.channel.is_closed:
             return
         with contextlib.suppress(*TRANSIENT_ERRORS):
-            await message.nack(requeue=True)
-
-
-def _channel_gone(message: AbstractIncomingMessage) -> bool:
-    """The channel that delivered it closed (aio-pika raises when asked for a closed one)."""
-    try:
-        return bool(message.channel.is_closed)
-    except aio_pika.exceptions.ChannelInvalidStateError:
-        return True
+            await delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
 
 
 class ConsumerRunner:
@@ -131,7 +133,8 @@ class ConsumerRunner:
         self._queue: Any = None
         self._consumer_tag: str | None = None
         self._transport: AmqpTransport | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._task_name = f"b24queue-{self.spec.name}"
         if metrics is not None:
             metrics.count_in_flight(consumer.queue, lambda: len(self._tasks))
         self._idle = asyncio.Event()
@@ -176,34 +179,72 @@ class ConsumerRunner:
         return f"b24queue.{self.spec.name}.{socket.gethostname()}.{os.getpid()}"
 
     def _on_message(self, message: AbstractIncomingMessage) -> asyncio.Future[None]:
-        # Not a coroutine: the handling runs in our own task (that a channel close does not
-        # cancel). aio-pika awaits what this returns, and warns when it is not awaitable: a
-        # future that is already done costs nothing to await.
-        task = asyncio.create_task(self._handle(message), name=f"b24queue-{self.spec.name}")
+        # aio-pika's callback: a channel's first deliveries (or every one, where `fast_consume`
+        # cannot be used) come this way. Not a coroutine: the handling runs in our own task,
+        # which a channel close does not cancel. aio-pika awaits what this returns (and warns
+        # when it is not awaitable): a future that is already done costs nothing to await.
+        try:
+            channel = message.channel
+        except aio_pika.exceptions.ChannelInvalidStateError:
+            return self._settled  # closed before we saw it: the broker redelivers it
+        if fast_consume.usable(channel) and message.consumer_tag is not None:
+            fast_consume.take_over(channel, message.consumer_tag, self._on_delivered)  # type: ignore[arg-type]
+        headers = message.headers
+        self._start(
+            message.body,
+            message.routing_key or "",
+            headers,
+            bool(message.redelivered),
+            Delivery(channel, message.delivery_tag or 0, message.properties),
+        )
+        return self._settled
+
+    async def _on_delivered(self, message: DeliveredMessage) -> None:
+        # aiormq's callback once taken over (`fast_consume`): runs in aiormq's task for this
+        # delivery, which a channel close cancels; the handling goes on in a task of our own.
+        deliver: Any = message.delivery
+        properties = message.header.properties
+        self._start(
+            message.body,
+            deliver.routing_key,
+            properties.headers or {},
+            deliver.redelivered,
+            Delivery(message.channel, deliver.delivery_tag, properties),
+        )
+
+    def _start(
+        self,
+        body: bytes,
+        routing_key: str,
+        headers: dict[str, Any],
+        redelivered: bool,
+        delivery: Delivery,
+    ) -> None:
+        properties = delivery.properties
+        incoming = Incoming(
+            body=body,
+            message_id=properties.message_id,
+            routing_key=str(headers.get(c.H_ORIGINAL_ROUTING_KEY) or routing_key),
+            headers=headers,
+            redelivered=bool(redelivered),
+            accepted_at=properties.timestamp,
+            handle=delivery,
+        )
+        assert self._transport is not None
+        task = asyncio.create_task(
+            process(self.consumer, incoming, self.spec.name, self._transport, self._observe),
+            name=self._task_name,
+        )
         self._tasks.add(task)
         self._idle.clear()
         task.add_done_callback(self._done)
-        return self._settled
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not self._tasks:
             self._idle.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task crashed", exc_info=task.exception())
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        assert self._transport is not None
-        incoming = Incoming(
-            body=message.body,
-            message_id=message.message_id,
-            routing_key=str(message.headers.get(c.H_ORIGINAL_ROUTING_KEY) or message.routing_key),
-            headers=dict(message.headers),
-            redelivered=bool(message.redelivered),
-            accepted_at=message.timestamp,
-            handle=message,
-        )
-        await process(self.consumer, incoming, self.spec.name, self._transport, self._observe)
 
     async def stop_consuming(self) -> None:
         """Ask the broker for no more deliveries; in-flight ones go on."""

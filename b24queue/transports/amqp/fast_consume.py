@@ -1,0 +1,79 @@
+"""Deliveries taken straight from aiormq, and their acks put straight on its write queue.
+
+aio-pika's consumer path wraps each delivery in an `IncomingMessage` (its properties decoded a
+second time), runs the callback in a task of its own, and acks through `basic_ack`, which encodes
+the frame with pamqp and waits for it to be written. The worker needs none of that: it runs each
+delivery in a task of its own anyway (so that a closed channel never cancels a handler halfway)
+and reads the few properties it uses from aiormq's `DeliveredMessage`.
+
+The consumer is still registered through aio-pika (`RobustQueue.consume`), which keeps it across
+reconnects and consumer cancellations; `take_over` then points that consumer tag, on the aiormq
+channel at hand, at the worker's own callback. A channel aio-pika opens anew starts on aio-pika's
+callback again, and its first delivery takes it over again.
+
+It reaches into aiormq's internals, so it is used only with the releases `fast_publish` is
+pinned to (`SUPPORTED`); with any other, every delivery takes aio-pika's path and `basic_ack`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiormq
+from aiormq.abc import ChannelFrame, DeliveredMessage
+
+from b24queue.transports.amqp.fast_publish import SUPPORTED
+
+_CLOSE_EVENT = "_Channel__close_event"  # set by aiormq.Channel as soon as it starts closing
+# Basic.Ack as a method frame: type 1, channel, size 13; class 60, method 80, the delivery tag,
+# the `multiple` bit (never set here); the frame end.
+_ACK = struct.Struct(">BHIHHQBB")
+
+
+def ack_frame(channel_number: int, delivery_tag: int) -> bytes:
+    """The bytes `pamqp.frame.marshal(Basic.Ack(delivery_tag), channel_number)` writes."""
+    return _ACK.pack(1, channel_number, 13, 60, 80, delivery_tag, 0, 0xCE)
+
+
+def usable(channel: Any) -> bool:
+    """Whether deliveries of this channel can be taken over and acked here."""
+    return (
+        SUPPORTED
+        and isinstance(channel, aiormq.Channel)
+        and hasattr(channel, _CLOSE_EVENT)
+        and isinstance(getattr(channel, "consumers", None), dict)
+    )
+
+
+OnDelivery = Callable[[DeliveredMessage], Awaitable[None]]
+
+
+def take_over(channel: aiormq.Channel, consumer_tag: str, callback: OnDelivery) -> None:
+    """From now on, this channel hands `consumer_tag`'s deliveries to `callback` (a coroutine
+    function: aiormq runs each call in a task). A consumer already cancelled stays cancelled."""
+    consumers: dict[str, Any] = channel.consumers
+    if consumer_tag in consumers and consumers[consumer_tag] is not callback:
+        consumers[consumer_tag] = callback
+
+
+def closing(channel: aiormq.Channel) -> bool:
+    """The channel is closed or closing: `basic_ack` would raise, and a frame sent now would be
+    one the broker discards (a delivery on it is the broker's to redeliver)."""
+    return bool(channel.is_closed or getattr(channel, _CLOSE_EVENT).is_set())
+
+
+async def ack(channel: aiormq.Channel, delivery_tag: int) -> None:
+    """Ack one delivery (`multiple` off), as `basic_ack` does, without waiting for the write:
+    an ack is never confirmed by the broker, and one lost with the connection is a delivery the
+    broker makes again. Waits only when the write queue is full. Raises ChannelInvalidStateError
+    on a closed or closing channel."""
+    if closing(channel):
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    frame = ChannelFrame(payload=ack_frame(channel.number, delivery_tag), should_close=False)
+    queue = channel.write_queue
+    if queue.full():
+        await queue.put(frame)
+    else:
+        queue.put_nowait(frame)
