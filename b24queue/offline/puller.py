@@ -21,9 +21,15 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from b24queue.envelope import EventSink
+from b24queue.envelope import Envelope, EventSink
 from b24queue.errors import BrokerUnavailableError, PublishError
-from b24queue.offline.records import Batch, envelope_for_record, parse_batch, valid_process_id
+from b24queue.offline.records import (
+    Batch,
+    OfflineRecord,
+    envelope_for_record,
+    parse_batch,
+    valid_process_id,
+)
 from b24queue.portal.limits import SharedState
 
 log = logging.getLogger(__name__)
@@ -72,12 +78,15 @@ class Puller:
     async def pull_once(self) -> int:
         """One get (our own unfinished batch first) and its records finished; returns how many
         records the portal answered (a full batch means there may be more)."""
-        process_id, self._pending = self._pending, None
+        process_id = self._pending
         params: dict[str, Any] = {"clear": 0, "limit": self._t.limit}
         params["auth_connector"] = self._t.auth_connector
         if process_id:
             params["process_id"] = process_id
         answer = await self._portal.call("event.offline.get", params)
+        # Forgotten only once the get went through: a failed get asks for it again next time
+        # (else it would wait for recovery, out of order).
+        self._pending = None
         batch = parse_batch(answer, self._t.max_body_bytes)
         size = len(batch.records) + len(batch.bad) + batch.unnamed
         if batch.process_id:
@@ -150,10 +159,7 @@ class Puller:
     async def _finish(self, batch: Batch) -> None:
         t = self._t
         self._counter.count("pulled", len(batch.records))
-        envelopes = [
-            envelope_for_record(r, batch.process_id, t.member_id, t.domain, t.token_digest)
-            for r in batch.records
-        ]
+        records, envelopes, bad = self._envelopes(batch)
         # Published PUBLISH_AT_ONCE at a time (confirms pipelined, each within the publish
         # timeout even on a busy broker); any failure that is not the message's own leaves the
         # whole batch reserved: nothing is cleared.
@@ -163,8 +169,8 @@ class Puller:
             results += await asyncio.gather(
                 *(self._sink.publish(e) for e in chunk), return_exceptions=True
             )
-        published, bad = [], list(batch.bad)
-        for record, result in zip(batch.records, results, strict=True):
+        published = []
+        for record, result in zip(records, results, strict=True):
             if result is None:
                 published.append(record.id)
             elif isinstance(result, PublishError) and result.permanent:
@@ -200,6 +206,23 @@ class Puller:
                 batch.unnamed,
                 batch.over,
             )
+
+    def _envelopes(self, batch: Batch) -> tuple[list[OfflineRecord], list[Envelope], list[str]]:
+        """The messages of the batch's records, and the MESSAGE_IDs of those that have none
+        (one that cannot be serialised is its own fault, not the batch's)."""
+        t = self._t
+        records, envelopes, bad = [], [], list(batch.bad)
+        for record in batch.records:
+            try:
+                envelope = envelope_for_record(
+                    record, batch.process_id, t.member_id, t.domain, t.token_digest
+                )
+            except TypeError:  # orjson.JSONEncodeError (parse_batch checked it; never trusted)
+                bad.append(record.message_id)
+                continue
+            records.append(record)
+            envelopes.append(envelope)
+        return records, envelopes, bad
 
     def _lease_key(self, process_id: str) -> str:
         return f"offline:{self._t.member_id}:{process_id}"
