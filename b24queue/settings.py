@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     # Longest a call waits for the bucket; past it the event is retried later instead.
     portal_max_wait_s: float = Field(default=20.0, ge=0, le=600)
     portal_call_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # A portal's answer is decoded whole, on the event loop: its size is bounded. A full batch of
+    # 50 list calls answers 2,500 records (a few KB each); past the cap: PortalError
+    # ANSWER_TOO_LARGE.
+    portal_max_answer_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=32 * 1024 * 1024)
     # Inbound webhooks (https://<portal>/rest/<user>/<code>/), comma-separated: events from a
     # webhook's portal without OAuth credentials call through it.
     portal_webhooks: SecretStr = SecretStr("")
