@@ -176,8 +176,8 @@ class Settings(BaseSettings):
     # the ingress URL ONOFFLINEEVENT is bound to. Empty: bind with `portals bind-offline`.
     offline_events: Annotated[tuple[str, ...], NoDecode] = ()
     offline_ping_url: str = Field(default="", pattern=r"^(https://\S{1,2000})?$")
-    # A puller's hold on the batch it publishes: others' recovery leaves it alone that long (a
-    # crashed puller's batch waits that long to be redone).
+    # A puller's hold on the batch it publishes, renewed while it works on it: others' recovery
+    # leaves the batch alone until it runs out (a crashed puller's batch waits that long).
     offline_lease_s: float = Field(default=30.0, ge=1, le=3600)
 
     # Workers

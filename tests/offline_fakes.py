@@ -69,11 +69,19 @@ class State:
     async def reserve(self, key: str, limit: Limit) -> float | None:
         return 0.0
 
+    def __init__(self) -> None:
+        self.renewed: list[str] = []
+        self.released: list[str] = []
+
     async def lease(self, key: str, owner: str, ttl_s: float) -> bool:
         return True
 
+    async def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+        self.renewed.append(key)
+        return True
+
     async def release(self, key: str, owner: str) -> None:
-        return None
+        self.released.append(key)
 
     async def close(self) -> None:
         return None

@@ -15,6 +15,7 @@ a lease on it in the portal store's shared state, so other pullers' recovery lea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -59,7 +60,7 @@ class Target:
     auth_connector: str
     limit: int
     max_body_bytes: int
-    lease_s: float  # longer than publishing one batch takes; an expired lease only duplicates
+    lease_s: float  # renewed each lease_s / 3 while a batch is worked on; a crashed one's waits
     token_digest: str = field(repr=False)  # of the portal's application token
 
 
@@ -99,12 +100,10 @@ class Puller:
         found = await self._reserved()
         left = 0
         for process_id in found:
-            if not await self._state.lease(
-                self._lease_key(process_id), self._owner, self._t.lease_s
-            ):
-                left += 1
-                continue
-            try:
+            async with self._leased(process_id) as leased:
+                if not leased:
+                    left += 1
+                    continue
                 params = {
                     "clear": 0,
                     "limit": self._t.limit,
@@ -122,8 +121,6 @@ class Puller:
                     )
                     await self._finish(batch)
                     self._counter.count("recovered_batches")
-            finally:
-                await self._state.release(self._lease_key(process_id), self._owner)
         return left
 
     async def _reserved(self) -> list[str]:
@@ -143,18 +140,43 @@ class Puller:
         return list(found)
 
     async def _finish_leased(self, batch: Batch) -> None:
-        key = self._lease_key(batch.process_id)
+        async with self._leased(batch.process_id):
+            try:
+                await self._finish(batch)
+            except Exception:
+                # The broker away, or the clear not answered: the batch stays reserved; the next
+                # pull reads it again first, with the same process_id (published again, cleared).
+                self._pending = batch.process_id
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, process_id: str) -> AsyncIterator[bool]:
+        """The batch's lease, if nobody else holds it (yields whether we got it), renewed
+        while we work on it: one call alone can take longer than `lease_s` (the bucket's wait,
+        then the call's timeout), and a lease run out lets another puller redo the batch."""
+        key = self._lease_key(process_id)
         leased = await self._state.lease(key, self._owner, self._t.lease_s)
+        renewing = asyncio.create_task(self._renew(key)) if leased else None
         try:
-            await self._finish(batch)
-        except Exception:
-            # The broker away, or the clear not answered: the batch stays reserved; the next
-            # pull reads it again first, with the same process_id (published again, cleared).
-            self._pending = batch.process_id
-            raise
+            yield leased
         finally:
+            if renewing is not None:
+                renewing.cancel()
+                await asyncio.gather(renewing, return_exceptions=True)
             if leased:
                 await self._state.release(key, self._owner)
+
+    async def _renew(self, key: str) -> None:
+        while True:
+            await asyncio.sleep(self._t.lease_s / 3)
+            try:
+                held = await self._state.renew(key, self._owner, self._t.lease_s)
+            except Exception as exc:  # the shared state away: try again at the next turn
+                log.warning("portal %s: renewing a batch's lease: %r", self._t.domain, exc)
+                continue
+            if not held:  # run out and taken: the batch may be published twice (same ids)
+                log.warning("portal %s: a batch's lease was lost while working", self._t.domain)
+                return
 
     async def _finish(self, batch: Batch) -> None:
         t = self._t

@@ -3,6 +3,8 @@ forgotten when a get fails, and a record that cannot be published fails alone.""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -56,3 +58,20 @@ async def test_a_record_that_cannot_be_serialised_is_marked_and_the_rest_publish
     sent = {m: p for _, m, p in portal.calls}
     assert sent["event.offline.clear"] == {"process_id": "p1", "id": ["1"]}
     assert sent["event.offline.error"] == {"process_id": "p1", "message_id": ["msg2"]}
+
+
+async def test_the_lease_is_renewed_while_a_batch_takes_longer_than_it() -> None:
+    class SlowSink(Sink):
+        async def publish(self, envelope: Any) -> None:
+            await asyncio.sleep(0.3)  # a busy broker, or a call waiting for the bucket
+            await super().publish(envelope)
+
+    state = State()
+    short = dataclasses.replace(TARGET, lease_s=0.06)
+    portal = ScriptedPortal(one_record_batch)
+    pulling = Puller(portal, SlowSink(), state, short, OfflineMetrics())  # type: ignore[arg-type]
+    assert await pulling.pull_once() == 1
+    assert len(state.renewed) >= 3 and state.released == ["offline:mpull0ff:p1"]
+    count = len(state.renewed)
+    await asyncio.sleep(0.1)
+    assert len(state.renewed) == count  # and no longer once it is done
