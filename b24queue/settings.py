@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     # Longest a call waits for the bucket; past it the event is retried later instead.
     portal_max_wait_s: float = Field(default=20.0, ge=0, le=600)
     portal_call_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # A portal's answer is decoded whole, on the event loop: its size is bounded. A full batch of
+    # 50 list calls answers 2,500 records (a few KB each); past the cap: PortalError
+    # ANSWER_TOO_LARGE.
+    portal_max_answer_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=32 * 1024 * 1024)
     # Inbound webhooks (https://<portal>/rest/<user>/<code>/), comma-separated: events from a
     # webhook's portal without OAuth credentials call through it.
     portal_webhooks: SecretStr = SecretStr("")
@@ -172,8 +176,8 @@ class Settings(BaseSettings):
     # the ingress URL ONOFFLINEEVENT is bound to. Empty: bind with `portals bind-offline`.
     offline_events: Annotated[tuple[str, ...], NoDecode] = ()
     offline_ping_url: str = Field(default="", pattern=r"^(https://\S{1,2000})?$")
-    # A puller's hold on the batch it publishes: others' recovery leaves it alone that long (a
-    # crashed puller's batch waits that long to be redone).
+    # A puller's hold on the batch it publishes, renewed while it works on it: others' recovery
+    # leaves the batch alone until it runs out (a crashed puller's batch waits that long).
     offline_lease_s: float = Field(default=30.0, ge=1, le=3600)
 
     # Workers

@@ -81,8 +81,14 @@ async def installed(
     return record
 
 
-def ping_payload(member: str) -> dict[str, Any]:
-    """ONOFFLINEEVENT as Bitrix24 sends it: empty data."""
+def app_token(member: str) -> str:
+    """The portal's own application token, as tests.portal_setup.install stores it."""
+    return f"app-token-{member}"
+
+
+def ping_payload(member: str, token: str | None = None) -> dict[str, Any]:
+    """ONOFFLINEEVENT as Bitrix24 sends it: empty data, the portal's own application token (a
+    wake-up counts only with it; the ingress must accept it too: `app_tokens`)."""
     return {
         "event": "ONOFFLINEEVENT",
         "data": [],
@@ -90,7 +96,7 @@ def ping_payload(member: str) -> dict[str, Any]:
         "auth": {
             "domain": domain_of(member),
             "member_id": member,
-            "application_token": SAMPLE_TOKEN,
+            "application_token": token or app_token(member),
         },
     }
 

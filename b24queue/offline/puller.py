@@ -15,15 +15,22 @@ a lease on it in the portal store's shared state, so other pullers' recovery lea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from b24queue.envelope import EventSink
+from b24queue.envelope import Envelope, EventSink
 from b24queue.errors import BrokerUnavailableError, PublishError
-from b24queue.offline.records import Batch, envelope_for_record, parse_batch, valid_process_id
+from b24queue.offline.records import (
+    Batch,
+    OfflineRecord,
+    envelope_for_record,
+    parse_batch,
+    valid_process_id,
+)
 from b24queue.portal.limits import SharedState
 
 log = logging.getLogger(__name__)
@@ -53,7 +60,7 @@ class Target:
     auth_connector: str
     limit: int
     max_body_bytes: int
-    lease_s: float  # longer than publishing one batch takes; an expired lease only duplicates
+    lease_s: float  # renewed each lease_s / 3 while a batch is worked on; a crashed one's waits
     token_digest: str = field(repr=False)  # of the portal's application token
 
 
@@ -72,12 +79,15 @@ class Puller:
     async def pull_once(self) -> int:
         """One get (our own unfinished batch first) and its records finished; returns how many
         records the portal answered (a full batch means there may be more)."""
-        process_id, self._pending = self._pending, None
+        process_id = self._pending
         params: dict[str, Any] = {"clear": 0, "limit": self._t.limit}
         params["auth_connector"] = self._t.auth_connector
         if process_id:
             params["process_id"] = process_id
         answer = await self._portal.call("event.offline.get", params)
+        # Forgotten only once the get went through: a failed get asks for it again next time
+        # (else it would wait for recovery, out of order).
+        self._pending = None
         batch = parse_batch(answer, self._t.max_body_bytes)
         size = len(batch.records) + len(batch.bad) + batch.unnamed
         if batch.process_id:
@@ -90,12 +100,10 @@ class Puller:
         found = await self._reserved()
         left = 0
         for process_id in found:
-            if not await self._state.lease(
-                self._lease_key(process_id), self._owner, self._t.lease_s
-            ):
-                left += 1
-                continue
-            try:
+            async with self._leased(process_id) as leased:
+                if not leased:
+                    left += 1
+                    continue
                 params = {
                     "clear": 0,
                     "limit": self._t.limit,
@@ -113,8 +121,6 @@ class Puller:
                     )
                     await self._finish(batch)
                     self._counter.count("recovered_batches")
-            finally:
-                await self._state.release(self._lease_key(process_id), self._owner)
         return left
 
     async def _reserved(self) -> list[str]:
@@ -134,26 +140,48 @@ class Puller:
         return list(found)
 
     async def _finish_leased(self, batch: Batch) -> None:
-        key = self._lease_key(batch.process_id)
+        async with self._leased(batch.process_id):
+            try:
+                await self._finish(batch)
+            except Exception:
+                # The broker away, or the clear not answered: the batch stays reserved; the next
+                # pull reads it again first, with the same process_id (published again, cleared).
+                self._pending = batch.process_id
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, process_id: str) -> AsyncIterator[bool]:
+        """The batch's lease, if nobody else holds it (yields whether we got it), renewed
+        while we work on it: one call alone can take longer than `lease_s` (the bucket's wait,
+        then the call's timeout), and a lease run out lets another puller redo the batch."""
+        key = self._lease_key(process_id)
         leased = await self._state.lease(key, self._owner, self._t.lease_s)
+        renewing = asyncio.create_task(self._renew(key)) if leased else None
         try:
-            await self._finish(batch)
-        except Exception:
-            # The broker away, or the clear not answered: the batch stays reserved; the next
-            # pull reads it again first, with the same process_id (published again, cleared).
-            self._pending = batch.process_id
-            raise
+            yield leased
         finally:
+            if renewing is not None:
+                renewing.cancel()
+                await asyncio.gather(renewing, return_exceptions=True)
             if leased:
                 await self._state.release(key, self._owner)
+
+    async def _renew(self, key: str) -> None:
+        while True:
+            await asyncio.sleep(self._t.lease_s / 3)
+            try:
+                held = await self._state.renew(key, self._owner, self._t.lease_s)
+            except Exception as exc:  # the shared state away: try again at the next turn
+                log.warning("portal %s: renewing a batch's lease: %r", self._t.domain, exc)
+                continue
+            if not held:  # run out and taken: the batch may be published twice (same ids)
+                log.warning("portal %s: a batch's lease was lost while working", self._t.domain)
+                return
 
     async def _finish(self, batch: Batch) -> None:
         t = self._t
         self._counter.count("pulled", len(batch.records))
-        envelopes = [
-            envelope_for_record(r, batch.process_id, t.member_id, t.domain, t.token_digest)
-            for r in batch.records
-        ]
+        records, envelopes, bad = self._envelopes(batch)
         # Published PUBLISH_AT_ONCE at a time (confirms pipelined, each within the publish
         # timeout even on a busy broker); any failure that is not the message's own leaves the
         # whole batch reserved: nothing is cleared.
@@ -163,8 +191,8 @@ class Puller:
             results += await asyncio.gather(
                 *(self._sink.publish(e) for e in chunk), return_exceptions=True
             )
-        published, bad = [], list(batch.bad)
-        for record, result in zip(batch.records, results, strict=True):
+        published = []
+        for record, result in zip(records, results, strict=True):
             if result is None:
                 published.append(record.id)
             elif isinstance(result, PublishError) and result.permanent:
@@ -200,6 +228,23 @@ class Puller:
                 batch.unnamed,
                 batch.over,
             )
+
+    def _envelopes(self, batch: Batch) -> tuple[list[OfflineRecord], list[Envelope], list[str]]:
+        """The messages of the batch's records, and the MESSAGE_IDs of those that have none
+        (one that cannot be serialised is its own fault, not the batch's)."""
+        t = self._t
+        records, envelopes, bad = [], [], list(batch.bad)
+        for record in batch.records:
+            try:
+                envelope = envelope_for_record(
+                    record, batch.process_id, t.member_id, t.domain, t.token_digest
+                )
+            except TypeError:  # orjson.JSONEncodeError (parse_batch checked it; never trusted)
+                bad.append(record.message_id)
+                continue
+            records.append(record)
+            envelopes.append(envelope)
+        return records, envelopes, bad
 
     def _lease_key(self, process_id: str) -> str:
         return f"offline:{self._t.member_id}:{process_id}"

@@ -72,7 +72,7 @@ def parse_batch(result: Any, max_body_bytes: int) -> Batch:
     batch = Batch(process_id, [], [], 0, max(0, len(events) - MAX_RECORDS))
     seen: set[str] = set()
     for raw in events[:MAX_RECORDS]:
-        record, message_id = _record(raw, max_body_bytes)
+        record, message_id = _record(raw, max_body_bytes, process_id)
         if record is not None and record.id not in seen:
             seen.add(record.id)
             batch.records.append(record)
@@ -93,7 +93,9 @@ def _events(events: Any) -> list[Any]:
     return events
 
 
-def _record(raw: Any, max_body_bytes: int) -> tuple[OfflineRecord | None, str | None]:
+def _record(
+    raw: Any, max_body_bytes: int, process_id: str
+) -> tuple[OfflineRecord | None, str | None]:
     """(the record, None), or (None, its MESSAGE_ID if usable) when it cannot be published."""
     if not isinstance(raw, dict):
         return None, None
@@ -108,13 +110,16 @@ def _record(raw: Any, max_body_bytes: int) -> tuple[OfflineRecord | None, str | 
     if len(timestamp) > MAX_TIMESTAMP or not timestamp.isprintable():
         return None, message_id
     data, additional = raw.get("EVENT_DATA"), raw.get("EVENT_ADDITIONAL")
+    record = OfflineRecord(record_id, message_id, name.upper(), timestamp, data, additional)
     try:
-        size = len(orjson.dumps([data, additional]))
-    except TypeError:
+        # The body as it will be published (its nesting is what orjson limits), less the
+        # portal's domain and member_id (a few bytes, bounded by the ingress's own checks).
+        size = len(orjson.dumps(_body(record, process_id, "", "")))
+    except TypeError:  # orjson.JSONEncodeError: nested too deep, a number too large...
         return None, message_id
     if size > max_body_bytes:
         return None, message_id
-    return OfflineRecord(record_id, message_id, name.upper(), timestamp, data, additional), None
+    return record, None
 
 
 def _text(value: Any) -> str:
@@ -137,20 +142,8 @@ def envelope_for_record(
     record: OfflineRecord, process_id: str, member_id: str, domain: str, digest: str
 ) -> Envelope:
     """The message of one record: routed by its event name like an online event, the record's
-    fields in `data`, and `offline` saying where it came from (no token anywhere)."""
-    body = {
-        "event": record.event,
-        "data": record.data,
-        "ts": _unix(record.timestamp),
-        "auth": {"domain": domain, "member_id": member_id},
-        "offline": {
-            "id": record.id,
-            "message_id": record.message_id,
-            "process_id": process_id,
-            "timestamp": record.timestamp,
-            "additional": record.additional,
-        },
-    }
+    fields in `data`, and `offline` saying where it came from (no token anywhere). TypeError
+    (orjson.JSONEncodeError) if it cannot be serialised."""
     headers = {
         c.H_DOMAIN: domain,
         c.H_MEMBER_ID: member_id,
@@ -163,11 +156,27 @@ def envelope_for_record(
     return Envelope(
         message_id=stable_message_id(member_id, process_id, record),
         routing_key=record.event,
-        body=orjson.dumps(body),
+        body=orjson.dumps(_body(record, process_id, member_id, domain)),
         headers=headers,
         timestamp=datetime.now(UTC),
         event_type=record.event,
     )
+
+
+def _body(record: OfflineRecord, process_id: str, member_id: str, domain: str) -> dict[str, Any]:
+    return {
+        "event": record.event,
+        "data": record.data,
+        "ts": _unix(record.timestamp),
+        "auth": {"domain": domain, "member_id": member_id},
+        "offline": {
+            "id": record.id,
+            "message_id": record.message_id,
+            "process_id": process_id,
+            "timestamp": record.timestamp,
+            "additional": record.additional,
+        },
+    }
 
 
 def _unix(timestamp: str) -> int | None:

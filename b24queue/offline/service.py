@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
@@ -28,19 +29,38 @@ from b24queue.metrics import OfflineMetrics
 from b24queue.offline.bind import bind_events, portal_event
 from b24queue.offline.puller import Caller, Puller, Target
 from b24queue.offline.records import BadBatch
-from b24queue.portal.api import PortalError, PortalRetry
+from b24queue.offline.wake import Wakes
+from b24queue.portal.api import NoCredentials, PortalRetry
 from b24queue.portal.limits import SharedState
+from b24queue.portal.tenant import came_with
 from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 30.0  # how often the list of installed portals is read again
 RECOVER_S = 300.0  # how often a portal's reserved-and-forgotten batches are looked for
-BROKER_WAIT_S = 1.0  # the broker away: try the batch again after this long
+BROKER_WAIT_S = 1.0  # the broker away: try the batch again after this long, then twice that...
+BROKER_MAX_WAIT_S = 30.0  # ...up to this (each retry gets and publishes the whole batch again)
 MAX_PULLS_IN_A_ROW = 100  # full batches before the loop waits (a portal answering full forever)
-GONE = frozenset({"NO_CREDENTIALS", "WRONG_PORTAL"})
 
 PortalFor = Callable[[Event], Caller]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A pull or recovery went through: records the get answered (recovery: batches left)."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """It failed: wait this long before the next try (a wake-up does not shorten it)."""
+
+    delay_s: float
+
+
+Step = Done | Backoff
 
 
 class OfflineService:
@@ -61,18 +81,18 @@ class OfflineService:
         self.metrics = metrics
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._retired: set[asyncio.Task[None]] = set()
-        self._wakes: dict[str, asyncio.Event] = {}
+        self._wakes = Wakes()
+        self._broker_wait_s: dict[str, float] = {}  # per portal, while the broker fails
         self._stop = asyncio.Event()
 
     def enabled(self, member_id: str | None) -> bool:
         wanted = self._s.offline_portals
         return bool(member_id) and ("*" in wanted or member_id in wanted)
 
-    def wake(self, member_id: str | None) -> None:
-        """Pull this portal now (an ONOFFLINEEVENT came); unknown portals are ignored."""
-        wake = self._wakes.get(member_id or "")
-        if wake is not None:
-            wake.set()
+    def wake(self, member_id: str | None, digest: str | None) -> bool:
+        """An ONOFFLINEEVENT came with the token of `digest`: pull that portal soon, if the
+        token is the portal's own (b24queue.offline.wake); True if it counted."""
+        return self._wakes.wake(member_id, digest)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -96,11 +116,12 @@ class OfflineService:
                 retired.cancel()
                 self._retired.add(retired)  # awaited at stop, dropped once done
                 retired.add_done_callback(self._retired.discard)
-                self._wakes.pop(member_id, None)
+                self._wakes.remove(member_id)
+                self._broker_wait_s.pop(member_id, None)
         for member_id, record in current.items():
+            self._wakes.add(member_id, token_digest(record.token))
             task = self._tasks.get(member_id)
             if task is None or task.done():
-                self._wakes[member_id] = asyncio.Event()
                 self._tasks[member_id] = asyncio.create_task(
                     self._portal_loop(record), name=f"b24queue-offline-{member_id}"
                 )
@@ -108,8 +129,7 @@ class OfflineService:
 
     async def _stop_all(self) -> None:
         self._stop.set()
-        for wake in self._wakes.values():
-            wake.set()
+        self._wakes.stop()
         tasks = [*self._tasks.values(), *self._retired]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self._s.shutdown_timeout_s)
@@ -140,28 +160,30 @@ class OfflineService:
         puller = Puller(portal, self._sink, self._state, target, self.metrics)
         if self._s.offline_events:
             await self._bind(record, portal)
-        wake = self._wakes[record.member_id]
         loop = asyncio.get_running_loop()
         recover_at = loop.time()
         while not self._stop.is_set():
-            wake.clear()
+            self._wakes.pulling(record.member_id)
             if loop.time() >= recover_at:
                 left = await self._step(record, puller.recover)
                 # Batches still leased are looked at again once the lease can have run out.
-                again_s = self._s.offline_lease_s + 1 if left else RECOVER_S
-                recover_at = loop.time() + (again_s if isinstance(left, int) else left)
-            delay_s: float = self._s.offline_poll_s
+                if isinstance(left, Done):
+                    again_s = self._s.offline_lease_s + 1 if left.count else RECOVER_S
+                else:
+                    again_s = left.delay_s
+                recover_at = loop.time() + again_s
+            wait_s, backoff = self._s.offline_poll_s, False
             for _ in range(MAX_PULLS_IN_A_ROW):
                 outcome = await self._step(record, puller.pull_once)
-                if isinstance(outcome, float):
-                    delay_s = outcome
-                if outcome != self._s.offline_batch or self._stop.is_set():
+                if isinstance(outcome, Backoff):
+                    wait_s, backoff = outcome.delay_s, True
+                    break
+                if outcome.count < self._s.offline_batch or self._stop.is_set():
                     break  # a full batch means there is more waiting
             else:
-                delay_s = 0.0  # a long queue: the other portals' turn in the loop first
-            wait_s = max(0.0, min(delay_s, recover_at - loop.time()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), wait_s)
+                wait_s = 0.0  # a long queue: the other portals' turn in the loop first
+            wait_s = max(0.0, min(wait_s, recover_at - loop.time()))
+            await self._wakes.wait(record.member_id, wait_s, backoff=backoff)
 
     async def _bind(self, record: PortalRecord, portal: Caller) -> None:
         """B24QUEUE_OFFLINE_EVENTS bound once per portal and process start (binding again is
@@ -182,32 +204,33 @@ class OfflineService:
             ", ".join(f"{b.event} {b.outcome}" for b in done),
         )
 
-    async def _step(
-        self, record: PortalRecord, action: Callable[[], Awaitable[int]]
-    ) -> int | float:
-        """Run one pull or recovery: how many records (int), or how long to wait (float)."""
+    async def _step(self, record: PortalRecord, action: Callable[[], Awaitable[int]]) -> Step:
+        """Run one pull or recovery: `Done` with its count, or `Backoff` with how long to wait."""
         try:
-            return await action()
+            count = await action()
         except BrokerUnavailableError as exc:
             log.warning("portal %s: offline records wait for the broker: %s", record.domain, exc)
             self.metrics.count("failed_pulls")
-            return BROKER_WAIT_S
+            # Each try gets and publishes the batch again: wait longer each time, per portal.
+            wait_s = self._broker_wait_s.get(record.member_id, BROKER_WAIT_S)
+            self._broker_wait_s[record.member_id] = min(2 * wait_s, BROKER_MAX_WAIT_S)
+            return Backoff(wait_s)
         except PortalRetry as exc:
-            return float(exc.delay_s or BROKER_WAIT_S)
-        except PortalError as exc:
-            self.metrics.count("failed_pulls")
-            log.warning("portal %s: offline pull failed: %s", record.domain, exc)
-            if exc.code in GONE:
-                raise _PortalGone from None
-            return float(self._s.offline_poll_s)
+            return Backoff(float(exc.delay_s or BROKER_WAIT_S))
+        except NoCredentials:
+            # Our own lookup found no credentials of this portal (uninstalled, reinstalled with
+            # another token): never an error code the portal answered, which it could choose.
+            raise _PortalGone from None
         except (BadBatch, B24QueueError) as exc:
             self.metrics.count("failed_pulls")
             log.warning("portal %s: offline pull failed: %s", record.domain, exc)
-            return float(self._s.offline_poll_s)
+            return Backoff(float(self._s.offline_poll_s))
         except Exception as exc:  # e.g. the shared state's store away: this portal waits
             self.metrics.count("failed_pulls")
             log.warning("portal %s: offline pull failed: %r", record.domain, exc)
-            return float(self._s.offline_poll_s)
+            return Backoff(float(self._s.offline_poll_s))
+        self._broker_wait_s.pop(record.member_id, None)
+        return Done(count)
 
 
 class _PortalGone(Exception):
@@ -216,10 +239,11 @@ class _PortalGone(Exception):
 
 def wake_consumer(settings: Settings, service: OfflineService) -> type[EventConsumer]:
     """The consumer of ONOFFLINEEVENT pings: wakes the portal's puller, nothing else (a lost
-    ping only delays the pull to the next poll)."""
+    ping only delays the pull to the next poll), and only with the portal's own token."""
 
     async def handle(self: EventConsumer, event: Event) -> None:
-        service.wake(event.auth.member_id)
+        if not service.wake(event.auth.member_id, came_with(event)):
+            log.debug("an ONOFFLINEEVENT not from a pulled portal's own token: ignored")
 
     return type(
         "OfflineWake",

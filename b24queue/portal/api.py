@@ -27,6 +27,13 @@ class PortalError(B24QueueError):
         super().__init__(f"{self.code}: {self.description}" if self.description else self.code)
 
 
+class NoCredentials(PortalError):
+    """Raised by our own credentials lookup, before any request: this process has no credentials
+    for the event's portal (`NO_CREDENTIALS`: not installed, no webhook), or the event may not
+    use them (`WRONG_PORTAL`, `NO_APP_TOKEN`). Never made from a portal's answer: a portal can
+    answer any error code, this type it cannot."""
+
+
 class PortalRetry(Retry, PortalError):
     """Not now: the portal limits this method's run time (`OPERATION_TIME_LIMIT`), or its bucket
     is full for longer than a handler should wait. Raised out of `handle`, it retries the event

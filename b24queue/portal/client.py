@@ -40,7 +40,6 @@ from b24queue.portal.tenant import credentials
 
 log = logging.getLogger(__name__)
 
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
 BATCH_SIZE = 50  # Bitrix24 runs at most 50 commands per batch
 BUSY_TRIES = 5
 MAX_PAGES = 10_000  # a list's pages, whatever `max_items` (Bitrix24 pages by 50)
@@ -60,6 +59,7 @@ class Context:
     webhooks: Webhooks
     observer: PortalObserver
     allow_private: bool = False
+    max_answer_bytes: int = 8 * 1024 * 1024  # B24QUEUE_PORTAL_MAX_ANSWER_BYTES
 
 
 class PortalClient:
@@ -188,20 +188,25 @@ class PortalClient:
     async def _post(
         self, target: Target, method: str, params: Mapping[str, Any]
     ) -> tuple[int, dict[str, Any]]:
-        body = dict(params)
+        body, cap = dict(params), self._ctx.max_answer_bytes
         if target.kind == "oauth":
             body["auth"] = self._token
         try:
             async with self._ctx.session.post(
                 target.url(method), json=body, allow_redirects=False
             ) as resp:
-                raw = await read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
+                # At most one byte past the cap is read: enough to know it is over.
+                raw = await read_bounded(resp.content, cap + 1)
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # Not str(exc): it names the URL, and a webhook's holds its code.
             raise PortalError("UNREACHABLE", f"{target.domain}: {type(exc).__name__}") from None
-        if len(raw) > MAX_ANSWER_BYTES:
-            raise PortalError("BAD_ANSWER", "the portal's answer is too large", status=status)
+        if len(raw) > cap:
+            raise PortalError(
+                "ANSWER_TOO_LARGE",
+                f"{method}: the answer is over {cap} bytes (B24QUEUE_PORTAL_MAX_ANSWER_BYTES)",
+                status=status,
+            )
         try:
             answer = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth

@@ -24,6 +24,7 @@ from b24queue.portal.oauth import Refresher
 from b24queue.settings import Settings
 
 CONNECTIONS = 100  # across every portal of the process; per host Bitrix24's limit is lower
+CONNECTIONS_PER_HOST = 10  # one slow (or hostile) portal cannot hold every connection
 
 
 class _GuardedResolver(AbstractResolver):
@@ -97,14 +98,19 @@ class PortalClients:
             self._resolver or aiohttp.DefaultResolver(), s.portal_allow_private
         )
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=resolver, ssl=ssl_context, limit=CONNECTIONS),
+            connector=aiohttp.TCPConnector(
+                resolver=resolver,
+                ssl=ssl_context,
+                limit=CONNECTIONS,
+                limit_per_host=CONNECTIONS_PER_HOST,
+            ),
             timeout=aiohttp.ClientTimeout(total=s.portal_call_timeout_s),
         )
         refresher = Refresher(session, store, state, s, self._clock, self._observer)
         self._store, self._state = store, state
         self._context = Context(
             session, store, state, refresher, self._limit, self._webhooks, self._observer,
-            s.portal_allow_private,
+            s.portal_allow_private, s.portal_max_answer_bytes,
         )  # fmt: skip
         return self
 

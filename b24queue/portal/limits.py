@@ -64,6 +64,9 @@ class SharedState(Protocol):
     async def lease(self, key: str, owner: str, ttl_s: float) -> bool:
         """Take portal `key`'s refresh lease for `ttl_s` if nobody holds it (or theirs ran out)."""
 
+    async def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Hold the lease `ttl_s` more from now, if `owner` still holds it (True then)."""
+
     async def release(self, key: str, owner: str) -> None:
         """Give the lease back, if `owner` still holds it."""
 

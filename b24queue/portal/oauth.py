@@ -34,7 +34,13 @@ import aiohttp
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
 from b24queue.hosts import same_host
-from b24queue.portal.api import NoObserver, PortalError, PortalObserver, PortalRetry
+from b24queue.portal.api import (
+    NoCredentials,
+    NoObserver,
+    PortalError,
+    PortalObserver,
+    PortalRetry,
+)
 from b24queue.portal.limits import SharedState
 from b24queue.portal.oauth_server import OAUTH_TIMEOUT_S, ask_oauth
 from b24queue.settings import Settings
@@ -154,7 +160,9 @@ class Refresher:
         record = await self._store.get(member_id)
         if record is None:
             self._unsaved.pop(member_id, None)
-            raise PortalError("NO_CREDENTIALS", "the portal is not installed (or was uninstalled)")
+            raise NoCredentials(
+                "NO_CREDENTIALS", "the portal is not installed (or was uninstalled)"
+            )
         kept = self._unsaved.get(member_id)
         if kept is not None:
             if record.refresh_token == kept.stored_refresh and record.token == kept.record.token:
@@ -168,7 +176,7 @@ class Refresher:
         if record.access_token != spent and self.valid(record.access_expires):
             return record
         if not record.refresh_token or record.refresh_token in self._refused:
-            raise PortalError("NO_CREDENTIALS", "no usable refresh token stored for this portal")
+            raise NoCredentials("NO_CREDENTIALS", "no usable refresh token stored for this portal")
         try:
             access, refresh, expires = await self._ask(record)
         except PortalError as exc:
@@ -241,4 +249,4 @@ class Refresher:
 def _same_install(record: PortalRecord, install: PortalRecord) -> None:
     same = hmac.compare_digest(record.token.encode(), install.token.encode())
     if not same or not same_host(record.domain, install.domain):
-        raise PortalError("WRONG_PORTAL", "the portal was installed again (by another install)")
+        raise NoCredentials("WRONG_PORTAL", "the portal was installed again (by another install)")

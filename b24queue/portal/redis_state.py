@@ -27,6 +27,10 @@ redis.call('HSET', KEYS[1], 'level', tostring(level + 1), 'stamp', tostring(now)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return math.floor(wait * 1000000)
 """
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -56,6 +60,11 @@ class RedisState:
     async def lease(self, key: str, owner: str, ttl_s: float) -> bool:
         key = self.prefix + "lease:" + key
         return bool(await self._redis().set(key, owner, nx=True, px=max(1, int(ttl_s * 1000))))
+
+    async def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        key = self.prefix + "lease:" + key
+        return bool(await self._redis().eval(_RENEW_LUA, 1, key, owner, ttl_ms))
 
     async def release(self, key: str, owner: str) -> None:
         await self._redis().eval(_RELEASE_LUA, 1, self.prefix + "lease:" + key, owner)

@@ -85,6 +85,15 @@ class SqliteState:
         )
         return self._conn().execute(sql, (key, owner, now + ttl_s, now)).rowcount
 
+    async def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+        sql = "UPDATE portal_leases SET until = ? WHERE key = ? AND owner = ? AND until >= ?"
+
+        def renew() -> int:
+            now = self._clock()
+            return self._conn().execute(sql, (now + ttl_s, key, owner, now)).rowcount
+
+        return bool(await self._run(renew))
+
     async def release(self, key: str, owner: str) -> None:
         sql = "DELETE FROM portal_leases WHERE key = ? AND owner = ?"
         await self._run(lambda: self._conn().execute(sql, (key, owner)))

@@ -13,7 +13,7 @@ from b24queue.envelope import token_digest
 from b24queue.events import Event, token_digest_of
 from b24queue.hosts import same_host
 from b24queue.http.portal_check import is_ip_literal
-from b24queue.portal.api import PortalError
+from b24queue.portal.api import NoCredentials, PortalError
 from b24queue.portal.credentials import Target, Webhooks, host_of, oauth_target
 from b24queue.portal.oauth import Refresher
 
@@ -34,13 +34,15 @@ async def credentials(
     if record is None:
         return _webhook(webhooks, event), "", None
     if event.auth.domain and not same_host(event.auth.domain, record.domain):
-        raise PortalError("WRONG_PORTAL", "the event's domain is not its portal's")
+        raise NoCredentials("WRONG_PORTAL", "the event's domain is not its portal's")
     # The ingress also lets in events carrying a static token (B24QUEUE_APP_TOKENS: an outgoing
     # webhook's), whatever member_id they name: only an event that came with the portal's own
     # application token may act with that portal's credentials.
     given = came_with(event)
     if given is None or not hmac.compare_digest(given, token_digest(record.token)):
-        raise PortalError("WRONG_PORTAL", "the event does not carry its portal's application token")
+        raise NoCredentials(
+            "WRONG_PORTAL", "the event does not carry its portal's application token"
+        )
     target = oauth_target(record)
     if not allow_private and is_ip_literal(host_of(target.base_url)):
         # An address is connected to as it is, past the resolver that refuses private ones.
@@ -54,16 +56,16 @@ def _webhook(webhooks: Webhooks, event: Event) -> Target:
     domain alone would give portal B's admin (who knows B's token) portal A's webhook."""
     found = webhooks.for_domain(event.auth.domain)
     if found is None:
-        raise PortalError("NO_CREDENTIALS", "no installed portal or webhook for this event")
+        raise NoCredentials("NO_CREDENTIALS", "no installed portal or webhook for this event")
     webhook, digests = found
     given = came_with(event)
     if given is None:
-        raise PortalError("NO_APP_TOKEN", "the event carries no application token")
+        raise NoCredentials("NO_APP_TOKEN", "the event carries no application token")
     matched = False
     for digest in digests:  # all of them, without stopping early
         matched |= hmac.compare_digest(given, digest)
     if not matched:
-        raise PortalError("WRONG_PORTAL", "the event does not carry its webhook's app token")
+        raise NoCredentials("WRONG_PORTAL", "the event does not carry its webhook's app token")
     return webhook
 
 

@@ -19,11 +19,12 @@ from b24queue.offline import service
 from b24queue.offline.process import serve_offline
 from b24queue.offline.records import H_OFFLINE, H_OFFLINE_MESSAGE_ID
 from b24queue.settings import Settings
+from tests.conftest import SAMPLE_TOKEN
 from tests.fake_offline import FakeOffline
 from tests.fake_portal import FakePortal, StaticResolver
 from tests.integration.conftest import AMQP_URL, Broker, running_ingress, wait_until
 from tests.integration.proxy import Proxy
-from tests.offline_setup import bodies, installed, offline_settings, ping_payload
+from tests.offline_setup import app_token, bodies, installed, offline_settings, ping_payload
 from tests.portal_setup import domain_of
 
 pytestmark = pytest.mark.broker
@@ -205,8 +206,9 @@ async def test_onofflineevent_through_the_ingress_wakes_the_puller(
     await installed(store_of(tmp_path), fake_portal.rest, offline, MEMBER)
     seen = await broker.bind_queue("seen", "ONCRMDEALUPDATE")
     settings = offline_settings(
-        broker, store_of(tmp_path), portal_certificate[0], offline_poll_s=3600
-    )
+        broker, store_of(tmp_path), portal_certificate[0], offline_poll_s=3600,
+        app_tokens=f"{SAMPLE_TOKEN},{app_token(MEMBER)}",
+    )  # fmt: skip
     async with running_ingress(settings) as (client, _), puller(settings) as metrics:
 
         async def ping(host: str, handler: str) -> None:

@@ -15,12 +15,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import SAMPLE_TOKEN
 from tests.fake_offline import FakeOffline
 from tests.fake_portal import FakePortal
 from tests.integration.conftest import ROOT, Broker, cli_env, wait_until
 from tests.integration.proxy import free_port
 from tests.integration.test_portal_workers import portal_env
-from tests.offline_setup import installed, offline_env, ping_payload
+from tests.offline_setup import app_token, installed, offline_env, ping_payload
 from tests.portal_setup import domain_of
 from tests.processes import STARTED, start, stop
 
@@ -31,7 +32,11 @@ HOST = domain_of(MEMBER)
 
 
 async def ingress(broker: Broker, port: int, tmp_path: Path) -> asyncio.subprocess.Process:
-    env = cli_env(broker, B24QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"))
+    env = cli_env(
+        broker,
+        B24QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
+        B24QUEUE_APP_TOKENS=f"{SAMPLE_TOKEN},{app_token(MEMBER)}",  # the ping's is the portal's
+    )
     args = ("ingress", "--host", "127.0.0.1", "--port", str(port))
     proc = await start(*args, env=env, log=tmp_path / "ingress.log")
 

@@ -108,3 +108,18 @@ def test_the_message_of_a_record() -> None:
 def test_an_online_event_cannot_claim_to_be_offline() -> None:
     event = Event.from_payload({"event": "ONCRMDEALADD", "offline": {"id": "1"}, "data": {}})
     assert Event.from_json(envelope_for(event).body).offline is None
+
+
+def nested(depth: int) -> Any:
+    value: Any = None
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_record_nested_past_the_limit_as_published_is_bad() -> None:
+    # One level short of orjson's limit inside [data, additional], one level past it inside
+    # the published body (body["offline"]["additional"]).
+    deep = nested(253)
+    batch = parse_batch({"process_id": "p1", "events": [row(1, EVENT_ADDITIONAL=deep)]}, 2**20)
+    assert batch.records == [] and batch.bad == ["msg1"]

@@ -22,7 +22,7 @@ from tests.fake_offline import FakeOffline
 from tests.fake_portal import FakePortal, StaticResolver
 from tests.fake_rest import CLIENT_SECRET
 from tests.integration.conftest import wait_until
-from tests.offline_setup import installed, ping_payload
+from tests.offline_setup import app_token, installed, ping_payload
 from tests.portal_setup import CLIENT_ID, OAUTH_URL, domain_of
 
 MEMBER = "msqlite0ff"
@@ -37,7 +37,7 @@ async def test_offline_records_through_the_sqlite_queue_and_a_ping_wakes_it(
     await installed(store, fake_portal.rest, offline, MEMBER)
     settings = load_settings(
         broker_url=f"sqlite:{tmp_path / 'queue.db'}",
-        app_tokens=SAMPLE_TOKEN,
+        app_tokens=f"{SAMPLE_TOKEN},{app_token(MEMBER)}",
         portal_store=store,
         app_client_id=CLIENT_ID,
         app_client_secret=CLIENT_SECRET,

@@ -319,3 +319,27 @@ async def test_calls_waits_and_refreshes_are_counted(
     assert "b24queue_portal_refreshes_total 1.0" in text
     assert "b24queue_portal_wait_seconds_count 4.0" in text
     await store.close()
+
+
+async def test_an_answer_over_the_cap_is_refused_and_the_cap_is_a_setting(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store = await store_of(tmp_path)
+    await install(store, fake_portal.rest, "m1")
+    settings = portal_settings(
+        portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}",
+        portal_max_answer_bytes=100_000,
+    )  # fmt: skip
+    assert portal_settings(portal_certificate[0], "sqlite:x").portal_max_answer_bytes == 8 << 20
+    async with PortalClients(settings, resolver=StaticResolver()) as small:
+        portal = small.for_event(deal_event("m1", 1))
+        with pytest.raises(PortalError, match="ANSWER_TOO_LARGE") as caught:
+            await portal.call("crm.deal.pieces")  # 200,000 bytes
+        assert "B24QUEUE_PORTAL_MAX_ANSWER_BYTES" in str(caught.value)
+        assert (await portal.call("crm.deal.get", {"id": 1}))["ID"] == "1"  # under it: as ever
+    await store.close()
+
+
+async def test_one_portal_cannot_hold_every_connection(clients: PortalClients) -> None:
+    connector = clients.refresher._session.connector  # the session every client shares
+    assert connector is not None and 0 < connector.limit_per_host <= 10 < connector.limit
