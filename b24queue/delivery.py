@@ -107,8 +107,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
         if consumer.handle_timeout_s is None:
             await consumer.handle(event)
         else:
-            async with asyncio.timeout(consumer.handle_timeout_s):
-                await consumer.handle(event)
+            await _handle_within(consumer, event, consumer.handle_timeout_s)
     except Reject as exc:
         return _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
     except Exception as exc:  # any handler error is a failed attempt; never an unhandled crash
@@ -123,7 +122,39 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
         return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
     if store is not None and key is not None:
         await _remember(store, key)
-    return Outcome("ack", attempt)
+    return _ACKED[attempt] if attempt < len(_ACKED) else Outcome("ack", attempt)
+
+
+async def _handle_within(consumer: EventConsumer, event: Event, timeout_s: float) -> None:
+    """`async with asyncio.timeout(timeout_s): await consumer.handle(event)`, the same rules
+    (TimeoutError only for our own cancellation; a cancellation from outside stays one), at half
+    its cost per event: a timer and a flag instead of a context manager's two coroutines."""
+    task = asyncio.current_task()
+    assert task is not None
+    cancelling = task.cancelling()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    try:
+        await consumer.handle(event)
+    except asyncio.CancelledError as exc:
+        if expired and task.uncancel() <= cancelling:
+            raise TimeoutError from exc
+        raise
+    except BaseException:
+        if expired:
+            task.uncancel()
+        raise
+    else:
+        if expired:  # it expired, and the handler swallowed the cancellation
+            task.uncancel()
+    finally:
+        timer.cancel()
 
 
 async def _already_seen(store: SeenStore, key: str) -> bool:
@@ -140,6 +171,9 @@ async def _remember(store: SeenStore, key: str) -> None:
     except Exception as exc:
         log.warning("idempotency store unavailable (%r): %s not remembered", exc, key)
 
+
+# The outcome of a handler that returned, on its first few attempts (the common case): made once.
+_ACKED = tuple(Outcome("ack", attempt) for attempt in range(8))
 
 Observer = Callable[[str, str, str, float], None]  # queue, event, outcome, seconds
 

@@ -115,6 +115,9 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # Neither format shows a record's thread or process: not looked up for every line (as the
+    # logging documentation's "Optimization" section suggests).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root.setLevel(level.upper())
     # aiormq/aio-pika are chatty at INFO during reconnects; our own lines say what matters.
     logging.getLogger("aiormq").setLevel(logging.WARNING)

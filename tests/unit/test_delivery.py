@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -103,6 +104,58 @@ async def test_handler_timeout_is_a_failed_attempt() -> None:
     outcome = await run_handler(Slow(), make_event("ONX"))
     assert outcome.retried
     assert outcome.headers[c.H_ERROR_TYPE] == "TimeoutError"
+
+
+async def test_a_cancellation_from_outside_stays_one_under_the_handler_timeout() -> None:
+    """As with asyncio.timeout: only the timeout's own cancellation becomes a TimeoutError; a
+    worker stopping (its task cancelled) cancels the handler, and the attempt is not counted."""
+    started = asyncio.Event()
+
+    class Waits(EventConsumer):
+        queue = "waits"
+        events = ("#",)
+        handle_timeout_s = 30.0
+
+        async def handle(self, event: Event) -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(run_handler(Waits(), make_event("ONX")))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_handler_that_swallows_its_timeout_is_acked_and_its_task_goes_on() -> None:
+    class Swallows(EventConsumer):
+        queue = "swallows"
+        events = ("#",)
+        handle_timeout_s = 0.05
+
+        async def handle(self, event: Event) -> None:
+            with contextlib.suppress(asyncio.CancelledError):  # as a handler should not
+                await asyncio.Event().wait()
+
+    outcome = await run_handler(Swallows(), make_event("ONX"))
+    assert outcome.acked
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0
+    await asyncio.sleep(0.1)  # nothing cancels this task later: the timer went with the handler
+
+
+async def test_a_handler_within_its_timeout_leaves_no_timer_behind() -> None:
+    class Quick(EventConsumer):
+        queue = "quick"
+        events = ("#",)
+        handle_timeout_s = 0.05
+
+        async def handle(self, event: Event) -> None:
+            await asyncio.sleep(0)
+
+    for _ in range(3):
+        assert (await run_handler(Quick(), make_event("ONX"))).acked
+    await asyncio.sleep(0.1)  # a timer left running would cancel this test's task here
 
 
 async def test_undecodable_bodies_are_dead_lettered_at_once() -> None:

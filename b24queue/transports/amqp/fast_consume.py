@@ -2,9 +2,10 @@
 
 aio-pika's consumer path wraps each delivery in an `IncomingMessage` (its properties decoded a
 second time), runs the callback in a task of its own, and acks through `basic_ack`, which encodes
-the frame with pamqp and waits for it to be written. The worker needs none of that: it runs each
-delivery in a task of its own anyway (so that a closed channel never cancels a handler halfway)
-and reads the few properties it uses from aiormq's `DeliveredMessage`.
+the frame with pamqp and waits for it to be written, one write (a system call) per ack. The
+worker needs none of that: it runs each delivery in a task of its own anyway (so that a closed
+channel never cancels a handler halfway), reads the few properties it uses from aiormq's
+`DeliveredMessage`, and writes the acks of one turn of the loop together (`Acks`).
 
 The consumer is still registered through aio-pika (`RobustQueue.consume`), which keeps it across
 reconnects and consumer cancellations; `take_over` then points that consumer tag, on the aiormq
@@ -17,6 +18,8 @@ pinned to (`SUPPORTED`); with any other, every delivery takes aio-pika's path an
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +28,8 @@ import aiormq
 from aiormq.abc import ChannelFrame, DeliveredMessage
 
 from b24queue.transports.amqp.fast_publish import SUPPORTED
+
+log = logging.getLogger(__name__)
 
 _CLOSE_EVENT = "_Channel__close_event"  # set by aiormq.Channel as soon as it starts closing
 # Basic.Ack as a method frame: type 1, channel, size 13; class 60, method 80, the delivery tag,
@@ -64,16 +69,43 @@ def closing(channel: aiormq.Channel) -> bool:
     return bool(channel.is_closed or getattr(channel, _CLOSE_EVENT).is_set())
 
 
-async def ack(channel: aiormq.Channel, delivery_tag: int) -> None:
-    """Ack one delivery (`multiple` off), as `basic_ack` does, without waiting for the write:
-    an ack is never confirmed by the broker, and one lost with the connection is a delivery the
-    broker makes again. Waits only when the write queue is full. Raises ChannelInvalidStateError
-    on a closed or closing channel."""
-    if closing(channel):
-        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-    frame = ChannelFrame(payload=ack_frame(channel.number, delivery_tag), should_close=False)
-    queue = channel.write_queue
-    if queue.full():
-        await queue.put(frame)
-    else:
-        queue.put_nowait(frame)
+class Acks:
+    """Acks written together at the end of the event loop's turn, one write per channel: the
+    writer makes a system call per frame it is given, and a turn often settles several
+    deliveries. Not waiting for the write is what `basic_ack` offers too (`wait=False`): the
+    broker never answers an ack, and one lost with its connection is a delivery it makes again.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[aiormq.Channel, list[int]] = {}
+        self._puts: set[asyncio.Task[None]] = set()
+
+    def add(self, channel: aiormq.Channel, delivery_tag: int) -> None:
+        """Ack one delivery (`multiple` off) at the end of this turn. Raises
+        ChannelInvalidStateError on a closed or closing channel, as `basic_ack` does."""
+        if closing(channel):
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        tags = self._waiting.get(channel)
+        if tags is not None:
+            tags.append(delivery_tag)
+            return
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self._write)
+        self._waiting[channel] = [delivery_tag]
+
+    def _write(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for channel, tags in waiting.items():
+            if closing(channel):  # closed within the turn: the broker redelivers them
+                log.info("%d acks not sent: their channel closed; the broker redelivers", len(tags))
+                continue
+            number = channel.number
+            payload = b"".join([ack_frame(number, tag) for tag in tags])
+            frame = ChannelFrame(payload=payload, should_close=False)
+            queue = channel.write_queue
+            if not queue.full():
+                queue.put_nowait(frame)
+                continue
+            put = asyncio.get_running_loop().create_task(queue.put(frame))
+            self._puts.add(put)  # held until done (the loop keeps only weak references)
+            put.add_done_callback(self._puts.discard)

@@ -54,6 +54,7 @@ class AmqpTransport:
     def __init__(self, channel: AbstractRobustChannel, spec: QueueSpec) -> None:
         self._channel = channel
         self._spec = spec
+        self._acks = fast_consume.Acks()
 
     async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
         delivery: Delivery = incoming.handle
@@ -96,7 +97,7 @@ class AmqpTransport:
             return
         try:
             if fast_consume.usable(channel):
-                await fast_consume.ack(channel, delivery.delivery_tag)  # type: ignore[arg-type]
+                self._acks.add(channel, delivery.delivery_tag)  # type: ignore[arg-type]
             else:
                 await channel.basic_ack(delivery.delivery_tag)
         except TRANSIENT_ERRORS as exc:
