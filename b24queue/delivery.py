@@ -12,7 +12,6 @@ durable (confirmed) before it acks the original, so a crash in between duplicate
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -27,6 +26,7 @@ from b24queue.errors import BadEventError
 from b24queue.events import Event, mark_delivered
 from b24queue.idempotency import SeenStore
 from b24queue.retry import delay_after, snap_delay
+from b24queue.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
         if consumer.handle_timeout_s is None:
             await consumer.handle(event)
         else:
-            await _handle_within(consumer, event, consumer.handle_timeout_s)
+            await within(consumer.handle_timeout_s, consumer.handle(event))
     except Reject as exc:
         return _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
     except Exception as exc:  # any handler error is a failed attempt; never an unhandled crash
@@ -123,38 +123,6 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     if store is not None and key is not None:
         await _remember(store, key)
     return _ACKED[attempt] if attempt < len(_ACKED) else Outcome("ack", attempt)
-
-
-async def _handle_within(consumer: EventConsumer, event: Event, timeout_s: float) -> None:
-    """`async with asyncio.timeout(timeout_s): await consumer.handle(event)`, the same rules
-    (TimeoutError only for our own cancellation; a cancellation from outside stays one), at half
-    its cost per event: a timer and a flag instead of a context manager's two coroutines."""
-    task = asyncio.current_task()
-    assert task is not None
-    cancelling = task.cancelling()
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
-    try:
-        await consumer.handle(event)
-    except asyncio.CancelledError as exc:
-        if expired and task.uncancel() <= cancelling:
-            raise TimeoutError from exc
-        raise
-    except BaseException:
-        if expired:
-            task.uncancel()
-        raise
-    else:
-        if expired:  # it expired, and the handler swallowed the cancellation
-            task.uncancel()
-    finally:
-        timer.cancel()
 
 
 async def _already_seen(store: SeenStore, key: str) -> bool:

@@ -25,6 +25,7 @@ from b24queue import _constants as c
 from b24queue.envelope import Envelope
 from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
+from b24queue.timeouts import within
 from b24queue.transports import given_up
 from b24queue.transports.amqp import fast_publish
 from b24queue.transports.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
@@ -219,14 +220,7 @@ class AmqpPublisher:
         check_size(envelope)
         timeout_s = self._settings.publish_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                try:
-                    await self._publish_once(channel, envelope)
-                except TRANSIENT_ERRORS:
-                    # A publish cut by a dropped connection is not replayed by aio-pika; repeat
-                    # it until the deadline. The broker may then hold it twice: at-least-once,
-                    # never lost. (Off the hot path: the first attempt needs no retry machinery.)
-                    await self._publish_retrying(channel, envelope)
+            await within(timeout_s, self._publish_until_confirmed(channel, envelope))
         except TimeoutError:
             raise BrokerUnavailableError(
                 f"RabbitMQ did not confirm within {timeout_s:g}s"
@@ -241,6 +235,15 @@ class AmqpPublisher:
             raise PublishError(f"RabbitMQ refused the message (nack): {exc}") from None
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailableError(f"connection to RabbitMQ failed: {exc!r}") from None
+
+    async def _publish_until_confirmed(self, channel: AbstractChannel, envelope: Envelope) -> None:
+        try:
+            await self._publish_once(channel, envelope)
+        except TRANSIENT_ERRORS:
+            # A publish cut by a dropped connection is not replayed by aio-pika; repeat it until
+            # the deadline. The broker may then hold it twice: at-least-once, never lost. (Off
+            # the hot path: the first attempt needs no retry machinery.)
+            await self._publish_retrying(channel, envelope)
 
     async def _publish_once(self, channel: AbstractChannel, envelope: Envelope) -> None:
         # Straight on the channel aio-pika keeps open (and reopens after a reconnect): the
