@@ -78,12 +78,14 @@ class Puller:
         self._owner = f"offline-{os.getpid()}-{id(self):x}"
         self._pending: str | None = None  # a batch of ours left reserved (broker away)
         self._limit = target.limit  # smaller while answers are too large to read
+        self._asked = target.limit
+        self.published = 0  # records published so far (the broker took some: it is back)
 
     @property
     def asked(self) -> int:
-        """The `limit` the next get asks for: the batch size, or less after answers too large
-        to read (b24queue.portal ANSWER_TOO_LARGE); a full batch of it means more is waiting."""
-        return self._limit
+        """The `limit` the last get that went through asked for: the batch size, or less after
+        answers too large to read (ANSWER_TOO_LARGE); a full batch of it means more waits."""
+        return self._asked
 
     async def pull_once(self) -> int:
         """One get (our own unfinished batch first) and its records finished; returns how many
@@ -177,7 +179,7 @@ class Puller:
                 limit = max(1, limit // 2)
                 self._limit = limit
                 continue
-            self._limit = min(self._t.limit, 2 * limit)
+            self._asked, self._limit = limit, min(self._t.limit, 2 * limit)
             return answer
 
     async def _reserved(self) -> list[str]:
@@ -255,6 +257,7 @@ class Puller:
             elif isinstance(result, BaseException):
                 raise result
         self._counter.count("published", len(published))
+        self.published += len(published)
         if published:
             await self._portal.call(
                 "event.offline.clear", {"process_id": batch.process_id, "id": published}

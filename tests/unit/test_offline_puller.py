@@ -133,7 +133,10 @@ async def test_an_answer_too_large_is_asked_again_with_half_the_limit() -> None:
     pulling = puller(portal, sink)
     assert await pulling.pull_once() == 1
     assert [p["limit"] for _, m, p in portal.calls if m == "event.offline.get"] == [50, 25, 12, 6]
-    assert len(sink.published) == 1 and pulling.asked == 12  # grows back a step at a time
+    assert len(sink.published) == 1 and pulling.asked == 6
+    portal.calls.clear()
+    assert await pulling.pull_once() == 1  # tries a step back up (still too large here)
+    assert [p["limit"] for _, m, p in portal.calls if m == "event.offline.get"] == [12, 6]
 
 
 class Reserved(ScriptedPortal):
