@@ -330,7 +330,7 @@ async def test_an_answer_over_the_cap_is_refused_and_the_cap_is_a_setting(
         portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}",
         portal_max_answer_bytes=100_000,
     )  # fmt: skip
-    assert portal_settings(portal_certificate[0], "sqlite:x").portal_max_answer_bytes == 8 << 20
+    assert portal_settings(portal_certificate[0], "sqlite:x").portal_max_answer_bytes == 16 << 20
     async with PortalClients(settings, resolver=StaticResolver()) as small:
         portal = small.for_event(deal_event("m1", 1))
         with pytest.raises(PortalError, match="ANSWER_TOO_LARGE") as caught:
