@@ -136,12 +136,12 @@ async def test_a_recovery_due_never_cuts_a_backoff_short(monkeypatch: pytest.Mon
     monkeypatch.setattr(service_module, "RECOVER_S", 0.05)
 
     def get(params: dict[str, Any]) -> Any:
-        raise PortalRetry("OPERATION_TIME_LIMIT", "", 1.0)
+        raise PortalRetry("OPERATION_TIME_LIMIT", "", 3.0)
 
     portal = ScriptedPortal(get)
     async with running(portal, offline_poll_s=3600):
         await until(lambda: len(portal.times()) >= 1)
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # recoveries due every 0.05 s meanwhile
         assert len(portal.times()) == 1
 
 
