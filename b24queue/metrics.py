@@ -230,6 +230,7 @@ class OfflineMetrics:
         "unnamed",
         "recovered_batches",
         "failed_pulls",
+        "unreadable",
     )
 
     def __init__(self) -> None:
@@ -238,7 +239,8 @@ class OfflineMetrics:
             "b24queue_offline_records",
             "Offline records pulled, published, cleared, marked as errors (event.offline.error), "
             "left reserved for lack of a usable id (unnamed); batches redone after a crash "
-            "(recovered_batches); pulls that failed (failed_pulls)",
+            "(recovered_batches); pulls that failed (failed_pulls); gets too large to read even "
+            "one record at a time, left reserved (unreadable)",
             ["outcome"],
             registry=self.registry,
         )

@@ -155,8 +155,11 @@ class Settings(BaseSettings):
     portal_call_timeout_s: float = Field(default=30.0, gt=0, le=600)
     # A portal's answer is decoded whole, on the event loop: its size is bounded. A full batch of
     # 50 list calls answers 2,500 records (a few KB each); past the cap: PortalError
-    # ANSWER_TOO_LARGE.
-    portal_max_answer_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=32 * 1024 * 1024)
+    # ANSWER_TOO_LARGE. An offline batch can hold B24QUEUE_OFFLINE_BATCH records of up to
+    # B24QUEUE_MAX_BODY_BYTES each, more than any cap: the puller then asks for fewer records.
+    portal_max_answer_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=64 * 1024, le=32 * 1024 * 1024
+    )
     # Inbound webhooks (https://<portal>/rest/<user>/<code>/), comma-separated: events from a
     # webhook's portal without OAuth credentials call through it.
     portal_webhooks: SecretStr = SecretStr("")

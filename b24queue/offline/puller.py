@@ -25,12 +25,14 @@ from typing import Any, Protocol
 from b24queue.envelope import Envelope, EventSink
 from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.offline.records import (
+    BadBatch,
     Batch,
     OfflineRecord,
     envelope_for_record,
     parse_batch,
     valid_process_id,
 )
+from b24queue.portal.api import PortalError
 from b24queue.portal.limits import SharedState
 
 log = logging.getLogger(__name__)
@@ -75,53 +77,110 @@ class Puller:
         self._counter = counter
         self._owner = f"offline-{os.getpid()}-{id(self):x}"
         self._pending: str | None = None  # a batch of ours left reserved (broker away)
+        self._limit = target.limit  # smaller while answers are too large to read
+        self._asked = target.limit
+        self.published = 0  # records published so far (the broker took some: it is back)
+
+    @property
+    def asked(self) -> int:
+        """The `limit` the last get that went through asked for: the batch size, or less after
+        answers too large to read (ANSWER_TOO_LARGE); a full batch of it means more waits."""
+        return self._asked
 
     async def pull_once(self) -> int:
         """One get (our own unfinished batch first) and its records finished; returns how many
         records the portal answered (a full batch means there may be more)."""
         process_id = self._pending
-        params: dict[str, Any] = {"clear": 0, "limit": self._t.limit}
-        params["auth_connector"] = self._t.auth_connector
+        params: dict[str, Any] = {"clear": 0, "auth_connector": self._t.auth_connector}
         if process_id:
             params["process_id"] = process_id
-        answer = await self._portal.call("event.offline.get", params)
+        try:
+            answer = await self._get(params)
+        except _Unreadable:
+            # Even one record is too large to read: whatever the gets reserved is left to
+            # recovery (never cleared, so never lost), and later pulls go on with new records.
+            self._pending = None
+            raise
         # Forgotten only once the get went through: a failed get asks for it again next time
         # (else it would wait for recovery, out of order).
         self._pending = None
         batch = parse_batch(answer, self._t.max_body_bytes)
         size = len(batch.records) + len(batch.bad) + batch.unnamed
         if batch.process_id:
+            # Ours until it is finished: whatever fails from here on (taking the lease,
+            # publishing, the clear) leaves it to the next pull, not to recovery.
+            self._pending = batch.process_id
             await self._finish_leased(batch)
+            self._pending = None
         return size
 
     async def recover(self) -> int:
         """Redo batches reserved and never cleared (a crashed puller's); returns how many are
-        left for later (leased: a live puller's, or a dead one's until its lease runs out)."""
+        left for later (leased: a live puller's, or a dead one's until its lease runs out).
+        A batch that is unreadable of itself (too large even one record at a time, or an answer
+        that is no batch) is logged and left reserved for the next pass: the others are still
+        redone. Any other failure (the portal, the broker away) ends the pass."""
         found = await self._reserved()
         left = 0
         for process_id in found:
-            async with self._leased(process_id) as leased:
-                if not leased:
+            try:
+                if not await self._recover_one(process_id):
                     left += 1
-                    continue
-                params = {
-                    "clear": 0,
-                    "limit": self._t.limit,
-                    "process_id": process_id,
-                    "auth_connector": self._t.auth_connector,
-                }
-                answer = await self._portal.call("event.offline.get", params)
-                batch = parse_batch(answer, self._t.max_body_bytes)
-                if batch.process_id:
-                    log.info(
-                        "portal %s: redoing reserved batch %s (%d records)",
-                        self._t.domain,
-                        batch.process_id,
-                        len(batch.records),
-                    )
-                    await self._finish(batch)
-                    self._counter.count("recovered_batches")
+            except (_Unreadable, BadBatch) as exc:
+                log.warning(
+                    "portal %s: reserved batch %s not redone: %s", self._t.domain, process_id, exc
+                )
         return left
+
+    async def _recover_one(self, process_id: str) -> bool:
+        """Redo one reserved batch; False if another puller holds its lease."""
+        async with self._leased(process_id) as leased:
+            if not leased:
+                return False
+            params = {
+                "clear": 0,
+                "process_id": process_id,
+                "auth_connector": self._t.auth_connector,
+            }
+            answer = await self._get(params)
+            batch = parse_batch(answer, self._t.max_body_bytes)
+            if batch.process_id:
+                log.info(
+                    "portal %s: redoing reserved batch %s (%d records)",
+                    self._t.domain,
+                    batch.process_id,
+                    len(batch.records),
+                )
+                await self._finish(batch)
+                self._counter.count("recovered_batches")
+        return True
+
+    async def _get(self, params: Mapping[str, Any]) -> Any:
+        """event.offline.get with `limit` halved while the answer is too large to read (down
+        to 1); a limit that worked grows back, doubling, one get at a time."""
+        limit = self._limit
+        while True:
+            try:
+                answer = await self._portal.call("event.offline.get", {**params, "limit": limit})
+            except PortalError as exc:
+                if exc.code != "ANSWER_TOO_LARGE":
+                    raise
+                if limit == 1:
+                    self._limit = 1
+                    self._counter.count("unreadable")
+                    log.error(
+                        "portal %s: one offline record%s is larger than "
+                        "B24QUEUE_PORTAL_MAX_ANSWER_BYTES: left reserved, not lost (raise the "
+                        "setting to read it)",
+                        self._t.domain,
+                        f" of batch {params['process_id']}" if "process_id" in params else "",
+                    )
+                    raise _Unreadable(exc.code, str(exc)) from None
+                limit = max(1, limit // 2)
+                self._limit = limit
+                continue
+            self._asked, self._limit = limit, min(self._t.limit, 2 * limit)
+            return answer
 
     async def _reserved(self) -> list[str]:
         """Process ids with records reserved and not marked as errors (bounded)."""
@@ -141,13 +200,9 @@ class Puller:
 
     async def _finish_leased(self, batch: Batch) -> None:
         async with self._leased(batch.process_id):
-            try:
-                await self._finish(batch)
-            except Exception:
-                # The broker away, or the clear not answered: the batch stays reserved; the next
-                # pull reads it again first, with the same process_id (published again, cleared).
-                self._pending = batch.process_id
-                raise
+            # The broker away, or the clear not answered: the batch stays reserved; the next
+            # pull reads it again first, with the same process_id (published again, cleared).
+            await self._finish(batch)
 
     @contextlib.asynccontextmanager
     async def _leased(self, process_id: str) -> AsyncIterator[bool]:
@@ -202,6 +257,7 @@ class Puller:
             elif isinstance(result, BaseException):
                 raise result
         self._counter.count("published", len(published))
+        self.published += len(published)
         if published:
             await self._portal.call(
                 "event.offline.clear", {"process_id": batch.process_id, "id": published}
@@ -248,3 +304,7 @@ class Puller:
 
     def _lease_key(self, process_id: str) -> str:
         return f"offline:{self._t.member_id}:{process_id}"
+
+
+class _Unreadable(PortalError):
+    """event.offline.get answered too large even for one record."""

@@ -29,7 +29,7 @@ from b24queue.metrics import OfflineMetrics
 from b24queue.offline.bind import bind_events, portal_event
 from b24queue.offline.puller import Caller, Puller, Target
 from b24queue.offline.records import BadBatch
-from b24queue.offline.wake import Wakes
+from b24queue.offline.wake import QUIET_S, Wakes
 from b24queue.portal.api import NoCredentials, PortalRetry
 from b24queue.portal.limits import SharedState
 from b24queue.portal.tenant import came_with
@@ -41,6 +41,8 @@ REFRESH_S = 30.0  # how often the list of installed portals is read again
 RECOVER_S = 300.0  # how often a portal's reserved-and-forgotten batches are looked for
 BROKER_WAIT_S = 1.0  # the broker away: try the batch again after this long, then twice that...
 BROKER_MAX_WAIT_S = 30.0  # ...up to this (each retry gets and publishes the whole batch again)
+FAIL_WAIT_S = 5.0  # any other failed pull or recovery: try again after this long, then twice...
+FAIL_MAX_WAIT_S = 300.0  # ...up to this, or the poll interval if shorter
 MAX_PULLS_IN_A_ROW = 100  # full batches before the loop waits (a portal answering full forever)
 
 PortalFor = Callable[[Event], Caller]
@@ -55,7 +57,8 @@ class Done:
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """It failed: wait this long before the next try (a wake-up does not shorten it)."""
+    """It failed: wait this long before the next try (a wake-up does not shorten it, so a failing
+    portal is not pulled at every ping; the wait is short at first and grows while it fails)."""
 
     delay_s: float
 
@@ -72,6 +75,8 @@ class OfflineService:
         store: TokenStore,
         state: SharedState,
         metrics: OfflineMetrics,
+        *,
+        quiet_s: float = QUIET_S,
     ) -> None:
         self._s = settings
         self._portal_for = portal_for
@@ -81,8 +86,9 @@ class OfflineService:
         self.metrics = metrics
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._retired: set[asyncio.Task[None]] = set()
-        self._wakes = Wakes()
+        self._wakes = Wakes(quiet_s)
         self._broker_wait_s: dict[str, float] = {}  # per portal, while the broker fails
+        self._fail_wait_s: dict[str, float] = {}  # per portal, while its pulls fail otherwise
         self._stop = asyncio.Event()
 
     def enabled(self, member_id: str | None) -> bool:
@@ -118,6 +124,7 @@ class OfflineService:
                 retired.add_done_callback(self._retired.discard)
                 self._wakes.remove(member_id)
                 self._broker_wait_s.pop(member_id, None)
+                self._fail_wait_s.pop(member_id, None)
         for member_id, record in current.items():
             self._wakes.add(member_id, token_digest(record.token))
             task = self._tasks.get(member_id)
@@ -165,7 +172,7 @@ class OfflineService:
         while not self._stop.is_set():
             self._wakes.pulling(record.member_id)
             if loop.time() >= recover_at:
-                left = await self._step(record, puller.recover)
+                left = await self._step(record, puller, puller.recover)
                 # Batches still leased are looked at again once the lease can have run out.
                 if isinstance(left, Done):
                     again_s = self._s.offline_lease_s + 1 if left.count else RECOVER_S
@@ -174,15 +181,18 @@ class OfflineService:
                 recover_at = loop.time() + again_s
             wait_s, backoff = self._s.offline_poll_s, False
             for _ in range(MAX_PULLS_IN_A_ROW):
-                outcome = await self._step(record, puller.pull_once)
+                outcome = await self._step(record, puller, puller.pull_once)
                 if isinstance(outcome, Backoff):
                     wait_s, backoff = outcome.delay_s, True
                     break
-                if outcome.count < self._s.offline_batch or self._stop.is_set():
+                if outcome.count < puller.asked or self._stop.is_set():
                     break  # a full batch means there is more waiting
             else:
                 wait_s = 0.0  # a long queue: the other portals' turn in the loop first
-            wait_s = max(0.0, min(wait_s, recover_at - loop.time()))
+            if backoff:  # waited whole: a recovery due meanwhile waits for its end too
+                recover_at = max(recover_at, loop.time() + wait_s)
+            else:
+                wait_s = max(0.0, min(wait_s, recover_at - loop.time()))
             await self._wakes.wait(record.member_id, wait_s, backoff=backoff)
 
     async def _bind(self, record: PortalRecord, portal: Caller) -> None:
@@ -204,33 +214,45 @@ class OfflineService:
             ", ".join(f"{b.event} {b.outcome}" for b in done),
         )
 
-    async def _step(self, record: PortalRecord, action: Callable[[], Awaitable[int]]) -> Step:
+    async def _step(
+        self, record: PortalRecord, puller: Puller, action: Callable[[], Awaitable[int]]
+    ) -> Step:
         """Run one pull or recovery: `Done` with its count, or `Backoff` with how long to wait."""
+        member_id = record.member_id
+        published = puller.published
         try:
             count = await action()
         except BrokerUnavailableError as exc:
             log.warning("portal %s: offline records wait for the broker: %s", record.domain, exc)
             self.metrics.count("failed_pulls")
             # Each try gets and publishes the batch again: wait longer each time, per portal.
-            wait_s = self._broker_wait_s.get(record.member_id, BROKER_WAIT_S)
-            self._broker_wait_s[record.member_id] = min(2 * wait_s, BROKER_MAX_WAIT_S)
-            return Backoff(wait_s)
+            return Backoff(_grown(self._broker_wait_s, member_id, BROKER_WAIT_S, BROKER_MAX_WAIT_S))
         except PortalRetry as exc:
             return Backoff(float(exc.delay_s or BROKER_WAIT_S))
         except NoCredentials:
             # Our own lookup found no credentials of this portal (uninstalled, reinstalled with
             # another token): never an error code the portal answered, which it could choose.
             raise _PortalGone from None
-        except (BadBatch, B24QueueError) as exc:
+        except Exception as exc:  # the portal (a 502, a bad batch), the shared state's store...
             self.metrics.count("failed_pulls")
-            log.warning("portal %s: offline pull failed: %s", record.domain, exc)
-            return Backoff(float(self._s.offline_poll_s))
-        except Exception as exc:  # e.g. the shared state's store away: this portal waits
-            self.metrics.count("failed_pulls")
-            log.warning("portal %s: offline pull failed: %r", record.domain, exc)
-            return Backoff(float(self._s.offline_poll_s))
-        self._broker_wait_s.pop(record.member_id, None)
+            said = str(exc) if isinstance(exc, BadBatch | B24QueueError) else repr(exc)
+            log.warning("portal %s: offline pull failed: %s", record.domain, said)
+            # A blip must not hold the portal's events for a whole poll interval: a short wait,
+            # growing while it fails (bounded by the poll interval).
+            cap = min(float(self._s.offline_poll_s), FAIL_MAX_WAIT_S)
+            return Backoff(_grown(self._fail_wait_s, member_id, min(FAIL_WAIT_S, cap), cap))
+        self._fail_wait_s.pop(member_id, None)
+        if puller.published > published:  # only a publish shows the broker is back
+            self._broker_wait_s.pop(member_id, None)
         return Done(count)
+
+
+def _grown(waits: dict[str, float], member_id: str, first_s: float, max_s: float) -> float:
+    """This portal's wait now (`first_s` the first time); the next one is twice as long, up to
+    `max_s`."""
+    wait_s = waits.get(member_id, first_s)
+    waits[member_id] = min(2 * wait_s, max_s)
+    return wait_s
 
 
 class _PortalGone(Exception):

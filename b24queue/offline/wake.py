@@ -4,9 +4,10 @@ shortens that portal's ordinary poll wait, and nothing else.
 The ingress also accepts events with a static token (B24QUEUE_APP_TOKENS) whatever member_id
 they name, so a wake counts only when it came with the portal's own application token (the
 digest of its stored token). A wake never ends a backoff (the portal's OPERATION_TIME_LIMIT, a
-retry delay, the broker away), and it pulls a portal at most once per `QUIET_S` after its last
-pull: a wake within that time is kept and takes effect when it is over (no ping is lost, and a
-flood of pings costs one pull per `QUIET_S`). State is per portal this process pulls: bounded.
+failed pull, a retry delay, the broker away), and it pulls a portal at most once per `QUIET_S`
+after its last pull: a wake within that time is kept and takes effect when it is over (no ping is
+lost, and a flood of pings costs one pull per `QUIET_S`). State is per portal this process pulls:
+bounded.
 """
 
 from __future__ import annotations

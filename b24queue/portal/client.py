@@ -59,7 +59,7 @@ class Context:
     webhooks: Webhooks
     observer: PortalObserver
     allow_private: bool = False
-    max_answer_bytes: int = 8 * 1024 * 1024  # B24QUEUE_PORTAL_MAX_ANSWER_BYTES
+    max_answer_bytes: int = 16 * 1024 * 1024  # B24QUEUE_PORTAL_MAX_ANSWER_BYTES
 
 
 class PortalClient:

@@ -1,6 +1,8 @@
 """`PortalClients`: the portal clients of one worker process, handed to every consumer
-(`EventConsumer.portal(event)`). It owns one HTTP session (a pool per portal host), the portal
-store and the shared limits; nothing connects until a handler calls a portal."""
+(`EventConsumer.portal(event)`). It owns two HTTP sessions: the portals' (a pool per portal host,
+each of at most `CONNECTIONS_PER_HOST`) and the OAuth server's (every portal's token refresh goes
+to that one host: not held to a portal's share), the portal store and the shared limits; nothing
+connects until a handler calls a portal."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from b24queue.settings import Settings
 
 CONNECTIONS = 100  # across every portal of the process; per host Bitrix24's limit is lower
 CONNECTIONS_PER_HOST = 10  # one slow (or hostile) portal cannot hold every connection
+OAUTH_CONNECTIONS = 100  # to the OAuth server, apart from the portals' (refreshes of every portal)
 
 
 class _GuardedResolver(AbstractResolver):
@@ -83,6 +86,7 @@ class PortalClients:
         burst, drain = settings.portal_limits
         self._limit = Limit(burst, drain, settings.portal_max_wait_s)
         self._context: Context | None = None
+        self._oauth_session: aiohttp.ClientSession | None = None
 
     @property
     def refresher(self) -> Refresher:
@@ -106,7 +110,14 @@ class PortalClients:
             ),
             timeout=aiohttp.ClientTimeout(total=s.portal_call_timeout_s),
         )
-        refresher = Refresher(session, store, state, s, self._clock, self._observer)
+        # The OAuth server is one host for every portal: with hundreds of tokens expiring
+        # together, a portal's share of connections would time their refreshes out.
+        self._oauth_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                resolver=resolver, ssl=ssl_context, limit=OAUTH_CONNECTIONS
+            ),
+        )
+        refresher = Refresher(self._oauth_session, store, state, s, self._clock, self._observer)
         self._store, self._state = store, state
         self._context = Context(
             session, store, state, refresher, self._limit, self._webhooks, self._observer,
@@ -119,6 +130,9 @@ class PortalClients:
             await self._context.refresher.close()
             await self._context.session.close()
             self._context = None
+        if self._oauth_session is not None:
+            await self._oauth_session.close()
+            self._oauth_session = None
         if self._own_state and self._state is not None:
             await self._state.close()
         if self._own_store and self._store is not None:

@@ -75,3 +75,95 @@ async def test_the_lease_is_renewed_while_a_batch_takes_longer_than_it() -> None
     count = len(state.renewed)
     await asyncio.sleep(0.1)
     assert len(state.renewed) == count  # and no longer once it is done
+
+
+async def test_a_failed_lease_keeps_the_batch_for_the_next_pull() -> None:
+    class Blip(State):
+        fail = True
+
+        async def lease(self, key: str, owner: str, ttl_s: float) -> bool:
+            if self.fail:
+                self.fail = False
+                raise OSError("database is locked")
+            return True
+
+    portal, sink = ScriptedPortal(one_record_batch), Sink()
+    pulling = Puller(portal, sink, Blip(), TARGET, OfflineMetrics())  # type: ignore[arg-type]
+    with pytest.raises(OSError):
+        await pulling.pull_once()
+    assert await pulling.pull_once() == 1
+    gets = [p for _, m, p in portal.calls if m == "event.offline.get"]
+    assert [g.get("process_id") for g in gets] == [None, "p1"]  # not left to recovery
+    assert len(sink.published) == 1
+
+
+async def test_a_lease_lost_mid_batch_is_logged_and_the_batch_still_finished(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Taken(State):
+        async def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+            self.renewed.append(key)
+            return False  # ran out, and another puller took it
+
+    class SlowSink(Sink):
+        async def publish(self, envelope: Any) -> None:
+            await asyncio.sleep(0.2)
+            await super().publish(envelope)
+
+    portal, sink, state = ScriptedPortal(one_record_batch), SlowSink(), Taken()
+    short = dataclasses.replace(TARGET, lease_s=0.06)
+    pulling = Puller(portal, sink, state, short, OfflineMetrics())  # type: ignore[arg-type]
+    assert await pulling.pull_once() == 1
+    assert len(state.renewed) == 1  # not renewed again once lost
+    assert "lease was lost" in caplog.text
+    assert len(sink.published) == 1 and portal.calls[-1][1] == "event.offline.clear"
+
+
+def too_large_over(most: int) -> Any:
+    def get(params: dict[str, Any]) -> Any:
+        if params["limit"] > most:
+            raise PortalError("ANSWER_TOO_LARGE", "over the cap")
+        return one_record_batch(params)
+
+    return get
+
+
+async def test_an_answer_too_large_is_asked_again_with_half_the_limit() -> None:
+    portal, sink = ScriptedPortal(too_large_over(10)), Sink()
+    pulling = puller(portal, sink)
+    assert await pulling.pull_once() == 1
+    assert [p["limit"] for _, m, p in portal.calls if m == "event.offline.get"] == [50, 25, 12, 6]
+    assert len(sink.published) == 1 and pulling.asked == 6
+    portal.calls.clear()
+    assert await pulling.pull_once() == 1  # tries a step back up (still too large here)
+    assert [p["limit"] for _, m, p in portal.calls if m == "event.offline.get"] == [12, 6]
+
+
+class Reserved(ScriptedPortal):
+    """Lists records reserved under `process_ids`."""
+
+    def __init__(self, get: Any, process_ids: list[str]) -> None:
+        super().__init__(get)
+        self.process_ids = process_ids
+
+    async def list(self, method: str, params: Any = None, *, max_items: int = 100_000) -> Any:
+        for process_id in self.process_ids:
+            yield {"PROCESS_ID": process_id}
+
+
+async def test_a_record_too_large_to_read_is_left_reserved_and_blocks_no_other_batch() -> None:
+    def get(params: dict[str, Any]) -> Any:
+        if params.get("process_id") in (None, "huge"):
+            raise PortalError("ANSWER_TOO_LARGE", "over the cap")
+        return one_record_batch(params)
+
+    portal, sink, metrics = Reserved(get, ["huge", "p2"]), Sink(), OfflineMetrics()
+    pulling = Puller(portal, sink, State(), TARGET, metrics)  # type: ignore[arg-type]
+    with pytest.raises(PortalError):
+        await pulling.pull_once()
+    assert metrics.totals["unreadable"] == 1
+    assert await pulling.recover() == 0  # "huge" left for the next pass, p2 redone
+    assert metrics.totals["unreadable"] == 2 and metrics.totals["recovered_batches"] == 1
+    assert len(sink.published) == 1
+    assert portal.calls[-1][1:] == ("event.offline.clear", {"process_id": "p2", "id": ["1"]})
+    assert not any(m == "event.offline.error" for _, m, _ in portal.calls)

@@ -30,12 +30,18 @@ RECORD = PortalRecord(member_id=MEMBER, domain="svc.example", token="app-token-m
 
 @contextlib.asynccontextmanager
 async def running(
-    portal: ScriptedPortal, sink: Sink | None = None, **values: Any
+    portal: ScriptedPortal, sink: Sink | None = None, quiet_s: float = 2.0, **values: Any
 ) -> AsyncIterator[OfflineService]:
     settings = load_settings(app_tokens=SAMPLE_TOKEN, shutdown_timeout_s=2, **values)
     service = OfflineService(
-        settings, lambda event: portal, sink or Sink(), Store(RECORD), State(), OfflineMetrics()
-    )  # type: ignore[arg-type]
+        settings,
+        lambda event: portal,
+        sink or Sink(),
+        Store(RECORD),  # type: ignore[arg-type]
+        State(),  # type: ignore[arg-type]
+        OfflineMetrics(),
+        quiet_s=quiet_s,
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
@@ -80,7 +86,7 @@ async def test_the_broker_away_backs_off_longer_each_time_and_resets(
         await until(lambda: len(portal.times()) >= 5)
         times = portal.times()
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2 and gaps[3] < 0.35  # capped
+        assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2 and gaps[3] < 1.0  # capped
         assert portal.calls[-1][2]["process_id"] == "p1"  # the same batch, asked for again
         sink.fail = None
         await until(lambda: len(sink.published) == 1)
@@ -89,7 +95,7 @@ async def test_the_broker_away_backs_off_longer_each_time_and_resets(
 
 async def test_a_wake_counts_only_with_the_portals_own_token() -> None:
     portal = ScriptedPortal(lambda params: {"events": []})
-    async with running(portal, offline_poll_s=3600) as service:
+    async with running(portal, offline_poll_s=3600, quiet_s=0.2) as service:
         await until(lambda: len(portal.times()) == 1)
         consumer = wake_consumer(service._s, service)
 
@@ -99,11 +105,58 @@ async def test_a_wake_counts_only_with_the_portals_own_token() -> None:
             await consumer.handle(None, event)  # type: ignore[arg-type]
 
         await ping(SAMPLE_TOKEN)  # the ingress lets a static token in with any member_id
-        await asyncio.sleep(2.5)  # past the quiet time after the first pull
+        await asyncio.sleep(0.4)  # past the quiet time after the first pull
         assert len(portal.times()) == 1
         await ping(RECORD.token)
         await until(lambda: len(portal.times()) == 2, 2.0)
         assert not service.wake("someone-else", token_digest(RECORD.token))
+
+
+async def test_a_failed_pull_is_tried_again_soon_not_after_the_poll_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_module, "FAIL_WAIT_S", 0.1)
+    monkeypatch.setattr(service_module, "FAIL_MAX_WAIT_S", 0.4)
+    fails = iter(range(4))
+
+    def get(params: dict[str, Any]) -> Any:
+        if next(fails, None) is not None:
+            raise PortalError("HTTP_502", "a blip")
+        return {"events": []}
+
+    portal = ScriptedPortal(get)
+    async with running(portal, offline_poll_s=3600) as service:
+        await until(lambda: len(portal.times()) == 5)
+        gaps = [b - a for a, b in itertools.pairwise(portal.times())]
+        assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4 and gaps[3] < 1.0  # capped
+        await until(lambda: not service._fail_wait_s)  # reset by the pull that went through
+
+
+async def test_a_recovery_due_never_cuts_a_backoff_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_module, "RECOVER_S", 0.05)
+
+    def get(params: dict[str, Any]) -> Any:
+        raise PortalRetry("OPERATION_TIME_LIMIT", "", 3.0)
+
+    portal = ScriptedPortal(get)
+    async with running(portal, offline_poll_s=3600):
+        await until(lambda: len(portal.times()) >= 1)
+        await asyncio.sleep(0.6)  # recoveries due every 0.05 s meanwhile
+        assert len(portal.times()) == 1
+
+
+async def test_a_recovery_with_nothing_to_publish_keeps_the_broker_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_module, "RECOVER_S", 0.0)  # a recovery before every pull
+    monkeypatch.setattr(service_module, "BROKER_WAIT_S", 0.05)
+    sink = Sink()
+    sink.fail = BrokerUnavailableError("away")
+    portal = ScriptedPortal(one_record_batch)
+    async with running(portal, sink, offline_poll_s=3600):
+        await until(lambda: len(portal.times()) >= 4)
+        gaps = [b - a for a, b in itertools.pairwise(portal.times())]
+        assert gaps[1] >= 0.1 and gaps[2] >= 0.2  # still growing
 
 
 @pytest.mark.parametrize("code", ["WRONG_PORTAL", "NO_CREDENTIALS"])

@@ -330,7 +330,7 @@ async def test_an_answer_over_the_cap_is_refused_and_the_cap_is_a_setting(
         portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}",
         portal_max_answer_bytes=100_000,
     )  # fmt: skip
-    assert portal_settings(portal_certificate[0], "sqlite:x").portal_max_answer_bytes == 8 << 20
+    assert portal_settings(portal_certificate[0], "sqlite:x").portal_max_answer_bytes == 16 << 20
     async with PortalClients(settings, resolver=StaticResolver()) as small:
         portal = small.for_event(deal_event("m1", 1))
         with pytest.raises(PortalError, match="ANSWER_TOO_LARGE") as caught:
@@ -341,5 +341,37 @@ async def test_an_answer_over_the_cap_is_refused_and_the_cap_is_a_setting(
 
 
 async def test_one_portal_cannot_hold_every_connection(clients: PortalClients) -> None:
-    connector = clients.refresher._session.connector  # the session every client shares
+    assert clients._context is not None
+    connector = clients._context.session.connector  # the session every client shares
     assert connector is not None and 0 < connector.limit_per_host <= 10 < connector.limit
+
+
+async def test_token_refreshes_are_not_held_to_one_portals_share(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Every portal's refresh goes to the one OAuth server: more at once than a portal's
+    # CONNECTIONS_PER_HOST all reach it (while it is slow to answer).
+    rest = fake_portal.rest
+    rest.oauth_gate = asyncio.Event()
+    store = await store_of(tmp_path)
+    members = [f"m{i}" for i in range(15)]
+    for member in members:
+        rest.expire((await install(store, rest, member)).access_token)
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}")
+    try:
+        async with PortalClients(settings, resolver=StaticResolver()) as clients:
+            calls = [
+                asyncio.create_task(
+                    clients.for_event(deal_event(m, 1)).call("crm.deal.get", {"id": 1})
+                )
+                for m in members
+            ]
+            async with asyncio.timeout(5):
+                while rest.oauth_requests < len(members):
+                    await asyncio.sleep(0.02)
+            rest.oauth_gate.set()
+            await asyncio.gather(*calls)
+        assert rest.refreshes == len(members)
+    finally:
+        rest.oauth_gate.set()
+        await store.close()

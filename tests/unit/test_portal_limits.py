@@ -89,7 +89,7 @@ async def test_one_refresh_lease_per_portal(states: tuple[SharedState, SharedSta
     await wait_until(lambda: a.lease("m1", "proc-a", 30), 5, "the dead holder's lease to end")
     assert not await b.lease("m1", "proc-b", 30)
     # A live holder renews its own lease, and only its own.
-    assert await a.renew("m1", "proc-a", 0.2) and not await b.renew("m1", "proc-b", 30)
+    assert await a.renew("m1", "proc-a", 2) and not await b.renew("m1", "proc-b", 30)
     assert not await b.lease("m1", "proc-b", 30)
     assert await b.lease("m2x", "proc-b", 0.05)
     await wait_until(lambda: a.lease("m2x", "proc-a", 30), 5, "b's short lease to end")
