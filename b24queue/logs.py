@@ -64,8 +64,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 class _TurnHandler(logging.StreamHandler[TextIO]):
     """A stream handler that, inside an event loop, writes the lines of one turn of the loop
     together at its end: one write (a system call) per turn rather than per line, which was a
-    fifth of what the worker's line per event cost. Outside a loop (another thread, before or
-    after the loop) a line is written at once, after any still waiting, so the order holds.
+    fifth of what the worker's line per event cost. A warning or worse, and any line outside a
+    loop (another thread, before or after the loop), is written at once, after those still
+    waiting, so the order holds (and a process that logs why it exits right away says so).
     What waits is written by `flush()` too, which logging calls at exit."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -83,7 +84,7 @@ class _TurnHandler(logging.StreamHandler[TextIO]):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is not None and not loop.is_closed():
+        if loop is not None and record.levelno < logging.WARNING and not loop.is_closed():
             self._waiting.append(line)
             if self._scheduled_on is not loop:
                 self._scheduled_on = loop

@@ -4,6 +4,7 @@ a reconnect; and where the direct path cannot be used, aio-pika's path does all 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from typing import Any
@@ -11,12 +12,15 @@ from typing import Any
 import aio_pika
 import aiormq
 import pytest
+from aiormq.abc import ChannelFrame
+from pamqp import frame
+from pamqp.heartbeat import Heartbeat
 
 from b24queue import Event, EventConsumer
 from b24queue.runtime import Worker
 from b24queue.transports.amqp import fast_consume
 from b24queue.transports.amqp.worker import ConsumerRunner
-from tests.integration.conftest import Broker, wait_until
+from tests.integration.conftest import AMQP_URL, Broker, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -131,3 +135,77 @@ async def test_without_the_direct_path_aio_pika_takes_and_acks_every_delivery(
     assert set(seen.values()) == {1} and await broker.depth(queue) == 0
     assert paths.came == Counter({"aio-pika": 100})
     assert paths.basic_acks == 100
+
+
+async def _got(broker: Broker, queue: str, count: int) -> tuple[Any, aiormq.Channel, list[int]]:
+    """`count` messages fetched unacked on a channel of the test's connection: their tags."""
+    await publish(broker, queue, 0, count)
+    channel = await broker.connection.channel()
+    underlay: aiormq.Channel = await channel.get_underlay_channel()
+    tags = [
+        (await underlay.basic_get(queue, no_ack=False)).delivery.delivery_tag for _ in range(count)
+    ]
+    return channel, underlay, tags
+
+
+async def declared(broker: Broker, suffix: str) -> str:
+    queue = broker.name(suffix)
+    async with broker.connection.channel() as channel:
+        await channel.declare_queue(queue, durable=True)
+    return queue
+
+
+@pytest.mark.skipif(not fast_consume.SUPPORTED, reason="aiormq is not a release it is pinned to")
+async def test_acks_wait_for_room_in_a_full_write_queue_and_then_all_go(broker: Broker) -> None:
+    queue = await declared(broker, "acks-full")
+    channel, underlay, tags = await _got(broker, queue, 3)
+    loop = asyncio.get_running_loop()
+    heartbeat = ChannelFrame(payload=frame.marshal(Heartbeat(), 0), should_close=False)
+
+    def writer_behind() -> None:  # runs just before the acks' write, as if the writer lagged
+        while not underlay.write_queue.full():
+            underlay.write_queue.put_nowait(heartbeat)
+
+    seen_waiting = []
+    acks = fast_consume.Acks()
+    loop.call_soon(writer_behind)
+    for tag in tags:
+        acks.add(underlay, tag)
+    loop.call_soon(lambda: seen_waiting.append(sum(map(len, acks._waiting.values()))))
+    await acks.written(timeout_s=5)
+    assert seen_waiting == [3]  # the full queue held them back: nothing was put past its bound
+    assert not acks._waiting
+    await channel.close()  # unacked ones would now be back in the queue
+    assert await broker.depth(queue) == 0
+
+
+@pytest.mark.skipif(not fast_consume.SUPPORTED, reason="aiormq is not a release it is pinned to")
+async def test_acks_of_a_channel_that_is_closing_are_dropped_not_sent_behind_its_close(
+    broker: Broker,
+) -> None:
+    """An ack behind its channel's Close would reach the broker on a closed channel, which
+    closes the whole connection: acks of a channel found closing are dropped instead, and the
+    broker redelivers those messages."""
+    queue = await declared(broker, "acks-closing")
+    await publish(broker, queue, 0, 3)
+    connection = await aio_pika.connect_robust(
+        AMQP_URL, client_properties={"connection_name": f"pytest acks {broker.prefix}"}
+    )
+    try:
+        channel = await connection.channel()
+        underlay: aiormq.Channel = await channel.get_underlay_channel()
+        tags = [
+            (await underlay.basic_get(queue, no_ack=False)).delivery.delivery_tag for _ in range(3)
+        ]
+        acks = fast_consume.Acks()
+        for tag in tags:
+            acks.add(underlay, tag)
+        # Closing before the turn ends, as aiormq marks it on the broker's Channel.Close.
+        getattr(underlay, fast_consume._CLOSE_EVENT).set()
+        await acks.written(timeout_s=5)
+        assert not acks._waiting
+        with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+            acks.add(underlay, tags[0])
+    finally:
+        await connection.close()  # what it still held unacked goes back to the queue
+    assert await broker.depth(queue) == 3  # none of the three was acked

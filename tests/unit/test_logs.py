@@ -132,3 +132,18 @@ def test_a_line_from_another_thread_is_written_at_once() -> None:
         return stream.getvalue()
 
     assert asyncio.run(main()) == "loop\nthread\n"
+
+
+def test_a_warning_goes_at_once_with_the_lines_before_it() -> None:
+    """What a process says right before it exits (os._exit, a crash) must not wait for a turn
+    of the loop that never comes."""
+    handler, stream = _handler()
+
+    async def turn() -> str:
+        handler.handle(_record("info first"))
+        warning = _record("then a warning")
+        warning.levelno, warning.levelname = logging.WARNING, "WARNING"
+        handler.handle(warning)
+        return stream.getvalue()
+
+    assert asyncio.run(turn()) == "info first\nthen a warning\n"

@@ -19,6 +19,7 @@ pinned to (`SUPPORTED`); with any other, every delivery takes aio-pika's path an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -74,11 +75,20 @@ class Acks:
     writer makes a system call per frame it is given, and a turn often settles several
     deliveries. Not waiting for the write is what `basic_ack` offers too (`wait=False`): the
     broker never answers an ack, and one lost with its connection is a delivery it makes again.
+
+    A channel's acks are checked against its state and enqueued in one step, never later: an
+    ack queued behind the channel's Close would reach the broker on a closed channel (which
+    closes the whole connection) or, the number reused, on the next one. So when the write queue
+    is full they wait here, and are tried again a moment later.
     """
+
+    RETRY_S = 0.001
 
     def __init__(self) -> None:
         self._waiting: dict[aiormq.Channel, list[int]] = {}
-        self._puts: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._none_waiting = asyncio.Event()
+        self._none_waiting.set()
 
     def add(self, channel: aiormq.Channel, delivery_tag: int) -> None:
         """Ack one delivery (`multiple` off) at the end of this turn. Raises
@@ -86,26 +96,39 @@ class Acks:
         if closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         tags = self._waiting.get(channel)
-        if tags is not None:
+        if tags is None:
+            self._waiting[channel] = [delivery_tag]
+            self._none_waiting.clear()
+        else:
             tags.append(delivery_tag)
-            return
-        if not self._waiting:
+        if not self._scheduled:
+            self._scheduled = True
             asyncio.get_running_loop().call_soon(self._write)
-        self._waiting[channel] = [delivery_tag]
+
+    async def written(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until every ack added is on its write queue: before a
+        channel is closed, so that its Close does not overtake them."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none_waiting.wait(), timeout_s)
 
     def _write(self) -> None:
+        self._scheduled = False
         waiting, self._waiting = self._waiting, {}
         for channel, tags in waiting.items():
-            if closing(channel):  # closed within the turn: the broker redelivers them
-                log.info("%d acks not sent: their channel closed; the broker redelivers", len(tags))
-                continue
-            number = channel.number
-            payload = b"".join([ack_frame(number, tag) for tag in tags])
-            frame = ChannelFrame(payload=payload, should_close=False)
-            queue = channel.write_queue
-            if not queue.full():
-                queue.put_nowait(frame)
-                continue
-            put = asyncio.get_running_loop().create_task(queue.put(frame))
-            self._puts.add(put)  # held until done (the loop keeps only weak references)
-            put.add_done_callback(self._puts.discard)
+            try:
+                if closing(channel):  # closed meanwhile: the broker redelivers them
+                    log.info("%d acks not sent: their channel closed; redelivered", len(tags))
+                    continue
+                queue = channel.write_queue
+                if queue.full():  # the writer is behind: try again in a moment
+                    self._waiting.setdefault(channel, []).extend(tags)
+                    continue
+                payload = b"".join([ack_frame(channel.number, tag) for tag in tags])
+                queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
+            except Exception:  # one channel's trouble must not cost the others their acks
+                log.exception("%d acks not sent; the broker redelivers them", len(tags))
+        if not self._waiting:
+            self._none_waiting.set()
+        elif not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self.RETRY_S, self._write)

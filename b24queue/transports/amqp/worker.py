@@ -69,6 +69,10 @@ class AmqpTransport:
                 return
         await self._ack(delivery, incoming.message_id)
 
+    async def acks_written(self) -> None:
+        """Before the channel closes: the acks of the last deliveries go ahead of its Close."""
+        await self._acks.written(timeout_s=1.0)
+
     async def _republish(self, incoming: Incoming, queue: str, headers: dict[str, Any]) -> bool:
         copy = persistent_copy(incoming.body, incoming.handle.properties, headers)
         try:
@@ -275,5 +279,7 @@ class ConsumerRunner:
         try:
             await self.consumer.on_stop()
         finally:
+            if self._transport is not None:
+                await self._transport.acks_written()
             if self._channel is not None and not self._channel.is_closed:
                 await asyncio.gather(self._channel.close(), return_exceptions=True)
