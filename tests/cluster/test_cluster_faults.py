@@ -35,6 +35,8 @@ CLUSTER = ROOT / "rabbitmq" / "cluster.sh"
 PORTS = (5681, 5682, 5683)
 RATE_PER_S = 100
 DURATION_S = 30.0  # long enough to see the pipeline recover after the slowest fault
+AFTER_FAULT_S = 20.0  # and the load goes on at least this long after the fault ends
+LONGEST_S = 240.0  # a fault still under way by then ends the load (and fails the run)
 FAULT_AT_S = 5.0
 PROMPT_S = 1.0  # "handled promptly": within this of being accepted
 SUMMARY: list[dict[str, Any]] = []
@@ -135,8 +137,15 @@ async def run_scenario(
         await fault(queue)
         window.append(time.time())
 
+    def duration() -> float:
+        """At least DURATION_S, and AFTER_FAULT_S past the fault's end (a slow machine takes
+        longer to start nodes again; the recovery must still be seen under load)."""
+        if len(window) < 2:  # the fault is still under way (or not yet begun)
+            return LONGEST_S
+        return max(DURATION_S, window[1] - load.started_at + AFTER_FAULT_S)
+
     task = asyncio.create_task(timed_fault())
-    await load.run(DURATION_S, RATE_PER_S)
+    await load.run(duration, RATE_PER_S)
     await task
     want = set(load.accepted)
     deadline = time.monotonic() + 120
@@ -194,7 +203,7 @@ def _recovered_after(load: SteadyLoad, times: Path, fault_from: float) -> float 
     ]
     refused = [load.started_at + t for t, s in load.answers if s != 200]
     last_bad = max([*late, *refused], default=fault_from)
-    if last_bad >= load.started_at + DURATION_S - PROMPT_S:
+    if last_bad >= load.started_at + load.ran_s - PROMPT_S:
         return None
     return round(last_bad - fault_from, 1)
 

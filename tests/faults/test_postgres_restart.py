@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -56,6 +57,7 @@ class SteadyLoad:
         self.accepted_at: dict[str, float] = {}  # message_id -> wall time of its 200
         self.answers: list[tuple[float, int]] = []  # (seconds since the start, status; 0: none)
         self.sent = 0
+        self.ran_s = 0.0  # how long it posted
         self._began = time.monotonic()
         self.started_at = time.time()  # the wall clock at the start (answers are relative)
 
@@ -73,15 +75,17 @@ class SteadyLoad:
         except (aiohttp.ClientError, OSError):
             self.answers.append((self.now(), 0))
 
-    async def run(self, duration_s: float, rate_per_s: float) -> None:
+    async def run(self, duration_s: float | Callable[[], float], rate_per_s: float) -> None:
+        """Post for `duration_s` seconds (or as long as the function says, asked as it goes)."""
         self._began, self.started_at = time.monotonic(), time.time()
         tasks = []
         async with aiohttp.ClientSession() as session:
-            while (elapsed := self.now()) < duration_s:
+            while (elapsed := self.now()) < (duration_s() if callable(duration_s) else duration_s):
                 while self.sent < int(elapsed * rate_per_s):
                     tasks.append(asyncio.create_task(self._one(session)))
                     self.sent += 1
                 await asyncio.sleep(0.005)
+            self.ran_s = self.now()
             await asyncio.gather(*tasks)
 
 
