@@ -9,6 +9,8 @@ event.bind needs an administrator's token: the one stored at install is the inst
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from b24queue.auth.record import PortalRecord
@@ -17,6 +19,7 @@ from b24queue.errors import ConfigError
 from b24queue.events import EVENT_NAME, MAX_EVENT_NAME, Event
 from b24queue.offline.puller import Caller
 from b24queue.portal.api import PortalError
+from b24queue.portal.client import PortalClient
 from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings
 
@@ -77,13 +80,22 @@ async def bind_offline(
     check_names(events)
     if ping_url is not None and not ping_url.startswith("https://"):
         raise ConfigError("bind-offline: --ping-url must be the ingress's https:// address")
+    async with installed_portal(settings, member_id, "bind-offline") as portal:
+        return await bind_events(portal, events, settings.offline_auth_connector, ping_url)
+
+
+@asynccontextmanager
+async def installed_portal(
+    settings: Settings, member_id: str, command: str
+) -> AsyncIterator[PortalClient]:
+    """The client of an installed portal, for a CLI command (`command` names it in the error
+    when no portal has that member_id); its store and clients closed on leaving."""
     store = open_store(settings.portal_store)
     try:
         record = await store.get(member_id)
         if record is None:
-            raise ConfigError(f"bind-offline: no installed portal with member_id {member_id!r}")
+            raise ConfigError(f"{command}: no installed portal with member_id {member_id!r}")
         async with PortalClients(settings, store=store) as clients:
-            portal = clients.for_event(portal_event(record))
-            return await bind_events(portal, events, settings.offline_auth_connector, ping_url)
+            yield clients.for_event(portal_event(record))
     finally:
         await store.close()

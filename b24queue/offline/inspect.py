@@ -7,12 +7,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from b24queue.auth.store import open_store
-from b24queue.errors import ConfigError
 from b24queue.events import EVENT_NAME, MAX_EVENT_NAME
-from b24queue.offline.bind import portal_event
+from b24queue.offline.bind import installed_portal
 from b24queue.offline.puller import Caller
-from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings
 
 MAX_ITEMS = 10_000
@@ -55,13 +52,5 @@ async def queue_state(portal: Caller, auth_connector: str) -> QueueState:
 
 
 async def offline_status(settings: Settings, member_id: str) -> QueueState:
-    store = open_store(settings.portal_store)
-    try:
-        record = await store.get(member_id)
-        if record is None:
-            raise ConfigError(f"offline-status: no installed portal with member_id {member_id!r}")
-        async with PortalClients(settings, store=store) as clients:
-            portal = clients.for_event(portal_event(record))
-            return await queue_state(portal, settings.offline_auth_connector)
-    finally:
-        await store.close()
+    async with installed_portal(settings, member_id, "offline-status") as portal:
+        return await queue_state(portal, settings.offline_auth_connector)
