@@ -113,7 +113,13 @@ async def post(url: str, count: int, name: str = "crm-deal-add") -> list[str]:
 
 
 async def ingress_up(settings: Settings, tmp_path: Path, port: int) -> asyncio.subprocess.Process:
-    env = env_for(settings, tmp_path / "ingress.record")
+    return await ingress_with(env_for(settings, tmp_path / "ingress.record"), tmp_path, port)
+
+
+async def ingress_with(
+    env: dict[str, str], tmp_path: Path, port: int
+) -> asyncio.subprocess.Process:
+    """`b24queue ingress` on `port` with this environment, once it answers ready."""
     args = ("ingress", "--host", "127.0.0.1", "--port", str(port))
     proc = await start(*args, env=env, log=tmp_path / "ingress.log")
 

@@ -23,7 +23,7 @@ from tests.integration.proxy import free_port
 from tests.integration.test_portal_workers import portal_env
 from tests.offline_setup import app_token, installed, offline_env, ping_payload
 from tests.portal_setup import domain_of
-from tests.processes import STARTED, start, stop
+from tests.processes import STARTED, ingress_with, stop
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -37,21 +37,7 @@ async def ingress(broker: Broker, port: int, tmp_path: Path) -> asyncio.subproce
         B24QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
         B24QUEUE_APP_TOKENS=f"{SAMPLE_TOKEN},{app_token(MEMBER)}",  # the ping's is the portal's
     )
-    args = ("ingress", "--host", "127.0.0.1", "--port", str(port))
-    proc = await start(*args, env=env, log=tmp_path / "ingress.log")
-
-    async def ready() -> bool:
-        try:
-            async with (
-                aiohttp.ClientSession() as s,
-                s.get(f"http://127.0.0.1:{port}/readyz") as r,
-            ):
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await wait_until(ready, 30, "the ingress ready")
-    return proc
+    return await ingress_with(env, tmp_path, port)
 
 
 async def python_module(module: str, env: dict[str, str], log: Path, ready: str) -> Any:
