@@ -201,7 +201,7 @@ async def test_acks_of_a_channel_that_is_closing_are_dropped_not_sent_behind_its
         for tag in tags:
             acks.add(underlay, tag)
         # Closing before the turn ends, as aiormq marks it on the broker's Channel.Close.
-        getattr(underlay, fast_consume._CLOSE_EVENT).set()
+        getattr(underlay, fast_consume.CLOSE_EVENT).set()
         await acks.written(timeout_s=5)
         assert not acks._waiting
         with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):

@@ -8,8 +8,12 @@ import asyncio
 from collections import Counter
 from typing import Any, cast
 
+import aio_pika
 import aiormq
 import pytest
+from aiormq.abc import ChannelFrame
+from pamqp import frame
+from pamqp.heartbeat import Heartbeat
 
 from b24queue.envelope import envelope_for
 from b24queue.errors import PublishError
@@ -18,7 +22,7 @@ from b24queue.testing import make_event
 from b24queue.transports.amqp import fast_publish
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from tests.conftest import SAMPLE_NAMES, sample_form
-from tests.integration.conftest import Broker, wait_until
+from tests.integration.conftest import AMQP_URL, Broker, wait_until
 
 pytestmark = pytest.mark.skipif(
     not fast_publish.SUPPORTED,
@@ -121,3 +125,142 @@ async def test_an_unroutable_publish_is_returned_to_its_own_caller(broker: Broke
     assert isinstance(results[0], PublishError) and results[0].returned
     assert results[1] is None
     await wait_until(lambda: broker.depth(routed), what="the routed event")
+
+
+class Frames:
+    """What goes on a channel's write queue, frame by frame."""
+
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self.payloads: list[bytes] = []
+        queue = channel.write_queue
+        put_nowait = queue.put_nowait
+
+        def counted(item: Any) -> None:
+            self.payloads.append(item.payload)
+            put_nowait(item)
+
+        queue.put_nowait = counted  # type: ignore[method-assign]
+
+    def publishing(self) -> list[bytes]:
+        """The frames that carry publishes (Basic.Publish: class 60, method 40)."""
+        return [p for p in self.payloads if b"\x00\x3c\x00\x28" in p]
+
+    def publishes(self) -> int:
+        return sum(p.count(b"\x00\x3c\x00\x28") for p in self.payloads)
+
+
+async def test_the_publishes_of_one_turn_go_out_as_one_frame_in_the_order_they_are_numbered(
+    broker: Broker,
+) -> None:
+    queue = await broker.bind_queue("turn", "ONCRMDEALADD")
+    envelopes = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(8)]
+    async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
+        channel = await started(publisher)
+        frames = Frames(channel)
+        numbered: dict[str, int] = {}
+        original = fast_publish._numbered
+
+        def spy(ch: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
+            future = original(ch, message_id)
+            numbered[message_id] = ch.delivery_tag
+            return future
+
+        fast_publish._numbered = spy  # type: ignore[assignment]
+        try:
+            await asyncio.gather(*(publisher.publish(e) for e in envelopes))
+        finally:
+            fast_publish._numbered = original
+    assert len(frames.publishing()) == 1 and frames.publishes() == len(envelopes)
+    wire = frames.publishing()[0]
+    on_the_wire = sorted(envelopes, key=lambda e: wire.index(e.message_id.encode()))
+    assert [numbered[e.message_id] for e in on_the_wire] == sorted(numbered.values())
+    got = Counter(m.message_id for m in await broker.take(queue, len(envelopes)))
+    assert set(got) == {e.message_id for e in envelopes} and max(got.values()) == 1
+
+
+async def test_a_batch_waits_for_room_in_a_full_write_queue_and_later_publishes_join_it(
+    broker: Broker,
+) -> None:
+    queue = await broker.bind_queue("room", "ONCRMDEALADD")
+    first = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(3)]
+    later = envelope_for(make_event("ONCRMDEALADD", {"N": "later"}))
+    heartbeat = ChannelFrame(payload=frame.marshal(Heartbeat(), 0), should_close=False)
+    exchange = broker.settings.exchange
+    async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
+        channel = await started(publisher)
+        loop = asyncio.get_running_loop()
+        lagging = True
+
+        def writer_behind() -> None:  # keeps the write queue full, turn after turn
+            while not channel.write_queue.full():
+                channel.write_queue.put_nowait(heartbeat)
+            if lagging:
+                loop.call_soon(writer_behind)
+
+        writer_behind()
+        frames = Frames(channel)
+        tasks = [asyncio.create_task(fast_publish.publish(channel, exchange, e)) for e in first]
+        await asyncio.sleep(0.05)
+        batch = fast_publish._Batch.by_channel[channel]
+        assert len(batch.payloads) == 3 and frames.publishing() == []  # held back, not dropped
+        tasks.append(asyncio.create_task(fast_publish.publish(channel, exchange, later)))
+        await asyncio.sleep(0.01)
+        assert len(batch.payloads) == 4
+        lagging = False
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert frames.publishes() == 4 and len(frames.publishing()) == 1  # all four, in one write
+    got = Counter(m.message_id for m in await broker.take(queue, 4))
+    assert set(got) == {e.message_id for e in [*first, later]} and max(got.values()) == 1
+
+
+async def test_a_batch_of_a_channel_found_closing_is_dropped_not_sent_behind_its_close(
+    broker: Broker,
+) -> None:
+    """A publish behind its channel's Close would reach the broker on a channel it no longer has
+    (it closes the whole connection): a batch whose channel is closing by the end of the turn
+    is not sent; its publishes fail, and the ingress tries them again on the new channel."""
+    queue = await broker.bind_queue("closing", "ONCRMDEALADD")
+    connection = await aio_pika.connect_robust(
+        AMQP_URL, client_properties={"connection_name": f"pytest fast {broker.prefix}"}
+    )
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        underlay: aiormq.Channel = await channel.get_underlay_channel()
+        frames = Frames(underlay)
+        envelopes = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(3)]
+        tasks = [
+            asyncio.create_task(fast_publish.publish(underlay, broker.settings.exchange, e))
+            for e in envelopes
+        ]
+        await asyncio.sleep(0)  # all three joined one batch
+        # Closing before the turn ends, as aiormq marks it on the broker's Channel.Close.
+        getattr(underlay, fast_publish.CLOSE_EVENT).set()
+        await asyncio.sleep(0.1)
+        assert frames.payloads == [] and not fast_publish._Batch.by_channel
+        with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+            await fast_publish.publish(underlay, broker.settings.exchange, envelopes[0])
+    finally:
+        await connection.close()  # fails the confirms still awaited
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, BaseException) for r in results)
+    assert await broker.depth(queue) == 0
+
+
+async def test_a_full_batch_takes_no_more_and_the_next_ones_follow_it_in_order(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `MAX_BYTES` a batch is closed to newcomers: each of these opens its own, waiting for
+    the lock in turn, and each is numbered once, in the order of the frames."""
+    monkeypatch.setattr(fast_publish._Batch, "MAX_BYTES", 1)
+    queue = await broker.bind_queue("full", "ONCRMDEALADD")
+    envelopes = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(20)]
+    async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
+        channel = await started(publisher)
+        frames = Frames(channel)
+        before = channel.delivery_tag
+        await asyncio.gather(*(publisher.publish(e) for e in envelopes))
+        assert channel.delivery_tag == before + len(envelopes)
+        assert not channel.confirmations and not channel.message_id_delivery_tag
+    assert [frame.count(b"\x00\x3c\x00\x28") for frame in frames.publishing()] == [1] * 20
+    got = Counter(m.message_id for m in await broker.take(queue, len(envelopes)))
+    assert set(got) == {e.message_id for e in envelopes} and max(got.values()) == 1

@@ -28,11 +28,10 @@ from typing import Any
 import aiormq
 from aiormq.abc import ChannelFrame, DeliveredMessage
 
-from b24queue.transports.amqp.fast_publish import SUPPORTED
+from b24queue.transports.amqp.fast_publish import CLOSE_EVENT, SUPPORTED, closing
 
 log = logging.getLogger(__name__)
 
-_CLOSE_EVENT = "_Channel__close_event"  # set by aiormq.Channel as soon as it starts closing
 # Basic.Ack as a method frame: type 1, channel, size 13; class 60, method 80, the delivery tag,
 # the `multiple` bit (never set here); the frame end.
 _ACK = struct.Struct(">BHIHHQBB")
@@ -48,7 +47,7 @@ def usable(channel: Any) -> bool:
     return (
         SUPPORTED
         and isinstance(channel, aiormq.Channel)
-        and hasattr(channel, _CLOSE_EVENT)
+        and hasattr(channel, CLOSE_EVENT)
         and isinstance(getattr(channel, "consumers", None), dict)
     )
 
@@ -62,12 +61,6 @@ def take_over(channel: aiormq.Channel, consumer_tag: str, callback: OnDelivery) 
     consumers: dict[str, Any] = channel.consumers
     if consumer_tag in consumers and consumers[consumer_tag] is not callback:
         consumers[consumer_tag] = callback
-
-
-def closing(channel: aiormq.Channel) -> bool:
-    """The channel is closed or closing: `basic_ack` would raise, and a frame sent now would be
-    one the broker discards (a delivery on it is the broker's to redeliver)."""
-    return bool(channel.is_closed or getattr(channel, _CLOSE_EVENT).is_set())
 
 
 class Acks:

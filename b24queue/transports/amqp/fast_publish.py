@@ -1,7 +1,8 @@
 """A confirmed publish put straight on aiormq's write queue: the same frames, delivery tag and
 confirm bookkeeping as `aiormq.Channel.basic_publish`, without its per-call lock, timeout, two
 async context managers and pamqp encoding (together about a third of the ingress's CPU per
-event, measured; README, Performance).
+event, measured), and the publishes of one turn of the loop written together (README,
+Performance).
 
 It reaches into aiormq's internals, so it is used only with the aiormq releases it was written
 against and checked on (`SUPPORTED_AIORMQ`); with any other the publisher takes `basic_publish`.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from typing import Any
+from typing import Any, ClassVar
 
 import aiormq
 from aiormq.abc import ChannelFrame
@@ -23,6 +24,7 @@ from b24queue.transports.amqp.frames import publish_frames
 # keeps its order of delivery-tag increment, confirmation future, message-id map and enqueue).
 SUPPORTED_AIORMQ = frozenset({"7.2.4"})
 _LOCK = "_Channel__lock"  # aiormq.Channel's private asyncio.Lock around basic_publish
+CLOSE_EVENT = "_Channel__close_event"  # set by aiormq.Channel as soon as it starts closing
 
 
 def _supported() -> bool:
@@ -38,7 +40,18 @@ SUPPORTED = _supported()
 def usable(channel: aiormq.Channel) -> bool:
     """Whether `publish` can take this channel's publishes (every one of them: a channel's
     publishes go all this way or all aiormq's, see `publish`)."""
-    return SUPPORTED and channel.publisher_confirms and hasattr(channel, _LOCK)
+    return (
+        SUPPORTED
+        and channel.publisher_confirms
+        and hasattr(channel, _LOCK)
+        and hasattr(channel, CLOSE_EVENT)
+    )
+
+
+def closing(channel: aiormq.Channel) -> bool:
+    """The channel is closed or closing: a frame enqueued now could reach the broker behind the
+    channel's Close, on a channel it no longer has, which closes the whole connection."""
+    return bool(channel.is_closed or getattr(channel, CLOSE_EVENT).is_set())
 
 
 async def publish(channel: aiormq.Channel, exchange: str, envelope: Envelope) -> None:
@@ -46,42 +59,94 @@ async def publish(channel: aiormq.Channel, exchange: str, envelope: Envelope) ->
     `basic_publish` raises for a nack, a return or a closed channel, and ValueError for a
     message the encoder does not cover (`frames`), before anything was sent.
 
+    The publishes of one turn of the event loop go out together (`_Batch`): one frame on the
+    write queue, one write, one segment for the broker to read, where each would be its own.
+
     Ordering: the broker numbers a channel's publishes in the order they arrive, and aiormq maps
-    its confirms by that number, so the number must be taken in wire order. Most publishes find
-    the channel's lock free and room in the write queue: they take the number and enqueue
-    without yielding in between. Otherwise (a burst filled the ten-frame queue) they queue
-    behind the lock, as basic_publish does, and take the number only once the frame is in.
+    its confirms by that number, so the number must be taken in wire order. A batch holds the
+    channel's lock from its first publish until it is enqueued, and its publishes take their
+    numbers in the order they join it; anything else that numbers a publish on the channel
+    (aiormq's `basic_publish`, the next batch) waits for the lock, so it follows on the wire.
     """
-    frame = ChannelFrame(
-        payload=publish_frames(
-            channel=channel.number,
-            max_content_size=channel.max_content_size,
-            exchange=exchange,
-            routing_key=envelope.routing_key,
-            body=envelope.body,
-            headers=envelope.headers,
-            message_id=envelope.message_id,
-            timestamp=envelope.timestamp,
-            message_type=envelope.event_type,
-        ),
-        should_close=False,
+    payload = publish_frames(
+        channel=channel.number,
+        max_content_size=channel.max_content_size,
+        exchange=exchange,
+        routing_key=envelope.routing_key,
+        body=envelope.body,
+        headers=envelope.headers,
+        message_id=envelope.message_id,
+        timestamp=envelope.timestamp,
+        message_type=envelope.event_type,
     )
-    queue: asyncio.Queue[ChannelFrame] = channel.write_queue
-    lock: asyncio.Lock = getattr(channel, _LOCK)
-    if lock.locked() or queue.full():
-        async with channel.lock:  # raises ChannelInvalidStateError once the channel is closed
-            await queue.put(frame)
-            confirmation = _numbered(channel, envelope.message_id)
-    else:
-        if channel.is_closed:
+    batch = _Batch.by_channel.get(channel)
+    if batch is None or batch.size >= _Batch.MAX_BYTES:
+        batch = await _Batch.start(channel)
+    elif closing(channel):
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    batch.payloads.append(payload)
+    batch.size += len(payload)
+    await _confirmed(_numbered(channel, envelope.message_id))
+
+
+class _Batch:
+    """The publishes of one channel in this turn of the loop, enqueued as one frame at its end.
+
+    While the writer is behind (the write queue is full: a burst, or a broker that blocked the
+    connection) the batch stays open and is tried again a moment later, and later publishes
+    join it. One that has reached `MAX_BYTES` takes no more: the next publish waits for the lock
+    and opens the next one (a join copies the bytes once more). A channel that is closing gets
+    nothing more: its confirms fail with it (aiormq rejects every confirmation of a closed
+    channel), and the ingress retries on the new one.
+    """
+
+    by_channel: ClassVar[dict[aiormq.Channel, _Batch]] = {}
+    RETRY_S = 0.001
+    MAX_RETRY_S = 0.05
+    MAX_BYTES = 1 << 20
+
+    def __init__(self, channel: aiormq.Channel, lock: asyncio.Lock) -> None:
+        self.channel = channel
+        self.lock = lock
+        self.payloads: list[bytes] = []
+        self.size = 0
+        self.retry_s = self.RETRY_S
+
+    @classmethod
+    async def start(cls, channel: aiormq.Channel) -> _Batch:
+        if closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-        queue.put_nowait(frame)
-        confirmation = _numbered(channel, envelope.message_id)
-    await _confirmed(confirmation)
+        lock: asyncio.Lock = getattr(channel, _LOCK)
+        await lock.acquire()  # at once when free; behind basic_publish or the last batch if not
+        if closing(channel):
+            lock.release()
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        batch = cls.by_channel[channel] = cls(channel, lock)
+        asyncio.get_running_loop().call_soon(batch.flush)
+        return batch
+
+    def flush(self) -> None:
+        channel = self.channel
+        queue: asyncio.Queue[ChannelFrame] = channel.write_queue
+        try:
+            if not closing(channel) and queue.full():
+                asyncio.get_running_loop().call_later(self.retry_s, self.flush)
+                self.retry_s = min(self.retry_s * 2, self.MAX_RETRY_S)
+                return
+            del self.by_channel[channel]
+            if not closing(channel) and self.payloads:
+                payload = self.payloads[0] if len(self.payloads) == 1 else b"".join(self.payloads)
+                queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
+        except BaseException:
+            self.by_channel.pop(channel, None)
+            self.lock.release()
+            raise
+        self.lock.release()
 
 
 def _numbered(channel: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
-    """Give the publish just enqueued its delivery tag and confirmation future."""
+    """Give the publish that just joined the channel's batch its delivery tag and confirmation
+    future (in the order they join: the order they go out in)."""
     channel.delivery_tag += 1
     tag = channel.delivery_tag
     confirmation = channel.create_future()
