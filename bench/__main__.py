@@ -475,15 +475,18 @@ def main() -> None:
     started = time.monotonic()
     asyncio.run(prepare(settings, sinks, work))
     try:
-        print("broker ceiling ...", flush=True)
-        broker_before = broker_cpu_s()
-        results["broker_ceiling"] = ceiling = asyncio.run(
-            broker_ceiling(settings.exchange, args.requests * 2, window=256)
-        )
-        ceiling["broker_us_per_event"] = round(
-            (broker_cpu_s() - broker_before) / ceiling["count"] * 1e6, 1
-        )
-        asyncio.run(purge(*sinks))
+
+        def ceiling_round() -> None:
+            print("broker ceiling ...", flush=True)
+            broker_before = broker_cpu_s()
+            ceiling = asyncio.run(broker_ceiling(settings.exchange, args.requests * 2, window=256))
+            ceiling["broker_us_per_event"] = round(
+                (broker_cpu_s() - broker_before) / ceiling["count"] * 1e6, 1
+            )
+            asyncio.run(purge(*sinks))
+            results.setdefault("broker_ceiling_rounds", []).append(ceiling)
+            if ceiling["per_s"] > results.get("broker_ceiling", {}).get("per_s", 0):
+                results["broker_ceiling"] = ceiling
 
         def serve(
             name: str, argv: list[str], ready_path: str, rate: float | None = None
@@ -536,9 +539,13 @@ def main() -> None:
         # Rounds interleaved, best of each: a 2-core machine shared with the broker and the
         # load generator is noisy, and interleaving keeps a slow moment from hitting one side.
         # A slow machine gets fewer rounds, so that the whole run stays within its budget.
+        # The ceiling too is the best of its rounds, taken among the others: a ceiling measured
+        # once, at a slow moment or a fast one, would move every ratio against it.
         for _ in rounds(args.rounds, started + args.budget_s * 0.45, "ingress", results):
+            ceiling_round()
             for name, (argv, ready) in servers.items():
                 result = serve(name, argv, ready)
+                results.setdefault("ingress_rounds", {}).setdefault(name, []).append(result)
                 if name not in results or result["rps"] > results[name]["rps"]:
                     results[name] = result
 
@@ -696,6 +703,11 @@ def floors(r: dict[str, Any]) -> list[str]:
         1.15,
         False,
     )
+    ours_rounds = r.get("ingress_rounds", {}).get(one, [])
+    pairs = list(zip(ours_rounds, r.get("broker_ceiling_rounds", []), strict=False))
+    if pairs:
+        each = " ".join(f"{o['rps'] / c['per_s']:.2f}" for o, c in pairs)
+        out.append(f"       req/s, ours (1 process) over the ceiling of the same round: {each}")
     check(
         "ingress req/s vs broker ceiling (1 process)",
         over(get(one, "rps"), get("broker_ceiling", "per_s")),

@@ -128,18 +128,23 @@ async def test_an_unroutable_publish_is_returned_to_its_own_caller(broker: Broke
 
 
 class Frames:
-    """What goes on a channel's write queue, frame by frame."""
+    """What goes on a channel's write queue, frame by frame (its bytes read once it is sent: a
+    batch's frame has them only then)."""
 
     def __init__(self, channel: aiormq.Channel) -> None:
-        self.payloads: list[bytes] = []
+        self.frames: list[ChannelFrame] = []
         queue = channel.write_queue
         put_nowait = queue.put_nowait
 
-        def counted(item: Any) -> None:
-            self.payloads.append(item.payload)
+        def counted(item: ChannelFrame) -> None:
+            self.frames.append(item)
             put_nowait(item)
 
         queue.put_nowait = counted  # type: ignore[method-assign]
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [f.payload for f in self.frames]
 
     def publishing(self) -> list[bytes]:
         """The frames that carry publishes (Basic.Publish: class 60, method 40)."""
@@ -201,8 +206,9 @@ async def test_a_batch_waits_for_room_in_a_full_write_queue_and_later_publishes_
         frames = Frames(channel)
         tasks = [asyncio.create_task(fast_publish.publish(channel, exchange, e)) for e in first]
         await asyncio.sleep(0.05)
-        batch = fast_publish._Batch.by_channel[channel]
-        assert len(batch.payloads) == 3 and frames.publishing() == []  # held back, not dropped
+        batch = getattr(channel, fast_publish._BATCH)
+        held_back = not any(isinstance(f, fast_publish._Frame) for f in frames.frames)
+        assert len(batch.payloads) == 3 and held_back  # not put past the queue's bound
         tasks.append(asyncio.create_task(fast_publish.publish(channel, exchange, later)))
         await asyncio.sleep(0.01)
         assert len(batch.payloads) == 4
@@ -236,7 +242,8 @@ async def test_a_batch_of_a_channel_found_closing_is_dropped_not_sent_behind_its
         # Closing before the turn ends, as aiormq marks it on the broker's Channel.Close.
         getattr(underlay, fast_publish.CLOSE_EVENT).set()
         await asyncio.sleep(0.1)
-        assert frames.payloads == [] and not fast_publish._Batch.by_channel
+        assert len(frames.frames) == 1 and frames.publishing() == []  # taken empty
+        assert getattr(underlay, fast_publish._BATCH) is None
         with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
             await fast_publish.publish(underlay, broker.settings.exchange, envelopes[0])
     finally:

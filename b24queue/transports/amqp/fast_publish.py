@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from typing import Any, ClassVar
+from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
@@ -59,12 +59,13 @@ async def publish(channel: aiormq.Channel, exchange: str, envelope: Envelope) ->
     `basic_publish` raises for a nack, a return or a closed channel, and ValueError for a
     message the encoder does not cover (`frames`), before anything was sent.
 
-    The publishes of one turn of the event loop go out together (`_Batch`): one frame on the
-    write queue, one write, one segment for the broker to read, where each would be its own.
+    The publishes that come before aiormq's writer gets to them (those of one turn of the event
+    loop, usually) go out together (`_Batch`): one write, one segment for the broker to read,
+    where each would be its own.
 
     Ordering: the broker numbers a channel's publishes in the order they arrive, and aiormq maps
     its confirms by that number, so the number must be taken in wire order. A batch holds the
-    channel's lock from its first publish until it is enqueued, and its publishes take their
+    channel's lock from its first publish until the writer takes it, and its publishes take their
     numbers in the order they join it; anything else that numbers a publish on the channel
     (aiormq's `basic_publish`, the next batch) waits for the lock, so it follows on the wire.
     """
@@ -79,7 +80,7 @@ async def publish(channel: aiormq.Channel, exchange: str, envelope: Envelope) ->
         timestamp=envelope.timestamp,
         message_type=envelope.event_type,
     )
-    batch = _Batch.by_channel.get(channel)
+    batch: _Batch | None = getattr(channel, _BATCH, None)
     if batch is None or batch.size >= _Batch.MAX_BYTES:
         batch = await _Batch.start(channel)
     elif closing(channel):
@@ -89,20 +90,28 @@ async def publish(channel: aiormq.Channel, exchange: str, envelope: Envelope) ->
     await _confirmed(_numbered(channel, envelope.message_id))
 
 
-class _Batch:
-    """The publishes of one channel in this turn of the loop, enqueued as one frame at its end.
+_BATCH = "_b24queue_batch"  # the channel's open batch, kept on the channel: it goes with it
 
-    While the writer is behind (the write queue is full: a burst, or a broker that blocked the
-    connection) the batch stays open and is tried again a moment later, and later publishes
-    join it. One that has reached `MAX_BYTES` takes no more: the next publish waits for the lock
-    and opens the next one (a join copies the bytes once more). A channel that is closing gets
-    nothing more: its confirms fail with it (aiormq rejects every confirmation of a closed
-    channel), and the ingress retries on the new one.
+
+class _Batch:
+    """The publishes of one channel that the writer has not taken yet: enqueued as one frame
+    (`_Frame`) when the first of them comes, and joined into its bytes only when aiormq's writer
+    takes that frame off the queue, so those that come meanwhile (the rest of this turn of the
+    loop, usually) go out in the same write, and the first one waits for nothing.
+
+    It holds the channel's lock from its first publish until the writer takes it, and
+    publishes join it only until then: nothing else can number a publish in between. One that
+    has reached `MAX_BYTES` takes no more: the next publish waits for the lock and starts the
+    next one. When the write queue is full (a burst, or a broker that blocked the connection)
+    the frame is enqueued a moment later, and publishes join it meanwhile. A channel found
+    closing when the frame is taken (or while it waits for room) gets nothing: a publish behind
+    the channel's Close would reach the broker on a channel it no longer has, which closes the
+    whole connection. Their confirms fail with the channel (aiormq rejects every confirmation
+    of a closed one), and the ingress retries them on the new one.
     """
 
-    by_channel: ClassVar[dict[aiormq.Channel, _Batch]] = {}
     RETRY_S = 0.001
-    MAX_RETRY_S = 0.05
+    MAX_RETRY_S = 0.01
     MAX_BYTES = 1 << 20
 
     def __init__(self, channel: aiormq.Channel, lock: asyncio.Lock) -> None:
@@ -111,6 +120,7 @@ class _Batch:
         self.payloads: list[bytes] = []
         self.size = 0
         self.retry_s = self.RETRY_S
+        self.taken: bytes | None = None
 
     @classmethod
     async def start(cls, channel: aiormq.Channel) -> _Batch:
@@ -121,27 +131,52 @@ class _Batch:
         if closing(channel):
             lock.release()
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-        batch = cls.by_channel[channel] = cls(channel, lock)
-        asyncio.get_running_loop().call_soon(batch.flush)
+        batch = cls(channel, lock)
+        setattr(channel, _BATCH, batch)
+        batch.enqueue()
         return batch
 
-    def flush(self) -> None:
-        channel = self.channel
-        queue: asyncio.Queue[ChannelFrame] = channel.write_queue
-        try:
-            if not closing(channel) and queue.full():
-                asyncio.get_running_loop().call_later(self.retry_s, self.flush)
-                self.retry_s = min(self.retry_s * 2, self.MAX_RETRY_S)
-                return
-            del self.by_channel[channel]
-            if not closing(channel) and self.payloads:
-                payload = self.payloads[0] if len(self.payloads) == 1 else b"".join(self.payloads)
-                queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
-        except BaseException:
-            self.by_channel.pop(channel, None)
+    def enqueue(self) -> None:
+        """Put the batch's frame on the write queue, or, while it is full, try again shortly."""
+        queue: asyncio.Queue[ChannelFrame] = self.channel.write_queue
+        if closing(self.channel):
+            self.take()
+        elif queue.full():
+            asyncio.get_running_loop().call_later(self.retry_s, self.enqueue)
+            self.retry_s = min(self.retry_s * 2, self.MAX_RETRY_S)
+        else:
+            queue.put_nowait(_Frame(self))
+
+    def take(self) -> bytes:
+        """The batch's bytes, once the writer takes its frame (b"" for a closing channel): from
+        now on it takes no more publishes, and the lock is free for what comes next."""
+        if self.taken is None:
+            if getattr(self.channel, _BATCH, None) is self:
+                setattr(self.channel, _BATCH, None)
             self.lock.release()
-            raise
-        self.lock.release()
+            if closing(self.channel) or not self.payloads:
+                self.taken = b""
+            elif len(self.payloads) == 1:
+                self.taken = self.payloads[0]
+            else:
+                self.taken = b"".join(self.payloads)
+            self.payloads = []
+        return self.taken
+
+
+class _Frame(ChannelFrame):
+    """A batch's place on aiormq's write queue: its writer writes `payload`, read as it goes."""
+
+    batch: _Batch
+
+    def __init__(self, batch: _Batch) -> None:  # (ChannelFrame is a frozen dataclass)
+        object.__setattr__(self, "should_close", False)
+        object.__setattr__(self, "drain_future", None)
+        object.__setattr__(self, "batch", batch)
+
+    @property
+    def payload(self) -> bytes:
+        return self.batch.take()
 
 
 def _numbered(channel: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
