@@ -271,3 +271,34 @@ async def test_a_full_batch_takes_no_more_and_the_next_ones_follow_it_in_order(
     assert [frame.count(b"\x00\x3c\x00\x28") for frame in frames.publishing()] == [1] * 20
     got = Counter(m.message_id for m in await broker.take(queue, len(envelopes)))
     assert set(got) == {e.message_id for e in envelopes} and max(got.values()) == 1
+
+
+async def test_while_publishes_await_their_confirms_a_batch_lingers_and_gathers_more(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that starts while an earlier publish awaits its confirm waits LINGER_S first,
+    and the publishes of the turns meanwhile join it."""
+    monkeypatch.setattr(fast_publish._Batch, "LINGER_S", 0.3)
+    queue = await broker.bind_queue("linger", "ONCRMDEALADD")
+    envelopes = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(3)]
+    exchange = broker.settings.exchange
+    async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
+        channel = await started(publisher)
+        frames = Frames(channel)
+        never = asyncio.get_running_loop().create_future()
+        channel.confirmations[10**9] = never  # an earlier publish, still unconfirmed
+        try:
+            tasks = []
+            for envelope in envelopes:  # each in a turn of its own
+                task = fast_publish.publish(channel, exchange, envelope)
+                tasks.append(asyncio.create_task(task))
+                await asyncio.sleep(0.01)
+            batch = getattr(channel, fast_publish._BATCH)
+            assert len(batch.payloads) == 3 and not frames.frames  # all waiting, together
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        finally:
+            del channel.confirmations[10**9]
+            never.cancel()
+    assert len(frames.publishing()) == 1 and frames.publishes() == 3
+    got = Counter(m.message_id for m in await broker.take(queue, 3))
+    assert set(got) == {e.message_id for e in envelopes} and max(got.values()) == 1

@@ -94,10 +94,18 @@ _BATCH = "_b24queue_batch"  # the channel's open batch, kept on the channel: it 
 
 
 class _Batch:
-    """The publishes of one channel that the writer has not taken yet: enqueued as one frame
-    (`_Frame`) when the first of them comes, and joined into its bytes only when aiormq's writer
-    takes that frame off the queue, so those that come meanwhile (the rest of this turn of the
-    loop, usually) go out in the same write, and the first one waits for nothing.
+    """The publishes of one channel that the writer has not taken yet, written together: one
+    write, one segment for the broker to read and one round of its work, where each would be
+    its own (at a steady 1,300 events/s, a third of the broker's CPU per event, measured).
+
+    A batch is put on the write queue as one frame (`_Frame`) and joined into its bytes only
+    when aiormq's writer takes that frame off the queue, so publishes that come meanwhile go out
+    in the same write. When it starts on a quiet channel (nothing awaiting a confirm) its frame
+    is enqueued at once: the first publish waits for nothing, the rest of the loop's turn joins
+    it. On a busy one (earlier publishes await their confirms) it waits `LINGER_S` first, as
+    Kafka's producer lingers: under a steady load the events of those milliseconds go to the
+    broker together. (Waiting only for the earlier confirm, a group commit, gathered too few at
+    a steady 1,300/s: the broker confirms within a millisecond or two there.)
 
     It holds the channel's lock from its first publish until the writer takes it, and
     publishes join it only until then: nothing else can number a publish in between. One that
@@ -110,6 +118,7 @@ class _Batch:
     of a closed one), and the ingress retries them on the new one.
     """
 
+    LINGER_S = 0.003
     RETRY_S = 0.001
     MAX_RETRY_S = 0.01
     MAX_BYTES = 1 << 20
@@ -133,7 +142,10 @@ class _Batch:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         batch = cls(channel, lock)
         setattr(channel, _BATCH, batch)
-        batch.enqueue()
+        if channel.confirmations:
+            asyncio.get_running_loop().call_later(cls.LINGER_S, batch.enqueue)
+        else:
+            batch.enqueue()
         return batch
 
     def enqueue(self) -> None:
