@@ -13,8 +13,18 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-from bench.__main__ import AMQP_URL, ROOT, TOKEN, Server, cleanup, deal_body, free_port
+from bench.__main__ import (
+    AMQP_URL,
+    ROOT,
+    TOKEN,
+    Server,
+    amqp_call,
+    cleanup,
+    deal_body,
+    free_port,
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -22,6 +32,21 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+async def drained(queue: str, timeout_s: float) -> int:
+    """Wait until the worker has emptied its queue; what is left then."""
+
+    async def depth(channel: Any) -> int:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+    deadline = time.monotonic() + timeout_s
+    left = await amqp_call(depth)
+    while left and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        left = await amqp_call(depth)
+    return left
 
 
 def main() -> None:
@@ -45,12 +70,13 @@ def main() -> None:
     )
     with tempfile.NamedTemporaryFile(suffix=".form", delete=False) as body_file:
         body_file.write(deal_body(TOKEN))
+    worker_log = tempfile.TemporaryFile()  # noqa: SIM115 - read only if the worker dies
     worker = subprocess.Popen(
-        [sys.executable, "-m", "b24queue", "worker", "bench.noop:NoOp"],
+        [sys.executable, "-m", "b24queue", "worker", "bench.noop:Noop"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=worker_log,
     )
     port = free_port()
     ingress = Server(
@@ -85,11 +111,17 @@ def main() -> None:
         )
         started = time.monotonic()
         while load.poll() is None:
+            if worker.poll() is not None:  # a soak without its worker measures nothing
+                load.kill()
+                worker_log.seek(0)
+                tail = worker_log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"the worker exited ({worker.returncode}): {tail}")
             # The ingress: its processes together (the parent and each child).
             ingress_mb = sum(rss_mb(pid) for pid in ingress.pids())
             samples.append((round(time.monotonic() - started, 1), ingress_mb, rss_mb(worker.pid)))
             time.sleep(5)
         result = json.loads(load.communicate()[0])
+        left = asyncio.run(drained(env["BENCH_QUEUE"], timeout_s=60))
     finally:
         ingress.stop()
         worker.terminate()
@@ -97,6 +129,7 @@ def main() -> None:
         asyncio.run(cleanup(prefix))
         os.unlink(body_file.name)
     print(f"load: {result}")
+    print(f"left in the worker's queue once the load ended (60 s at most): {left}")
     print(f"{'t (s)':>7} {'ingress MB':>11} {'worker MB':>10}")
     for t, i, w in samples[:: max(1, len(samples) // 12)]:
         print(f"{t:>7} {i:>11.1f} {w:>10.1f}")
