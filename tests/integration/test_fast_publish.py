@@ -20,7 +20,7 @@ from b24queue.errors import PublishError
 from b24queue.events import parse_event
 from b24queue.testing import make_event
 from b24queue.transports.amqp import fast_publish
-from b24queue.transports.amqp.publisher import AmqpPublisher
+from b24queue.transports.amqp.publisher import AmqpPublisher, properties_for
 from tests.conftest import SAMPLE_NAMES, sample_form
 from tests.integration.conftest import AMQP_URL, Broker, wait_until
 
@@ -78,7 +78,7 @@ async def test_samples_go_the_direct_way_and_arrive_as_the_ordinary_way_sends_th
 async def test_while_the_channel_lock_is_held_it_waits_unnumbered(broker: Broker) -> None:
     """basic_publish numbers its publish under the lock and may wait there for room in the write
     queue: a publish that took its number then would overtake it on the wire. So it waits for
-    the lock without a number, and takes one only once its frame is queued."""
+    the lock without a number, and takes one only once it holds the lock (its batch's)."""
     envelope = envelope_for(make_event("ONCRMDEALADD"))
     async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
         channel = await started(publisher)
@@ -95,8 +95,8 @@ async def test_while_the_channel_lock_is_held_it_waits_unnumbered(broker: Broker
 async def test_a_burst_fills_the_write_queue_and_every_publish_is_confirmed_once(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """2,000 publishes at once: past the write queue's ten frames they queue behind the channel
-    lock; every one is numbered once, confirmed, and arrives once; none took basic_publish."""
+    """2,000 publishes at once, in batches of at most MAX_BYTES: every one is numbered once,
+    confirmed, and arrives once; none took basic_publish."""
     paths = Paths(monkeypatch)
     queue = await broker.bind_queue("burst", "ONCRMDEALADD")
     envelopes = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(2000)]
@@ -128,23 +128,37 @@ async def test_an_unroutable_publish_is_returned_to_its_own_caller(broker: Broke
 
 
 class Frames:
-    """What goes on a channel's write queue, frame by frame (its bytes read once it is sent: a
-    batch's frame has them only then)."""
+    """What goes on a channel's write queue, frame by frame; for a batch's frame, the bytes it
+    gave the writer (it has them only then, and gives them once)."""
 
     def __init__(self, channel: aiormq.Channel) -> None:
         self.frames: list[ChannelFrame] = []
+        self.written: dict[int, bytes] = {}
         queue = channel.write_queue
         put_nowait = queue.put_nowait
 
         def counted(item: ChannelFrame) -> None:
             self.frames.append(item)
+            if isinstance(item, fast_publish._Frame):
+                batch, take = item.batch, item.batch.take
+
+                def recorded() -> bytes:
+                    data = take()
+                    if data:
+                        self.written[id(batch)] = data
+                    return data
+
+                batch.take = recorded  # type: ignore[method-assign]
             put_nowait(item)
 
         queue.put_nowait = counted  # type: ignore[method-assign]
 
     @property
     def payloads(self) -> list[bytes]:
-        return [f.payload for f in self.frames]
+        return [
+            self.written.get(id(f.batch), b"") if isinstance(f, fast_publish._Frame) else f.payload
+            for f in self.frames
+        ]
 
     def publishing(self) -> list[bytes]:
         """The frames that carry publishes (Basic.Publish: class 60, method 40)."""
@@ -302,3 +316,72 @@ async def test_while_publishes_await_their_confirms_a_batch_lingers_and_gathers_
     assert len(frames.publishing()) == 1 and frames.publishes() == 3
     got = Counter(m.message_id for m in await broker.take(queue, 3))
     assert set(got) == {e.message_id for e in envelopes} and max(got.values()) == 1
+
+
+async def test_a_basic_publish_between_two_of_ours_is_numbered_and_sent_after_their_batch(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiormq's basic_publish, called while a batch is open, waits for the lock the batch holds
+    until the writer takes it: a publish of ours that joins the batch meanwhile goes out (and is
+    numbered) before it, never after."""
+    queue = await broker.bind_queue("between", "ONCRMDEALADD")
+    first, ordinary, joined = (
+        envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(3)
+    )
+    exchange = broker.settings.exchange
+    numbered: dict[str, int] = {}
+    original = fast_publish._numbered
+
+    def spy(ch: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
+        future = original(ch, message_id)
+        numbered[message_id] = ch.delivery_tag
+        return future
+
+    monkeypatch.setattr(fast_publish, "_numbered", spy)
+    async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
+        channel = await started(publisher)
+        frames = Frames(channel)
+        before = channel.delivery_tag
+        tasks = [
+            asyncio.create_task(fast_publish.publish(channel, exchange, first)),
+            asyncio.create_task(
+                channel.basic_publish(
+                    ordinary.body,
+                    exchange=exchange,
+                    routing_key=ordinary.routing_key,
+                    properties=properties_for(ordinary),
+                    mandatory=True,
+                )
+            ),
+            asyncio.create_task(fast_publish.publish(channel, exchange, joined)),
+        ]
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert channel.delivery_tag == before + 3
+    assert numbered == {first.message_id: before + 1, joined.message_id: before + 2}
+    wire = b"".join(frames.publishing())
+    on_the_wire = sorted((first, ordinary, joined), key=lambda e: wire.index(e.message_id.encode()))
+    assert on_the_wire == [first, joined, ordinary]
+    got = Counter(m.message_id for m in await broker.take(queue, 3))
+    assert max(got.values()) == 1 and len(got) == 3
+
+
+async def test_publishes_waiting_for_the_lock_fail_when_the_connection_dies_under_a_batch(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that dies takes its write queue with it, and a batch's frame on it is never
+    taken: the batch lets go as its channel closes, so that the publishes waiting for the lock
+    fail at once (the ingress tries them again on the next channel), not wait for ever."""
+    monkeypatch.setattr(fast_publish._Batch, "MAX_BYTES", 1)  # the second waits for the lock
+    connection = await aiormq.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = broker.settings.exchange
+    envelopes = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(2)]
+    tasks = [asyncio.create_task(fast_publish.publish(channel, exchange, e)) for e in envelopes]
+    await asyncio.sleep(0)  # the first one's frame is queued; the second waits for the lock
+    assert getattr(channel, fast_publish._BATCH) is not None
+    await connection.close()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    # (The first one's confirm fails with what aiormq rejects its futures with on a close.)
+    assert all(isinstance(r, Exception) for r in results), results
+    assert isinstance(results[1], aiormq.exceptions.ChannelInvalidStateError)
+    assert not getattr(channel, fast_publish._LOCK).locked()

@@ -129,20 +129,23 @@ class _Batch:
         self.payloads: list[bytes] = []
         self.size = 0
         self.retry_s = self.RETRY_S
-        self.taken: bytes | None = None
+        self.taken = False
 
     @classmethod
     async def start(cls, channel: aiormq.Channel) -> _Batch:
         if closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         lock: asyncio.Lock = getattr(channel, _LOCK)
+        waited = lock.locked()
         await lock.acquire()  # at once when free; behind basic_publish or the last batch if not
         if closing(channel):
             lock.release()
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        _watch(channel)
         batch = cls(channel, lock)
         setattr(channel, _BATCH, batch)
-        if channel.confirmations:
+        # Not after waiting for the lock: those behind it would each linger in turn.
+        if channel.confirmations and not waited:
             asyncio.get_running_loop().call_later(cls.LINGER_S, batch.enqueue)
         else:
             batch.enqueue()
@@ -160,26 +163,52 @@ class _Batch:
             queue.put_nowait(_Frame(self))
 
     def take(self) -> bytes:
-        """The batch's bytes, once the writer takes its frame (b"" for a closing channel): from
-        now on it takes no more publishes, and the lock is free for what comes next."""
-        if self.taken is None:
-            if getattr(self.channel, _BATCH, None) is self:
-                setattr(self.channel, _BATCH, None)
-            self.lock.release()
-            if closing(self.channel) or not self.payloads:
-                self.taken = b""
-            elif len(self.payloads) == 1:
-                self.taken = self.payloads[0]
-            else:
-                self.taken = b"".join(self.payloads)
-            self.payloads = []
-        return self.taken
+        """The batch's bytes, as the writer takes its frame (b"" for a closing channel, and
+        after the first time: nothing is written twice): from now on it takes no more
+        publishes, and the lock is free for what comes next."""
+        if self.taken:
+            return b""
+        self.taken = True
+        if getattr(self.channel, _BATCH, None) is self:
+            setattr(self.channel, _BATCH, None)
+        self.lock.release()
+        payloads, self.payloads = self.payloads, []
+        if closing(self.channel) or not payloads:
+            return b""
+        return payloads[0] if len(payloads) == 1 else b"".join(payloads)
+
+
+def _watch(channel: aiormq.Channel) -> None:
+    """Once per channel: when it closes, its open batch lets go. Its frame may never be taken
+    (a connection that dies takes its write queue with it), and publishes waiting for the lock
+    must fail now, to be tried again on the next channel, not wait for ever."""
+    if getattr(channel, _WATCHED, False):
+        return
+    setattr(channel, _WATCHED, True)
+
+    def closed(_: object) -> None:
+        batch: _Batch | None = getattr(channel, _BATCH, None)
+        if batch is not None:
+            batch.take()
+
+    channel.closing.add_done_callback(closed)
+
+
+_WATCHED = "_b24queue_watched"
 
 
 class _Frame(ChannelFrame):
-    """A batch's place on aiormq's write queue: its writer writes `payload`, read as it goes."""
+    """A batch's place on aiormq's write queue: its writer writes `payload`, read as it goes
+    (once: so not by the dataclass's repr, eq or hash either)."""
 
     batch: _Batch
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __repr__(self) -> str:
+        return f"<batch of {len(self.batch.payloads)} publishes>"
 
     def __init__(self, batch: _Batch) -> None:  # (ChannelFrame is a frozen dataclass)
         object.__setattr__(self, "should_close", False)
