@@ -70,7 +70,7 @@ def main() -> None:
     )
     with tempfile.NamedTemporaryFile(suffix=".form", delete=False) as body_file:
         body_file.write(deal_body(TOKEN))
-    worker_log = tempfile.TemporaryFile()  # noqa: SIM115 - read only if the worker dies
+    worker_log = tempfile.TemporaryFile()  # noqa: SIM115 - read if the worker dies, closed below
     worker = subprocess.Popen(
         [sys.executable, "-m", "b24queue", "worker", "bench.noop:Noop"],
         cwd=ROOT,
@@ -126,6 +126,7 @@ def main() -> None:
         ingress.stop()
         worker.terminate()
         worker.wait(timeout=30)
+        worker_log.close()
         asyncio.run(cleanup(prefix))
         os.unlink(body_file.name)
     print(f"load: {result}")

@@ -168,27 +168,30 @@ class Frames:
         return sum(p.count(b"\x00\x3c\x00\x28") for p in self.payloads)
 
 
+def numbering(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Each publish's delivery tag as `fast_publish` numbers it, by message id."""
+    numbered: dict[str, int] = {}
+    original = fast_publish._numbered
+
+    def spy(ch: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
+        future = original(ch, message_id)
+        numbered[message_id] = ch.delivery_tag
+        return future
+
+    monkeypatch.setattr(fast_publish, "_numbered", spy)
+    return numbered
+
+
 async def test_the_publishes_of_one_turn_go_out_as_one_frame_in_the_order_they_are_numbered(
-    broker: Broker,
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     queue = await broker.bind_queue("turn", "ONCRMDEALADD")
     envelopes = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(8)]
     async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
         channel = await started(publisher)
         frames = Frames(channel)
-        numbered: dict[str, int] = {}
-        original = fast_publish._numbered
-
-        def spy(ch: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
-            future = original(ch, message_id)
-            numbered[message_id] = ch.delivery_tag
-            return future
-
-        fast_publish._numbered = spy  # type: ignore[assignment]
-        try:
-            await asyncio.gather(*(publisher.publish(e) for e in envelopes))
-        finally:
-            fast_publish._numbered = original
+        numbered = numbering(monkeypatch)
+        await asyncio.gather(*(publisher.publish(e) for e in envelopes))
     assert len(frames.publishing()) == 1 and frames.publishes() == len(envelopes)
     wire = frames.publishing()[0]
     on_the_wire = sorted(envelopes, key=lambda e: wire.index(e.message_id.encode()))
@@ -329,15 +332,7 @@ async def test_a_basic_publish_between_two_of_ours_is_numbered_and_sent_after_th
         envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(3)
     )
     exchange = broker.settings.exchange
-    numbered: dict[str, int] = {}
-    original = fast_publish._numbered
-
-    def spy(ch: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
-        future = original(ch, message_id)
-        numbered[message_id] = ch.delivery_tag
-        return future
-
-    monkeypatch.setattr(fast_publish, "_numbered", spy)
+    numbered = numbering(monkeypatch)
     async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
         channel = await started(publisher)
         frames = Frames(channel)
