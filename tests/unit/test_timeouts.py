@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 
@@ -64,3 +65,52 @@ async def test_a_swallowed_timeout_returns_and_leaves_the_task_uncancelled() -> 
     assert await within(0.02, swallows()) == "went on"
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
+
+
+async def test_a_timeout_fires_never_early_and_at_most_a_sixteenth_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    now = 1000.0
+    monkeypatch.setattr(loop, "time", lambda: now)
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def recorded(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        timers.append(when)
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", recorded)
+    for n, timeout_s in enumerate((0.013, 0.05, 0.11, 0.75, 3.0, 60.0, 1500.0)):
+        now = 1000.0 + n * 7919.123457  # a new slot each time, not on any slot's border
+        task = asyncio.create_task(within(timeout_s, forever()))
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert now + timeout_s <= timers[-1] <= now + timeout_s + min(timeout_s / 16, 1.0)
+    assert len(timers) == 7
+
+
+async def test_calls_with_deadlines_close_together_share_one_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What makes a call cheap: one timer for a slot of deadlines, not one per call. Only the
+    calls still waiting when it fires time out."""
+    loop = asyncio.get_running_loop()
+    timers = 0
+    call_at = loop.call_at
+
+    def counted(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        timers += 1
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counted)
+    # 0.4 s: slots of 1/64 s; the calls all start within a millisecond or so.
+    quick = [asyncio.create_task(within(0.4, asyncio.sleep(0))) for _ in range(50)]
+    slow = [asyncio.create_task(within(0.4, forever())) for _ in range(50)]
+    results = await asyncio.gather(*quick, *slow, return_exceptions=True)
+    assert timers <= 2  # their deadlines may straddle the border of two slots
+    assert results[:50] == [None] * 50
+    assert all(isinstance(r, TimeoutError) for r in results[50:])
