@@ -31,22 +31,29 @@ class Paths:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.came: Counter[str] = Counter()
         self.basic_acks = 0
+        self.channel_tasks = 0  # tasks aiormq's channels started (one per delivery on its path)
         on_message, on_delivered = ConsumerRunner._on_message, ConsumerRunner._on_delivered
         basic_ack = aiormq.Channel.basic_ack
+        create_task = aiormq.Channel.create_task
 
         def slow(runner: ConsumerRunner, message: Any) -> Any:
             self.came["aio-pika"] += 1
             return on_message(runner, message)
 
-        async def fast(runner: ConsumerRunner, message: Any) -> None:
+        def fast(runner: ConsumerRunner, message: Any) -> None:
             self.came["direct"] += 1
-            await on_delivered(runner, message)
+            on_delivered(runner, message)
 
         async def counted_ack(channel: aiormq.Channel, *args: Any, **kwargs: Any) -> None:
             self.basic_acks += 1
             await basic_ack(channel, *args, **kwargs)
 
+        def counted_task(channel: aiormq.Channel, coro: Any) -> Any:
+            self.channel_tasks += 1
+            return create_task(channel, coro)
+
         monkeypatch.setattr(ConsumerRunner, "_on_message", slow)
+        monkeypatch.setattr(aiormq.Channel, "create_task", counted_task)
         monkeypatch.setattr(ConsumerRunner, "_on_delivered", fast)
         monkeypatch.setattr(aiormq.Channel, "basic_ack", counted_ack)
 
@@ -104,18 +111,22 @@ async def test_deliveries_take_the_direct_path_after_the_first_and_again_after_a
         await wait_until(lambda: settled(broker, queue), what="the first 200 acked")
         channel = await underlay(runner)
         tag = runner._consumer_tag
-        assert channel.consumers[tag] == runner._on_delivered
+        assert getattr(channel, fast_consume.DELIVERIES)[tag] == runner._on_delivered
         first = Counter(paths.came)
         # The first delivery comes through aio-pika and takes the channel over; those the reader
         # had already handed out before it ran may come that way too (at most a prefetch).
         assert 1 <= first["aio-pika"] <= 16 and first["direct"] >= 200 - 16
+        # No task of aiormq's per direct delivery (200 here); its channels start a few of their
+        # own (readers, the test's publishing channel).
+        assert paths.channel_tasks - first["aio-pika"] < 50
 
         closed = await broker.mgmt.close_connections(f"worker {queue}")
         assert closed == 1
         ids |= await publish(broker, queue, 200, 200)
         await wait_until(lambda: set(seen) == ids, what="the next 200 handled")
         reopened = await underlay(runner)
-        assert reopened is not channel and reopened.consumers[tag] == runner._on_delivered
+        assert reopened is not channel
+        assert getattr(reopened, fast_consume.DELIVERIES)[tag] == runner._on_delivered
         assert paths.came["aio-pika"] - first["aio-pika"] >= 1  # the new channel began there
     assert set(seen.values()) == {1}  # none redelivered: each was acked before the close
     assert await broker.depth(queue) == 0  # an unacked one would be back when the worker left
@@ -135,6 +146,37 @@ async def test_without_the_direct_path_aio_pika_takes_and_acks_every_delivery(
     assert set(seen.values()) == {1} and await broker.depth(queue) == 0
     assert paths.came == Counter({"aio-pika": 100})
     assert paths.basic_acks == 100
+
+
+@pytest.mark.skipif(not fast_consume.SUPPORTED, reason="aiormq is not a release it is pinned to")
+async def test_a_delivery_whose_start_fails_comes_again_and_the_channel_goes_on(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct callback runs in the channel's reader: an error there must not end the
+    reader (nothing more would be delivered); the delivery stays unacked and comes again."""
+    on_delivered = ConsumerRunner._on_delivered
+    failed: list[str] = []
+
+    def fails_once(runner: ConsumerRunner, message: Any) -> None:
+        if not failed:
+            failed.append(message.header.properties.message_id)
+            raise RuntimeError("could not start")
+        on_delivered(runner, message)
+
+    monkeypatch.setattr(ConsumerRunner, "_on_delivered", fails_once)
+    queue = broker.name("start-fails")
+    seen: Counter[str] = Counter()
+    async with Worker(broker.settings, [counting(queue, seen, prefetch=4)]):
+        ids = await publish(broker, queue, 0, 60)
+        await wait_until(lambda: len(seen) == 59, what="all but the failed one handled")
+        assert failed and failed[0] not in seen
+    # Unacked until its channel closed with the worker: back in the queue, not lost.
+    await wait_until(lambda: _depth_is(broker, queue, 1), what="the failed one back in the queue")
+    assert set(seen) | set(failed) == ids
+
+
+async def _depth_is(broker: Broker, queue: str, depth: int) -> bool:
+    return await broker.depth(queue) == depth
 
 
 async def _got(broker: Broker, queue: str, count: int) -> tuple[Any, aiormq.Channel, list[int]]:

@@ -1,16 +1,17 @@
 """Deliveries taken straight from aiormq, and their acks put straight on its write queue.
 
-aio-pika's consumer path wraps each delivery in an `IncomingMessage` (its properties decoded a
-second time), runs the callback in a task of its own, and acks through `basic_ack`, which encodes
-the frame with pamqp and waits for it to be written, one write (a system call) per ack. The
-worker needs none of that: it runs each delivery in a task of its own anyway (so that a closed
-channel never cancels a handler halfway), reads the few properties it uses from aiormq's
+aio-pika's consumer path runs each delivery's callback in a task of aiormq's, wraps it in an
+`IncomingMessage` (its properties decoded a second time), and acks through `basic_ack`, which
+encodes the frame with pamqp and waits for it to be written, one write (a system call) per ack.
+The worker needs none of that: it runs each delivery in a task of its own anyway (so that a
+closed channel never cancels a handler halfway), reads the few properties it uses from aiormq's
 `DeliveredMessage`, and writes the acks of one turn of the loop together (`Acks`).
 
 The consumer is still registered through aio-pika (`RobustQueue.consume`), which keeps it across
-reconnects and consumer cancellations; `take_over` then points that consumer tag, on the aiormq
-channel at hand, at the worker's own callback. A channel aio-pika opens anew starts on aio-pika's
-callback again, and its first delivery takes it over again.
+reconnects and consumer cancellations; `take_over` then has the aiormq channel at hand hand that
+consumer tag's deliveries to the worker's own callback, straight from its reader. A channel
+aio-pika opens anew starts on aio-pika's callback again, and its first delivery takes it over
+again.
 
 It reaches into aiormq's internals, so it is used only with the releases `fast_publish` is
 pinned to (`SUPPORTED`); with any other, every delivery takes aio-pika's path and `basic_ack`.
@@ -20,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp import commands as spec
 
 from b24queue.transports.amqp.fast_publish import CLOSE_EVENT, SUPPORTED, closing
 
@@ -49,18 +52,56 @@ def usable(channel: Any) -> bool:
         and isinstance(channel, aiormq.Channel)
         and hasattr(channel, CLOSE_EVENT)
         and isinstance(getattr(channel, "consumers", None), dict)
+        and hasattr(channel, "_Channel__get_content_header")
+        and hasattr(channel, "_read_content")
     )
 
 
-OnDelivery = Callable[[DeliveredMessage], Awaitable[None]]
+OnDelivery = Callable[[DeliveredMessage], None]
+
+# Where a channel taken over keeps its consumer tag -> callback map.
+DELIVERIES = "_b24queue_deliveries"
 
 
 def take_over(channel: aiormq.Channel, consumer_tag: str, callback: OnDelivery) -> None:
-    """From now on, this channel hands `consumer_tag`'s deliveries to `callback` (a coroutine
-    function: aiormq runs each call in a task). A consumer already cancelled stays cancelled."""
-    consumers: dict[str, Any] = channel.consumers
-    if consumer_tag in consumers and consumers[consumer_tag] is not callback:
-        consumers[consumer_tag] = callback
+    """From now on, this channel hands `consumer_tag`'s deliveries to `callback`, which its reader
+    calls as each one is read, rather than starting a task of aiormq's for each: the callback
+    starts the work in a task of its own. A consumer cancelled (gone from the channel's
+    `consumers`) gets nothing more, as with aiormq's own dispatch."""
+    callbacks: dict[str, OnDelivery] | None = getattr(channel, DELIVERIES, None)
+    if callbacks is None:
+        callbacks = {}
+        setattr(channel, DELIVERIES, callbacks)
+        channel._on_deliver_frame = functools.partial(_deliver, channel, callbacks)  # type: ignore[method-assign]
+    callbacks[consumer_tag] = callback
+
+
+async def _deliver(
+    channel: aiormq.Channel, callbacks: dict[str, OnDelivery], frame: spec.Basic.Deliver
+) -> None:
+    # aiormq's `Channel._on_deliver_frame`, with the deliveries of the consumers taken over
+    # handed to their callbacks directly.
+    header = await channel._Channel__get_content_header()  # type: ignore[attr-defined]
+    message = await channel._read_content(frame, header)
+    tag = frame.consumer_tag
+    consumer = channel.consumers.get(tag) if tag is not None else None
+    if consumer is None:
+        if tag is None:
+            log.warning("Frame %r has no consumer tag", frame)
+        return
+    callback = callbacks.get(tag)  # type: ignore[arg-type]
+    if callback is None:
+        task = channel.create_task(consumer(message))
+        task.add_done_callback(channel._on_consumer_done)
+        return
+    try:
+        callback(message)
+    except Exception:  # never into the channel's reader: that would end the channel
+        log.exception(
+            "delivery %s of %s not started; unacked, it comes again when this channel closes",
+            frame.delivery_tag,
+            tag,
+        )
 
 
 class Acks:

@@ -204,9 +204,9 @@ class ConsumerRunner:
         )
         return self._settled
 
-    async def _on_delivered(self, message: DeliveredMessage) -> None:
-        # aiormq's callback once taken over (`fast_consume`): runs in aiormq's task for this
-        # delivery, which a channel close cancels; the handling goes on in a task of our own.
+    def _on_delivered(self, message: DeliveredMessage) -> None:
+        # The channel's reader calls this once taken over (`fast_consume`); the handling goes on
+        # in a task of our own.
         deliver: Any = message.delivery
         properties = message.header.properties
         self._start(
