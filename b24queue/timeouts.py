@@ -33,19 +33,19 @@ class _Call:
 
 
 class _Slots:
-    """The slots of one event loop: (slot length, slot number) -> the calls waiting in it."""
+    """The slots of one event loop: (slot length, slot number) -> the calls waiting in it. It
+    keeps no reference to its loop, the key of `_LOOPS` (that would keep every loop alive)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._slots: dict[tuple[float, int], set[_Call]] = {}
 
-    def join(self, call: _Call, timeout_s: float) -> set[_Call]:
+    def join(self, loop: asyncio.AbstractEventLoop, call: _Call, timeout_s: float) -> set[_Call]:
         length = _slot_length(timeout_s)
-        key = (length, math.ceil((self._loop.time() + timeout_s) / length))
+        key = (length, math.ceil((loop.time() + timeout_s) / length))
         calls = self._slots.get(key)
         if calls is None:
             calls = self._slots[key] = set()
-            self._loop.call_at(key[1] * length, self._expire, key)
+            loop.call_at(key[1] * length, self._expire, key)
         calls.add(call)
         return calls
 
@@ -81,10 +81,10 @@ async def within(timeout_s: float, awaitable: Awaitable[T]) -> T:
     loop = task.get_loop()
     slots = _LOOPS.get(loop)
     if slots is None:
-        slots = _LOOPS[loop] = _Slots(loop)
+        slots = _LOOPS[loop] = _Slots()
     cancelling = task.cancelling()
     call = _Call(task)
-    calls = slots.join(call, timeout_s)
+    calls = slots.join(loop, call, timeout_s)
     try:
         result = await awaitable
     except asyncio.CancelledError as exc:

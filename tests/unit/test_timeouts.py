@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -114,3 +116,16 @@ async def test_calls_with_deadlines_close_together_share_one_timer(
     assert timers <= 2  # their deadlines may straddle the border of two slots
     assert results[:50] == [None] * 50
     assert all(isinstance(r, TimeoutError) for r in results[50:])
+
+
+def test_a_closed_loop_is_not_kept_alive() -> None:
+    async def once() -> None:
+        await within(1.0, asyncio.sleep(0))
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(once())
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None
