@@ -136,11 +136,17 @@ def main() -> None:
         print(f"{t:>7} {i:>11.1f} {w:>10.1f}")
     minute = max(1, 60 // 5)
     early, late = samples[minute : 2 * minute], samples[-minute:]
+    if not early:  # a run under two minutes: its first sample stands in for the second minute
+        early = samples[:1]
+    if not early:
+        print("no memory samples: the run ended before the first")
+        return
     for name, col in (("ingress", 1), ("worker", 2)):
         a = sum(s[col] for s in early) / len(early)
         b = sum(s[col] for s in late) / len(late)
+        since = "second minute" if len(samples) > 2 * minute else "first sample"
         print(
-            f"{name}: second minute {a:.1f} MB, last minute {b:.1f} MB, growth {b - a:+.1f} MB "
+            f"{name}: {since} {a:.1f} MB, last minute {b:.1f} MB, growth {b - a:+.1f} MB "
             f"({(b - a) / a * 100:+.1f}%)"
         )
 
