@@ -21,6 +21,7 @@ clears), tamper with get's answer, and count what was cleared (`cleared`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -81,6 +82,7 @@ class FakeOffline:
         # Sends ONOFFLINEEVENT for a host to its handler (set by tests: they know its tokens).
         self.ping: Callable[[str, str], Awaitable[None]] | None = None
         self.pings = 0
+        self.failing: collections.Counter[str] = collections.Counter()  # method -> calls to fail
 
     @classmethod
     def attach(cls, rest: FakeRest) -> FakeOffline:
@@ -137,7 +139,7 @@ class FakeOffline:
         q = self.queue(host)
         connector = str(params.get("auth_connector") or "")
         if method == "event.bind":
-            return self._bind(q, params, connector)
+            return self._failed(method) or self._bind(q, params, connector)
         if method == "event.offline.get":
             answer = self._get(q, params, connector)
             if not await self._held(method):
@@ -152,6 +154,13 @@ class FakeOffline:
         if method == "event.offline.list":
             return 200, self._list(q, params, connector)
         return 404, {"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"}
+
+    def _failed(self, method: str) -> Answer | None:
+        """An answer 500 while `failing` counts calls of this method to fail."""
+        if self.failing[method] <= 0:
+            return None
+        self.failing[method] -= 1
+        return 500, {"error": "INTERNAL_SERVER_ERROR", "error_description": "try again"}
 
     async def _held(self, method: str) -> bool:
         """Wait while the method is held; False if the hold was taken away before it was

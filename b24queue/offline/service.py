@@ -1,7 +1,9 @@
 """`b24queue offline`: every enabled portal's offline queue pulled into the exchange.
 
-One task per portal (from the portal store, re-read every `REFRESH_S`): redo what a crash left
-reserved, then pull while batches come full, then wait for a wake-up or the poll interval. A
+One task per portal (from the portal store, re-read every `REFRESH_S`): bind
+B24QUEUE_OFFLINE_EVENTS when due (at the start, every `REBIND_S`, a failure again sooner), redo
+what a crash left reserved, then pull while batches come full, then wait for a wake-up or the
+poll interval. A
 wake-up is an ONOFFLINEEVENT the portal sent to the ingress: the ingress publishes it like any
 event, and this process consumes it from a small queue of its own (B24QUEUE_OFFLINE_WAKE_QUEUE)
 on whichever transport, so several pullers share the pings. Every call goes through the portal
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -44,8 +47,26 @@ BROKER_MAX_WAIT_S = 30.0  # ...up to this (each retry gets and publishes the who
 FAIL_WAIT_S = 5.0  # any other failed pull or recovery: try again after this long, then twice...
 FAIL_MAX_WAIT_S = 300.0  # ...up to this, or the poll interval if shorter
 MAX_PULLS_IN_A_ROW = 100  # full batches before the loop waits (a portal answering full forever)
+# B24QUEUE_OFFLINE_EVENTS: bound when a portal's loop starts, and again this often (Bitrix24 drops
+# an app's bindings when the app is updated or reinstalled; binding again is harmless)...
+REBIND_S = 3600.0
+BIND_RETRY_S = 60.0  # ...and a binding that failed tried again after this, then twice that...
 
 PortalFor = Callable[[Event], Caller]
+
+
+class _Bindings:
+    """When a portal's B24QUEUE_OFFLINE_EVENTS are to be bound next (never: math.inf)."""
+
+    def __init__(self, due_at: float) -> None:
+        self.due_at = due_at
+        self._retry_s = BIND_RETRY_S
+
+    def settled(self, ok: bool, now: float) -> None:
+        if ok:
+            self.due_at, self._retry_s = now + REBIND_S, BIND_RETRY_S
+        else:  # ...up to REBIND_S
+            self.due_at, self._retry_s = now + self._retry_s, min(2 * self._retry_s, REBIND_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +186,12 @@ class OfflineService:
             token_digest(record.token),
         )
         puller = Puller(portal, self._sink, self._state, target, self.metrics)
-        if self._s.offline_events:
-            await self._bind(record, portal)
         loop = asyncio.get_running_loop()
         recover_at = loop.time()
+        bindings = _Bindings(recover_at if self._s.offline_events else math.inf)
         while not self._stop.is_set():
+            if loop.time() >= bindings.due_at:
+                bindings.settled(await self._bind(record, portal), loop.time())
             self._wakes.pulling(record.member_id)
             if loop.time() >= recover_at:
                 left = await self._step(record, puller, puller.recover)
@@ -192,12 +214,13 @@ class OfflineService:
             if backoff:  # waited whole: a recovery due meanwhile waits for its end too
                 recover_at = max(recover_at, loop.time() + wait_s)
             else:
-                wait_s = max(0.0, min(wait_s, recover_at - loop.time()))
+                due_at = min(recover_at, bindings.due_at)
+                wait_s = max(0.0, min(wait_s, due_at - loop.time()))
             await self._wakes.wait(record.member_id, wait_s, backoff=backoff)
 
-    async def _bind(self, record: PortalRecord, portal: Caller) -> None:
-        """B24QUEUE_OFFLINE_EVENTS bound once per portal and process start (binding again is
-        harmless: the portal answers that it has the handler already)."""
+    async def _bind(self, record: PortalRecord, portal: Caller) -> bool:
+        """B24QUEUE_OFFLINE_EVENTS (and the ping) bound on this portal; True if every one is.
+        Said at INFO when one was missing (bound now) or failed; DEBUG when all were there."""
         try:
             done = await bind_events(
                 portal,
@@ -207,12 +230,16 @@ class OfflineService:
             )
         except B24QueueError as exc:
             log.warning("portal %s: binding offline events failed: %s", record.domain, exc)
-            return
-        log.info(
+            return False
+        ok = all(b.outcome in ("bound", "already bound") for b in done)
+        quiet = ok and all(b.outcome == "already bound" for b in done)
+        log.log(
+            logging.DEBUG if quiet else logging.INFO if ok else logging.WARNING,
             "portal %s: offline bindings: %s",
             record.domain,
             ", ".join(f"{b.event} {b.outcome}" for b in done),
         )
+        return ok
 
     async def _step(
         self, record: PortalRecord, puller: Puller, action: Callable[[], Awaitable[int]]

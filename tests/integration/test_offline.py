@@ -249,6 +249,34 @@ async def test_configured_events_are_bound_at_start(
     assert bodies([message])[0]["data"]["FIELDS"]["ID"] == "3"
 
 
+async def test_a_failed_binding_is_tried_again_and_dropped_ones_are_bound_again(
+    broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A binding that failed at start (the portal answered 500) must not leave the portal
+    unbound until the puller restarts; nor must an app update, which drops every binding."""
+    monkeypatch.setattr(service, "BIND_RETRY_S", 0.3)
+    monkeypatch.setattr(service, "REBIND_S", 1.5)
+    await installed(store_of(tmp_path), fake_portal.rest, offline, MEMBER)
+    offline.queue(HOST).bindings.clear()
+    offline.failing["event.bind"] = 3  # three attempts fail (one call each), the fourth binds
+    settings = offline_settings(
+        broker, store_of(tmp_path), portal_certificate[0], offline_events="ONCRMDEALADD"
+    )
+    seen = await broker.bind_queue("seen", "ONCRMDEALADD")
+    expected = {"b24queue": {"ONCRMDEALADD"}}
+    async with puller(settings):
+        await wait_until(lambda: offline.queue(HOST).bindings == expected, 20, "bound at last")
+        assert offline.failing["event.bind"] == 0
+        binds = sum(m == "event.bind" for _, m, _ in offline.calls)
+        assert binds >= 3
+        offline.queue(HOST).bindings.clear()  # the app updated: the portal dropped them
+        await wait_until(lambda: offline.queue(HOST).bindings == expected, 20, "bound again")
+        await offline.change(HOST, "ONCRMDEALADD", 4)
+        (message,) = await broker.take(seen, 1)
+    assert bodies([message])[0]["data"]["FIELDS"]["ID"] == "4"
+
+
 async def test_tenants_never_mix_and_an_uninstalled_portal_is_left(
     broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
