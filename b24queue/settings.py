@@ -175,8 +175,9 @@ class Settings(BaseSettings):
     offline_poll_s: float = Field(default=60.0, gt=0, le=86_400)
     offline_wake_queue: str = Field(default="b24queue.offline-wake", pattern=_NAME_PATTERN)
     offline_metrics_port: int = Field(default=0, ge=0, le=65535)
-    # Events each puller binds (event_type=offline) on every portal it pulls, at its start; and
-    # the ingress URL ONOFFLINEEVENT is bound to. Empty: bind with `portals bind-offline`.
+    # Events each puller binds (event_type=offline) on every portal it pulls, when it starts
+    # pulling it and every hour after; and the ingress URL ONOFFLINEEVENT is bound to. Empty:
+    # bind with `portals bind-offline`.
     offline_events: Annotated[tuple[str, ...], NoDecode] = ()
     offline_ping_url: str = Field(default="", pattern=r"^(https://\S{1,2000})?$")
     # A puller's hold on the batch it publishes, renewed while it works on it: others' recovery
