@@ -140,8 +140,19 @@ async def _remember(store: SeenStore, key: str) -> None:
         log.warning("idempotency store unavailable (%r): %s not remembered", exc, key)
 
 
+class _NoHeaders(dict[str, Any]):
+    """The headers of the ack outcomes made once (an ack carries none): shared by every
+    delivery, so never to be changed."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the headers of a shared ack outcome are not to be changed")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+
 # The outcome of a handler that returned, on its first few attempts (the common case): made once.
-_ACKED = tuple(Outcome("ack", attempt) for attempt in range(8))
+_ACKED = tuple(Outcome("ack", attempt, headers=_NoHeaders()) for attempt in range(8))
 
 Observer = Callable[[str, str, str, float], None]  # queue, event, outcome, seconds
 

@@ -63,6 +63,21 @@ async def test_returning_acks() -> None:
     assert outcome.acked and outcome.attempt == 1
 
 
+async def test_the_shared_ack_outcome_cannot_be_changed_through_its_headers() -> None:
+    """Acks on a first attempt share one outcome: a change to its headers would reach them all."""
+    first = await run_handler(Flaky(0), make_event("ONX"))
+    second = await run_handler(Flaky(0), make_event("ONY"))
+    assert first is second and first.headers == {}
+    for change in (
+        lambda h: h.__setitem__("x", 1),
+        lambda h: h.update(x=1),
+        lambda h: h.setdefault("x", 1),
+    ):
+        with pytest.raises(TypeError):
+            change(first.headers)
+    assert second.headers == {}
+
+
 async def test_fails_twice_then_succeeds_with_the_configured_delays() -> None:
     consumer = Flaky(2)
     outcomes = await run_until_settled(consumer, make_event("ONCRMDEALADD"))
