@@ -48,6 +48,18 @@ def usable(channel: aiormq.Channel) -> bool:
     )
 
 
+# aiormq.Connection's private Event: cleared by a Connection.Blocked, set by a Connection.Unblocked
+_UNBLOCKED = "_Connection__connection_unblocked"
+
+
+def blocked(connection: object) -> bool:
+    """RabbitMQ blocked this connection (a memory or disk alarm): it reads nothing more from it
+    until the alarm ends, so a publish written now would only wait in our buffers for its
+    timeout, and go out (a duplicate of what was spooled meanwhile) once the alarm ends."""
+    unblocked = getattr(connection, _UNBLOCKED, None) if SUPPORTED else None
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+
+
 def closing(channel: aiormq.Channel) -> bool:
     """The channel is closed or closing: a frame enqueued now could reach the broker behind the
     channel's Close, on a channel it no longer has, which closes the whole connection."""

@@ -211,12 +211,19 @@ class AmqpPublisher:
             and conn.connected.is_set()
             and channel is not None
             and not channel.is_closed
+            and not self._blocked()
         )
+
+    def _blocked(self) -> bool:
+        underlay = getattr(self._connection, "transport", None)
+        return underlay is not None and fast_publish.blocked(underlay.connection)
 
     async def publish(self, envelope: Envelope) -> None:
         channel = self._channel
         if channel is None:
             raise BrokerUnavailableError("not connected to RabbitMQ yet")
+        if self._blocked():
+            raise BrokerUnavailableError("RabbitMQ blocked publishing (a memory or disk alarm)")
         check_size(envelope)
         timeout_s = self._settings.publish_timeout_s
         try:
