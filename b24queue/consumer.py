@@ -146,5 +146,5 @@ class EventConsumer:
         if not isinstance(cls.max_deliveries, int) or cls.max_deliveries < 1:
             raise cls._bad("max_deliveries", f"must be an int >= 1, got {cls.max_deliveries!r}")
         timeout = cls.handle_timeout_s
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        if timeout is not None and (not isinstance(timeout, int | float) or not timeout > 0):
             raise cls._bad("handle_timeout_s", f"must be positive seconds or None, got {timeout!r}")

@@ -20,15 +20,17 @@ T = TypeVar("T")
 
 # Slot lengths: powers of two from 1/1024 s to 1 s, a sixteenth of the timeout or shorter.
 _MIN_SLOT_EXP, _MAX_SLOT_EXP = -10, 0
+_NEVER_S = 1e12  # a timeout this long (some 30,000 years) is none
 
 
 class _Call:
-    """One `within` call waiting in a slot."""
+    """One `within` call waiting in a slot. Its task only weakly: a slot outlives a loop closed
+    with the call still waiting, and must not keep that loop alive through it."""
 
     __slots__ = ("expired", "task")
 
     def __init__(self, task: asyncio.Task[object]) -> None:
-        self.task = task
+        self.task = weakref.ref(task)
         self.expired = False
 
 
@@ -51,8 +53,10 @@ class _Slots:
 
     def _expire(self, key: tuple[float, int]) -> None:
         for call in self._slots.pop(key, ()):
-            call.expired = True
-            call.task.cancel()
+            task = call.task()
+            if task is not None:
+                call.expired = True
+                task.cancel()
 
 
 _SLOT_LENGTHS: dict[float, float] = {}
@@ -76,6 +80,8 @@ async def within(timeout_s: float, awaitable: Awaitable[T]) -> T:
     TimeoutError only for the timeout's own cancellation (one from outside stays a
     CancelledError), and the task's cancel count as it was when the awaitable gives in to the
     timeout, or swallows it."""
+    if not timeout_s < _NEVER_S:  # math.inf (or nan): no deadline, as asyncio.timeout(inf)
+        return await awaitable
     task = asyncio.current_task()
     assert task is not None, "within() runs in a task"
     loop = task.get_loop()

@@ -228,8 +228,9 @@ class OfflineService:
                 self._s.offline_auth_connector,
                 self._s.offline_ping_url or None,
             )
-        except B24QueueError as exc:
-            log.warning("portal %s: binding offline events failed: %s", record.domain, exc)
+        except Exception as exc:  # tried again later; the pulls go on meanwhile
+            reason = exc if isinstance(exc, B24QueueError) else repr(exc)
+            log.warning("portal %s: binding offline events failed: %s", record.domain, reason)
             return False
         ok = all(b.outcome in ("bound", "already bound") for b in done)
         quiet = ok and all(b.outcome == "already bound" for b in done)

@@ -40,6 +40,7 @@ def test_a_good_consumer_passes() -> None:
         ({"retry_delays_s": ()}, "MyConsumer.retry_delays_s must be a non-empty tuple"),
         ({"retry_delays_s": (1, -1)}, "MyConsumer.retry_delays_s has -1"),
         ({"handle_timeout_s": 0}, "MyConsumer.handle_timeout_s must be positive"),
+        ({"handle_timeout_s": float("nan")}, "MyConsumer.handle_timeout_s must be positive"),
     ],
 )
 def test_misconfiguration_names_class_and_attribute(attrs: dict[str, Any], words: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import weakref
 from typing import Any
 
@@ -127,5 +128,21 @@ def test_a_closed_loop_is_not_kept_alive() -> None:
     loop.close()
     gone = weakref.ref(loop)
     del loop
+    gc.collect()
+    assert gone() is None
+
+
+async def test_an_infinite_timeout_is_none() -> None:
+    assert await within(math.inf, asyncio.sleep(0, "done")) == "done"
+
+
+def test_a_loop_closed_with_a_call_still_waiting_is_not_kept_alive() -> None:
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(within(60.0, forever()))
+    loop.run_until_complete(asyncio.sleep(0.01))  # the call waits in its slot
+    assert not task.done()
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop, task
     gc.collect()
     assert gone() is None

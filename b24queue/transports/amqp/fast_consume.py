@@ -97,11 +97,12 @@ async def _deliver(
     try:
         callback(message)
     except Exception:  # never into the channel's reader: that would end the channel
-        log.exception(
-            "delivery %s of %s not started; unacked, it comes again when this channel closes",
-            frame.delivery_tag,
-            tag,
-        )
+        # Handed back to the queue (a quorum queue's delivery limit ends a loop of it), rather
+        # than held unacked, a prefetch slot gone, until the channel closes.
+        log.exception("delivery %s of %s not started; handed back", frame.delivery_tag, tag)
+        if frame.delivery_tag is not None:
+            nack = channel.create_task(channel.basic_nack(frame.delivery_tag, requeue=True))
+            nack.add_done_callback(channel._on_consumer_done)
 
 
 class Acks:

@@ -281,5 +281,9 @@ class AmqpPublisher:
             reraise=True,
         ):
             with attempt:
+                if self._blocked():  # blocked meanwhile: not written where it is not read
+                    raise BrokerUnavailableError(
+                        "RabbitMQ blocked publishing (a memory or disk alarm)"
+                    )
                 # The current channel: a nack may have moved publishing to a new one.
                 await self._publish_once(self._channel or channel, envelope)
