@@ -3,11 +3,10 @@
 One task per portal (from the portal store, re-read every `REFRESH_S`): bind
 B24QUEUE_OFFLINE_EVENTS when due (at the start, every `REBIND_S`, a failure again sooner), redo
 what a crash left reserved, then pull while batches come full, then wait for a wake-up or the
-poll interval. A
-wake-up is an ONOFFLINEEVENT the portal sent to the ingress: the ingress publishes it like any
-event, and this process consumes it from a small queue of its own (B24QUEUE_OFFLINE_WAKE_QUEUE)
-on whichever transport, so several pullers share the pings. Every call goes through the portal
-client, within the portal's shared rate limit.
+poll interval. A wake-up is an ONOFFLINEEVENT the portal sent to the ingress: the ingress
+publishes it like any event, and this process consumes it from a small queue of its own
+(B24QUEUE_OFFLINE_WAKE_QUEUE) on whichever transport, so several pullers share the pings. Every
+call goes through the portal client, within the portal's shared rate limit.
 
 Stop (SIGTERM): no new pull starts; a batch being published is finished and cleared, up to
 `shutdown_timeout_s`; what is cancelled after that stays reserved and is redone at the next start.
