@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from b24queue import _constants as c
+from b24queue import broker_urls
 from b24queue.errors import ConfigError
 
 ENV_PREFIX = "B24QUEUE_"
@@ -207,32 +208,7 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _check_broker_url(cls, value: str) -> str:
-        if not value:
-            return value
-        scheme = value.split(":", 1)[0].lower()
-        if scheme in ("amqp", "amqps"):
-            return ",".join(u.strip() for u in value.split(",") if u.strip())
-        if scheme == "sqlite" and value.removeprefix("sqlite:").removeprefix("//"):
-            return value
-        if scheme in ("redis", "rediss"):
-            if not value.split(":", 1)[1].startswith("//"):
-                raise ValueError("must look like redis://[:password@]host:6379/0")
-            return value
-        if scheme == "kafka":
-            hosts = value.split("://", 1)[1] if "://" in value else ""
-            if not all(h.strip() for h in hosts.rstrip("/").split(",")):
-                raise ValueError("must look like kafka://host:9092[,host:9092...]")
-            return value
-        if scheme in ("postgres", "postgresql"):
-            if not value.split(":", 1)[1].startswith("//"):
-                raise ValueError("must look like postgresql://user:password@host:5432/database")
-            return value
-        raise ValueError(
-            f"unknown transport {scheme!r}: use amqp://user:password@host:5672/vhost "
-            "(RabbitMQ), postgresql://user:password@host:5432/database (PostgreSQL), "
-            "redis://host:6379/0 (Redis Streams), kafka://host:9092 (Kafka) or "
-            "sqlite:///path/to/queue.sqlite3 (one host, no server)"
-        )
+        return broker_urls.check_broker_url(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -253,46 +229,22 @@ class Settings(BaseSettings):
     @property
     def transport(self) -> str:
         """`amqp`, `sqlite`, `postgres`, `redis` or `kafka`, from the broker URL's scheme."""
-        scheme = self.broker_url.split(":", 1)[0].lower()
-        if scheme in ("sqlite", "kafka"):
-            return scheme
-        if scheme in ("redis", "rediss"):
-            return "redis"
-        return "postgres" if scheme in ("postgres", "postgresql") else "amqp"
+        return broker_urls.transport_of(self.broker_url)
 
     @property
     def kafka_bootstrap(self) -> list[str]:
         """The brokers of a kafka:// URL, `host:port` each (9092 when the port is left out)."""
-        hosts = self.broker_url.split("://", 1)[1].rstrip("/").split(",")
-        return [h.strip() if ":" in h.strip() else f"{h.strip()}:9092" for h in hosts]
+        return broker_urls.kafka_bootstrap(self.broker_url)
 
     @property
     def sqlite_path(self) -> str:
         """The database file of a sqlite: URL (`sqlite:///abs/path` or `sqlite:rel/path`)."""
-        rest = self.broker_url.split(":", 1)[1]
-        return rest[2:] if rest.startswith("//") else rest
+        return broker_urls.sqlite_path(self.broker_url)
 
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: str) -> str:
-        """One URL, or several (the nodes of one cluster), comma-separated: the same user,
-        password and vhost on each."""
-        urls = [u.strip() for u in value.split(",") if u.strip()]
-        for url in urls or [""]:
-            parts = urlsplit(url)
-            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-                raise ValueError(
-                    "must look like amqp://user:password@host:5672/vhost (several nodes of one "
-                    "cluster: comma-separated)"
-                )
-
-        def who(url: str) -> tuple[str | None, str | None, str]:
-            parts = urlsplit(url)
-            return parts.username, parts.password, unquote(parts.path.removeprefix("/")) or "/"
-
-        if len({who(u) for u in urls}) > 1:
-            raise ValueError("the nodes of one cluster must share the user, password and vhost")
-        return ",".join(urls)
+        return broker_urls.check_amqp_urls(value)
 
     @field_validator("management_url")
     @classmethod
@@ -372,18 +324,12 @@ class Settings(BaseSettings):
         return unquote(parts.username or "") or "guest", unquote(parts.password or "") or "guest"
 
     def redacted_postgres_url(self) -> str:
-        """The PostgreSQL URL for a log line: user, hosts and database, never the password (nor
-        the query string, where a password may be too). Several hosts are allowed."""
-        rest = self.broker_url.split("://", 1)[1].split("?", 1)[0]
-        userinfo, _, where = rest.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        return f"postgresql://{user + '@' if user else ''}{where}"
+        """The PostgreSQL URL for a log line, never the password."""
+        return broker_urls.redacted_postgres(self.broker_url)
 
     def redacted_redis_url(self) -> str:
-        """The Redis URL for a log line: host, port and database, never the password."""
-        scheme, rest = self.broker_url.split("://", 1)
-        where = rest.split("?", 1)[0].rpartition("@")[2]
-        return f"{scheme}://{where}"
+        """The Redis URL for a log line, never the password."""
+        return broker_urls.redacted_redis(self.broker_url)
 
     def redacted_broker_url(self) -> str:
         """The queue's URL for a log line, whichever transport, never a password."""
@@ -398,15 +344,7 @@ class Settings(BaseSettings):
         return self.redacted_amqp_url()
 
     def redacted_amqp_url(self) -> str:
-        return ",".join(_redacted_amqp(url) for url in self.amqp_urls)
-
-
-def _redacted_amqp(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-    return f"{parts.scheme}://{parts.username or 'guest'}:***@{host}:{port}{parts.path or '/'}"
+        return broker_urls.redacted_amqp(self.amqp_urls)
 
 
 def load_settings(**overrides: Any) -> Settings:
