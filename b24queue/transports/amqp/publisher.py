@@ -222,8 +222,6 @@ class AmqpPublisher:
         channel = self._channel
         if channel is None:
             raise BrokerUnavailableError("not connected to RabbitMQ yet")
-        if self._blocked():
-            raise BrokerUnavailableError("RabbitMQ blocked publishing (a memory or disk alarm)")
         check_size(envelope)
         timeout_s = self._settings.publish_timeout_s
         try:
@@ -254,7 +252,10 @@ class AmqpPublisher:
 
     async def _publish_once(self, channel: AbstractChannel, envelope: Envelope) -> None:
         # Straight on the channel aio-pika keeps open (and reopens after a reconnect): the
-        # same confirm, mandatory flag and returned/nack errors as `Exchange.publish`.
+        # same confirm, mandatory flag and returned/nack errors as `Exchange.publish`. Never on
+        # a connection RabbitMQ blocked: it would not read it (first attempt or retry alike).
+        if self._blocked():
+            raise BrokerUnavailableError("RabbitMQ blocked publishing (a memory or disk alarm)")
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         if fast_publish.usable(underlay):
             try:
@@ -281,9 +282,5 @@ class AmqpPublisher:
             reraise=True,
         ):
             with attempt:
-                if self._blocked():  # blocked meanwhile: not written where it is not read
-                    raise BrokerUnavailableError(
-                        "RabbitMQ blocked publishing (a memory or disk alarm)"
-                    )
                 # The current channel: a nack may have moved publishing to a new one.
                 await self._publish_once(self._channel or channel, envelope)
