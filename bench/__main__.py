@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,22 +253,33 @@ def consume(
     return result
 
 
-async def broker_ceiling(exchange: str, count: int, window: int) -> dict[str, Any]:
-    """Raw confirmed persistent publishes from one channel, `window` in flight."""
+async def raw_publisher(
+    exchange: str,
+) -> tuple[aio_pika.abc.AbstractRobustConnection, Callable[[int], Awaitable[Any]]]:
+    """A connection, and a confirmed persistent publish of event `i` on one channel of it: what
+    the broker's own figures are measured with (no HTTP, no b24queue)."""
     connection = await aio_pika.connect_robust(AMQP_URL)
     channel = await connection.channel()
     target = await channel.get_exchange(exchange)
     body = json.dumps({"event": "ONCRMDEALUPDATE", "data": {"FIELDS": {"ID": "1"}}}).encode()
+
+    def publish(i: int) -> Awaitable[Any]:
+        message = aio_pika.Message(
+            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(i)
+        )
+        return target.publish(message, routing_key="ONCRMDEALUPDATE")
+
+    return connection, publish
+
+
+async def broker_ceiling(exchange: str, count: int, window: int) -> dict[str, Any]:
+    """Raw confirmed persistent publishes from one channel, `window` in flight."""
+    connection, publish = await raw_publisher(exchange)
     semaphore = asyncio.Semaphore(window)
 
     async def one(i: int) -> None:
         async with semaphore:
-            await target.publish(
-                aio_pika.Message(
-                    body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(i)
-                ),
-                routing_key="ONCRMDEALUPDATE",
-            )
+            await publish(i)
 
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(count)))
@@ -287,17 +298,11 @@ async def broker_paced(exchange: str, rate: float, count: int) -> dict[str, Any]
     generator): the broker's own latency at that rate, from when each was due to its confirm."""
     from bench.load import percentile
 
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    channel = await connection.channel()
-    target = await channel.get_exchange(exchange)
-    body = json.dumps({"event": "ONCRMDEALUPDATE", "data": {"FIELDS": {"ID": "1"}}}).encode()
+    connection, publish = await raw_publisher(exchange)
     latencies: list[float] = []
 
     async def one(i: int, due: float) -> None:
-        message = aio_pika.Message(
-            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(i)
-        )
-        await target.publish(message, routing_key="ONCRMDEALUPDATE")
+        await publish(i)
         latencies.append(time.perf_counter() - due)
 
     await asyncio.gather(*(one(i, time.perf_counter()) for i in range(200)))  # warm up
@@ -623,7 +628,7 @@ def main() -> None:
         half_rates(
             paced,
             lambda name, rate: serve(name, *servers[name], rate=rate),
-            lambda rate: paced_broker_round(rate),
+            paced_broker_round,
             args,
             results,
             deadline=started + args.budget_s * 0.57,
