@@ -91,9 +91,16 @@ async def start(
     return proc
 
 
-async def stop(proc: asyncio.subprocess.Process) -> int:
+async def stop(proc: asyncio.subprocess.Process, log: Path | None = None) -> int:
+    """SIGTERM, and its exit code within 30 s; past that an AssertionError with the end of its
+    `log` (what it was doing), and the process killed."""
     proc.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(proc.wait(), 30)
+    try:
+        return await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        proc.kill()
+        tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+        raise AssertionError(f"{proc.pid} did not stop within 30 s of SIGTERM:\n{tail}") from None
 
 
 def lines(record: Path, kind: str) -> list[str]:

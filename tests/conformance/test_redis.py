@@ -112,7 +112,10 @@ async def test_killed_worker_connections_lose_nothing(queue: Settings, tmp_path:
     env = env_for(queue, record, B24QT_SLEEP_S="0.02", B24QT_PREFETCH="8")
     code, out = await cli(queue, "topology", "tests.integration.consumers:Recorder")
     assert code == 0, out
-    worker = await start("worker", "tests.integration.consumers:Recorder", env=env)
+    logs = {"worker": tmp_path / "worker.log", "ingress": tmp_path / "ingress.log"}
+    worker = await start(
+        "worker", "tests.integration.consumers:Recorder", env=env, log=logs["worker"]
+    )
     port = free_port()
     ingress = await ingress_up(queue, tmp_path, port)
     url = f"http://127.0.0.1:{port}/b24/events"
@@ -131,8 +134,8 @@ async def test_killed_worker_connections_lose_nothing(queue: Settings, tmp_path:
         await wait_until(lambda: ids <= set(lines(record, "done")), 60, "every event handled")
     finally:
         await admin.aclose()
-    for proc in (worker, ingress):
-        assert await stop(proc) == 0
+    for proc, log in ((worker, logs["worker"]), (ingress, logs["ingress"])):
+        assert await stop(proc, log) == 0
 
 
 async def test_what_the_persistence_check_refuses_and_what_the_opt_out_allows() -> None:
