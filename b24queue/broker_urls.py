@@ -1,6 +1,6 @@
-"""B24QUEUE_BROKER_URL and B24QUEUE_AMQP_URL: which transport a URL names, the parts each
-transport reads from it, and its form for a log line (never a password). Pure functions of the
-text; `Settings` checks and exposes them."""
+"""B24QUEUE_BROKER_URL and B24QUEUE_AMQP_URL: which transport a URL names and the parts each
+transport reads from it (its form for output: b24queue.redaction.redact_url). Pure functions of
+the text; `Settings` checks and exposes them."""
 
 from __future__ import annotations
 
@@ -28,15 +28,24 @@ def check_broker_url(value: str) -> str:
             raise ValueError("must look like redis://[:password@]host:6379/0")
         return value
     if scheme == "kafka":
-        hosts = value.split("://", 1)[1] if "://" in value else ""
-        if not all(h.strip() for h in hosts.rstrip("/").split(",")):
-            raise ValueError("must look like kafka://host:9092[,host:9092...]")
-        return value
+        return _check_kafka_url(value)
     if scheme in ("postgres", "postgresql"):
         if not value.split(":", 1)[1].startswith("//"):
             raise ValueError("must look like postgresql://user:password@host:5432/database")
         return value
     raise ValueError(f"unknown transport {scheme!r}: use {_SHAPES}")
+
+
+def _check_kafka_url(value: str) -> str:
+    hosts = value.split("://", 1)[1] if "://" in value else ""
+    if not all(h.strip() for h in hosts.rstrip("/").split(",")):
+        raise ValueError("must look like kafka://host:9092[,host:9092...]")
+    if "@" in hosts:
+        raise ValueError(
+            "must look like kafka://host:9092[,host:9092...]: b24queue connects to Kafka "
+            "without SASL, so a user or password in the URL cannot be used"
+        )
+    return value
 
 
 def check_amqp_urls(value: str) -> str:
@@ -80,32 +89,3 @@ def sqlite_path(url: str) -> str:
     """The database file of a sqlite: URL (`sqlite:///abs/path` or `sqlite:rel/path`)."""
     rest = url.split(":", 1)[1]
     return rest[2:] if rest.startswith("//") else rest
-
-
-def redacted_postgres(url: str) -> str:
-    """User, hosts and database, never the password (nor the query string, where a password may
-    be too). Several hosts are allowed."""
-    rest = url.split("://", 1)[1].split("?", 1)[0]
-    userinfo, _, where = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"postgresql://{user + '@' if user else ''}{where}"
-
-
-def redacted_redis(url: str) -> str:
-    """Host, port and database, never the password."""
-    scheme, rest = url.split("://", 1)
-    where = rest.split("?", 1)[0].rpartition("@")[2]
-    return f"{scheme}://{where}"
-
-
-def redacted_amqp(urls: list[str]) -> str:
-    """Each node's user, host, port and vhost; never the password."""
-    return ",".join(_redacted_amqp(url) for url in urls)
-
-
-def _redacted_amqp(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-    return f"{parts.scheme}://{parts.username or 'guest'}:***@{host}:{port}{parts.path or '/'}"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from b24queue import commands, logs, sender
+from b24queue import commands, logs, redaction, sender
 from b24queue.commands import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from b24queue.errors import (
     B24QueueError,
@@ -150,10 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, help="serve /metrics here (B24QUEUE_OFFLINE_METRICS_PORT)"
     )
 
-    p = sub.add_parser("send", help="post an event to an ingress as Bitrix24 would")
+    p = sub.add_parser(
+        "send",
+        help="post an event to an ingress as Bitrix24 would",
+        description="Post an event to an ingress as Bitrix24 would. The application token it "
+        "sends: --token-file, else B24QUEUE_SEND_TOKEN, else the first of B24QUEUE_APP_TOKENS "
+        "(--token works too, but other users of the host see it in the process list).",
+    )
     p.add_argument("event", nargs="?", help="event name, e.g. ONCRMDEALADD")
     p.add_argument("--url", default=sender.DEFAULT_URL, help=f"default {sender.DEFAULT_URL}")
-    p.add_argument("--token", help="application token (default: first of B24QUEUE_APP_TOKENS)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="read the application token from this file (default: B24QUEUE_SEND_TOKEN, else "
+        "the first of B24QUEUE_APP_TOKENS)",
+    )
+    token.add_argument(
+        "--token",
+        help="the application token itself: visible to other users in the process list, "
+        "prefer B24QUEUE_SEND_TOKEN or --token-file",
+    )
     p.add_argument(
         "--field",
         action="append",
@@ -194,8 +212,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(**_flag_overrides(args))
     except ConfigError as exc:
-        print(f"b24queue: {exc}", file=sys.stderr)
+        print(f"b24queue: {redaction.redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    redaction.remember(settings.secrets())  # before any line is logged or any error kept
     logs.configure(settings.log_level, settings.log_format)
     handlers: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
         "ingress": commands.cmd_ingress,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import importlib
 import json
 import logging
@@ -23,7 +24,9 @@ from b24queue.errors import ConfigError
 from b24queue.events import FORM_TYPE, JSON_TYPE
 from b24queue.ingress import prefork, spool_ops
 from b24queue.layout import spec_for
+from b24queue.redaction import redact, redact_url, url_secrets
 from b24queue.settings import Settings
+from b24queue.terminal import safe
 from b24queue.transports import transport_for
 from b24queue.transports.amqp import bindings
 
@@ -106,11 +109,11 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"exchange {settings.exchange} (topic, alternate exchange {settings.unrouted})")
     print(f"exchange {settings.unrouted} (fanout) -> queue {settings.unrouted}")
-    width = max(len(s.name) for s in states)
+    width = max(len(safe(s.name)) for s in states)
     print(f"{'QUEUE':<{width}}  {'READY':>7}  {'CONSUMERS':>9}  ARGUMENTS")
     for s in states:
-        arguments = " ".join(f"{k}={v}" for k, v in s.arguments.items())
-        print(f"{s.name:<{width}}  {s.messages:>7}  {s.consumers:>9}  {arguments}")
+        arguments = safe(" ".join(f"{k}={v}" for k, v in s.arguments.items()))
+        print(f"{safe(s.name):<{width}}  {s.messages:>7}  {s.consumers:>9}  {arguments}")
     return EXIT_OK
 
 
@@ -134,7 +137,8 @@ def _topology_dry_run(
     for c in changes:
         state = "would be created" if c.current is None else "exists"
         print(f"queue {c.queue} ({state}) on {settings.exchange}:")
-        lines = [f"  + bind {k}" for k in c.to_add] + [f"  - unbind {k}" for k in c.to_remove]
+        lines = [f"  + bind {safe(k)}" for k in c.to_add]
+        lines += [f"  - unbind {safe(k)}" for k in c.to_remove]
         print("\n".join(lines) if lines else "  bindings up to date")
     return EXIT_OK
 
@@ -217,11 +221,13 @@ def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
         if not found:
             print(f"no spool files at {settings.spool_path} (nothing was spooled on this host)")
         for f in found:
-            print(f"{f.path}: {f.waiting} waiting for RabbitMQ, {f.quarantined} quarantined")
+            print(f"{safe(f.path)}: {f.waiting} waiting for RabbitMQ, {f.quarantined} quarantined")
         for q in held:
             print(
-                f"  {q.message_id}  {q.event}  {q.size_bytes} bytes  spooled {q.spooled_at}  "
-                f"set aside {q.quarantined_at}: {q.reason}"
+                safe(
+                    f"  {q.message_id}  {q.event}  {q.size_bytes} bytes  spooled {q.spooled_at}  "
+                    f"set aside {q.quarantined_at}: {q.reason}"
+                )
             )
         return EXIT_OK
     if args.spool_command == "drop":
@@ -234,7 +240,7 @@ def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
     result = asyncio.run(spool_ops.replay(settings, set(args.ids) if args.ids else None))
     print(f"replayed {result.replayed} quarantined event(s)")
     for message_id, why in result.refused:
-        print(f"  still refused {message_id}: {why}")
+        print(f"  still refused {safe(message_id)}: {safe(why)}")
     return EXIT_FAILURE if result.refused else EXIT_OK
 
 
@@ -279,8 +285,10 @@ async def _portals(settings: Settings, args: argparse.Namespace) -> int:
                 for row in rows:
                     calls = "refreshable" if row["refreshable"] else "no refresh token"
                     print(
-                        f"{row['member_id']}  {row['domain']}  installed {row['installed_at']}"
-                        f"  ({calls})"
+                        safe(
+                            f"{row['member_id']}  {row['domain']}  installed "
+                            f"{row['installed_at']}  ({calls})"
+                        )
                     )
             return EXIT_OK
         if await store.forget(args.member_id):
@@ -299,13 +307,13 @@ def _confirm(question: str) -> bool:
 
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    token = _send_token(settings, args)
     if args.body_file is not None:
         body = args.body_file.read_bytes()
         content_type = JSON_TYPE if args.json else FORM_TYPE
     else:
         if not args.event:
             raise ConfigError("send: give an EVENT name or --body-file")
-        token = args.token or (settings.app_tokens[0] if settings.app_tokens else "")
         payload = sender.sample_payload(args.event, token, args.field)
         if args.json:
             body, content_type = json.dumps(payload).encode(), JSON_TYPE
@@ -313,11 +321,34 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
             body, content_type = sender.form_body(payload), FORM_TYPE
     try:
         status, text = sender.post(args.url, body, content_type)
-    except (OSError, ValueError) as exc:
-        log.error("cannot post to %s: %s", args.url, exc)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        # The URL's password hidden, in the URL and wherever the error quotes a part of it.
+        why = redact(str(exc), url_secrets(args.url))
+        log.error("cannot post to %s: %s", redact_url(args.url), why)
         return EXIT_FAILURE
-    print(f"{status} {text}")
+    print(safe(f"{status} {redact(text, (token,))}"))
     return EXIT_OK if status == 200 else EXIT_FAILURE
+
+
+def _send_token(settings: Settings, args: argparse.Namespace) -> str:
+    """--token, --token-file, B24QUEUE_SEND_TOKEN, or the first of B24QUEUE_APP_TOKENS."""
+    if args.token is not None:
+        log.warning(
+            "--token is visible to other users of this host (ps, /proc/<pid>/cmdline): "
+            "prefer B24QUEUE_SEND_TOKEN or --token-file"
+        )
+        return str(args.token)
+    if args.token_file is not None:
+        where = f"send --token-file {args.token_file}"
+        try:
+            token: str = args.token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read it ({exc})") from None
+        if not token:
+            raise ConfigError(f"{where}: the file is empty")
+        return token
+    from_settings: str = settings.send_token.get_secret_value()
+    return from_settings or next(iter(settings.app_tokens), "")
 
 
 def load_consumer(spec: str) -> type[EventConsumer]:

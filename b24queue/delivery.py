@@ -25,6 +25,7 @@ from b24queue.consumer import EventConsumer, Reject, Retry
 from b24queue.errors import BadEventError
 from b24queue.events import Event, mark_delivered
 from b24queue.idempotency import SeenStore
+from b24queue.redaction import redact
 from b24queue.retry import delay_after, snap_delay
 from b24queue.timeouts import within
 
@@ -229,6 +230,7 @@ def _failure_headers(
     headers.setdefault(c.H_FIRST_FAILED_AT, now)
     headers[c.H_LAST_FAILED_AT] = now
     headers[c.H_ERROR_TYPE] = type(exc).__qualname__
+    # Kept (and shown by `dlq list`): never a secret of the process's or of the event's.
     headers[c.H_ERROR_MESSAGE] = redact(str(exc), secrets)[: c.MAX_ERROR_MESSAGE_CHARS]
     headers.setdefault(c.H_ORIGINAL_ROUTING_KEY, incoming.routing_key)
     headers.setdefault(c.H_ORIGINAL_QUEUE, queue)
@@ -240,7 +242,8 @@ def _broker_header(name: str) -> bool:
 
 
 def _secrets(payload: Any) -> tuple[str, ...]:
-    return tuple(sorted(set(_token_values(payload)), key=len, reverse=True))
+    """The event's own tokens (an error message may quote the request it made with one)."""
+    return tuple(_token_values(payload))
 
 
 def _token_values(node: Any, key: str = "") -> Iterator[str]:
@@ -252,13 +255,6 @@ def _token_values(node: Any, key: str = "") -> Iterator[str]:
             yield from _token_values(v, key)
     elif isinstance(node, str) and "token" in key.lower() and len(node) >= 4:
         yield node
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """Replace every known token value in `text` (error messages may quote a request)."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 # The one line per outcome that operators read (and filter on, as fields, in JSON logs). It runs

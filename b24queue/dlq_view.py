@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from b24queue import _constants as c
+from b24queue.terminal import safe
 
 # Headers that describe one failure history; a replayed message starts a new one.
 _FAILURE_HEADERS = (
@@ -97,10 +98,11 @@ def _str(value: Any) -> str | None:
 
 
 def render(source: str, total: int, letters: Sequence[DeadLetter]) -> str:
+    source = safe(source)
     if total == 0:
         return f"{source} is empty"
     lines = [f"{source}: {total} message(s); showing {len(letters)}, in queue order", ""]
-    for i, x in enumerate(letters, 1):
+    for i, x in enumerate(map(_shown, letters), 1):
         attempts = f", {x.attempts} attempt(s)" if x.attempts is not None else ""
         lines.append(f"{i}. {x.event}  message_id={x.message_id}")
         lines.append(f"   portal: {x.domain or '?'} (member_id {x.member_id or '?'})")
@@ -110,3 +112,11 @@ def render(source: str, total: int, letters: Sequence[DeadLetter]) -> str:
         lines.append(f"   sent:   {x.published_at or '?'} ({x.size_bytes} bytes)")
     lines += ["", "replay: b24queue dlq replay <queue> [--id MESSAGE_ID] [--limit N]"]
     return "\n".join(lines)
+
+
+def _shown(letter: DeadLetter) -> DeadLetter:
+    """Every text of a dead letter made safe for the terminal: it comes from the message (an
+    error quoting the event's data, a portal's domain)."""
+    texts = {f.name: getattr(letter, f.name) for f in fields(letter)}
+    shown: dict[str, Any] = {k: safe(v) for k, v in texts.items() if isinstance(v, str)}
+    return replace(letter, **shown)

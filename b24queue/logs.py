@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from b24queue.redaction import redact
+
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -67,7 +69,9 @@ class _TurnHandler(logging.StreamHandler[TextIO]):
     fifth of what the worker's line per event cost. A warning or worse, and any line outside a
     loop (another thread, before or after the loop), is written at once, after those still
     waiting, so the order holds (and a process that logs why it exits right away says so).
-    What waits is written by `flush()` too, which logging calls at exit."""
+    What waits is written by `flush()` too, which logging calls at exit. Every line is
+    redacted first (b24queue.redaction): no secret of the process's, nor a URL's password,
+    reaches the log, whichever library wrote the line."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -76,7 +80,7 @@ class _TurnHandler(logging.StreamHandler[TextIO]):
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         try:
-            line = self.format(record) + self.terminator
+            line = redact(self.format(record)) + self.terminator
         except Exception:
             self.handleError(record)
             return

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.layout import Policy
+from b24queue.redaction import redact_url
 from b24queue.settings import Settings
 
 
@@ -46,6 +47,7 @@ class ManagementClient:
 
     def _request(self, base: str, method: str, path: str, body: Any) -> Any:
         url = base + path
+        where = redact_url(base)  # for errors: a URL's password is never shown
         data = json.dumps(body).encode() if body is not None else None
         # The scheme is http(s): Settings checks management_url.
         req = urllib.request.Request(url, data=data, method=method, headers=self._headers)  # noqa: S310
@@ -55,14 +57,14 @@ class ManagementClient:
         except urllib.error.HTTPError as exc:
             if exc.code == 401:
                 raise ConfigError(
-                    f"the management API at {base} refused the credentials of "
+                    f"the management API at {where} refused the credentials of "
                     "B24QUEUE_AMQP_URL (the user needs the 'monitoring' or 'management' tag)"
                 ) from None
             if exc.code == 404:
                 raise LookupError(path) from None
             if exc.code >= 500:  # a node starting or cut off from the others: ask the next
                 raise _Unreachable(
-                    f"the management API at {base} answered HTTP {exc.code}"
+                    f"the management API at {where} answered HTTP {exc.code}"
                 ) from None
             detail = exc.read().decode("utf-8", "replace")[:300]
             raise ManagementError(
@@ -70,14 +72,14 @@ class ManagementClient:
             ) from None
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise _Unreachable(
-                f"cannot reach the RabbitMQ management API at {base} ({exc}); is the "
+                f"cannot reach the RabbitMQ management API at {where} ({exc}); is the "
                 "rabbitmq_management plugin enabled? (rabbitmq-plugins enable rabbitmq_management)"
             ) from None
         try:
             return json.loads(raw) if raw else None
         except ValueError:  # e.g. a proxy's login page answering in its place
             raise ManagementError(
-                f"the management API at {base} answered {method} {path} with something "
+                f"the management API at {where} answered {method} {path} with something "
                 "that is not JSON"
             ) from None
 

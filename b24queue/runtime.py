@@ -21,6 +21,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from b24queue import redaction
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import open_store
 from b24queue.auth.tokens import StaticTokens, TokenVerifier, verifier_from_settings
@@ -154,7 +155,7 @@ async def _portal_verifier(
             "B24QUEUE_PORTAL_CALLBACK=false: a first ONAPPINSTALL from any portal is trusted "
             "unchecked; reinstalls with a new token are refused"
         )
-    log.info("per-portal tokens in %s", settings.portal_store.split("@")[-1])
+    log.info("per-portal tokens in %s", redaction.redact_url(settings.portal_store))
     return PortalVerifier(store, check, static if isinstance(static, StaticTokens) else None)
 
 
@@ -184,6 +185,8 @@ class Worker:
         portals: PortalProvider | None = None,
     ) -> None:
         check_consumers(classes)
+        # The errors its handlers raise are kept (a dead letter's headers) without these.
+        redaction.remember(settings.secrets())
         self.settings = settings
         self.metrics = metrics
         self.classes = list(classes)

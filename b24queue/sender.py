@@ -10,6 +10,7 @@ from typing import Any
 from b24queue.errors import BadEventError
 from b24queue.events import FORM_TYPE
 from b24queue.forms import encode_form, split_key
+from b24queue.redaction import redact_url
 
 DEFAULT_URL = "http://127.0.0.1:8080/b24/events"
 
@@ -56,7 +57,7 @@ def post(
 ) -> tuple[int, str]:
     """POST the body; returns (status, response text). Connection errors raise OSError."""
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"--url must be http:// or https://, got {url!r}")
+        raise ValueError(f"--url must be http:// or https://, got {redact_url(url)!r}")
     request = urllib.request.Request(  # noqa: S310 - scheme checked above
         url, data=body, method="POST", headers={"Content-Type": content_type}
     )

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from b24queue import _constants as c
 from b24queue import broker_urls
 from b24queue.errors import ConfigError
+from b24queue.redaction import WEBHOOK_PATH, redact_url, url_secrets
 
 ENV_PREFIX = "B24QUEUE_"
 
@@ -192,6 +193,10 @@ class Settings(BaseSettings):
     )
     worker_metrics_host: str = "127.0.0.1"
 
+    # `b24queue send`: the application token it sends (else --token-file, else the first of
+    # B24QUEUE_APP_TOKENS); in the environment rather than --token, which other users see in ps.
+    send_token: SecretStr = SecretStr("")
+
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -266,6 +271,14 @@ class Settings(BaseSettings):
         """The management API of each node (any answers for the cluster)."""
         return self.management_url.split(",")
 
+    @field_validator("portal_store")
+    @classmethod
+    def _check_portal_store(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "redis://", "rediss://", "unix://")):
+            # Not echoed: a Redis URL holds its password.
+            raise ValueError("must look like sqlite:PATH or redis://[:password@]host:6379/0")
+        return value
+
     @field_validator("oauth_url")
     @classmethod
     def _check_oauth_url(cls, value: str) -> str:
@@ -323,28 +336,23 @@ class Settings(BaseSettings):
         parts = urlsplit(self.amqp_urls[0])
         return unquote(parts.username or "") or "guest", unquote(parts.password or "") or "guest"
 
-    def redacted_postgres_url(self) -> str:
-        """The PostgreSQL URL for a log line, never the password."""
-        return broker_urls.redacted_postgres(self.broker_url)
-
-    def redacted_redis_url(self) -> str:
-        """The Redis URL for a log line, never the password."""
-        return broker_urls.redacted_redis(self.broker_url)
-
     def redacted_broker_url(self) -> str:
-        """The queue's URL for a log line, whichever transport, never a password."""
-        if self.transport == "postgres":
-            return self.redacted_postgres_url()
-        if self.transport == "redis":
-            return self.redacted_redis_url()
-        if self.transport == "kafka":
-            return "kafka://" + ",".join(self.kafka_bootstrap)
-        if self.transport == "sqlite":
-            return f"sqlite:{self.sqlite_path}"
-        return self.redacted_amqp_url()
+        """The queue's URL (every node's) for a log line or an error, never a password."""
+        return redact_url(self.amqp_url if self.transport == "amqp" else self.broker_url)
 
-    def redacted_amqp_url(self) -> str:
-        return broker_urls.redacted_amqp(self.amqp_urls)
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value these settings hold, for `b24queue.redaction.remember`: tokens,
+        the client secret, webhook codes, the passwords of the URLs. RabbitMQ's default password
+        `guest` is no secret (and is its user name too: hiding it would hide that everywhere)."""
+        values = [*self.app_tokens, self.app_client_secret.get_secret_value()]
+        values.append(self.send_token.get_secret_value())
+        for webhook in self.portal_webhooks.get_secret_value().split(","):
+            url, _, app_token = webhook.strip().partition("#")
+            values += [app_token, *(m.group(2) for m in WEBHOOK_PATH.finditer(url))]
+        urls = (self.amqp_url, self.broker_url, self.management_url, self.portal_store)
+        for url in urls:
+            values += url_secrets(url)
+        return tuple(v for v in values if v and v != "guest")
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from b24queue import _constants as c
 from b24queue.settings import Settings
+from b24queue.terminal import safe
 
 
 class SpoolFileLike(Protocol):
@@ -146,10 +147,12 @@ def render(status: Status, settings: Settings) -> str:
         "RETRYING",
         "DLQ",
     )
+    # Names and states come from the broker, where any client may have named a queue or a
+    # connection: every cell is made safe for the terminal.
     table = [
         (
-            r.queue,
-            r.type,
+            safe(r.queue),
+            safe(r.type),
             r.ready,
             r.unacked,
             r.consumers,
@@ -174,15 +177,18 @@ def render(status: Status, settings: Settings) -> str:
     lines.append("")
     if status.connections:
         lines.append("CONNECTIONS")
-        lines += [f"  {c.name}  ({c.state}, {c.channels} channels)" for c in status.connections]
+        lines += [
+            f"  {safe(c.name)}  ({safe(c.state)}, {c.channels} channels)"
+            for c in status.connections
+        ]
     else:
         lines.append("no b24queue connections (no ingress or worker is running)")
     for spool in status.spools:
         lines.append(
-            f"spool {spool.path}: {spool.waiting} waiting for RabbitMQ, "
+            f"spool {safe(spool.path)}: {spool.waiting} waiting for RabbitMQ, "
             f"{spool.quarantined} quarantined"
         )
     if status.problems:
         lines.append("")
-        lines.append("DEAD LETTERS / QUARANTINE: " + "; ".join(status.problems))
+        lines.append("DEAD LETTERS / QUARANTINE: " + "; ".join(map(safe, status.problems)))
     return "\n".join(lines)

@@ -54,7 +54,7 @@ cat <<MSG
   $QUEUE_UI
   Metrics:        http://127.0.0.1:$PORT/metrics (ingress)   http://127.0.0.1:$METRICS_PORT/metrics (workers)
   Status:         $BIN/b24queue status      Dead letters: $BIN/b24queue dlq list example.deal-sync
-  Send an event:  $BIN/b24queue send ONCRMDEALADD --url http://127.0.0.1:$PORT/b24/events --token '$token' --field 'data[FIELDS][ID]=42'
+  Send an event:  B24QUEUE_SEND_TOKEN='$token' $BIN/b24queue send ONCRMDEALADD --url http://127.0.0.1:$PORT/b24/events --field 'data[FIELDS][ID]=42'
   A rejected one: ... --field 'data[FIELDS][ID]=0'   (lands in example.deal-sync.dlq)
   Ctrl-C stops everything.
 

@@ -18,6 +18,7 @@ from b24queue.auth.record import PortalRecord
 from b24queue.auth.redis_store import RedisTokenStore
 from b24queue.auth.sqlite_store import SqliteTokenStore
 from b24queue.errors import ConfigError
+from b24queue.redaction import redact_url
 
 __all__ = ["PortalRecord", "RedisTokenStore", "SqliteTokenStore", "TokenStore", "open_store"]
 
@@ -70,5 +71,6 @@ def open_store(spec: str) -> TokenStore:
     if spec.startswith("sqlite:"):
         return SqliteTokenStore(Path(spec.removeprefix("sqlite:")))
     raise ConfigError(
-        f"B24QUEUE_PORTAL_STORE: {spec!r} is neither sqlite:PATH nor redis://HOST:PORT/DB"
+        f"B24QUEUE_PORTAL_STORE: {redact_url(spec)!r} is neither sqlite:PATH nor "
+        "redis://HOST:PORT/DB"
     )

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from b24queue._files import private_file
 from b24queue.envelope import Envelope
 from b24queue.errors import ConfigError, SpoolFullError
+from b24queue.redaction import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -264,8 +265,9 @@ class Spool:
             self._db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
 
     async def quarantine(self, row_id: int, reason: str) -> None:
-        """Move a spooled event aside (kept, not forwarded) in one transaction."""
-        if await self._run(self._quarantine, row_id, reason[:MAX_REASON_CHARS]):
+        """Move a spooled event aside (kept, not forwarded) in one transaction; the reason is
+        kept without a secret."""
+        if await self._run(self._quarantine, row_id, redact(reason)[:MAX_REASON_CHARS]):
             self.quarantined += 1
             self._count -= 1
             if self._count <= 0 and not self._pending:

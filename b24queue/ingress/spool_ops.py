@@ -17,6 +17,7 @@ from pathlib import Path
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.ingress.spool import envelope_of, spool_files
+from b24queue.redaction import redact
 from b24queue.settings import Settings
 from b24queue.transports import Publisher, connection_name, transport_for
 
@@ -130,7 +131,7 @@ async def replay(settings: Settings, message_ids: set[str] | None = None) -> Rep
                     try:
                         await publisher.publish(envelope)
                     except PublishError as exc:
-                        refused.append((envelope.message_id, str(exc)))
+                        refused.append((envelope.message_id, redact(str(exc))))
                         continue
                     db.execute("DELETE FROM quarantine WHERE id = ?", (row_id,))
                     replayed += 1

@@ -11,6 +11,7 @@ from typing import Any
 from b24queue.offline.bind import bind_offline
 from b24queue.offline.inspect import QueueState, offline_status
 from b24queue.settings import Settings
+from b24queue.terminal import safe
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -21,7 +22,7 @@ def portals_command(settings: Settings, action: str, args: dict[str, Any]) -> in
             bind_offline(settings, args["member_id"], args["events"], args["ping_url"])
         )
         for bound in done:
-            print(f"{bound.event}: {bound.outcome}")
+            print(safe(f"{bound.event}: {bound.outcome}"))
         ok = all(b.outcome in ("bound", "already bound") for b in done)
         return EXIT_OK if ok else EXIT_FAILURE
     state = asyncio.run(offline_status(settings, args["member_id"]))
@@ -44,5 +45,5 @@ def render(state: QueueState, *, as_json: bool) -> str:
         f"{state.waiting} waiting, {state.reserved} reserved (not cleared yet), "
         f"{state.errors} marked as errors{more}"
     ]
-    lines += [f"  {name}: {count}" for name, count in state.by_event.most_common()]
+    lines += [f"  {safe(name)}: {count}" for name, count in state.by_event.most_common()]
     return "\n".join(lines)

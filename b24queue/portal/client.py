@@ -27,16 +27,12 @@ from b24queue.auth.store import TokenStore
 from b24queue.events import Event
 from b24queue.forms import encode_form
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
-from b24queue.portal.credentials import (
-    METHOD,
-    Target,
-    Webhooks,
-    redact,
-)
+from b24queue.portal.credentials import METHOD, Target, Webhooks
 from b24queue.portal.limits import Limit, SharedState
 from b24queue.portal.oauth import Refresher
 from b24queue.portal.oauth_server import read_bounded
 from b24queue.portal.tenant import credentials
+from b24queue.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +159,7 @@ class PortalClient:
     def _said(self, answer: Mapping[str, Any]) -> str:
         """The portal's error description, less the token this call sent (it may quote the
         request) and any webhook code."""
-        text = str(answer.get("error_description") or "")
-        if self._token:
-            text = text.replace(self._token, "***")
-        return redact(text)
+        return redact(str(answer.get("error_description") or ""), (self._token,))
 
     def _error_of(self, error: Any) -> PortalError:
         if isinstance(error, dict):

@@ -7,7 +7,7 @@ An inbound webhook (B24QUEUE_PORTAL_WEBHOOKS, https://<portal>/rest/<user>/<code
 for events of a portal with no OAuth record, chosen by the event's domain, and only for an event
 that came with the application token paired with it (the ingress lets in any event carrying any
 configured token, whatever domain it names). The code in a webhook URL is a password: it is
-never shown (`redact`).
+never shown (b24queue.redaction hides it).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from b24queue.auth.record import PortalRecord
 from b24queue.envelope import token_digest
 from b24queue.errors import ConfigError
 from b24queue.hosts import normalise_host, same_host
+from b24queue.redaction import WEBHOOK_PATH
 
-_WEBHOOK_PATH = re.compile(r"/rest/([0-9]{1,12})/([A-Za-z0-9]{4,128})/?")
 # The application token paired with a webhook, after its '#': printable, no ',' '#' or space.
 _APP_TOKEN = re.compile(r"[\x21-\x22\x24-\x2b\x2d-\x7e]{1,256}")
 # Method names go into the URL's path: letters, digits, dots and underscores only.
@@ -107,7 +107,7 @@ def _parse_webhook(entry: str, position: int) -> tuple[Target, str]:
         port = parts.port
     except ValueError:
         raise bad from None
-    match = _WEBHOOK_PATH.fullmatch(parts.path)
+    match = WEBHOOK_PATH.fullmatch(parts.path)
     host = normalise_host(parts.hostname or "")
     if parts.scheme != "https" or not match or not host or parts.query or "@" in parts.netloc:
         raise bad
@@ -119,8 +119,3 @@ def _parse_webhook(entry: str, position: int) -> tuple[Target, str]:
 
 def host_of(url: str) -> str:
     return urlsplit(url).hostname or ""
-
-
-def redact(url: str) -> str:
-    """A webhook URL with its code hidden (for logs and errors)."""
-    return _WEBHOOK_PATH.sub(lambda m: f"/rest/{m.group(1)}/***/", url)

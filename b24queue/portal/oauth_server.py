@@ -11,6 +11,7 @@ import aiohttp
 
 from b24queue.auth.record import PortalRecord
 from b24queue.portal.api import PortalError
+from b24queue.redaction import redact
 from b24queue.settings import Settings
 
 OAUTH_TIMEOUT_S = 10.0
@@ -50,7 +51,7 @@ async def ask_oauth(
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         # Never str(exc): aiohttp's errors name the URL, and this one holds the secrets.
         raise PortalError("OAUTH_UNREACHABLE", type(exc).__name__) from None
-    return _tokens(record, status, body, now)
+    return _tokens(record, status, body, now, sent=(secret,))
 
 
 async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
@@ -67,7 +68,11 @@ async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _tokens(record: PortalRecord, status: int, body: bytes, now: float) -> tuple[str, str, int]:
+def _tokens(
+    record: PortalRecord, status: int, body: bytes, now: float, sent: tuple[str, ...] = ()
+) -> tuple[str, str, int]:
+    """The answer's tokens; `PortalError` with its error, less what the request `sent` (the
+    client secret) and the portal's tokens: a server may quote the request it refuses."""
     try:
         answer = json.loads(body) if len(body) <= MAX_ANSWER_BYTES else None
     except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth
@@ -75,10 +80,9 @@ def _tokens(record: PortalRecord, status: int, body: bytes, now: float) -> tuple
     if not isinstance(answer, dict):
         raise PortalError("BAD_ANSWER", f"the OAuth server's answer (HTTP {status}) is not JSON")
     if status != 200 or "error" in answer:
-        error = str(answer.get("error") or status)
-        said = str(answer.get("error_description") or "")
-        for secret in (record.refresh_token, record.access_token):
-            said = said.replace(secret, "***") if secret else said
+        ours = (*sent, record.refresh_token, record.access_token)
+        error = redact(str(answer.get("error") or status), ours)
+        said = redact(str(answer.get("error_description") or ""), ours)
         raise PortalError(error, said, status=status)
     access, refresh = answer.get("access_token"), answer.get("refresh_token")
     if not all(isinstance(t, str) and _TOKEN.fullmatch(t) for t in (access, refresh)):

@@ -14,8 +14,9 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.broker
 
 
-async def cli(broker: Broker, *args: str) -> tuple[int, str]:
-    return await run_cli(broker, *args, B24QT_QUEUE=broker.name("cli"), B24QT_RECORD="/dev/null")
+async def cli(broker: Broker, *args: str, **env: str) -> tuple[int, str]:
+    queue = broker.name("cli")
+    return await run_cli(broker, *args, B24QT_QUEUE=queue, B24QT_RECORD="/dev/null", **env)
 
 
 async def test_send_posts_like_a_portal(broker: Broker) -> None:
@@ -40,7 +41,9 @@ async def test_send_posts_like_a_portal(broker: Broker) -> None:
             broker, "send", "--url", url, "--body-file", str(SAMPLES / "task-add.form")
         )
         assert code == 0, out
-        code, out = await cli(broker, "send", "ONCRMDEALADD", "--url", url, "--token", "wrong")
+        code, out = await cli(
+            broker, "send", "ONCRMDEALADD", "--url", url, B24QUEUE_SEND_TOKEN="wrong"
+        )
         assert code == 1 and out.startswith("401 ")
     first, second = await broker.take(queue, 2)
     assert first.message_id == message_id

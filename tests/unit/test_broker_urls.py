@@ -16,7 +16,7 @@ def test_a_list_of_nodes_is_read_in_order_and_redacted() -> None:
     assert s.amqp_urls == [u.strip() for u in NODES.split(",")]
     assert s.management_urls == ["http://n1:15672", "http://n2:15672"]
     assert s.vhost == "v" and s.broker_credentials == ("app", "s3cret")
-    shown = s.redacted_amqp_url()
+    shown = s.redacted_broker_url()
     assert "s3cret" not in shown and shown.count("amqp://app:***@") == 3
 
 

@@ -17,7 +17,8 @@ from b24queue.errors import ConfigError
 from b24queue.events import Event
 from b24queue.portal.api import PortalError
 from b24queue.portal.clients import PortalClients
-from b24queue.portal.credentials import Webhooks, redact, rest_endpoint
+from b24queue.portal.credentials import Webhooks, rest_endpoint
+from b24queue.redaction import redact
 from tests.fake_portal import FakePortal, StaticResolver
 from tests.portal_setup import deal_event, portal_settings
 

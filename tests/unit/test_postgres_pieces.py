@@ -52,14 +52,17 @@ def test_the_url_in_logs_never_holds_the_password() -> None:
     from b24queue.settings import load_settings
 
     for url, shown in (
-        ("postgresql://app:s3cret@db:5432/q", "postgresql://app@db:5432/q"),
+        ("postgresql://app:s3cret@db:5432/q", "postgresql://app:***@db:5432/q"),
         (
             "postgresql://app:s3cret@h1:5432,h2:5433/q?sslmode=require",
-            "postgresql://app@h1:5432,h2:5433/q",
+            "postgresql://app:***@h1:5432,h2:5433/q?sslmode=require",
         ),
-        ("postgres://db/q?password=s3cret", "postgresql://db/q"),
+        (
+            "postgres://db/q?sslmode=require&password=s3cret",
+            "postgres://db/q?sslmode=require&password=***",
+        ),
     ):
-        assert load_settings(broker_url=url).redacted_postgres_url() == shown
+        assert load_settings(broker_url=url).redacted_broker_url() == shown
 
 
 def test_a_schema_name_whose_notify_channel_would_not_fit_is_refused() -> None:

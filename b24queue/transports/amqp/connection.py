@@ -95,13 +95,13 @@ async def connect_once(settings: Settings, name: str) -> AbstractRobustConnectio
         return connection
     except aio_pika.exceptions.ProbableAuthenticationError as exc:
         await close_quietly(connection)
-        raise ConfigError(
-            f"RabbitMQ at {settings.redacted_amqp_url()} refused the credentials or vhost: {exc}"
-        ) from None
+        where = settings.redacted_broker_url()
+        raise ConfigError(f"RabbitMQ at {where} refused the credentials or vhost: {exc}") from None
     except CONNECT_ERRORS as exc:
         await close_quietly(connection)
+        where = settings.redacted_broker_url()
         raise BrokerUnavailableError(
-            f"cannot reach RabbitMQ at {settings.redacted_amqp_url()}: {exc or type(exc).__name__}"
+            f"cannot reach RabbitMQ at {where}: {exc or type(exc).__name__}"
         ) from None
 
 

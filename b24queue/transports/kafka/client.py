@@ -92,7 +92,7 @@ def check_topic(name: str) -> str:
 
 
 def translate(exc: BaseException, settings: Settings) -> BaseException:
-    where = ",".join(settings.kafka_bootstrap)
+    where = settings.redacted_broker_url()
     if isinstance(exc, ke.AuthenticationFailedError | ke.SaslAuthenticationFailed):
         return ConfigError(f"Kafka at {where} refused: {exc}")
     if isinstance(exc, UNAVAILABLE):

@@ -104,7 +104,7 @@ class KafkaPublisher:
             except Exception as exc:
                 log.warning("Kafka not ready (%r); retrying", exc)
                 await asyncio.sleep(self._settings.reconnect_interval_s)
-        log.info("publishing to Kafka %s", ",".join(self._settings.kafka_bootstrap))
+        log.info("publishing to %s", self._settings.redacted_broker_url())
         while True:
             try:
                 await self._bindings.load()

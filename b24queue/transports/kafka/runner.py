@@ -92,8 +92,8 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         topics = [self._names.events, *(self.spec.retry_queue(d) for d in self.spec.retry_delays_s)]
         self._kafka.subscribe(sorted(set(topics)), listener=self)
         self._loop_task = asyncio.create_task(self._loop(), name=f"b24queue-kafka-{self.spec.name}")
-        where, bound = ",".join(self._settings.kafka_bootstrap), ",".join(self.spec.bindings)
-        log.info("consuming %s from Kafka %s (bindings %s)", group, where, bound)
+        where, bound = self._settings.redacted_broker_url(), ",".join(self.spec.bindings)
+        log.info("consuming %s from %s (bindings %s)", group, where, bound)
 
     # The group's callbacks -----------------------------------------------------------------
 

@@ -199,7 +199,7 @@ async def ensure_schema(connection: Db, schema: str) -> None:
 def translate(exc: Exception, settings: Settings) -> Exception:
     """A driver error as ours (`b24queue.errors`), for the CLI's one-line messages (the URL in
     them without its password)."""
-    where = settings.redacted_postgres_url()
+    where = settings.redacted_broker_url()
     refused = (
         asyncpg.exceptions.InvalidAuthorizationSpecificationError,
         asyncpg.exceptions.InvalidPasswordError,

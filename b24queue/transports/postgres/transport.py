@@ -118,7 +118,7 @@ class PostgresPublisher:
         self._connection = connection
         log.info(
             "publishing to %s schema %s (synchronous commit)",
-            self._settings.redacted_postgres_url(),
+            self._settings.redacted_broker_url(),
             self._settings.postgres_schema,
         )
         try:

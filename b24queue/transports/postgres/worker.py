@@ -39,7 +39,7 @@ class PostgresLeases:
         self._pool = pool
         self._listener = listener
         self._q = Queries(settings.postgres_schema)
-        self.where = f"{settings.redacted_postgres_url()} schema {settings.postgres_schema}"
+        self.where = f"{settings.redacted_broker_url()} schema {settings.postgres_schema}"
         self.poll_s = settings.postgres_poll_s
         self._timeout_s = settings.connect_timeout_s
         # Settlements are group-committed, in the order handlers finished: one transaction for

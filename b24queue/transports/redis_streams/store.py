@@ -74,10 +74,10 @@ async def check_durable(client: aioredis.Redis, settings: Settings) -> None:
 
 def translate(exc: Exception, settings: Settings) -> Exception:
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
-        return ConfigError(f"Redis at {settings.redacted_redis_url()} refused: {exc}")
+        return ConfigError(f"Redis at {settings.redacted_broker_url()} refused: {exc}")
     if isinstance(exc, CONNECTION_ERRORS):
         return BrokerUnavailableError(
-            f"cannot reach Redis at {settings.redacted_redis_url()}: {exc!r}"
+            f"cannot reach Redis at {settings.redacted_broker_url()}: {exc!r}"
         )
     return exc
 

@@ -113,7 +113,7 @@ class RedisPublisher:
         self._ready = True
         log.info(
             "publishing to %s prefix %s (appendfsync always)",
-            self._settings.redacted_redis_url(),
+            self._settings.redacted_broker_url(),
             self._settings.redis_prefix,
         )
         while True:
@@ -226,7 +226,7 @@ class RedisLeases:
     def __init__(self, settings: Settings, store: Store, waker: Waker) -> None:
         self._store = store
         self._waker = waker
-        self.where = f"{settings.redacted_redis_url()} prefix {settings.redis_prefix}"
+        self.where = f"{settings.redacted_broker_url()} prefix {settings.redis_prefix}"
         self.poll_s = settings.redis_poll_s
         self._acks: Batcher[_Ack, bool] = Batcher(
             self._ack_batch, "b24queue-redis-acks", CONNECTION_ERRORS
