@@ -1,25 +1,89 @@
-"""Files that hold secrets (portal tokens, spooled bodies with access tokens). Stdlib only."""
+"""Files that hold secrets (portal tokens, spooled bodies with access tokens). Stdlib only.
+
+Such a file is ours alone: a regular file, owned by this process's user, opened never through a
+symbolic link (a link planted in a shared folder would have us create, chmod or write another
+file; a file planted there by another user would have us read its forged contents)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
+from b24queue.errors import ConfigError
+
 PRIVATE_MODE = 0o600
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+class NotPrivateError(ConfigError):
+    """A file that should hold our secrets is not ours alone; `why` says how."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
 
 
 def private_file(path: Path) -> Path:
     """Create `path` (and its folder) readable by its owner only, whatever the umask; tighten it
     if it exists. SQLite creates its -wal and -shm files with the mode of the database file, so
-    they follow; ones left by an older version are tightened here too."""
+    they follow; ones left by an older version are tightened here too. `NotPrivateError` for a
+    symbolic link or another user's file, at `path` or beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, PRIVATE_MODE)
-    try:
-        os.fchmod(fd, PRIVATE_MODE)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm", "-journal"):
-        side = Path(f"{path}{suffix}")
-        if side.exists():
-            side.chmod(PRIVATE_MODE)
+    for name, create in ((path, True), *((Path(f"{path}{s}"), False) for s in _SIDE_FILES)):
+        try:
+            fd = _open(name, (os.O_CREAT | os.O_RDWR) if create else os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            why = _not_ours(os.fstat(fd), exact_mode=False)
+            if why:
+                raise NotPrivateError(name, why)
+            os.fchmod(fd, PRIVATE_MODE)
+        finally:
+            os.close(fd)
     return path
+
+
+def open_private(path: Path) -> int:
+    """A read-only descriptor of an existing file that only we could have written: a regular
+    file (not through a symbolic link), ours, with no permission for group or others (0600).
+    Checked on the open descriptor, so the file checked is the file opened. `NotPrivateError`
+    (`FileNotFoundError` when there is none)."""
+    fd = _open(path, os.O_RDONLY)
+    try:
+        why = _not_ours(os.fstat(fd), exact_mode=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if why:
+        os.close(fd)
+        raise NotPrivateError(path, why)
+    return fd
+
+
+def side_files(path: Path) -> list[Path]:
+    """The files SQLite keeps beside a database (journal, WAL, shared memory)."""
+    return [Path(f"{path}{suffix}") for suffix in _SIDE_FILES]
+
+
+def _open(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, PRIVATE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotPrivateError(path, "is a symbolic link (never followed here)") from None
+        raise
+
+
+def _not_ours(st: os.stat_result, *, exact_mode: bool) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not to this process's uid {os.geteuid()}"
+    if exact_mode and st.st_mode & 0o077:
+        mode = stat.S_IMODE(st.st_mode)
+        return f"has mode {mode:04o}: other users may have written it (0600 expected)"
+    return None

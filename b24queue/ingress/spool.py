@@ -14,7 +14,9 @@ same file: kept, counted, shown by `b24queue spool list` and `status`, replayabl
 
 Files are private (0600: bodies carry access tokens). Each open spool holds an exclusive lock on
 `<file>.lock`, so two ingress processes never share a spool, and merging skips a stray file that a
-running process still owns.
+running process still owns. A spool file is only ever read if only we could have written it (ours,
+0600, not a symbolic link: b24queue._files), so a file another user planted in a shared folder is
+never merged, listed or replayed, and is named in a warning instead.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from b24queue._files import private_file
+from b24queue._files import NotPrivateError, open_private, private_file, side_files
 from b24queue.envelope import Envelope
 from b24queue.errors import ConfigError, SpoolFullError
 from b24queue.redaction import redact
@@ -84,7 +86,7 @@ class SpoolLock:
 
     def acquire(self) -> bool:
         private_file(self.path)
-        fd = os.open(self.path, os.O_RDWR)
+        fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -325,12 +327,14 @@ def slot_path(path: Path, slot: int) -> Path:
 
 
 def spool_files(path: Path) -> list[Path]:
-    """Every existing spool file of `path`: slot 0's, then each other slot's."""
-    return ([path] if path.exists() else []) + stray_spools(path, keep=1)
+    """Every existing spool file of `path` that is ours to read: slot 0's, then each other
+    slot's."""
+    return ([path] if readable_spool(path) else []) + stray_spools(path, keep=1)
 
 
 def stray_spools(path: Path, keep: int) -> list[Path]:
-    """Spool files of process slots >= `keep` (left from a run with more processes)."""
+    """Spool files of process slots >= `keep` (left from a run with more processes) that are
+    ours to read."""
     pattern = re.compile(re.escape(path.stem) + r"\.([0-9]+)" + re.escape(path.suffix) + "$")
     found = []
     if path.parent.is_dir():
@@ -338,7 +342,27 @@ def stray_spools(path: Path, keep: int) -> list[Path]:
             match = pattern.match(candidate.name)
             if match and int(match.group(1)) >= keep:
                 found.append(candidate)
-    return sorted(found)
+    return [p for p in sorted(found) if readable_spool(p)]
+
+
+def readable_spool(path: Path) -> bool:
+    """True for an existing spool file that only we could have written, and its side files
+    (b24queue._files.open_private); False, with a warning naming it and why, for one another
+    user could have written (planted in a shared folder: its events may be forged)."""
+    for name in (path, *side_files(path)):
+        try:
+            os.close(open_private(name))
+        except FileNotFoundError:
+            if name == path:
+                return False
+        except NotPrivateError as exc:
+            _skipped(path, exc)
+            return False
+    return True
+
+
+def _skipped(path: Path, exc: NotPrivateError) -> None:
+    log.warning("spool file %s skipped, its events neither merged nor replayed: %s", path, exc)
 
 
 def merge_stray_spools(path: Path, keep: int) -> int:
@@ -360,25 +384,49 @@ def merge_stray_spools(path: Path, keep: int) -> int:
 
 def _merge_one(path: Path, stray: Path) -> int:
     lock = SpoolLock(stray)
-    if not lock.acquire():
-        log.warning("spool %s is in use by process %s: not merged", stray, lock.holder())
+    try:
+        if not lock.acquire():
+            log.warning("spool %s is in use by process %s: not merged", stray, lock.holder())
+            return 0
+    except NotPrivateError as exc:  # its lock file is a link, or another user's
+        _skipped(stray, exc)
+        return 0
+    try:
+        return _merge_locked(path, stray)
+    finally:
+        lock.path.unlink(missing_ok=True)  # while still held: no one can take the old file
+        lock.release()
+
+
+def _merge_locked(path: Path, stray: Path) -> int:
+    # Checked on a descriptor held until the merge is done; SQLite opens the file by its name,
+    # so the name must still lead to the file checked once it has (else it was replaced).
+    try:
+        fd = open_private(stray)
+    except FileNotFoundError:
+        return 0
+    except NotPrivateError as exc:
+        _skipped(stray, exc)
+        return 0
+    try:
+        checked = os.fstat(fd)
+        return _merge_checked(path, stray, (checked.st_dev, checked.st_ino))
+    finally:
+        os.close(fd)
+
+
+def _merge_checked(path: Path, stray: Path, identity: tuple[int, int]) -> int:
+    if not readable_spool(stray):  # its side files too
         return 0
     db = _connect(path)
     try:
         db.execute("ATTACH DATABASE ? AS stray", (str(stray),))
         try:
-            db.execute(_SCHEMA.replace("spool (", "stray.spool (", 1))
-            db.execute(_QUARANTINE_SCHEMA.replace("quarantine (", "stray.quarantine (", 1))
-            with db:
-                db.execute("BEGIN IMMEDIATE")
-                moved = db.execute(
-                    f"INSERT INTO spool ({_COLUMNS}) "  # noqa: S608
-                    f"SELECT {_COLUMNS} FROM stray.spool ORDER BY id"
-                ).rowcount
-                moved += db.execute(
-                    f"INSERT INTO quarantine ({_COLUMNS}, reason, quarantined_at) "  # noqa: S608
-                    f"SELECT {_COLUMNS}, reason, quarantined_at FROM stray.quarantine ORDER BY id"
-                ).rowcount
+            now = os.stat(stray, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) != identity:
+                log.warning("spool file %s was replaced while being merged: skipped", stray)
+                return 0
+            moved = _move_attached(db)
         finally:
             db.execute("DETACH DATABASE stray")
         for suffix in ("", "-wal", "-shm"):
@@ -387,5 +435,19 @@ def _merge_one(path: Path, stray: Path) -> int:
         return max(moved, 0)
     finally:
         db.close()
-        lock.path.unlink(missing_ok=True)  # while still held: no one can take the old file
-        lock.release()
+
+
+def _move_attached(db: sqlite3.Connection) -> int:
+    db.execute(_SCHEMA.replace("spool (", "stray.spool (", 1))
+    db.execute(_QUARANTINE_SCHEMA.replace("quarantine (", "stray.quarantine (", 1))
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        moved: int = db.execute(
+            f"INSERT INTO spool ({_COLUMNS}) "  # noqa: S608
+            f"SELECT {_COLUMNS} FROM stray.spool ORDER BY id"
+        ).rowcount
+        moved += db.execute(
+            f"INSERT INTO quarantine ({_COLUMNS}, reason, quarantined_at) "  # noqa: S608
+            f"SELECT {_COLUMNS}, reason, quarantined_at FROM stray.quarantine ORDER BY id"
+        ).rowcount
+    return moved
