@@ -349,8 +349,13 @@ class Settings(BaseSettings):
         for webhook in self.portal_webhooks.get_secret_value().split(","):
             url, _, app_token = webhook.strip().partition("#")
             values += [app_token, *(m.group(2) for m in WEBHOOK_PATH.finditer(url))]
-        urls = (self.amqp_url, self.broker_url, self.management_url, self.portal_store)
-        for url in urls:
+        for url in (
+            self.amqp_url,
+            self.broker_url,
+            self.management_url,
+            self.portal_store,
+            self.offline_ping_url,
+        ):
             values += url_secrets(url)
         return tuple(v for v in values if v and v != "guest")
 

@@ -65,6 +65,7 @@ def test_settings_name_every_secret_they_hold() -> None:
         management_url="http://admin:mgmt-pass@h1:15672",
         portal_store="redis://:store-pass@cache:6379/0",
         portal_webhooks="https://a.bitrix24.com/rest/1/hookcode1/#paired-token",
+        offline_ping_url="https://ingress.example/b24/events?key=ping-key-x",
     )
     assert set(settings.secrets()) >= {
         "static-token-1",
@@ -76,6 +77,7 @@ def test_settings_name_every_secret_they_hold() -> None:
         "store-pass",
         "hookcode1",
         "paired-token",
+        "ping-key-x",
     }
     assert "guest" not in load_settings().secrets()  # RabbitMQ's default: no secret, a user name
 
