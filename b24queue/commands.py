@@ -206,7 +206,7 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
     if args.spool_command == "list":
         found = spool_ops.files(settings)
-        held = spool_ops.quarantined(settings, args.limit)
+        held = spool_ops.quarantined(found, args.limit)
         if args.json:
             print(
                 json.dumps(

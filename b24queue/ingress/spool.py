@@ -362,7 +362,10 @@ def readable_spool(path: Path) -> bool:
 
 
 def _skipped(path: Path, exc: NotPrivateError) -> None:
-    log.warning("spool file %s skipped, its events neither merged nor replayed: %s", path, exc)
+    which = "it" if exc.path == path else exc.path.name  # or its -wal, -shm, .lock
+    log.warning(
+        "spool file %s skipped, its events neither merged nor replayed: %s %s", path, which, exc.why
+    )
 
 
 def merge_stray_spools(path: Path, keep: int) -> int:

@@ -74,10 +74,11 @@ def files(settings: Settings) -> list[SpoolFile]:
     return found
 
 
-def quarantined(settings: Settings, limit: int | None = None) -> list[Quarantined]:
-    """The quarantined events, oldest first in each file; reads them in pieces."""
+def quarantined(spools: list[SpoolFile], limit: int | None = None) -> list[Quarantined]:
+    """The quarantined events of these spool files (`files`), oldest first in each file; reads
+    them in pieces."""
     out: list[Quarantined] = []
-    for spool in files(settings):
+    for spool in spools:
         if not spool.quarantined:
             continue
         db = _open(spool.path)
