@@ -13,8 +13,10 @@ application token, with bounded headers.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -71,6 +73,10 @@ class App:
         self.client: TestClient[Any, Any] = TestClient(TestServer(app), loop=self.loop)
         self.loop.run_until_complete(self.client.start_server())
 
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.close())
+        self.loop.close()
+
     def post(self, content_type: str, body: bytes) -> None:
         self.loop.run_until_complete(self._post(content_type, body))
 
@@ -114,9 +120,24 @@ def one_input(data: bytes) -> None:
     _app.post(content_type, body)
 
 
+def at_exit() -> None:
+    """The run is over: stop the per-input alarm, then close the app.
+
+    atheris ends a bounded run (-atheris_runs) with sys.exit from inside its last input and
+    leaves libFuzzer's per-input timer armed (a SIGALRM every timeout/2 + 1 s). Python's
+    finalization then sets SIGALRM back to its default action (atheris registered a Python
+    handler for it), so a tick during a slow exit on a busy machine killed a clean run with
+    signal 14 after its "Done" line. Fuzzing is over here; nothing is left to time out.
+    """
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    if _app is not None:
+        _app.close()
+
+
 def main() -> None:
     # With a seed corpus, a token-bearing body is easy to reach: mutations keep the token.
     logging.disable(logging.CRITICAL)  # refusals are logged; thousands a second here
+    atexit.register(at_exit)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 
