@@ -126,6 +126,15 @@ class Settings(BaseSettings):
     spool_path: str = ".b24queue/spool.sqlite3"
     spool_max_events: int = Field(default=100_000, ge=1)
     spool_bypass_s: float = Field(default=5.0, ge=0)
+    # One tenant's share (b24queue/http/ingress.py): each verified portal (its member_id; a static
+    # token: the token) may send `ingress_rate_per_s` events a second after a burst of
+    # `ingress_rate_burst`; past it, 429. `auto`: on with per-portal verification, where anyone
+    # gets a token by installing the app; off with static tokens only (the operator's portals).
+    # Per process: each of B24QUEUE_INGRESS_PROCESSES refills at its share of the rate, and holds
+    # a whole burst (one portal's burst may reach a single process).
+    ingress_rate_limit: Literal["auto", "on", "off"] = "auto"
+    ingress_rate_per_s: float = Field(default=50.0, gt=0, le=1_000_000)
+    ingress_rate_burst: int = Field(default=1000, ge=1, le=1_000_000)
 
     # Per-portal tokens (a Bitrix24 app on many portals)
     portal_verification: bool = False
@@ -273,6 +282,13 @@ class Settings(BaseSettings):
         if parts.scheme != "https" or not parts.hostname or parts.query or "@" in parts.netloc:
             raise ValueError("must look like https://oauth.bitrix.info/oauth/token/")
         return value
+
+    @property
+    def ingress_rate_limited(self) -> bool:
+        """Whether the ingress limits each portal (B24QUEUE_INGRESS_RATE_LIMIT, `auto` resolved)."""
+        if self.ingress_rate_limit == "auto":
+            return self.portal_verification
+        return self.ingress_rate_limit == "on"
 
     @property
     def portal_limits(self) -> tuple[int, float]:
