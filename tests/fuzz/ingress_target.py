@@ -6,8 +6,8 @@ process. Run by tests/security/test_fuzz.py (a short run in `make test`) and `ma
 The first input byte picks the path: 0 form / 1 JSON through decode -> validate -> envelope;
 2 form / 3 JSON / 4 any content type through the aiohttp app with a static token and an in-memory
 sink. Whatever the input: no exception but BadEventError from the decoder, no 500 from the app,
-nothing published for a refusal, and every accepted event's message is strict JSON without the
-application token, with bounded headers.
+nothing published for a refusal, and every accepted event's message is strict JSON without an
+`application_token` key at any depth, with bounded headers.
 """
 
 from __future__ import annotations
@@ -41,11 +41,24 @@ def _no_constant(name: str) -> Any:
     raise AssertionError(f"published JSON has {name}")
 
 
+def holds_token_key(root: Any) -> bool:
+    """Whether an `application_token` key is anywhere in `root` (bot events repeat it deep)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "application_token" in node:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
 def check_envelope(envelope: Envelope) -> None:
     body = json.loads(envelope.body, parse_constant=_no_constant)
     assert isinstance(body, dict)
-    auth = body.get("auth")
-    assert not (isinstance(auth, dict) and "application_token" in auth), "token published"
+    assert not holds_token_key(body), "token published"
     assert sum(len(k) + len(v) for k, v in envelope.headers.items()) <= MAX_HEADER_CHARS
     assert "\n" not in envelope.routing_key and "*" not in envelope.routing_key
     check_size(envelope)
