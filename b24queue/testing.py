@@ -13,13 +13,13 @@ The same rules (`b24queue.delivery.decide`) run here as in the worker.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, decide
+from b24queue.envelope import message_body
 from b24queue.events import FORM_TYPE, Event, parse_event
 
 TEST_TOKEN = "test-application-token"  # noqa: S105 - a fixture value, not a secret
@@ -61,7 +61,7 @@ async def run_handler(
     """One delivery of `event` as attempt `attempt`; returns the outcome, acts on nothing."""
     type(consumer).check()
     incoming = Incoming(
-        body=json.dumps(event.payload).encode(),
+        body=message_body(event.payload),  # as queued: without the application token
         message_id=message_id or uuid.uuid4().hex,
         routing_key=event.routing_key,
         headers={**(headers or {}), c.H_ATTEMPT: attempt},
