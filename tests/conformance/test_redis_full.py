@@ -217,6 +217,22 @@ async def test_the_ingress_refuses_events_cleanly_while_redis_is_full(
         assert len(rows) == 201 and rows[-1].message_id == answer["message_id"]
 
 
+async def test_an_ingress_first_started_while_full_gets_ready_once_there_is_room(
+    settings: Settings, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its unrouted queue cannot be declared while Redis is full: it retries, one connection at
+    a time (each failed try closes its own), and is ready once Redis has room."""
+    await admin.config_set("maxmemory", "1")
+    async with RedisPublisher(settings, "test-first-start") as publisher:
+        await wait_until(lambda: caplog.text.count("retrying") >= 5, 10, "five tries")
+        assert not publisher.is_ready()
+        names = [c.get("name") for c in await admin.client_list()]
+        assert names.count("test-first-start") <= 1, names
+        await admin.config_set("maxmemory", "0")
+        await wait_until(publisher.is_ready, 10, "the publisher ready")
+        await publisher.publish(envelope_for(make_event("ONCRMDEALADD")))
+
+
 async def test_a_worker_says_when_the_policy_can_evict_events(
     settings: Settings, store: Store, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

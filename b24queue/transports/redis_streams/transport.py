@@ -100,9 +100,7 @@ class RedisPublisher:
         on a failure and true again once a ping answers."""
         while True:
             try:
-                store = await _opened(self._settings, self._name)
-                await check_durable(store.client, self._settings)
-                await store.declare_unrouted()
+                store = await self._checked()
                 break
             except B24QueueError as exc:
                 if not isinstance(exc, BrokerUnavailableError):
@@ -129,6 +127,18 @@ class RedisPublisher:
                 continue
             self._ready = True
             log.info("Redis answers again")
+
+    async def _checked(self) -> Store:
+        """A connection to a Redis that keeps events as b24queue needs, the unrouted queue
+        declared; closed when not (each retry opens its own)."""
+        store = await _opened(self._settings, self._name)
+        try:
+            await check_durable(store.client, self._settings)
+            await store.declare_unrouted()
+        except BaseException:
+            await asyncio.gather(store.client.aclose(), return_exceptions=True)
+            raise
+        return store
 
     async def failed(self) -> BaseException:
         return await given_up(self._task)
