@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue import EventConsumer, Reject, Retry
 from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import EventSink, envelope_for
+from b24queue.errors import BrokerUnavailableError
 from b24queue.events import Event
 from b24queue.http.ingress import create_app
 from b24queue.ingress.fallback import SpoolingSink
@@ -178,6 +179,10 @@ async def test_a_running_worker_claims_retries_and_dead_letters_while_redis_is_f
         assert await full(admin)  # all of it while Redis was full
     assert await store.count(Gated.queue) == 0
     assert [r.message_id for r in await store.first(Gated.queue + ".dlq", 10, None)] == ids[:1]
+    async with Redis(settings).dead_letters(Gated.queue) as dlq:  # the operator, still full
+        with pytest.raises(BrokerUnavailableError, match="over its maxmemory"):
+            await dlq.replay()
+        assert await dlq.purge(1) == 1
 
 
 @pytest.mark.parametrize("spooled", [False, True])

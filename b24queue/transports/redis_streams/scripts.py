@@ -12,10 +12,10 @@ claim script once due.
 Over `maxmemory` (policy noeviction) Redis refuses whatever may grow memory. New events must be
 refused then (PUBLISH, REPLAY: the ingress answers 503 or spools), but draining is what frees
 memory, so the scripts a worker needs to start and drain run anyway (`#!lua flags=allow-oom`,
-Redis >= 7): DECLARE, CLAIM, BEAT and MOVE only move what Redis already holds (a due retry back
-into its stream, an entry to its delayed set or DLQ) or write a few small values of bounded
-number (a queue's names, bindings and empty group once; the claim cursor; one heartbeat per
-runner), never an event's worth of new data per call.
+Redis >= 7). None adds an event: DECLARE, CLAIM and BEAT write a few small values of bounded
+number (a queue's names, bindings and empty group, once; the claim cursor; one heartbeat per
+runner); CLAIM and MOVE move entries Redis holds (a due retry back into its stream; an entry to
+its delayed set or DLQ, with its new headers: the error text is cut at 1,000 characters).
 """
 
 from __future__ import annotations
