@@ -26,11 +26,25 @@ class TokenBucket:
         self._tokens -= 1
         return True
 
+    def wait_s(self, now: float) -> float:
+        """Seconds from `now` until a call would be let through (0 if one would be now)."""
+        tokens = self._tokens + max(0.0, now - self._stamp) * self._per_s
+        return max(0.0, (1 - tokens) / self._per_s)
+
+    def full_at(self) -> float:
+        """When the bucket is full again if nothing more is taken: from then on it is no
+        different from a new one."""
+        return self._stamp + (self._capacity - self._tokens) / self._per_s
+
 
 class KeyedLimiter:
-    """One `TokenBucket` per key, at most `max_keys` of them: the keys are domains the caller
-    chose, so the table must not grow with them. The least recently used key goes first;
-    forgetting a key only refills its bucket early, and the overall limit still holds."""
+    """One `TokenBucket` per key, at most `max_keys` of them, O(1) a call: the keys come from
+    callers, so the table must not grow with them.
+
+    A bucket that has refilled is forgotten (a new one would be the same): up to two a call, the
+    least recently used first, so the table holds about the keys seen within one refill time. If
+    it still reaches `max_keys`, the least recently used key goes, refilled or not: forgetting a
+    key only refills its bucket early, and it is the key idle the longest."""
 
     def __init__(
         self, capacity: float, per_s: float, max_keys: int, clock: Callable[[], float]
@@ -44,6 +58,7 @@ class KeyedLimiter:
 
     def take(self, key: str) -> bool:
         now = self._clock()
+        self._forget_full(now)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = TokenBucket(self._capacity, self._per_s, now)
@@ -52,6 +67,18 @@ class KeyedLimiter:
         else:
             self._buckets.move_to_end(key)
         return bucket.take(now)
+
+    def wait_s(self, key: str) -> float:
+        """Seconds until `take(key)` would be let through (0 for a key not in the table)."""
+        bucket = self._buckets.get(key)
+        return 0.0 if bucket is None else bucket.wait_s(self._clock())
+
+    def _forget_full(self, now: float) -> None:
+        for _ in range(2):
+            oldest = next(iter(self._buckets.values()), None)
+            if oldest is None or oldest.full_at() > now:
+                return
+            self._buckets.popitem(last=False)
 
 
 class LogBudget:

@@ -8,13 +8,26 @@ import http.client
 import json
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.layout import Policy
+from b24queue.outbound import (
+    AnswerTooLarge,
+    Bounds,
+    NotJSON,
+    Redirected,
+    check_redirect,
+    decode_json,
+    urllib_opener,
+)
 from b24queue.redaction import redact_url
 from b24queue.settings import Settings
+
+# The operator's own broker, but its answers are still read within bounds: /api/queues of a
+# vhost with 30,000 queues is about 75 MB and 3.3 million values.
+BOUNDS = Bounds(max_bytes=128 * 1024 * 1024, max_values=4_000_000)
 
 
 class _Unreachable(Exception):
@@ -31,6 +44,8 @@ class ManagementClient:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
         self._timeout_s = timeout_s
+        # Never a redirect: urllib would send the Authorization header on to any host.
+        self._opener = urllib_opener()
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         unreachable: ManagementError | None = None
@@ -52,36 +67,49 @@ class ManagementClient:
         # The scheme is http(s): Settings checks management_url.
         req = urllib.request.Request(url, data=data, method=method, headers=self._headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout_s) as resp:  # noqa: S310
-                raw = resp.read()
+            with self._opener.open(req, timeout=self._timeout_s) as resp:
+                raw = resp.read(BOUNDS.max_bytes + 1)
         except urllib.error.HTTPError as exc:
-            if exc.code == 401:
-                raise ConfigError(
-                    f"the management API at {where} refused the credentials of "
-                    "B24QUEUE_AMQP_URL (the user needs the 'monitoring' or 'management' tag)"
-                ) from None
-            if exc.code == 404:
-                raise LookupError(path) from None
-            if exc.code >= 500:  # a node starting or cut off from the others: ask the next
-                raise _Unreachable(
-                    f"the management API at {where} answered HTTP {exc.code}"
-                ) from None
-            detail = exc.read().decode("utf-8", "replace")[:300]
-            raise ManagementError(
-                f"management API {method} {path}: HTTP {exc.code} {detail}"
-            ) from None
+            with exc:  # its connection closed, whatever is raised
+                self._refused(exc, where, method, path)
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise _Unreachable(
                 f"cannot reach the RabbitMQ management API at {where} ({exc}); is the "
                 "rabbitmq_management plugin enabled? (rabbitmq-plugins enable rabbitmq_management)"
             ) from None
+        if not raw:
+            return None
         try:
-            return json.loads(raw) if raw else None
-        except ValueError:  # e.g. a proxy's login page answering in its place
+            return decode_json(raw, BOUNDS)
+        except AnswerTooLarge as exc:
+            raise ManagementError(
+                f"the management API at {where} answered {method} {path}: {exc}"
+            ) from None
+        except NotJSON:  # e.g. a proxy's login page answering in its place
             raise ManagementError(
                 f"the management API at {where} answered {method} {path} with something "
                 "that is not JSON"
             ) from None
+
+    def _refused(self, exc: urllib.error.HTTPError, where: str, method: str, path: str) -> NoReturn:
+        try:
+            check_redirect(exc.code, exc.headers.get("Location"))
+        except Redirected as redirected:
+            raise ManagementError(
+                f"the management API at {where} {redirected} (set B24QUEUE_MANAGEMENT_URL "
+                "to where it is)"
+            ) from None
+        if exc.code == 401:
+            raise ConfigError(
+                f"the management API at {where} refused the credentials of "
+                "B24QUEUE_AMQP_URL (the user needs the 'monitoring' or 'management' tag)"
+            ) from None
+        if exc.code == 404:
+            raise LookupError(path) from None
+        if exc.code >= 500:  # a node starting or cut off from the others: ask the next
+            raise _Unreachable(f"the management API at {where} answered HTTP {exc.code}") from None
+        detail = exc.read(300).decode("utf-8", "replace")
+        raise ManagementError(f"management API {method} {path}: HTTP {exc.code} {detail}") from None
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

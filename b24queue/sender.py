@@ -10,6 +10,7 @@ from typing import Any
 from b24queue.errors import BadEventError
 from b24queue.events import FORM_TYPE
 from b24queue.forms import encode_form, split_key
+from b24queue.outbound import urllib_opener
 from b24queue.redaction import redact_url
 
 DEFAULT_URL = "http://127.0.0.1:8080/b24/events"
@@ -55,17 +56,19 @@ def sample_payload(event: str, token: str, overrides: list[str]) -> dict[str, An
 def post(
     url: str, body: bytes, content_type: str = FORM_TYPE, timeout_s: float = 10.0
 ) -> tuple[int, str]:
-    """POST the body; returns (status, response text). Connection errors raise OSError."""
+    """POST the body; returns (status, response text): a redirect's own status (3xx), never
+    followed. Connection errors raise OSError."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--url must be http:// or https://, got {redact_url(url)!r}")
     request = urllib.request.Request(  # noqa: S310 - scheme checked above
         url, data=body, method="POST", headers={"Content-Type": content_type}
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+        with urllib_opener().open(request, timeout=timeout_s) as response:
             return response.status, response.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
+        with exc:
+            return exc.code, exc.read().decode("utf-8", "replace")
 
 
 def form_body(payload: dict[str, Any]) -> bytes:

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from b24queue import _constants as c
 from b24queue import broker_urls
 from b24queue.errors import ConfigError
+from b24queue.outbound import VALUE_BYTES, Bounds
 from b24queue.redaction import WEBHOOK_PATH, redact_url, url_secrets
 
 ENV_PREFIX = "B24QUEUE_"
@@ -127,6 +128,15 @@ class Settings(BaseSettings):
     spool_path: str = ".b24queue/spool.sqlite3"
     spool_max_events: int = Field(default=100_000, ge=1)
     spool_bypass_s: float = Field(default=5.0, ge=0)
+    # One tenant's share (b24queue/http/ingress.py): each verified portal (its member_id; a static
+    # token: the token) may send `ingress_rate_per_s` events a second after a burst of
+    # `ingress_rate_burst`; past it, 429. `auto`: on with per-portal verification, where anyone
+    # gets a token by installing the app; off with static tokens only (the operator's portals).
+    # Per process: each of B24QUEUE_INGRESS_PROCESSES refills at its share of the rate, and holds
+    # a whole burst (one portal's burst may reach a single process).
+    ingress_rate_limit: Literal["auto", "on", "off"] = "auto"
+    ingress_rate_per_s: float = Field(default=50.0, gt=0, le=1_000_000)
+    ingress_rate_burst: int = Field(default=1000, ge=1, le=1_000_000)
 
     # Per-portal tokens (a Bitrix24 app on many portals)
     portal_verification: bool = False
@@ -155,12 +165,21 @@ class Settings(BaseSettings):
     # Longest a call waits for the bucket; past it the event is retried later instead.
     portal_max_wait_s: float = Field(default=20.0, ge=0, le=600)
     portal_call_timeout_s: float = Field(default=30.0, gt=0, le=600)
-    # A portal's answer is decoded whole, on the event loop: its size is bounded. A full batch of
-    # 50 list calls answers 2,500 records (a few KB each); past the cap: PortalError
-    # ANSWER_TOO_LARGE. An offline batch can hold B24QUEUE_OFFLINE_BATCH records of up to
-    # B24QUEUE_MAX_BODY_BYTES each, more than any cap: the puller then asks for fewer records.
+    # A portal's answer is decoded whole, on the event loop: its size is bounded in bytes, and
+    # in JSON values (b24queue.outbound), which bound what it decodes into (at most about 200
+    # bytes each). A full batch of 50 crm.deal.list pages (2,500 deals of 95 fields) is 8 MB
+    # and 290,566 values; past a bound: PortalError ANSWER_TOO_LARGE. An offline batch can hold
+    # B24QUEUE_OFFLINE_BATCH records of up to B24QUEUE_MAX_BODY_BYTES each, more than any cap:
+    # the puller then asks for fewer records.
     portal_max_answer_bytes: int = Field(
         default=16 * 1024 * 1024, ge=64 * 1024, le=32 * 1024 * 1024
+    )
+    portal_max_answer_values: int = Field(default=1_000_000, ge=10_000, le=10_000_000)
+    # The memory of the portal answers a worker process reads and decodes at once: an answer
+    # that would take it past this fails with PortalRetry ANSWERS_BUSY (the event is retried
+    # later). At least one answer of the largest size the two bounds allow.
+    portal_answers_budget_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024 * 1024, le=16 * 1024 * 1024 * 1024
     )
     # Inbound webhooks (https://<portal>/rest/<user>/<code>/), comma-separated: events from a
     # webhook's portal without OAuth credentials call through it.
@@ -288,6 +307,13 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def ingress_rate_limited(self) -> bool:
+        """Whether the ingress limits each portal (B24QUEUE_INGRESS_RATE_LIMIT, `auto` resolved)."""
+        if self.ingress_rate_limit == "auto":
+            return self.portal_verification
+        return self.ingress_rate_limit == "on"
+
+    @property
     def portal_limits(self) -> tuple[int, float]:
         """The portal's leaky bucket: (burst, drain per second)."""
         burst, drain = (250, 5.0) if self.portal_plan == "enterprise" else (50, 2.0)
@@ -299,6 +325,18 @@ class Settings(BaseSettings):
         if not value.startswith("/"):
             raise ValueError("must start with /")
         return value
+
+    @model_validator(mode="after")
+    def _answers_budget_holds_an_answer(self) -> Settings:
+        largest = self.portal_answer_bounds.decoded_bytes()
+        if self.portal_answers_budget_bytes < largest:
+            raise ValueError(
+                f"B24QUEUE_PORTAL_ANSWERS_BUDGET_BYTES ({self.portal_answers_budget_bytes}) must "
+                f"hold at least one answer of the largest size allowed, {largest} bytes "
+                "(B24QUEUE_PORTAL_MAX_ANSWER_BYTES + B24QUEUE_PORTAL_MAX_ANSWER_VALUES x "
+                f"{VALUE_BYTES})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _portal_callback_needs_client_id(self) -> Settings:
@@ -321,6 +359,16 @@ class Settings(BaseSettings):
                 f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return data
+
+    @property
+    def portal_answer_bounds(self) -> Bounds:
+        """How large one portal answer may be (b24queue.outbound)."""
+        return Bounds(
+            self.portal_max_answer_bytes,
+            self.portal_max_answer_values,
+            "B24QUEUE_PORTAL_MAX_ANSWER_BYTES",
+            "B24QUEUE_PORTAL_MAX_ANSWER_VALUES",
+        )
 
     @property
     def vhost(self) -> str:

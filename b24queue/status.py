@@ -55,12 +55,32 @@ class SpoolRow:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryRow:
+    """The queue server's memory where it sets a limit of its own (Redis: `maxmemory`)."""
+
+    used_bytes: int
+    limit_bytes: int  # 0: no limit
+    policy: str  # what happens at the limit
+    full: bool  # over the limit: new events are refused
+    evicts: bool  # the policy may drop queued events
+
+    def describe(self) -> str:
+        limit = f"of maxmemory {_mib(self.limit_bytes)}" if self.limit_bytes else "(no maxmemory)"
+        return f"{_mib(self.used_bytes)} used {limit}, maxmemory-policy {self.policy}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     queues: list[QueueRow]
     unrouted: int
     connections: list[ConnectionRow]
     problems: list[str] = field(default_factory=list)
     spools: list[SpoolRow] = field(default_factory=list)
+    memory: MemoryRow | None = None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +194,15 @@ def render(status: Status, settings: Settings) -> str:
         lines.append("no consumer queues yet (a worker declares them when it starts)")
     lines.append("")
     lines.append(f"{settings.unrouted}: {status.unrouted} message(s) no consumer is bound to")
+    if status.memory is not None:
+        lines.append(f"memory: {status.memory.describe()}")
+        if status.memory.full:
+            lines.append(
+                "  FULL: new events are refused (the ingress spools them or answers 503) "
+                "until the workers drain the queues"
+            )
+        if status.memory.evicts:
+            lines.append("  this policy can evict queued events: set maxmemory-policy noeviction")
     lines.append("")
     if status.connections:
         lines.append("CONNECTIONS")

@@ -13,13 +13,13 @@ The same rules (`b24queue.delivery.decide`) run here as in the worker.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, decide
+from b24queue.envelope import envelope_for
 from b24queue.events import FORM_TYPE, Event, parse_event
 
 TEST_TOKEN = "test-application-token"  # noqa: S105 - a fixture value, not a secret
@@ -60,11 +60,13 @@ async def run_handler(
 ) -> Outcome:
     """One delivery of `event` as attempt `attempt`; returns the outcome, acts on nothing."""
     type(consumer).check()
+    # As the ingress queues it: the body without the application token, its digest in a header.
+    envelope = envelope_for(event)
     incoming = Incoming(
-        body=json.dumps(event.payload).encode(),
+        body=envelope.body,
         message_id=message_id or uuid.uuid4().hex,
-        routing_key=event.routing_key,
-        headers={**(headers or {}), c.H_ATTEMPT: attempt},
+        routing_key=envelope.routing_key,
+        headers={**envelope.headers, **(headers or {}), c.H_ATTEMPT: attempt},
     )
     return await decide(consumer, incoming, type(consumer).queue)
 

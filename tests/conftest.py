@@ -35,12 +35,31 @@ def sample_decoded(name: str) -> dict[str, Any]:
 
 def sample_published(name: str) -> dict[str, Any]:
     """The message body the ingress publishes for a sample: decoded, less the application token
-    (verified at the edge, never handed on)."""
+    (verified at the edge, never handed on) wherever it is: bot and command events repeat it deep
+    in `data`."""
     value = sample_decoded(name)
-    value["auth"].pop("application_token", None)
-    for bot in value["data"].get("BOT", {}).values():  # bot events repeat it in data[BOT][id][AUTH]
-        bot.get("AUTH", {}).pop("application_token", None)
+    for node in nodes(value):
+        if isinstance(node, dict):
+            node.pop("application_token", None)
     return value
+
+
+def nodes(root: Any) -> list[Any]:
+    """Every value in `root`, itself included, at any depth of its dicts and lists."""
+    found, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def token_keys(root: Any) -> int:
+    """How many `application_token` keys `root` holds, at any depth."""
+    return sum(isinstance(n, dict) and "application_token" in n for n in nodes(root))
 
 
 def children_of(pid: int) -> list[int]:

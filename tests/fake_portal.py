@@ -10,6 +10,7 @@ it, over HTTPS with a self-signed certificate for `*.portal.test`, chosen by the
   slow        answers after 10 s
   hold-*      waits until `release` is set, then answers like good-*
   redirect    302 to another host
+  crowded     like good-*, with 20,000 empty objects beside (60 KB: many values, few bytes)
 
 Any other token the REST side issued (tests/fake_rest.py: OAuth, CRM methods, batch, the leaky
 bucket, under `rest`) is answered there, as are /rest/<method> and /oauth/token/.
@@ -37,6 +38,26 @@ from tests.fake_rest import FakeRest
 
 CLIENT_ID = "app.b24queue-test"
 PUBLISHED_PORT = 443
+
+# Answers that are always the same, by token.
+_FIXED = {
+    "wrong-app": (200, json.dumps({"result": {"ID": 5, "CODE": "someone.else"}})),
+    "expired": (
+        401,
+        json.dumps(
+            {
+                "error": "expired_token",
+                "error_description": "The access token provided has expired.",
+            }
+        ),
+    ),
+    "crowded": (
+        200,
+        json.dumps(
+            {"result": {"ID": 77, "CODE": CLIENT_ID, "PAD": [{}] * 20_000}}, separators=(",", ":")
+        ),
+    ),
+}
 
 # published port -> the port the running fake portal really listens on
 _LISTENING: dict[int, int] = {}
@@ -194,16 +215,9 @@ class FakePortal:
                     "time": {"start": 1764360000.1, "finish": 1764360000.2},
                 }
             )
-        if token == "wrong-app":
-            return web.json_response({"result": {"ID": 5, "CODE": "someone.else"}})
-        if token == "expired":
-            return web.json_response(
-                {
-                    "error": "expired_token",
-                    "error_description": "The access token provided has expired.",
-                },
-                status=401,
-            )
+        if token in _FIXED:
+            status, text = _FIXED[token]
+            return web.Response(status=status, text=text, content_type="application/json")
         if token == "slow":
             await asyncio.sleep(10)
             return web.json_response({"result": {"CODE": CLIENT_ID}})

@@ -68,6 +68,16 @@ class FakeRest:
         # More methods, registered by other fakes (tests/fake_offline.py): (host, method,
         # params) -> (status, answer), or None when not theirs.
         self.extensions: list[Extension] = []
+        # Answers written as they are (a hostile portal's), by method: the body, or a function
+        # of the call's params making it. With `raw_gate` for a method: (n, gate) writes n
+        # bytes, waits for the gate, then the rest.
+        self.raw: dict[str, bytes | Callable[[dict[str, Any]], bytes]] = {}
+        self.raw_gate: dict[str, tuple[int, asyncio.Event]] = {}
+        # Methods answered with a redirect: method -> (status, Location).
+        self.moved: dict[str, tuple[int, str]] = {}
+        # Added to every OAuth answer (a hostile OAuth server's), and a redirect in its place.
+        self.oauth_extra: dict[str, Any] = {}
+        self.oauth_moved: tuple[int, str] | None = None
 
     def issue(self, member_id: str, lifetime_s: float | None = None) -> tuple[str, str, int]:
         """A new (access, refresh, expires) for the portal."""
@@ -112,6 +122,8 @@ class FakeRest:
             return _error(401, "invalid_token", "The access token provided is invalid.")
         if known[1] < time.time():
             return _error(401, "expired_token", "The access token provided has expired.")
+        if method in self.moved or method in self.raw:
+            return await self._raw(request, method, params)
         for extension in self.extensions:
             answered = await extension(host, method, params)
             if answered is not None:
@@ -124,6 +136,24 @@ class FakeRest:
             deep = '{"result":' + "[" * 30_000 + "]" * 30_000 + "}"
             return web.Response(text=deep, content_type="application/json")
         return self._run(host, method, params, token)
+
+    async def _raw(
+        self, request: web.Request, method: str, params: dict[str, Any]
+    ) -> web.StreamResponse:
+        if method in self.moved:
+            status, location = self.moved[method]
+            return web.Response(status=status, headers={"Location": location})
+        made = self.raw[method]
+        body = made(params) if callable(made) else made
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        first, gate = self.raw_gate.get(method, (len(body), None))
+        await resp.write(body[:first])
+        if gate is not None:
+            await gate.wait()
+        await resp.write(body[first:])
+        await resp.write_eof()
+        return resp
 
     async def webhook(self, request: web.Request) -> web.Response:
         method = request.match_info["method"].removesuffix(".json")
@@ -192,6 +222,9 @@ class FakeRest:
     async def oauth(self, request: web.Request) -> web.Response:
         self.oauth_requests += 1
         self.oauth_arrived.set()
+        if self.oauth_moved is not None:
+            status, location = self.oauth_moved
+            return web.Response(status=status, headers={"Location": location})
         answer = self._refresh(request.query)
         if self.oauth_gate is not None:
             await self.oauth_gate.wait()
@@ -223,6 +256,7 @@ class FakeRest:
                 "member_id": member,
                 "user_id": 1,
                 "refresh_token": new_refresh,
+                **self.oauth_extra,
             }
         )
 

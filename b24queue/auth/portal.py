@@ -89,13 +89,14 @@ class PortalVerifier:
                 log.error("portal token store: %r", exc)
             raise StoreUnavailableError("the portal token store is unavailable") from exc
 
-    async def verify(self, event: Event) -> None:
-        if self._static is not None and self._static.matches(event):
-            return
+    async def verify(self, event: Event) -> str:
+        """The tenant is the portal's member_id, once the event is proven to come from it (or
+        `token#N` for an event let in by a static token)."""
+        if self._static is not None and (static := self._static.tenant(event)) is not None:
+            return static
         token, member_id = event.auth.application_token, event.auth.member_id
         if not token and event.name == PAYMENT:
-            await self._payment(event)
-            return
+            return await self._payment(event)
         if not token:
             raise UnauthorizedError("auth[application_token] is missing")
         if not member_id:
@@ -103,7 +104,7 @@ class PortalVerifier:
         record = await self._get(member_id)
         if event.name == INSTALL:
             await self._install(event, token, member_id, record)
-            return
+            return member_id
         if record is None:
             raise UnauthorizedError(
                 f"unknown portal: no ONAPPINSTALL was accepted for member_id {member_id}"
@@ -112,6 +113,7 @@ class PortalVerifier:
             raise UnauthorizedError("auth[application_token] does not match this portal's token")
         _check_same_portal(event, record)
         await self._keep_fresh_access(event, record)
+        return member_id
 
     async def _keep_fresh_access(self, event: Event, record: PortalRecord) -> None:
         if record.access_expires > time.time() + REFRESH_BEFORE_S:
@@ -129,7 +131,7 @@ class PortalVerifier:
                 if self._log_budget.spend() is not None:
                     log.warning("could not keep the portal's fresher access token: %r", exc)
 
-    async def _payment(self, event: Event) -> None:
+    async def _payment(self, event: Event) -> str:
         member_id = event.auth.member_id
         if not member_id:
             raise UnauthorizedError("ONAPPPAYMENT without auth[member_id]")
@@ -155,6 +157,7 @@ class PortalVerifier:
         log.info(
             "ONAPPPAYMENT from %s (member_id %s) confirmed by the portal", record.domain, member_id
         )
+        return member_id
 
     async def _install(
         self, event: Event, token: str, member_id: str, record: PortalRecord | None

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 class TokenVerifier(Protocol):
-    async def verify(self, event: Event) -> None:
-        """Return if the event is authentic; raise `UnauthorizedError` otherwise."""
+    async def verify(self, event: Event) -> str:
+        """If the event is authentic, the tenant it speaks for (the key of per-tenant limits,
+        never a token); raise `UnauthorizedError` otherwise."""
 
     async def accepted(self, event: Event) -> None:
         """Called once the event is stored (e.g. to forget a portal after ONAPPUNINSTALL)."""
@@ -34,19 +35,22 @@ class StaticTokens:
             raise ConfigError("StaticTokens needs at least one non-empty token")
         self._tokens = tuple(t.encode() for t in tokens)
 
-    def matches(self, event: Event) -> bool:
+    def tenant(self, event: Event) -> str | None:
+        """`token#N` if the event carries the Nth configured token (the only thing a static
+        token proves: its member_id and domain are whatever the caller wrote), else None."""
         given = event.auth.application_token
         if not given:
-            return False
+            return None
         candidate = given.encode()
         # Compare with every token, without stopping early, so timing says nothing about which
         # token (or how much of one) matched.
-        matched = False
-        for token in self._tokens:
-            matched |= hmac.compare_digest(token, candidate)
-        return matched
+        matched = 0
+        for number, token in enumerate(self._tokens, 1):
+            if hmac.compare_digest(token, candidate) and not matched:
+                matched = number
+        return f"token#{matched}" if matched else None
 
-    async def verify(self, event: Event) -> None:
+    async def verify(self, event: Event) -> str:
         if not event.auth.application_token and event.name == "ONAPPPAYMENT":
             raise UnauthorizedError(
                 "ONAPPPAYMENT carries no application token: it is accepted only when the portal "
@@ -54,8 +58,10 @@ class StaticTokens:
             )
         if not event.auth.application_token:
             raise UnauthorizedError("auth[application_token] is missing")
-        if not self.matches(event):
+        tenant = self.tenant(event)
+        if tenant is None:
             raise UnauthorizedError("auth[application_token] does not match a configured token")
+        return tenant
 
     async def accepted(self, event: Event) -> None:
         return None
@@ -64,15 +70,17 @@ class StaticTokens:
 class AcceptAll:
     """No verification at all: only with B24QUEUE_ALLOW_UNVERIFIED=true, and said loudly."""
 
-    async def verify(self, event: Event) -> None:
-        return None
+    async def verify(self, event: Event) -> str:
+        # Nothing is proven: the tenant is whoever the event claims to be.
+        auth = event.auth
+        return auth.member_id or (f"domain:{auth.domain}" if auth.domain else "-")
 
     async def accepted(self, event: Event) -> None:
         return None
 
 
 class _NoStaticTokens:
-    async def verify(self, event: Event) -> None:
+    async def verify(self, event: Event) -> str:
         raise UnauthorizedError("auth[application_token] does not match")
 
     async def accepted(self, event: Event) -> None:

@@ -1,12 +1,13 @@
 """The HTTP ingress: Bitrix24 calls `POST /b24/events`; we answer 200 only once RabbitMQ confirmed.
 
-Order per request: method, content type, size, decode, validate, verify, publish. Every refusal is
-a JSON `{"error": ...}` with its status, and nothing is published for it.
+Order per request: method, content type, size, decode, validate, verify, the portal's rate limit,
+publish. Every refusal is a JSON `{"error": ...}` with its status, and nothing is published for it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from b24queue.errors import (
     UnauthorizedError,
 )
 from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
-from b24queue.limits import LogBudget
+from b24queue.limits import KeyedLimiter, LogBudget
 from b24queue.logs import client_text
 from b24queue.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from b24queue.metrics import EventLabels, IngressMetrics
@@ -37,6 +38,10 @@ SINK_KEY = web.AppKey("sink", EventSink)
 METRICS_KEY = web.AppKey("metrics", IngressMetrics)
 _REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 ACCEPTED_TYPES = (FORM_TYPE, JSON_TYPE)
+# Portals whose rate-limit buckets one process keeps (about 270 bytes each, with the key: 27 MB
+# at most). Only portals seen within a bucket's refill time are kept; past this many, the least
+# recently seen is forgotten (its bucket refills early: nobody is refused for it).
+MAX_LIMITED_PORTALS = 100_000
 
 
 def error(status: int, message: str, **extra: str) -> web.Response:
@@ -83,6 +88,8 @@ class EventsView:
         self._refusal_log = LogBudget(20, 1.0, time.monotonic)
         # Each 503 is an event Bitrix24 will not resend: log them, but not without bound.
         self._not_stored_log = LogBudget(50, 5.0, time.monotonic)
+        self._portals = _portal_limiter(settings)
+        self._rate_limited_log = LogBudget(5, 0.1, time.monotonic)
 
     async def post(self, request: web.Request) -> web.Response:
         media = request.content_type.lower()
@@ -97,11 +104,13 @@ class EventsView:
             extra = {"field": exc.field} if exc.field else {}
             return error(400, str(exc), **extra)
         try:
-            await self._verifier.verify(event)
+            tenant = await self._verifier.verify(event)
         except UnauthorizedError as exc:
             return self._unauthorized(event, exc)
         except StoreUnavailableError as exc:
             return self._not_stored(event.name, envelope.message_id, exc)
+        if self._portals is not None and not self._portals.take(tenant):
+            return self._rate_limited(event, tenant, self._portals)
         started = time.perf_counter()
         try:
             await self._sink.publish(envelope)
@@ -161,6 +170,28 @@ class EventsView:
             )
         return error(401, str(exc))
 
+    def _rate_limited(self, event: Event, tenant: str, portals: KeyedLimiter) -> web.Response:
+        self._metrics.refused.labels("rate_limited").inc()
+        wait_s = max(1, math.ceil(portals.wait_s(tenant)))
+        s = self._settings
+        dropped = self._rate_limited_log.spend()
+        if dropped is not None:
+            log.warning(
+                "refused %s from %s (domain=%s): over %g events/s after a burst of %d "
+                "(B24QUEUE_INGRESS_RATE_PER_S, _BURST)%s",
+                event.name,
+                client_text(tenant),
+                client_text(event.auth.domain),
+                s.ingress_rate_per_s,
+                s.ingress_rate_burst,
+                f" ({dropped} more refused before this one, not logged)" if dropped else "",
+            )
+        return web.json_response(
+            {"error": f"too many events from this portal: not stored, try again in {wait_s} s"},
+            status=429,
+            headers={"Retry-After": str(wait_s)},
+        )
+
     def _not_stored(self, name: str, message_id: str, exc: Exception) -> web.Response:
         self._metrics.not_stored.labels(self._labels.of(name)).inc()
         dropped = self._not_stored_log.spend()
@@ -177,6 +208,17 @@ class EventsView:
             status=503,
             headers=self._retry_after,
         )
+
+
+def _portal_limiter(settings: Settings) -> KeyedLimiter | None:
+    """One bucket per tenant (the verifier's answer), so a request not verified spends nobody's
+    budget. Each of several ingress processes refills at its share of the rate (a flood spreads
+    over them, as connections do) but holds a whole burst: one portal's burst may reach a single
+    process (a proxy's kept-alive connection), and a refused event is never sent again."""
+    if not settings.ingress_rate_limited:
+        return None
+    per_s = settings.ingress_rate_per_s / settings.ingress_processes
+    return KeyedLimiter(settings.ingress_rate_burst, per_s, MAX_LIMITED_PORTALS, time.monotonic)
 
 
 async def healthz(request: web.Request) -> web.Response:

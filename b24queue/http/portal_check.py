@@ -5,7 +5,7 @@ The endpoint comes from the (unverified) request, so it is treated as hostile: h
 path `/rest/`, its host (IDNA-normalised, never an IP literal) must be the event's `auth[domain]`
 and match the configured portal domains, it must not resolve to a private, loopback or link-local
 address, nor to one wrapped in IPv6 (checked when connecting, so DNS rebinding cannot slip past),
-redirects are not followed, the answer is bounded in time and size.
+redirects are not followed, the answer is bounded in time, bytes and values (b24queue.outbound).
 
 Anyone can post an ONAPPINSTALL and each one costs an outbound call, so call-backs are
 rate-limited per domain and overall, and at most `portal_check_concurrency` run at once: past
@@ -17,7 +17,6 @@ goes to the log, escaped, truncated and itself rate-limited.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 import socket
@@ -35,11 +34,14 @@ from b24queue.events import Event
 from b24queue.hosts import normalise_host
 from b24queue.limits import KeyedLimiter, LogBudget, TokenBucket
 from b24queue.logs import client_text
+from b24queue.outbound import AnswerError, Bounds, Redirected, check_redirect, read_json
 from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_ANSWER_BYTES = 64 * 1024
+# app.info answers a few dozen values in a few hundred bytes. At most
+# `portal_check_concurrency` answers are read at once: no budget of their own beyond that.
+BOUNDS = Bounds(max_bytes=64 * 1024, max_values=10_000)
 NOT_CONFIRMED = "the portal did not confirm this install"
 MAX_TRACKED_DOMAINS = 4096  # per-domain buckets kept; the domains are chosen by the caller
 REFUSALS_LOGGED_PER_S = 1.0  # sustained; a burst of 20 first (a flood must not flood the log)
@@ -306,12 +308,14 @@ class PortalCallback:
 
     async def _ask(self, url: str, access_token: str) -> dict[str, Any]:
         assert self._session is not None
+        status = 0
         try:
             async with self._session.post(
                 url, data={"auth": access_token}, allow_redirects=False
             ) as resp:
-                body = await _read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
                 status = resp.status
+                check_redirect(status, resp.headers.get("Location"))
+                answer = await read_json(resp.content, BOUNDS)
         except PortalNotConfirmed:
             raise  # from the resolver guard
         except TimeoutError:
@@ -324,16 +328,10 @@ class PortalCallback:
             raise PortalNotConfirmed(
                 f"cannot reach the portal: {type(exc).__name__}: {exc}"
             ) from None
-        if 300 <= status < 400:
-            raise PortalNotConfirmed("the portal answered app.info with a redirect (not followed)")
-        if len(body) > MAX_ANSWER_BYTES:
-            raise PortalNotConfirmed("the portal's app.info answer is too large")
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            raise PortalNotConfirmed(
-                f"the portal's app.info answer (HTTP {status}) is not JSON"
-            ) from None
+        except Redirected as exc:
+            raise PortalNotConfirmed(f"the portal's app.info {exc}") from None
+        except AnswerError as exc:  # too large, or not JSON
+            raise PortalNotConfirmed(f"app.info (HTTP {status}): {exc}") from None
         if not isinstance(answer, dict):
             raise PortalNotConfirmed("the portal's app.info answer is not an object")
         if status != 200 or "error" in answer:
@@ -356,17 +354,3 @@ def _host_of(hostport: str, field: str) -> str:
     if is_ip_literal(ascii_host):
         raise PortalNotConfirmed(f"{field} is an IP address")
     return ascii_host
-
-
-async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    """Up to `limit` bytes of the answer, however many pieces it arrives in (a single `read(n)`
-    returns whatever has arrived so far)."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await stream.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)

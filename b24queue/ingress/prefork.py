@@ -43,8 +43,10 @@ _POLL_S = 0.2
 
 def child_env(settings: Settings, metrics_dir: str) -> dict[str, str]:
     """The parent's environment (children read their settings from it, as the parent did), plus
-    the CLI flags that matter to a child, and the shared metrics directory."""
+    the CLI flags that matter to a child (how many they are: each takes its share of the
+    per-portal rate), and the shared metrics directory."""
     env = dict(os.environ)
+    env[ENV_PREFIX + "INGRESS_PROCESSES"] = str(settings.ingress_processes)
     env[ENV_PREFIX + "LOG_LEVEL"] = settings.log_level
     env[ENV_PREFIX + "LOG_FORMAT"] = settings.log_format
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

@@ -169,11 +169,12 @@ class Puller:
                     self._limit = 1
                     self._counter.count("unreadable")
                     log.error(
-                        "portal %s: one offline record%s is larger than "
-                        "B24QUEUE_PORTAL_MAX_ANSWER_BYTES: left reserved, not lost (raise the "
-                        "setting to read it)",
+                        "portal %s: one offline record%s is too large to read (%s): left "
+                        "reserved, not lost (raise B24QUEUE_PORTAL_MAX_ANSWER_BYTES or _VALUES "
+                        "to read it)",
                         self._t.domain,
                         f" of batch {params['process_id']}" if "process_id" in params else "",
+                        exc.description,
                     )
                     raise _Unreadable(exc.code, str(exc)) from None
                 limit = max(1, limit // 2)

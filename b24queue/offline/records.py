@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from b24queue import _constants as c
-from b24queue.envelope import Envelope
+from b24queue.envelope import TOKEN_KEY_JSON, Envelope, without_tokens
 from b24queue.events import EVENT_NAME, MAX_EVENT_NAME
 
 H_OFFLINE = "x-b24queue-offline"  # "1" on every message pulled from an offline queue
@@ -114,7 +114,7 @@ def _record(
     try:
         # The body as it will be published (its nesting is what orjson limits), less the
         # portal's domain and member_id (a few bytes, bounded by the ingress's own checks).
-        size = len(orjson.dumps(_body(record, process_id, "", "")))
+        size = len(_serialised(_body(record, process_id, "", "")))
     except TypeError:  # orjson.JSONEncodeError: nested too deep, a number too large...
         return None, message_id
     if size > max_body_bytes:
@@ -142,7 +142,8 @@ def envelope_for_record(
     record: OfflineRecord, process_id: str, member_id: str, domain: str, digest: str
 ) -> Envelope:
     """The message of one record: routed by its event name like an online event, the record's
-    fields in `data`, and `offline` saying where it came from (no token anywhere). TypeError
+    fields in `data`, and `offline` saying where it came from (no token anywhere: none is added,
+    and `application_token` keys the record holds are left out). TypeError
     (orjson.JSONEncodeError) if it cannot be serialised."""
     headers = {
         c.H_DOMAIN: domain,
@@ -156,7 +157,7 @@ def envelope_for_record(
     return Envelope(
         message_id=stable_message_id(member_id, process_id, record),
         routing_key=record.event,
-        body=orjson.dumps(_body(record, process_id, member_id, domain)),
+        body=_serialised(_body(record, process_id, member_id, domain)),
         headers=headers,
         timestamp=datetime.now(UTC),
         event_type=record.event,
@@ -177,6 +178,15 @@ def _body(record: OfflineRecord, process_id: str, member_id: str, domain: str) -
             "additional": record.additional,
         },
     }
+
+
+def _serialised(body: dict[str, Any]) -> bytes:
+    """orjson's JSON of `body`, less every `application_token` at any depth, as an online event's
+    (`envelope.message_body`): a record's data is the event's, and bot events repeat the token."""
+    serialised = orjson.dumps(body)
+    if TOKEN_KEY_JSON in serialised:
+        serialised = orjson.dumps(without_tokens(body))
+    return serialised
 
 
 def _unix(timestamp: str) -> int | None:

@@ -14,7 +14,6 @@ Tokens go in the request body, never in a URL, a log line or an error.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -26,11 +25,20 @@ from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
 from b24queue.events import Event
 from b24queue.forms import encode_form
+from b24queue.outbound import (
+    AnswerBudget,
+    AnswersBusy,
+    AnswerTooLarge,
+    Bounds,
+    NotJSON,
+    Redirected,
+    check_redirect,
+    read_json,
+)
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.credentials import METHOD, Target, Webhooks
 from b24queue.portal.limits import Limit, SharedState
 from b24queue.portal.oauth import Refresher
-from b24queue.portal.oauth_server import read_bounded
 from b24queue.portal.tenant import credentials
 from b24queue.redaction import redact
 
@@ -40,6 +48,7 @@ BATCH_SIZE = 50  # Bitrix24 runs at most 50 commands per batch
 BUSY_TRIES = 5
 MAX_PAGES = 10_000  # a list's pages, whatever `max_items` (Bitrix24 pages by 50)
 OPERATION_LIMIT_RETRY_S = 60.0
+BUSY_RETRY_S = 5.0  # the process's answer budget is full: answers in flight end in seconds
 EXPIRED = frozenset({"expired_token", "invalid_token"})
 
 
@@ -54,8 +63,9 @@ class Context:
     limit: Limit
     webhooks: Webhooks
     observer: PortalObserver
-    allow_private: bool = False
-    max_answer_bytes: int = 16 * 1024 * 1024  # B24QUEUE_PORTAL_MAX_ANSWER_BYTES
+    allow_private: bool
+    bounds: Bounds  # Settings.portal_answer_bounds
+    budget: AnswerBudget | None  # the process's, for the answers it reads at once
 
 
 class PortalClient:
@@ -181,28 +191,26 @@ class PortalClient:
     async def _post(
         self, target: Target, method: str, params: Mapping[str, Any]
     ) -> tuple[int, dict[str, Any]]:
-        body, cap = dict(params), self._ctx.max_answer_bytes
+        body, status = dict(params), 0
         if target.kind == "oauth":
             body["auth"] = self._token
         try:
             async with self._ctx.session.post(
                 target.url(method), json=body, allow_redirects=False
             ) as resp:
-                # At most one byte past the cap is read: enough to know it is over.
-                raw = await read_bounded(resp.content, cap + 1)
                 status = resp.status
+                check_redirect(status, resp.headers.get("Location"))
+                answer = await read_json(resp.content, self._ctx.bounds, self._ctx.budget)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # Not str(exc): it names the URL, and a webhook's holds its code.
             raise PortalError("UNREACHABLE", f"{target.domain}: {type(exc).__name__}") from None
-        if len(raw) > cap:
-            raise PortalError(
-                "ANSWER_TOO_LARGE",
-                f"{method}: the answer is over {cap} bytes (B24QUEUE_PORTAL_MAX_ANSWER_BYTES)",
-                status=status,
-            )
-        try:
-            answer = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth
+        except Redirected as exc:
+            raise PortalError("REDIRECT", f"{method}: {exc}", status=status) from None
+        except AnswerTooLarge as exc:
+            raise PortalError("ANSWER_TOO_LARGE", f"{method}: {exc}", status=status) from None
+        except AnswersBusy as exc:
+            raise PortalRetry("ANSWERS_BUSY", f"{method}: {exc}", BUSY_RETRY_S) from None
+        except NotJSON:
             answer = None
         if not isinstance(answer, dict):
             raise PortalError("BAD_ANSWER", f"not a JSON object (HTTP {status})", status=status)

@@ -18,6 +18,7 @@ from b24queue.auth.store import TokenStore, open_store
 from b24queue.errors import ConfigError
 from b24queue.events import Event
 from b24queue.http.portal_check import is_ip_literal, is_public_address
+from b24queue.outbound import AnswerBudget
 from b24queue.portal.api import NoObserver, PortalError, PortalObserver
 from b24queue.portal.client import Context, PortalClient
 from b24queue.portal.credentials import Webhooks, host_of
@@ -118,10 +119,12 @@ class PortalClients:
             ),
         )
         refresher = Refresher(self._oauth_session, store, state, s, self._clock, self._observer)
+        # One for the process (a worker has one PortalClients): its portals' answers.
+        budget = AnswerBudget(s.portal_answers_budget_bytes, "B24QUEUE_PORTAL_ANSWERS_BUDGET_BYTES")
         self._store, self._state = store, state
         self._context = Context(
             session, store, state, refresher, self._limit, self._webhooks, self._observer,
-            s.portal_allow_private, s.portal_max_answer_bytes,
+            s.portal_allow_private, s.portal_answer_bounds, budget,
         )  # fmt: skip
         return self
 

@@ -1,15 +1,24 @@
 """Asking Bitrix24's OAuth server for a new token pair with a refresh token (one HTTP request,
-its answer checked), and reading an answer of bounded size. No state here: b24queue.portal.oauth
-decides when to ask and keeps what comes back."""
+its answer checked, read as b24queue.outbound reads every answer). No state here:
+b24queue.portal.oauth decides when to ask and keeps what comes back."""
 
 from __future__ import annotations
 
-import json
 import re
+from typing import Any
 
 import aiohttp
 
 from b24queue.auth.record import PortalRecord
+from b24queue.outbound import (
+    AnswerTooLarge,
+    Bounds,
+    NotJSON,
+    Redirected,
+    check_redirect,
+    decode_json,
+    read_bounded,
+)
 from b24queue.portal.api import PortalError
 from b24queue.redaction import redact
 from b24queue.settings import Settings
@@ -17,7 +26,9 @@ from b24queue.settings import Settings
 OAUTH_TIMEOUT_S = 10.0
 # The longest an OAuth token is believed to live, whatever the server says (Bitrix24's: 1 hour).
 MAX_LIFETIME_S = 2 * 3600
-MAX_ANSWER_BYTES = 64 * 1024
+# Bitrix24's answer is a dozen values in a few hundred bytes. With at most OAUTH_CONNECTIONS
+# (b24queue.portal.clients) read at once, no budget of their own beyond that.
+BOUNDS = Bounds(max_bytes=64 * 1024, max_values=10_000)
 _TOKEN = re.compile(r"[\x21-\x7e]{1,256}")
 
 
@@ -39,6 +50,7 @@ async def ask_oauth(
         "client_secret": secret,
         "refresh_token": record.refresh_token,
     }
+    status = 0
     try:
         async with session.get(
             s.oauth_url,
@@ -46,26 +58,17 @@ async def ask_oauth(
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=OAUTH_TIMEOUT_S),
         ) as resp:
-            body = await read_bounded(resp.content, MAX_ANSWER_BYTES + 1)
             status = resp.status
+            check_redirect(status, resp.headers.get("Location"))
+            body = await read_bounded(resp.content, BOUNDS)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         # Never str(exc): aiohttp's errors name the URL, and this one holds the secrets.
         raise PortalError("OAUTH_UNREACHABLE", type(exc).__name__) from None
+    except Redirected as exc:
+        raise PortalError("OAUTH_REDIRECT", f"the OAuth server {exc}", status=status) from None
+    except AnswerTooLarge as exc:
+        raise PortalError("BAD_ANSWER", f"the OAuth server: {exc}", status=status) from None
     return _tokens(record, status, body, now, sent=(secret,))
-
-
-async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    """Up to `limit` bytes of an answer, however many pieces it arrives in (one `read(n)`
-    returns what has arrived so far)."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await stream.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 def _tokens(
@@ -74,8 +77,10 @@ def _tokens(
     """The answer's tokens; `PortalError` with its error, less what the request `sent` (the
     client secret) and the portal's tokens: a server may quote the request it refuses."""
     try:
-        answer = json.loads(body) if len(body) <= MAX_ANSWER_BYTES else None
-    except (ValueError, RecursionError):  # RecursionError: nested past the decoder's depth
+        answer: Any = decode_json(body, BOUNDS)
+    except AnswerTooLarge as exc:
+        raise PortalError("BAD_ANSWER", f"the OAuth server: {exc}", status=status) from None
+    except NotJSON:
         answer = None
     if not isinstance(answer, dict):
         raise PortalError("BAD_ANSWER", f"the OAuth server's answer (HTTP {status}) is not JSON")

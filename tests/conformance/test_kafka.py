@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from b24queue.transports.kafka.client import REVOKE_WAIT_S
 from tests.conformance.conftest import FORM, Bench, kafka_settings
@@ -57,6 +58,7 @@ async def _post_portals(bench: Bench, portals: list[str], per_portal: int) -> li
     return ids
 
 
+@pytest.mark.fault
 async def test_a_second_worker_takes_partitions_and_nothing_is_lost_or_doubled(
     tansu: KafkaServer, tmp_path: Path
 ) -> None:
@@ -114,6 +116,7 @@ async def test_a_second_worker_takes_partitions_and_nothing_is_lost_or_doubled(
         seen.add(message_id)
 
 
+@pytest.mark.fault
 async def test_a_commit_never_passes_an_unfinished_event(
     tansu: KafkaServer, tmp_path: Path
 ) -> None:
@@ -141,6 +144,7 @@ async def test_a_commit_never_passes_an_unfinished_event(
     assert slow in {m for m, _ in again} and {flag for _, flag in again} == {"1"}, again
 
 
+@pytest.mark.fault
 async def test_an_event_that_kills_its_worker_every_time_ends_in_the_dlq(
     tansu: KafkaServer, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.conformance.conftest import Bench, kafka_settings
@@ -37,6 +38,7 @@ async def _settled_marks(bootstrap: str, topic: str) -> int:
         await reader.stop()
 
 
+@pytest.mark.fault
 async def test_a_poison_event_does_not_drag_its_handled_neighbours_to_the_dlq(
     tansu: KafkaServer, tmp_path: Path
 ) -> None:

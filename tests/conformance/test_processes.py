@@ -99,6 +99,7 @@ async def _drain(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
+@pytest.mark.fault
 async def test_sigkill_mid_handler_redelivers_flagged(bench: Bench, tmp_path: Path) -> None:
     record = tmp_path / "record.txt"
     worker = await start_worker(bench, record, sleep_s=2.5)

@@ -11,6 +11,8 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SAMPLE_TOKEN
 from tests.integration.conftest import ROOT, wait_until
 
@@ -106,6 +108,7 @@ async def test_the_tour_on_sqlite(tmp_path: Path) -> None:
     assert code == 0 and "purged 1" in out, out
 
 
+@pytest.mark.fault
 async def test_sigkill_of_the_ingress_under_load_loses_no_accepted_event(tmp_path: Path) -> None:
     """Every event answered 200 is in the queue file, whatever the moment the ingress dies."""
     import sqlite3

@@ -6,15 +6,17 @@ process. Run by tests/security/test_fuzz.py (a short run in `make test`) and `ma
 The first input byte picks the path: 0 form / 1 JSON through decode -> validate -> envelope;
 2 form / 3 JSON / 4 any content type through the aiohttp app with a static token and an in-memory
 sink. Whatever the input: no exception but BadEventError from the decoder, no 500 from the app,
-nothing published for a refusal, and every accepted event's message is strict JSON without the
-application token, with bounded headers.
+nothing published for a refusal, and every accepted event's message is strict JSON without an
+`application_token` key at any depth, with bounded headers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -39,11 +41,24 @@ def _no_constant(name: str) -> Any:
     raise AssertionError(f"published JSON has {name}")
 
 
+def holds_token_key(root: Any) -> bool:
+    """Whether an `application_token` key is anywhere in `root` (bot events repeat it deep)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "application_token" in node:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
 def check_envelope(envelope: Envelope) -> None:
     body = json.loads(envelope.body, parse_constant=_no_constant)
     assert isinstance(body, dict)
-    auth = body.get("auth")
-    assert not (isinstance(auth, dict) and "application_token" in auth), "token published"
+    assert not holds_token_key(body), "token published"
     assert sum(len(k) + len(v) for k, v in envelope.headers.items()) <= MAX_HEADER_CHARS
     assert "\n" not in envelope.routing_key and "*" not in envelope.routing_key
     check_size(envelope)
@@ -70,6 +85,10 @@ class App:
         app = create_app(settings, self.sink, StaticTokens((TOKEN,)))
         self.client: TestClient[Any, Any] = TestClient(TestServer(app), loop=self.loop)
         self.loop.run_until_complete(self.client.start_server())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.close())
+        self.loop.close()
 
     def post(self, content_type: str, body: bytes) -> None:
         self.loop.run_until_complete(self._post(content_type, body))
@@ -114,9 +133,24 @@ def one_input(data: bytes) -> None:
     _app.post(content_type, body)
 
 
+def at_exit() -> None:
+    """The run is over: stop the per-input alarm, then close the app.
+
+    atheris ends a bounded run (-atheris_runs) with sys.exit from inside its last input and
+    leaves libFuzzer's per-input timer armed (a SIGALRM every timeout/2 + 1 s). Python's
+    finalization then sets SIGALRM back to its default action (atheris registered a Python
+    handler for it), so a tick during a slow exit on a busy machine killed a clean run with
+    signal 14 after its "Done" line. Fuzzing is over here; nothing is left to time out.
+    """
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    if _app is not None:
+        _app.close()
+
+
 def main() -> None:
     # With a seed corpus, a token-bearing body is easy to reach: mutations keep the token.
     logging.disable(logging.CRITICAL)  # refusals are logged; thousands a second here
+    atexit.register(at_exit)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 

@@ -179,7 +179,8 @@ async def test_racing_installs_store_one_token_and_refuse_the_other(store: Token
         for i in range(8)
     ]
     results = await asyncio.gather(*(verifier.verify(e) for e in installs), return_exceptions=True)
-    accepted = [e for e, r in zip(installs, results, strict=True) if r is None]
+    # An accepted install answers the tenant it proved: its member_id.
+    accepted = [e for e, r in zip(installs, results, strict=True) if r == member]
     assert len(accepted) == 1, results
     record = await store.get(member)
     assert record is not None and record.token == accepted[0].auth.application_token

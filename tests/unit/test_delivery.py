@@ -29,7 +29,7 @@ class Flaky(EventConsumer):
     async def handle(self, event: Event) -> None:
         self.seen.append(event.attempt)
         if len(self.seen) <= self.failures:
-            raise RuntimeError(f"boom {len(self.seen)} token={SAMPLE_TOKEN}")
+            raise RuntimeError(f"boom {len(self.seen)} token={event.auth.access_token}")
 
 
 class Rejecting(EventConsumer):
@@ -61,6 +61,27 @@ class Slow(EventConsumer):
 async def test_returning_acks() -> None:
     outcome = await run_handler(Flaky(0), event_from_form(sample_form("crm-deal-add")))
     assert outcome.acked and outcome.attempt == 1
+
+
+class Sees(EventConsumer):
+    queue = "sees"
+    events = ("ONIMBOTMESSAGEADD",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Event] = []
+
+    async def handle(self, event: Event) -> None:
+        self.seen.append(event)
+
+
+async def test_run_handler_hands_the_event_as_queued_without_its_tokens() -> None:
+    """b24queue.testing gives a handler what a worker would: the body as the ingress queues it."""
+    consumer = Sees()
+    bot = {"BOT": {"7": {"application_token": SAMPLE_TOKEN, "AUTH": {"application_token": "x"}}}}
+    await run_handler(consumer, make_event("ONIMBOTMESSAGEADD", bot))
+    [event] = consumer.seen
+    assert "application_token" not in json.dumps(event.payload)
 
 
 async def test_the_shared_ack_outcome_cannot_be_changed_through_its_headers() -> None:
@@ -96,7 +117,7 @@ async def test_always_failing_ends_dead_lettered_after_max_attempts() -> None:
     h = last.headers
     assert h[c.H_ATTEMPT] == 5
     assert h[c.H_ERROR_TYPE] == "RuntimeError"
-    assert h[c.H_ERROR_MESSAGE] == "boom 5 token=***"  # the token is redacted
+    assert h[c.H_ERROR_MESSAGE] == "boom 5 token=***"  # the event's access token is redacted
     assert h[c.H_ORIGINAL_QUEUE] == "flaky"
     assert h[c.H_ORIGINAL_ROUTING_KEY] == "ONCRMDEALADD"
     assert h[c.H_FIRST_FAILED_AT] == outcomes[0].headers[c.H_FIRST_FAILED_AT]

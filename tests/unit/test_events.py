@@ -3,12 +3,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from typing import Any
 
 import pytest
 
 from b24queue.envelope import envelope_for, message_body, new_message_id
 from b24queue.errors import BadEventError
 from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
+from b24queue.forms import MAX_DEPTH
 from tests.conftest import (
     SAMPLE_NAMES,
     SAMPLE_TOKEN,
@@ -16,6 +18,7 @@ from tests.conftest import (
     sample_form,
     sample_json,
     sample_published,
+    token_keys,
 )
 
 
@@ -140,6 +143,70 @@ def test_floats_keep_their_value() -> None:
 def test_a_number_that_is_not_json_is_still_refused(number: float) -> None:
     with pytest.raises(BadEventError, match="not JSON"):
         message_body({"event": "ONX", "data": {"deep": [{"x": number}]}})
+
+
+def _token_everywhere(token: str) -> dict[str, Any]:
+    """A payload with an application_token at every kind of place: dicts in dicts, lists of
+    dicts, dicts in lists in lists, beside values that must stay."""
+    return {
+        "event": "ONX",
+        "data": {
+            "BOT": {"539": {"application_token": token, "AUTH": {"application_token": token}}},
+            "bot": {"id": "456", "auth": {"user_id": "27", "application_token": token}},
+            "list": [
+                {"application_token": token, "keep": "a"},
+                "x",
+                [{"application_token": token}],
+            ],
+            "text": f'a string that says "application_token":"{token}"',
+            "application_token_hint": "application_token",
+            "untouched": {"deep": [{"k": "v"}]},
+        },
+        "extra": [[{"x": {"application_token": token}}]],
+        "auth": {"domain": "acme.bitrix24.com", "application_token": token},
+    }
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_application_token_is_left_out_at_any_depth(
+    exact: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = "t0ken-" + "9" * 26
+    payload = _token_everywhere(token)
+    if exact:  # a null (or a number past 64 bits) takes the exact path: the same holds there
+        payload["data"]["none"] = None
+    before = json.dumps(payload)
+    body = message_body(payload)
+    published = json.loads(body)
+    assert token_keys(published) == 0
+    assert body.count(token.encode()) == 1  # only inside the message text, which is data
+    data = published["data"]
+    assert data["BOT"] == {"539": {"AUTH": {}}}
+    assert data["bot"] == {"id": "456", "auth": {"user_id": "27"}}
+    assert data["list"] == [{"keep": "a"}, "x", [{}]]
+    assert published["extra"] == [[{"x": {}}]]
+    assert published["auth"] == {"domain": "acme.bitrix24.com"}
+    assert data["application_token_hint"] == "application_token"
+    assert data["untouched"] == {"deep": [{"k": "v"}]}
+    assert json.dumps(payload) == before  # the event itself is untouched
+    assert body == _as_before(published, monkeypatch)  # and the body is as any other's
+
+
+def test_only_what_leads_to_a_token_is_copied() -> None:
+    from b24queue.envelope import without_tokens
+
+    payload = _token_everywhere("tok")
+    stripped = without_tokens(payload)
+    assert stripped["data"]["untouched"] is payload["data"]["untouched"]
+    assert stripped["data"]["list"][0] is not payload["data"]["list"][0]
+    clean = {"event": "ONX", "data": {"a": [{"b": "c"}]}}
+    assert without_tokens(clean) is clean
+
+
+def test_a_token_at_the_deepest_level_the_decoder_allows() -> None:
+    key = "data" + "[a]" * (MAX_DEPTH - 1) + "[application_token]"
+    event = parse_event(FORM_TYPE, f"event=ONX&{key}={SAMPLE_TOKEN}".encode())
+    assert SAMPLE_TOKEN.encode() not in message_body(event.payload)
 
 
 def test_message_ids_are_uuid4_hex(monkeypatch: pytest.MonkeyPatch) -> None:

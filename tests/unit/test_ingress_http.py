@@ -41,7 +41,8 @@ def sink() -> MemorySink:
 
 @pytest.fixture
 async def client(sink: MemorySink) -> AsyncIterator[TestClient[object, object]]:
-    settings = load_settings(app_tokens=SAMPLE_TOKEN, max_body_bytes=4096)
+    # Small, for the 413s below; over the largest sample (4.8 kB).
+    settings = load_settings(app_tokens=SAMPLE_TOKEN, max_body_bytes=8192)
     app = create_app(settings, sink, StaticTokens(settings.app_tokens))
     async with TestClient(TestServer(app)) as c:
         yield c
@@ -114,8 +115,8 @@ async def test_wrong_or_missing_token_is_401(
 
 
 async def test_too_large_is_413(client: TestClient[object, object], sink: MemorySink) -> None:
-    body = await refused(client, sink, 413, data=b"event=ONX&x=" + b"a" * 5000, headers=FORM)
-    assert "exceeds 4096 bytes" in body["error"]
+    body = await refused(client, sink, 413, data=b"event=ONX&x=" + b"a" * 9000, headers=FORM)
+    assert "exceeds 8192 bytes" in body["error"]
 
 
 async def test_chunked_too_large_is_413(

@@ -16,6 +16,7 @@ from b24queue.offline.records import (
     parse_batch,
     stable_message_id,
 )
+from tests.conftest import SAMPLE_TOKEN, sample_decoded, token_keys
 
 
 def row(i: int, **over: Any) -> dict[str, Any]:
@@ -103,6 +104,20 @@ def test_the_message_of_a_record() -> None:
     event = Event.from_json(envelope.body)
     assert event.offline is not None and event.offline["process_id"] == "p7"
     assert event.data == {"FIELDS": {"ID": "3"}} and event.auth.member_id == "m1"
+
+
+def test_a_record_keeps_no_application_token_at_any_depth() -> None:
+    # A bot event's record as a portal could keep it: its data repeats the token, as the online
+    # event does (data[BOT][<id>] and its [AUTH]); and whatever EVENT_ADDITIONAL holds.
+    online = sample_decoded("imbot-message-add-group")
+    data, additional = online["data"], {"auth": [{"application_token": SAMPLE_TOKEN}]}
+    answer = {"process_id": "p", "events": [row(1, EVENT_DATA=data, EVENT_ADDITIONAL=additional)]}
+    (record,) = parse_batch(answer, 2**20).records
+    envelope = envelope_for_record(record, "p", "m1", "m1.bitrix24.com", token_digest("t"))
+    assert SAMPLE_TOKEN.encode() not in envelope.body
+    body = json.loads(envelope.body)
+    assert token_keys(body) == 0 and body["data"]["PARAMS"] == data["PARAMS"]
+    assert body["offline"]["additional"] == {"auth": [{}]}
 
 
 def test_an_online_event_cannot_claim_to_be_offline() -> None:

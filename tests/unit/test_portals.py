@@ -72,11 +72,12 @@ async def test_install_update_uninstall_for_two_portals(tmp_path: Path) -> None:
     check = Allow()
     v = PortalVerifier(store, check)
     try:
-        await v.verify(portal_event("ONAPPINSTALL", member="m1", token="t1"))
+        # The tenant each event speaks for (the key of its rate limit): the portal proven.
+        assert await v.verify(portal_event("ONAPPINSTALL", member="m1", token="t1")) == "m1"
         await v.verify(
             portal_event("ONAPPINSTALL", member="m2", token="t2", domain="b.portal.test")
         )
-        await v.verify(portal_event("ONCRMDEALUPDATE", member="m1", token="t1"))
+        assert await v.verify(portal_event("ONCRMDEALUPDATE", member="m1", token="t1")) == "m1"
         await v.verify(
             portal_event("ONCRMDEALUPDATE", member="m2", token="t2", domain="b.portal.test")
         )
@@ -139,7 +140,8 @@ async def test_static_tokens_keep_working_beside_portals(tmp_path: Path) -> None
     store = SqliteTokenStore(tmp_path / "p.db")
     try:
         v = PortalVerifier(store, Deny(), StaticTokens(("webhook-token",)))
-        await v.verify(portal_event("ONCRMCONTACTADD", member="any", token="webhook-token"))
+        webhook = portal_event("ONCRMCONTACTADD", member="any", token="webhook-token")
+        assert await v.verify(webhook) == "token#1"  # its member_id is not what was proven
         with pytest.raises(UnauthorizedError):
             await v.verify(portal_event("ONCRMCONTACTADD", member="any", token="other"))
     finally:

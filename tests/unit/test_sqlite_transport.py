@@ -1,24 +1,33 @@
 """The SQLite transport's own traps (no broker): a locked database, a handler outliving its
 lease, a stop during a claim, one failing write in a batch, DLQ order, unrouted replay, a failed
-start. The shared scenarios are in tests/conformance/."""
+start, a large backlog. The shared scenarios are in tests/conformance/."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue import Event, EventConsumer, Reject
+from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import envelope_for
+from b24queue.http.ingress import create_app
 from b24queue.runtime import Worker
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
 from b24queue.transports import leased, transport_for
 from b24queue.transports.sqlite import db as sqlite_db
+from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database
+from tests.conftest import SAMPLE_TOKEN, sample_form
 from tests.integration.conftest import wait_until
 
 
@@ -199,6 +208,29 @@ def test_a_stale_settlement_never_lands_on_a_later_claim(tmp_path: Path) -> None
         db.close()
 
 
+def test_claims_follow_due_order_as_on_postgresql(tmp_path: Path) -> None:
+    """A retried event is due again behind what arrived before its delay ended; a row handed
+    back keeps its place."""
+    db = sqlite_db.connect(tmp_path / "q.sqlite3")
+    try:
+        q.declare(db, "order.q", "order.q.dlq", ("#",))
+        for i in ("a", "b", "c"):
+            q.publish(db, [envelope_for(make_event("ONCRMDEALADD", {"ID": i}))], "b24.unrouted")
+        [a] = q.claim(db, "order.q", "w1", 1, 60.0)
+        assert q.move(db, a, "w1", queue="order.q", headers={})  # retried, due now
+        [b] = q.claim(db, "order.q", "w1", 1, 60.0)
+        q.release(db, "w1")  # handed back by a stopping worker
+        order = [
+            json.loads(row.body)["data"]["ID"]
+            for _ in range(3)
+            for row in q.claim(db, "order.q", "w2", 1, 60.0)  # one at a time: a batch is by id
+        ]
+    finally:
+        db.close()
+    assert json.loads(b.body)["data"]["ID"] == "b"
+    assert order == ["b", "c", "a"]
+
+
 def test_a_version_1_queue_file_gains_the_fence_column(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path)
@@ -247,3 +279,155 @@ async def test_a_message_delivered_too_often_is_dead_lettered_unhandled(tmp_path
             total, [letter] = await dlq.list(5)
     assert total == 1 and letter.reason == "delivery_limit", letter
     assert seen == ["2"]
+
+
+def backlog(path: Path, queue: str, count: int) -> None:
+    """`count` more events waiting in `queue`, written as the ingress writes them (in one
+    transaction: a test's backlog in about a second)."""
+    e = envelope_for(make_event("ONCRMDEALADD", {"FIELDS": {"ID": "1"}}))
+    fields = (e.routing_key, e.body, json.dumps(e.headers), e.timestamp.isoformat(), e.event_type)
+    now = time.time()
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
+            "event_type, available_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ((queue, f"backlog-{i}", *fields, now) for i in range(count)),
+        )
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def traced(db: sqlite3.Connection, op: Callable[[], object]) -> tuple[int, list[str]]:
+    """Run `op`: SQLite's VM steps for it (in hundreds), and the statements it ran on `db`, with
+    their values."""
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0  # go on
+
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    db.set_progress_handler(step, 100)
+    try:
+        op()
+    finally:
+        db.set_progress_handler(None, 0)
+        db.set_trace_callback(None)
+    return steps, statements
+
+
+def plans(db: sqlite3.Connection, statements: list[str]) -> list[str]:
+    return [
+        detail
+        for sql in statements
+        if sql.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT"))
+        for *_, detail in db.execute("EXPLAIN QUERY PLAN " + sql)
+    ]
+
+
+def claim_steps(db: sqlite3.Connection, queue: str) -> int:
+    """SQLite's VM steps (in hundreds) for one claim of 64, rolled back."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        steps, _ = traced(db, lambda: q.claim(db, queue, "measured", 64, 60.0))
+    finally:
+        db.execute("ROLLBACK")
+    return steps
+
+
+def test_a_claim_reads_the_same_rows_whatever_waits_behind_it(tmp_path: Path) -> None:
+    """A claim holds the write lock: it must walk the index in claim order and stop after its
+    rows, not read and sort the whole backlog (which shut the ingress out: 503)."""
+    path = tmp_path / "q.sqlite3"
+    db = sqlite_db.connect(path)
+    try:
+        q.declare(db, "deep", "deep.dlq", ("#",))
+        backlog(path, "deep", 1_000)
+        q.claim(db, "deep", "busy", 64, 600.0)  # a batch in flight: later claims pass it by
+        small = claim_steps(db, "deep")
+        backlog(path, "deep", 49_000)
+        large = claim_steps(db, "deep")
+    finally:
+        db.close()
+    assert large <= small * 1.5 + 10, f"{small}00 VM steps at 1,000 waiting, {large}00 at 50,000"
+
+
+def test_no_statement_of_a_delivery_reads_the_backlog(tmp_path: Path) -> None:
+    """What a publish, a claim and each settlement run: every one finds its rows through an
+    index, none scans the messages or sorts them."""
+    path = tmp_path / "q.sqlite3"
+    db = sqlite_db.connect(path)
+    try:
+        q.declare(db, "deep", "deep.dlq", ("#",))
+        backlog(path, "deep", 5_000)
+
+        def deliveries() -> None:
+            q.publish(db, [envelope_for(make_event("ONCRMDEALADD", {}))], "b24.unrouted")
+            assert q.due(db, "deep")
+            acked, retried, rejected = q.claim(db, "deep", "w1", 3, 60.0)
+            q.heartbeat(db, "w1", "deep", "worker")
+            q.renew(db, "w1", [acked.id, retried.id, rejected.id], 60.0)
+            assert q.ack(db, acked, "w1")
+            assert q.move(db, retried, "w1", queue="deep", headers={}, delay_s=10)
+            assert q.move(db, rejected, "w1", queue="deep.dlq", headers={})
+            q.release(db, "w1")
+            q.leave(db, "w1")
+
+        _, statements = traced(db, deliveries)
+        found = plans(db, statements)
+    finally:
+        db.close()
+    assert found, statements
+    assert not [p for p in found if "TEMP B-TREE" in p or p.startswith("SCAN messages")], found
+
+
+async def test_the_ingress_accepts_every_event_while_a_worker_drains_a_backlog(
+    tmp_path: Path,
+) -> None:
+    """The default publish timeout (0.75 s), 200,000 events waiting, a worker draining them:
+    every event posted meanwhile is stored and answered 200."""
+    settings = load_settings(
+        broker_url=f"sqlite:{tmp_path / 'queue.sqlite3'}",
+        app_tokens=SAMPLE_TOKEN,
+        sqlite_poll_s=0.02,
+        shutdown_timeout_s=2,
+    )
+    handled = 0
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        nonlocal handled
+        handled += 1
+
+    cls = consumer("drained", handle, prefetch=64)
+    await transport_for(settings).declare([cls])
+    backlog(tmp_path / "queue.sqlite3", "drained", 200_000)
+    statuses: list[int] = []
+    async with (
+        Worker(settings, [cls]),
+        transport_for(settings).publisher("test") as sink,
+        TestClient(
+            TestServer(create_app(settings, sink, StaticTokens(settings.app_tokens)))
+        ) as client,
+    ):
+        await wait_until(lambda: handled >= 64, 30, "the worker draining")
+
+        async def post() -> None:
+            resp = await client.post(
+                "/b24/events",
+                data=sample_form("crm-deal-add"),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            statuses.append(resp.status)
+
+        before = handled
+        for _ in range(20):  # 100 events, 5 at a time, at about 50 a second
+            await asyncio.gather(*(post() for _ in range(5)))
+            await asyncio.sleep(0.1)
+        after = handled
+    assert statuses == [200] * 100, collections.Counter(statuses)
+    assert before < after < 200_000, "the posts came while the worker was draining the backlog"

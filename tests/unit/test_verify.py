@@ -17,8 +17,16 @@ def event(token: str | None) -> Event:
 
 async def test_static_tokens_accept_any_configured_token() -> None:
     verifier = StaticTokens(("t1", "t2"))
-    await verifier.verify(event("t1"))
-    await verifier.verify(event("t2"))
+    # The tenant (the key of its rate limit) is the token proven, by its place, never the token.
+    assert await verifier.verify(event("t1")) == "token#1"
+    assert await verifier.verify(event("t2")) == "token#2"
+
+
+async def test_unverified_events_are_whoever_they_claim_to_be() -> None:
+    claims = {"domain": "a.bitrix24.com", "member_id": "m1"}
+    assert await AcceptAll().verify(Event.from_payload({"event": "ONX", "auth": claims})) == "m1"
+    assert await AcceptAll().verify(event(None)) == "domain:a.bitrix24.com"
+    assert await AcceptAll().verify(Event.from_payload({"event": "ONX"})) == "-"
 
 
 @pytest.mark.parametrize("token", [None, "", "t", "t1x", "T1"])

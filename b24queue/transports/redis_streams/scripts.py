@@ -8,6 +8,14 @@ lease is the PEL's idle time: a heartbeat resets it, `XAUTOCLAIM` takes entries 
 the lease. A settlement is fenced by (entry id, consumer, delivery count), read from the PEL.
 Delayed retries wait in a sorted set by due time (ms) and are moved back into the stream by the
 claim script once due.
+
+Over `maxmemory` (policy noeviction) Redis refuses whatever may grow memory. New events must be
+refused then (PUBLISH, REPLAY: the ingress answers 503 or spools), but draining is what frees
+memory, so the scripts a worker needs to start and drain run anyway (`#!lua flags=allow-oom`,
+Redis >= 7). None adds an event: DECLARE, CLAIM and BEAT write a few small values of bounded
+number (a queue's names, bindings and empty group, once; the claim cursor; one heartbeat per
+runner); CLAIM and MOVE move entries Redis holds (a due retry back into its stream; an entry to
+its delayed set or DLQ, with its new headers: the error text is cut at 1,000 characters).
 """
 
 from __future__ import annotations
@@ -31,17 +39,61 @@ end
 return n
 """
 
+# First line of a script that runs even over maxmemory (see above); Redis < 7 cannot parse it.
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+
 _NOW = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 """
+
+# KEYS[1] queues hash, KEYS[2] the queue's stream, KEYS[3] bindings hash, KEYS[4] bindings
+# version. ARGV: group, queue, its DLQ, their kinds (queue, DLQ), then the queue's binding
+# patterns. The queue, its group and DLQ, and exactly these bindings (the field "queue\npattern");
+# returns the patterns removed.
+DECLARE = (
+    _ALLOW_OOM
+    + """
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[4], ARGV[3], ARGV[5])
+local made = redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[1], '0', 'MKSTREAM')
+if type(made) == 'table' and made.err and not string.find(made.err, 'BUSYGROUP', 1, true) then
+  return made
+end
+local wanted = {}
+for i = 6, #ARGV do wanted[ARGV[i]] = true end
+local prefix = ARGV[2] .. '\\n'
+local removed = {}
+for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if string.sub(field, 1, #prefix) == prefix then
+    local pattern = string.sub(field, #prefix + 1)
+    if wanted[pattern] then
+      wanted[pattern] = false
+    else
+      redis.call('HDEL', KEYS[3], field)
+      removed[#removed + 1] = pattern
+    end
+  end
+end
+local changed = #removed
+for i = 6, #ARGV do
+  if wanted[ARGV[i]] then
+    redis.call('HSET', KEYS[3], prefix .. ARGV[i], '1')
+    wanted[ARGV[i]] = false
+    changed = changed + 1
+  end
+end
+if changed > 0 then redis.call('INCR', KEYS[4]) end
+return removed
+"""
+)
 
 # KEYS[1] stream, KEYS[2] its delayed set, KEYS[3] where XAUTOCLAIM goes on from (it looks at
 # about 10 x count pending entries per call: from the oldest every time, an abandoned entry
 # behind many live ones would wait). ARGV: group, consumer, count, lease ms.
 # Returns {id, {fields...}, deliveries} for each entry claimed.
 CLAIM = (
-    _NOW
+    _ALLOW_OOM
+    + _NOW
     + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
 for _, member in ipairs(due) do
@@ -102,7 +154,8 @@ return out
 # KEYS[1] stream, KEYS[2] delayed set (retry) or DLQ stream. ARGV: group, id, consumer,
 # deliveries, 'retry' or 'dlq', headers JSON, delay ms. Returns 1 when moved.
 MOVE = (
-    _HOLDS
+    _ALLOW_OOM
+    + _HOLDS
     + _NOW
     + """
 if not holds(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 0 end
@@ -127,7 +180,9 @@ return 1
 # KEYS[1] stream, KEYS[2] workers hash. ARGV: group, consumer, lease ms, heartbeat JSON (or ''
 # to give everything back), then the ids the consumer still handles. Resets their idle time (the
 # lease); any other entry it holds (a claim whose answer was lost) becomes claimable at once.
-BEAT = """
+BEAT = (
+    _ALLOW_OOM
+    + """
 local held = {}
 for i = 5, #ARGV do held[ARGV[i]] = true end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[2], ARGV[4]) end
@@ -142,6 +197,7 @@ for _, p in ipairs(pending) do
 end
 return #pending
 """
+)
 
 # KEYS[1] stream, KEYS[2] workers hash. ARGV: group, consumer. The consumer goes from the group
 # only when it holds nothing (deleting it would drop its pending entries); else PRUNE takes it

@@ -17,6 +17,7 @@ from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.layout import QueueSpec, topic_matches
 from b24queue.settings import Settings
+from b24queue.status import MemoryRow
 from b24queue.transports.leased import Row
 from b24queue.transports.redis_streams import scripts
 from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
@@ -57,9 +58,7 @@ async def check_durable(client: aioredis.Redis, settings: Settings) -> None:
             "appendfsync always and maxmemory-policy noeviction"
         )
     else:
-        # Nothing of ours has a TTL: volatile-* policies never evict it; allkeys-* would.
-        evicts = not (policy == "noeviction" or str(policy).startswith("volatile-"))
-        if (aof, fsync) == ("yes", "always") and not evicts:
+        if (aof, fsync) == ("yes", "always") and not evicts(str(policy)):
             return
         why = (
             f"Redis runs with appendonly {aof}, appendfsync {fsync} and maxmemory-policy "
@@ -72,9 +71,43 @@ async def check_durable(client: aioredis.Redis, settings: Settings) -> None:
     log.error("UNSAFE: %s; running anyway (B24QUEUE_REDIS_ALLOW_UNSAFE=true)", why)
 
 
+def evicts(policy: str) -> bool:
+    """Whether Redis may evict our keys when full: nothing of ours has a TTL, so volatile-*
+    policies never touch it (they refuse writes, as noeviction does); allkeys-* would."""
+    return not (policy == "noeviction" or policy.startswith("volatile-"))
+
+
+async def check_for_workers(store: Store) -> None:
+    """A worker needs Redis >= 7 (its scripts' flags). It runs whatever the memory policy: the
+    ingress refuses a policy that can evict events, and draining is what puts the ones already
+    there out of reach of eviction; so it says so, as it does when Redis is full at start."""
+    version = str((await store.client.info("server")).get("redis_version", "unknown"))
+    major = version.split(".")[0]
+    where = store.settings.redacted_broker_url()
+    if not major.isdigit() or int(major) < 7:
+        raise ConfigError(f"b24queue needs Redis >= 7; {where} runs {version}")
+    memory = await store.memory()
+    if memory.evicts:
+        log.error(
+            "Redis at %s runs with maxmemory-policy %s: when full it can evict queued events "
+            "(set maxmemory-policy noeviction)",
+            where,
+            memory.policy,
+        )
+    if memory.full:
+        log.warning("%s (the ingress spools them or answers 503); draining", _full(where, memory))
+
+
+def _full(where: str, memory: MemoryRow | None = None) -> str:
+    used = f" ({memory.describe()})" if memory is not None else ""
+    return f"Redis at {where} is over its maxmemory{used}: it takes no new events until drained"
+
+
 def translate(exc: Exception, settings: Settings) -> Exception:
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
         return ConfigError(f"Redis at {settings.redacted_broker_url()} refused: {exc}")
+    if isinstance(exc, rx.OutOfMemoryError):
+        return BrokerUnavailableError(_full(settings.redacted_broker_url()))
     if isinstance(exc, CONNECTION_ERRORS):
         return BrokerUnavailableError(
             f"cannot reach Redis at {settings.redacted_broker_url()}: {exc!r}"
@@ -96,6 +129,7 @@ class Store:
             name: client.register_script(getattr(scripts, name))
             for name in (
                 "PUBLISH",
+                "DECLARE",
                 "CLAIM",
                 "ACK",
                 "MOVE",
@@ -115,12 +149,18 @@ class Store:
         return f"{self._prefix}:later:{queue}"
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._scripts[name](keys=keys, args=args)
+        try:
+            return await self._scripts[name](keys=keys, args=args)
+        except rx.OutOfMemoryError as exc:  # a script that adds data (PUBLISH, REPLAY)
+            raise translate(exc, self.settings) from None
 
     # Routing -------------------------------------------------------------------------------
 
     async def _load_routes(self) -> tuple[str, list[tuple[str, str]]]:
-        async with self.client.pipeline(transaction=True) as pipe:
+        """The bindings and their version, read in this order in one round trip: bindings
+        changed after the version was read make PUBLISH refuse it, so a MULTI is not needed
+        (and Redis refuses one, even of reads, while over maxmemory)."""
+        async with self.client.pipeline(transaction=False) as pipe:
             pipe.get(self.version_key)
             pipe.hkeys(self.bindings_key)
             version, fields = await pipe.execute()
@@ -164,32 +204,16 @@ class Store:
 
     async def declare(self, spec: QueueSpec) -> list[str]:
         """The queue, its group and DLQ, and exactly its bindings; the bindings removed."""
-        c = self.client
-        await c.hset(self.queues_key, mapping={spec.name: CONSUMER, spec.dlq: DLQ})
-        try:
-            await c.xgroup_create(self.stream(spec.name), scripts.GROUP, id="0", mkstream=True)
-        except rx.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        current = {
-            text(f).split("\n", 1)[1]
-            for f in await c.hkeys(self.bindings_key)
-            if text(f).split("\n", 1)[0] == spec.name
-        }
-        added = [p for p in spec.bindings if p not in current]
-        removed = sorted(current - set(spec.bindings))
-        if added or removed:
-            async with c.pipeline(transaction=True) as pipe:
-                for p in added:
-                    pipe.hset(self.bindings_key, f"{spec.name}\n{p}", "1")
-                for p in removed:
-                    pipe.hdel(self.bindings_key, f"{spec.name}\n{p}")
-                pipe.incr(self.version_key)
-                await pipe.execute()
-        return removed
+        keys = [self.queues_key, self.stream(spec.name), self.bindings_key, self.version_key]
+        args = [scripts.GROUP, spec.name, spec.dlq, CONSUMER, DLQ, *spec.bindings]
+        return sorted(text(p) for p in await self._run("DECLARE", keys, args))
 
     async def declare_unrouted(self) -> None:
-        await self.client.hset(self.queues_key, self.settings.unrouted, UNROUTED)
+        """Written only when missing: an ingress starting while Redis is full gets ready, and
+        then refuses each event with the reason."""
+        unrouted = self.settings.unrouted
+        if await self.client.hget(self.queues_key, unrouted) != UNROUTED.encode():
+            await self.client.hset(self.queues_key, unrouted, UNROUTED)
 
     # Worker side ---------------------------------------------------------------------------
 
@@ -284,6 +308,14 @@ class Store:
 
     async def purge(self, queue: str, count: int) -> int:
         return int(await self._run("PURGE", [self.stream(queue)], [count]))
+
+    async def memory(self) -> MemoryRow:
+        """Redis's memory as its maxmemory check sees it (`INFO`: no `CONFIG` right needed)."""
+        info = await self.client.info("memory")
+        used, limit = int(info["used_memory"]), int(info.get("maxmemory", 0))
+        counted = used - int(info.get("mem_not_counted_for_evict", 0))
+        policy = text(info.get("maxmemory_policy", "unknown"))
+        return MemoryRow(used, limit, policy, limit > 0 and counted > limit, evicts(policy))
 
     async def overview(self, alive_s: float) -> Overview:
         kinds = {text(k): text(v) for k, v in (await self.client.hgetall(self.queues_key)).items()}

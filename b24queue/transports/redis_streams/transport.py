@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from b24queue.transports.redis_streams.store import (
     CONNECTION_ERRORS,
     Store,
     check_durable,
+    check_for_workers,
     connect,
     text,
     translate,
@@ -98,9 +100,7 @@ class RedisPublisher:
         on a failure and true again once a ping answers."""
         while True:
             try:
-                store = await _opened(self._settings, self._name)
-                await check_durable(store.client, self._settings)
-                await store.declare_unrouted()
+                store = await self._checked()
                 break
             except B24QueueError as exc:
                 if not isinstance(exc, BrokerUnavailableError):
@@ -127,6 +127,18 @@ class RedisPublisher:
                 continue
             self._ready = True
             log.info("Redis answers again")
+
+    async def _checked(self) -> Store:
+        """A connection to a Redis that keeps events as b24queue needs, the unrouted queue
+        declared; closed when not (each retry opens its own)."""
+        store = await _opened(self._settings, self._name)
+        try:
+            await check_durable(store.client, self._settings)
+            await store.declare_unrouted()
+        except BaseException:
+            await asyncio.gather(store.client.aclose(), return_exceptions=True)
+            raise
+        return store
 
     async def failed(self) -> BaseException:
         return await given_up(self._task)
@@ -156,7 +168,9 @@ class RedisPublisher:
             raise BrokerUnavailableError(f"Redis did not answer within {timeout_s:g}s") from None
         except CONNECTION_ERRORS as exc:
             raise BrokerUnavailableError(f"connection to Redis failed: {exc!r}") from None
-        except Exception as exc:  # out of memory, a read-only replica: try again later
+        except BrokerUnavailableError:  # over maxmemory (says so)
+            raise
+        except Exception as exc:  # a read-only replica: try again later
             raise BrokerUnavailableError(f"Redis refused the write: {exc!r}") from None
 
 
@@ -308,7 +322,13 @@ class Redis:
 
     async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> RedisWorkers:
         name = connection_name("worker", ",".join(cls.queue for cls in classes))
-        return RedisWorkers(self.settings, await _opened(self.settings, name))
+        store = await _opened(self.settings, name)
+        try:
+            await check_for_workers(store)
+        except BaseException:
+            await store.client.aclose()
+            raise
+        return RedisWorkers(self.settings, store)
 
     async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
         store = await _opened(self.settings, connection_name("topology"))
@@ -330,9 +350,10 @@ class Redis:
         store = await _opened(self.settings, connection_name("status"))
         try:
             view = await store.overview(ALIVE_S)
+            memory = await store.memory()
         finally:
             await store.client.aclose()
-        return table_status(self.settings, view, "redis")
+        return dataclasses.replace(table_status(self.settings, view, "redis"), memory=memory)
 
     def dead_letters(self, queue: str) -> TableDeadLetters:
         held: list[Store] = []

@@ -48,6 +48,9 @@ _SCHEMA = (
         deliveries INTEGER NOT NULL DEFAULT 0,
         fence INTEGER NOT NULL DEFAULT 0
     )""",
+    # Claims walk a queue in due order: the rows being handled first (few: prefetch per
+    # worker), then the due ones; those waiting for a retry are past the range read. Created at
+    # every open: a file from any version has it.
     "CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, available_at, id)",
     # A worker's heartbeat finds the rows it holds by owner.
     "CREATE INDEX IF NOT EXISTS messages_leased ON messages (lease_owner) "

@@ -18,7 +18,7 @@ class SqliteShelf:
         return await self._db.read(lambda db: q.exists(db, queue))
 
     async def count(self, queue: str) -> int:
-        return int(await self._db.read(lambda db: q.depths(db).get(queue, 0)))
+        return await self._db.read(lambda db: q.depth(db, queue))
 
     async def first(self, queue: str, limit: int, after: Any) -> list[Row]:
         start = -1 if after is None else int(after)

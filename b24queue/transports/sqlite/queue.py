@@ -66,13 +66,20 @@ def due(db: sqlite3.Connection, queue: str) -> bool:
 
 
 def claim(db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
-    """Lease up to `count` due messages, oldest first (an expired lease counts as free)."""
+    """Lease up to `count` due messages in due order (an expired lease counts as free).
+
+    Due order is `available_at`, then `id`: the order of `messages_due`, so the claim walks that
+    index from the queue's first row and stops after `count` free ones, passing only the rows
+    being handled (they keep their place until settled) and never reaching those waiting for a
+    retry. Its time under the write lock does not grow with the backlog (ordered by `id` alone,
+    it read and sorted every due row each time). A retried event is due again behind those that
+    arrived before its delay ended, as on RabbitMQ and PostgreSQL."""
     now = time.time()
     sql = (
         "UPDATE messages SET lease_owner = ?, lease_until = ?, deliveries = deliveries + 1, "
         "fence = fence + 1 "
         "WHERE id IN (SELECT id FROM messages WHERE queue = ? AND available_at <= ? "
-        "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT ?) "
+        "AND (lease_until IS NULL OR lease_until < ?) ORDER BY available_at, id LIMIT ?) "
         "RETURNING id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, "
         "fence"
     )
@@ -200,6 +207,11 @@ def exists(db: sqlite3.Connection, queue: str) -> bool:
 
 def depths(db: sqlite3.Connection) -> dict[str, int]:
     return dict(db.execute("SELECT queue, count(*) FROM messages GROUP BY queue").fetchall())
+
+
+def depth(db: sqlite3.Connection, queue: str) -> int:
+    """One queue's messages (its range of `messages_due`, not every queue's)."""
+    return int(db.execute("SELECT count(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0])
 
 
 def overview(db: sqlite3.Connection, alive_since: float) -> Overview:

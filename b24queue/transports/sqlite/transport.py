@@ -5,10 +5,10 @@ workers and the CLI of that host (never over NFS: SQLite's locking needs a local
 guarantees as on RabbitMQ (`shared/TRANSPORTS.md`):
 - a 200 means the event's rows are committed (WAL, fsync), one row per bound queue, or one in the
   unrouted queue, in one transaction (group-committed with whatever else arrived meanwhile);
-- a worker leases up to `prefetch` rows; ack deletes, retry sets the row's `available_at`, dead-
-  lettering moves it to `<queue>.dlq`: each one statement, so a crash never leaves two copies or
-  none; a crashed worker's rows come back when their lease (`handle_timeout_s` + a margin) ends,
-  flagged redelivered;
+- a worker leases up to `prefetch` rows, in due order; ack deletes, retry sets the row's
+  `available_at`, dead-lettering moves it to `<queue>.dlq`: each one statement, so a crash never
+  leaves two copies or none; a crashed worker's rows come back when their lease
+  (`handle_timeout_s` + a margin) ends, flagged redelivered;
 - retry delays are served by the declared levels, as on RabbitMQ (one rule everywhere);
 - a stopping worker hands back what it could not finish at once.
 Idle workers wake at once for events published in their own process, else within
