@@ -195,7 +195,7 @@ def render(status: Status, settings: Settings) -> str:
     lines.append("")
     lines.append(f"{settings.unrouted}: {status.unrouted} message(s) no consumer is bound to")
     if status.memory is not None:
-        lines.append(f"memory: {status.memory.describe()}")
+        lines.append(f"memory: {safe(status.memory.describe())}")
         if status.memory.full:
             lines.append(
                 "  FULL: new events are refused (the ingress spools them or answers 503) "
