@@ -147,7 +147,7 @@ def warn_if_off(*, several_nodes: bool) -> None:
         return
     _warned = True
     for line in off(ON, several_nodes=several_nodes):
-        log.warning("%s; pyproject pins the tested releases", line)
+        log.warning("%s; the releases pyproject pins have it on", line)
 
 
 # -- aiormq.Channel: the direct publish and deliveries (used only while ON.publish/ON.consume) --
