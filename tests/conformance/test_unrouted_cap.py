@@ -130,9 +130,13 @@ LEDGERED = pytest.mark.parametrize("bench", ["sqlite", "postgres", "redis"], ind
 
 
 @LEDGERED
-async def test_the_cap_follows_purges_and_replays(bench: Bench) -> None:
+@pytest.mark.parametrize("cap", ["events", "bytes"])
+async def test_the_cap_follows_purges_and_replays(bench: Bench, cap: str) -> None:
     """What an operator takes out of the unrouted queue makes room: the ledger follows."""
-    settings = bench.with_settings(unrouted_max_events=3)
+    size = body_size(UNBOUND)
+    assert body_size("crm-deal-add") <= size  # the last three fit in either cap
+    limits = {"unrouted_max_events": 3} if cap == "events" else {"unrouted_max_bytes": 3 * size}
+    settings = bench.with_settings(**limits)
     async with ingress(settings) as client:
         await post_unbound(client, 3)
         async with transport_for(settings).dead_letters(settings.unrouted) as unrouted:
