@@ -10,7 +10,8 @@ tenant can make it store.
 RabbitMQ drops them itself (a policy on the unrouted queue, `overflow: drop-head`) and Kafka by its
 topic's `retention.bytes`; the database and Redis transports keep a ledger of the unrouted queue
 (events and bytes, changed with every write to it) and drop the oldest in the same transaction or
-script as the publish that went past the cap, so a publish costs the same however full it is.
+script as the publish that went past the cap (PostgreSQL: in a transaction of its own, once past
+the cap by a 64th of it), so a publish costs the same however full it is.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class UnroutedCap:
 
     def over(self, events: int, size: int) -> bool:
         return events > self.max_events or size > self.max_bytes
+
+    def far_over(self, events: int, size: int) -> bool:
+        """Over by a 64th of the cap (at least one event): where dropping costs a commit of its
+        own (PostgreSQL), it is made for many events at once, down to the cap."""
+        return events > self.max_events * 65 // 64 or size > self.max_bytes * 65 // 64
 
     def oldest_to_drop(
         self, oldest: Sequence[tuple[T, int]], events: int, size: int

@@ -21,6 +21,14 @@ def test_the_oldest_go_until_both_caps_hold() -> None:
     assert cap.oldest_to_drop(oldest[:1], 9, 9) == [("a", 10)]  # all it was given: read on
 
 
+def test_far_over_is_a_64th_past_the_cap_and_exact_for_small_caps() -> None:
+    cap = UnroutedCap(load_settings(unrouted_max_events=6400, unrouted_max_bytes=64_000))
+    assert not cap.far_over(6500, 0) and cap.far_over(6501, 0)
+    assert not cap.far_over(0, 65_000) and cap.far_over(0, 65_001)
+    small = UnroutedCap(load_settings(unrouted_max_events=3))
+    assert small.far_over(4, 0)
+
+
 def test_drops_are_all_counted_and_logged_a_line_at_a_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -145,7 +145,7 @@ class PostgresPublisher:
         except BaseException as exc:
             self._drop_if_broken(connection, exc)
             raise
-        if held and cap.over(*held):
+        if held and cap.far_over(*held):
             # The events are committed: whatever happens now, they are answered 200.
             try:
                 cap.dropped(*await self._q.drop_oldest(connection, cap))
