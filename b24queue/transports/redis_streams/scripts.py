@@ -24,10 +24,11 @@ GROUP = "workers"
 
 # The unrouted stream's ledger (`<stream>:bytes`: its entries' body bytes; XLEN counts them), kept
 # by every script that adds or removes its entries; missing (before `SIZE` counted it once), only
-# the count is capped.
+# the count is capped. Written after the entries it counts (over maxmemory Redis refuses a
+# script's first write that may grow memory, never a later one: PURGE still purges).
 _SHRANK = """
 local function shrank(stream, sizes, freed)
-  if redis.call('EXISTS', sizes) == 0 then return end
+  if freed == 0 or redis.call('EXISTS', sizes) == 0 then return end
   if redis.call('DECRBY', sizes, freed) < 0 or redis.call('XLEN', stream) == 0 then
     redis.call('SET', sizes, 0)
   end
