@@ -130,7 +130,7 @@ def consumer_policy(settings: Settings, spec: QueueSpec) -> Policy:
 def unrouted_policy(settings: Settings) -> Policy:
     """The unrouted queue's cap: past either length RabbitMQ drops the oldest (`drop-head`):
     a refused publish would be a 503 Bitrix24 does not resend, and nobody consumes these yet
-    (`b24queue.transports.unrouted`)."""
+    (`b24queue.transports.kit.unrouted`)."""
     return Policy(
         name=f"b24queue.{settings.unrouted}",
         pattern=f"^{re.escape(settings.unrouted)}$",

@@ -11,7 +11,6 @@ handler; a retry or dead-letter copy durable before the original goes); declarin
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import os
 import socket
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from b24queue import _constants as c
 from b24queue.envelope import EventSink
-from b24queue.errors import B24QueueError, ConfigError
+from b24queue.errors import ConfigError
 
 if TYPE_CHECKING:
     from b24queue.consumer import EventConsumer
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     from b24queue.metrics import WorkerMetrics
     from b24queue.settings import Settings
     from b24queue.status import Status
-    from b24queue.transports.unrouted import UnroutedCap
+    from b24queue.transports.kit.unrouted import UnroutedCap
 
 Progress = Callable[[int, int], None]
 
@@ -132,19 +131,6 @@ class Transport(Protocol):
     async def status(self) -> Status: ...
 
     def dead_letters(self, queue: str) -> DeadLetters: ...
-
-
-async def given_up(task: asyncio.Task[None] | None) -> BaseException:
-    """`Publisher.failed` for a publisher whose background task keeps it connected: return the
-    error (ours, a `B24QueueError`: bad credentials, a newer schema) that ended the task for good;
-    wait forever while it runs, since it reconnects by itself."""
-    assert task is not None, "use the publisher as `async with`"
-    try:
-        await asyncio.shield(task)
-    except B24QueueError as exc:
-        return exc
-    await asyncio.get_running_loop().create_future()  # wait forever (until cancelled)
-    raise AssertionError("unreachable")
 
 
 def connection_name(role: str, detail: str = "") -> str:

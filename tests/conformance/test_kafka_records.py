@@ -19,7 +19,7 @@ from b24queue.errors import PublishError
 from b24queue.layout import spec_for
 from b24queue.transports.kafka.client import producer
 from b24queue.transports.kafka.settle import Settler
-from b24queue.transports.leased import Row
+from b24queue.transports.kit.leased import Row
 from tests.conformance.conftest import Bench, kafka_settings
 from tests.conformance.test_kafka import _done
 from tests.integration.conftest import wait_until

@@ -29,9 +29,10 @@ from b24queue.runtime import Worker
 from b24queue.settings import Settings, load_settings
 from b24queue.status import render
 from b24queue.testing import make_event
-from b24queue.transports import leased
+from b24queue.transports.kit import leased
+from b24queue.transports.redis_streams.publisher import RedisPublisher
 from b24queue.transports.redis_streams.store import Store, connect
-from b24queue.transports.redis_streams.transport import Redis, RedisPublisher
+from b24queue.transports.redis_streams.transport import Redis
 from tests.conftest import SAMPLE_TOKEN, sample_form
 from tests.integration.conftest import wait_until
 from tests.redis_server import RedisServer, redis_server

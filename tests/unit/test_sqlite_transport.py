@@ -23,7 +23,8 @@ from b24queue.http.ingress import create_app
 from b24queue.runtime import Worker
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
-from b24queue.transports import leased, transport_for
+from b24queue.transports import transport_for
+from b24queue.transports.kit import leased
 from b24queue.transports.sqlite import db as sqlite_db
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database

@@ -9,7 +9,7 @@ import pytest
 
 from b24queue.settings import load_settings
 from b24queue.transports.kafka.configs import capped
-from b24queue.transports.unrouted import LOG_EVERY_S, UnroutedCap
+from b24queue.transports.kit.unrouted import LOG_EVERY_S, UnroutedCap
 
 
 def test_the_oldest_go_until_both_caps_hold() -> None:
@@ -36,7 +36,7 @@ def test_drops_are_all_counted_and_logged_a_line_at_a_time(
     cap = UnroutedCap(load_settings(unrouted_max_events=3), clock=lambda: now[0])
     counted: list[int] = []
     cap.on_dropped = counted.append
-    with caplog.at_level(logging.WARNING, logger="b24queue.transports.unrouted"):
+    with caplog.at_level(logging.WARNING, logger="b24queue.transports.kit.unrouted"):
         cap.dropped(1, 100)
         for _ in range(50):
             cap.dropped(2, 10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
 from typing import Any, cast
 
 import aio_pika
@@ -23,14 +22,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from b24queue import _constants as c
 from b24queue.envelope import Envelope
-from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
+from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
 from b24queue.timeouts import within
-from b24queue.transports import given_up
 from b24queue.transports.amqp import fast_publish, internals
 from b24queue.transports.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
 from b24queue.transports.amqp.topology import declare_exchanges
-from b24queue.transports.unrouted import UnroutedCap
+from b24queue.transports.kit.publisher import ReconnectingPublisher
 
 log = logging.getLogger(__name__)
 
@@ -93,39 +91,26 @@ def check_size(envelope: Envelope) -> None:
         raise PublishError(f"the message exceeds {MAX_MESSAGE_BYTES} bytes", permanent=True)
 
 
-class AmqpPublisher:
+class AmqpPublisher(ReconnectingPublisher):
     """An `EventSink` on one robust connection and one confirming channel."""
 
+    server = "RabbitMQ"
+    task_name = "b24queue-publisher-connect"
+
     def __init__(self, settings: Settings, connection_name: str) -> None:
-        self._settings = settings
-        self._name = connection_name
+        super().__init__(settings, connection_name)
         self._connection: AbstractRobustConnection | None = None
         # Strong references: robust connections keep channels in a WeakSet only.
         self._channel: AbstractChannel | None = None
-        self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        # Channels and connections closed under us so far: tells the spool's forwarder whether a
-        # publish that failed broke them (an event that does so every time is moved aside).
-        self.breaks = 0
-        # The unrouted queue's cap is RabbitMQ's (a policy, `layout.unrouted_policy`): it drops
-        # the oldest itself and counts them; nothing is dropped here.
-        self.unrouted = UnroutedCap(settings)
+        # `breaks` counts the channels and connections closed under us: an event that breaks
+        # them every time is moved aside by the spool's forwarder. The unrouted queue's cap is
+        # RabbitMQ's (a policy, `layout.unrouted_policy`): it drops the oldest itself and counts
+        # them; nothing is dropped here.
         self._renewing: asyncio.Task[None] | None = None
         self._renewed_at = float("-inf")
 
-    async def __aenter__(self) -> AmqpPublisher:
-        self._task = asyncio.create_task(self._connect(), name="b24queue-publisher-connect")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def _close(self) -> None:
         if self._renewing is not None:
             self._renewing.cancel()
             await asyncio.gather(self._renewing, return_exceptions=True)
@@ -133,30 +118,25 @@ class AmqpPublisher:
             await asyncio.gather(self._channel.close(), return_exceptions=True)
         await close_quietly(self._connection)
 
-    async def _connect(self) -> None:
+    async def _keep(self) -> None:
+        """Connect, then open the publishing channel: from then on the robust connection (and
+        aio-pika's channel on it) reconnect by themselves."""
         connection = self._connection = await connect(self._settings, self._name)
-        connection.close_callbacks.add(self._lost)
-        while True:
+        connection.close_callbacks.add(self._closed)
+
+        async def channel() -> AbstractChannel:
+            # A connection lost while the channel opens fails it with whatever aio-pika or
+            # aiormq were doing at that moment: a connection error, RuntimeError("Connection
+            # was not opened"), even a bare Exception. The robust connection comes back by
+            # itself; wait for it and open the channel again.
             await connection.connected.wait()
-            try:
-                channel = await self._open_channel(connection)
-                break
-            except B24QueueError:
-                # A topology mismatch is not transient: retrying would hide it behind 503s, so
-                # it ends the task and `failed` reports it.
-                raise
-            except Exception as exc:
-                # A connection lost while the channel opens fails it with whatever aio-pika or
-                # aiormq were doing at that moment: a connection error, RuntimeError("Connection
-                # was not opened"), even a bare Exception. The robust connection comes back by
-                # itself; wait for it and open the channel again.
-                log.warning("publishing channel not ready (%r); retrying", exc)
-                await asyncio.sleep(self._settings.reconnect_interval_s)
-        self._channel = channel
+            return await self._open_channel(connection)
+
+        self._channel = await self._until_up(channel, "publishing channel")
         self.connected.set()
         log.info("publishing to exchange %r (confirms on)", self._settings.exchange)
 
-    def _lost(self, *_: object) -> None:
+    def _closed(self, *_: object) -> None:
         self.breaks += 1
 
     def _renew_channel(self) -> None:
@@ -181,7 +161,7 @@ class AmqpPublisher:
             old, self._channel = self._channel, fresh
             log.warning("publishing on a new channel after a nack")
             if old is not None:
-                old.close_callbacks.discard(self._lost)  # closed by us: not a break
+                old.close_callbacks.discard(self._closed)  # closed by us: not a break
                 # Publishes already under way on it keep their time to be confirmed.
                 await asyncio.sleep(self._settings.publish_timeout_s + 1)
                 await asyncio.gather(old.close(), return_exceptions=True)
@@ -193,20 +173,13 @@ class AmqpPublisher:
     async def _open_channel(self, connection: AbstractRobustConnection) -> AbstractChannel:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         # A channel the broker closes (and aio-pika reopens) counts as a break too.
-        channel.close_callbacks.add(self._lost)
+        channel.close_callbacks.add(self._closed)
         try:
             await declare_exchanges(channel, self._settings)
         except BaseException:
             await asyncio.gather(channel.close(), return_exceptions=True)
             raise
         return channel
-
-    async def failed(self) -> BaseException:
-        """Wait until the background connect gives up for good (a topology mismatch); return why.
-
-        Never returns once connected: from then on the robust connection reconnects by itself.
-        """
-        return await given_up(self._task)
 
     def is_ready(self) -> bool:
         conn, channel = self._connection, self._channel

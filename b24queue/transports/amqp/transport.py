@@ -28,12 +28,12 @@ from b24queue.transports.amqp import bindings, internals
 from b24queue.transports.amqp.connection import close_quietly, connect
 from b24queue.transports.amqp.dlq import DeadLetterTool
 from b24queue.transports.amqp.publisher import AmqpPublisher
+from b24queue.transports.amqp.runner import ConsumerRunner
 from b24queue.transports.amqp.topology import (
     declare_consumer_queues,
     declare_exchanges,
     inspect_queue,
 )
-from b24queue.transports.amqp.worker import ConsumerRunner
 
 log = logging.getLogger(__name__)
 

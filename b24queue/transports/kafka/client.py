@@ -28,7 +28,7 @@ from b24queue import _constants as c
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.settings import Settings
-from b24queue.transports.leased import Row
+from b24queue.transports.kit.leased import Row
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from b24queue.transports.kafka.client import (
     salvage,
 )
 from b24queue.transports.kafka.topics import BindingsLog
-from b24queue.transports.leased import Row
+from b24queue.transports.kit.leased import Row
 
 H_REMOVES = "removes"
 # Offsets per marker: at most ~20 bytes each, so a marker stays near 100 KB, far under the

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
 
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as ke
 
 from b24queue.envelope import Envelope
-from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
+from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
-from b24queue.transports import given_up
 from b24queue.transports.kafka.client import (
     H_BOUND,
     H_TO,
@@ -32,7 +30,7 @@ from b24queue.transports.kafka.client import (
 )
 from b24queue.transports.kafka.topics import BindingsLog, base_topics, ensure_topics
 from b24queue.transports.kafka.unrouted import CountCap
-from b24queue.transports.unrouted import UnroutedCap
+from b24queue.transports.kit.publisher import ReconnectingPublisher
 
 log = logging.getLogger(__name__)
 
@@ -58,57 +56,36 @@ async def started_producer(settings: Settings, name: str) -> AIOKafkaProducer:
     raise AssertionError("unreachable")
 
 
-class KafkaPublisher:
+class KafkaPublisher(ReconnectingPublisher):
+    server = "Kafka"
+    task_name = "b24queue-kafka-publisher"
+
     def __init__(self, settings: Settings, name: str) -> None:
-        self._settings = settings
-        self._name = name
+        super().__init__(settings, name)
         self._names = Names.of(settings)
         self._producer: AIOKafkaProducer | None = None
         self._bindings = BindingsLog(settings, self._names)
-        self._ready = False
-        self._task: asyncio.Task[None] | None = None
-        self.breaks = 0
-        self.unrouted = UnroutedCap(settings)
         self._count_cap = CountCap(settings, self.unrouted)
 
-    async def __aenter__(self) -> KafkaPublisher:
-        self._task = asyncio.create_task(self._keep(), name="b24queue-kafka-publisher")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def _close(self) -> None:
         await self._count_cap.close()
         await asyncio.gather(self._bindings.close(), return_exceptions=True)
         if self._producer is not None:
             await asyncio.gather(self._producer.stop(), return_exceptions=True)
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> AIOKafkaProducer:
         client = admin(self._settings, self._name)
         await client.start()
         try:
             await ensure_topics(client, self._settings, base_topics(self._settings, self._names))
         finally:
             await client.close()
-        self._producer = await started_producer(self._settings, self._name)
+        return await started_producer(self._settings, self._name)
 
     async def _keep(self) -> None:
         """Connect (creating the base topics), then follow the bindings: a read that fails marks
         the publisher not ready, one that succeeds ready again."""
-        while self._producer is None:
-            try:
-                await self._connect()
-            except B24QueueError:
-                raise
-            except Exception as exc:
-                log.warning("Kafka not ready (%r); retrying", exc)
-                await asyncio.sleep(self._settings.reconnect_interval_s)
+        self._producer = await self._until_up(self._connect)
         log.info("publishing to %s", self._settings.redacted_broker_url())
         while True:
             try:
@@ -124,9 +101,6 @@ class KafkaPublisher:
                     log.info("Kafka answers; bindings of %d queue(s)", len(self._bindings.queues))
                 self._ready = True
             await asyncio.sleep(BINDINGS_EVERY_S)
-
-    async def failed(self) -> BaseException:
-        return await given_up(self._task)
 
     def is_ready(self) -> bool:
         return self._producer is not None and self._ready
@@ -155,9 +129,7 @@ class KafkaPublisher:
         except ke.MessageSizeTooLargeError as exc:
             raise PublishError(f"Kafka refused the record: {exc}", permanent=True) from None
         except (ke.KafkaError, *UNAVAILABLE) as exc:
-            if self._ready:
-                self.breaks += 1
-            self._ready = False
+            self._lost()
             raise BrokerUnavailableError(f"Kafka did not take the event: {exc!r}") from None
         if not queues:
             self._count_cap.sent(sent.offset)

@@ -42,6 +42,7 @@ from b24queue.transports.kafka.deliveries import DeliveryCounts
 from b24queue.transports.kafka.offsets import Offsets, Partition
 from b24queue.transports.kafka.settle import Settler
 from b24queue.transports.kafka.topics import Binding, own_binding
+from b24queue.transports.kit.inflight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,8 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self._offsets = Offsets()
         self._settler = Settler(producer, self.spec)
         self._counts = DeliveryCounts(settings, producer, self.spec.name)
-        self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._tasks = InFlight(lambda _: self._room.set())
         self._kafka: AIOKafkaConsumer | None = None
         self._commits: Committer | None = None
         self._own = Binding((), {})  # this queue's bindings record (none: never missed)
@@ -168,12 +167,9 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         marked = asyncio.ensure_future(self._before_handlers(again))
         marked.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved here too
         for part, record, deliveries in chosen:
-            task = asyncio.create_task(
-                self._handle(part, record, deliveries, marked), name=f"b24q-{self.spec.name}"
+            self._tasks.start(
+                self._handle(part, record, deliveries, marked), f"b24q-{self.spec.name}"
             )
-            self._tasks.add(task)
-            self._idle.clear()
-            task.add_done_callback(self._done)
         self._commits.wake()
 
     async def _before_handlers(self, again: list[tuple[TopicPartition, int, int]]) -> None:
@@ -218,14 +214,6 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._kafka.resume(part.tp)
 
         asyncio.get_running_loop().call_later(delay_s, resume)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._room.set()
-        if not self._tasks:
-            self._idle.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("delivery task crashed", exc_info=task.exception())
 
     async def _handle(
         self,
@@ -278,16 +266,10 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             self._loop_task = None
 
     async def drain(self, timeout_s: float) -> int:
-        if self._tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
-        left = list(self._tasks)
-        for task in left:
-            task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
+        left = await self._tasks.drain(timeout_s)
         if self._commits is not None:
             await self._commits.commit(None)  # the settled prefix; the rest is delivered again
-        return len(left)
+        return left
 
     async def close(self) -> None:
         try:

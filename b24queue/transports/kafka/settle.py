@@ -23,7 +23,7 @@ from b24queue.errors import PublishError
 from b24queue.layout import QueueSpec
 from b24queue.retry import snap_delay
 from b24queue.transports.kafka.client import H_DUE, record_headers
-from b24queue.transports.leased import Row
+from b24queue.transports.kit.leased import Row
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from b24queue.transports.kafka.client import Names, admin, consumer, translate
 from b24queue.transports.kafka.dlq import TopicShelf
 from b24queue.transports.kafka.publisher import KafkaPublisher, started_producer
 from b24queue.transports.kafka.runner import KafkaRunner
-from b24queue.transports.tables import Depth, Overview, TableDeadLetters, table_status
+from b24queue.transports.kit.tables import Depth, Overview, TableDeadLetters, table_status
 
 
 async def _admin(settings: Settings, name: str) -> AIOKafkaAdminClient:

@@ -17,7 +17,7 @@ from aiokafka.admin import RecordsToDelete
 
 from b24queue.settings import Settings
 from b24queue.transports.kafka.client import admin, consumer
-from b24queue.transports.unrouted import UnroutedCap
+from b24queue.transports.kit.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 

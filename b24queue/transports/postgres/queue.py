@@ -14,10 +14,10 @@ import asyncpg
 
 from b24queue.envelope import Envelope
 from b24queue.layout import topic_regex
-from b24queue.transports.leased import Row
+from b24queue.transports.kit.leased import Row
+from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
+from b24queue.transports.kit.unrouted import UnroutedCap
 from b24queue.transports.postgres.db import Db, notify_channel
-from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
-from b24queue.transports.unrouted import UnroutedCap
 
 _COLUMNS = "id, message_id, routing_key, body, headers, stamp, event_type, deliveries, fence"
 

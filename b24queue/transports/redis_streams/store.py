@@ -18,10 +18,10 @@ from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.layout import QueueSpec, topic_matches
 from b24queue.settings import Settings
 from b24queue.status import MemoryRow
-from b24queue.transports.leased import Row
+from b24queue.transports.kit.leased import Row
+from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
+from b24queue.transports.kit.unrouted import UnroutedCap
 from b24queue.transports.redis_streams import scripts
-from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
-from b24queue.transports.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +376,17 @@ class Store:
                 names.add(seen["name"])
         consumers = [n for n, k in kinds.items() if k == CONSUMER]
         return Overview(consumers, queues, workers, sorted(names))
+
+
+async def opened(settings: Settings, name: str) -> Store:
+    """A store on a connection that answered a ping (else the error, translated)."""
+    client = connect(settings, name)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        raise translate(exc, settings) from None
+    return Store(client, settings)
 
 
 def text(value: Any) -> str:

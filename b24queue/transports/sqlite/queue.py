@@ -13,9 +13,9 @@ from typing import Any
 
 from b24queue.envelope import Envelope
 from b24queue.layout import topic_matches
-from b24queue.transports.leased import Row
-from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
-from b24queue.transports.unrouted import UnroutedCap
+from b24queue.transports.kit.leased import Row
+from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
+from b24queue.transports.kit.unrouted import UnroutedCap
 
 _MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, fence"
 

@@ -17,77 +17,25 @@ Idle workers wake at once for events published in their own process, else within
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from b24queue.consumer import EventConsumer
-from b24queue.envelope import Envelope
-from b24queue.errors import BrokerUnavailableError
 from b24queue.layout import QueueState, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
-from b24queue.transports.leased import ALIVE_S
+from b24queue.transports.kit.leased import ALIVE_S
+from b24queue.transports.kit.tables import TableDeadLetters, table_status
 from b24queue.transports.sqlite import queue as q
-from b24queue.transports.sqlite.db import Database, notify
-from b24queue.transports.sqlite.ops import SqliteShelf
-from b24queue.transports.sqlite.worker import SqliteWorkers
-from b24queue.transports.tables import TableDeadLetters, table_status
-from b24queue.transports.unrouted import UnroutedCap
+from b24queue.transports.sqlite.db import Database
+from b24queue.transports.sqlite.dlq import dead_letters
+from b24queue.transports.sqlite.publisher import SqlitePublisher
+from b24queue.transports.sqlite.runner import SqliteWorkers
 
 log = logging.getLogger(__name__)
-
-
-class SqlitePublisher:
-    """The ingress's sink: returns once the event's rows are committed."""
-
-    def __init__(self, settings: Settings, path: Path) -> None:
-        self._settings = settings
-        self._db = Database(path)
-        self.unrouted = UnroutedCap(settings)
-
-    async def __aenter__(self) -> SqlitePublisher:
-        await self._db.__aenter__()
-        unrouted = self._settings.unrouted
-        await self._db.write(lambda db: q.declare_unrouted(db, unrouted))
-        log.info("publishing to %s (sqlite)", self._db.path)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._db.__aexit__()
-
-    def is_ready(self) -> bool:
-        return True
-
-    async def failed(self) -> BaseException:
-        await asyncio.get_running_loop().create_future()  # never: there is no connection to lose
-        raise AssertionError("unreachable")
-
-    async def publish(self, envelope: Envelope) -> None:
-        unrouted, timeout_s = self._settings.unrouted, self._settings.publish_timeout_s
-        cap = self.unrouted
-        try:
-            async with asyncio.timeout(timeout_s):
-                dropped = await self._db.write(lambda db: q.publish(db, [envelope], unrouted, cap))
-        except TimeoutError:
-            # The write may still commit: the event is then there, and answered 503 (at least
-            # once; Bitrix24 does not resend it, nothing is lost).
-            raise BrokerUnavailableError(
-                f"the queue database did not commit within {timeout_s:g}s"
-            ) from None
-        except Exception as exc:  # a full disk, a lock held too long
-            raise BrokerUnavailableError(f"the queue database refused the write: {exc!r}") from None
-        cap.dropped(*dropped)
-        notify(self._db.path)
 
 
 class Sqlite:
@@ -128,13 +76,7 @@ class Sqlite:
         return table_status(self.settings, view, "sqlite")
 
     def dead_letters(self, queue: str) -> TableDeadLetters:
-        db = Database(self.path)
-
-        async def opened() -> SqliteShelf:
-            await db.__aenter__()
-            return SqliteShelf(db, self.settings.unrouted)
-
-        return TableDeadLetters(self.settings, queue, opened, db.__aexit__)
+        return dead_letters(self.settings, queue)
 
 
 def transport(settings: Settings) -> Sqlite:

@@ -14,7 +14,7 @@ from b24queue.errors import ConfigError
 from b24queue.settings import Settings
 from b24queue.status import ConnectionRow, QueueRow, Status, unrouted_problem
 from b24queue.transports import Progress
-from b24queue.transports.leased import Row
+from b24queue.transports.kit.leased import Row
 
 CONSUMER, DLQ, UNROUTED = "consumer", "dlq", "unrouted"  # the kinds of queue rows
 

@@ -1,10 +1,14 @@
-"""The SQLite transport's operator side: the `Shelf` of `b24queue dlq` on the queue database."""
+"""`b24queue dlq` on the embedded queue: the `Shelf` of `b24queue.transports.kit.tables` on the
+queue database."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from b24queue.transports.leased import Row
+from b24queue.settings import Settings
+from b24queue.transports.kit.leased import Row
+from b24queue.transports.kit.tables import TableDeadLetters
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database, notify
 
@@ -37,3 +41,13 @@ class SqliteShelf:
 
     async def purge(self, queue: str, count: int) -> int:
         return int(await self._db.write(lambda db: q.purge(db, queue, count)))
+
+
+def dead_letters(settings: Settings, queue: str) -> TableDeadLetters:
+    db = Database(Path(settings.sqlite_path))
+
+    async def opened() -> SqliteShelf:
+        await db.__aenter__()
+        return SqliteShelf(db, settings.unrouted)
+
+    return TableDeadLetters(settings, queue, opened, db.__aexit__)

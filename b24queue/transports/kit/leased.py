@@ -23,6 +23,7 @@ from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, give_up, process
 from b24queue.layout import QueueSpec, spec_for
 from b24queue.metrics import WorkerMetrics
+from b24queue.transports.kit.inflight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,11 @@ class LeasedRunner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{self.spec.name}:{uuid.uuid4().hex[:8]}"
         timeout = consumer.handle_timeout_s
         self._lease_s = (timeout if timeout is not None else DEFAULT_LEASE_S) + LEASE_MARGIN_S
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._rows: dict[asyncio.Task[None], Row] = {}
+        self._room = asyncio.Event()
+        self._tasks = InFlight(self._done)
         if metrics is not None:
             metrics.count_in_flight(consumer.queue, lambda: len(self._tasks))
-        self._rows: dict[asyncio.Task[None], Row] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._room = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -174,21 +173,12 @@ class LeasedRunner:
             log.warning("claiming from %s failed: %r", queue, exc)
             return 0
         for row in rows:
-            task = asyncio.create_task(self._handle(row), name=f"b24queue-{queue}")
-            self._tasks.add(task)
-            self._rows[task] = row
-            self._idle.clear()
-            task.add_done_callback(self._done)
+            self._rows[self._tasks.start(self._handle(row), f"b24queue-{queue}")] = row
         return len(rows)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
         self._rows.pop(task, None)
         self._room.set()
-        if not self._tasks:
-            self._idle.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("delivery task crashed", exc_info=task.exception())
 
     async def _handle(self, row: Row) -> None:
         incoming = Incoming(
@@ -253,18 +243,12 @@ class LeasedRunner:
         self._loop_task = None
 
     async def drain(self, timeout_s: float) -> int:
-        if self._tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
-        left = list(self._tasks)
-        for task in left:
-            task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
+        left = await self._tasks.drain(timeout_s)
         # Hand back what was not finished (and a claim that committed as the loop stopped):
         # delivered again at once, not after the lease.
         owner, leases = self.owner, self._leases
         await self._retrying(lambda: leases.release(owner, self.spec.name))
-        return len(left)
+        return left
 
     async def close(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""The SQLite transport's worker side: the `Leases` of `b24queue.transports.leased` on the queue
+"""The SQLite transport's worker side: the `Leases` of `b24queue.transports.kit.leased` on the queue
 database (every write group-committed by `db.Database`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from b24queue.layout import QueueSpec
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.transports import Runner
-from b24queue.transports.leased import LeasedRunner, Row
+from b24queue.transports.kit.leased import LeasedRunner, Row
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database, listen
 

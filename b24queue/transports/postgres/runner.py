@@ -1,6 +1,6 @@
-"""The PostgreSQL transport's worker side: the `Leases` of `b24queue.transports.leased` on a small
-connection pool, acks group-committed (one DELETE for all that finished meanwhile), wake-ups by
-LISTEN/NOTIFY with a poll behind them."""
+"""The PostgreSQL transport's worker side: the `Leases` of `b24queue.transports.kit.leased` on a
+small connection pool, acks group-committed (one DELETE for all that finished meanwhile),
+wake-ups by LISTEN/NOTIFY with a poll behind them."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from b24queue.layout import QueueSpec
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.transports import Runner
-from b24queue.transports.batching import Batcher
-from b24queue.transports.leased import LeasedRunner, Row
+from b24queue.transports.kit.batching import Batcher
+from b24queue.transports.kit.leased import LeasedRunner, Row
 from b24queue.transports.postgres.db import CONNECTION_ERRORS, Listener, lent
 from b24queue.transports.postgres.queue import Queries
 

@@ -31,6 +31,7 @@ from b24queue.transports.amqp import fast_consume
 from b24queue.transports.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
 from b24queue.transports.amqp.publisher import persistent_copy
 from b24queue.transports.amqp.topology import declare_consumer_queues
+from b24queue.transports.kit.inflight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,11 @@ class ConsumerRunner:
         self._queue: Any = None
         self._consumer_tag: str | None = None
         self._transport: AmqpTransport | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = InFlight()
         self._task_name = f"b24queue-{self.spec.name}"
         if metrics is not None:
             metrics.count_in_flight(consumer.queue, lambda: len(self._tasks))
-        self._idle = asyncio.Event()
         self._settled: asyncio.Future[None]
-        self._idle.set()
 
     @property
     def in_flight(self) -> int:
@@ -236,20 +235,10 @@ class ConsumerRunner:
             handle=delivery,
         )
         assert self._transport is not None
-        task = asyncio.create_task(
+        self._tasks.start(
             process(self.consumer, incoming, self.spec.name, self._transport, self._observe),
-            name=self._task_name,
+            self._task_name,
         )
-        self._tasks.add(task)
-        self._idle.clear()
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not self._tasks:
-            self._idle.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("delivery task crashed", exc_info=task.exception())
 
     async def stop_consuming(self) -> None:
         """Ask the broker for no more deliveries; in-flight ones go on."""
@@ -266,14 +255,7 @@ class ConsumerRunner:
         Cancelled handlers leave their messages unacked: the broker redelivers them once this
         channel closes. Returns how many were cancelled.
         """
-        if self._tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
-        left = list(self._tasks)
-        for task in left:
-            task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
-        return len(left)
+        return await self._tasks.drain(timeout_s)
 
     async def close(self) -> None:
         try:
