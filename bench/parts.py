@@ -31,7 +31,9 @@ EVENT_JSON = (
     b'{"event":"ONCRMDEALUPDATE","data":{"FIELDS":{"ID":"1"}},"ts":"1764367200",'
     b'"auth":{"domain":"acme.bitrix24.com"}}'
 )
-MODULES = ("delivery", "events", "envelope", "forms", "logs", "metrics", "transports.amqp.worker")
+MODULES = ("delivery", "events", "envelope", "forms", "logs", "metrics")
+# The AMQP runner's module; an older tree names it `worker`.
+RUNNERS = ("transports.amqp.runner", "transports.amqp.worker")
 
 
 def load(tree: Path) -> dict[str, ModuleType]:
@@ -40,9 +42,20 @@ def load(tree: Path) -> dict[str, ModuleType]:
         del sys.modules[name]
     sys.path.insert(0, str(tree))
     try:
-        return {name: importlib.import_module(f"b24queue.{name}") for name in MODULES}
+        found = {name: importlib.import_module(f"b24queue.{name}") for name in MODULES}
+        found["runner"] = _first_of(RUNNERS)
+        return found
     finally:
         sys.path.remove(str(tree))
+
+
+def _first_of(names: tuple[str, ...]) -> ModuleType:
+    for name in names:
+        try:
+            return importlib.import_module(f"b24queue.{name}")
+        except ModuleNotFoundError:
+            continue
+    raise ModuleNotFoundError(" or ".join(names))
 
 
 def repeat(fn: Callable[[], Any]) -> Callable[[int], None]:
@@ -105,7 +118,7 @@ def worker_pieces(m: dict[str, ModuleType]) -> dict[str, Callable[[int], Any]]:
         "worker: Event.from_json": repeat(lambda: m["events"].Event.from_json(EVENT_JSON)),
         "worker: outcome log line": log_lines,
         "worker: delivery.process": process,
-        "worker: runner hand-off": hand_off(m["transports.amqp.worker"], NoOp, Settled),
+        "worker: runner hand-off": hand_off(m["runner"], NoOp, Settled),
     }
 
 
@@ -134,7 +147,8 @@ def hand_off(worker: ModuleType, consumer: Any, settled: Any) -> Callable[[int],
             for start in range(0, n, 64):  # deliveries come in bursts of up to prefetch
                 for i in range(min(64, n - start)):
                     deliver(i)
-                await runner._idle.wait()
+                # No handler left: the in-flight set's event (an older tree: the runner's own).
+                await (getattr(runner._tasks, "_idle", None) or runner._idle).wait()
             await runner.drain(0)
         finally:
             if saved is not None:
