@@ -19,16 +19,14 @@ from typing import Any
 from b24queue import dlq_view, runtime, sender, status
 from b24queue.auth.store import open_store
 from b24queue.consumer import EventConsumer
-from b24queue.definitions import definitions
 from b24queue.errors import ConfigError
 from b24queue.events import FORM_TYPE, JSON_TYPE
 from b24queue.ingress import prefork, spool_ops
-from b24queue.layout import spec_for
+from b24queue.queues import spec_for
 from b24queue.redaction import redact, redact_url, url_secrets
 from b24queue.settings import Settings
 from b24queue.terminal import safe
-from b24queue.transports import transport_for
-from b24queue.transports.amqp import bindings
+from b24queue.transports import ExportsDefinitions, PlansBindings, not_offered, transport_for
 
 log = logging.getLogger("b24queue")
 
@@ -80,16 +78,16 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
     classes = [load_consumer(spec) for spec in args.consumers]
-    if (args.definitions or args.dry_run) and settings.transport != "amqp":
-        raise ConfigError(
-            "--definitions and --dry-run are RabbitMQ's; B24QUEUE_BROKER_URL names "
-            f"{settings.transport}, where `b24queue topology` applies and prints the bindings"
-        )
+    transport = transport_for(settings)
     if args.definitions:
-        print(json.dumps(definitions(settings, classes), indent=2))
+        if not isinstance(transport, ExportsDefinitions):
+            raise not_offered(transport, "topology --definitions")
+        print(json.dumps(transport.definitions(classes), indent=2))
         return EXIT_OK
     if args.dry_run:
-        return _topology_dry_run(settings, classes, as_json=args.json)
+        if not isinstance(transport, PlansBindings):
+            raise not_offered(transport, "topology --dry-run")
+        return _topology_dry_run(settings, transport, classes, as_json=args.json)
     states = asyncio.run(runtime.declare_topology(settings, classes))
     if args.json:
         print(
@@ -118,10 +116,14 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _topology_dry_run(
-    settings: Settings, classes: list[type[EventConsumer]], *, as_json: bool
+    settings: Settings,
+    planner: PlansBindings,
+    classes: list[type[EventConsumer]],
+    *,
+    as_json: bool,
 ) -> int:
     runtime.check_consumers(classes)
-    changes = asyncio.run(bindings.plan(settings, [spec_for(cls) for cls in classes]))
+    changes = asyncio.run(planner.plan_bindings([spec_for(cls) for cls in classes]))
     if as_json:
         rows = [
             {
@@ -144,7 +146,10 @@ def _topology_dry_run(
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    current = asyncio.run(transport_for(settings).status())
+    transport = transport_for(settings)
+    current = asyncio.run(transport.status())
+    if transport.needs_spool:  # this host's ingress spools, whatever the transport
+        current = status.with_spools(current, spool_ops.files(settings))
     if args.json:
         print(json.dumps(current.as_json(), indent=2))
     else:
@@ -221,7 +226,9 @@ def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
         if not found:
             print(f"no spool files at {settings.spool_path} (nothing was spooled on this host)")
         for f in found:
-            print(f"{safe(f.path)}: {f.waiting} waiting for RabbitMQ, {f.quarantined} quarantined")
+            print(
+                f"{safe(f.path)}: {f.waiting} waiting to be forwarded, {f.quarantined} quarantined"
+            )
         for q in held:
             print(
                 safe(

@@ -32,10 +32,10 @@ from b24queue.http.ingress import create_app, serve
 from b24queue.http.portal_check import PortalCallback
 from b24queue.ingress.fallback import SpoolingSink
 from b24queue.ingress.spool import Spool, merge_stray_spools, slot_path
-from b24queue.layout import QueueState
 from b24queue.metrics import IngressMetrics, WorkerMetrics
 from b24queue.portal.api import PortalProvider
 from b24queue.portal.clients import PortalClients
+from b24queue.queues import DeclaredQueue
 from b24queue.settings import Settings
 from b24queue.transports import Runner, WorkerSession, connection_name, transport_for
 
@@ -284,7 +284,7 @@ async def serve_worker(
 
 async def declare_topology(
     settings: Settings, classes: Sequence[type[EventConsumer]]
-) -> list[QueueState]:
+) -> list[DeclaredQueue]:
     """Declare what these consumers need on the transport; report each queue."""
     check_consumers(classes)
     return await transport_for(settings).declare(classes)

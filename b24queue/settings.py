@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import os
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from b24queue import _constants as c
-from b24queue import broker_urls
 from b24queue.errors import ConfigError
 from b24queue.outbound import VALUE_BYTES, Bounds
 from b24queue.redaction import WEBHOOK_PATH, redact_url, url_secrets
+from b24queue.transports import registry
+from b24queue.transports.registry import TransportSettings
 
 ENV_PREFIX = "B24QUEUE_"
 
@@ -52,18 +53,18 @@ DEFAULT_PORTAL_DOMAINS = tuple(
 )
 
 
-class Settings(BaseSettings):
+class Settings(TransportSettings, BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="forbid", frozen=True, case_sensitive=False
     )
 
-    # Broker. B24QUEUE_BROKER_URL's scheme picks the transport: amqp(s):// (RabbitMQ, the default),
-    # sqlite:///abs/path, sqlite:rel/path (an embedded queue on one host) or
-    # postgresql://user:password@host:5432/db (a queue in PostgreSQL), redis://host:6379/0
-    # (Redis Streams) or kafka://host:9092[,host:9092...] (Kafka). B24QUEUE_AMQP_URL is
-    # the older name of an amqp:// URL and keeps working.
+    # The queue. B24QUEUE_BROKER_URL's scheme picks the transport (b24queue.transports.registry):
+    # amqp(s):// RabbitMQ, the default (an empty URL: B24QUEUE_AMQP_URL), sqlite:///abs/path or
+    # sqlite:rel/path an embedded queue on one host, postgresql://user:password@host:5432/db a
+    # queue in PostgreSQL, redis://host:6379/0 Redis Streams, kafka://host:9092[,host:9092...]
+    # Kafka. Each transport's own settings (B24QUEUE_AMQP_URL, B24QUEUE_POSTGRES_SCHEMA...) are
+    # in its descriptor, `TransportSettings`.
     broker_url: str = ""
-    amqp_url: str = "amqp://guest:guest@localhost:5672/"
     exchange: str = Field(default="b24.events", pattern=_NAME_PATTERN)
     unrouted: str = Field(
         default="b24.unrouted",
@@ -74,36 +75,8 @@ class Settings(BaseSettings):
     # it are dropped (logged, counted; README, "The unrouted queue's cap").
     unrouted_max_events: int = Field(default=100_000, ge=1)
     unrouted_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
-    queue_type: Literal["quorum", "classic"] = "quorum"
-    # Quorum queues on a cluster: how many nodes hold each new queue's replicas (RabbitMQ's
-    # default when unset: every node, up to its quorum_cluster_size). Read when a queue is
-    # created; change existing ones with rabbitmq-queues grow / shrink.
-    quorum_group_size: int | None = Field(default=None, ge=1, le=9)
-    # SQLite: how often an idle worker looks for events published by another process (a read).
-    sqlite_poll_s: float = Field(default=0.05, gt=0, le=10)
-    # PostgreSQL: the schema holding the queue's tables, and how often an idle worker looks for
-    # events anyway (LISTEN/NOTIFY wakes it at once; this covers a notification lost meanwhile).
-    # (54 characters at most: its NOTIFY channel, "b24queue.<schema>", must fit in 63 bytes)
-    postgres_schema: str = Field(default="b24queue", pattern=r"^[a-z_][a-z0-9_]{0,53}$")
-    postgres_poll_s: float = Field(default=1.0, gt=0, le=60)
-    # Redis Streams: the prefix of every key, how often an idle worker looks anyway (a blocking
-    # read on the streams wakes it at once), and the opt-out of the persistence check (a 200
-    # then no longer survives a crash of Redis: never in production).
-    redis_prefix: str = Field(default="b24queue", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    redis_poll_s: float = Field(default=0.5, gt=0, le=60)
-    redis_allow_unsafe: bool = False
-    # Kafka: partitions of each topic b24queue creates (the events topic bounds how many workers
-    # of one queue share the work), their replication factor (3 and the broker's
-    # min.insync.replicas=2 in production; 1 on a single broker), and how long a worker may be
-    # silent before the group hands its partitions to another.
-    kafka_partitions: int = Field(default=12, ge=1, le=1000)
-    kafka_replication_factor: int = Field(default=1, ge=1, le=10)
-    kafka_session_timeout_s: float = Field(default=10.0, ge=1, le=300)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     reconnect_interval_s: float = Field(default=0.5, gt=0)
-
-    # Management API (status, dlq tools)
-    management_url: str = "http://localhost:15672"
 
     # Ingress
     http_host: str = "0.0.0.0"  # noqa: S104 - an ingress is meant to be reachable
@@ -127,7 +100,7 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=5, ge=1)
     spool_enabled: bool = Field(
         default=True,
-        description="keep events on local disk while RabbitMQ cannot take them (see README)",
+        description="keep events on local disk while the queue cannot take them (see README)",
     )
     spool_path: str = ".b24queue/spool.sqlite3"
     spool_max_events: int = Field(default=100_000, ge=1)
@@ -236,63 +209,13 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _check_broker_url(cls, value: str) -> str:
-        return broker_urls.check_broker_url(value)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _broker_url_is_the_amqp_url(cls, data: Any) -> Any:
-        """An amqp:// B24QUEUE_BROKER_URL is the AMQP URL (the old name may say the same)."""
-        if isinstance(data, dict):
-            url = data.get("broker_url") or ""
-            if isinstance(url, str) and url.lower().startswith(("amqp://", "amqps://")):
-                old = data.get("amqp_url")
-                if old and old != url:
-                    raise ValueError(
-                        "B24QUEUE_BROKER_URL and B24QUEUE_AMQP_URL name different brokers; "
-                        "set only B24QUEUE_BROKER_URL"
-                    )
-                data = {**data, "amqp_url": url}
-        return data
+        return registry.check_broker_url(value)
 
     @property
     def transport(self) -> str:
-        """`amqp`, `sqlite`, `postgres`, `redis` or `kafka`, from the broker URL's scheme."""
-        return broker_urls.transport_of(self.broker_url)
-
-    @property
-    def kafka_bootstrap(self) -> list[str]:
-        """The brokers of a kafka:// URL, `host:port` each (9092 when the port is left out)."""
-        return broker_urls.kafka_bootstrap(self.broker_url)
-
-    @property
-    def sqlite_path(self) -> str:
-        """The database file of a sqlite: URL (`sqlite:///abs/path` or `sqlite:rel/path`)."""
-        return broker_urls.sqlite_path(self.broker_url)
-
-    @field_validator("amqp_url")
-    @classmethod
-    def _check_amqp_url(cls, value: str) -> str:
-        return broker_urls.check_amqp_urls(value)
-
-    @field_validator("management_url")
-    @classmethod
-    def _check_management_url(cls, value: str) -> str:
-        urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
-        for url in urls or [""]:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("must look like http://host:15672 (several: comma-separated)")
-        return ",".join(urls)
-
-    @property
-    def amqp_urls(self) -> list[str]:
-        """The broker's nodes, in the order to try them."""
-        return self.amqp_url.split(",")
-
-    @property
-    def management_urls(self) -> list[str]:
-        """The management API of each node (any answers for the cluster)."""
-        return self.management_url.split(",")
+        """The name of the transport the broker URL's scheme picks: `amqp`, `sqlite`,
+        `postgres`, `redis` or `kafka`."""
+        return registry.descriptor_of(self.broker_url).name
 
     @field_validator("portal_store")
     @classmethod
@@ -374,23 +297,9 @@ class Settings(BaseSettings):
             "B24QUEUE_PORTAL_MAX_ANSWER_VALUES",
         )
 
-    @property
-    def vhost(self) -> str:
-        """The vhost named in the URL's path, percent-decoded (`/%2F` is `/`), as aio-pika reads
-        it; `/` when the path is empty."""
-        path = urlsplit(self.amqp_urls[0]).path.removeprefix("/")
-        return unquote(path) or "/"
-
-    @property
-    def broker_credentials(self) -> tuple[str, str]:
-        """User and password of the AMQP URL, percent-decoded (`p%40ss` is `p@ss`), as
-        aio-pika (yarl) decodes them for the AMQP login; guest/guest when absent, as there."""
-        parts = urlsplit(self.amqp_urls[0])
-        return unquote(parts.username or "") or "guest", unquote(parts.password or "") or "guest"
-
     def redacted_broker_url(self) -> str:
         """The queue's URL (every node's) for a log line or an error, never a password."""
-        return redact_url(self.amqp_url if self.transport == "amqp" else self.broker_url)
+        return redact_url(registry.descriptor_of(self.broker_url).server_url(self))
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value these settings hold, for `b24queue.redaction.remember`: tokens,
@@ -401,13 +310,9 @@ class Settings(BaseSettings):
         for webhook in self.portal_webhooks.get_secret_value().split(","):
             url, _, app_token = webhook.strip().partition("#")
             values += [app_token, *(m.group(2) for m in WEBHOOK_PATH.finditer(url))]
-        for url in (
-            self.amqp_url,
-            self.broker_url,
-            self.management_url,
-            self.portal_store,
-            self.offline_ping_url,
-        ):
+        urls = [self.broker_url, self.portal_store, self.offline_ping_url]
+        urls += [getattr(self, name) for d in registry.DESCRIPTORS for name in d.secret_urls]
+        for url in urls:
             values += url_secrets(url)
         return tuple(v for v in values if v and v != "guest")
 

@@ -1,10 +1,12 @@
 """`b24queue status`: the state of every consumer queue, its retries and dead letters, the
-unrouted queue and our connections, from the management API, as a table or JSON."""
+unrouted queue, our connections and this host's ingress spools, as a table or JSON. Each transport
+fills a `Status` its own way (`Transport.status`); the spool rows are added here, for every
+transport whose ingress spools."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,72 +88,24 @@ class Status:
         return asdict(self)
 
 
-def _rate(queue: dict[str, Any], key: str) -> float:
-    stats = queue.get("message_stats") or {}
-    return round(float((stats.get(f"{key}_details") or {}).get("rate", 0.0)), 2)
-
-
-def _depth(queue: dict[str, Any] | None) -> int:
-    if queue is None:
-        return 0
-    return int(queue.get("messages_ready", 0) or 0) + int(
-        queue.get("messages_unacknowledged", 0) or 0
-    )
-
-
-def summarize(
-    settings: Settings,
-    queues: list[dict[str, Any]],
-    connections: list[dict[str, Any]],
-    bound: set[str],
-    spools: Sequence[SpoolFileLike] = (),
-) -> Status:
-    """Consumer queues are the queues bound to our exchange (`bound`) that have a `.dlq`
-    sibling: found on the broker, no consumer code needed."""
-    by_name = {q["name"]: q for q in queues}
-    rows = []
-    for name in sorted(by_name):
-        if name not in bound or name + c.DLQ_SUFFIX not in by_name:
-            continue
-        q = by_name[name]
-        retry_prefix = name + c.RETRY_SUFFIX
-        rows.append(
-            QueueRow(
-                queue=name,
-                type=str(q.get("type", "")),
-                ready=int(q.get("messages_ready", 0) or 0),
-                unacked=int(q.get("messages_unacknowledged", 0) or 0),
-                consumers=int(q.get("consumers", 0) or 0),
-                publish_per_s=_rate(q, "publish"),
-                deliver_per_s=_rate(q, "deliver_get"),
-                ack_per_s=_rate(q, "ack"),
-                retrying=sum(_depth(v) for k, v in by_name.items() if k.startswith(retry_prefix)),
-                dead_letters=_depth(by_name[name + c.DLQ_SUFFIX]),
-            )
-        )
-    ours = [
-        ConnectionRow(
-            name=str((conn.get("client_properties") or {}).get("connection_name", "")),
-            state=str(conn.get("state", "")),
-            channels=int(conn.get("channels", 0) or 0),
-        )
-        for conn in connections
-        if conn.get("vhost", settings.vhost) == settings.vhost
-        and str((conn.get("client_properties") or {}).get("connection_name", "")).startswith(
-            c.CONNECTION_PREFIX
-        )
-    ]
-    unrouted = _depth(by_name.get(settings.unrouted))
-    problems = [f"{r.queue}{c.DLQ_SUFFIX} holds {r.dead_letters}" for r in rows if r.dead_letters]
+def problems(settings: Settings, rows: Sequence[QueueRow], unrouted: int) -> list[str]:
+    """What `status --fail-on-dead-letters` fails on: dead letters, and unrouted events."""
+    found = [f"{r.queue}{c.DLQ_SUFFIX} holds {r.dead_letters}" for r in rows if r.dead_letters]
     if unrouted:
-        problems.append(unrouted_problem(settings, unrouted))
-    spool_rows = [SpoolRow(str(s.path), s.waiting, s.quarantined) for s in spools]
-    problems += [
+        found.append(unrouted_problem(settings, unrouted))
+    return found
+
+
+def with_spools(status: Status, spools: Sequence[SpoolFileLike]) -> Status:
+    """`status` with the spool files of this host's ingress (`B24QUEUE_SPOOL_PATH`): a
+    quarantined event is a problem too."""
+    rows = [SpoolRow(str(s.path), s.waiting, s.quarantined) for s in spools]
+    held = [
         f"spool {s.path} holds {s.quarantined} quarantined (b24queue spool list)"
-        for s in spool_rows
+        for s in rows
         if s.quarantined
     ]
-    return Status(rows, unrouted, sorted(ours, key=lambda r: r.name), problems, spool_rows)
+    return replace(status, problems=[*status.problems, *held], spools=[*status.spools, *rows])
 
 
 def unrouted_problem(settings: Settings, held: int) -> str:
@@ -224,7 +178,7 @@ def render(status: Status, settings: Settings) -> str:
         lines.append("no b24queue connections (no ingress or worker is running)")
     for spool in status.spools:
         lines.append(
-            f"spool {safe(spool.path)}: {spool.waiting} waiting for RabbitMQ, "
+            f"spool {safe(spool.path)}: {spool.waiting} waiting to be forwarded, "
             f"{spool.quarantined} quarantined"
         )
     if status.problems:

@@ -33,7 +33,7 @@ import aio_pika
 import b24queue
 from b24queue import Event, EventConsumer, logs
 from b24queue.commands import loop_factory
-from b24queue.layout import QueueSpec
+from b24queue.queues import QueueSpec
 from b24queue.runtime import Worker
 from b24queue.settings import load_settings
 from b24queue.transports.amqp.topology import declare_consumer_queues, declare_exchanges

@@ -1,12 +1,16 @@
 """The transport seam: what the ingress, the worker process and the CLI ask of a queue, whichever
-it is. The transport is picked by the broker URL's scheme (`B24QUEUE_BROKER_URL`): `amqp(s)://`
-RabbitMQ, `sqlite:` the embedded queue, `postgresql://` a queue in PostgreSQL, `redis://` Redis
-Streams, `kafka://` Kafka. Nothing here imports a transport: `transport_for` loads the one the
-settings name.
+it is. The transport is picked by the broker URL's scheme (`B24QUEUE_BROKER_URL`), from the
+descriptors of `registry`: `amqp(s)://` RabbitMQ, `sqlite:` the embedded queue, `postgresql://` a
+queue in PostgreSQL, `redis://` Redis Streams, `kafka://` Kafka. Nothing here imports a transport:
+`transport_for` loads the one the settings name.
 
-Each transport keeps the same guarantees (`shared/TRANSPORTS.md`): `publish` returns only once the
-event is durable; a runner settles each delivery with `b24queue.delivery` (ack only after the
-handler; a retry or dead-letter copy durable before the original goes); declaring is idempotent.
+Each transport keeps the same guarantees: `publish` returns only once the event is durable; a
+runner settles each delivery with `b24queue.delivery` (ack only after the handler; a retry or
+dead-letter copy durable before the original goes); declaring is idempotent.
+
+What only some transports can do is an optional capability, a protocol of its own that the
+transport's class implements or not (`ExportsDefinitions`, `PlansBindings`): the caller asks
+`isinstance(transport, Capability)`, never which transport it is.
 """
 
 from __future__ import annotations
@@ -16,17 +20,18 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from b24queue import _constants as c
 from b24queue.envelope import EventSink
 from b24queue.errors import ConfigError
+from b24queue.transports import registry
 
 if TYPE_CHECKING:
     from b24queue.consumer import EventConsumer
     from b24queue.dlq_view import DeadLetter
-    from b24queue.layout import QueueSpec, QueueState
     from b24queue.metrics import WorkerMetrics
+    from b24queue.queues import BindingChange, DeclaredQueue, QueueSpec
     from b24queue.settings import Settings
     from b24queue.status import Status
     from b24queue.transports.kit.unrouted import UnroutedCap
@@ -125,12 +130,35 @@ class Transport(Protocol):
 
     async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> WorkerSession: ...
 
-    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
+    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         """The topology for these consumers, idempotently; what exists now."""
 
     async def status(self) -> Status: ...
 
     def dead_letters(self, queue: str) -> DeadLetters: ...
+
+
+@runtime_checkable
+class ExportsDefinitions(Protocol):
+    """A transport whose server can boot from a file describing the topology
+    (`b24queue topology --definitions`; no connection needed)."""
+
+    def definitions(self, classes: Sequence[type[EventConsumer]]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class PlansBindings(Protocol):
+    """A transport that can say, changing nothing, how each consumer queue's bindings differ
+    from what its class declares (`b24queue topology --dry-run`)."""
+
+    async def plan_bindings(self, specs: Sequence[QueueSpec]) -> list[BindingChange]: ...
+
+
+def not_offered(transport: Transport, what: str) -> ConfigError:
+    """The error for asking `transport` for a capability it does not offer."""
+    return ConfigError(
+        f"{what}: the {transport.name} transport (B24QUEUE_BROKER_URL) does not offer this"
+    )
 
 
 def connection_name(role: str, detail: str = "") -> str:
@@ -139,29 +167,17 @@ def connection_name(role: str, detail: str = "") -> str:
     return f"{c.CONNECTION_PREFIX}{role}{middle} {socket.gethostname()}:{os.getpid()}"
 
 
-_MODULES = {
-    "amqp": "b24queue.transports.amqp.transport",
-    "sqlite": "b24queue.transports.sqlite.transport",
-    "postgres": "b24queue.transports.postgres.transport",
-    "redis": "b24queue.transports.redis_streams.transport",
-    "kafka": "b24queue.transports.kafka.transport",
-}
-
-
-# The client library each optional transport needs, and the extra that installs it.
-_EXTRAS = {"asyncpg": "postgres", "redis": "redis", "aiokafka": "kafka"}
-
-
 def transport_for(settings: Settings) -> Transport:
     """The transport the settings name (its package is imported only now)."""
+    descriptor = registry.descriptor_of(settings.broker_url)
     try:
-        module = importlib.import_module(_MODULES[settings.transport])
+        module = importlib.import_module(descriptor.module)
     except ModuleNotFoundError as exc:
-        if exc.name not in _EXTRAS:
+        if not descriptor.client or exc.name != descriptor.client:
             raise
         raise ConfigError(
-            f"the {settings.transport} transport needs {exc.name}: "
-            f"pip install 'b24queue[{_EXTRAS[exc.name]}]'"
+            f"the {descriptor.name} transport needs {exc.name}: "
+            f"pip install 'b24queue[{descriptor.extra}]'"
         ) from None
     transport: Transport = module.transport(settings)
     return transport

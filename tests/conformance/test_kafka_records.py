@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from b24queue.delivery import Outcome
 from b24queue.errors import PublishError
-from b24queue.layout import spec_for
+from b24queue.queues import spec_for
 from b24queue.transports.kafka.client import producer
 from b24queue.transports.kafka.settle import Settler
 from b24queue.transports.kit.leased import Row

@@ -24,7 +24,7 @@ from b24queue.events import Event
 from b24queue.http.ingress import create_app
 from b24queue.ingress.fallback import SpoolingSink
 from b24queue.ingress.spool import Spool
-from b24queue.layout import spec_for
+from b24queue.queues import spec_for
 from b24queue.runtime import Worker
 from b24queue.settings import Settings, load_settings
 from b24queue.status import render

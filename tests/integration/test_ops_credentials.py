@@ -8,9 +8,9 @@ from urllib.parse import quote
 
 import pytest
 
-from b24queue.management import ManagementClient
 from b24queue.transports import connection_name
 from b24queue.transports.amqp.connection import close_quietly, connect_once
+from b24queue.transports.amqp.management import ManagementClient
 from tests.integration.conftest import AMQP_URL, MGMT_URL, Broker
 
 pytestmark = pytest.mark.broker

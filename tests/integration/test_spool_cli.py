@@ -58,4 +58,4 @@ async def test_list_replay_and_drop_quarantined_events(broker: Broker, tmp_path:
     code, out = await run_cli(broker, "spool", "drop", too_big.message_id, "--yes", **env)
     assert code == 0 and "deleted 1" in out, out
     code, out = await run_cli(broker, "spool", "list", **env)
-    assert "0 waiting for RabbitMQ, 0 quarantined" in out, out
+    assert "0 waiting to be forwarded, 0 quarantined" in out, out

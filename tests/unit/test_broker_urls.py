@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from b24queue.errors import ConfigError
-from b24queue.layout import queue_arguments
 from b24queue.settings import load_settings
+from b24queue.transports.amqp.layout import queue_arguments
 
 NODES = "amqp://app:s3cret@n1:5672/v, amqp://app:s3cret@n2:5672/v,amqp://app:s3cret@n3:5672/v"
 

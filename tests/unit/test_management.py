@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from b24queue.errors import ManagementError
-from b24queue.management import ManagementClient
 from b24queue.settings import load_settings
+from b24queue.transports.amqp.management import ManagementClient
 
 
 class LoginPage(BaseHTTPRequestHandler):
@@ -48,7 +48,7 @@ def test_an_answer_that_is_not_json_is_a_management_error(login_page: str) -> No
 
 
 async def test_stale_binding_pruning_is_best_effort_for_a_worker(login_page: str) -> None:
-    from b24queue.layout import QueueSpec
+    from b24queue.queues import QueueSpec
     from b24queue.transports.amqp.bindings import prune
 
     settings = load_settings(management_url=login_page)

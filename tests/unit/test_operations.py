@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
-from b24queue.definitions import definitions
 from b24queue.errors import ManagementError
-from b24queue.layout import consumer_policy, spec_for
-from b24queue.management import ManagementClient
+from b24queue.queues import spec_for
 from b24queue.settings import load_settings
-from b24queue.status import render, summarize
+from b24queue.status import render
+from b24queue.transports.amqp.definitions import definitions
+from b24queue.transports.amqp.layout import consumer_policy
+from b24queue.transports.amqp.management import ManagementClient
+from b24queue.transports.amqp.status import summarize
 from examples.deals import DealSync
 from examples.logger import EventLogger
 

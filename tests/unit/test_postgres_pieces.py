@@ -8,7 +8,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from b24queue.layout import topic_matches, topic_regex
+from b24queue.queues import topic_matches, topic_regex
 
 WORDS = st.sampled_from(["A", "B", "ONCRMDEALADD", "x_1"])
 KEYS = st.lists(WORDS, min_size=1, max_size=5).map(".".join)

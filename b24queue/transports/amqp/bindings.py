@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from aio_pika.abc import AbstractQueue
 
 from b24queue.errors import ConfigError, ManagementError
-from b24queue.layout import BindingChange, QueueSpec
-from b24queue.management import ManagementClient
+from b24queue.queues import BindingChange, QueueSpec
 from b24queue.settings import Settings
+from b24queue.transports.amqp.management import ManagementClient
 from b24queue.transports.amqp.topology import unbind
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Declaring the layout of `b24queue.layout` on the broker, idempotently."""
+"""Declaring the layout of `transports.amqp.layout` on the broker, idempotently."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from b24queue.errors import TopologyMismatchError
-from b24queue.layout import QueueSpec, QueueState, queue_arguments, retry_queue_arguments
+from b24queue.queues import DeclaredQueue, QueueSpec
 from b24queue.settings import Settings
+from b24queue.transports.amqp.layout import queue_arguments, retry_queue_arguments
 
 T = TypeVar("T")
 
@@ -91,8 +92,8 @@ async def _guard(kind: str, name: str, declare: Callable[[], Awaitable[T]]) -> T
 
 async def inspect_queue(
     channel: AbstractChannel, name: str, arguments: dict[str, Any]
-) -> QueueState:
+) -> DeclaredQueue:
     """Ready-message and consumer counts of an existing queue (passive declare)."""
     queue = await channel.declare_queue(name, passive=True)
     result = queue.declaration_result
-    return QueueState(name, result.message_count or 0, result.consumer_count or 0, arguments)
+    return DeclaredQueue(name, result.message_count or 0, result.consumer_count or 0, arguments)

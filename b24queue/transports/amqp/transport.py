@@ -5,30 +5,31 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
 from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError, ManagementError
-from b24queue.ingress import spool_ops
-from b24queue.layout import (
-    QueueState,
-    consumer_policy,
-    queue_arguments,
-    queue_plan,
-    spec_for,
-    unrouted_policy,
-)
-from b24queue.management import ManagementClient
 from b24queue.metrics import WorkerMetrics
+from b24queue.queues import BindingChange, DeclaredQueue, QueueSpec, spec_for
 from b24queue.settings import Settings
-from b24queue.status import Status, summarize
+from b24queue.status import Status
 from b24queue.transports import Runner, connection_name
 from b24queue.transports.amqp import bindings, internals
 from b24queue.transports.amqp.connection import close_quietly, connect
+from b24queue.transports.amqp.definitions import definitions
 from b24queue.transports.amqp.dlq import DeadLetterTool
+from b24queue.transports.amqp.layout import (
+    consumer_policy,
+    queue_arguments,
+    queue_plan,
+    unrouted_policy,
+)
+from b24queue.transports.amqp.management import ManagementClient
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from b24queue.transports.amqp.runner import ConsumerRunner
+from b24queue.transports.amqp.status import summarize
 from b24queue.transports.amqp.topology import (
     declare_consumer_queues,
     declare_exchanges,
@@ -78,7 +79,7 @@ class Amqp:
         )
         return AmqpWorkers(self.settings, connection)
 
-    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
+    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         """Exchanges, the unrouted queue, each consumer's queues, policies; stale bindings go."""
         settings = self.settings
         await ensure_policies(settings, classes, required=True)
@@ -110,7 +111,14 @@ class Amqp:
                 client.bound_queues(self.settings.exchange),
             )
         )
-        return summarize(self.settings, queues, connections, bound, spool_ops.files(self.settings))
+        return summarize(self.settings, queues, connections, bound)
+
+    def definitions(self, classes: Sequence[type[EventConsumer]]) -> dict[str, Any]:
+        """The broker definitions (`rabbitmq/definitions.json`) a node boots from."""
+        return definitions(self.settings, classes)
+
+    async def plan_bindings(self, specs: Sequence[QueueSpec]) -> list[BindingChange]:
+        return await bindings.plan(self.settings, specs)
 
     def dead_letters(self, queue: str) -> DeadLetterTool:
         return DeadLetterTool(self.settings, queue)

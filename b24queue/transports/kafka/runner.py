@@ -25,8 +25,8 @@ from aiokafka.structs import ConsumerRecord
 
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, give_up, process
-from b24queue.layout import spec_for
 from b24queue.metrics import WorkerMetrics
+from b24queue.queues import spec_for
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
 from b24queue.transports.kafka.client import (

@@ -20,7 +20,7 @@ from aiokafka import errors as ke
 
 from b24queue.delivery import Outcome
 from b24queue.errors import PublishError
-from b24queue.layout import QueueSpec
+from b24queue.queues import QueueSpec
 from b24queue.retry import snap_delay
 from b24queue.transports.kafka.client import H_DUE, record_headers
 from b24queue.transports.kit.leased import Row

@@ -28,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from b24queue.errors import TopologyMismatchError
-from b24queue.layout import QueueSpec, topic_matches
+from b24queue.queues import QueueSpec, topic_matches
 from b24queue.settings import Settings
 from b24queue.transports.kafka.client import H_BOUND, Names, check_topic, consumer, header
 from b24queue.transports.kafka.configs import COMPACT, KEEP, capped, check_configs

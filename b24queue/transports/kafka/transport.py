@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from b24queue.consumer import EventConsumer
-from b24queue.layout import QueueSpec, QueueState, spec_for
 from b24queue.metrics import WorkerMetrics
+from b24queue.queues import DeclaredQueue, QueueSpec, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
 from b24queue.transports import Runner, connection_name
@@ -85,7 +85,7 @@ class Kafka:
             raise translate(exc, self.settings) from None
         return KafkaWorkers(self.settings, client, producer)
 
-    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
+    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         client = await _admin(self.settings, connection_name("topology"))
         try:
             await topics.ensure_topics(
@@ -98,13 +98,15 @@ class Kafka:
         view = await self._overview()
         where = {"transport": "kafka", "events topic": self.names.events}
         states = [
-            QueueState(self.settings.unrouted, view.queues[self.settings.unrouted].total, 0, where)
+            DeclaredQueue(
+                self.settings.unrouted, view.queues[self.settings.unrouted].total, 0, where
+            )
         ]
         for cls in classes:
             q = view.queues.get(cls.queue, Depth())
-            states.append(QueueState(cls.queue, q.total, view.workers.get(cls.queue, 0), where))
+            states.append(DeclaredQueue(cls.queue, q.total, view.workers.get(cls.queue, 0), where))
             dlq = view.queues.get(cls.queue + ".dlq", Depth())
-            states.append(QueueState(cls.queue + ".dlq", dlq.total, 0, where))
+            states.append(DeclaredQueue(cls.queue + ".dlq", dlq.total, 0, where))
         return states
 
     async def status(self) -> Status:

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, give_up, process
-from b24queue.layout import QueueSpec, spec_for
 from b24queue.metrics import WorkerMetrics
+from b24queue.queues import QueueSpec, spec_for
 from b24queue.transports.kit.inflight import InFlight
 
 log = logging.getLogger(__name__)

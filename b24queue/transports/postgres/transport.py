@@ -23,7 +23,7 @@ import logging
 from collections.abc import Sequence
 
 from b24queue.consumer import EventConsumer
-from b24queue.layout import QueueState, spec_for
+from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
 from b24queue.transports import connection_name
@@ -70,7 +70,7 @@ class Postgres:
         listener.start()
         return PostgresWorkers(self.settings, pool, listener)
 
-    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
+    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         settings = self.settings
         db = await opened(settings, connection_name("topology"))
         try:
@@ -86,7 +86,7 @@ class Postgres:
             n for cls in classes for n in (cls.queue, cls.queue + ".dlq")
         ]
         where = {"transport": "postgres", "schema": settings.postgres_schema}
-        return [QueueState(n, counts.get(n, 0), 0, where) for n in names]
+        return [DeclaredQueue(n, counts.get(n, 0), 0, where) for n in names]
 
     async def status(self) -> Status:
         db = await opened(self.settings, connection_name("status"))

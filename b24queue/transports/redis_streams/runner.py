@@ -11,8 +11,8 @@ from typing import Any
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
-from b24queue.layout import QueueSpec
 from b24queue.metrics import WorkerMetrics
+from b24queue.queues import QueueSpec
 from b24queue.settings import Settings
 from b24queue.transports import Runner, connection_name
 from b24queue.transports.kit.batching import Batcher

@@ -15,7 +15,7 @@ from redis import exceptions as rx
 
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, ConfigError
-from b24queue.layout import QueueSpec, topic_matches
+from b24queue.queues import QueueSpec, topic_matches
 from b24queue.settings import Settings
 from b24queue.status import MemoryRow
 from b24queue.transports.kit.leased import Row

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
-from b24queue.layout import QueueState, spec_for
+from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
 from b24queue.transports import connection_name
@@ -58,7 +58,7 @@ class Redis:
             raise
         return RedisWorkers(self.settings, store)
 
-    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
+    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         store = await opened(self.settings, connection_name("topology"))
         try:
             await store.declare_unrouted()
@@ -72,7 +72,7 @@ class Redis:
         finally:
             await store.client.aclose()
         where = {"transport": "redis", "prefix": self.settings.redis_prefix}
-        return [QueueState(n, counts[n], 0, where) for n in names]
+        return [DeclaredQueue(n, counts[n], 0, where) for n in names]
 
     async def status(self) -> Status:
         store = await opened(self.settings, connection_name("status"))

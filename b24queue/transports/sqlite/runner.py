@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from b24queue.consumer import EventConsumer
-from b24queue.layout import QueueSpec
 from b24queue.metrics import WorkerMetrics
+from b24queue.queues import QueueSpec
 from b24queue.settings import Settings
 from b24queue.transports import Runner
 from b24queue.transports.kit.leased import LeasedRunner, Row

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from b24queue.consumer import EventConsumer
-from b24queue.layout import QueueState, spec_for
+from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
 from b24queue.transports.kit.leased import ALIVE_S
@@ -54,7 +54,7 @@ class Sqlite:
         await db.__aenter__()
         return SqliteWorkers(self.settings, db)
 
-    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[QueueState]:
+    async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         unrouted = self.settings.unrouted
         async with Database(self.path) as db:
             await db.write(lambda conn: q.declare_unrouted(conn, unrouted))
@@ -68,7 +68,7 @@ class Sqlite:
                     log.info("queue %s: removed binding %s", spec.name, key)
             names = [unrouted] + [n for cls in classes for n in (cls.queue, cls.queue + ".dlq")]
             counts = await db.read(lambda conn: q.depths(conn))
-        return [QueueState(n, counts.get(n, 0), 0, {"transport": "sqlite"}) for n in names]
+        return [DeclaredQueue(n, counts.get(n, 0), 0, {"transport": "sqlite"}) for n in names]
 
     async def status(self) -> Status:
         async with Database(self.path) as db:

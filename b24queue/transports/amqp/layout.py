@@ -1,5 +1,5 @@
-"""What exists on the broker, as data: names, queue arguments and policies. No I/O here; the AMQP
-side declares it (`amqp.topology`), the management API applies policies, `definitions` exports it.
+"""What exists on RabbitMQ, as data: exchanges, queue arguments and policies. No I/O here; the
+AMQP side declares it (`topology`), the management API applies policies, `definitions` exports it.
 
   b24.events           topic exchange, routing key = event name; alternate exchange b24.unrouted
   b24.unrouted         fanout exchange + queue: events no consumer is bound to are kept here
@@ -20,38 +20,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from b24queue import _constants as c
-from b24queue.consumer import EventConsumer
+from b24queue.queues import QueueSpec
 from b24queue.settings import Settings
 
 POLICY_PRIORITY = 10
-
-
-def retry_queue_name(queue: str, delay_s: float) -> str:
-    if float(delay_s).is_integer():
-        return f"{queue}{c.RETRY_SUFFIX}{int(delay_s)}s"
-    return f"{queue}{c.RETRY_SUFFIX}{round(delay_s * 1000)}ms"
-
-
-def dlq_name(queue: str) -> str:
-    return queue + c.DLQ_SUFFIX
-
-
-@dataclass(frozen=True, slots=True)
-class QueueSpec:
-    """What a consumer needs on the broker. `bindings` are routing keys or topic patterns."""
-
-    name: str
-    bindings: tuple[str, ...]
-    retry_delays_s: tuple[float, ...]
-    max_deliveries: int | None = None
-
-    @property
-    def dlq(self) -> str:
-        return dlq_name(self.name)
-
-    def retry_queue(self, delay_s: float) -> str:
-        return retry_queue_name(self.name, delay_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +41,6 @@ class Policy:
             "apply-to": self.apply_to,
             "priority": self.priority,
         }
-
-
-def spec_for(consumer: type[EventConsumer]) -> QueueSpec:
-    return QueueSpec(
-        name=consumer.queue,
-        bindings=consumer.binding_keys(),
-        retry_delays_s=tuple(float(d) for d in consumer.retry_delays_s),
-        max_deliveries=consumer.max_deliveries,
-    )
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -140,69 +103,6 @@ def unrouted_policy(settings: Settings) -> Policy:
             "overflow": "drop-head",
         },
     )
-
-
-@dataclass(frozen=True, slots=True)
-class QueueState:
-    """A queue as it exists: what `b24queue topology` prints."""
-
-    name: str
-    messages: int
-    consumers: int
-    arguments: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class BindingChange:
-    """How a consumer queue's bindings differ from what its class declares. `current` None:
-    the queue does not exist yet."""
-
-    queue: str
-    current: frozenset[str] | None
-    wanted: tuple[str, ...]
-
-    @property
-    def to_add(self) -> tuple[str, ...]:
-        return tuple(k for k in self.wanted if self.current is None or k not in self.current)
-
-    @property
-    def to_remove(self) -> tuple[str, ...]:
-        return tuple(sorted((self.current or frozenset()) - set(self.wanted)))
-
-
-def topic_matches(pattern: str, key: str) -> bool:
-    """A topic exchange's rule, for transports that route themselves: words split on `.`; `*`
-    is exactly one word, `#` zero or more words. (`CATALOG.#` matches `CATALOG` too.)"""
-    words, parts = key.split("."), pattern.split(".")
-    # reachable[j]: the first i pattern parts can match the first j words
-    reachable = [True] + [False] * len(words)
-    for part in parts:
-        nxt = [False] * (len(words) + 1)
-        for j, ok in enumerate(reachable):
-            if not ok:
-                continue
-            if part == "#":
-                for k in range(j, len(words) + 1):
-                    nxt[k] = True
-                break  # every later j is covered by this one
-            if j < len(words) and (part == "*" or part == words[j]):
-                nxt[j + 1] = True
-        reachable = nxt
-    return reachable[len(words)]
-
-
-def topic_regex(pattern: str) -> str:
-    """`topic_matches` as a regular expression over `"." + key` (for a database that routes in
-    SQL): `*` is one `.word`, `#` any number of them."""
-    parts = []
-    for part in pattern.split("."):
-        if part == "#":
-            parts.append(r"(\.[^.]+)*")
-        elif part == "*":
-            parts.append(r"\.[^.]+")
-        else:
-            parts.append(r"\." + re.escape(part))
-    return "^" + "".join(parts) + "$"
 
 
 def queue_plan(settings: Settings, spec: QueueSpec) -> list[tuple[str, dict[str, Any]]]:

@@ -12,7 +12,6 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 from b24queue.errors import ConfigError, ManagementError
-from b24queue.layout import Policy
 from b24queue.outbound import (
     AnswerTooLarge,
     Bounds,
@@ -24,6 +23,7 @@ from b24queue.outbound import (
 )
 from b24queue.redaction import redact_url
 from b24queue.settings import Settings
+from b24queue.transports.amqp.layout import Policy
 
 # The operator's own broker, but its answers are still read within bounds: /api/queues of a
 # vhost with 30,000 queues is about 75 MB and 3.3 million values.

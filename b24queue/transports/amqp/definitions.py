@@ -9,8 +9,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from b24queue.consumer import EventConsumer
-from b24queue.layout import consumer_policy, queue_arguments, queue_plan, spec_for, unrouted_policy
+from b24queue.queues import spec_for
 from b24queue.settings import Settings
+from b24queue.transports.amqp.layout import (
+    consumer_policy,
+    queue_arguments,
+    queue_plan,
+    unrouted_policy,
+)
 
 # A node that boots from definitions gets no default user or vhost unless the file has them.
 # guest/guest (loopback only, RabbitMQ's default rule) keeps a local node usable; change it.
