@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     # At most 8 MiB: a message is at most about twice its body, and must stay within RabbitMQ's
     # max_message_size (16 MiB on 4.x). On Kafka a record must also fit the topic's
     # max.message.bytes (the broker's message.max.bytes, about 1 MB by default): the default
-    # 1 MiB body plus headers does not; raise the topics' limit or lower this (README, Kafka).
+    # 1 MiB body plus headers does not; raise the topics' limit or lower this
+    # (docs/transports/kafka.md).
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
     publish_timeout_s: float = Field(
         default=0.75,
@@ -123,7 +124,7 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=5, ge=1)
     spool_enabled: bool = Field(
         default=True,
-        description="keep events on local disk while RabbitMQ cannot take them (see README)",
+        description="keep events on local disk while the queue cannot take them",
     )
     spool_path: str = ".b24queue/spool.sqlite3"
     spool_max_events: int = Field(default=100_000, ge=1)

@@ -4,7 +4,7 @@ RabbitMQ, `sqlite:` the embedded queue, `postgresql://` a queue in PostgreSQL, `
 Streams, `kafka://` Kafka. Nothing here imports a transport: `transport_for` loads the one the
 settings name.
 
-Each transport keeps the same guarantees (`shared/TRANSPORTS.md`): `publish` returns only once the
+Each transport keeps the same guarantees (docs/transports/index.md): `publish` returns only once the
 event is durable; a runner settles each delivery with `b24queue.delivery` (ack only after the
 handler; a retry or dead-letter copy durable before the original goes); declaring is idempotent.
 """

@@ -1,6 +1,6 @@
 """The conformance suite: the same scenarios, the same test code, on every transport present
 (RabbitMQ on the machine's broker, SQLite in a temporary file). A transport passes when each
-guarantee of shared/TRANSPORTS.md holds through the real ingress app and the real worker."""
+guarantee of docs/transports/index.md holds through the real ingress app and the real worker."""
 
 from __future__ import annotations
 
