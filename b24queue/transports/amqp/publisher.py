@@ -27,9 +27,10 @@ from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
 from b24queue.timeouts import within
 from b24queue.transports import given_up
-from b24queue.transports.amqp import fast_publish
+from b24queue.transports.amqp import fast_publish, internals
 from b24queue.transports.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
 from b24queue.transports.amqp.topology import declare_exchanges
+from b24queue.transports.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class AmqpPublisher:
         # Channels and connections closed under us so far: tells the spool's forwarder whether a
         # publish that failed broke them (an event that does so every time is moved aside).
         self.breaks = 0
+        # The unrouted queue's cap is RabbitMQ's (a policy, `layout.unrouted_policy`): it drops
+        # the oldest itself and counts them; nothing is dropped here.
+        self.unrouted = UnroutedCap(settings)
         self._renewing: asyncio.Task[None] | None = None
         self._renewed_at = float("-inf")
 
@@ -216,7 +220,7 @@ class AmqpPublisher:
 
     def _blocked(self) -> bool:
         underlay = getattr(self._connection, "transport", None)
-        return underlay is not None and fast_publish.blocked(underlay.connection)
+        return underlay is not None and internals.blocked(underlay.connection)
 
     async def publish(self, envelope: Envelope) -> None:
         channel = self._channel
