@@ -5,6 +5,7 @@ a reconnect; and where the direct path cannot be used, aio-pika's path does all 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import Counter
 from typing import Any
@@ -17,7 +18,7 @@ from pamqp import frame
 from pamqp.heartbeat import Heartbeat
 
 from b24queue import Event, EventConsumer
-from b24queue.transports.amqp import fast_consume
+from b24queue.transports.amqp import fast_consume, internals
 from b24queue.transports.amqp.worker import ConsumerRunner
 from b24queue.worker import Worker
 from tests.integration.conftest import AMQP_URL, Broker, wait_until
@@ -96,7 +97,6 @@ async def underlay(runner: Any) -> aiormq.Channel:
     return channel
 
 
-@pytest.mark.skipif(not fast_consume.SUPPORTED, reason="aiormq is not a release it is pinned to")
 async def test_deliveries_take_the_direct_path_after_the_first_and_again_after_a_reconnect(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,7 +136,7 @@ async def test_deliveries_take_the_direct_path_after_the_first_and_again_after_a
 async def test_without_the_direct_path_aio_pika_takes_and_acks_every_delivery(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fast_consume, "SUPPORTED", False)
+    monkeypatch.setattr(internals, "ON", dataclasses.replace(internals.ON, consume=False))
     paths = Paths(monkeypatch)
     queue = broker.name("plain")
     seen: Counter[str] = Counter()
@@ -148,7 +148,6 @@ async def test_without_the_direct_path_aio_pika_takes_and_acks_every_delivery(
     assert paths.basic_acks == 100
 
 
-@pytest.mark.skipif(not fast_consume.SUPPORTED, reason="aiormq is not a release it is pinned to")
 async def test_a_delivery_whose_start_fails_is_handed_back_and_the_channel_goes_on(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -202,7 +201,6 @@ async def declared(broker: Broker, suffix: str) -> str:
     return queue
 
 
-@pytest.mark.skipif(not fast_consume.SUPPORTED, reason="aiormq is not a release it is pinned to")
 async def test_acks_wait_for_room_in_a_full_write_queue_and_then_all_go(broker: Broker) -> None:
     queue = await declared(broker, "acks-full")
     channel, underlay, tags = await _got(broker, queue, 3)
@@ -226,7 +224,6 @@ async def test_acks_wait_for_room_in_a_full_write_queue_and_then_all_go(broker: 
     assert await broker.depth(queue) == 0
 
 
-@pytest.mark.skipif(not fast_consume.SUPPORTED, reason="aiormq is not a release it is pinned to")
 async def test_acks_of_a_channel_that_is_closing_are_dropped_not_sent_behind_its_close(
     broker: Broker,
 ) -> None:
@@ -248,7 +245,7 @@ async def test_acks_of_a_channel_that_is_closing_are_dropped_not_sent_behind_its
         for tag in tags:
             acks.add(underlay, tag)
         # Closing before the turn ends, as aiormq marks it on the broker's Channel.Close.
-        getattr(underlay, fast_consume.CLOSE_EVENT).set()
+        getattr(underlay, internals.CLOSE_EVENT).set()
         await acks.written(timeout_s=5)
         assert not acks._waiting
         with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):

@@ -5,6 +5,7 @@ tags could otherwise leave in the wrong order."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from typing import Any, cast
 
@@ -19,15 +20,12 @@ from b24queue.envelope import envelope_for
 from b24queue.errors import PublishError
 from b24queue.events import parse_event
 from b24queue.testing import make_event
-from b24queue.transports.amqp import fast_publish
+from b24queue.transports.amqp import fast_publish, internals
 from b24queue.transports.amqp.publisher import AmqpPublisher, properties_for
 from tests.conftest import SAMPLE_NAMES, sample_form
 from tests.integration.conftest import AMQP_URL, Broker, wait_until
 
-pytestmark = pytest.mark.skipif(
-    not fast_publish.SUPPORTED,
-    reason=f"aiormq is not one of {sorted(fast_publish.SUPPORTED_AIORMQ)}: no fast path to test",
-)
+pytestmark = pytest.mark.broker
 
 
 class Paths:
@@ -73,6 +71,24 @@ async def test_samples_go_the_direct_way_and_arrive_as_the_ordinary_way_sends_th
         assert m.content_type == "application/json" and m.app_id == "b24queue"
         assert m.headers == envelope.headers
         assert m.timestamp == envelope.timestamp.replace(microsecond=0)
+
+
+async def test_without_the_direct_path_every_publish_takes_basic_publish(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an aiormq release the direct path was not checked on (`internals.ON.publish` off),
+    the publisher takes aiormq's own basic_publish, and the same events arrive."""
+    monkeypatch.setattr(internals, "ON", dataclasses.replace(internals.ON, publish=False))
+    paths = Paths(monkeypatch)
+    queue = await broker.bind_queue("plain", "ONCRMDEALADD")
+    envelopes = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(20)]
+    async with AmqpPublisher(broker.settings, f"pytest fast {broker.prefix}") as publisher:
+        channel = await started(publisher)
+        await asyncio.gather(*(publisher.publish(e) for e in envelopes))
+        assert getattr(channel, fast_publish._BATCH, None) is None  # never batched
+    assert paths.ordinary == len(envelopes)
+    got = Counter(m.message_id for m in await broker.take(queue, len(envelopes)))
+    assert set(got) == {e.message_id for e in envelopes} and max(got.values()) == 1
 
 
 async def test_while_the_channel_lock_is_held_it_waits_unnumbered(broker: Broker) -> None:
@@ -257,7 +273,7 @@ async def test_a_batch_of_a_channel_found_closing_is_dropped_not_sent_behind_its
         ]
         await asyncio.sleep(0)  # all three joined one batch
         # Closing before the turn ends, as aiormq marks it on the broker's Channel.Close.
-        getattr(underlay, fast_publish.CLOSE_EVENT).set()
+        getattr(underlay, internals.CLOSE_EVENT).set()
         await asyncio.sleep(0.1)
         assert len(frames.frames) == 1 and frames.publishing() == []  # taken empty
         assert getattr(underlay, fast_publish._BATCH) is None
@@ -379,4 +395,4 @@ async def test_publishes_waiting_for_the_lock_fail_when_the_connection_dies_unde
     # (The first one's confirm fails with what aiormq rejects its futures with on a close.)
     assert all(isinstance(r, Exception) for r in results), results
     assert isinstance(results[1], aiormq.exceptions.ChannelInvalidStateError)
-    assert not getattr(channel, fast_publish._LOCK).locked()
+    assert not internals.channel_lock(channel).locked()

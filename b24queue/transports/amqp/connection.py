@@ -19,6 +19,7 @@ from yarl import URL
 
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.settings import Settings
+from b24queue.transports.amqp import internals
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class FailoverConnection(aio_pika.RobustConnection):
+class FailoverConnection(internals.ConnectionHooks):
     """A robust connection to one of several nodes of a cluster: each (re)connection tries them
     in turn, starting after the node that was lost, so a node that goes away is left for the
     next one (channels, consumers and the connection's name restored as aio-pika does).
@@ -56,14 +57,12 @@ class FailoverConnection(aio_pika.RobustConnection):
         ]
         self._at = 0  # the node to try first
 
-    # aio-pika 10's RobustConnection makes each (re)connection in this private step (pinned in
-    # pyproject; tests/integration/test_failover.py fails if it moves).
-    async def _RobustConnection__connect_transport(self) -> None:
+    async def connect_attempt(self) -> None:
         failures: list[Exception] = []
         for at in [(self._at + step) % len(self._urls) for step in range(len(self._urls))]:
             self.url = self._urls[at]
             try:
-                await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+                await super().connect_attempt()
             except Exception as exc:  # whatever failed on this node, the next may do
                 failures.append(exc)
                 continue
@@ -76,10 +75,8 @@ class FailoverConnection(aio_pika.RobustConnection):
         ]
         raise (refused or failures)[-1]
 
-    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
-        if self.connected.is_set() and not (self._close_called or self.is_closed):
-            self._at = (self._at + 1) % len(self._urls)  # the node we were on went away
-        await super()._on_connection_close(closing)
+    def lost(self) -> None:
+        self._at = (self._at + 1) % len(self._urls)  # the node we were on went away
 
 
 async def connect_once(settings: Settings, name: str) -> AbstractRobustConnection:

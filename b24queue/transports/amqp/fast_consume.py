@@ -13,8 +13,9 @@ consumer tag's deliveries to the worker's own callback, straight from its reader
 aio-pika opens anew starts on aio-pika's callback again, and its first delivery takes it over
 again.
 
-It reaches into aiormq's internals, so it is used only with the releases `fast_publish` is
-pinned to (`SUPPORTED`); with any other, every delivery takes aio-pika's path and `basic_ack`.
+It reaches into aiormq's internals (through `internals` only), so it is used only with the aiormq
+releases it was checked on (`internals.ON.consume`); with any other, every delivery takes
+aio-pika's path and `basic_ack`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import aiormq
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
 
-from b24queue.transports.amqp.fast_publish import CLOSE_EVENT, SUPPORTED, closing
+from b24queue.transports.amqp import internals
+from b24queue.transports.amqp.internals import closing
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +49,7 @@ def ack_frame(channel_number: int, delivery_tag: int) -> bytes:
 
 def usable(channel: Any) -> bool:
     """Whether deliveries of this channel can be taken over and acked here."""
-    return (
-        SUPPORTED
-        and isinstance(channel, aiormq.Channel)
-        and hasattr(channel, CLOSE_EVENT)
-        and isinstance(getattr(channel, "consumers", None), dict)
-        and hasattr(channel, "_Channel__get_content_header")
-        and hasattr(channel, "_read_content")
-    )
+    return internals.ON.consume and isinstance(channel, aiormq.Channel)
 
 
 OnDelivery = Callable[[DeliveredMessage], None]
@@ -72,7 +67,7 @@ def take_over(channel: aiormq.Channel, consumer_tag: str, callback: OnDelivery) 
     if callbacks is None:
         callbacks = {}
         setattr(channel, DELIVERIES, callbacks)
-        channel._on_deliver_frame = functools.partial(_deliver, channel, callbacks)  # type: ignore[method-assign]
+        internals.on_deliver(channel, functools.partial(_deliver, channel, callbacks))
     callbacks[consumer_tag] = callback
 
 
@@ -81,8 +76,7 @@ async def _deliver(
 ) -> None:
     # aiormq's `Channel._on_deliver_frame`, with the deliveries of the consumers taken over
     # handed to their callbacks directly.
-    header = await channel._Channel__get_content_header()  # type: ignore[attr-defined]
-    message = await channel._read_content(frame, header)
+    message = await internals.read_delivery(channel, frame)
     tag = frame.consumer_tag
     consumer = channel.consumers.get(tag) if tag is not None else None
     if consumer is None:
@@ -91,8 +85,7 @@ async def _deliver(
         return
     callback = callbacks.get(tag)  # type: ignore[arg-type]
     if callback is None:
-        task = channel.create_task(consumer(message))
-        task.add_done_callback(channel._on_consumer_done)
+        internals.channel_task(channel, consumer(message))
         return
     try:
         callback(message)
@@ -101,8 +94,7 @@ async def _deliver(
         # than held unacked, a prefetch slot gone, until the channel closes.
         log.exception("delivery %s of %s not started; handed back", frame.delivery_tag, tag)
         if frame.delivery_tag is not None:
-            nack = channel.create_task(channel.basic_nack(frame.delivery_tag, requeue=True))
-            nack.add_done_callback(channel._on_consumer_done)
+            internals.channel_task(channel, channel.basic_nack(frame.delivery_tag, requeue=True))
 
 
 class Acks:

@@ -4,66 +4,31 @@ async context managers and pamqp encoding (together about a third of the ingress
 event, measured), and the publishes of one turn of the loop written together (README,
 Performance).
 
-It reaches into aiormq's internals, so it is used only with the aiormq releases it was written
-against and checked on (`SUPPORTED_AIORMQ`); with any other the publisher takes `basic_publish`.
+It reaches into aiormq's internals (through `internals` only), so it is used only with the
+aiormq releases it was written against and checked on (`internals.ON.publish`), whose
+`Channel.basic_publish` it mirrors (read line by line: it keeps its order of delivery-tag
+increment, confirmation future, message-id map and enqueue); with any other the publisher takes
+`basic_publish`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
 
 from b24queue.envelope import Envelope
+from b24queue.transports.amqp import internals
 from b24queue.transports.amqp.frames import publish_frames
-
-# The releases whose `Channel.basic_publish` this mirrors (7.2.4: read line by line; the fast path
-# keeps its order of delivery-tag increment, confirmation future, message-id map and enqueue).
-SUPPORTED_AIORMQ = frozenset({"7.2.4"})
-_LOCK = "_Channel__lock"  # aiormq.Channel's private asyncio.Lock around basic_publish
-CLOSE_EVENT = "_Channel__close_event"  # set by aiormq.Channel as soon as it starts closing
-
-
-def _supported() -> bool:
-    try:
-        return importlib.metadata.version("aiormq") in SUPPORTED_AIORMQ
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-SUPPORTED = _supported()
+from b24queue.transports.amqp.internals import closing
 
 
 def usable(channel: aiormq.Channel) -> bool:
     """Whether `publish` can take this channel's publishes (every one of them: a channel's
     publishes go all this way or all aiormq's, see `publish`)."""
-    return (
-        SUPPORTED
-        and channel.publisher_confirms
-        and hasattr(channel, _LOCK)
-        and hasattr(channel, CLOSE_EVENT)
-    )
-
-
-# aiormq.Connection's private Event: cleared by a Connection.Blocked, set by a Connection.Unblocked
-_UNBLOCKED = "_Connection__connection_unblocked"
-
-
-def blocked(connection: object) -> bool:
-    """RabbitMQ blocked this connection (a memory or disk alarm): it reads nothing more from it
-    until the alarm ends, so a publish written now would only wait in our buffers for its
-    timeout, and go out (a duplicate of what was spooled meanwhile) once the alarm ends."""
-    unblocked = getattr(connection, _UNBLOCKED, None) if SUPPORTED else None
-    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
-
-
-def closing(channel: aiormq.Channel) -> bool:
-    """The channel is closed or closing: a frame enqueued now could reach the broker behind the
-    channel's Close, on a channel it no longer has, which closes the whole connection."""
-    return bool(channel.is_closed or getattr(channel, CLOSE_EVENT).is_set())
+    return internals.ON.publish and channel.publisher_confirms
 
 
 async def publish(channel: aiormq.Channel, exchange: str, envelope: Envelope) -> None:
@@ -147,7 +112,7 @@ class _Batch:
     async def start(cls, channel: aiormq.Channel) -> _Batch:
         if closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-        lock: asyncio.Lock = getattr(channel, _LOCK)
+        lock = internals.channel_lock(channel)
         waited = lock.locked()
         await lock.acquire()  # at once when free; behind basic_publish or the last batch if not
         if closing(channel):

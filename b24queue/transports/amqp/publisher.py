@@ -27,7 +27,7 @@ from b24queue.errors import B24QueueError, BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
 from b24queue.timeouts import within
 from b24queue.transports import given_up
-from b24queue.transports.amqp import fast_publish
+from b24queue.transports.amqp import fast_publish, internals
 from b24queue.transports.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
 from b24queue.transports.amqp.topology import declare_exchanges
 
@@ -216,7 +216,7 @@ class AmqpPublisher:
 
     def _blocked(self) -> bool:
         underlay = getattr(self._connection, "transport", None)
-        return underlay is not None and fast_publish.blocked(underlay.connection)
+        return underlay is not None and internals.blocked(underlay.connection)
 
     async def publish(self, envelope: Envelope) -> None:
         channel = self._channel

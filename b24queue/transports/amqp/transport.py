@@ -17,7 +17,7 @@ from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
 from b24queue.status import Status, summarize
 from b24queue.transports import Runner, connection_name
-from b24queue.transports.amqp import bindings
+from b24queue.transports.amqp import bindings, internals
 from b24queue.transports.amqp.connection import close_quietly, connect
 from b24queue.transports.amqp.dlq import DeadLetterTool
 from b24queue.transports.amqp.publisher import AmqpPublisher
@@ -57,9 +57,11 @@ class Amqp:
         self.settings = settings
 
     def publisher(self, connection_name: str) -> AmqpPublisher:
+        internals.warn_if_off(several_nodes=len(self.settings.amqp_urls) > 1)
         return AmqpPublisher(self.settings, connection_name)
 
     async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> AmqpWorkers:
+        internals.warn_if_off(several_nodes=len(self.settings.amqp_urls) > 1)
         await ensure_policies(self.settings, classes)
         queues = ",".join(cls.queue for cls in classes)
         connection = await connect(
