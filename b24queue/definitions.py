@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from b24queue.consumer import EventConsumer
-from b24queue.layout import consumer_policy, queue_arguments, queue_plan, spec_for
+from b24queue.layout import consumer_policy, queue_arguments, queue_plan, spec_for, unrouted_policy
 from b24queue.settings import Settings
 
 # A node that boots from definitions gets no default user or vhost unless the file has them.
@@ -26,7 +26,8 @@ def definitions(settings: Settings, classes: Sequence[type[EventConsumer]]) -> d
     vhost = settings.vhost
     queues = [(settings.unrouted, queue_arguments(settings))]
     bindings = [_binding(vhost, settings.unrouted, settings.unrouted, "")]
-    policies = []
+    cap = unrouted_policy(settings)
+    policies = [{"vhost": vhost, "name": cap.name, **cap.as_api_body()}]
     for cls in classes:
         spec = spec_for(cls)
         queues += queue_plan(settings, spec)

@@ -10,7 +10,8 @@ side declares it (`amqp.topology`), the management API applies policies, `defini
 Arguments are only what must never differ (queue type; a retry queue's TTL and where it hands
 messages back: without those a retry would expire into nothing). What an operator may tune without
 a deploy — delivery limit, dead-letter routing of the consumer queue, lengths — is a policy,
-`b24queue.<queue>`, created when missing and never overwritten.
+`b24queue.<queue>`, created when missing and never overwritten; so is the unrouted queue's cap
+(`b24queue.b24.unrouted`), which an existing queue takes as it is (its arguments cannot change).
 """
 
 from __future__ import annotations
@@ -123,6 +124,21 @@ def consumer_policy(settings: Settings, spec: QueueSpec) -> Policy:
         name=f"b24queue.{spec.name}",
         pattern=f"^{re.escape(spec.name)}$",
         definition=definition,
+    )
+
+
+def unrouted_policy(settings: Settings) -> Policy:
+    """The unrouted queue's cap: past either length RabbitMQ drops the oldest (`drop-head`):
+    a refused publish would be a 503 Bitrix24 does not resend, and nobody consumes these yet
+    (`b24queue.transports.unrouted`)."""
+    return Policy(
+        name=f"b24queue.{settings.unrouted}",
+        pattern=f"^{re.escape(settings.unrouted)}$",
+        definition={
+            "max-length": settings.unrouted_max_events,
+            "max-length-bytes": settings.unrouted_max_bytes,
+            "overflow": "drop-head",
+        },
     )
 
 

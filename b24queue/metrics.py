@@ -97,6 +97,8 @@ class IngressMetrics:
             multiprocess_mode="livesum",
         )
 
+        self.unrouted_dropped = unrouted_dropped(self.registry)
+
         self._accepted: dict[str, Any] = {}
 
     def count_accepted(self, event: str) -> None:
@@ -117,6 +119,9 @@ class IngressMetrics:
         sink.on_change = changed
         changed(0, 0)  # a spool that still holds events from the last run
 
+    def watch_unrouted(self, cap: DropStats) -> None:
+        cap.on_dropped = self.unrouted_dropped.inc
+
     def render(self) -> bytes:
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not directory:
@@ -129,6 +134,22 @@ class IngressMetrics:
 def forget_process(pid: int, directory: str) -> None:
     """A child ingress process is gone: drop its live gauges from the summed metrics."""
     mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def unrouted_dropped(registry: CollectorRegistry) -> Counter:
+    """Events a publisher of this process dropped from the unrouted queue to keep it within its
+    cap (no portal label: the cap is the queue's). RabbitMQ drops them itself: its Prometheus
+    plugin counts them (`rabbitmq_global_messages_dead_lettered_maxlen_total`)."""
+    return Counter(
+        "b24queue_unrouted_dropped",
+        "Oldest events dropped from the unrouted queue to keep it within "
+        "B24QUEUE_UNROUTED_MAX_EVENTS / _MAX_BYTES",
+        registry=registry,
+    )
+
+
+class DropStats(Protocol):
+    on_dropped: Callable[[int], None] | None
 
 
 class SpoolStats(Protocol):
@@ -248,6 +269,10 @@ class OfflineMetrics:
             "b24queue_offline_portals", "Portals this process pulls", registry=self.registry
         )
         self.totals = dict.fromkeys(self.OUTCOMES, 0)
+        self.unrouted_dropped = unrouted_dropped(self.registry)
+
+    def watch_unrouted(self, cap: DropStats) -> None:
+        cap.on_dropped = self.unrouted_dropped.inc
 
     def count(self, outcome: str, n: int = 1) -> None:
         if n and outcome in self.totals:

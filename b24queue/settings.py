@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         pattern=_NAME_PATTERN,
         description="alternate exchange and its queue: events nobody is bound to land here",
     )
+    # What the unrouted queue may hold, on every transport: past either cap the oldest events in
+    # it are dropped (logged, counted; README, "The unrouted queue's cap").
+    unrouted_max_events: int = Field(default=100_000, ge=1)
+    unrouted_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     queue_type: Literal["quorum", "classic"] = "quorum"
     # Quorum queues on a cluster: how many nodes hold each new queue's replicas (RabbitMQ's
     # default when unset: every node, up to its quorum_cluster_size). Read when a queue is

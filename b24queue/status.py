@@ -144,7 +144,7 @@ def summarize(
     unrouted = _depth(by_name.get(settings.unrouted))
     problems = [f"{r.queue}{c.DLQ_SUFFIX} holds {r.dead_letters}" for r in rows if r.dead_letters]
     if unrouted:
-        problems.append(f"{settings.unrouted} holds {unrouted}")
+        problems.append(unrouted_problem(settings, unrouted))
     spool_rows = [SpoolRow(str(s.path), s.waiting, s.quarantined) for s in spools]
     problems += [
         f"spool {s.path} holds {s.quarantined} quarantined (b24queue spool list)"
@@ -152,6 +152,16 @@ def summarize(
         if s.quarantined
     ]
     return Status(rows, unrouted, sorted(ours, key=lambda r: r.name), problems, spool_rows)
+
+
+def unrouted_problem(settings: Settings, held: int) -> str:
+    """What `status` says of an unrouted queue holding `held` events (any transport)."""
+    if held < settings.unrouted_max_events:
+        return f"{settings.unrouted} holds {held}"
+    return (
+        f"{settings.unrouted} holds {held}, its cap (B24QUEUE_UNROUTED_MAX_EVENTS): "
+        "its oldest are dropped as new ones come"
+    )
 
 
 def render(status: Status, settings: Settings) -> str:

@@ -54,6 +54,7 @@ async def serve_ingress(
         publisher = await stack.enter_async_context(
             transport.publisher(connection_name("ingress", f"#{slot}" if sock else ""))
         )
+        metrics.watch_unrouted(publisher.unrouted)
         sink: EventSink = publisher
         if not transport.needs_spool:
             log.info("%s: the queue is on this host's disk, no spool needed", transport.name)

@@ -51,6 +51,7 @@ async def serve_offline(
         publisher = await stack.enter_async_context(
             transport_for(settings).publisher(connection_name("offline"))
         )
+        metrics.watch_unrouted(publisher.unrouted)
         service = OfflineService(settings, clients.for_event, publisher, store, state, metrics)
         await stack.enter_async_context(
             Worker(settings, [wake_consumer(settings, service)], portals=clients)

@@ -30,12 +30,16 @@ if TYPE_CHECKING:
     from b24queue.metrics import WorkerMetrics
     from b24queue.settings import Settings
     from b24queue.status import Status
+    from b24queue.transports.unrouted import UnroutedCap
 
 Progress = Callable[[int, int], None]
 
 
 class Publisher(EventSink, Protocol):
     """The ingress's sink, as an async context manager (it connects in the background)."""
+
+    # What it drops from the unrouted queue to keep it within its cap (the metric hooks on).
+    unrouted: UnroutedCap
 
     async def __aenter__(self) -> Publisher: ...
 

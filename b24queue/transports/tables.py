@@ -12,7 +12,7 @@ from b24queue import _constants as c
 from b24queue.dlq_view import DeadLetter, fresh_history, letter
 from b24queue.errors import ConfigError
 from b24queue.settings import Settings
-from b24queue.status import ConnectionRow, QueueRow, Status
+from b24queue.status import ConnectionRow, QueueRow, Status, unrouted_problem
 from b24queue.transports import Progress
 from b24queue.transports.leased import Row
 
@@ -59,7 +59,7 @@ def table_status(settings: Settings, view: Overview, kind: str) -> Status:
     unrouted = view.queues.get(settings.unrouted, Depth()).total
     problems = [f"{r.queue}{c.DLQ_SUFFIX} holds {r.dead_letters}" for r in rows if r.dead_letters]
     if unrouted:
-        problems.append(f"{settings.unrouted} holds {unrouted}")
+        problems.append(unrouted_problem(settings, unrouted))
     connections = [ConnectionRow(name, "running", 0) for name in sorted(view.worker_names)]
     return Status(rows, unrouted, connections, problems)
 

@@ -248,3 +248,26 @@ async def test_a_worker_says_when_the_policy_can_evict_events(
     assert "maxmemory-policy allkeys-lru: when full it can evict queued events" in caplog.text
     shown = render(await Redis(settings).status(), settings)
     assert "can evict queued events: set maxmemory-policy noeviction" in shown, shown
+
+
+async def test_the_unrouted_queue_purges_over_maxmemory_and_its_cap_follows(
+    settings: Settings, store: Store, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What frees memory works while full: a purge of the unrouted stream, its ledger (the cap in
+    bytes) following; and an ingress restarted meanwhile without a ledger gets ready (counted at
+    a later start, the cap in events holding meanwhile)."""
+    events = [envelope_for(make_event("ONTASKADD", {"B": BODY, "N": str(i)})) for i in range(50)]
+    await store.publish(events)  # nobody binds ONTASKADD: all unrouted
+    ledger = store.sizes(settings.unrouted)
+    counted = int(await admin.get(ledger) or 0)
+    assert counted == sum(len(e.body) for e in events)
+    await admin.config_set("maxmemory", str(await used(admin) // 2))
+    assert await full(admin)
+    async with Redis(settings).dead_letters(settings.unrouted) as unrouted:
+        assert await unrouted.purge(10) == 10
+    assert int(await admin.get(ledger) or 0) == counted - sum(len(e.body) for e in events[:10])
+    await admin.delete(ledger)  # as before the cap
+    with caplog.at_level(logging.WARNING):
+        async with RedisPublisher(settings, "test-full-restart") as publisher:
+            await wait_until(publisher.is_ready, 10, "the publisher ready")
+    assert "the unrouted stream's bytes are counted at the next start" in caplog.text

@@ -72,6 +72,12 @@ def test_status_groups_each_consumer_queue_with_its_retries_and_dlq() -> None:
     text = render(status, settings)
     assert "deal-sync" in text and "DEAD LETTERS" in text
     assert json.loads(json.dumps(status.as_json()))["queues"][0]["dead_letters"] == 4
+    # At its cap, the unrouted queue is said to be dropping its oldest.
+    capped = summarize(load_settings(unrouted_max_events=3), queues, conns, bound={"deal-sync"})
+    assert capped.problems[-1] == (
+        "b24.unrouted holds 3, its cap (B24QUEUE_UNROUTED_MAX_EVENTS): its oldest are dropped "
+        "as new ones come"
+    )
 
 
 def test_definitions_file_matches_the_examples() -> None:
@@ -97,8 +103,16 @@ def test_definitions_hold_exchanges_queues_bindings_policies() -> None:
     keys = {(b["source"], b["destination"], b["routing_key"]) for b in d["bindings"]}
     assert ("b24.events", "example.deal-sync", "ONCRMDEALADD") in keys
     assert ("b24.unrouted", "b24.unrouted", "") in keys
-    [policy] = d["policies"]
+    cap, policy = d["policies"]
     assert policy["definition"]["delivery-limit"] == DealSync.max_deliveries
+    # The unrouted queue's cap: the oldest dropped past either length (a policy: an existing
+    # queue takes it as it is).
+    assert (cap["name"], cap["pattern"]) == ("b24queue.b24.unrouted", r"^b24\.unrouted$")
+    assert cap["definition"] == {
+        "max-length": 100_000,
+        "max-length-bytes": 256 * 1024 * 1024,
+        "overflow": "drop-head",
+    }
 
 
 def test_policy_of_a_quorum_and_a_classic_queue() -> None:

@@ -30,6 +30,7 @@ from b24queue.transports import given_up
 from b24queue.transports.amqp import fast_publish, internals
 from b24queue.transports.amqp.connection import TRANSIENT_ERRORS, close_quietly, connect
 from b24queue.transports.amqp.topology import declare_exchanges
+from b24queue.transports.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class AmqpPublisher:
         # Channels and connections closed under us so far: tells the spool's forwarder whether a
         # publish that failed broke them (an event that does so every time is moved aside).
         self.breaks = 0
+        # The unrouted queue's cap is RabbitMQ's (a policy, `layout.unrouted_policy`): it drops
+        # the oldest itself and counts them; nothing is dropped here.
+        self.unrouted = UnroutedCap(settings)
         self._renewing: asyncio.Task[None] | None = None
         self._renewed_at = float("-inf")
 

@@ -11,7 +11,14 @@ from aio_pika.abc import AbstractRobustConnection
 from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.ingress import spool_ops
-from b24queue.layout import QueueState, consumer_policy, queue_arguments, queue_plan, spec_for
+from b24queue.layout import (
+    QueueState,
+    consumer_policy,
+    queue_arguments,
+    queue_plan,
+    spec_for,
+    unrouted_policy,
+)
 from b24queue.management import ManagementClient
 from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
@@ -112,19 +119,19 @@ class Amqp:
 async def ensure_policies(
     settings: Settings, classes: Sequence[type[EventConsumer]], *, required: bool = False
 ) -> list[str]:
-    """Create each consumer queue's policy (dead-lettering, delivery limit) where it is missing.
+    """Create the unrouted queue's policy (its cap) and each consumer queue's (dead-lettering,
+    delivery limit) where they are missing.
 
     Best effort for a worker (a warning when the management API is unreachable: the queues work
-    without it, only the delivery limit is missing); `required` for `b24queue topology`.
-    Returns the names of the policies created.
+    without it, only the delivery limit and the cap are missing); `required` for
+    `b24queue topology`. Returns the names of the policies created.
     """
-    if not classes:
-        return []
     client = ManagementClient(settings)
     created = []
+    policies = [unrouted_policy(settings)]
+    policies += [consumer_policy(settings, spec_for(cls)) for cls in classes]
     try:
-        for cls in classes:
-            policy = consumer_policy(settings, spec_for(cls))
+        for policy in policies:
             if await asyncio.to_thread(client.ensure_policy, policy):
                 log.info("created policy %s: %s", policy.name, policy.definition)
                 created.append(policy.name)
@@ -133,7 +140,8 @@ async def ensure_policies(
             raise
         log.warning(
             "could not check the queue policies (%s); without them a message that crashes the "
-            "worker is redelivered without limit. Run `b24queue topology` with management access.",
+            "worker is redelivered without limit, and the unrouted queue has no cap. Run "
+            "`b24queue topology` with management access.",
             exc,
         )
     return created

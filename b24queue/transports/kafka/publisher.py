@@ -31,6 +31,8 @@ from b24queue.transports.kafka.client import (
     record_headers,
 )
 from b24queue.transports.kafka.topics import BindingsLog, base_topics, ensure_topics
+from b24queue.transports.kafka.unrouted import CountCap
+from b24queue.transports.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class KafkaPublisher:
         self._ready = False
         self._task: asyncio.Task[None] | None = None
         self.breaks = 0
+        self.unrouted = UnroutedCap(settings)
+        self._count_cap = CountCap(settings, self.unrouted)
 
     async def __aenter__(self) -> KafkaPublisher:
         self._task = asyncio.create_task(self._keep(), name="b24queue-kafka-publisher")
@@ -80,6 +84,7 @@ class KafkaPublisher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._count_cap.close()
         await asyncio.gather(self._bindings.close(), return_exceptions=True)
         if self._producer is not None:
             await asyncio.gather(self._producer.stop(), return_exceptions=True)
@@ -136,7 +141,7 @@ class KafkaPublisher:
         timeout_s = self._settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                await self._producer.send_and_wait(
+                sent = await self._producer.send_and_wait(
                     topic,
                     envelope.body,
                     key=key_of(envelope.headers),
@@ -154,3 +159,5 @@ class KafkaPublisher:
                 self.breaks += 1
             self._ready = False
             raise BrokerUnavailableError(f"Kafka did not take the event: {exc!r}") from None
+        if not queues:
+            self._count_cap.sent(sent.offset)

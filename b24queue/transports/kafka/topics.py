@@ -2,7 +2,7 @@
 
   <exchange>                 the events, keyed by member_id; header `to` = the queues routed to
   <exchange>.bindings        one record per change of a queue's bindings (1 partition, compacted)
-  <unrouted>                 events no queue was bound to (1 partition, kept for ever)
+  <unrouted>                 events no queue was bound to (1 partition, capped in bytes)
   <queue>.retry.<d>          one per retry delay: copies waiting until their `due` time
   <queue>.dlq                dead letters, and the markers of those replayed or purged
   <queue>.deliveries         counts of records handed out again (`deliveries`)
@@ -31,14 +31,19 @@ from b24queue.errors import TopologyMismatchError
 from b24queue.layout import QueueSpec, topic_matches
 from b24queue.settings import Settings
 from b24queue.transports.kafka.client import H_BOUND, Names, check_topic, consumer, header
-from b24queue.transports.kafka.configs import COMPACT, KEEP, check_configs
+from b24queue.transports.kafka.configs import COMPACT, KEEP, capped, check_configs
 
 log = logging.getLogger(__name__)
 
 
 class Topic(NamedTuple):
     partitions: int
-    configs: Mapping[str, str] = {}
+    configs: Mapping[str, str] = {}  # required: another value is a mismatch
+    initial: Mapping[str, str] = {}  # created with; an existing topic keeps its own
+
+    @property
+    def created_with(self) -> dict[str, str]:
+        return {**self.initial, **self.configs}
 
 
 @dataclass(slots=True)
@@ -111,7 +116,7 @@ async def ensure_topics(
     if missing:
         rf = settings.kafka_replication_factor
         new = [
-            NewTopic(n, wanted[n].partitions, rf, topic_configs=dict(wanted[n].configs))
+            NewTopic(n, wanted[n].partitions, rf, topic_configs=wanted[n].created_with)
             for n in missing
         ]
         try:
@@ -133,7 +138,11 @@ async def ensure_topics(
                     f"topic {name!r} has {partitions} partition(s), b24queue declares "
                     f"{wanted[name].partitions} (B24QUEUE_KAFKA_PARTITIONS); change one to match"
                 )
-        await check_configs(admin, {n: wanted[n].configs for n in present})
+        await check_configs(
+            admin,
+            {n: wanted[n].configs for n in present},
+            {n: wanted[n].initial for n in present},
+        )
 
 
 def queue_topics(settings: Settings, spec: QueueSpec) -> dict[str, Topic]:
@@ -150,7 +159,7 @@ def base_topics(settings: Settings, names: Names) -> dict[str, Topic]:
     return {
         names.events: Topic(settings.kafka_partitions),
         names.bindings: Topic(1, COMPACT),
-        names.unrouted: Topic(1, KEEP),
+        names.unrouted: Topic(1, KEEP, capped(settings)),
     }
 
 

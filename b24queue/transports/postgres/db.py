@@ -21,7 +21,7 @@ from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: queue_sizes
 # A connection of our own or one lent by a pool.
 Db: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 # Errors that mean "the database is away or was restarted", as opposed to a bad statement.
@@ -72,6 +72,16 @@ def schema_statements(schema: str) -> list[str]:
         "WHERE lease_owner IS NOT NULL",
         f"CREATE TABLE IF NOT EXISTS {s}.workers (owner text PRIMARY KEY, queue text NOT NULL, "
         "name text NOT NULL, seen_at timestamptz NOT NULL)",
+        *_sizes(s),
+    ]
+
+
+def _sizes(s: str) -> list[str]:
+    # The unrouted queue's events and body bytes, changed with every write to it: its cap is
+    # checked without counting it (`Queries.publish`).
+    return [
+        f"CREATE TABLE IF NOT EXISTS {s}.queue_sizes (queue text PRIMARY KEY, "
+        "events bigint NOT NULL, bytes bigint NOT NULL)"
     ]
 
 
@@ -184,7 +194,8 @@ async def ensure_schema(connection: Db, schema: str) -> None:
             await connection.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))", f"b24queue:{schema}"
             )
-            if await _version(connection, schema) is None:
+            version = await _version(connection, schema)
+            if version is None:
                 for statement in schema_statements(schema):
                     await connection.execute(statement)
                 await connection.execute(
@@ -192,8 +203,27 @@ async def ensure_schema(connection: Db, schema: str) -> None:
                     "schema",
                     str(SCHEMA_VERSION),
                 )
+            elif version < SCHEMA_VERSION:
+                await _upgrade(connection, schema, version)
     if await connection.fetchval("SHOW fsync") == "off":
         log.error("PostgreSQL runs with fsync=off: a crash of its host can lose accepted events")
+
+
+async def _upgrade(connection: Db, schema: str, version: int) -> None:
+    """From schema 1 (before `queue_sizes`): the table, made by a role that may create it."""
+    try:
+        for statement in _sizes(f'"{schema}"'):
+            await connection.execute(statement)
+    except asyncpg.exceptions.InsufficientPrivilegeError:
+        raise ConfigError(
+            f"PostgreSQL schema {schema!r} has queue schema {version}; this b24queue needs "
+            f"{SCHEMA_VERSION} (a new table, {schema}.queue_sizes): start it once as a role "
+            "that may create tables in the schema (`b24queue topology` does), then grant the "
+            "app's role SELECT, INSERT, UPDATE, DELETE on the new table"
+        ) from None
+    await connection.execute(
+        f'UPDATE "{schema}".meta SET value = $1 WHERE key = $2', str(SCHEMA_VERSION), "schema"
+    )
 
 
 def translate(exc: Exception, settings: Settings) -> Exception:

@@ -17,6 +17,7 @@ from b24queue.layout import topic_regex
 from b24queue.transports.leased import Row
 from b24queue.transports.postgres.db import Db, notify_channel
 from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
+from b24queue.transports.unrouted import UnroutedCap
 
 _COLUMNS = "id, message_id, routing_key, body, headers, stamp, event_type, deliveries, fence"
 
@@ -48,8 +49,9 @@ class Queries:
         s = f'"{schema}"'
         self.schema, self.channel = schema, notify_channel(schema)
         # One statement: route every event by the bindings as they are now, one row per bound
-        # queue (or one in the unrouted queue), and notify each queue that got rows (sent on
-        # commit). Order: as published, then by queue.
+        # queue (or one in the unrouted queue, counted in its ledger: the events and bytes it
+        # then holds come back), and notify each queue that got rows (sent on commit). Order: as
+        # published, then by queue.
         self.publish_sql = f"""
             WITH e AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[],
@@ -67,9 +69,16 @@ class Queries:
                     event_type)
                 SELECT queue, message_id, routing_key, body, headers, stamp, event_type
                 FROM routed ORDER BY n, queue
-                RETURNING queue
+                RETURNING queue, octet_length(body) AS size
+            ), held AS (
+                UPDATE {s}.queue_sizes z SET events = z.events + a.n, bytes = z.bytes + a.size
+                FROM (SELECT count(*) AS n, sum(size) AS size FROM ins WHERE queue = $7) a
+                WHERE z.queue = $7 AND a.n > 0
+                RETURNING z.events, z.bytes
             )
-            SELECT count(*) AS n, pg_notify($8, queue) FROM ins GROUP BY queue
+            SELECT count(*) AS n, pg_notify($8, queue),
+                (SELECT events FROM held) AS events, (SELECT bytes FROM held) AS bytes
+            FROM ins GROUP BY queue
         """
         self.claim_sql = f"""
             UPDATE {s}.messages SET lease_owner = $1,
@@ -105,8 +114,11 @@ class Queries:
         """
         self.s = s
 
-    async def publish(self, db: Db, envelopes: Sequence[Envelope], unrouted: str) -> int:
-        """Rows inserted, in one statement (one commit, when not inside a transaction)."""
+    async def publish(
+        self, db: Db, envelopes: Sequence[Envelope], unrouted: str
+    ) -> tuple[int, int] | None:
+        """Every event's rows, in one statement (one commit, when not inside a transaction).
+        Returns what the unrouted queue holds now (events, bytes) when it got any of them."""
         per_queue = await db.fetch(
             self.publish_sql,
             [e.message_id for e in envelopes],
@@ -118,7 +130,60 @@ class Queries:
             unrouted,
             self.channel,
         )
-        return sum(int(r["n"]) for r in per_queue)
+        for r in per_queue:
+            if r["events"] is not None:
+                return int(r["events"]), int(r["bytes"])
+        return None
+
+    async def drop_oldest(self, db: Db, cap: UnroutedCap) -> tuple[int, int]:
+        """The unrouted queue's oldest rows, until it is within the cap (its ledger says how far
+        over it is: each dropped row is read once, never the whole queue); one transaction, the
+        ledger's row locked (two publishers at once drop once). Returns (events, bytes) gone."""
+        queue = cap.queue
+        async with db.transaction():
+            held = await db.fetchrow(
+                f"SELECT events, bytes FROM {self.s}.queue_sizes WHERE queue = $1 FOR UPDATE",
+                queue,
+            )
+            if held is None:
+                return 0, 0
+            events, size = int(held["events"]), int(held["bytes"])
+            dropped = freed = 0
+            while cap.over(events, size):
+                oldest = await db.fetch(
+                    f"SELECT id, octet_length(body) AS size FROM {self.s}.messages "
+                    "WHERE queue = $1 ORDER BY available_at, id LIMIT 100",
+                    queue,
+                )
+                if not oldest:  # the ledger was ahead of the rows: the queue is empty
+                    events = size = 0
+                    break
+                drop = cap.oldest_to_drop([(r["id"], r["size"]) for r in oldest], events, size)
+                await db.execute(
+                    f"DELETE FROM {self.s}.messages WHERE id = any($1::bigint[])",
+                    [i for i, _ in drop],
+                )
+                gone = sum(n for _, n in drop)
+                events, size = events - len(drop), size - gone
+                dropped, freed = dropped + len(drop), freed + gone
+            await db.execute(
+                f"UPDATE {self.s}.queue_sizes SET events = $2, bytes = $3 WHERE queue = $1",
+                queue,
+                events,
+                size,
+            )
+        return dropped, freed
+
+    async def _shrank(self, db: Db, queue: str, sizes: list[int]) -> None:
+        """Rows of `queue` deleted by an operator (replayed, purged): its ledger, if it has one."""
+        if sizes:
+            await db.execute(
+                f"UPDATE {self.s}.queue_sizes SET events = greatest(0, events - $2), "
+                "bytes = greatest(0, bytes - $3) WHERE queue = $1",
+                queue,
+                len(sizes),
+                sum(sizes),
+            )
 
     async def claim(self, db: Db, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
         records = await db.fetch(self.claim_sql, owner, lease_s, queue, count)
@@ -228,10 +293,19 @@ class Queries:
         return removed
 
     async def declare_unrouted(self, db: Db, unrouted: str) -> None:
+        """The unrouted queue, and its ledger (counted once, when it has none yet)."""
         await db.execute(
             f"INSERT INTO {self.s}.queues VALUES ($1, $2) ON CONFLICT DO NOTHING",
             unrouted,
             UNROUTED,
+        )
+        if await db.fetchval(f"SELECT 1 FROM {self.s}.queue_sizes WHERE queue = $1", unrouted):
+            return
+        await db.execute(
+            f"INSERT INTO {self.s}.queue_sizes SELECT $1, count(*), "
+            f"coalesce(sum(octet_length(body)), 0) FROM {self.s}.messages WHERE queue = $1 "
+            "ON CONFLICT DO NOTHING",
+            unrouted,
         )
 
     async def first(self, db: Db, queue: str, limit: int, after: int) -> list[Row]:
@@ -322,13 +396,15 @@ class Queries:
             )
             if bound is None:
                 return False
-            status = await db.execute(
-                f"DELETE FROM {self.s}.messages WHERE id = $1 AND queue = $2",
+            gone = await db.fetch(
+                f"DELETE FROM {self.s}.messages WHERE id = $1 AND queue = $2 "
+                "RETURNING octet_length(body) AS size",
                 row.id,
                 source,
             )
-            if status != "DELETE 1":
+            if not gone:
                 return False
+            await self._shrank(db, source, [r["size"] for r in gone])
             envelope = Envelope(
                 message_id=row.message_id,
                 routing_key=row.routing_key,
@@ -341,10 +417,12 @@ class Queries:
         return True
 
     async def purge(self, db: Db, queue: str, count: int) -> int:
-        status = await db.execute(
-            f"DELETE FROM {self.s}.messages WHERE id IN (SELECT id FROM {self.s}.messages "
-            "WHERE queue = $1 ORDER BY id LIMIT $2)",
-            queue,
-            count,
-        )
-        return int(status.split()[-1])
+        async with db.transaction():
+            gone = await db.fetch(
+                f"DELETE FROM {self.s}.messages WHERE id IN (SELECT id FROM {self.s}.messages "
+                "WHERE queue = $1 ORDER BY id LIMIT $2) RETURNING octet_length(body) AS size",
+                queue,
+                count,
+            )
+            await self._shrank(db, queue, [r["size"] for r in gone])
+        return len(gone)

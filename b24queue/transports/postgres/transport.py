@@ -47,6 +47,7 @@ from b24queue.transports.postgres.db import (
 from b24queue.transports.postgres.queue import Queries
 from b24queue.transports.postgres.worker import POOL_SIZE, PostgresWorkers
 from b24queue.transports.tables import TableDeadLetters, table_status
+from b24queue.transports.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class PostgresPublisher:
         )
         # Connections lost so far (the spool's forwarder tells a poison event by it).
         self.breaks = 0
+        self.unrouted = UnroutedCap(settings)
 
     async def __aenter__(self) -> PostgresPublisher:
         self._batches.start()
@@ -137,15 +139,26 @@ class PostgresPublisher:
         connection = self._connection
         if connection is None or connection.is_closed():
             raise ConnectionError("not connected to PostgreSQL")
+        cap = self.unrouted
         try:
-            await self._q.publish(connection, envelopes, self._settings.unrouted)
+            held = await self._q.publish(connection, envelopes, cap.queue)
         except BaseException as exc:
-            if broken(exc):  # never use it again: connect anew
-                self._connection = None
-                connection.terminate()
-                self._lost.set()
+            self._drop_if_broken(connection, exc)
             raise
+        if held and cap.far_over(*held):
+            # The events are committed: whatever happens now, they are answered 200.
+            try:
+                cap.dropped(*await self._q.drop_oldest(connection, cap))
+            except Exception as exc:  # the next publish past the cap tries again
+                self._drop_if_broken(connection, exc)
+                log.warning("could not drop the oldest events of the unrouted queue: %r", exc)
         return [1] * len(envelopes)
+
+    def _drop_if_broken(self, connection: asyncpg.Connection, exc: BaseException) -> None:
+        if broken(exc):  # never use it again: connect anew
+            self._connection = None
+            connection.terminate()
+            self._lost.set()
 
     async def publish(self, envelope: Envelope) -> None:
         if not self.is_ready():

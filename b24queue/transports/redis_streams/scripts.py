@@ -22,21 +22,94 @@ from __future__ import annotations
 
 GROUP = "workers"
 
-# KEYS[1] bindings version; KEYS[2..] streams. ARGV[1] expected version, ARGV[2] entries, then
-# per entry: stream index (into KEYS), m, k, b, h, t, e.
-PUBLISH = """
+# The unrouted stream's ledger (`<stream>:bytes`: its entries' body bytes; XLEN counts them), kept
+# by every script that adds or removes its entries; missing (before `SIZE` counted it once), only
+# the count is capped. Written after the entries it counts (over maxmemory Redis refuses a
+# script's first write that may grow memory, never a later one: PURGE still purges).
+_SHRANK = """
+local function shrank(stream, sizes, freed)
+  if freed == 0 or redis.call('EXISTS', sizes) == 0 then return end
+  if redis.call('DECRBY', sizes, freed) < 0 or redis.call('XLEN', stream) == 0 then
+    redis.call('SET', sizes, 0)
+  end
+end
+local function body(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'b' then return #fields[i + 1] end
+  end
+  return 0
+end
+"""
+
+# KEYS[1] bindings version; KEYS[2..] streams, then the unrouted stream's ledger when it is one
+# of them. ARGV[1] expected version, ARGV[2] entries, ARGV[3] the unrouted stream's index into
+# KEYS (0: none), ARGV[4] its cap in entries, ARGV[5] in bytes, then per entry: stream index
+# (into KEYS), m, k, b, h, t, e. Returns {entries, dropped, bytes dropped}: past the cap, the
+# unrouted stream's oldest entries go (each read once: the ledger says how far over it is).
+PUBLISH = (
+    _SHRANK
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] and not (ARGV[1] == '0' and
     redis.call('EXISTS', KEYS[1]) == 0) then
   return -1
 end
 local n = tonumber(ARGV[2])
-local at = 3
+local unrouted = tonumber(ARGV[3])
+local added = 0
+local at = 6
 for i = 1, n do
-  redis.call('XADD', KEYS[tonumber(ARGV[at])], '*', 'm', ARGV[at + 1], 'k', ARGV[at + 2],
+  local index = tonumber(ARGV[at])
+  redis.call('XADD', KEYS[index], '*', 'm', ARGV[at + 1], 'k', ARGV[at + 2],
     'b', ARGV[at + 3], 'h', ARGV[at + 4], 't', ARGV[at + 5], 'e', ARGV[at + 6])
+  if index == unrouted then added = added + #ARGV[at + 3] end
   at = at + 7
 end
-return n
+if unrouted == 0 then return {n, 0, 0} end
+local stream, sizes = KEYS[unrouted], KEYS[#KEYS]
+local max_entries, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
+local counted = redis.call('EXISTS', sizes) == 1
+local size = 0
+if counted then size = redis.call('INCRBY', sizes, added) end
+local length = redis.call('XLEN', stream)
+local dropped, freed = 0, 0
+while length > max_entries or size > max_bytes do
+  local want = math.max(1, math.min(100, length - max_entries))
+  local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', want)
+  if #oldest == 0 then
+    size = 0
+    break
+  end
+  for _, entry in ipairs(oldest) do
+    if length <= max_entries and size <= max_bytes then break end
+    local gone = body(entry[2])
+    redis.call('XDEL', stream, entry[1])
+    length, size = length - 1, size - gone
+    dropped, freed = dropped + 1, freed + gone
+  end
+end
+if counted and dropped > 0 then redis.call('SET', sizes, math.max(size, 0)) end
+return {n, dropped, freed}
+"""
+)
+
+# KEYS[1] the unrouted stream, KEYS[2] its ledger. ARGV: the last entry id counted ('0-0' for
+# none), the body bytes up to it. Counts what was added since and sets the ledger, unless one
+# exists already. Returns 1 when it set it.
+SIZE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local total, after = tonumber(ARGV[2]), ARGV[1]
+while true do
+  local rows = redis.call('XRANGE', KEYS[1], '(' .. after, '+', 'COUNT', 100)
+  if #rows == 0 then break end
+  for _, row in ipairs(rows) do
+    for i = 1, #row[2], 2 do
+      if row[2][i] == 'b' then total = total + #row[2][i + 1] end
+    end
+    after = row[1]
+  end
+end
+redis.call('SET', KEYS[2], total)
+return 1
 """
 
 # First line of a script that runs even over maxmemory (see above); Redis < 7 cannot parse it.
@@ -235,10 +308,13 @@ end
 return gone
 """
 
-# KEYS[1] the source stream (a DLQ or the unrouted stream), KEYS[2] bindings version, KEYS[3..]
-# targets. ARGV: id, headers JSON, expected bindings version. Returns 1 when moved, 0 when the
-# entry is gone, -1 when the bindings changed meanwhile.
-REPLAY = """
+# KEYS[1] the source stream (a DLQ or the unrouted stream), KEYS[2] bindings version, KEYS[3] the
+# source's ledger (the unrouted stream's; none for a DLQ), KEYS[4..] targets. ARGV: id, headers
+# JSON, expected bindings version. Returns 1 when moved, 0 when the entry is gone, -1 when the
+# bindings changed meanwhile.
+REPLAY = (
+    _SHRANK
+    + """
 if redis.call('GET', KEYS[2]) ~= ARGV[3] and not (ARGV[3] == '0' and
     redis.call('EXISTS', KEYS[2]) == 0) then
   return -1
@@ -248,17 +324,28 @@ if rows[1] == nil then return 0 end
 local f = {}
 local raw = rows[1][2]
 for i = 1, #raw, 2 do f[raw[i]] = raw[i + 1] end
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   redis.call('XADD', KEYS[i], '*', 'm', f.m, 'k', f.k, 'b', f.b, 'h', ARGV[2], 't', f.t,
     'e', f.e)
 end
 redis.call('XDEL', KEYS[1], ARGV[1])
+shrank(KEYS[1], KEYS[3], body(raw))
 return 1
 """
+)
 
-# KEYS[1] stream. ARGV: count. Deletes the first `count` entries.
-PURGE = """
+# KEYS[1] stream, KEYS[2] its ledger (if it has one). ARGV: count. Deletes the first `count`
+# entries.
+PURGE = (
+    _SHRANK
+    + """
 local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))
-for _, row in ipairs(rows) do redis.call('XDEL', KEYS[1], row[1]) end
+local freed = 0
+for _, row in ipairs(rows) do
+  redis.call('XDEL', KEYS[1], row[1])
+  freed = freed + body(row[2])
+end
+shrank(KEYS[1], KEYS[2], freed)
 return #rows
 """
+)

@@ -21,6 +21,7 @@ from b24queue.status import MemoryRow
 from b24queue.transports.leased import Row
 from b24queue.transports.redis_streams import scripts
 from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
+from b24queue.transports.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class Store:
                 "PRUNE",
                 "REPLAY",
                 "PURGE",
+                "SIZE",
             )
         }
         self._routes: tuple[str, list[tuple[str, str]]] | None = None
@@ -147,6 +149,10 @@ class Store:
 
     def later(self, queue: str) -> str:
         return f"{self._prefix}:later:{queue}"
+
+    def sizes(self, queue: str) -> str:
+        """The ledger of a stream that has one (the unrouted stream's: its entries' bytes)."""
+        return self.stream(queue) + ":bytes"
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -171,13 +177,18 @@ class Store:
     def _targets(self, bindings: list[tuple[str, str]], key: str) -> list[str]:
         return sorted({q for q, p in bindings if topic_matches(p, key)})
 
-    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+    async def publish(
+        self, envelopes: Sequence[Envelope], cap: UnroutedCap | None = None
+    ) -> tuple[int, int]:
         """Every copy of every event in one script (atomic; one fsync), routed by the bindings
-        the script confirms are still current."""
+        the script confirms are still current; past the `cap`, the unrouted stream's oldest
+        entries go in the same script. Returns what went: (entries, bytes)."""
+        unrouted = self.stream(self.settings.unrouted)
+        limits = (cap.max_events, cap.max_bytes) if cap is not None else (2**53, 2**53)
         for _ in range(5):
             version, bindings = self._routes or await self._load_routes()
             streams: dict[str, int] = {}
-            args: list[Any] = [version, 0]
+            args: list[Any] = [version, 0, 0, *limits]
             count = 0
             for e in envelopes:
                 queues = self._targets(bindings, e.routing_key) or [self.settings.unrouted]
@@ -195,8 +206,12 @@ class Store:
                     count += 1
             args[1] = count
             keys = [self.version_key, *streams]
-            if await self._run("PUBLISH", keys, args) != -1:
-                return
+            if unrouted in streams:
+                args[2] = streams[unrouted]
+                keys.append(self.sizes(self.settings.unrouted))
+            done = await self._run("PUBLISH", keys, args)
+            if done != -1:
+                return int(done[1]), int(done[2])
             self._routes = None  # the bindings changed meanwhile: route again
         raise BrokerUnavailableError("the bindings kept changing while publishing")
 
@@ -210,10 +225,25 @@ class Store:
 
     async def declare_unrouted(self) -> None:
         """Written only when missing: an ingress starting while Redis is full gets ready, and
-        then refuses each event with the reason."""
+        then refuses each event with the reason. So is the unrouted stream's ledger (counted
+        once: read here in pieces, and what came since by the script that sets it); while
+        Redis is full it waits for the next start, and only the cap in events holds."""
         unrouted = self.settings.unrouted
         if await self.client.hget(self.queues_key, unrouted) != UNROUTED.encode():
             await self.client.hset(self.queues_key, unrouted, UNROUTED)
+        if await self.client.exists(self.sizes(unrouted)):
+            return
+        total, after = 0, "0-0"
+        while True:
+            rows: Any = await self.client.xrange(self.stream(unrouted), min=f"({after}", count=1000)
+            if not rows:
+                break
+            total += sum(len(fields.get(b"b", b"")) for _, fields in rows)
+            after = text(rows[-1][0])
+        try:
+            await self._run("SIZE", [self.stream(unrouted), self.sizes(unrouted)], [after, total])
+        except BrokerUnavailableError as exc:  # over maxmemory: SET refused
+            log.warning("%s: the unrouted stream's bytes are counted at the next start", exc)
 
     # Worker side ---------------------------------------------------------------------------
 
@@ -298,7 +328,12 @@ class Store:
             targets = [back_to] if back_to is not None else self._targets(bindings, row.routing_key)
             if not targets:
                 return False  # still bound by no queue: it stays
-            keys = [self.stream(source), self.version_key, *(self.stream(t) for t in targets)]
+            keys = [
+                self.stream(source),
+                self.version_key,
+                self.sizes(source),
+                *(self.stream(t) for t in targets),
+            ]
             moved = await self._run(
                 "REPLAY", keys, [row.id, json.dumps(headers, default=str), version]
             )
@@ -307,7 +342,7 @@ class Store:
         return False
 
     async def purge(self, queue: str, count: int) -> int:
-        return int(await self._run("PURGE", [self.stream(queue)], [count]))
+        return int(await self._run("PURGE", [self.stream(queue), self.sizes(queue)], [count]))
 
     async def memory(self) -> MemoryRow:
         """Redis's memory as its maxmemory check sees it (`INFO`: no `CONFIG` right needed)."""

@@ -48,6 +48,7 @@ from b24queue.transports.redis_streams.store import (
     translate,
 )
 from b24queue.transports.tables import TableDeadLetters, table_status
+from b24queue.transports.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class RedisPublisher:
             self._write, "b24queue-redis-publish", CONNECTION_ERRORS
         )
         self.breaks = 0
+        self.unrouted = UnroutedCap(settings)
 
     async def __aenter__(self) -> RedisPublisher:
         self._batches.start()
@@ -149,12 +151,13 @@ class RedisPublisher:
     async def _write(self, envelopes: list[Envelope]) -> list[None]:
         assert self._store is not None
         try:
-            await self._store.publish(envelopes)
+            dropped = await self._store.publish(envelopes, self.unrouted)
         except CONNECTION_ERRORS:
             if self._ready:
                 self.breaks += 1
             self._ready = False
             raise
+        self.unrouted.dropped(*dropped)
         return [None] * len(envelopes)
 
     async def publish(self, envelope: Envelope) -> None:

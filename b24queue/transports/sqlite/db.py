@@ -55,6 +55,10 @@ _SCHEMA = (
     # A worker's heartbeat finds the rows it holds by owner.
     "CREATE INDEX IF NOT EXISTS messages_leased ON messages (lease_owner) "
     "WHERE lease_owner IS NOT NULL",
+    # The unrouted queue's events and body bytes, changed with every write to it: its cap is
+    # checked without counting it (`queue.publish`).
+    "CREATE TABLE IF NOT EXISTS queue_sizes (queue TEXT PRIMARY KEY, events INTEGER NOT NULL, "
+    "bytes INTEGER NOT NULL)",
     # Workers say they are alive here (what `status` counts as consumers).
     "CREATE TABLE IF NOT EXISTS workers (owner TEXT PRIMARY KEY, queue TEXT NOT NULL, "
     "name TEXT NOT NULL, seen_at REAL NOT NULL)",

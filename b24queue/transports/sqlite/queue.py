@@ -15,6 +15,7 @@ from b24queue.envelope import Envelope
 from b24queue.layout import topic_matches
 from b24queue.transports.leased import Row
 from b24queue.transports.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
+from b24queue.transports.unrouted import UnroutedCap
 
 _MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, fence"
 
@@ -33,13 +34,23 @@ def _row(values: tuple[Any, ...]) -> Row:
     )
 
 
-def publish(db: sqlite3.Connection, envelopes: Iterable[Envelope], unrouted: str) -> int:
-    """One row per bound queue for each event (inside the caller's transaction). Returns rows."""
+def publish(
+    db: sqlite3.Connection,
+    envelopes: Iterable[Envelope],
+    unrouted: str,
+    cap: UnroutedCap | None = None,
+) -> tuple[int, int]:
+    """One row per bound queue for each event, or one in the unrouted queue (inside the caller's
+    transaction); past the `cap`, the unrouted queue's oldest go in the same transaction.
+    Returns what went: (events, bytes)."""
     bindings = db.execute("SELECT queue, pattern FROM bindings").fetchall()
     now = time.time()
     rows = []
+    unbound = []
     for e in envelopes:
         queues = sorted({q for q, p in bindings if topic_matches(p, e.routing_key)}) or [unrouted]
+        if queues == [unrouted]:
+            unbound.append(len(e.body))
         headers = json.dumps(e.headers)
         stamp = e.timestamp.isoformat()
         rows += [
@@ -51,7 +62,52 @@ def publish(db: sqlite3.Connection, envelopes: Iterable[Envelope], unrouted: str
         "event_type, available_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
-    return len(rows)
+    if not unbound:
+        return 0, 0
+    held = db.execute(
+        "UPDATE queue_sizes SET events = events + ?, bytes = bytes + ? WHERE queue = ? "
+        "RETURNING events, bytes",
+        (len(unbound), sum(unbound), unrouted),
+    ).fetchone()
+    if held is None or cap is None or not cap.over(*held):
+        return 0, 0
+    return _drop_oldest(db, unrouted, held[0], held[1], cap)
+
+
+def _drop_oldest(
+    db: sqlite3.Connection, queue: str, events: int, size: int, cap: UnroutedCap
+) -> tuple[int, int]:
+    """The queue's oldest rows, until it is within the cap (its ledger says how far over it is:
+    each dropped row is read once, never the whole queue)."""
+    dropped = freed = 0
+    while cap.over(events, size):
+        oldest = db.execute(
+            "SELECT id, length(body) FROM messages WHERE queue = ? ORDER BY available_at, id "
+            "LIMIT 100",
+            (queue,),
+        ).fetchall()
+        if not oldest:  # the ledger was ahead of the rows: the queue is empty
+            events = size = 0
+            break
+        drop = cap.oldest_to_drop(oldest, events, size)
+        db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i, _ in drop])
+        gone = sum(n for _, n in drop)
+        events, size = events - len(drop), size - gone
+        dropped, freed = dropped + len(drop), freed + gone
+    db.execute(
+        "UPDATE queue_sizes SET events = ?, bytes = ? WHERE queue = ?", (events, size, queue)
+    )
+    return dropped, freed
+
+
+def _shrank(db: sqlite3.Connection, queue: str, sizes: list[int]) -> None:
+    """Rows of `queue` deleted by an operator (replayed, purged): its ledger, if it has one."""
+    if sizes:
+        db.execute(
+            "UPDATE queue_sizes SET events = max(0, events - ?), bytes = max(0, bytes - ?) "
+            "WHERE queue = ?",
+            (len(sizes), sum(sizes), queue),
+        )
 
 
 def due(db: sqlite3.Connection, queue: str) -> bool:
@@ -184,7 +240,14 @@ def declare(
 
 
 def declare_unrouted(db: sqlite3.Connection, unrouted: str) -> None:
+    """The unrouted queue, and its ledger (counted once, when it has none yet)."""
     db.execute("INSERT OR IGNORE INTO queues VALUES (?, ?)", (unrouted, UNROUTED))
+    if db.execute("SELECT 1 FROM queue_sizes WHERE queue = ?", (unrouted,)).fetchone() is None:
+        db.execute(
+            "INSERT INTO queue_sizes SELECT ?, count(*), coalesce(sum(length(body)), 0) "
+            "FROM messages WHERE queue = ?",
+            (unrouted, unrouted),
+        )
 
 
 def first(db: sqlite3.Connection, queue: str, limit: int, after: int = -1) -> list[Row]:
@@ -263,11 +326,12 @@ def replay(
     bindings = db.execute("SELECT queue, pattern FROM bindings").fetchall()
     if not any(topic_matches(p, row.routing_key) for _, p in bindings):
         return False
-    if (
-        db.execute("DELETE FROM messages WHERE id = ? AND queue = ?", (row.id, source)).rowcount
-        != 1
-    ):
+    gone = db.execute(
+        "DELETE FROM messages WHERE id = ? AND queue = ? RETURNING length(body)", (row.id, source)
+    ).fetchall()
+    if not gone:
         return False
+    _shrank(db, source, [n for (n,) in gone])
     envelope = Envelope(
         message_id=row.message_id,
         routing_key=row.routing_key,
@@ -282,8 +346,10 @@ def replay(
 
 def purge(db: sqlite3.Connection, queue: str, count: int) -> int:
     """The first `count` messages of the queue, for good."""
-    return db.execute(
+    gone = db.execute(
         "DELETE FROM messages WHERE id IN "
-        "(SELECT id FROM messages WHERE queue = ? ORDER BY id LIMIT ?)",
+        "(SELECT id FROM messages WHERE queue = ? ORDER BY id LIMIT ?) RETURNING length(body)",
         (queue, count),
-    ).rowcount
+    ).fetchall()
+    _shrank(db, queue, [n for (n,) in gone])
+    return len(gone)

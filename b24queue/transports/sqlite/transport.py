@@ -37,6 +37,7 @@ from b24queue.transports.sqlite.db import Database, notify
 from b24queue.transports.sqlite.ops import SqliteShelf
 from b24queue.transports.sqlite.worker import SqliteWorkers
 from b24queue.transports.tables import TableDeadLetters, table_status
+from b24queue.transports.unrouted import UnroutedCap
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class SqlitePublisher:
     def __init__(self, settings: Settings, path: Path) -> None:
         self._settings = settings
         self._db = Database(path)
+        self.unrouted = UnroutedCap(settings)
 
     async def __aenter__(self) -> SqlitePublisher:
         await self._db.__aenter__()
@@ -72,9 +74,10 @@ class SqlitePublisher:
 
     async def publish(self, envelope: Envelope) -> None:
         unrouted, timeout_s = self._settings.unrouted, self._settings.publish_timeout_s
+        cap = self.unrouted
         try:
             async with asyncio.timeout(timeout_s):
-                await self._db.write(lambda db: q.publish(db, [envelope], unrouted))
+                dropped = await self._db.write(lambda db: q.publish(db, [envelope], unrouted, cap))
         except TimeoutError:
             # The write may still commit: the event is then there, and answered 503 (at least
             # once; Bitrix24 does not resend it, nothing is lost).
@@ -83,6 +86,7 @@ class SqlitePublisher:
             ) from None
         except Exception as exc:  # a full disk, a lock held too long
             raise BrokerUnavailableError(f"the queue database refused the write: {exc!r}") from None
+        cap.dropped(*dropped)
         notify(self._db.path)
 
 
