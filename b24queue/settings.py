@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from b24queue import _constants as c
 from b24queue.errors import ConfigError
-from b24queue.outbound import VALUE_BYTES, Bounds
+from b24queue.outbound.answers import VALUE_BYTES, Bounds
 from b24queue.redaction import WEBHOOK_PATH, redact_url, url_secrets
 from b24queue.transports import registry
 from b24queue.transports.registry import TransportSettings
@@ -72,7 +72,7 @@ class Settings(TransportSettings, BaseSettings):
         description="alternate exchange and its queue: events nobody is bound to land here",
     )
     # What the unrouted queue may hold, on every transport: past either cap the oldest events in
-    # it are dropped (logged, counted; README, "The unrouted queue's cap").
+    # it are dropped (logged, counted; docs/operations.md, the unrouted queue's cap).
     unrouted_max_events: int = Field(default=100_000, ge=1)
     unrouted_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     connect_timeout_s: float = Field(default=10.0, gt=0)
@@ -89,7 +89,8 @@ class Settings(TransportSettings, BaseSettings):
     # At most 8 MiB: a message is at most about twice its body, and must stay within RabbitMQ's
     # max_message_size (16 MiB on 4.x). On Kafka a record must also fit the topic's
     # max.message.bytes (the broker's message.max.bytes, about 1 MB by default): the default
-    # 1 MiB body plus headers does not; raise the topics' limit or lower this (README, Kafka).
+    # 1 MiB body plus headers does not; raise the topics' limit or lower this
+    # (docs/transports/kafka.md).
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
     publish_timeout_s: float = Field(
         default=0.75,
@@ -100,12 +101,12 @@ class Settings(TransportSettings, BaseSettings):
     retry_after_s: int = Field(default=5, ge=1)
     spool_enabled: bool = Field(
         default=True,
-        description="keep events on local disk while the queue cannot take them (see README)",
+        description="keep events on local disk while the queue cannot take them",
     )
     spool_path: str = ".b24queue/spool.sqlite3"
     spool_max_events: int = Field(default=100_000, ge=1)
     spool_bypass_s: float = Field(default=5.0, ge=0)
-    # One tenant's share (b24queue/http/ingress.py): each verified portal (its member_id; a static
+    # One tenant's share (b24queue/ingress/app.py): each verified portal (its member_id; a static
     # token: the token) may send `ingress_rate_per_s` events a second after a burst of
     # `ingress_rate_burst`; past it, 429. `auto`: on with per-portal verification, where anyone
     # gets a token by installing the app; off with static tokens only (the operator's portals).
@@ -123,7 +124,7 @@ class Settings(TransportSettings, BaseSettings):
     portal_domains: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PORTAL_DOMAINS
     portal_check_timeout_s: float = Field(default=3.0, gt=0, le=30)
     # Anyone can post an ONAPPINSTALL, and each costs an outbound call: bounded, refused at once
-    # when over (see b24queue/http/portal_check.py).
+    # when over (see b24queue/auth/install.py).
     portal_check_concurrency: int = Field(default=8, ge=1, le=256)
     portal_check_per_domain_per_min: int = Field(default=4, ge=1, le=600)
     portal_check_per_s: float = Field(default=10.0, gt=0, le=1000)

@@ -1,6 +1,5 @@
 """Offline events: Bitrix24 keeps a queue per app on the portal while we are down or unreachable,
-and `b24queue offline` pulls it into the same exchange as the ingress (README, "When we are down:
-offline events").
+and `b24queue offline` pulls it into the same exchange as the ingress (docs/offline.md).
 
 - `records`: what `event.offline.get` answers, validated and bounded, and the message made of
   each record (marked offline; its message_id stable across re-reads).

@@ -4,9 +4,9 @@ descriptors of `registry`: `amqp(s)://` RabbitMQ, `sqlite:` the embedded queue, 
 queue in PostgreSQL, `redis://` Redis Streams, `kafka://` Kafka. Nothing here imports a transport:
 `transport_for` loads the one the settings name.
 
-Each transport keeps the same guarantees: `publish` returns only once the event is durable; a
-runner settles each delivery with `b24queue.delivery` (ack only after the handler; a retry or
-dead-letter copy durable before the original goes); declaring is idempotent.
+Each transport keeps the same guarantees (docs/transports/index.md): `publish` returns only once the
+event is durable; a runner settles each delivery with `b24queue.delivery` (ack only after the
+handler; a retry or dead-letter copy durable before the original goes); declaring is idempotent.
 
 What only some transports can do is an optional capability, a protocol of its own that the
 transport's class implements or not (`ExportsDefinitions`, `PlansBindings`): the caller asks

@@ -1,6 +1,6 @@
 """The conformance suite: the same scenarios, the same test code, on every transport present
 (RabbitMQ on the machine's broker, SQLite in a temporary file). A transport passes when each
-guarantee of shared/TRANSPORTS.md holds through the real ingress app and the real worker."""
+guarantee of docs/transports/index.md holds through the real ingress app and the real worker."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.tokens import StaticTokens
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.transports import Transport, connection_name, transport_for
 from tests.conftest import SAMPLE_TOKEN, sample_form

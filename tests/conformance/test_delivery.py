@@ -13,7 +13,7 @@ import pytest
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
 from b24queue.metrics import WorkerMetrics
-from b24queue.runtime import Worker
+from b24queue.worker import Worker
 from tests.conformance.conftest import Bench
 from tests.conftest import SAMPLE_NAMES, sample_published
 from tests.integration.conftest import wait_until

@@ -174,7 +174,8 @@ async def test_terminated_worker_backends_lose_nothing(schema: Settings, tmp_pat
 
 
 async def test_a_role_without_create_runs_on_a_schema_made_by_its_owner(schema: Settings) -> None:
-    """What the README promises: after the first start, USAGE and table privileges suffice."""
+    """What docs/transports/postgresql.md promises: after the first start, USAGE and table
+    privileges suffice."""
     from b24queue.envelope import envelope_for
     from b24queue.testing import make_event
     from b24queue.transports import transport_for

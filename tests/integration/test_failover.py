@@ -9,8 +9,8 @@ import uuid
 from typing import Any
 
 from b24queue import Event, EventConsumer
-from b24queue.runtime import Worker
 from b24queue.transports.amqp.management import ManagementClient
+from b24queue.worker import Worker
 from tests.conftest import sample_form
 from tests.integration.conftest import AMQP_URL, MGMT_URL, Broker, running_ingress, wait_until
 from tests.integration.proxy import Proxy, free_port

@@ -19,7 +19,7 @@ import pytest
 from b24queue import Event, EventConsumer
 from b24queue.auth.store import open_store
 from b24queue.idempotency import MemorySeenStore
-from b24queue.runtime import Worker
+from b24queue.worker import Worker
 from tests.fake_offline import FakeOffline
 from tests.fake_portal import FakePortal
 from tests.integration.conftest import AMQP_URL, ROOT, Broker, wait_until

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
 from b24queue.metrics import WorkerMetrics
-from b24queue.runtime import Worker, declare_topology
 from b24queue.transports.amqp.definitions import definitions
+from b24queue.worker import Worker, declare_topology
 from tests.conftest import SAMPLE_TOKEN, sample_form
 from tests.integration.conftest import Broker, cli_env, run_cli, running_ingress, wait_until
 from tests.integration.proxy import free_port

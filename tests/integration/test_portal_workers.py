@@ -18,7 +18,7 @@ import pytest
 from b24queue import Event, EventConsumer, PortalError, Retry
 from b24queue.auth.store import open_store
 from b24queue.portal.clients import PortalClients
-from b24queue.runtime import Worker
+from b24queue.worker import Worker
 from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
 from tests.fake_rest import CLIENT_SECRET
 from tests.integration.conftest import AMQP_URL, ROOT, Broker, running_ingress, wait_until

@@ -15,7 +15,7 @@ import pytest
 
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
-from b24queue.runtime import Worker
+from b24queue.worker import Worker
 from tests.conftest import SAMPLE_NAMES, sample_form, sample_published
 from tests.integration.conftest import Broker, running_ingress, wait_until
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from b24queue import forms
 from b24queue.errors import BadEventError
 from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form, decode_json, encode_form, split_key
-from tests.conftest import SAMPLE_NAMES, SAMPLES, sample_decoded, sample_form, sample_json
+from tests.conftest import SAMPLE_NAMES, sample_decoded, sample_form, sample_json
 
 
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
@@ -49,14 +49,6 @@ def test_the_object_shape_twin_is_the_same_event_before_the_list_rule() -> None:
 )
 def test_arrays_keyed_0_to_n_minus_1_in_order_become_lists(body: bytes, expected: object) -> None:
     assert decode_form(body) == {"a": expected}
-
-
-def test_our_sample_copy_matches_shared_when_present() -> None:
-    shared = SAMPLES.parents[2] / "shared" / "b24-samples"
-    if not shared.is_dir():
-        pytest.skip("no ../shared/b24-samples beside this clone")
-    for path in shared.glob("*.form"):
-        assert (SAMPLES / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_values_stay_strings_and_escapes_decode_like_browsers() -> None:

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from b24queue.errors import UnauthorizedError
-from b24queue.events import Event
-from b24queue.http.portal_check import (
+from b24queue.auth.install import (
     NOT_CONFIRMED,
     PortalCallback,
     PortalNotConfirmed,
     domain_pattern,
-    is_public_address,
-    normalise_host,
 )
+from b24queue.errors import UnauthorizedError
+from b24queue.events import Event
 from b24queue.limits import KeyedLimiter
+from b24queue.outbound.hosts import is_public_address, normalise_host
 from tests.fake_portal import FakePortal, StaticResolver
 from tests.unit.test_portals import portal_event, settings_for
 
@@ -359,7 +358,7 @@ async def test_the_reason_is_logged_escaped_and_the_log_is_not_flooded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = Clock()
-    caplog.set_level(logging.WARNING, logger="b24queue.http.portal_check")
+    caplog.set_level(logging.WARNING, logger="b24queue.auth.install")
     async with PortalCallback(
         settings_for(portal_certificate[0]), resolver=StaticResolver(), clock=clock
     ) as cb:

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from b24queue.auth.install import PortalCallback, domain_pattern
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import PortalRecord, SqliteTokenStore, open_store
 from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import ConfigError, UnauthorizedError
 from b24queue.events import Event
-from b24queue.http.portal_check import PortalCallback, domain_pattern
 from b24queue.settings import Settings, load_settings
 from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
 

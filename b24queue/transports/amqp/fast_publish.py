@@ -1,8 +1,8 @@
 """A confirmed publish put straight on aiormq's write queue: the same frames, delivery tag and
 confirm bookkeeping as `aiormq.Channel.basic_publish`, without its per-call lock, timeout, two
 async context managers and pamqp encoding (together about a third of the ingress's CPU per
-event, measured), and the publishes of one turn of the loop written together (README,
-Performance).
+event, measured), and the publishes of one turn of the loop written together
+(docs/performance.md).
 
 It reaches into aiormq's internals (through `internals` only), so it is used only with the
 aiormq releases it was written against and checked on (`internals.ON.publish`), whose

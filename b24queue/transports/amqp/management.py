@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 from b24queue.errors import ConfigError, ManagementError
-from b24queue.outbound import (
+from b24queue.outbound.answers import (
     AnswerTooLarge,
     Bounds,
     NotJSON,

@@ -2,7 +2,7 @@
 
 One database file (`B24QUEUE_BROKER_URL=sqlite:///path/queue.sqlite3`) shared by the ingress, the
 workers and the CLI of that host (never over NFS: SQLite's locking needs a local disk). The same
-guarantees as on RabbitMQ (`shared/TRANSPORTS.md`):
+guarantees as on RabbitMQ (docs/transports/index.md):
 - a 200 means the event's rows are committed (WAL, fsync), one row per bound queue, or one in the
   unrouted queue, in one transaction (group-committed with whatever else arrived meanwhile);
 - a worker leases up to `prefetch` rows, in due order; ack deletes, retry sets the row's
