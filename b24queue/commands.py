@@ -190,7 +190,7 @@ def cmd_spool(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 json.dumps(
                     {
-                        "files": [{**asdict(f), "path": str(f.path)} for f in found],
+                        "files": [asdict(f) for f in found],
                         "quarantined": [asdict(q) for q in held],
                     },
                     indent=2,

@@ -6,8 +6,9 @@ For each delivery: decode it, run the handler, and turn what happened into an `O
   raised Retry / other error  -> retry after the configured delay, or dead-letter once the
                                  attempts are used up
   body is not an Event        -> dead-letter now (retrying cannot fix it)
-A `Transport` then carries the outcome out. The transport must make a retry or dead-letter copy
-durable (confirmed) before it acks the original, so a crash in between duplicates, never loses.
+A `Settler` (the transport's runner) then carries the outcome out. It must make a retry or
+dead-letter copy durable (confirmed) before it acks the original, so a crash in between
+duplicates, never loses.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class Outcome:
         return self.kind == "dead_letter"
 
 
-class Transport(Protocol):
+class Settler(Protocol):
+    """What carries an outcome out on a transport (each transport's runner has one)."""
+
     async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
         """Carry out the outcome: ack, or make the copy durable and then ack."""
 
@@ -162,24 +165,21 @@ async def process(
     consumer: EventConsumer,
     incoming: Incoming,
     queue: str,
-    transport: Transport,
+    settler: Settler,
     observe: Observer | None = None,
 ) -> Outcome:
     """decide + settle, with one log line per outcome (and the metrics observer, if any)."""
     started = time.perf_counter()
     outcome = await decide(consumer, incoming, queue)
-    await transport.settle(incoming, outcome)
-    duration_s = time.perf_counter() - started
-    _log_outcome(incoming, queue, outcome, duration_s)
-    if observe is not None:
-        observe(queue, incoming.routing_key, outcome.kind, duration_s)
+    await settler.settle(incoming, outcome)
+    _settled(incoming, queue, outcome, started, observe)
     return outcome
 
 
 async def give_up(
     incoming: Incoming,
     queue: str,
-    transport: Transport,
+    settler: Settler,
     deliveries: int,
     observe: Observer | None = None,
     malformed: ValueError | None = None,
@@ -195,12 +195,19 @@ async def give_up(
     reason = "delivery_limit" if malformed is None else "malformed"
     outcome = _dead_letter(incoming, queue, incoming.attempt, reason, exc, ())
     started = time.perf_counter()
-    await transport.settle(incoming, outcome)
+    await settler.settle(incoming, outcome)
+    _settled(incoming, queue, outcome, started, observe)
+    return outcome
+
+
+def _settled(
+    incoming: Incoming, queue: str, outcome: Outcome, started: float, observe: Observer | None
+) -> None:
+    """The outcome's log line and its observation (the time since `started`)."""
     duration_s = time.perf_counter() - started
     _log_outcome(incoming, queue, outcome, duration_s)
     if observe is not None:
         observe(queue, incoming.routing_key, outcome.kind, duration_s)
-    return outcome
 
 
 def _decode(incoming: Incoming) -> Event:

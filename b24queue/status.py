@@ -7,23 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from b24queue import _constants as c
 from b24queue.settings import Settings
 from b24queue.terminal import safe
-
-
-class SpoolFileLike(Protocol):
-    @property
-    def path(self) -> Path: ...
-
-    @property
-    def waiting(self) -> int: ...
-
-    @property
-    def quarantined(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,16 +84,15 @@ def problems(settings: Settings, rows: Sequence[QueueRow], unrouted: int) -> lis
     return found
 
 
-def with_spools(status: Status, spools: Sequence[SpoolFileLike]) -> Status:
+def with_spools(status: Status, spools: Sequence[SpoolRow]) -> Status:
     """`status` with the spool files of this host's ingress (`B24QUEUE_SPOOL_PATH`): a
     quarantined event is a problem too."""
-    rows = [SpoolRow(str(s.path), s.waiting, s.quarantined) for s in spools]
     held = [
         f"spool {s.path} holds {s.quarantined} quarantined (b24queue spool list)"
-        for s in rows
+        for s in spools
         if s.quarantined
     ]
-    return replace(status, problems=[*status.problems, *held], spools=[*status.spools, *rows])
+    return replace(status, problems=[*status.problems, *held], spools=[*status.spools, *spools])
 
 
 def unrouted_problem(settings: Settings, held: int) -> str:

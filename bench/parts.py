@@ -135,7 +135,8 @@ def hand_off(worker: ModuleType, consumer: Any, settled: Any) -> Callable[[int],
 
         if hasattr(runner, "_start"):  # a delivery taken straight from aiormq (fast_consume)
             properties = worker.aiormq.spec.Basic.Properties(message_id="w1")
-            runner._transport = settled()
+            # What settles its deliveries (an older tree calls it `_transport`).
+            setattr(runner, "_settler" if hasattr(runner, "_settler") else "_transport", settled())
             saved, worker.process = worker.process, handle
 
             def deliver(i: int) -> None:

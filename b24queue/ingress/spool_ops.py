@@ -19,16 +19,10 @@ from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.ingress.spool import envelope_of, spool_files
 from b24queue.redaction import redact
 from b24queue.settings import Settings
+from b24queue.status import SpoolRow
 from b24queue.transports import Publisher, connection_name, transport_for
 
 _ROW = "id, message_id, routing_key, length(body), spooled_at, reason, quarantined_at"
-
-
-@dataclass(frozen=True, slots=True)
-class SpoolFile:
-    path: Path
-    waiting: int
-    quarantined: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +39,7 @@ class Quarantined:
     quarantined_at: str
 
 
-def _open(path: Path) -> sqlite3.Connection:
+def _open(path: str | Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
     db.execute("PRAGMA busy_timeout=5000")
     return db
@@ -58,7 +52,7 @@ def _has_quarantine(db: sqlite3.Connection) -> bool:
     return row is not None
 
 
-def files(settings: Settings) -> list[SpoolFile]:
+def files(settings: Settings) -> list[SpoolRow]:
     """Every spool file of the configured path (one per ingress process slot) that exists."""
     found = []
     for path in spool_files(Path(settings.spool_path)):
@@ -70,11 +64,11 @@ def files(settings: Settings) -> list[SpoolFile]:
                 held = int(db.execute("SELECT count(*) FROM quarantine").fetchone()[0])
         finally:
             db.close()
-        found.append(SpoolFile(path, waiting, held))
+        found.append(SpoolRow(str(path), waiting, held))
     return found
 
 
-def quarantined(spools: list[SpoolFile], limit: int | None = None) -> list[Quarantined]:
+def quarantined(spools: list[SpoolRow], limit: int | None = None) -> list[Quarantined]:
     """The quarantined events of these spool files (`files`), oldest first in each file; reads
     them in pieces."""
     out: list[Quarantined] = []

@@ -36,7 +36,7 @@ from b24queue.outbound.answers import (
     read_json,
 )
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
-from b24queue.portal.credentials import METHOD, Target, Webhooks
+from b24queue.portal.credentials import METHOD, Endpoint, Webhooks
 from b24queue.portal.limits import Limit
 from b24queue.portal.oauth import Refresher
 from b24queue.portal.state import SharedState
@@ -75,7 +75,7 @@ class PortalClient:
     def __init__(self, context: Context, event: Event) -> None:
         self._ctx = context
         self._event = event
-        self._target: Target | None = None
+        self._target: Endpoint | None = None
         self._token = ""  # OAuth only; empty for a webhook
         self._record: PortalRecord | None = None  # the install the target was made from
 
@@ -177,7 +177,7 @@ class PortalClient:
             return PortalError(str(error.get("error") or "ERROR"), self._said(error))
         return PortalError("ERROR", self._said({"error_description": error}))
 
-    async def _turn(self, target: Target) -> None:
+    async def _turn(self, target: Endpoint) -> None:
         wait_s = await self._ctx.state.reserve(target.key, self._ctx.limit)
         if wait_s is None:
             raise PortalRetry(
@@ -190,7 +190,7 @@ class PortalClient:
             await asyncio.sleep(wait_s)  # our reserved place in the portal's leaky bucket
 
     async def _post(
-        self, target: Target, method: str, params: Mapping[str, Any]
+        self, target: Endpoint, method: str, params: Mapping[str, Any]
     ) -> tuple[int, dict[str, Any]]:
         body, status = dict(params), 0
         if target.kind == "oauth":
@@ -217,7 +217,7 @@ class PortalClient:
             raise PortalError("BAD_ANSWER", f"not a JSON object (HTTP {status})", status=status)
         return status, answer
 
-    async def _resolve(self) -> Target:
+    async def _resolve(self) -> Endpoint:
         if self._target is None:
             self._target, self._token, self._record = await credentials(
                 self._ctx.store,

@@ -29,7 +29,7 @@ METHOD = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class Endpoint:
     """Where one portal's calls go. `key` names its bucket (and its refresh lease)."""
 
     kind: str  # "oauth" or "webhook"
@@ -41,8 +41,8 @@ class Target:
         return self.base_url + method
 
 
-def oauth_target(record: PortalRecord) -> Target:
-    return Target("oauth", record.member_id, record.domain, rest_endpoint(record))
+def oauth_endpoint(record: PortalRecord) -> Endpoint:
+    return Endpoint("oauth", record.member_id, record.domain, rest_endpoint(record))
 
 
 def rest_endpoint(record: PortalRecord) -> str:
@@ -71,7 +71,7 @@ class Webhooks:
     another token: the portal's events may come through several outgoing webhooks)."""
 
     def __init__(self, spec: str) -> None:
-        self._by_host: dict[str, tuple[Target, tuple[str, ...]]] = {}
+        self._by_host: dict[str, tuple[Endpoint, tuple[str, ...]]] = {}
         self.hostnames: set[str] = set()  # as in the URLs, without ports or brackets
         for i, entry in enumerate(u.strip() for u in spec.split(",") if u.strip()):
             target, digest = _parse_webhook(entry, i + 1)
@@ -87,13 +87,13 @@ class Webhooks:
     def __len__(self) -> int:
         return len(self._by_host)
 
-    def for_domain(self, domain: str | None) -> tuple[Target, tuple[str, ...]] | None:
+    def for_domain(self, domain: str | None) -> tuple[Endpoint, tuple[str, ...]] | None:
         """The portal's webhook and the digests of the tokens paired with it."""
         host = normalise_host(domain or "")
         return self._by_host.get(host) if host else None
 
 
-def _parse_webhook(entry: str, position: int) -> tuple[Target, str]:
+def _parse_webhook(entry: str, position: int) -> tuple[Endpoint, str]:
     bad = ConfigError(
         f"B24QUEUE_PORTAL_WEBHOOKS: webhook #{position} must look like "
         "https://<portal>/rest/<user id>/<code>/#<the portal's application token> "
@@ -114,7 +114,7 @@ def _parse_webhook(entry: str, position: int) -> tuple[Target, str]:
     host = f"[{host}]" if ":" in host else host  # an IPv6 address
     where = f"{host}:{port}" if port not in (None, 443) else host
     base = f"https://{where}/rest/{match.group(1)}/{match.group(2)}/"
-    return Target("webhook", f"webhook:{where}", where, base), token_digest(app_token)
+    return Endpoint("webhook", f"webhook:{where}", where, base), token_digest(app_token)
 
 
 def host_of(url: str) -> str:

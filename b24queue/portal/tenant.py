@@ -13,7 +13,7 @@ from b24queue.envelope import token_digest
 from b24queue.events import Event, token_digest_of
 from b24queue.outbound.hosts import is_ip_literal, same_host
 from b24queue.portal.api import NoCredentials, PortalError
-from b24queue.portal.credentials import Target, Webhooks, host_of, oauth_target
+from b24queue.portal.credentials import Endpoint, Webhooks, host_of, oauth_endpoint
 from b24queue.portal.oauth import Refresher
 
 
@@ -24,7 +24,7 @@ async def credentials(
     event: Event,
     *,
     allow_private: bool,
-) -> tuple[Target, str, PortalRecord | None]:
+) -> tuple[Endpoint, str, PortalRecord | None]:
     """Where the event's portal is called and with which access token (empty for a webhook),
     and the install that was chosen from (None for a webhook). The event's portal only: its
     member_id selects the record; its domain must agree."""
@@ -42,14 +42,14 @@ async def credentials(
         raise NoCredentials(
             "WRONG_PORTAL", "the event does not carry its portal's application token"
         )
-    target = oauth_target(record)
+    target = oauth_endpoint(record)
     if not allow_private and is_ip_literal(host_of(target.base_url)):
         # An address is connected to as it is, past the resolver that refuses private ones.
         raise PortalError("UNREACHABLE", "the portal's domain is an IP address")
     return target, await _token(refresher, event, record), record
 
 
-def _webhook(webhooks: Webhooks, event: Event) -> Target:
+def _webhook(webhooks: Webhooks, event: Event) -> Endpoint:
     """The webhook of the event's domain, if the event came with a token paired with it: the
     ingress lets in an event carrying any configured token whatever domain it names, so the
     domain alone would give portal B's admin (who knows B's token) portal A's webhook."""

@@ -19,7 +19,6 @@ import importlib
 import os
 import socket
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from b24queue import _constants as c
@@ -36,7 +35,11 @@ if TYPE_CHECKING:
     from b24queue.status import Status
     from b24queue.transports.kit.unrouted import UnroutedCap
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], None]  # (done, wanted)
+
+
+def silent(done: int, wanted: int) -> None:
+    """The progress of a replay nobody watches."""
 
 
 class Publisher(EventSink, Protocol):
@@ -47,12 +50,7 @@ class Publisher(EventSink, Protocol):
 
     async def __aenter__(self) -> Publisher: ...
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
 
     async def failed(self) -> BaseException:
         """Return (never raise) why publishing cannot go on for good; wait forever otherwise."""
@@ -105,11 +103,7 @@ class DeadLetters(Protocol):
         """(how many there are, the first `limit` described)."""
 
     async def replay(
-        self,
-        *,
-        limit: int | None = None,
-        ids: set[str] | None = None,
-        progress: Progress | None = None,
+        self, *, limit: int | None = None, ids: set[str] | None = None, progress: Progress = silent
     ) -> tuple[int, int]:
         """Send back (durably first, then remove); found ids are taken out of `ids`. Returns
         (replayed, there were)."""
@@ -165,6 +159,11 @@ def connection_name(role: str, detail: str = "") -> str:
     """What operators see (management UI, status): role, what it serves, host:pid."""
     middle = f" {detail}" if detail else ""
     return f"{c.CONNECTION_PREFIX}{role}{middle} {socket.gethostname()}:{os.getpid()}"
+
+
+def worker_connection_name(classes: Sequence[type[EventConsumer]]) -> str:
+    """A worker process's connection: the queues of its consumers."""
+    return connection_name("worker", ",".join(cls.queue for cls in classes))
 
 
 def transport_for(settings: Settings) -> Transport:

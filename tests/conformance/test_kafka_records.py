@@ -18,7 +18,7 @@ from b24queue.delivery import Outcome
 from b24queue.errors import PublishError
 from b24queue.queues import spec_for
 from b24queue.transports.kafka.client import producer
-from b24queue.transports.kafka.settle import Settler
+from b24queue.transports.kafka.settle import OutcomeWriter
 from b24queue.transports.kit.leased import Row
 from tests.conformance.conftest import Bench, kafka_settings
 from tests.conformance.test_kafka import _done
@@ -127,7 +127,7 @@ async def test_a_copy_kafka_refuses_for_its_size_is_not_tried_for_ever(
         )
         outcome = Outcome("dead_letter", 1, reason="rejected")
         with pytest.raises(PublishError, match=r"\.dlq") as raised:
-            await asyncio.wait_for(Settler(sender, spec).settle(row, None, outcome), 30)
+            await asyncio.wait_for(OutcomeWriter(sender, spec).settle(row, None, outcome), 30)
         assert raised.value.permanent
     finally:
         await sender.stop()

@@ -20,7 +20,6 @@ from the head and acked one by one. Whatever arrived after the count stays.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,17 +30,15 @@ from b24queue import _constants as c
 from b24queue.dlq_view import DeadLetter, fresh_history, letter
 from b24queue.errors import ConfigError, PublishError
 from b24queue.settings import Settings
-from b24queue.transports import connection_name
+from b24queue.transports import Progress, connection_name, silent
 from b24queue.transports.amqp.connection import close_quietly, connect
 from b24queue.transports.amqp.publisher import persistent_copy
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
-
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class ReplayRoute:
     """Where a queue's messages go back to when replayed."""
 
     source: str
@@ -54,14 +51,14 @@ class Target:
         return str(message.routing_key or message.type or "")
 
 
-def target_for(settings: Settings, name: str) -> Target:
+def route_for(settings: Settings, name: str) -> ReplayRoute:
     """`deal-sync`, `deal-sync.dlq` or the unrouted queue."""
     if name == settings.unrouted:
-        return Target(name, settings.exchange, None)
+        return ReplayRoute(name, settings.exchange, None)
     queue = name.removesuffix(c.DLQ_SUFFIX)
     if not queue:
         raise ConfigError(f"not a queue name: {name!r}")
-    return Target(queue + c.DLQ_SUFFIX, "", queue)
+    return ReplayRoute(queue + c.DLQ_SUFFIX, "", queue)
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
@@ -84,14 +81,14 @@ class DeadLetterTool:
 
     def __init__(self, settings: Settings, name: str) -> None:
         self.settings = settings
-        self.target = target_for(settings, name)
-        self.source = self.target.source
-        self.destination = self.target.queue or f"exchange {settings.exchange}"
+        self.route = route_for(settings, name)
+        self.source = self.route.source
+        self.destination = self.route.queue or f"exchange {settings.exchange}"
 
     async def __aenter__(self) -> DeadLetterTool:
         self._connection = await connect(
             self.settings,
-            connection_name("dlq", self.target.source),
+            connection_name("dlq", self.route.source),
             give_up_after_s=self.settings.connect_timeout_s,
         )
         return self
@@ -102,9 +99,9 @@ class DeadLetterTool:
     async def _open(self) -> tuple[AbstractChannel, Any, int]:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
-            queue = await channel.declare_queue(self.target.source, passive=True)
+            queue = await channel.declare_queue(self.route.source, passive=True)
         except aio_pika.exceptions.ChannelNotFoundEntity:
-            raise ConfigError(f"queue {self.target.source!r} does not exist") from None
+            raise ConfigError(f"queue {self.route.source!r} does not exist") from None
         return channel, queue, int(queue.declaration_result.message_count or 0)
 
     async def list(self, limit: int) -> tuple[int, list[DeadLetter]]:
@@ -130,11 +127,7 @@ class DeadLetterTool:
             await channel.close()
 
     async def replay(
-        self,
-        *,
-        limit: int | None = None,
-        ids: set[str] | None = None,
-        progress: Progress | None = None,
+        self, *, limit: int | None = None, ids: set[str] | None = None, progress: Progress = silent
     ) -> tuple[int, int]:
         """Replay up to `limit` messages (or those with the given ids). Returns (replayed, total).
 
@@ -145,8 +138,8 @@ class DeadLetterTool:
         wanted = total if limit is None else min(limit, total)
         exchange = (
             channel.default_exchange
-            if self.target.exchange == ""
-            else await channel.get_exchange(self.target.exchange, ensure=True)
+            if self.route.exchange == ""
+            else await channel.get_exchange(self.route.exchange, ensure=True)
         )
         replayed = 0
         try:
@@ -166,7 +159,7 @@ class DeadLetterTool:
                 await self._republish(exchange, message)
                 await message.ack()
                 replayed += 1
-                if progress is not None and (replayed % 100 == 0 or replayed == wanted):
+                if replayed % 100 == 0 or replayed == wanted:
                     progress(replayed, wanted)
         finally:
             await channel.close()
@@ -176,12 +169,12 @@ class DeadLetterTool:
         copy = persistent_copy(message.body, message.properties, replay_headers(message))
         try:
             await exchange.publish(
-                copy, routing_key=self.target.routing_key(message), mandatory=True
+                copy, routing_key=self.route.routing_key(message), mandatory=True
             )
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(
                 f"replay stopped: RabbitMQ did not take message_id={message.message_id} "
-                f"({exc}); it stays in {self.target.source}"
+                f"({exc}); it stays in {self.route.source}"
             ) from None
 
     async def count(self) -> int:

@@ -12,22 +12,14 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 from b24queue.errors import ConfigError, ManagementError
-from b24queue.outbound.answers import (
-    AnswerTooLarge,
-    Bounds,
-    NotJSON,
-    Redirected,
-    check_redirect,
-    decode_json,
-    urllib_opener,
-)
+from b24queue.outbound import answers
 from b24queue.redaction import redact_url
 from b24queue.settings import Settings
 from b24queue.transports.amqp.layout import Policy
 
 # The operator's own broker, but its answers are still read within bounds: /api/queues of a
 # vhost with 30,000 queues is about 75 MB and 3.3 million values.
-BOUNDS = Bounds(max_bytes=128 * 1024 * 1024, max_values=4_000_000)
+BOUNDS = answers.Bounds(max_bytes=128 * 1024 * 1024, max_values=4_000_000)
 
 
 class _Unreachable(Exception):
@@ -45,7 +37,7 @@ class ManagementClient:
         self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
         self._timeout_s = timeout_s
         # Never a redirect: urllib would send the Authorization header on to any host.
-        self._opener = urllib_opener()
+        self._opener = answers.urllib_opener()
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         unreachable: ManagementError | None = None
@@ -80,12 +72,12 @@ class ManagementClient:
         if not raw:
             return None
         try:
-            return decode_json(raw, BOUNDS)
-        except AnswerTooLarge as exc:
+            return answers.decode_json(raw, BOUNDS)
+        except answers.AnswerTooLarge as exc:
             raise ManagementError(
                 f"the management API at {where} answered {method} {path}: {exc}"
             ) from None
-        except NotJSON:  # e.g. a proxy's login page answering in its place
+        except answers.NotJSON:  # e.g. a proxy's login page answering in its place
             raise ManagementError(
                 f"the management API at {where} answered {method} {path} with something "
                 "that is not JSON"
@@ -93,8 +85,8 @@ class ManagementClient:
 
     def _refused(self, exc: urllib.error.HTTPError, where: str, method: str, path: str) -> NoReturn:
         try:
-            check_redirect(exc.code, exc.headers.get("Location"))
-        except Redirected as redirected:
+            answers.check_redirect(exc.code, exc.headers.get("Location"))
+        except answers.Redirected as redirected:
             raise ManagementError(
                 f"the management API at {where} {redirected} (set B24QUEUE_MANAGEMENT_URL "
                 "to where it is)"

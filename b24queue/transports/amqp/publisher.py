@@ -95,7 +95,6 @@ class AmqpPublisher(ReconnectingPublisher):
     """An `EventSink` on one robust connection and one confirming channel."""
 
     server = "RabbitMQ"
-    task_name = "b24queue-publisher-connect"
 
     def __init__(self, settings: Settings, connection_name: str) -> None:
         super().__init__(settings, connection_name)

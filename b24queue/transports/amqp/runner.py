@@ -1,5 +1,5 @@
 """Consumers on RabbitMQ: one channel per consumer, manual acks, prefetch, and the AMQP
-`Transport` that carries out the delivery rules of `b24queue.delivery`.
+`Settler` that carries out the delivery rules of `b24queue.delivery`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, process
 from b24queue.metrics import WorkerMetrics
-from b24queue.queues import QueueSpec, spec_for
+from b24queue.queues import QueueSpec
 from b24queue.settings import Settings
 from b24queue.transports.amqp import fast_consume
 from b24queue.transports.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
 from b24queue.transports.amqp.publisher import persistent_copy
 from b24queue.transports.amqp.topology import declare_consumer_queues
-from b24queue.transports.kit.inflight import InFlight
+from b24queue.transports.kit.inflight import HandlingRunner
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Delivery(NamedTuple):
     properties: aiormq.spec.Basic.Properties
 
 
-class AmqpTransport:
+class ChannelSettler:
     """Settles deliveries of one consumer's channel."""
 
     def __init__(self, channel: AbstractRobustChannel, spec: QueueSpec) -> None:
@@ -116,7 +116,7 @@ class AmqpTransport:
             await delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
 
 
-class ConsumerRunner:
+class ConsumerRunner(HandlingRunner):
     """Runs one `EventConsumer` on its own channel of a shared connection.
 
     Handlers run in tasks we own (not the channel's), so a dropped connection does not cancel a
@@ -130,24 +130,15 @@ class ConsumerRunner:
         connection: AbstractRobustConnection,
         metrics: WorkerMetrics | None = None,
     ) -> None:
-        self.consumer = consumer
-        self._observe = metrics.observe if metrics is not None else None
-        self.spec = spec_for(type(consumer))
+        super().__init__(consumer, metrics)
         self._settings = settings
         self._connection = connection
         self._channel: AbstractRobustChannel | None = None
         self._queue: Any = None
         self._consumer_tag: str | None = None
-        self._transport: AmqpTransport | None = None
-        self._tasks = InFlight()
+        self._settler: ChannelSettler | None = None
         self._task_name = f"b24queue-{self.spec.name}"
-        if metrics is not None:
-            metrics.count_in_flight(consumer.queue, lambda: len(self._tasks))
         self._settled: asyncio.Future[None]
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
 
     async def start(self) -> None:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -156,7 +147,7 @@ class ConsumerRunner:
         # Per-consumer QoS (global=False): global QoS on a quorum queue closes the connection.
         await channel.set_qos(prefetch_count=self.consumer.prefetch)
         self._queue = await declare_consumer_queues(channel, self._settings, self.spec)
-        self._transport = AmqpTransport(channel, self.spec)
+        self._settler = ChannelSettler(channel, self.spec)
         await self.consumer.on_start()
         self._settled = asyncio.get_running_loop().create_future()
         self._settled.set_result(None)
@@ -234,9 +225,9 @@ class ConsumerRunner:
             accepted_at=properties.timestamp,
             handle=delivery,
         )
-        assert self._transport is not None
+        assert self._settler is not None
         self._tasks.start(
-            process(self.consumer, incoming, self.spec.name, self._transport, self._observe),
+            process(self.consumer, incoming, self.spec.name, self._settler, self._observe),
             self._task_name,
         )
 
@@ -249,19 +240,11 @@ class ConsumerRunner:
                 log.info("cancel of consumer %s failed (%r)", self.spec.name, exc)
             self._consumer_tag = None
 
-    async def drain(self, timeout_s: float) -> int:
-        """Wait for in-flight handlers; cancel what is still running after `timeout_s`.
+    # `drain`: cancelled handlers leave their messages unacked; the broker redelivers them once
+    # this channel closes.
 
-        Cancelled handlers leave their messages unacked: the broker redelivers them once this
-        channel closes. Returns how many were cancelled.
-        """
-        return await self._tasks.drain(timeout_s)
-
-    async def close(self) -> None:
-        try:
-            await self.consumer.on_stop()
-        finally:
-            if self._transport is not None:
-                await self._transport.acks_written()
-            if self._channel is not None and not self._channel.is_closed:
-                await asyncio.gather(self._channel.close(), return_exceptions=True)
+    async def _release(self) -> None:
+        if self._settler is not None:
+            await self._settler.acks_written()
+        if self._channel is not None and not self._channel.is_closed:
+            await asyncio.gather(self._channel.close(), return_exceptions=True)

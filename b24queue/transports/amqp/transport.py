@@ -15,7 +15,7 @@ from b24queue.metrics import WorkerMetrics
 from b24queue.queues import BindingChange, DeclaredQueue, QueueSpec, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
-from b24queue.transports import Runner, connection_name
+from b24queue.transports import Runner, connection_name, worker_connection_name
 from b24queue.transports.amqp import bindings, internals
 from b24queue.transports.amqp.connection import close_quietly, connect
 from b24queue.transports.amqp.definitions import definitions
@@ -71,10 +71,9 @@ class Amqp:
     async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> AmqpWorkers:
         internals.warn_if_off(several_nodes=len(self.settings.amqp_urls) > 1)
         await ensure_policies(self.settings, classes)
-        queues = ",".join(cls.queue for cls in classes)
         connection = await connect(
             self.settings,
-            connection_name("worker", queues),
+            worker_connection_name(classes),
             give_up_after_s=self.settings.connect_timeout_s,
         )
         return AmqpWorkers(self.settings, connection)

@@ -58,7 +58,6 @@ async def started_producer(settings: Settings, name: str) -> AIOKafkaProducer:
 
 class KafkaPublisher(ReconnectingPublisher):
     server = "Kafka"
-    task_name = "b24queue-kafka-publisher"
 
     def __init__(self, settings: Settings, name: str) -> None:
         super().__init__(settings, name)
@@ -112,20 +111,15 @@ class KafkaPublisher(ReconnectingPublisher):
         topic = self._names.events if queues else self._names.unrouted
         routed = [(H_TO, ",".join(queues)), (H_BOUND, str(self._bindings.seen))]
         headers = record_headers(envelope, dict(envelope.headers), routed)
-        timeout_s = self._settings.publish_timeout_s
+        sending = self._producer.send_and_wait(
+            topic,
+            envelope.body,
+            key=key_of(envelope.headers),
+            headers=headers,
+            timestamp_ms=int(envelope.timestamp.timestamp() * 1000),
+        )
         try:
-            async with asyncio.timeout(timeout_s):
-                sent = await self._producer.send_and_wait(
-                    topic,
-                    envelope.body,
-                    key=key_of(envelope.headers),
-                    headers=headers,
-                    timestamp_ms=int(envelope.timestamp.timestamp() * 1000),
-                )
-        except TimeoutError:
-            raise BrokerUnavailableError(
-                f"Kafka did not acknowledge within {timeout_s:g}s"
-            ) from None
+            sent = await self._in_time(sending, "acknowledge")
         except ke.MessageSizeTooLargeError as exc:
             raise PublishError(f"Kafka refused the record: {exc}", permanent=True) from None
         except (ke.KafkaError, *UNAVAILABLE) as exc:

@@ -26,7 +26,6 @@ from aiokafka.structs import ConsumerRecord
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, give_up, process
 from b24queue.metrics import WorkerMetrics
-from b24queue.queues import spec_for
 from b24queue.settings import Settings
 from b24queue.transports import connection_name
 from b24queue.transports.kafka.client import (
@@ -40,14 +39,14 @@ from b24queue.transports.kafka.client import (
 from b24queue.transports.kafka.commits import Committer
 from b24queue.transports.kafka.deliveries import DeliveryCounts
 from b24queue.transports.kafka.offsets import Offsets, Partition
-from b24queue.transports.kafka.settle import Settler
+from b24queue.transports.kafka.settle import OutcomeWriter
 from b24queue.transports.kafka.topics import Binding, own_binding
-from b24queue.transports.kit.inflight import InFlight
+from b24queue.transports.kit.inflight import HandlingRunner
 
 log = logging.getLogger(__name__)
 
 
-class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
+class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(
         self,
         consumer_: EventConsumer,
@@ -56,27 +55,19 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         declare: Any,
         metrics: WorkerMetrics | None,
     ) -> None:
-        self.consumer = consumer_
-        self.spec = spec_for(type(consumer_))
+        super().__init__(consumer_, metrics, lambda _: self._room.set())
         self._settings = settings
         self._names = Names.of(settings)
         self._declare = declare
-        self._observe = metrics.observe if metrics is not None else None
-        self._gauge = metrics.in_flight.labels(consumer_.queue) if metrics is not None else None
         self._offsets = Offsets()
-        self._settler = Settler(producer, self.spec)
+        self._outcomes = OutcomeWriter(producer, self.spec)
         self._counts = DeliveryCounts(settings, producer, self.spec.name)
         self._room = asyncio.Event()
-        self._tasks = InFlight(lambda _: self._room.set())
         self._kafka: AIOKafkaConsumer | None = None
         self._commits: Committer | None = None
         self._own = Binding((), {})  # this queue's bindings record (none: never missed)
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
 
     async def start(self) -> None:
         await self._declare(self.spec)
@@ -236,20 +227,14 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             accepted_at=row.timestamp,
             handle=(part, row, record.key),
         )
-        if self._gauge is not None:
-            self._gauge.inc()
-        try:
-            if malformed is not None or deliveries > self.consumer.max_deliveries:
-                await give_up(incoming, self.spec.name, self, deliveries, self._observe, malformed)
-            else:
-                await process(self.consumer, incoming, self.spec.name, self, self._observe)
-        finally:
-            if self._gauge is not None:
-                self._gauge.dec()
+        if malformed is not None or deliveries > self.consumer.max_deliveries:
+            await give_up(incoming, self.spec.name, self, deliveries, self._observe, malformed)
+        else:
+            await process(self.consumer, incoming, self.spec.name, self, self._observe)
 
     async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
         part, row, key = incoming.handle
-        await self._settler.settle(row, key, outcome)
+        await self._outcomes.settle(row, key, outcome)
         part.settle(row.id)
         self._room.set()
         if self._commits is not None:
@@ -265,17 +250,12 @@ class KafkaRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
 
-    async def drain(self, timeout_s: float) -> int:
-        left = await self._tasks.drain(timeout_s)
+    async def _drained(self) -> None:
         if self._commits is not None:
             await self._commits.commit(None)  # the settled prefix; the rest is delivered again
-        return left
 
-    async def close(self) -> None:
-        try:
-            await self.consumer.on_stop()
-        finally:
-            if self._commits is not None:
-                await self._commits.stop()
-            if self._kafka is not None:
-                await self._kafka.stop()  # leaves the group: its partitions go to the others
+    async def _release(self) -> None:
+        if self._commits is not None:
+            await self._commits.stop()
+        if self._kafka is not None:
+            await self._kafka.stop()  # leaves the group: its partitions go to the others

@@ -41,7 +41,9 @@ PERMANENT: tuple[type[BaseException], ...] = (
 )
 
 
-class Settler:
+class OutcomeWriter:
+    """A Kafka runner's outcomes, carried out (the module says how)."""
+
     def __init__(self, producer: AIOKafkaProducer, spec: QueueSpec) -> None:
         self._producer = producer
         self._spec = spec

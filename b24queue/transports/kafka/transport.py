@@ -22,7 +22,7 @@ from b24queue.metrics import WorkerMetrics
 from b24queue.queues import DeclaredQueue, QueueSpec, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
-from b24queue.transports import Runner, connection_name
+from b24queue.transports import Runner, connection_name, worker_connection_name
 from b24queue.transports.kafka import topics
 from b24queue.transports.kafka.client import Names, admin, consumer, translate
 from b24queue.transports.kafka.dlq import TopicShelf
@@ -76,7 +76,7 @@ class Kafka:
         return KafkaPublisher(self.settings, connection_name)
 
     async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> KafkaWorkers:
-        name = connection_name("worker", ",".join(cls.queue for cls in classes))
+        name = worker_connection_name(classes)
         client = await _admin(self.settings, name)
         try:
             producer = await started_producer(self.settings, name)

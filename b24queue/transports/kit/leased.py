@@ -13,17 +13,21 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, give_up, process
+from b24queue.envelope import Envelope
 from b24queue.metrics import WorkerMetrics
-from b24queue.queues import QueueSpec, spec_for
-from b24queue.transports.kit.inflight import InFlight
+from b24queue.queues import QueueSpec
+from b24queue.transports.kit.inflight import HandlingRunner
+
+if TYPE_CHECKING:
+    from b24queue.transports import Runner
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,17 @@ class Row:
     event_type: str
     deliveries: int
     fence: int
+
+    def envelope(self, headers: dict[str, Any]) -> Envelope:
+        """The event again, with these headers (a replay out of a DLQ or the unrouted queue)."""
+        return Envelope(
+            message_id=self.message_id,
+            routing_key=self.routing_key,
+            body=self.body,
+            headers={k: str(v) for k, v in headers.items()},
+            timestamp=self.timestamp,
+            event_type=self.event_type,
+        )
 
 
 class Leases(Protocol):
@@ -85,34 +100,22 @@ class Leases(Protocol):
     async def leave(self, owner: str, queue: str) -> None: ...
 
 
-class LeasedRunner:
+class LeasedRunner(HandlingRunner):
     """One consumer: claims up to `prefetch` rows, handles each in a task of its own."""
 
     def __init__(
-        self,
-        consumer: EventConsumer,
-        leases: Leases,
-        metrics: WorkerMetrics | None,
+        self, consumer: EventConsumer, leases: Leases, metrics: WorkerMetrics | None
     ) -> None:
-        self.consumer = consumer
-        self.spec = spec_for(type(consumer))
+        super().__init__(consumer, metrics, self._done)
         self._leases = leases
-        self._observe = metrics.observe if metrics is not None else None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{self.spec.name}:{uuid.uuid4().hex[:8]}"
         timeout = consumer.handle_timeout_s
         self._lease_s = (timeout if timeout is not None else DEFAULT_LEASE_S) + LEASE_MARGIN_S
         self._rows: dict[asyncio.Task[None], Row] = {}
         self._room = asyncio.Event()
-        self._tasks = InFlight(self._done)
-        if metrics is not None:
-            metrics.count_in_flight(consumer.queue, lambda: len(self._tasks))
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
 
     async def start(self) -> None:
         spec = self.spec
@@ -242,17 +245,32 @@ class LeasedRunner:
         await asyncio.gather(task, return_exceptions=True)
         self._loop_task = None
 
-    async def drain(self, timeout_s: float) -> int:
-        left = await self._tasks.drain(timeout_s)
+    async def _drained(self) -> None:
         # Hand back what was not finished (and a claim that committed as the loop stopped):
         # delivered again at once, not after the lease.
         owner, leases = self.owner, self._leases
         await self._retrying(lambda: leases.release(owner, self.spec.name))
-        return left
+
+    async def _release(self) -> None:
+        owner, leases = self.owner, self._leases
+        await self._retrying(lambda: leases.leave(owner, self.spec.name))
+
+
+class LeasedWorkers:
+    """A worker process's session on a queue kept in rows or entries: one `LeasedRunner` per
+    consumer, all on the transport's `Leases`; `close` calls `closers` in order (what the leases
+    run on: a group commit, a listener, a pool)."""
+
+    def __init__(self, leases: Leases, *closers: Callable[[], Awaitable[object]]) -> None:
+        self._leases = leases
+        self._closers = closers
+
+    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> LeasedRunner:
+        return LeasedRunner(consumer, self._leases, metrics)
+
+    async def started(self, runners: Sequence[Runner]) -> None:
+        return None
 
     async def close(self) -> None:
-        try:
-            await self.consumer.on_stop()
-        finally:
-            owner, leases = self.owner, self._leases
-            await self._retrying(lambda: leases.leave(owner, self.spec.name))
+        for close in self._closers:
+            await close()

@@ -13,7 +13,7 @@ from b24queue.dlq_view import DeadLetter, fresh_history, letter
 from b24queue.errors import ConfigError
 from b24queue.settings import Settings
 from b24queue.status import ConnectionRow, QueueRow, Status, problems
-from b24queue.transports import Progress
+from b24queue.transports import Progress, silent
 from b24queue.transports.kit.leased import Row
 
 CONSUMER, DLQ, UNROUTED = "consumer", "dlq", "unrouted"  # the kinds of queue rows
@@ -126,11 +126,7 @@ class TableDeadLetters:
         return await self.count(), [_describe(r) for r in rows]
 
     async def replay(
-        self,
-        *,
-        limit: int | None = None,
-        ids: set[str] | None = None,
-        progress: Progress | None = None,
+        self, *, limit: int | None = None, ids: set[str] | None = None, progress: Progress = silent
     ) -> tuple[int, int]:
         total = await self.count()
         wanted = total if limit is None else min(limit, total)
@@ -151,7 +147,7 @@ class TableDeadLetters:
                 if not await self.shelf.replay(row, headers, self._back_to, self.source):
                     continue  # gone meanwhile, or still bound by no queue: it stays
                 replayed += 1
-                if progress is not None and (replayed % 100 == 0 or replayed == wanted):
+                if replayed % 100 == 0 or replayed == wanted:
                     progress(replayed, wanted)
         return replayed, total
 

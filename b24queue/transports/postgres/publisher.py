@@ -12,32 +12,24 @@ import asyncpg
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.settings import Settings
-from b24queue.transports.kit.batching import Batcher
-from b24queue.transports.kit.publisher import ReconnectingPublisher
+from b24queue.transports.kit.publisher import GroupCommitPublisher
 from b24queue.transports.postgres.db import CONNECTION_ERRORS, broken, opened
 from b24queue.transports.postgres.queue import Queries
 
 log = logging.getLogger(__name__)
 
 
-class PostgresPublisher(ReconnectingPublisher):
+class PostgresPublisher(GroupCommitPublisher):
     server = "PostgreSQL"
-    task_name = "b24queue-pg-publisher"
+    lost = CONNECTION_ERRORS
 
     def __init__(self, settings: Settings, name: str) -> None:
         super().__init__(settings, name)
         self._q = Queries(settings.postgres_schema)
         self._connection: asyncpg.Connection | None = None
         self._lost_event = asyncio.Event()
-        self._batches: Batcher[Envelope, int] = Batcher(
-            self._write, "b24queue-pg-publish", CONNECTION_ERRORS
-        )
 
-    def _open(self) -> None:
-        self._batches.start()
-
-    async def _close(self) -> None:
-        await self._batches.stop()
+    async def _disconnect(self) -> None:
         if self._connection is not None:
             await asyncio.gather(
                 asyncio.wait_for(self._connection.close(), 5), return_exceptions=True
@@ -77,7 +69,7 @@ class PostgresPublisher(ReconnectingPublisher):
     def is_ready(self) -> bool:
         return self._connection is not None and not self._connection.is_closed()
 
-    async def _write(self, envelopes: list[Envelope]) -> list[int]:
+    async def _write(self, envelopes: list[Envelope]) -> list[None]:
         connection = self._connection
         if connection is None or connection.is_closed():
             raise ConnectionError("not connected to PostgreSQL")
@@ -94,7 +86,7 @@ class PostgresPublisher(ReconnectingPublisher):
             except Exception as exc:  # the next publish past the cap tries again
                 self._drop_if_broken(connection, exc)
                 log.warning("could not drop the oldest events of the unrouted queue: %r", exc)
-        return [1] * len(envelopes)
+        return [None] * len(envelopes)
 
     def _drop_if_broken(self, connection: asyncpg.Connection, exc: BaseException) -> None:
         if broken(exc):  # never use it again: connect anew
@@ -103,18 +95,10 @@ class PostgresPublisher(ReconnectingPublisher):
             self._lost_event.set()
 
     async def publish(self, envelope: Envelope) -> None:
-        if not self.is_ready():
-            raise BrokerUnavailableError("not connected to PostgreSQL")
-        timeout_s = self._settings.publish_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                await self._batches.submit(envelope)
-        except TimeoutError:
-            # The commit may still happen: the event is then there and was answered 503 (at
-            # least once; Bitrix24 does not resend it, nothing is lost).
-            raise BrokerUnavailableError(
-                f"PostgreSQL did not commit within {timeout_s:g}s"
-            ) from None
+            await self._committed(envelope, "commit")
+        except BrokerUnavailableError:
+            raise
         except asyncpg.exceptions.DataError as exc:  # this event can never be stored
             raise PublishError(f"PostgreSQL refused the event: {exc}", permanent=True) from None
         except CONNECTION_ERRORS as exc:

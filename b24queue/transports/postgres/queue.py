@@ -405,15 +405,7 @@ class Queries:
             if not gone:
                 return False
             await self._shrank(db, source, [r["size"] for r in gone])
-            envelope = Envelope(
-                message_id=row.message_id,
-                routing_key=row.routing_key,
-                body=row.body,
-                headers={k: str(v) for k, v in headers.items()},
-                timestamp=row.timestamp,
-                event_type=row.event_type,
-            )
-            await self.publish(db, [envelope], unrouted)
+            await self.publish(db, [row.envelope(headers)], unrouted)
         return True
 
     async def purge(self, db: Db, queue: str, count: int) -> int:

@@ -5,20 +5,16 @@ wake-ups by LISTEN/NOTIFY with a poll behind them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
 from b24queue import _constants as c
-from b24queue.consumer import EventConsumer
-from b24queue.metrics import WorkerMetrics
 from b24queue.queues import QueueSpec
 from b24queue.settings import Settings
-from b24queue.transports import Runner
 from b24queue.transports.kit.batching import Batcher
-from b24queue.transports.kit.leased import LeasedRunner, Row
+from b24queue.transports.kit.leased import LeasedWorkers, Row
 from b24queue.transports.postgres.db import CONNECTION_ERRORS, Listener, lent
 from b24queue.transports.postgres.queue import Queries
 
@@ -109,19 +105,12 @@ class PostgresLeases:
             await self._q.leave(db, owner)
 
 
-class PostgresWorkers:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, listener: Listener) -> None:
-        self._pool = pool
-        self._listener = listener
-        self._leases = PostgresLeases(settings, pool, listener)
+def workers(settings: Settings, pool: asyncpg.Pool, listener: Listener) -> LeasedWorkers:
+    """A worker process's session: its runners share the pool, the listener and one group
+    commit of settlements."""
+    leases = PostgresLeases(settings, pool, listener)
 
-    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> LeasedRunner:
-        return LeasedRunner(consumer, self._leases, metrics)
+    async def close_pool() -> None:
+        await asyncio.gather(asyncio.wait_for(pool.close(), 10), return_exceptions=True)
 
-    async def started(self, runners: Sequence[Runner]) -> None:
-        return None
-
-    async def close(self) -> None:
-        await self._leases.close()
-        await self._listener.stop()
-        await asyncio.gather(asyncio.wait_for(self._pool.close(), 10), return_exceptions=True)
+    return LeasedWorkers(leases, leases.close, listener.stop, close_pool)

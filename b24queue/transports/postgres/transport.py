@@ -26,8 +26,8 @@ from b24queue.consumer import EventConsumer
 from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
-from b24queue.transports import connection_name
-from b24queue.transports.kit.leased import ALIVE_S
+from b24queue.transports import connection_name, worker_connection_name
+from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers
 from b24queue.transports.kit.tables import TableDeadLetters, table_status
 from b24queue.transports.postgres.db import (
     Listener,
@@ -39,7 +39,7 @@ from b24queue.transports.postgres.db import (
 from b24queue.transports.postgres.dlq import dead_letters
 from b24queue.transports.postgres.publisher import PostgresPublisher
 from b24queue.transports.postgres.queue import Queries
-from b24queue.transports.postgres.runner import POOL_SIZE, PostgresWorkers
+from b24queue.transports.postgres.runner import POOL_SIZE, workers
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class Postgres:
     def publisher(self, connection_name: str) -> PostgresPublisher:
         return PostgresPublisher(self.settings, connection_name)
 
-    async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> PostgresWorkers:
-        name = connection_name("worker", ",".join(cls.queue for cls in classes))
+    async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> LeasedWorkers:
+        name = worker_connection_name(classes)
         pool = await create_pool(self.settings, name, POOL_SIZE)
         try:
             async with pool.acquire() as db:
@@ -68,7 +68,7 @@ class Postgres:
             raise
         listener = Listener(self.settings, name)
         listener.start()
-        return PostgresWorkers(self.settings, pool, listener)
+        return workers(self.settings, pool, listener)
 
     async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         settings = self.settings

@@ -10,8 +10,7 @@ import logging
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError
 from b24queue.settings import Settings
-from b24queue.transports.kit.batching import Batcher
-from b24queue.transports.kit.publisher import ReconnectingPublisher
+from b24queue.transports.kit.publisher import GroupCommitPublisher
 from b24queue.transports.redis_streams.store import (
     CONNECTION_ERRORS,
     Store,
@@ -22,22 +21,15 @@ from b24queue.transports.redis_streams.store import (
 log = logging.getLogger(__name__)
 
 
-class RedisPublisher(ReconnectingPublisher):
+class RedisPublisher(GroupCommitPublisher):
     server = "Redis"
-    task_name = "b24queue-redis-publisher"
+    lost = CONNECTION_ERRORS
 
     def __init__(self, settings: Settings, name: str) -> None:
         super().__init__(settings, name)
         self._store: Store | None = None
-        self._batches: Batcher[Envelope, None] = Batcher(
-            self._write, "b24queue-redis-publish", CONNECTION_ERRORS
-        )
 
-    def _open(self) -> None:
-        self._batches.start()
-
-    async def _close(self) -> None:
-        await self._batches.stop()
+    async def _disconnect(self) -> None:
         if self._store is not None:
             await asyncio.gather(self._store.client.aclose(), return_exceptions=True)
 
@@ -89,17 +81,11 @@ class RedisPublisher(ReconnectingPublisher):
         return [None] * len(envelopes)
 
     async def publish(self, envelope: Envelope) -> None:
-        if not self.is_ready():
-            raise BrokerUnavailableError("not connected to Redis")
-        timeout_s = self._settings.publish_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                await self._batches.submit(envelope)
-        except TimeoutError:
-            raise BrokerUnavailableError(f"Redis did not answer within {timeout_s:g}s") from None
+            await self._committed(envelope, "answer")
+        except BrokerUnavailableError:  # not connected, no answer in time, over maxmemory
+            raise
         except CONNECTION_ERRORS as exc:
             raise BrokerUnavailableError(f"connection to Redis failed: {exc!r}") from None
-        except BrokerUnavailableError:  # over maxmemory (says so)
-            raise
         except Exception as exc:  # a read-only replica: try again later
             raise BrokerUnavailableError(f"Redis refused the write: {exc!r}") from None

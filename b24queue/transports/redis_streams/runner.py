@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from b24queue import _constants as c
-from b24queue.consumer import EventConsumer
-from b24queue.metrics import WorkerMetrics
 from b24queue.queues import QueueSpec
 from b24queue.settings import Settings
-from b24queue.transports import Runner, connection_name
+from b24queue.transports import connection_name
 from b24queue.transports.kit.batching import Batcher
-from b24queue.transports.kit.leased import ALIVE_S, LeasedRunner, Row
+from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers, Row
 from b24queue.transports.redis_streams.store import CONNECTION_ERRORS, Store, connect, text
 
 log = logging.getLogger(__name__)
@@ -140,19 +137,13 @@ class RedisLeases:
         await self._store.leave(queue, owner)
 
 
-class RedisWorkers:
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self._store = store
-        self._waker = Waker(settings, store)
-        self._leases = RedisLeases(settings, store, self._waker)
+def workers(settings: Settings, store: Store) -> LeasedWorkers:
+    """A worker process's session: its runners share the store's connection, one waker and one
+    group commit of acks."""
+    waker = Waker(settings, store)
+    leases = RedisLeases(settings, store, waker)
 
-    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> LeasedRunner:
-        return LeasedRunner(consumer, self._leases, metrics)
+    async def close_store() -> None:
+        await asyncio.gather(store.client.aclose(), return_exceptions=True)
 
-    async def started(self, runners: Sequence[Runner]) -> None:
-        return None
-
-    async def close(self) -> None:
-        await self._leases.close()
-        await self._waker.stop()
-        await asyncio.gather(self._store.client.aclose(), return_exceptions=True)
+    return LeasedWorkers(leases, leases.close, waker.stop, close_store)

@@ -41,6 +41,15 @@ local function body(fields)
 end
 """
 
+# The bindings as the caller read them to route (`version` the key, `expected` what it read;
+# '0': none were declared yet): a script routing by them returns -1 when they changed meanwhile.
+_CHANGED = """
+local function changed(version, expected)
+  return redis.call('GET', version) ~= expected and not (expected == '0' and
+    redis.call('EXISTS', version) == 0)
+end
+"""
+
 # KEYS[1] bindings version; KEYS[2..] streams, then the unrouted stream's ledger when it is one
 # of them. ARGV[1] expected version, ARGV[2] entries, ARGV[3] the unrouted stream's index into
 # KEYS (0: none), ARGV[4] its cap in entries, ARGV[5] in bytes, then per entry: stream index
@@ -48,11 +57,9 @@ end
 # unrouted stream's oldest entries go (each read once: the ledger says how far over it is).
 PUBLISH = (
     _SHRANK
+    + _CHANGED
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] and not (ARGV[1] == '0' and
-    redis.call('EXISTS', KEYS[1]) == 0) then
-  return -1
-end
+if changed(KEYS[1], ARGV[1]) then return -1 end
 local n = tonumber(ARGV[2])
 local unrouted = tonumber(ARGV[3])
 local added = 0
@@ -314,11 +321,9 @@ return gone
 # bindings changed meanwhile.
 REPLAY = (
     _SHRANK
+    + _CHANGED
     + """
-if redis.call('GET', KEYS[2]) ~= ARGV[3] and not (ARGV[3] == '0' and
-    redis.call('EXISTS', KEYS[2]) == 0) then
-  return -1
-end
+if changed(KEYS[2], ARGV[3]) then return -1 end
 local rows = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if rows[1] == nil then return 0 end
 local f = {}

@@ -27,12 +27,12 @@ from b24queue.consumer import EventConsumer
 from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
-from b24queue.transports import connection_name
-from b24queue.transports.kit.leased import ALIVE_S
+from b24queue.transports import connection_name, worker_connection_name
+from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers
 from b24queue.transports.kit.tables import TableDeadLetters, table_status
 from b24queue.transports.redis_streams.dlq import dead_letters
 from b24queue.transports.redis_streams.publisher import RedisPublisher
-from b24queue.transports.redis_streams.runner import RedisWorkers
+from b24queue.transports.redis_streams.runner import workers
 from b24queue.transports.redis_streams.store import check_for_workers, opened
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,15 @@ class Redis:
     def publisher(self, connection_name: str) -> RedisPublisher:
         return RedisPublisher(self.settings, connection_name)
 
-    async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> RedisWorkers:
-        name = connection_name("worker", ",".join(cls.queue for cls in classes))
+    async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> LeasedWorkers:
+        name = worker_connection_name(classes)
         store = await opened(self.settings, name)
         try:
             await check_for_workers(store)
         except BaseException:
             await store.client.aclose()
             raise
-        return RedisWorkers(self.settings, store)
+        return workers(self.settings, store)
 
     async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         store = await opened(self.settings, connection_name("topology"))

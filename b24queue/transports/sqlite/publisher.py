@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from types import TracebackType
 
 from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError
@@ -33,12 +32,7 @@ class SqlitePublisher:
         log.info("publishing to %s (sqlite)", self._db.path)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self._db.__aexit__()
 
     def is_ready(self) -> bool:

@@ -332,15 +332,7 @@ def replay(
     if not gone:
         return False
     _shrank(db, source, [n for (n,) in gone])
-    envelope = Envelope(
-        message_id=row.message_id,
-        routing_key=row.routing_key,
-        body=row.body,
-        headers={k: str(v) for k, v in headers.items()},
-        timestamp=row.timestamp,
-        event_type=row.event_type,
-    )
-    publish(db, [envelope], unrouted)
+    publish(db, [row.envelope(headers)], unrouted)
     return True
 
 

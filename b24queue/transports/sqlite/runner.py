@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
 from typing import Any
 
-from b24queue.consumer import EventConsumer
-from b24queue.metrics import WorkerMetrics
 from b24queue.queues import QueueSpec
 from b24queue.settings import Settings
-from b24queue.transports import Runner
-from b24queue.transports.kit.leased import LeasedRunner, Row
+from b24queue.transports.kit.leased import LeasedWorkers, Row
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database, listen
 
@@ -63,16 +59,6 @@ class SqliteLeases:
         await self._db.write(lambda db: q.leave(db, owner))
 
 
-class SqliteWorkers:
-    def __init__(self, settings: Settings, db: Database) -> None:
-        self._leases = SqliteLeases(settings, db)
-        self._db = db
-
-    def runner(self, consumer: EventConsumer, metrics: WorkerMetrics | None) -> LeasedRunner:
-        return LeasedRunner(consumer, self._leases, metrics)
-
-    async def started(self, runners: Sequence[Runner]) -> None:
-        return None
-
-    async def close(self) -> None:
-        await self._db.__aexit__()
+def workers(settings: Settings, db: Database) -> LeasedWorkers:
+    """A worker process's session: its runners share this process's queue database."""
+    return LeasedWorkers(SqliteLeases(settings, db), db.__aexit__)

@@ -27,13 +27,13 @@ from b24queue.consumer import EventConsumer
 from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
 from b24queue.status import Status
-from b24queue.transports.kit.leased import ALIVE_S
+from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers
 from b24queue.transports.kit.tables import TableDeadLetters, table_status
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database
 from b24queue.transports.sqlite.dlq import dead_letters
 from b24queue.transports.sqlite.publisher import SqlitePublisher
-from b24queue.transports.sqlite.runner import SqliteWorkers
+from b24queue.transports.sqlite.runner import workers
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ class Sqlite:
     def publisher(self, connection_name: str) -> SqlitePublisher:
         return SqlitePublisher(self.settings, self.path)
 
-    async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> SqliteWorkers:
+    async def open_workers(self, classes: Sequence[type[EventConsumer]]) -> LeasedWorkers:
         db = Database(self.path)
         await db.__aenter__()
-        return SqliteWorkers(self.settings, db)
+        return workers(self.settings, db)
 
     async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         unrouted = self.settings.unrouted
