@@ -14,10 +14,10 @@ from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
 from b24queue.metrics import WorkerMetrics
 from b24queue.runtime import Worker
-from tests.conformance.conftest import Bench
-from tests.conftest import SAMPLE_NAMES, sample_published
-from tests.integration.conftest import wait_until
-from tests.integration.test_worker import Handle, consumer
+from tests.support.bench import Bench
+from tests.support.consumers import Handle, consumer
+from tests.support.samples import SAMPLE_NAMES, sample_published
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -13,35 +13,19 @@ import aiohttp
 import pytest
 
 from b24queue.transports.kafka.client import REVOKE_WAIT_S
-from tests.conformance.conftest import FORM, Bench, kafka_settings
-from tests.conftest import sample_form
-from tests.integration.conftest import wait_until
-from tests.integration.consumers import Crasher
-from tests.integration.proxy import Proxy, free_port
-from tests.kafka_server import KafkaServer, kafka_server
-from tests.processes import cli, env_for, ingress_up, post, start, start_workers, stop
+from tests.support.bench import Bench
+from tests.support.consumers import Crasher, record_done, record_starts
+from tests.support.kafka_server import KafkaServer, kafka_server, kafka_settings
+from tests.support.processes import cli, env_for, ingress_up, post, start, start_workers, stop
+from tests.support.proxy import Proxy, free_port
+from tests.support.samples import FORM, sample_form
+from tests.support.wait import wait_until
 
 SAMPLE_MEMBER = b"5f2a9c3e1b7d4a6f8e0c2b4d6f8a0c1e"  # the samples' portal
 
 
 def _prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
-
-
-def _starts(record: Path) -> list[tuple[str, str]]:
-    if not record.exists():
-        return []
-    return [
-        (parts[1], parts[2])
-        for parts in (ln.split() for ln in record.read_text().splitlines())
-        if parts[0] == "start"
-    ]
-
-
-def _done(record: Path) -> set[str]:
-    if not record.exists():
-        return set()
-    return {ln.split()[1] for ln in record.read_text().splitlines() if ln.startswith("done ")}
 
 
 async def _post_portals(bench: Bench, portals: list[str], per_portal: int) -> list[str]:
@@ -77,14 +61,14 @@ async def test_a_second_worker_takes_partitions_and_nothing_is_lost_or_doubled(
         B24QT_SLEEP_S=str(REVOKE_WAIT_S + 12),
     )
     portals = [f"{i:032x}" for i in range(1, 7)]
-    consumer_ = "tests.integration.consumers:SlowFirstPerPortal"
+    consumer_ = "tests.support.consumers:SlowFirstPerPortal"
     procs: list[asyncio.subprocess.Process] = []
     try:
         procs += await start_workers(env, tmp_path, consumer_, 1)
         ids = await _post_portals(bench, portals, 3)
         slow = set(ids[: len(portals)])  # the first of each portal
         fast = len(ids) - len(portals)
-        await wait_until(lambda: len(_done(records[0])) >= fast, 30, "the fast ones handled")
+        await wait_until(lambda: len(record_done(records[0])) >= fast, 30, "the fast ones handled")
         env2 = env | {"B24QT_RECORD": str(records[1]), "B24QT_SLEEP_S": "0"}
         procs.append(await start("worker", consumer_, env=env2, log=tmp_path / "second.log"))
 
@@ -94,7 +78,7 @@ async def test_a_second_worker_takes_partitions_and_nothing_is_lost_or_doubled(
 
         await wait_until(both_members, 60, "two members in the group")
         more = await _post_portals(bench, portals, 2)
-        done = lambda: _done(records[0]) | _done(records[1])  # noqa: E731
+        done = lambda: record_done(records[0]) | record_done(records[1])  # noqa: E731
         await wait_until(lambda: done() >= set(ids + more), 90, "every event handled")
         for proc in procs:
             assert await stop(proc) == 0
@@ -103,7 +87,7 @@ async def test_a_second_worker_takes_partitions_and_nothing_is_lost_or_doubled(
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    first, second = _starts(records[0]), _starts(records[1])
+    first, second = record_starts(records[0]), record_starts(records[1])
     assert first and second, "both workers handled events"
     assert {m for m, _ in first + second} == set(ids + more)
     # The partitions that moved took their slow event open: handled again, flagged.
@@ -127,20 +111,20 @@ async def test_a_commit_never_passes_an_unfinished_event(
     bench = Bench(kafka_settings(tansu, prefix), prefix)
     record = tmp_path / "record.txt"
     env = env_for(bench.settings, record, B24QT_QUEUE=bench.name("order"), B24QT_SLEEP_S="60")
-    consumer_ = "tests.integration.consumers:SlowFirst"
+    consumer_ = "tests.support.consumers:SlowFirst"
     [worker] = await start_workers(env, tmp_path, consumer_, 1)
     ids = await bench.post(*["crm-deal-add"] * 5)  # one portal: one partition, in this order
-    await wait_until(lambda: len(_done(record)) == 4, 30, "four done after the slow first")
-    [slow] = set(ids) - _done(record)
+    await wait_until(lambda: len(record_done(record)) == 4, 30, "four done after the slow first")
+    [slow] = set(ids) - record_done(record)
     assert slow == ids[0]
     worker.kill()
     await worker.wait()
-    before = len(_starts(record))
+    before = len(record_starts(record))
     env["B24QT_SLEEP_S"] = "0"
     [worker] = await start_workers(env, tmp_path, consumer_, 1)
-    await wait_until(lambda: slow in _done(record), 60, "the slow event handled again")
+    await wait_until(lambda: slow in record_done(record), 60, "the slow event handled again")
     assert await stop(worker) == 0
-    again = _starts(record)[before:]
+    again = record_starts(record)[before:]
     assert slow in {m for m, _ in again} and {flag for _, flag in again} == {"1"}, again
 
 
@@ -160,19 +144,19 @@ async def test_an_event_that_kills_its_worker_every_time_ends_in_the_dlq(
     [poison] = await bench.post("crm-deal-add")
     async with bench.transport.dead_letters(queue) as dlq:
         for crashes in (1, 2):
-            [worker] = await start_workers(env, tmp_path, "tests.integration.consumers:Crasher", 1)
+            [worker] = await start_workers(env, tmp_path, "tests.support.consumers:Crasher", 1)
             assert await asyncio.wait_for(worker.wait(), 60) != 0
-            assert len(_starts(record)) == crashes
+            assert len(record_starts(record)) == crashes
 
         async def dead() -> bool:
             return await dlq.count() == 1
 
-        [worker] = await start_workers(env, tmp_path, "tests.integration.consumers:Crasher", 1)
+        [worker] = await start_workers(env, tmp_path, "tests.support.consumers:Crasher", 1)
         await wait_until(dead, 60, "the poison event dead-lettered")
         _, [letter] = await dlq.list(10)
         assert await stop(worker) == 0
     assert letter.message_id == poison and letter.reason == "delivery_limit"
-    assert _starts(record) == [(poison, "0"), (poison, "1")]
+    assert record_starts(record) == [(poison, "0"), (poison, "1")]
 
 
 async def test_the_ingress_spools_while_kafka_is_unreachable(tmp_path: Path) -> None:
@@ -186,18 +170,20 @@ async def test_the_ingress_spools_while_kafka_is_unreachable(tmp_path: Path) -> 
         settings = kafka_settings(server, prefix, broker_url=f"kafka://127.0.0.1:{proxy_port}")
         record = tmp_path / "record.txt"
         env = env_for(settings, record, B24QT_QUEUE=f"{prefix}.spooled")
-        [worker] = await start_workers(env, tmp_path, "tests.integration.consumers:Recorder", 1)
+        [worker] = await start_workers(env, tmp_path, "tests.support.consumers:Recorder", 1)
         port = free_port()
         ingress = await ingress_up(settings, tmp_path, port)
         url = f"http://127.0.0.1:{port}/b24/events"
         before = await post(url, 3)
-        await wait_until(lambda: _done(record) >= set(before), 30, "the first events handled")
+        await wait_until(lambda: record_done(record) >= set(before), 30, "the first events handled")
         await proxy.cut()
         during = await post(url, 3)  # 200 all the same: kept in the ingress's spool
         metrics = f"http://127.0.0.1:{port}/metrics"
         assert await _spool_events(metrics) == 3  # in the spool, not in Kafka
         await proxy.start()
-        await wait_until(lambda: _done(record) >= set(during), 60, "the spooled events handled")
+        await wait_until(
+            lambda: record_done(record) >= set(during), 60, "the spooled events handled"
+        )
 
         async def drained() -> bool:
             return await _spool_events(metrics) == 0
@@ -224,7 +210,7 @@ async def _spool_events(metrics_url: str) -> float:
 async def test_topology_status_and_dlq_from_the_cli(tansu: KafkaServer) -> None:
     prefix = _prefix()
     settings = kafka_settings(tansu, prefix)
-    code, out = await cli(settings, "topology", "tests.integration.consumers:Narrowing")
+    code, out = await cli(settings, "topology", "tests.support.consumers:Narrowing")
     assert code == 0 and "cli.deals.dlq" in out, out
     code, out = await cli(settings, "status", "--json")
     assert code == 0, out

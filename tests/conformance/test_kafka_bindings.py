@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 
 from b24queue.transports.kafka import publisher
-from tests.conformance.conftest import FORM, Bench, kafka_settings
-from tests.conformance.test_kafka import _done, _starts
-from tests.conftest import sample_form
-from tests.integration.conftest import wait_until
-from tests.integration.consumers import Narrowing, RecordsAdds
-from tests.kafka_server import KafkaServer
-from tests.processes import env_for, start_workers, stop
+from tests.support.bench import Bench
+from tests.support.consumers import Narrowing, RecordsAdds, record_done, record_starts
+from tests.support.kafka_server import KafkaServer, kafka_settings
+from tests.support.processes import env_for, start_workers, stop
+from tests.support.samples import FORM, sample_form
+from tests.support.wait import wait_until
 
 
 async def test_events_routed_before_the_ingress_saw_a_new_binding_reach_it(
@@ -39,11 +38,13 @@ async def test_events_routed_before_the_ingress_saw_a_new_binding_reach_it(
             ids.append((await resp.json())["message_id"])
     record = tmp_path / "record.txt"
     env = env_for(bench.settings, record, B24QT_QUEUE=new)
-    [worker] = await start_workers(env, tmp_path, "tests.integration.consumers:RecordsAdds", 1)
+    [worker] = await start_workers(env, tmp_path, "tests.support.consumers:RecordsAdds", 1)
     try:
-        await wait_until(lambda: _done(record) >= {ids[0], ids[2]}, 30, "the additions handled")
+        await wait_until(
+            lambda: record_done(record) >= {ids[0], ids[2]}, 30, "the additions handled"
+        )
         assert await stop(worker) == 0
     finally:
         if worker.returncode is None:
             worker.kill()
-    assert sorted(m for m, _ in _starts(record)) == sorted([ids[0], ids[2]])  # not the update
+    assert sorted(m for m, _ in record_starts(record)) == sorted([ids[0], ids[2]])  # not the update

@@ -11,10 +11,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from b24queue.transports.kafka import dlq as dlq_module
-from tests.conformance.conftest import Bench, kafka_settings
-from tests.integration.conftest import wait_until
-from tests.integration.consumers import Recorder
-from tests.kafka_server import KafkaServer
+from tests.support.bench import Bench
+from tests.support.consumers import Recorder
+from tests.support.kafka_server import KafkaServer, kafka_settings
+from tests.support.wait import wait_until
 
 
 async def test_counting_dead_letters_finishes_under_a_steady_inflow(tansu: KafkaServer) -> None:

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.conformance.conftest import Bench, kafka_settings
-from tests.conformance.test_kafka import _done, _starts
-from tests.integration.conftest import wait_until
-from tests.integration.consumers import KillsOnUpdate
-from tests.kafka_server import KafkaServer
-from tests.processes import env_for, start_workers, stop
+from tests.support.bench import Bench
+from tests.support.consumers import KillsOnUpdate, record_done, record_starts
+from tests.support.kafka_server import KafkaServer, kafka_settings
+from tests.support.processes import env_for, start_workers, stop
+from tests.support.wait import wait_until
 
 
 async def _settled_marks(bootstrap: str, topic: str) -> int:
@@ -59,10 +58,10 @@ async def test_a_poison_event_does_not_drag_its_handled_neighbours_to_the_dlq(
     )
     await bench.transport.declare([type("Neighbours", (KillsOnUpdate,), {"queue": queue})])
     [poison, *handled] = await bench.post("crm-deal-update", *["crm-deal-add"] * 10)
-    consumer_ = "tests.integration.consumers:KillsOnUpdate"
+    consumer_ = "tests.support.consumers:KillsOnUpdate"
     async with bench.transport.dead_letters(queue) as dlq:
         [worker] = await start_workers(env, tmp_path, consumer_, 1)
-        await wait_until(lambda: _done(record) >= set(handled), 30, "the ten handled")
+        await wait_until(lambda: record_done(record) >= set(handled), 30, "the ten handled")
 
         async def marked() -> bool:
             return await _settled_marks(tansu.bootstrap, f"{queue}.deliveries") >= 10
@@ -81,6 +80,6 @@ async def test_a_poison_event_does_not_drag_its_handled_neighbours_to_the_dlq(
         assert await stop(worker) == 0
         _, letters = await dlq.list(50)
     assert [(x.message_id, x.reason) for x in letters] == [(poison, "delivery_limit")]
-    starts = _starts(record)
+    starts = record_starts(record)
     assert sorted(m for m, _ in starts) == sorted([poison, poison, *handled]), starts
     assert (poison, "1") in starts

@@ -20,12 +20,11 @@ from b24queue.layout import spec_for
 from b24queue.transports.kafka.client import producer
 from b24queue.transports.kafka.settle import Settler
 from b24queue.transports.leased import Row
-from tests.conformance.conftest import Bench, kafka_settings
-from tests.conformance.test_kafka import _done
-from tests.integration.conftest import wait_until
-from tests.integration.consumers import Recorder
-from tests.kafka_server import KafkaServer
-from tests.processes import env_for, start_workers, stop
+from tests.support.bench import Bench
+from tests.support.consumers import Recorder, record_done
+from tests.support.kafka_server import KafkaServer, kafka_settings
+from tests.support.processes import env_for, start_workers, stop
+from tests.support.wait import wait_until
 
 MEMBER = b"5f2a9c3e1b7d4a6f8e0c2b4d6f8a0c1e"  # the samples' portal: their partition
 
@@ -74,12 +73,12 @@ async def test_malformed_records_go_to_the_dlq_and_never_hold_the_commit_point(
         await sender.stop()
     [good] = await bench.post("crm-deal-add")  # after them, in the same partition
     env = env_for(bench.settings, record, B24QT_QUEUE=queue)
-    [worker] = await start_workers(env, tmp_path, "tests.integration.consumers:Recorder", 1)
+    [worker] = await start_workers(env, tmp_path, "tests.support.consumers:Recorder", 1)
     group = AIOKafkaConsumer(bootstrap_servers=tansu.bootstrap, group_id=queue)
     await group.start()
     try:
         async with bench.transport.dead_letters(queue) as dlq:
-            await wait_until(lambda: good in _done(record), 30, "the good event handled")
+            await wait_until(lambda: good in record_done(record), 30, "the good event handled")
 
             async def dead() -> bool:
                 return await dlq.count() >= 6

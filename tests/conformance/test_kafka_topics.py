@@ -8,25 +8,11 @@ import uuid
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from b24queue.errors import TopologyMismatchError
-from tests.conformance.conftest import Bench, kafka_settings
-from tests.integration.consumers import Recorder
-from tests.kafka_server import KafkaServer
-
-
-async def _configs(bootstrap: str, topic: str) -> dict[str, str]:
-    client = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await client.start()
-    try:
-        [response] = await client.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic)]
-        )
-    finally:
-        await client.close()
-    [resource] = response.resources
-    return {entry[0]: entry[1] for entry in resource[4]}
+from tests.support.bench import Bench
+from tests.support.consumers import Recorder
+from tests.support.kafka_server import KafkaServer, kafka_settings, topic_configs
 
 
 async def test_topics_are_created_with_the_retention_they_need(tansu: KafkaServer) -> None:
@@ -37,9 +23,11 @@ async def test_topics_are_created_with_the_retention_they_need(tansu: KafkaServe
     compacted = {f"{prefix}.events.bindings", f"{queue}.deliveries"}
     kept = {f"{prefix}.unrouted", f"{queue}.dlq"}
     for topic in compacted:
-        assert (await _configs(tansu.bootstrap, topic)).get("cleanup.policy") == "compact", topic
+        assert (await topic_configs(tansu.bootstrap, topic)).get("cleanup.policy") == "compact", (
+            topic
+        )
     for topic in kept:
-        assert (await _configs(tansu.bootstrap, topic)).get("retention.ms") == "-1", topic
+        assert (await topic_configs(tansu.bootstrap, topic)).get("retention.ms") == "-1", topic
 
 
 async def test_an_existing_topic_with_other_retention_is_a_mismatch(tansu: KafkaServer) -> None:

@@ -16,10 +16,10 @@ import pytest
 from b24queue.errors import ConfigError
 from b24queue.settings import Settings
 from b24queue.transports.postgres.db import SCHEMA_VERSION, ensure_schema
-from tests.integration.conftest import wait_until
-from tests.integration.proxy import Proxy, free_port
-from tests.postgres import POSTGRES_URL, postgres_schema
-from tests.processes import cli, env_for, ingress_up, lines, post, start, stop
+from tests.support.postgres import POSTGRES_URL, postgres_schema
+from tests.support.processes import cli, env_for, ingress_up, lines, post, start, stop
+from tests.support.proxy import Proxy, free_port
+from tests.support.wait import wait_until
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ async def schema() -> AsyncIterator[Settings]:
 
 
 async def test_the_tour_on_postgres(schema: Settings, tmp_path: Path) -> None:
-    consumer = "tests.integration.consumers:Narrowing"
+    consumer = "tests.support.consumers:Narrowing"
     code, out = await cli(schema, "topology", consumer)
     assert code == 0 and "cli.deals.dlq" in out, out
     port = free_port()
@@ -94,7 +94,7 @@ async def test_the_ingress_spools_while_postgres_is_unreachable_then_forwards(
     via_proxy = schema.model_copy(
         update={"broker_url": f"postgresql://postgres@127.0.0.1:{proxy.port}/test"}
     )
-    code, out = await cli(schema, "topology", "tests.integration.consumers:Narrowing")
+    code, out = await cli(schema, "topology", "tests.support.consumers:Narrowing")
     assert code == 0, out
     port = free_port()
     ingress = await ingress_up(via_proxy, tmp_path, port)
@@ -130,11 +130,9 @@ async def test_two_worker_processes_never_run_one_message_at_once(
 ) -> None:
     record = tmp_path / "record.txt"
     env = env_for(schema, record, B24QT_SLEEP_S="0.01", B24QT_PREFETCH="8")
-    code, out = await cli(schema, "topology", "tests.integration.consumers:Recorder")
+    code, out = await cli(schema, "topology", "tests.support.consumers:Recorder")
     assert code == 0, out
-    workers = [
-        await start("worker", "tests.integration.consumers:Recorder", env=env) for _ in range(2)
-    ]
+    workers = [await start("worker", "tests.support.consumers:Recorder", env=env) for _ in range(2)]
     port = free_port()
     ingress = await ingress_up(schema, tmp_path, port)
     url = f"http://127.0.0.1:{port}/b24/events"
@@ -149,9 +147,9 @@ async def test_two_worker_processes_never_run_one_message_at_once(
 async def test_terminated_worker_backends_lose_nothing(schema: Settings, tmp_path: Path) -> None:
     record = tmp_path / "record.txt"
     env = env_for(schema, record, B24QT_SLEEP_S="0.02", B24QT_PREFETCH="8")
-    code, out = await cli(schema, "topology", "tests.integration.consumers:Recorder")
+    code, out = await cli(schema, "topology", "tests.support.consumers:Recorder")
     assert code == 0, out
-    worker = await start("worker", "tests.integration.consumers:Recorder", env=env)
+    worker = await start("worker", "tests.support.consumers:Recorder", env=env)
     port = free_port()
     ingress = await ingress_up(schema, tmp_path, port)
     url = f"http://127.0.0.1:{port}/b24/events"
@@ -181,7 +179,7 @@ async def test_a_role_without_create_runs_on_a_schema_made_by_its_owner(schema: 
     from b24queue.transports import transport_for
 
     name, role = schema.postgres_schema, f"r{uuid.uuid4().hex[:10]}"
-    code, out = await cli(schema, "topology", "tests.integration.consumers:Narrowing")
+    code, out = await cli(schema, "topology", "tests.support.consumers:Narrowing")
     assert code == 0, out
     admin = await asyncpg.connect(POSTGRES_URL)
     try:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance.conftest import Bench
-from tests.integration.conftest import ROOT, wait_until
+from tests.support.bench import Bench
+from tests.support.processes import ROOT
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -71,7 +72,7 @@ async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.su
         "-m",
         "b24queue",
         "worker",
-        "tests.integration.consumers:Recorder",
+        "tests.support.consumers:Recorder",
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,

@@ -14,19 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from b24queue.settings import Settings, load_settings
-from tests.conftest import SAMPLE_TOKEN
-from tests.integration.conftest import wait_until
-from tests.integration.proxy import free_port
-from tests.processes import (
-    cli,
-    env_for,
-    ingress_up,
-    lines,
-    post,
-    start,
-    stop,
-)
-from tests.redis_server import RedisServer, redis_server
+from tests.support.processes import cli, env_for, ingress_up, lines, post, start, stop
+from tests.support.proxy import free_port
+from tests.support.redis_server import RedisServer, redis_server
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
 
 
 @pytest.fixture
@@ -64,7 +56,7 @@ async def test_the_ingress_refuses_a_redis_that_does_not_persist(tmp_path: Path)
 
 
 async def test_the_tour_on_redis(queue: Settings, tmp_path: Path) -> None:
-    code, out = await cli(queue, "topology", "tests.integration.consumers:Narrowing")
+    code, out = await cli(queue, "topology", "tests.support.consumers:Narrowing")
     assert code == 0 and "cli.deals.dlq" in out, out
     port = free_port()
     ingress = await ingress_up(queue, tmp_path, port)
@@ -91,11 +83,9 @@ async def test_two_worker_processes_never_run_one_message_at_once(
 ) -> None:
     record = tmp_path / "record.txt"
     env = env_for(queue, record, B24QT_SLEEP_S="0.01", B24QT_PREFETCH="8")
-    code, out = await cli(queue, "topology", "tests.integration.consumers:Recorder")
+    code, out = await cli(queue, "topology", "tests.support.consumers:Recorder")
     assert code == 0, out
-    workers = [
-        await start("worker", "tests.integration.consumers:Recorder", env=env) for _ in range(2)
-    ]
+    workers = [await start("worker", "tests.support.consumers:Recorder", env=env) for _ in range(2)]
     port = free_port()
     ingress = await ingress_up(queue, tmp_path, port)
     url = f"http://127.0.0.1:{port}/b24/events"
@@ -110,12 +100,10 @@ async def test_two_worker_processes_never_run_one_message_at_once(
 async def test_killed_worker_connections_lose_nothing(queue: Settings, tmp_path: Path) -> None:
     record = tmp_path / "record.txt"
     env = env_for(queue, record, B24QT_SLEEP_S="0.02", B24QT_PREFETCH="8")
-    code, out = await cli(queue, "topology", "tests.integration.consumers:Recorder")
+    code, out = await cli(queue, "topology", "tests.support.consumers:Recorder")
     assert code == 0, out
     logs = {"worker": tmp_path / "worker.log", "ingress": tmp_path / "ingress.log"}
-    worker = await start(
-        "worker", "tests.integration.consumers:Recorder", env=env, log=logs["worker"]
-    )
+    worker = await start("worker", "tests.support.consumers:Recorder", env=env, log=logs["worker"])
     port = free_port()
     ingress = await ingress_up(queue, tmp_path, port)
     url = f"http://127.0.0.1:{port}/b24/events"

@@ -32,9 +32,9 @@ from b24queue.testing import make_event
 from b24queue.transports import leased
 from b24queue.transports.redis_streams.store import Store, connect
 from b24queue.transports.redis_streams.transport import Redis, RedisPublisher
-from tests.conftest import SAMPLE_TOKEN, sample_form
-from tests.integration.conftest import wait_until
-from tests.redis_server import RedisServer, redis_server
+from tests.support.redis_server import RedisServer, redis_server
+from tests.support.samples import SAMPLE_TOKEN, sample_form
+from tests.support.wait import wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 BODY = "x" * 2000  # an event of about 2 KiB

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_TOKEN
-from tests.integration.conftest import ROOT, wait_until
+from tests.support.processes import ROOT
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
 
 
 def env_for(db: Path, **extra: str) -> dict[str, str]:
@@ -74,7 +75,7 @@ def free_port() -> int:
 
 async def test_the_tour_on_sqlite(tmp_path: Path) -> None:
     db = tmp_path / "queue.sqlite3"
-    consumer = "tests.integration.consumers:Narrowing"
+    consumer = "tests.support.consumers:Narrowing"
     code, out = await cli(db, "topology", consumer)
     assert code == 0 and "cli.deals.dlq" in out, out
     code, out = await cli(db, "topology", "--dry-run", consumer)
@@ -115,10 +116,10 @@ async def test_sigkill_of_the_ingress_under_load_loses_no_accepted_event(tmp_pat
 
     import aiohttp
 
-    from tests.conftest import sample_form
+    from tests.support.samples import sample_form
 
     db = tmp_path / "queue.sqlite3"
-    code, out = await cli(db, "topology", "tests.integration.consumers:Narrowing")
+    code, out = await cli(db, "topology", "tests.support.consumers:Narrowing")
     assert code == 0, out
     port = free_port()
     ingress = await start_ingress(db, port)

@@ -27,14 +27,14 @@ from b24queue.http.ingress import create_app
 from b24queue.metrics import IngressMetrics
 from b24queue.settings import Settings
 from b24queue.transports import connection_name, transport_for
-from tests.conformance.conftest import Bench, kafka_settings
-from tests.conftest import sample_form
-from tests.integration.conftest import wait_until
-from tests.integration.proxy import free_port
-from tests.integration.test_worker import consumer
-from tests.kafka_server import KafkaServer
-from tests.postgres import POSTGRES_URL
-from tests.processes import env_for, ingress_with, post, stop
+from tests.support.bench import Bench
+from tests.support.consumers import consumer
+from tests.support.kafka_server import KafkaServer, kafka_settings
+from tests.support.postgres import POSTGRES_URL
+from tests.support.processes import env_for, ingress_with, post, stop
+from tests.support.proxy import free_port
+from tests.support.samples import sample_form
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -202,7 +202,7 @@ async def test_a_queue_from_before_the_cap_is_counted_once(bench: Bench) -> None
 async def test_the_ingress_process_counts_and_logs_what_it_drops(tmp_path: Path) -> None:
     """`b24queue ingress` itself: its /metrics and its log (SQLite: no server to start)."""
     from b24queue.settings import load_settings
-    from tests.conftest import SAMPLE_TOKEN
+    from tests.support.samples import SAMPLE_TOKEN
 
     settings = load_settings(
         broker_url=f"sqlite:{tmp_path / 'queue.sqlite3'}", app_tokens=SAMPLE_TOKEN
@@ -227,12 +227,12 @@ async def test_the_ingress_process_counts_and_logs_what_it_drops(tmp_path: Path)
 
 
 async def test_kafka_creates_the_unrouted_topic_capped_in_bytes(tansu: KafkaServer) -> None:
-    from tests.conformance.test_kafka_topics import _configs
+    from tests.support.kafka_server import topic_configs
 
     prefix = f"t{uuid.uuid4().hex[:10]}"
     settings = kafka_settings(tansu, prefix, unrouted_max_bytes=64 * 1024 * 1024)
     await transport_for(settings).declare([])
-    configs = await _configs(tansu.bootstrap, settings.unrouted)
+    configs = await topic_configs(tansu.bootstrap, settings.unrouted)
     assert configs["retention.ms"] == "-1"  # never by age
     assert configs["retention.bytes"] == str(64 * 1024 * 1024)
     assert configs["segment.bytes"] == str(8 * 1024 * 1024)  # an eighth: the cap bites
@@ -286,7 +286,7 @@ async def test_postgres_schema_1_takes_its_ledger_from_a_role_that_may_create_it
     """The app's role (no CREATE) on a schema made before the cap: a clear error naming what to
     do, not a half-upgraded schema; once the owner started, the app's role runs."""
     from b24queue.errors import ConfigError
-    from tests.postgres import postgres_schema
+    from tests.support.postgres import postgres_schema
 
     prefix, role = f"t{uuid.uuid4().hex[:10]}", f"r{uuid.uuid4().hex[:10]}"
     async with postgres_schema(prefix) as owner:

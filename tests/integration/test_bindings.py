@@ -13,8 +13,9 @@ import pytest
 
 from b24queue import Event, EventConsumer
 from b24queue.runtime import Worker
-from tests.conftest import sample_form
-from tests.integration.conftest import Broker, run_cli, running_ingress, wait_until
+from tests.support.rabbitmq import Broker, run_cli, running_ingress
+from tests.support.samples import sample_form
+from tests.support.wait import wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 pytestmark = pytest.mark.broker
@@ -67,7 +68,7 @@ async def test_a_worker_restarted_with_fewer_events_stops_getting_the_dropped_on
 
 async def test_topology_dry_run_shows_the_change_and_topology_applies_it(broker: Broker) -> None:
     queue = broker.name("narrow")
-    spec = "tests.integration.consumers:Narrowing"
+    spec = "tests.support.consumers:Narrowing"
     env = {"B24QT_QUEUE": queue, "B24QT_EVENTS": "ONCRMDEALADD,CATALOG.#"}
     code, out = await run_cli(broker, "topology", "--dry-run", spec, **env)
     assert code == 0, out

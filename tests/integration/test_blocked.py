@@ -25,7 +25,8 @@ from b24queue.errors import BrokerUnavailableError
 from b24queue.testing import make_event
 from b24queue.transports.amqp import internals
 from b24queue.transports.amqp.publisher import AmqpPublisher
-from tests.integration.conftest import Broker, wait_until
+from tests.support.rabbitmq import Broker
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 

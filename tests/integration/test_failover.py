@@ -11,9 +11,10 @@ from typing import Any
 from b24queue import Event, EventConsumer
 from b24queue.management import ManagementClient
 from b24queue.runtime import Worker
-from tests.conftest import sample_form
-from tests.integration.conftest import AMQP_URL, MGMT_URL, Broker, running_ingress, wait_until
-from tests.integration.proxy import Proxy, free_port
+from tests.support.proxy import Proxy, free_port
+from tests.support.rabbitmq import AMQP_URL, MGMT_URL, Broker, running_ingress
+from tests.support.samples import sample_form
+from tests.support.wait import wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 

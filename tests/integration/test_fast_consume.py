@@ -21,7 +21,8 @@ from b24queue import Event, EventConsumer
 from b24queue.runtime import Worker
 from b24queue.transports.amqp import fast_consume, internals
 from b24queue.transports.amqp.worker import ConsumerRunner
-from tests.integration.conftest import AMQP_URL, Broker, wait_until
+from tests.support.rabbitmq import AMQP_URL, Broker
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 

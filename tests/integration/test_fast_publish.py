@@ -22,8 +22,9 @@ from b24queue.events import parse_event
 from b24queue.testing import make_event
 from b24queue.transports.amqp import fast_publish, internals
 from b24queue.transports.amqp.publisher import AmqpPublisher, properties_for
-from tests.conftest import SAMPLE_NAMES, sample_form
-from tests.integration.conftest import AMQP_URL, Broker, wait_until
+from tests.support.rabbitmq import AMQP_URL, Broker
+from tests.support.samples import SAMPLE_NAMES, sample_form
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 

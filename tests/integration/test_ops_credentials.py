@@ -11,7 +11,7 @@ import pytest
 from b24queue.management import ManagementClient
 from b24queue.transports import connection_name
 from b24queue.transports.amqp.connection import close_quietly, connect_once
-from tests.integration.conftest import AMQP_URL, MGMT_URL, Broker
+from tests.support.rabbitmq import AMQP_URL, MGMT_URL, Broker
 
 pytestmark = pytest.mark.broker
 

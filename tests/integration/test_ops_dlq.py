@@ -20,7 +20,7 @@ from b24queue import Event, EventConsumer
 from b24queue.runtime import declare_topology
 from b24queue.settings import Settings
 from b24queue.transports.amqp.dlq import DeadLetterTool
-from tests.integration.conftest import Broker, cli_env
+from tests.support.rabbitmq import Broker, cli_env
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.broker

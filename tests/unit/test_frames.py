@@ -16,7 +16,7 @@ from b24queue.testing import make_event
 from b24queue.transports.amqp import fast_consume
 from b24queue.transports.amqp.frames import publish_frames
 from b24queue.transports.amqp.publisher import properties_for
-from tests.conftest import SAMPLE_NAMES, sample_form
+from tests.support.samples import SAMPLE_NAMES, sample_form
 
 FRAME_MAX = 131072  # RabbitMQ's default
 

@@ -27,8 +27,8 @@ from b24queue.transports import leased, transport_for
 from b24queue.transports.sqlite import db as sqlite_db
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database
-from tests.conftest import SAMPLE_TOKEN, sample_form
-from tests.integration.conftest import wait_until
+from tests.support.samples import SAMPLE_TOKEN, sample_form
+from tests.support.wait import wait_until
 
 
 def settings_for(tmp_path: Path) -> Settings:

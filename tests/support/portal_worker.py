@@ -1,4 +1,5 @@
-"""A worker process whose portal clients reach the fake portal: `python -m tests.portal_worker`.
+"""A worker process whose portal clients reach the fake portal:
+`python -m tests.support.portal_worker`.
 
 `b24queue worker` resolves portal names with DNS; the fake portal is on loopback behind a
 self-signed certificate, so this entry builds the same `Worker` with `PortalClients` given the
@@ -18,7 +19,7 @@ from b24queue.logs import configure
 from b24queue.portal.clients import PortalClients
 from b24queue.runtime import Worker, install_signal_handlers
 from b24queue.settings import load_settings
-from tests.fake_portal import StaticResolver
+from tests.support.fake_portal import StaticResolver
 
 
 class DealReader(EventConsumer):

@@ -1,4 +1,4 @@
-"""The REST side of the fake portal (tests/fake_portal.py serves it): Bitrix24's OAuth token
+"""The REST side of the fake portal (fake_portal.py serves it): Bitrix24's OAuth token
 endpoint, a few methods, `batch`, and the per-portal leaky bucket, with the documented answers:
 
   over the bucket     503 {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many
@@ -65,7 +65,7 @@ class FakeRest:
         # When set: the refresh is done (the old refresh token spent, the new pair issued), and
         # the answer waits for this gate, as when it is lost on the way or a server hangs.
         self.oauth_gate: asyncio.Event | None = None
-        # More methods, registered by other fakes (tests/fake_offline.py): (host, method,
+        # More methods, registered by other fakes (fake_offline.py): (host, method,
         # params) -> (status, answer), or None when not theirs.
         self.extensions: list[Extension] = []
         # Answers written as they are (a hostile portal's), by method: the body, or a function

@@ -12,8 +12,8 @@ it, over HTTPS with a self-signed certificate for `*.portal.test`, chosen by the
   redirect    302 to another host
   crowded     like good-*, with 20,000 empty objects beside (60 KB: many values, few bytes)
 
-Any other token the REST side issued (tests/fake_rest.py: OAuth, CRM methods, batch, the leaky
-bucket, under `rest`) is answered there, as are /rest/<method> and /oauth/token/.
+Any other token the REST side issued (fake_rest.py: OAuth, CRM methods, batch, the leaky bucket,
+under `rest`) is answered there, as are /rest/<method> and /oauth/token/.
 
 The call-back only ever connects to port 443, which tests cannot listen on: the portal is
 published on 443 (`port`, `endpoint()`), listens on a free port (`listen_port`), and
@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from tests.fake_rest import FakeRest
+from tests.support.fake_rest import FakeRest
 
 CLIENT_ID = "app.b24queue-test"
 PUBLISHED_PORT = 443

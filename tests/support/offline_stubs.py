@@ -1,5 +1,6 @@
-"""In-memory stand-ins for the offline puller's unit tests (no broker, no HTTP): a portal whose
-`event.offline.get` answers are scripted, a sink, the shared state and the portal store."""
+"""In-memory stand-ins for the offline puller's unit tests (no broker, no HTTP): a portal client
+whose `event.offline.get` answers are scripted, the shared state and the portal store (the sink:
+tests/support/sinks.py). The portal's side over HTTPS, for the other tests: fake_offline.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from b24queue.auth.record import PortalRecord
-from b24queue.envelope import Envelope
 from b24queue.portal.limits import Limit
 
 Answer = Callable[[dict[str, Any]], Any]  # the get's params -> its result, or raises
@@ -49,20 +49,6 @@ class ScriptedPortal:
 
     def times(self, method: str = "event.offline.get") -> list[float]:
         return [at for at, m, _ in self.calls if m == method]
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.fail: BaseException | None = None
-        self.published: list[Envelope] = []
-
-    async def publish(self, envelope: Envelope) -> None:
-        if self.fail is not None:
-            raise self.fail
-        self.published.append(envelope)
-
-    def is_ready(self) -> bool:
-        return True
 
 
 class State:

@@ -13,12 +13,12 @@ from aio_pika.abc import AbstractIncomingMessage
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import open_store
 from b24queue.settings import Settings
-from tests.conftest import SAMPLE_TOKEN
-from tests.fake_offline import FakeOffline
-from tests.fake_portal import CLIENT_ID
-from tests.fake_rest import CLIENT_SECRET, FakeRest
-from tests.integration.conftest import AMQP_URL, Broker
-from tests.portal_setup import OAUTH_URL, domain_of, install
+from tests.support.fake_offline import FakeOffline
+from tests.support.fake_portal import CLIENT_ID
+from tests.support.fake_rest import CLIENT_SECRET, FakeRest
+from tests.support.portal_setup import OAUTH_URL, domain_of, install
+from tests.support.rabbitmq import AMQP_URL, Broker
+from tests.support.samples import SAMPLE_TOKEN
 
 EVENTS = ("ONCRMDEALUPDATE", "ONCRMDEALADD")
 
@@ -49,7 +49,7 @@ def offline_settings(broker: Broker, store: str, cert: Path, **extra: Any) -> Se
 def offline_env(
     broker: Broker, store: str, cert: Path, portal_port: int, **extra: Any
 ) -> dict[str, str]:
-    """The environment of a puller process (tests/offline_puller.py)."""
+    """The environment of a puller process (tests/support/offline_puller.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
     values = {
         "amqp_url": AMQP_URL,
@@ -82,7 +82,7 @@ async def installed(
 
 
 def app_token(member: str) -> str:
-    """The portal's own application token, as tests.portal_setup.install stores it."""
+    """The portal's own application token, as tests.support.portal_setup.install stores it."""
     return f"app-token-{member}"
 
 

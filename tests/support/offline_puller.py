@@ -1,4 +1,5 @@
-"""`b24queue offline` whose portal clients reach the fake portal: `python -m tests.offline_puller`.
+"""`b24queue offline` whose portal clients reach the fake portal:
+`python -m tests.support.offline_puller`.
 
 The product's `serve_offline` (settings from B24QUEUE_*, the transport, signals), given the fake
 portal's resolver (B24QT_PORTAL_PORT: where the fake listens) instead of DNS.
@@ -13,7 +14,7 @@ from b24queue.logs import configure
 from b24queue.offline.process import serve_offline
 from b24queue.runtime import install_signal_handlers
 from b24queue.settings import load_settings
-from tests.fake_portal import StaticResolver
+from tests.support.fake_portal import StaticResolver
 
 
 async def main() -> None:

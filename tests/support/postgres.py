@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from b24queue.settings import Settings, load_settings
-from tests.conftest import SAMPLE_TOKEN
+from tests.support.samples import SAMPLE_TOKEN
 
 POSTGRES_URL = os.environ.get("B24QT_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

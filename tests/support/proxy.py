@@ -1,5 +1,6 @@
-"""A TCP proxy to RabbitMQ that a test can cut and restore: the broker "goes away" for one client
-without stopping the machine's RabbitMQ under every other test."""
+"""A TCP proxy to a server (RabbitMQ by default) that a test can cut and restore: the server "goes
+away" for one client without stopping the machine's server under every other test; and a free
+port to listen on."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 
 
 def free_port() -> int:
+    """A port nothing listens on (bound, then closed)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.fake_rest import FakeRest
+from tests.support.fake_rest import FakeRest
 
 PAGE = 50
 Answer = tuple[int, dict[str, Any]]
