@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import tomllib
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -32,8 +31,9 @@ from b24queue.errors import BrokerUnavailableError
 from b24queue.settings import load_settings
 from b24queue.transports import transport_for
 from b24queue.transports.amqp import internals
+from tests.support.processes import ROOT
 
-PYPROJECT = Path(__file__).parents[2] / "pyproject.toml"
+PYPROJECT = ROOT / "pyproject.toml"
 
 
 def test_every_path_is_on_with_the_installed_releases() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +17,7 @@ from b24queue.settings import load_settings
 from b24queue.status import render, summarize
 from examples.deals import DealSync
 from examples.logger import EventLogger
-
-ROOT = Path(__file__).parents[2]
+from tests.support.processes import ROOT
 
 
 def q(
