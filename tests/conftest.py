@@ -12,6 +12,10 @@ import pytest
 if TYPE_CHECKING:
     from tests.support.rabbitmq import Broker
 
+# Their asserts explain themselves as a test module's do (pytest rewrites only test modules and
+# conftest.py files unless told): the helpers, and the scenarios each transport's classes run.
+pytest.register_assert_rewrite("tests.support", "tests.conformance")
+
 
 @pytest.fixture(autouse=True)
 def _clean_b24queue_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:

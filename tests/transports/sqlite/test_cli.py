@@ -7,13 +7,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.processes import ROOT
+from tests.support.proxy import free_port
 from tests.support.samples import SAMPLE_TOKEN
 from tests.support.wait import wait_until
 
@@ -64,13 +64,6 @@ async def start_ingress(db: Path, port: int) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_the_tour_on_sqlite(tmp_path: Path) -> None:

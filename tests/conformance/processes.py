@@ -1,5 +1,6 @@
 """Real `b24queue worker` processes on every transport: SIGKILL mid-handler redelivers (flagged
-redelivered), SIGTERM lets in-flight handlers finish."""
+redelivered), SIGTERM lets in-flight handlers finish (each transport runs them through its own
+`bench`: tests/transports/<name>/test_conformance.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from tests.support.bench import Bench
 from tests.support.processes import ROOT
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.broker
-
 
 def records(path: Path, kind: str) -> dict[str, str]:
     """message_id -> redelivered flag, of the `kind` lines (start / done)."""
@@ -32,17 +31,6 @@ def records(path: Path, kind: str) -> dict[str, str]:
 
 
 _STARTED: list[asyncio.subprocess.Process] = []
-
-
-@pytest.fixture(autouse=True)
-async def _no_worker_left() -> AsyncIterator[None]:
-    """A failing test must not leave its worker processes running."""
-    yield
-    while _STARTED:
-        proc = _STARTED.pop()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.subprocess.Process:
@@ -100,40 +88,57 @@ async def _drain(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-@pytest.mark.fault
-async def test_sigkill_mid_handler_redelivers_flagged(bench: Bench, tmp_path: Path) -> None:
-    record = tmp_path / "record.txt"
-    worker = await start_worker(bench, record, sleep_s=2.5)
-    try:
-        ids = set(await bench.post(*["crm-deal-add"] * 4))
-        await wait_until(lambda: set(records(record, "start")) == ids, 30, "four started")
-        worker.kill()
-        await worker.wait()
-        assert records(record, "done") == {}
+@pytest.mark.broker
+class ProcessScenarios:
+    """Each transport's `TestProcessesOn<Transport>` runs these on its own `bench` fixture."""
+
+    @pytest.fixture(autouse=True)
+    async def _no_worker_left(self) -> AsyncIterator[None]:
+        """A failing test must not leave its worker processes running."""
+        yield
+        while _STARTED:
+            proc = _STARTED.pop()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    @pytest.mark.fault
+    async def test_sigkill_mid_handler_redelivers_flagged(
+        self, bench: Bench, tmp_path: Path
+    ) -> None:
+        record = tmp_path / "record.txt"
+        worker = await start_worker(bench, record, sleep_s=2.5)
+        try:
+            ids = set(await bench.post(*["crm-deal-add"] * 4))
+            await wait_until(lambda: set(records(record, "start")) == ids, 30, "four started")
+            worker.kill()
+            await worker.wait()
+            assert records(record, "done") == {}
+            worker = await start_worker(bench, record, sleep_s=0)
+            # Within the lease (SQLite: handle_timeout_s + 5 s) or at once (RabbitMQ).
+            await wait_until(lambda: set(records(record, "done")) == ids, 30, "all redelivered")
+            assert set(records(record, "done").values()) == {"1"}
+        finally:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(worker.wait(), 30)
+
+    async def test_sigterm_lets_in_flight_handlers_finish(
+        self, bench: Bench, tmp_path: Path
+    ) -> None:
+        record = tmp_path / "record.txt"
+        worker = await start_worker(bench, record, sleep_s=1.0)
+        ids = set(await bench.post(*["crm-deal-add"] * 3))
+        await wait_until(lambda: set(records(record, "start")) == ids, 30, "three started")
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 30) == 0
+        assert set(records(record, "done")) == ids
+        # Nothing is left to redeliver: a new worker gets nothing.
         worker = await start_worker(bench, record, sleep_s=0)
-        # Within the lease (SQLite: handle_timeout_s + 5 s) or at once (RabbitMQ).
-        await wait_until(lambda: set(records(record, "done")) == ids, 30, "all redelivered")
-        assert set(records(record, "done").values()) == {"1"}
-    finally:
-        if worker.returncode is None:
-            worker.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(worker.wait(), 30)
-
-
-async def test_sigterm_lets_in_flight_handlers_finish(bench: Bench, tmp_path: Path) -> None:
-    record = tmp_path / "record.txt"
-    worker = await start_worker(bench, record, sleep_s=1.0)
-    ids = set(await bench.post(*["crm-deal-add"] * 3))
-    await wait_until(lambda: set(records(record, "start")) == ids, 30, "three started")
-    worker.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(worker.wait(), 30) == 0
-    assert set(records(record, "done")) == ids
-    # Nothing is left to redeliver: a new worker gets nothing.
-    worker = await start_worker(bench, record, sleep_s=0)
-    await bench.post("crm-deal-add")
-    await wait_until(lambda: len(records(record, "done")) == 4, 30, "the fourth")
-    worker.send_signal(signal.SIGTERM)
-    await asyncio.wait_for(worker.wait(), 30)
-    # Four handler starts in all, no redelivery of the three the first worker finished.
-    starts = [line for line in record.read_text().splitlines() if line.startswith("start")]
-    assert len(starts) == 4, starts
+        await bench.post("crm-deal-add")
+        await wait_until(lambda: len(records(record, "done")) == 4, 30, "the fourth")
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker.wait(), 30)
+        # Four handler starts in all, no redelivery of the three the first worker finished.
+        starts = [line for line in record.read_text().splitlines() if line.startswith("start")]
+        assert len(starts) == 4, starts
