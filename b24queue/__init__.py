@@ -1,9 +1,10 @@
 """b24queue: take every Bitrix24 event, answer at once, process it reliably later."""
 
-from b24queue.consumer import EventConsumer, Reject, Retry
+from b24queue.consumer import EventConsumer
 from b24queue.errors import B24QueueError
 from b24queue.events import Auth, Event
 from b24queue.portal.api import Portal, PortalError, PortalRetry
+from b24queue.retry import Reject, Retry
 from b24queue.settings import Settings, load_settings
 
 __all__ = [

@@ -12,9 +12,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from b24queue import commands, logs, redaction, sender
-from b24queue.commands import EXIT_BROKER, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from b24queue import commands, process, redaction, sender
 from b24queue.errors import (
+    EXIT_BROKER,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
     B24QueueError,
     ConfigError,
 )
@@ -214,8 +217,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"b24queue: {redaction.redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
-    redaction.remember(settings.secrets())  # before any line is logged or any error kept
-    logs.configure(settings.log_level, settings.log_format)
+    process.start_logging(settings)
     handlers: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
         "ingress": commands.cmd_ingress,
         "worker": commands.cmd_worker,

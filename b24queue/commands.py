@@ -12,17 +12,16 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Coroutine
 from dataclasses import asdict
-from typing import Any
 
-from b24queue import dlq_view, runtime, sender, status
+from b24queue import dlq_view, process, sender, status, worker
 from b24queue.auth.store import open_store
 from b24queue.consumer import EventConsumer
 from b24queue.definitions import definitions
-from b24queue.errors import ConfigError
+from b24queue.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError
 from b24queue.events import FORM_TYPE, JSON_TYPE
 from b24queue.ingress import prefork, spool_ops
+from b24queue.ingress.process import serve_ingress
 from b24queue.layout import spec_for
 from b24queue.redaction import redact, redact_url, url_secrets
 from b24queue.settings import Settings
@@ -32,50 +31,25 @@ from b24queue.transports.amqp import bindings
 
 log = logging.getLogger("b24queue")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
-
-
-def _run_service(make: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    async def main() -> None:
-        stop = asyncio.Event()
-        runtime.install_signal_handlers(stop)
-        await make(stop)
-
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(main())
-    return EXIT_OK
-
-
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where it is installed (it is a dependency on Linux and macOS): a faster event loop
-    for the ingress and workers; the standard loop elsewhere."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
 
 def cmd_ingress(settings: Settings, args: argparse.Namespace) -> int:
     if args.listen_fd is not None:  # one of several, started by `prefork`
         sock = socket.socket(fileno=args.listen_fd)
-        return _run_service(
-            lambda stop: runtime.serve_ingress(
+        return process.run(
+            lambda stop: serve_ingress(
                 settings, stop, host="", port=0, sock=sock, slot=args.child_slot or 0
             )
         )
     if settings.ingress_processes > 1:
         return prefork.run(settings)
-    return _run_service(
-        lambda stop: runtime.serve_ingress(
-            settings, stop, host=settings.http_host, port=settings.http_port
-        )
+    return process.run(
+        lambda stop: serve_ingress(settings, stop, host=settings.http_host, port=settings.http_port)
     )
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     classes = [load_consumer(spec) for spec in args.consumers]
-    return _run_service(lambda stop: runtime.serve_worker(settings, classes, stop))
+    return process.run(lambda stop: worker.serve_worker(settings, classes, stop))
 
 
 def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
@@ -90,7 +64,7 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.dry_run:
         return _topology_dry_run(settings, classes, as_json=args.json)
-    states = asyncio.run(runtime.declare_topology(settings, classes))
+    states = asyncio.run(worker.declare_topology(settings, classes))
     if args.json:
         print(
             json.dumps(
@@ -120,7 +94,7 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
 def _topology_dry_run(
     settings: Settings, classes: list[type[EventConsumer]], *, as_json: bool
 ) -> int:
-    runtime.check_consumers(classes)
+    worker.check_consumers(classes)
     changes = asyncio.run(bindings.plan(settings, [spec_for(cls) for cls in classes]))
     if as_json:
         rows = [
@@ -258,7 +232,7 @@ def cmd_offline(settings: Settings, args: argparse.Namespace) -> int:
     async def serve(stop: asyncio.Event) -> None:
         await serve_offline(settings, stop)
 
-    return _run_service(serve)
+    return process.run(serve)
 
 
 async def _portals(settings: Settings, args: argparse.Namespace) -> int:

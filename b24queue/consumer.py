@@ -1,4 +1,5 @@
-"""`EventConsumer`: the class app developers subclass, and the two control-flow exceptions."""
+"""`EventConsumer`: the class app developers subclass (what its `handle` raises to retry or
+reject an event: b24queue.retry)."""
 
 from __future__ import annotations
 
@@ -18,25 +19,6 @@ MAX_DELAY_S = 7 * 24 * 3600
 # RabbitMQ's consumer_timeout (30 min by default) closes the channel of a delivery unacked for
 # longer and requeues everything on it: a handler must be stopped well before that.
 DEFAULT_HANDLE_TIMEOUT_S = 25 * 60
-
-
-class Reject(Exception):
-    """Raise from `handle` to send the event to the dead-letter queue now, without retries."""
-
-    def __init__(self, reason: str = "rejected by handler") -> None:
-        super().__init__(reason)
-
-
-class Retry(Exception):
-    """Raise from `handle` to try again later (counts as a failed attempt).
-
-    `delay_s` overrides the configured delay; it is rounded up to the nearest declared retry
-    delay (each delay is one retry queue).
-    """
-
-    def __init__(self, reason: str = "retry requested by handler", delay_s: float | None = None):
-        super().__init__(reason)
-        self.delay_s = delay_s
 
 
 class EventConsumer:

@@ -1,22 +1,25 @@
-"""One exception family for the framework.
+"""One exception family for the framework, and the exit codes of the `b24queue` command.
 
-`Retry` and `Reject` (in `consumer`) are control flow for handlers and deliberately not here.
+`Retry` and `Reject` (in `retry`) are control flow for handlers and deliberately not here.
 """
 
 from __future__ import annotations
 
+# What a `b24queue` command exits with: ok, a runtime failure, a usage or configuration error,
+# the broker unreachable.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
+
 
 class B24QueueError(Exception):
-    """Base of every error b24queue raises on purpose. `exit_code`: what the CLI exits with
-    (1 runtime failure, 2 usage or configuration, 3 broker unreachable)."""
+    """Base of every error b24queue raises on purpose. `exit_code`: what the CLI exits with."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class ConfigError(B24QueueError):
     """Settings or a consumer class are wrong; the message names the field."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class BadEventError(B24QueueError):
@@ -25,7 +28,7 @@ class BadEventError(B24QueueError):
     `field` names the offending key (PHP bracket form, e.g. ``data[FIELDS][ID]``) when one is known.
     """
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -40,7 +43,7 @@ class UnauthorizedError(B24QueueError):
 class BrokerUnavailableError(B24QueueError):
     """RabbitMQ cannot be reached, or did not confirm a publish in time."""
 
-    exit_code = 3
+    exit_code = EXIT_BROKER
 
 
 class PublishError(B24QueueError):
@@ -68,10 +71,10 @@ class SpoolFullError(B24QueueError):
 class TopologyMismatchError(B24QueueError):
     """An exchange or queue exists with other arguments than the ones we declare."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ManagementError(B24QueueError):
     """The RabbitMQ management API is unreachable or refused our credentials."""
 
-    exit_code = 3
+    exit_code = EXIT_BROKER

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.layout import Policy
-from b24queue.outbound import (
+from b24queue.outbound.answers import (
     AnswerTooLarge,
     Bounds,
     NotJSON,

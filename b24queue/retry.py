@@ -1,6 +1,26 @@
-"""Backoff: pure functions from attempt numbers to delays."""
+"""Retries: what a handler raises to retry an event later (`Retry`) or never (`Reject`), and the
+backoff, pure functions from attempt numbers to delays."""
 
 from __future__ import annotations
+
+
+class Reject(Exception):
+    """Raise from `handle` to send the event to the dead-letter queue now, without retries."""
+
+    def __init__(self, reason: str = "rejected by handler") -> None:
+        super().__init__(reason)
+
+
+class Retry(Exception):
+    """Raise from `handle` to try again later (counts as a failed attempt).
+
+    `delay_s` overrides the configured delay; it is rounded up to the nearest declared retry
+    delay (each delay is one retry queue).
+    """
+
+    def __init__(self, reason: str = "retry requested by handler", delay_s: float | None = None):
+        super().__init__(reason)
+        self.delay_s = delay_s
 
 
 def delay_after(failed_attempt: int, delays_s: tuple[float, ...]) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 from b24queue.errors import BadEventError
 from b24queue.events import FORM_TYPE
 from b24queue.forms import encode_form, split_key
-from b24queue.outbound import urllib_opener
+from b24queue.outbound.answers import urllib_opener
 from b24queue.redaction import redact_url
 
 DEFAULT_URL = "http://127.0.0.1:8080/b24/events"

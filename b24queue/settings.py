@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from b24queue import _constants as c
 from b24queue import broker_urls
 from b24queue.errors import ConfigError
-from b24queue.outbound import VALUE_BYTES, Bounds
+from b24queue.outbound.answers import VALUE_BYTES, Bounds
 from b24queue.redaction import WEBHOOK_PATH, redact_url, url_secrets
 
 ENV_PREFIX = "B24QUEUE_"
@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     spool_path: str = ".b24queue/spool.sqlite3"
     spool_max_events: int = Field(default=100_000, ge=1)
     spool_bypass_s: float = Field(default=5.0, ge=0)
-    # One tenant's share (b24queue/http/ingress.py): each verified portal (its member_id; a static
+    # One tenant's share (b24queue/ingress/app.py): each verified portal (its member_id; a static
     # token: the token) may send `ingress_rate_per_s` events a second after a burst of
     # `ingress_rate_burst`; past it, 429. `auto`: on with per-portal verification, where anyone
     # gets a token by installing the app; off with static tokens only (the operator's portals).
@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     portal_domains: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PORTAL_DOMAINS
     portal_check_timeout_s: float = Field(default=3.0, gt=0, le=30)
     # Anyone can post an ONAPPINSTALL, and each costs an outbound call: bounded, refused at once
-    # when over (see b24queue/http/portal_check.py).
+    # when over (see b24queue/auth/install.py).
     portal_check_concurrency: int = Field(default=8, ge=1, le=256)
     portal_check_per_domain_per_min: int = Field(default=4, ge=1, le=600)
     portal_check_per_s: float = Field(default=10.0, gt=0, le=1000)

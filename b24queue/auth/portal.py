@@ -34,8 +34,8 @@ from b24queue.auth.store import PortalRecord, TokenStore
 from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import StoreUnavailableError, UnauthorizedError
 from b24queue.events import Event
-from b24queue.hosts import same_host, url_host
 from b24queue.limits import LogBudget
+from b24queue.outbound.hosts import same_host, url_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

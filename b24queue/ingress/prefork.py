@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from b24queue.auth.tokens import verifier_from_settings
-from b24queue.errors import B24QueueError
+from b24queue.errors import EXIT_FAILURE, B24QueueError
 from b24queue.ingress.spool import merge_stray_spools
 from b24queue.metrics import forget_process
 from b24queue.settings import ENV_PREFIX, Settings
@@ -37,7 +37,6 @@ class ListenError(B24QueueError):
 
 log = logging.getLogger(__name__)
 
-EXIT_CHILD_FAILED = 1
 _POLL_S = 0.2
 
 
@@ -114,7 +113,7 @@ def _supervise(
             forget_process(child.pid, metrics_dir)
             if stopping() or failed:
                 continue
-            failed = child.returncode or EXIT_CHILD_FAILED
+            failed = child.returncode or EXIT_FAILURE
             log.error(
                 "ingress process %d exited (code %s) unasked: stopping the others",
                 child.pid,
@@ -123,6 +122,6 @@ def _supervise(
             for other in running:
                 other.send_signal(signal.SIGTERM)
     if failed:
-        return failed if failed > 0 else EXIT_CHILD_FAILED  # killed by a signal: negative
+        return failed if failed > 0 else EXIT_FAILURE  # killed by a signal: negative
     codes = [c.returncode for c in children]
     return next((code for code in codes if code), 0)

@@ -3,7 +3,7 @@
 Start: portal store and shared state -> portal clients (no I/O yet) -> publisher (connects in the
 background) -> the wake-up consumer (its queue bound to ONOFFLINEEVENT) -> the pullers.
 Stop: pullers finish the batch they publish (and clear it), then the consumer, the publisher and
-the clients close, in reverse.
+the clients close, in reverse. A second SIGINT/SIGTERM exits at once (b24queue.process).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from b24queue.auth.store import open_store
 from b24queue.metrics import OfflineMetrics
 from b24queue.offline.service import OfflineService, wake_consumer
 from b24queue.portal.clients import PortalClients
-from b24queue.portal.limits import open_state
-from b24queue.runtime import Worker
+from b24queue.portal.state import open_state
+from b24queue.process import until_stopped
 from b24queue.settings import Settings
 from b24queue.transports import connection_name, transport_for
+from b24queue.worker import Worker
 
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractResolver
@@ -61,15 +62,7 @@ async def serve_offline(
             settings.offline_batch,
             settings.offline_poll_s,
         )
-        running = asyncio.create_task(service.run(stop), name="b24queue-offline")
-        failed = asyncio.create_task(publisher.failed(), name="b24queue-offline-publisher")
-        await asyncio.wait({running, failed}, return_when=asyncio.FIRST_COMPLETED)
-        if not running.done():
-            stop.set()  # the publisher gave up for good: stop pulling, then report why
-        await asyncio.gather(running, return_exceptions=False)
-        failed.cancel()
-        await asyncio.gather(failed, return_exceptions=True)
-        if failed.done() and not failed.cancelled():
-            raise failed.result()
+        # Should the publisher give up for good, the pullers stop, then it says why.
+        await until_stopped(stop, publisher.failed(), service.run(stop))
         log.info("offline puller stopped: %s", metrics.totals)
     return metrics

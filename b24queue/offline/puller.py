@@ -33,7 +33,7 @@ from b24queue.offline.records import (
     valid_process_id,
 )
 from b24queue.portal.api import PortalError
-from b24queue.portal.limits import SharedState
+from b24queue.portal.state import SharedState
 
 log = logging.getLogger(__name__)
 

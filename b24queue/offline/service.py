@@ -33,7 +33,7 @@ from b24queue.offline.puller import Caller, Puller, Target
 from b24queue.offline.records import BadBatch
 from b24queue.offline.wake import QUIET_S, Wakes
 from b24queue.portal.api import NoCredentials, PortalRetry
-from b24queue.portal.limits import SharedState
+from b24queue.portal.state import SharedState
 from b24queue.portal.tenant import came_with
 from b24queue.settings import Settings
 

@@ -8,12 +8,11 @@ import asyncio
 import json
 from typing import Any
 
+from b24queue.errors import EXIT_FAILURE, EXIT_OK
 from b24queue.offline.bind import bind_offline
 from b24queue.offline.inspect import QueueState, offline_status
 from b24queue.settings import Settings
 from b24queue.terminal import safe
-
-EXIT_OK, EXIT_FAILURE = 0, 1
 
 
 def portals_command(settings: Settings, action: str, args: dict[str, Any]) -> int:

@@ -1,8 +1,8 @@
 """Calling the portal back from handlers: `await self.portal(event).call("crm.deal.get", ...)`.
 
 - `api`: what handlers see (the `Portal` protocol) and the errors; no HTTP client here.
-- `limits`: Bitrix24's per-portal leaky bucket, shared by every worker process on one store
-  (`sqlite_state`, `redis_state`), and the refresh lease.
+- `limits`: Bitrix24's per-portal leaky bucket; `state`: the buckets and the refresh leases,
+  shared by every worker process on one store (`sqlite_state`, `redis_state`).
 - `credentials`: which credentials an event's portal calls with (OAuth from the store, or an
   inbound webhook from the settings), and where its REST endpoint is; `tenant`: choosing them
   for one event.

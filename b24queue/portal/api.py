@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
-from b24queue.consumer import Retry
 from b24queue.errors import B24QueueError
 from b24queue.events import Event
+from b24queue.retry import Retry
 
 MAX_DESCRIPTION = 200
 

@@ -25,7 +25,7 @@ from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
 from b24queue.events import Event
 from b24queue.forms import encode_form
-from b24queue.outbound import (
+from b24queue.outbound.answers import (
     AnswerBudget,
     AnswersBusy,
     AnswerTooLarge,
@@ -37,8 +37,9 @@ from b24queue.outbound import (
 )
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.credentials import METHOD, Target, Webhooks
-from b24queue.portal.limits import Limit, SharedState
+from b24queue.portal.limits import Limit
 from b24queue.portal.oauth import Refresher
+from b24queue.portal.state import SharedState
 from b24queue.portal.tenant import credentials
 from b24queue.redaction import redact
 

@@ -6,49 +6,30 @@ connects until a handler calls a portal."""
 
 from __future__ import annotations
 
-import socket
 import ssl
 import time
 from collections.abc import Callable
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.abc import AbstractResolver
 
 from b24queue.auth.store import TokenStore, open_store
 from b24queue.errors import ConfigError
 from b24queue.events import Event
-from b24queue.http.portal_check import is_ip_literal, is_public_address
-from b24queue.outbound import AnswerBudget
+from b24queue.outbound.answers import AnswerBudget
+from b24queue.outbound.hosts import is_ip_literal
+from b24queue.outbound.resolver import GuardedResolver
 from b24queue.portal.api import NoObserver, PortalError, PortalObserver
 from b24queue.portal.client import Context, PortalClient
 from b24queue.portal.credentials import Webhooks, host_of
-from b24queue.portal.limits import Limit, SharedState, open_state
+from b24queue.portal.limits import Limit
 from b24queue.portal.oauth import Refresher
+from b24queue.portal.state import SharedState, open_state
 from b24queue.settings import Settings
 
 CONNECTIONS = 100  # across every portal of the process; per host Bitrix24's limit is lower
 CONNECTIONS_PER_HOST = 10  # one slow (or hostile) portal cannot hold every connection
 OAUTH_CONNECTIONS = 100  # to the OAuth server, apart from the portals' (refreshes of every portal)
-
-
-class _GuardedResolver(AbstractResolver):
-    """A portal's name must not lead to a private address (the store's domains came from
-    installs, and names can be re-pointed later)."""
-
-    def __init__(self, inner: AbstractResolver, allow_private: bool) -> None:
-        self._inner = inner
-        self._allow_private = allow_private
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        if not self._allow_private and not all(is_public_address(r["host"]) for r in results):
-            raise PortalError("UNREACHABLE", f"{host[:100]} resolves to a private address")
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 class PortalClients:
@@ -99,8 +80,8 @@ class PortalClients:
         store = self._store or open_store(s.portal_store)
         state = self._state or open_state(s.portal_store)
         ssl_context = self._ssl or ssl.create_default_context(cafile=s.portal_ca_file or None)
-        resolver = _GuardedResolver(
-            self._resolver or aiohttp.DefaultResolver(), s.portal_allow_private
+        resolver = GuardedResolver(
+            self._resolver, allow_private=s.portal_allow_private, refuse=_unreachable
         )
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -145,3 +126,9 @@ class PortalClients:
         if self._context is None:
             raise RuntimeError("use `async with PortalClients(...)` first")
         return PortalClient(self._context, event)
+
+
+def _unreachable(host: str, address: str) -> PortalError:
+    """A portal's name that leads to a private address (the store's domains came from installs,
+    and names can be re-pointed later)."""
+    return PortalError("UNREACHABLE", f"{host[:100]} resolves to a private address")

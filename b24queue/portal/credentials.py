@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from b24queue.auth.record import PortalRecord
 from b24queue.envelope import token_digest
 from b24queue.errors import ConfigError
-from b24queue.hosts import normalise_host, same_host
+from b24queue.outbound.hosts import normalise_host, same_host
 from b24queue.redaction import WEBHOOK_PATH
 
 # The application token paired with a webhook, after its '#': printable, no ',' '#' or space.

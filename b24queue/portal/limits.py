@@ -9,16 +9,13 @@ long to wait before sending (level above the burst, divided by the drain rate). 
 served in the order they were made, without polling. A reservation that would wait longer than
 `max_wait_s` is not made: the caller retries its event later instead of holding a handler.
 
-The same state holds the refresh lease: one token refresh per portal at a time, across
-processes (a refresh token is single-use; two concurrent refreshes would lose the portal).
+The buckets are kept in the state every process on one store shares (b24queue.portal.state),
+beside the refresh leases.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
-from b24queue.errors import ConfigError
 
 # The portal counts a request when it arrives, not when we reserved its place: requests held up
 # (a TLS handshake, a busy event loop) arrive bunched, and the portal's bucket starts draining
@@ -53,36 +50,3 @@ def reserve(level: float, stamp: float, now: float, limit: Limit) -> tuple[float
     if wait_s > limit.max_wait_s:
         return None
     return level + 1, wait_s
-
-
-class SharedState(Protocol):
-    """Buckets and leases of every portal, shared by the processes using one portal store."""
-
-    async def reserve(self, key: str, limit: Limit) -> float | None:
-        """Seconds to wait before sending one request to portal `key`, or None: over the wait."""
-
-    async def lease(self, key: str, owner: str, ttl_s: float) -> bool:
-        """Take portal `key`'s refresh lease for `ttl_s` if nobody holds it (or theirs ran out)."""
-
-    async def renew(self, key: str, owner: str, ttl_s: float) -> bool:
-        """Hold the lease `ttl_s` more from now, if `owner` still holds it (True then)."""
-
-    async def release(self, key: str, owner: str) -> None:
-        """Give the lease back, if `owner` still holds it."""
-
-    async def close(self) -> None: ...
-
-
-def open_state(spec: str) -> SharedState:
-    """Beside the portal store (B24QUEUE_PORTAL_STORE): `sqlite:PATH` or `redis://…`."""
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        from b24queue.portal.redis_state import RedisState
-
-        return RedisState(spec)
-    if spec.startswith("sqlite:"):
-        from pathlib import Path
-
-        from b24queue.portal.sqlite_state import SqliteState
-
-        return SqliteState(Path(spec.removeprefix("sqlite:")))
-    raise ConfigError(f"B24QUEUE_PORTAL_STORE: {spec[:100]!r} is neither sqlite:PATH nor redis://")

@@ -3,7 +3,7 @@
 A refresh token is single-use: two processes refreshing one portal at once would each spend it,
 and the loser's answer (or the winner's, stored second) leaves a pair the OAuth server no longer
 knows, and the portal is lost until it sends an event with a new one. So: take the portal's
-refresh lease (b24queue.portal.limits), re-read the record (someone may have refreshed while we
+refresh lease (b24queue.portal.state), re-read the record (someone may have refreshed while we
 waited), refresh only if it is still stale, store the new pair by compare-and-set on the spent
 refresh token, give the lease back. Another process's refresh is waited for by re-reading the
 store (there is no notification across processes), with a deadline.
@@ -33,7 +33,7 @@ import aiohttp
 
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
-from b24queue.hosts import same_host
+from b24queue.outbound.hosts import same_host
 from b24queue.portal.api import (
     NoCredentials,
     NoObserver,
@@ -41,8 +41,8 @@ from b24queue.portal.api import (
     PortalObserver,
     PortalRetry,
 )
-from b24queue.portal.limits import SharedState
 from b24queue.portal.oauth_server import OAUTH_TIMEOUT_S, ask_oauth
+from b24queue.portal.state import SharedState
 from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)

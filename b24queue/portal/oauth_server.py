@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from b24queue.auth.record import PortalRecord
-from b24queue.outbound import (
+from b24queue.outbound.answers import (
     AnswerTooLarge,
     Bounds,
     NotJSON,

@@ -11,8 +11,7 @@ from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
 from b24queue.envelope import token_digest
 from b24queue.events import Event, token_digest_of
-from b24queue.hosts import same_host
-from b24queue.http.portal_check import is_ip_literal
+from b24queue.outbound.hosts import is_ip_literal, same_host
 from b24queue.portal.api import NoCredentials, PortalError
 from b24queue.portal.credentials import Target, Webhooks, host_of, oauth_target
 from b24queue.portal.oauth import Refresher

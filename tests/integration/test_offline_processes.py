@@ -19,7 +19,7 @@ import pytest
 from b24queue import Event, EventConsumer
 from b24queue.auth.store import open_store
 from b24queue.idempotency import MemorySeenStore
-from b24queue.runtime import Worker
+from b24queue.worker import Worker
 from tests.support.fake_offline import FakeOffline
 from tests.support.fake_portal import FakePortal
 from tests.support.offline_setup import bodies, installed, offline_env

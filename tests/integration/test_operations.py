@@ -19,7 +19,7 @@ from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
 from b24queue.definitions import definitions
 from b24queue.metrics import WorkerMetrics
-from b24queue.runtime import Worker, declare_topology
+from b24queue.worker import Worker, declare_topology
 from tests.support.proxy import free_port
 from tests.support.rabbitmq import Broker, cli_env, run_cli, running_ingress
 from tests.support.samples import SAMPLE_TOKEN, sample_form

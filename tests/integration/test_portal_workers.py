@@ -17,7 +17,7 @@ import pytest
 from b24queue import Event, EventConsumer, PortalError, Retry
 from b24queue.auth.store import open_store
 from b24queue.portal.clients import PortalClients
-from b24queue.runtime import Worker
+from b24queue.worker import Worker
 from tests.support.fake_portal import CLIENT_ID, FakePortal, StaticResolver
 from tests.support.fake_rest import CLIENT_SECRET
 from tests.support.portal_setup import OAUTH_URL, deal_event, install, portal_env

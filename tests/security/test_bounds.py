@@ -108,7 +108,7 @@ async def test_a_refusal_log_line_is_one_bounded_line(
     event = sample_decoded("crm-deal-add")
     event["auth"]["application_token"] = "wrong-token"
     event["auth"]["domain"] = "x" * 60 + "." + "y" * 60 + "." + "z" * 60 + ".bitrix24.com"
-    with caplog.at_level(logging.WARNING, logger="b24queue.http.ingress"):
+    with caplog.at_level(logging.WARNING, logger="b24queue.ingress.app"):
         resp = await client.post("/b24/events", json=event)
     assert resp.status == 401
     [record] = [r for r in caplog.records if "refused" in r.getMessage()]
@@ -138,7 +138,7 @@ async def test_a_flood_of_refusals_is_logged_in_bounded_lines(
 ) -> None:
     event = sample_decoded("crm-deal-add")
     event["auth"]["application_token"] = "forged-token"
-    with caplog.at_level(logging.WARNING, logger="b24queue.http.ingress"):
+    with caplog.at_level(logging.WARNING, logger="b24queue.ingress.app"):
         for _ in range(200):
             assert (await client.post("/b24/events", json=event)).status == 401
     lines = [r for r in caplog.records if "refused" in r.getMessage()]

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from b24queue.auth.tokens import StaticTokens
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
 from tests.support.processes import ROOT
 from tests.support.samples import SAMPLE_NAMES, SAMPLE_TOKEN, SAMPLES, token_keys
@@ -206,7 +206,7 @@ async def test_hostile_bitrix24_shaped_bodies(
     app = create_app(load_settings(app_tokens=SAMPLE_TOKEN), sink, StaticTokens((SAMPLE_TOKEN,)))
     body = hostile_form(form_changes) if form else hostile_json(json_changes)
     content_type = "application/x-www-form-urlencoded" if form else "application/json"
-    quiet = logging.getLogger("b24queue.http.ingress")  # a refusal logs a line: thousands here
+    quiet = logging.getLogger("b24queue.ingress.app")  # a refusal logs a line: thousands here
     level, quiet.level = quiet.level, logging.ERROR
     try:
         async with TestClient(TestServer(app)) as client:

@@ -19,13 +19,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from b24queue import management
+from b24queue.auth.install import PortalCallback
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.errors import ConfigError, ManagementError, UnauthorizedError
-from b24queue.http.portal_check import PortalCallback
 from b24queue.management import ManagementClient
 from b24queue.metrics import OfflineMetrics
 from b24queue.offline.puller import Puller, Target
-from b24queue.outbound import Bounds, NotJSON, count_values, decode_json
+from b24queue.outbound.answers import Bounds, NotJSON, count_values, decode_json
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.clients import PortalClients
 from b24queue.sender import post

@@ -29,11 +29,11 @@ from b24queue import Event, EventConsumer, Reject
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import envelope_for
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.portal.clients import PortalClients
-from b24queue.runtime import Worker
 from b24queue.settings import Settings, load_settings
 from b24queue.transports import transport_for
+from b24queue.worker import Worker
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.fake_rest import CLIENT_SECRET
 from tests.support.portal_setup import deal_event, install, portal_settings

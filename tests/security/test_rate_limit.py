@@ -20,7 +20,7 @@ from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import EventSink
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.transports import transport_for
 from tests.support.sinks import MemorySink
@@ -165,7 +165,7 @@ async def test_refusals_are_logged_a_few_lines_at_most_and_never_the_token(
     portals: tuple[TestClient[Any, Any], MemorySink], caplog: pytest.LogCaptureFixture
 ) -> None:
     client, _ = portals
-    caplog.set_level(logging.WARNING, logger="b24queue.http.ingress")
+    caplog.set_level(logging.WARNING, logger="b24queue.ingress.app")
     for _ in range(BURST):
         await post(client, ALPHA)
     for _ in range(50):

@@ -20,7 +20,7 @@ from b24queue.auth.store import PortalRecord, RedisTokenStore, SqliteTokenStore,
 from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import envelope_for
 from b24queue.events import Event
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
 from tests.support.samples import SAMPLE_TOKEN, sample_decoded, sample_form
 from tests.support.sinks import MemorySink

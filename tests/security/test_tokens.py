@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
-from b24queue.runtime import Worker
 from b24queue.settings import load_settings
+from b24queue.worker import Worker
 from tests.support.bench import Bench
 from tests.support.consumers import consumer
 from tests.support.rabbitmq import AMQP_URL, Broker

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.tokens import StaticTokens
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.settings import Settings
 from b24queue.transports import Transport, connection_name, transport_for
 from tests.support.samples import FORM, sample_form

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 
-from b24queue import Event, EventConsumer
-from b24queue.logs import configure
+from b24queue import Event, EventConsumer, process
 from b24queue.portal.clients import PortalClients
-from b24queue.runtime import Worker, install_signal_handlers
-from b24queue.settings import load_settings
+from b24queue.settings import Settings, load_settings
+from b24queue.worker import Worker
 from tests.support.fake_portal import StaticResolver
 
 
@@ -35,10 +35,7 @@ class DealReader(EventConsumer):
             f.write(f"{deal['ID']} {os.getpid()}\n")
 
 
-async def main() -> None:
-    settings = load_settings()
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
+async def main(settings: Settings, stop: asyncio.Event) -> None:
     resolver = StaticResolver(ports={443: int(os.environ["B24QT_PORTAL_PORT"])})
     async with (
         PortalClients(settings, resolver=resolver) as portals,
@@ -49,5 +46,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    configure("INFO")
-    asyncio.run(main())
+    settings = load_settings()
+    process.start_logging(settings)
+    sys.exit(process.run(lambda stop: main(settings, stop)))

@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.tokens import StaticTokens
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from b24queue.transports.amqp.topology import declare_exchanges

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import envelope_for
 from b24queue.events import parse_event
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.metrics import IngressMetrics
 from b24queue.settings import Settings
 from b24queue.transports import connection_name, transport_for
@@ -32,7 +32,7 @@ def body_size(sample: str) -> int:
 @contextlib.asynccontextmanager
 async def ingress(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
     """The real ingress app on a publisher of the settings' transport, its metrics hooked to
-    what the publisher drops as the ingress process does (`runtime.serve_ingress`)."""
+    what the publisher drops as the ingress process does (`ingress.process.serve_ingress`)."""
     async with transport_for(settings).publisher(connection_name("ingress", "cap")) as sink:
         await wait_until(sink.is_ready, 15, "the publisher ready")
         metrics = IngressMetrics()

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import BrokerUnavailableError, PublishError
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
 from tests.support.samples import FORM, SAMPLE_NAMES, SAMPLE_TOKEN, sample_form
 from tests.support.sinks import MemorySink

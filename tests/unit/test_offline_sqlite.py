@@ -12,11 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue import Event, EventConsumer
 from b24queue.auth.tokens import StaticTokens
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.offline.process import serve_offline
-from b24queue.runtime import Worker
 from b24queue.settings import load_settings
 from b24queue.transports import transport_for
+from b24queue.worker import Worker
 from tests.support.fake_offline import FakeOffline
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.fake_rest import CLIENT_SECRET

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from b24queue.auth.install import PortalCallback
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.auth.tokens import StaticTokens
-from b24queue.http.ingress import create_app
-from b24queue.http.portal_check import PortalCallback
+from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
 from tests.support.fake_portal import CLIENT_ID, FakePortal, StaticResolver
 from tests.support.samples import SAMPLE_TOKEN, SAMPLES

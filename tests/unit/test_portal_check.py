@@ -14,17 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from b24queue.errors import UnauthorizedError
-from b24queue.events import Event
-from b24queue.http.portal_check import (
+from b24queue.auth.install import (
     NOT_CONFIRMED,
     PortalCallback,
     PortalNotConfirmed,
     domain_pattern,
-    is_public_address,
-    normalise_host,
 )
+from b24queue.errors import UnauthorizedError
+from b24queue.events import Event
 from b24queue.limits import KeyedLimiter
+from b24queue.outbound.hosts import is_public_address, normalise_host
 from tests.support.clock import Clock
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.portal_setup import portal_event, verifier_settings
@@ -350,7 +349,7 @@ async def test_the_reason_is_logged_escaped_and_the_log_is_not_flooded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = Clock()
-    caplog.set_level(logging.WARNING, logger="b24queue.http.portal_check")
+    caplog.set_level(logging.WARNING, logger="b24queue.auth.install")
     async with PortalCallback(
         verifier_settings(portal_certificate[0]), resolver=StaticResolver(), clock=clock
     ) as cb:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from b24queue.auth.store import SqliteTokenStore
-from b24queue.consumer import Retry
 from b24queue.events import Event
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.clients import PortalClients
+from b24queue.retry import Retry
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.portal_setup import deal_event, install, portal_settings
 

@@ -165,7 +165,7 @@ def test_portal_outside_a_worker_says_so() -> None:
 async def test_the_example_reads_the_deal_its_event_names(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from b24queue.consumer import Reject
+    from b24queue.retry import Reject
     from examples.deals import DealSync
     from tests.support.portal_setup import install
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from b24queue.errors import ConfigError
-from b24queue.portal.limits import HEADROOM, Limit, SharedState, open_state, reserve
+from b24queue.portal.limits import HEADROOM, Limit, reserve
 from b24queue.portal.redis_state import RedisState
 from b24queue.portal.sqlite_state import SqliteState
+from b24queue.portal.state import SharedState, open_state
 from tests.support.wait import wait_until
 
 

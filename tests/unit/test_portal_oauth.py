@@ -18,10 +18,10 @@ from b24queue.events import Event
 from b24queue.portal import oauth, oauth_server
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.clients import PortalClients
-from b24queue.portal.limits import SharedState
 from b24queue.portal.oauth_server import _tokens
 from b24queue.portal.redis_state import RedisState
 from b24queue.portal.sqlite_state import SqliteState
+from b24queue.portal.state import SharedState
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.fake_rest import CLIENT_SECRET
 from tests.support.portal_setup import deal_event, install, portal_settings

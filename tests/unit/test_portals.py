@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from b24queue.auth.install import PortalCallback, domain_pattern
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import PortalRecord, SqliteTokenStore, open_store
 from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import ConfigError, UnauthorizedError
 from b24queue.events import Event
-from b24queue.http.portal_check import PortalCallback, domain_pattern
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.portal_setup import portal_event, verifier_settings
 

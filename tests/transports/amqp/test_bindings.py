@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from b24queue import Event, EventConsumer
-from b24queue.runtime import Worker
+from b24queue.worker import Worker
 from tests.support.rabbitmq import Broker, run_cli, running_ingress
 from tests.support.samples import sample_form
 from tests.support.wait import wait_until

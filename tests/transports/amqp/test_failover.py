@@ -10,7 +10,7 @@ from typing import Any
 
 from b24queue import Event, EventConsumer
 from b24queue.management import ManagementClient
-from b24queue.runtime import Worker
+from b24queue.worker import Worker
 from tests.support.proxy import Proxy, free_port
 from tests.support.rabbitmq import AMQP_URL, MGMT_URL, Broker, running_ingress
 from tests.support.samples import sample_form

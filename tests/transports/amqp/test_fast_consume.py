@@ -18,9 +18,9 @@ from pamqp import frame
 from pamqp.heartbeat import Heartbeat
 
 from b24queue import Event, EventConsumer
-from b24queue.runtime import Worker
 from b24queue.transports.amqp import fast_consume, internals
 from b24queue.transports.amqp.worker import ConsumerRunner
+from b24queue.worker import Worker
 from tests.support.rabbitmq import AMQP_URL, Broker
 from tests.support.wait import wait_until
 

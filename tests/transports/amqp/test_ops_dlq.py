@@ -17,9 +17,9 @@ import aio_pika.queue
 import pytest
 
 from b24queue import Event, EventConsumer
-from b24queue.runtime import declare_topology
 from b24queue.settings import Settings
 from b24queue.transports.amqp.dlq import DeadLetterTool
+from b24queue.worker import declare_topology
 from tests.support.rabbitmq import Broker, cli_env
 
 ROOT = Path(__file__).parents[2]

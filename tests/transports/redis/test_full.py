@@ -21,17 +21,17 @@ from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import EventSink, envelope_for
 from b24queue.errors import BrokerUnavailableError
 from b24queue.events import Event
-from b24queue.http.ingress import create_app
+from b24queue.ingress.app import create_app
 from b24queue.ingress.fallback import SpoolingSink
 from b24queue.ingress.spool import Spool
 from b24queue.layout import spec_for
-from b24queue.runtime import Worker
 from b24queue.settings import Settings, load_settings
 from b24queue.status import render
 from b24queue.testing import make_event
 from b24queue.transports import leased
 from b24queue.transports.redis_streams.store import Store, connect
 from b24queue.transports.redis_streams.transport import Redis, RedisPublisher
+from b24queue.worker import Worker
 from tests.support.redis_server import RedisServer, redis_server
 from tests.support.samples import SAMPLE_TOKEN, sample_form
 from tests.support.wait import wait_until

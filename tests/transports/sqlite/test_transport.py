@@ -19,14 +19,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue import Event, EventConsumer, Reject
 from b24queue.auth.tokens import StaticTokens
 from b24queue.envelope import envelope_for
-from b24queue.http.ingress import create_app
-from b24queue.runtime import Worker
+from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
 from b24queue.transports import leased, transport_for
 from b24queue.transports.sqlite import db as sqlite_db
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import Database
+from b24queue.worker import Worker
 from tests.support.samples import SAMPLE_TOKEN, sample_form
 from tests.support.wait import wait_until
 

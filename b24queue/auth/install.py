@@ -16,10 +16,8 @@ goes to the log, escaped, truncated and itself rate-limited.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -27,14 +25,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.abc import AbstractResolver
 
 from b24queue.errors import ConfigError, UnauthorizedError
 from b24queue.events import Event
-from b24queue.hosts import normalise_host
 from b24queue.limits import KeyedLimiter, LogBudget, TokenBucket
 from b24queue.logs import client_text
-from b24queue.outbound import AnswerError, Bounds, Redirected, check_redirect, read_json
+from b24queue.outbound.answers import AnswerError, Bounds, Redirected, check_redirect, read_json
+from b24queue.outbound.hosts import is_ip_literal, normalise_host
+from b24queue.outbound.resolver import GuardedResolver
 from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,13 +44,6 @@ BOUNDS = Bounds(max_bytes=64 * 1024, max_values=10_000)
 NOT_CONFIRMED = "the portal did not confirm this install"
 MAX_TRACKED_DOMAINS = 4096  # per-domain buckets kept; the domains are chosen by the caller
 REFUSALS_LOGGED_PER_S = 1.0  # sustained; a burst of 20 first (a flood must not flood the log)
-
-# IPv6 prefixes that carry an IPv4 address in their last 32 bits (RFC 6052 NAT64, the deprecated
-# IPv4-compatible form); IPv4-mapped and 6to4 have `ipaddress` properties of their own.
-_EMBEDS_IPV4 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
-# RFC 8215 local-use NAT64: where the IPv4 sits depends on the operator's prefix length, and it
-# is never a public portal.
-_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 class PortalNotConfirmed(UnauthorizedError):
@@ -76,73 +68,6 @@ def domain_pattern(patterns: tuple[str, ...]) -> re.Pattern[str]:
         escaped = re.escape(ascii_pattern).replace(r"\*", "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
         parts.append(escaped)
     return re.compile(r"^(?:" + "|".join(parts) + r")$")
-
-
-def is_ip_literal(host: str) -> bool:
-    """Any spelling of an address: `1.2.3.4`, `::1`, and what inet_aton still takes (`127.1`,
-    `0x7f000001`, `2130706433`), which a resolver would turn into an address."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return True
-    try:
-        socket.inet_aton(host)
-    except OSError:
-        return False
-    return True
-
-
-def carried_address(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The IPv4 address an IPv6 one carries (IPv4-mapped, NAT64, 6to4, IPv4-compatible): that is
-    where the packets end up, so that is the address to judge. Any other address is itself."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip.sixtofour is not None:
-            return ip.sixtofour
-        if any(ip in net for net in _EMBEDS_IPV4):
-            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return ip
-
-
-def is_public_address(host: str) -> bool:
-    """True for an address a public portal may have; False for private, loopback, link-local,
-    multicast, reserved ones, also when wrapped in IPv6, and for anything not an address."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if ip in _LOCAL_NAT64:
-        return False
-    ip = carried_address(ip)
-    return ip.is_global and not ip.is_multicast
-
-
-class _GuardedResolver(AbstractResolver):
-    """Refuses to connect to private addresses, whatever the name resolves to at that moment."""
-
-    def __init__(self, inner: AbstractResolver, allow_private: bool) -> None:
-        self._inner = inner
-        self._allow_private = allow_private
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        if not self._allow_private:
-            for r in results:
-                if not is_public_address(r["host"]):
-                    raise PortalNotConfirmed(
-                        f"portal host {host} resolves to a private address ({r['host']})"
-                    )
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 class PortalCallback:
@@ -172,8 +97,10 @@ class PortalCallback:
         self._log_budget = LogBudget(20, REFUSALS_LOGGED_PER_S, clock)
 
     async def __aenter__(self) -> PortalCallback:
-        resolver = _GuardedResolver(
-            self._resolver or aiohttp.DefaultResolver(), self._settings.portal_allow_private
+        resolver = GuardedResolver(
+            self._resolver,
+            allow_private=self._settings.portal_allow_private,
+            refuse=_private_address,
         )
         # The pool is as large as the number of call-backs we let run (never a queue to wait
         # in), and nothing is kept alive: each portal is called once per install.
@@ -338,6 +265,10 @@ class PortalCallback:
             code = str(answer.get("error", status))[:64]
             raise PortalNotConfirmed(f"the portal refused app.info ({code})")
         return answer
+
+
+def _private_address(host: str, address: str) -> PortalNotConfirmed:
+    return PortalNotConfirmed(f"portal host {host} resolves to a private address ({address})")
 
 
 def _host_of(hostport: str, field: str) -> str:

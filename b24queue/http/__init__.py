@@ -1,1 +1,0 @@
-"""The HTTP side: the only package that imports aiohttp."""

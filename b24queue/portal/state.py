@@ -1,0 +1,45 @@
+"""The state every worker and offline process on one portal store shares: each portal's bucket
+(b24queue.portal.limits) and its refresh lease, one token refresh per portal at a time across
+processes (a refresh token is single-use; two concurrent refreshes would lose the portal). Kept
+beside the store: `sqlite_state` or `redis_state`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from b24queue.errors import ConfigError
+from b24queue.portal.limits import Limit
+
+
+class SharedState(Protocol):
+    """Buckets and leases of every portal, shared by the processes using one portal store."""
+
+    async def reserve(self, key: str, limit: Limit) -> float | None:
+        """Seconds to wait before sending one request to portal `key`, or None: over the wait."""
+
+    async def lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Take portal `key`'s refresh lease for `ttl_s` if nobody holds it (or theirs ran out)."""
+
+    async def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Hold the lease `ttl_s` more from now, if `owner` still holds it (True then)."""
+
+    async def release(self, key: str, owner: str) -> None:
+        """Give the lease back, if `owner` still holds it."""
+
+    async def close(self) -> None: ...
+
+
+def open_state(spec: str) -> SharedState:
+    """Beside the portal store (B24QUEUE_PORTAL_STORE): `sqlite:PATH` or `redis://…`."""
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        from b24queue.portal.redis_state import RedisState
+
+        return RedisState(spec)
+    if spec.startswith("sqlite:"):
+        from pathlib import Path
+
+        from b24queue.portal.sqlite_state import SqliteState
+
+        return SqliteState(Path(spec.removeprefix("sqlite:")))
+    raise ConfigError(f"B24QUEUE_PORTAL_STORE: {spec[:100]!r} is neither sqlite:PATH nor redis://")
