@@ -77,7 +77,7 @@ faults: install broker postgres
 	# Every transport: SIGKILL of a worker mid-handler; SQLite: of an ingress under load; Kafka
 	# (Tansu): workers killed by a poison event, a rebalance with events open (PostgreSQL and
 	# Redis restarted under load are in tests/faults; Tansu keeps memory only: no restart to test).
-	$(BIN)/pytest tests/conformance -m fault
+	$(BIN)/pytest tests/transports -m fault
 
 # A three-node RabbitMQ cluster on this host (rabbitmq/cluster.sh; the machine's node on 5672 is
 # left alone); prints the B24QUEUE_BROKER_URL to use. `bash rabbitmq/cluster.sh stop` stops it.

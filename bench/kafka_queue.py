@@ -107,8 +107,8 @@ def wait_for_member(url: str, group: str, timeout_s: float = 60) -> None:
 def kafka_queue(
     tmp: Path, body: bytes, queue: str
 ) -> Iterator[tuple[str, float, Callable[[], int]]]:
-    from tests.kafka_server import KafkaServer, tansu_binary
-    from tests.redis_server import free_port
+    from tests.support.kafka_server import KafkaServer, tansu_binary
+    from tests.support.redis_server import free_port
 
     binary = tansu_binary()
     if binary is None:

@@ -137,7 +137,7 @@ def redis_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[
     """A Redis of the benchmark's own, persistent as b24queue needs it."""
     import redis
 
-    from tests.redis_server import redis_server
+    from tests.support.redis_server import redis_server
 
     with redis_server() as server:
         client = redis.Redis.from_url(server.url)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cluster.test_cluster_faults import SUMMARY
+from tests.support.faults import CLUSTER_SUMMARY
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not SUMMARY:
+    if not CLUSTER_SUMMARY:
         return
     tr = terminalreporter
     tr.section("cluster faults: no accepted event lost")
-    cols = list(SUMMARY[0])
+    cols = list(CLUSTER_SUMMARY[0])
     tr.write_line("  ".join(f"{c:>18}" for c in cols))
-    for row in SUMMARY:
+    for row in CLUSTER_SUMMARY:
         tr.write_line("  ".join(f"{row[c]!s:>18}" for c in cols))

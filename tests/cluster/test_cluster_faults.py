@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 
 from b24queue.settings import Settings, load_settings
-from tests.conftest import SAMPLE_TOKEN
-from tests.faults.test_postgres_restart import SteadyLoad, handled
-from tests.integration.conftest import ROOT, wait_until
-from tests.integration.proxy import free_port
-from tests.processes import env_for, start, start_workers, stop
+from tests.support.faults import CLUSTER_SUMMARY, SteadyLoad, handled
+from tests.support.processes import ROOT, env_for, start, start_workers, stop
+from tests.support.proxy import free_port
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
 
 CLUSTER = ROOT / "rabbitmq" / "cluster.sh"
 PORTS = (5681, 5682, 5683)
@@ -39,7 +39,6 @@ AFTER_FAULT_S = 20.0  # and the load goes on at least this long after the fault 
 LONGEST_S = 240.0  # a fault still under way by then ends the load (and fails the run)
 FAULT_AT_S = 5.0
 PROMPT_S = 1.0  # "handled promptly": within this of being accepted
-SUMMARY: list[dict[str, Any]] = []
 
 
 def node_url(n: int) -> str:
@@ -116,12 +115,12 @@ async def run_scenario(
     )
     topo_env = {**env, "B24QUEUE_BROKER_URL": declaring.amqp_url}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "b24queue", "topology", "tests.faults.consumers:FaultRecorder",
+        sys.executable, "-m", "b24queue", "topology", "tests.support.consumers:FaultRecorder",
         cwd=ROOT, env=topo_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await proc.communicate()
     assert proc.returncode == 0, out.decode()
-    workers = await start_workers(env, tmp_path, "tests.faults.consumers:FaultRecorder")
+    workers = await start_workers(env, tmp_path, "tests.support.consumers:FaultRecorder")
     port = free_port()
     ingress_env = {**env}
     ingress = await start("ingress", "--host", "127.0.0.1", "--port", str(port),
@@ -168,7 +167,7 @@ async def run_scenario(
         "fault_s": round(fault_to - fault_from, 1),
         "recovered_after_s": _recovered_after(load, times, fault_from),
     }
-    SUMMARY.append(row)
+    CLUSTER_SUMMARY.append(row)
     print(f"\ncluster fault: {row}")
     if lost:
         text = "".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in tmp_path.glob("*.log"))

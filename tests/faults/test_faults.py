@@ -14,15 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import children_of
-from tests.faults.conftest import (
-    CONSUMER_TIMEOUT_MS,
-    SUMMARY,
-    Harness,
-    Load,
-    node_ctl,
-)
-from tests.integration.proxy import Proxy
+from tests.support.faults import CONSUMER_TIMEOUT_MS, SUMMARY, Harness, Load, node_ctl
+from tests.support.processes import children_of
+from tests.support.proxy import Proxy
 
 pytestmark = pytest.mark.broker
 

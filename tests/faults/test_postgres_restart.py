@@ -9,21 +9,17 @@ import asyncio
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
 
 from b24queue.settings import Settings
-from tests.conftest import sample_form
-from tests.faults.conftest import SUMMARY
-from tests.integration.proxy import free_port
-from tests.postgres import POSTGRES_URL, postgres_schema
-from tests.processes import cli, env_for, ingress_up, start_workers, stop
+from tests.support.faults import SUMMARY, SteadyLoad, handled
+from tests.support.postgres import POSTGRES_URL, postgres_schema
+from tests.support.processes import cli, env_for, ingress_up, start_workers, stop
+from tests.support.proxy import free_port
 
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 RATE_PER_S = 150
 DURATION_S = 12.0
 FAULT_AT_S = 4.0
@@ -42,51 +38,6 @@ def cluster() -> tuple[str, str] | None:
         if len(parts) >= 4 and parts[2] == "5432":
             return parts[0], parts[1]
     return None
-
-
-def handled(record: Path) -> list[str]:
-    return record.read_text().split() if record.exists() else []
-
-
-class SteadyLoad:
-    """Posts at a steady rate through the ingress; remembers every answer and its time."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.accepted: list[str] = []
-        self.accepted_at: dict[str, float] = {}  # message_id -> wall time of its 200
-        self.answers: list[tuple[float, int]] = []  # (seconds since the start, status; 0: none)
-        self.sent = 0
-        self.ran_s = 0.0  # how long it posted
-        self._began = time.monotonic()
-        self.started_at = time.time()  # the wall clock at the start (answers are relative)
-
-    def now(self) -> float:
-        return time.monotonic() - self._began
-
-    async def _one(self, session: aiohttp.ClientSession) -> None:
-        try:
-            async with session.post(self.url, data=sample_form("crm-deal-add"), headers=FORM) as r:
-                self.answers.append((self.now(), r.status))
-                if r.status == 200:
-                    message_id = (await r.json())["message_id"]
-                    self.accepted.append(message_id)
-                    self.accepted_at[message_id] = time.time()
-        except (aiohttp.ClientError, OSError):
-            self.answers.append((self.now(), 0))
-
-    async def run(self, duration_s: float | Callable[[], float], rate_per_s: float) -> None:
-        """Post for `duration_s` seconds (or as long as the function says, asked as it goes)."""
-        self._began, self.started_at = time.monotonic(), time.time()
-        tasks = []
-        async with aiohttp.ClientSession() as session:
-            while (elapsed := self.now()) < (duration_s() if callable(duration_s) else duration_s):
-                while self.sent < int(elapsed * rate_per_s):
-                    tasks.append(asyncio.create_task(self._one(session)))
-                    self.sent += 1
-                await asyncio.sleep(0.005)
-            self.ran_s = self.now()
-            await asyncio.gather(*tasks)
 
 
 async def why(settings: Settings, lost: set[str], tmp_path: Path) -> str:
@@ -112,9 +63,9 @@ async def test_postgres_restart_under_load_loses_nothing(tmp_path: Path) -> None
     record = tmp_path / "record.txt"
     async with postgres_schema(f"t{uuid.uuid4().hex[:10]}") as settings:
         env = env_for(settings, record, B24QT_QUEUE="faults.pg", B24QT_PREFETCH="16")
-        code, out = await cli(settings, "topology", "tests.faults.consumers:FaultRecorder")
+        code, out = await cli(settings, "topology", "tests.support.consumers:FaultRecorder")
         assert code == 0, out
-        workers = await start_workers(env, tmp_path, "tests.faults.consumers:FaultRecorder")
+        workers = await start_workers(env, tmp_path, "tests.support.consumers:FaultRecorder")
         port = free_port()
         ingress = await ingress_up(settings, tmp_path, port)
         load = SteadyLoad(f"http://127.0.0.1:{port}/b24/events")

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from b24queue.settings import load_settings
-from tests.conftest import SAMPLE_TOKEN
-from tests.faults.conftest import SUMMARY
-from tests.faults.test_postgres_restart import SteadyLoad, handled
-from tests.integration.proxy import free_port
-from tests.processes import cli, env_for, ingress_up, start_workers, stop
-from tests.redis_server import redis_server
+from tests.support.faults import SUMMARY, SteadyLoad, handled
+from tests.support.processes import cli, env_for, ingress_up, start_workers, stop
+from tests.support.proxy import free_port
+from tests.support.redis_server import redis_server
+from tests.support.samples import SAMPLE_TOKEN
 
 RATE_PER_S = 150
 DURATION_S = 12.0
@@ -33,9 +32,9 @@ async def test_redis_restart_under_load_loses_nothing(how: str, tmp_path: Path) 
             broker_url=server.url, redis_prefix=f"t{uuid.uuid4().hex[:10]}", app_tokens=SAMPLE_TOKEN
         )
         env = env_for(settings, record, B24QT_QUEUE="faults.redis", B24QT_PREFETCH="16")
-        code, out = await cli(settings, "topology", "tests.faults.consumers:FaultRecorder")
+        code, out = await cli(settings, "topology", "tests.support.consumers:FaultRecorder")
         assert code == 0, out
-        workers = await start_workers(env, tmp_path, "tests.faults.consumers:FaultRecorder")
+        workers = await start_workers(env, tmp_path, "tests.support.consumers:FaultRecorder")
         port = free_port()
         ingress = await ingress_up(settings, tmp_path, port)
         load = SteadyLoad(f"http://127.0.0.1:{port}/b24/events")

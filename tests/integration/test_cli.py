@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLES
-from tests.integration.conftest import Broker, run_cli, running_ingress
+from tests.support.rabbitmq import Broker, run_cli, running_ingress
+from tests.support.samples import SAMPLES
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.broker
@@ -54,7 +54,7 @@ async def test_send_posts_like_a_portal(broker: Broker) -> None:
 
 
 async def test_topology_declares_and_reports(broker: Broker) -> None:
-    code, out = await cli(broker, "topology", "tests.integration.consumers:Recorder")
+    code, out = await cli(broker, "topology", "tests.support.consumers:Recorder")
     assert code == 0, out
     queue = broker.name("cli")
     for name in (
@@ -65,7 +65,7 @@ async def test_topology_declares_and_reports(broker: Broker) -> None:
         f"{queue}.dlq",
     ):
         assert name in out
-    code, out = await cli(broker, "topology", "--json", "tests.integration.consumers:Recorder")
+    code, out = await cli(broker, "topology", "--json", "tests.support.consumers:Recorder")
     assert code == 0, out
     listed = {q["queue"]: q for q in json.loads(out)}
     assert listed[f"{queue}.retry.5s"]["arguments"]["x-message-ttl"] == 5000

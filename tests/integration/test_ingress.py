@@ -11,9 +11,10 @@ import pytest
 
 from b24queue.errors import TopologyMismatchError
 from b24queue.transports.amqp.publisher import AmqpPublisher
-from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_published
-from tests.integration.conftest import Broker, running_ingress, wait_until
-from tests.integration.proxy import Proxy, channel_open
+from tests.support.proxy import Proxy, channel_open
+from tests.support.rabbitmq import Broker, running_ingress
+from tests.support.samples import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_published
+from tests.support.wait import wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 pytestmark = pytest.mark.broker

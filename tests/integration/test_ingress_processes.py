@@ -16,9 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import alive, children_of, sample_form
-from tests.integration.conftest import Broker, run_cli, start_cli, wait_until
-from tests.integration.proxy import free_port
+from tests.support.processes import alive, children_of
+from tests.support.proxy import free_port
+from tests.support.rabbitmq import Broker, run_cli, start_cli
+from tests.support.samples import sample_form
+from tests.support.wait import wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 pytestmark = pytest.mark.broker

@@ -19,13 +19,14 @@ from b24queue.offline import service
 from b24queue.offline.process import serve_offline
 from b24queue.offline.records import H_OFFLINE, H_OFFLINE_MESSAGE_ID
 from b24queue.settings import Settings
-from tests.conftest import SAMPLE_TOKEN
-from tests.fake_offline import FakeOffline
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.integration.conftest import AMQP_URL, Broker, running_ingress, wait_until
-from tests.integration.proxy import Proxy
-from tests.offline_setup import app_token, bodies, installed, offline_settings, ping_payload
-from tests.portal_setup import domain_of
+from tests.support.fake_offline import FakeOffline
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.offline_setup import app_token, bodies, installed, offline_settings, ping_payload
+from tests.support.portal_setup import domain_of
+from tests.support.proxy import Proxy
+from tests.support.rabbitmq import AMQP_URL, Broker, running_ingress
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 

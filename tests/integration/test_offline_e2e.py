@@ -2,8 +2,8 @@
 reach the consumers after it comes back, through the offline queue.
 
 Real processes on the real RabbitMQ: the ingress, a worker whose handler reads each deal back
-from the portal (tests/portal_worker.py), and the puller (tests/offline_puller.py) polling only
-once an hour, so only ONOFFLINEEVENT pings through the ingress make it pull."""
+from the portal (tests/support/portal_worker.py), and the puller (tests/support/offline_puller.py)
+polling only once an hour, so only ONOFFLINEEVENT pings through the ingress make it pull."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import SAMPLE_TOKEN
-from tests.fake_offline import FakeOffline
-from tests.fake_portal import FakePortal
-from tests.integration.conftest import ROOT, Broker, cli_env, wait_until
-from tests.integration.proxy import free_port
-from tests.integration.test_portal_workers import portal_env
-from tests.offline_setup import app_token, installed, offline_env, ping_payload
-from tests.portal_setup import domain_of
-from tests.processes import STARTED, ingress_with, stop
+from tests.support.fake_offline import FakeOffline
+from tests.support.fake_portal import FakePortal
+from tests.support.offline_setup import app_token, installed, offline_env, ping_payload
+from tests.support.portal_setup import domain_of, portal_env
+from tests.support.processes import ROOT, STARTED, ingress_with, stop
+from tests.support.proxy import free_port
+from tests.support.rabbitmq import Broker, cli_env
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -80,10 +80,10 @@ async def test_changes_made_while_the_ingress_was_down_reach_the_consumers(
     puller_env = offline_env(broker, store, cert, portal_port, offline_poll_s=3600)
     front = await ingress(broker, port, tmp_path)
     worker = await python_module(
-        "tests.portal_worker", worker_env, tmp_path / "w.log", "worker running"
+        "tests.support.portal_worker", worker_env, tmp_path / "w.log", "worker running"
     )
     puller = await python_module(
-        "tests.offline_puller", puller_env, tmp_path / "p.log", "offline puller running"
+        "tests.support.offline_puller", puller_env, tmp_path / "p.log", "offline puller running"
     )
     try:
         await offline.change(HOST, "ONCRMDEALUPDATE", 1)

@@ -1,7 +1,7 @@
-"""Faults of real puller processes (tests/offline_puller.py: the product's `serve_offline` with
-the fake portal's resolver) on the real RabbitMQ: SIGKILL between publish and clear, and between
-get and publish; two pullers on one portal. No record is lost; the only duplicates are a killed
-puller's batch, published again with the same message ids."""
+"""Faults of real puller processes (tests/support/offline_puller.py: the product's
+`serve_offline` with the fake portal's resolver) on the real RabbitMQ: SIGKILL between publish and
+clear, and between get and publish; two pullers on one portal. No record is lost; the only
+duplicates are a killed puller's batch, published again with the same message ids."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from b24queue import Event, EventConsumer
 from b24queue.auth.store import open_store
 from b24queue.idempotency import MemorySeenStore
 from b24queue.worker import Worker
-from tests.fake_offline import FakeOffline
-from tests.fake_portal import FakePortal
-from tests.integration.conftest import AMQP_URL, ROOT, Broker, wait_until
-from tests.integration.proxy import Proxy
-from tests.offline_setup import bodies, installed, offline_env
-from tests.portal_setup import domain_of
-from tests.processes import STARTED, start, stop
+from tests.support.fake_offline import FakeOffline
+from tests.support.fake_portal import FakePortal
+from tests.support.offline_setup import bodies, installed, offline_env
+from tests.support.portal_setup import domain_of
+from tests.support.processes import ROOT, STARTED, start, stop
+from tests.support.proxy import Proxy
+from tests.support.rabbitmq import AMQP_URL, Broker
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ async def puller(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
 async def start_puller(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
     with open(log, "ab") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.offline_puller", cwd=ROOT, env=env,
+            sys.executable, "-m", "tests.support.offline_puller", cwd=ROOT, env=env,
             stdout=out, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
     STARTED.append(proc)

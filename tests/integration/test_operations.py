@@ -20,9 +20,10 @@ from b24queue import _constants as c
 from b24queue.metrics import WorkerMetrics
 from b24queue.transports.amqp.definitions import definitions
 from b24queue.worker import Worker, declare_topology
-from tests.conftest import SAMPLE_TOKEN, sample_form
-from tests.integration.conftest import Broker, cli_env, run_cli, running_ingress, wait_until
-from tests.integration.proxy import free_port
+from tests.support.proxy import free_port
+from tests.support.rabbitmq import Broker, cli_env, run_cli, running_ingress
+from tests.support.samples import SAMPLE_TOKEN, sample_form
+from tests.support.wait import wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 ROOT = Path(__file__).parents[2]

@@ -5,7 +5,6 @@ them; a token that expired while its event waited in the retry queue is refreshe
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 import uuid
@@ -19,11 +18,12 @@ from b24queue import Event, EventConsumer, PortalError, Retry
 from b24queue.auth.store import open_store
 from b24queue.portal.clients import PortalClients
 from b24queue.worker import Worker
-from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
-from tests.fake_rest import CLIENT_SECRET
-from tests.integration.conftest import AMQP_URL, ROOT, Broker, running_ingress, wait_until
-from tests.portal_setup import OAUTH_URL, deal_event, install
-from tests.processes import STARTED, stop
+from tests.support.fake_portal import CLIENT_ID, FakePortal, StaticResolver
+from tests.support.fake_rest import CLIENT_SECRET
+from tests.support.portal_setup import OAUTH_URL, deal_event, install, portal_env
+from tests.support.processes import ROOT, STARTED, stop
+from tests.support.rabbitmq import Broker, running_ingress
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -36,35 +36,13 @@ async def post(broker: Broker, events: list[Event], tokens: str) -> None:
             assert resp.status == 200, await resp.text()
 
 
-def portal_env(broker: Broker, store: str, cert: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
-    env.update(
-        {
-            "B24QUEUE_AMQP_URL": AMQP_URL,
-            "B24QUEUE_EXCHANGE": broker.settings.exchange,
-            "B24QUEUE_UNROUTED": broker.settings.unrouted,
-            "B24QUEUE_APP_TOKENS": "unused",
-            "B24QUEUE_SHUTDOWN_TIMEOUT_S": "10",
-            "B24QUEUE_PORTAL_STORE": store,
-            "B24QUEUE_APP_CLIENT_ID": CLIENT_ID,
-            "B24QUEUE_APP_CLIENT_SECRET": CLIENT_SECRET,
-            "B24QUEUE_OAUTH_URL": OAUTH_URL,
-            "B24QUEUE_PORTAL_ALLOW_PRIVATE": "true",
-            "B24QUEUE_PORTAL_CA_FILE": str(cert),
-            "B24QT_PORTAL_PORT": str(port),
-            **extra,
-        }
-    )
-    return env
-
-
 async def start_portal_workers(env: dict[str, str], tmp_path: Path, count: int) -> list[Any]:
     logs = [tmp_path / f"worker{i}.log" for i in range(count)]
     procs = []
     for log in logs:
         with open(log, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.portal_worker", cwd=ROOT, env=env,
+                sys.executable, "-m", "tests.support.portal_worker", cwd=ROOT, env=env,
                 stdout=out, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
         STARTED.append(proc)

@@ -24,9 +24,9 @@ from b24queue.auth.store import RedisTokenStore, SqliteTokenStore, TokenStore
 from b24queue.forms import encode_form
 from b24queue.ingress.app import create_app
 from b24queue.transports.amqp.publisher import AmqpPublisher
-from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
-from tests.integration.conftest import AMQP_URL, Broker
-from tests.integration.proxy import free_port
+from tests.support.fake_portal import CLIENT_ID, FakePortal, StaticResolver
+from tests.support.proxy import free_port
+from tests.support.rabbitmq import AMQP_URL, Broker
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 ROOT = Path(__file__).parents[2]

@@ -12,7 +12,7 @@ import pytest
 from b24queue.envelope import Envelope, envelope_for
 from b24queue.ingress.spool import Spool
 from b24queue.testing import make_event
-from tests.integration.conftest import Broker, run_cli
+from tests.support.rabbitmq import Broker, run_cli
 
 pytestmark = pytest.mark.broker
 

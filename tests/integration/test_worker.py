@@ -7,7 +7,6 @@ import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,20 +15,13 @@ import pytest
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
 from b24queue.worker import Worker
-from tests.conftest import SAMPLE_NAMES, sample_form, sample_published
-from tests.integration.conftest import Broker, running_ingress, wait_until
+from tests.support.consumers import Handle, consumer
+from tests.support.rabbitmq import Broker, running_ingress
+from tests.support.samples import SAMPLE_NAMES, sample_form, sample_published
+from tests.support.wait import wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 pytestmark = pytest.mark.broker
-
-Handle = Callable[[EventConsumer, Event], Awaitable[None]]
-
-
-def consumer(
-    queue: str, events: tuple[str, ...], handle: Handle, **attrs: Any
-) -> type[EventConsumer]:
-    body: dict[str, Any] = {"queue": queue, "events": events, "handle": handle, **attrs}
-    return type(f"C_{queue.replace('.', '_').replace('-', '_')}", (EventConsumer,), body)
 
 
 async def post_samples(broker: Broker, names: list[str]) -> dict[str, str]:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import sample_form
-from tests.integration.conftest import AMQP_URL, Broker, running_ingress, wait_until
+from tests.support.rabbitmq import AMQP_URL, Broker, running_ingress
+from tests.support.samples import sample_form
+from tests.support.wait import wait_until
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 ROOT = Path(__file__).parents[2]
@@ -51,7 +52,7 @@ async def start_worker(
         "-m",
         "b24queue",
         "worker",
-        "tests.integration.consumers:Recorder",
+        "tests.support.consumers:Recorder",
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -154,7 +155,7 @@ async def test_exit_codes(broker: Broker, tmp_path: Path) -> None:
     assert code == 2 and "cannot import" in out
     code, out = await run(
         "worker",
-        "tests.integration.consumers:Recorder",
+        "tests.support.consumers:Recorder",
         env={
             "B24QUEUE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
             "B24QUEUE_CONNECT_TIMEOUT_S": "1",

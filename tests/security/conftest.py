@@ -13,11 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue.auth.tokens import StaticTokens
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
-from tests.conftest import SAMPLE_TOKEN
-from tests.integration.conftest import broker  # noqa: F401 - the real-broker fixture
-from tests.unit.test_ingress_http import MemorySink
-
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.sinks import MemorySink
 
 
 @pytest.fixture

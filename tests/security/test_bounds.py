@@ -18,9 +18,8 @@ from b24queue import forms
 from b24queue.errors import BadEventError
 from b24queue.forms import decode_form, decode_json
 from b24queue.logs import client_text
-from tests.conftest import SAMPLE_TOKEN, sample_decoded
-from tests.security.conftest import FORM
-from tests.unit.test_ingress_http import MemorySink
+from tests.support.samples import FORM, SAMPLE_TOKEN, sample_decoded
+from tests.support.sinks import MemorySink
 
 
 async def test_long_form_keys_are_not_cached(

@@ -10,9 +10,8 @@ from urllib.parse import quote, unquote
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import SAMPLE_TOKEN, sample_decoded, sample_form
-from tests.security.conftest import FORM
-from tests.unit.test_ingress_http import MemorySink
+from tests.support.samples import FORM, SAMPLE_TOKEN, sample_decoded, sample_form
+from tests.support.sinks import MemorySink
 
 JSON = {"Content-Type": "application/json"}
 

@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 from b24queue.auth.tokens import StaticTokens
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
-from tests.conftest import ROOT_DIR, SAMPLE_NAMES, SAMPLE_TOKEN, SAMPLES, token_keys
-from tests.unit.test_ingress_http import MemorySink
+from tests.support.processes import ROOT
+from tests.support.samples import SAMPLE_NAMES, SAMPLE_TOKEN, SAMPLES, token_keys
+from tests.support.sinks import MemorySink
 
 RUNS = int(os.environ.get("FUZZ_RUNS", "20000"))
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "0"))  # 0: bounded by RUNS only
@@ -61,7 +62,7 @@ def run_target(tmp_path: Path, *fuzzer_args: str, prelude: str = "") -> tuple[in
     args += ["-rss_limit_mb=768", "-max_len=65536", f"-artifact_prefix={tmp_path}/"]
     args += [str(corpus), str(seeds)]
     done = subprocess.run(
-        args, cwd=ROOT_DIR, capture_output=True, text=True, timeout=max(600, SECONDS * 2)
+        args, cwd=ROOT, capture_output=True, text=True, timeout=max(600, SECONDS * 2)
     )
     return done.returncode, done.stderr
 

@@ -30,11 +30,17 @@ from b24queue.sender import post
 from b24queue.settings import load_settings
 from b24queue.transports.amqp import management
 from b24queue.transports.amqp.management import ManagementClient
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.fake_rest import CLIENT_SECRET
-from tests.offline_fakes import Sink, State
-from tests.portal_setup import deal_event, install, portal_settings
-from tests.unit.test_portals import portal_event, settings_for
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.fake_rest import CLIENT_SECRET
+from tests.support.offline_stubs import State
+from tests.support.portal_setup import (
+    deal_event,
+    install,
+    portal_event,
+    portal_settings,
+    verifier_settings,
+)
+from tests.support.sinks import MemorySink
 
 MIB = 1024 * 1024
 
@@ -257,7 +263,7 @@ async def test_the_offline_puller_asks_for_fewer_records_when_they_hold_too_many
     bounded = settings(portal_certificate, tmp_path, portal_max_answer_values=10_000)
     async with PortalClients(bounded, resolver=StaticResolver()) as c:
         target = Target("m1", "m1.portal.test", "b24queue", 50, 2**20, 30.0, "digest")
-        sink = Sink()
+        sink = MemorySink()
         puller = Puller(c.for_event(deal_event("m1", 1)), sink, State(), target, OfflineMetrics())
         assert await puller.pull_once() == 6
     assert asked == [50, 25, 12, 6] and len(sink.published) == 6
@@ -267,7 +273,9 @@ async def test_an_install_callback_answer_of_many_values_is_refused(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
 ) -> None:
     """app.info answered with 20,000 empty objects in 60 KB (under the 64 KiB cap)."""
-    async with PortalCallback(settings_for(portal_certificate[0]), resolver=StaticResolver()) as cb:
+    async with PortalCallback(
+        verifier_settings(portal_certificate[0]), resolver=StaticResolver()
+    ) as cb:
         event = portal_event(
             "ONAPPINSTALL", endpoint=fake_portal.endpoint("acme.portal.test"), access="crowded"
         )

@@ -9,7 +9,7 @@ terminal escape from someone else's data.
   from B24QUEUE_SEND_TOKEN or --token-file, and warns about --token.
 
 The CLI runs as a user runs it (a subprocess); queues are SQLite files (the cheapest real
-transport), the portal the fake one (tests/fake_portal.py)."""
+transport), the portal the fake one (tests/support/fake_portal.py)."""
 
 from __future__ import annotations
 
@@ -34,11 +34,12 @@ from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings, load_settings
 from b24queue.transports import transport_for
 from b24queue.worker import Worker
-from tests.conftest import SAMPLE_TOKEN
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.fake_rest import CLIENT_SECRET
-from tests.integration.conftest import ROOT, wait_until
-from tests.portal_setup import deal_event, install, portal_settings
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.fake_rest import CLIENT_SECRET
+from tests.support.portal_setup import deal_event, install, portal_settings
+from tests.support.processes import ROOT
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
 
 SECRET = "pa55-Wq7v-secret"  # a password, in URLs
 ESC = "\x1b"

@@ -21,9 +21,9 @@ from b24queue.ingress.spool import Spool
 from b24queue.testing import make_event
 from b24queue.transports.amqp import publisher as publisher_module
 from b24queue.transports.amqp.publisher import AmqpPublisher
-from tests.conftest import sample_form
-from tests.integration.conftest import Broker, wait_until
-from tests.security.conftest import FORM
+from tests.support.rabbitmq import Broker
+from tests.support.samples import FORM, sample_form
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -23,8 +23,8 @@ from b24queue.envelope import EventSink
 from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.transports import transport_for
-from tests.security.test_tenants import ALPHA, BETA, Trust, event
-from tests.unit.test_ingress_http import MemorySink
+from tests.support.sinks import MemorySink
+from tests.support.tenants import ALPHA, BETA, Trust, event
 
 BURST = 3
 # Slow enough that nothing refills while a test runs: its buckets only empty.

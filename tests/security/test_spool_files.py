@@ -22,9 +22,10 @@ from b24queue.envelope import Envelope, envelope_for
 from b24queue.errors import ConfigError
 from b24queue.ingress.spool import Spool, slot_path
 from b24queue.testing import make_event
-from tests.integration.conftest import ROOT, Broker, cli_env, wait_until
-from tests.processes import start, stop
-from tests.redis_server import free_port
+from tests.support.processes import ROOT, start, stop
+from tests.support.rabbitmq import Broker, cli_env
+from tests.support.redis_server import free_port
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.broker
 

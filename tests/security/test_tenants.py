@@ -22,25 +22,11 @@ from b24queue.envelope import envelope_for
 from b24queue.events import Event
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
-from tests.conftest import SAMPLE_TOKEN, sample_decoded, sample_form
-from tests.unit.test_ingress_http import MemorySink
+from tests.support.samples import SAMPLE_TOKEN, sample_decoded, sample_form
+from tests.support.sinks import MemorySink
+from tests.support.tenants import ALPHA, BETA, Trust, event
 
-ALPHA = {"domain": "alpha.bitrix24.com", "member_id": "a" * 32, "application_token": "alpha-tok"}
-BETA = {"domain": "beta.bitrix24.com", "member_id": "b" * 32, "application_token": "beta-tok"}
 WEBHOOK_TOKEN = "webhook-static-token"
-
-
-def event(name: str, auth: dict[str, str], **more: str) -> dict[str, Any]:
-    return {
-        "event": name,
-        "data": {"FIELDS": {"ID": "1"}},
-        "auth": {**auth, "client_endpoint": f"https://{auth['domain']}/rest/", **more},
-    }
-
-
-class Trust:
-    async def confirm(self, event: Event) -> None:
-        return None
 
 
 @pytest.fixture

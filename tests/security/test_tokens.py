@@ -17,11 +17,12 @@ from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
 from b24queue.settings import load_settings
 from b24queue.worker import Worker
-from tests.conformance.conftest import Bench
-from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_json, token_keys
-from tests.integration.conftest import AMQP_URL, Broker, wait_until
-from tests.integration.test_worker import consumer
-from tests.unit.test_ingress_http import MemorySink
+from tests.support.bench import Bench
+from tests.support.consumers import consumer
+from tests.support.rabbitmq import AMQP_URL, Broker
+from tests.support.samples import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_json, token_keys
+from tests.support.sinks import MemorySink
+from tests.support.wait import wait_until
 
 TOKEN = SAMPLE_TOKEN.encode()
 BOT_SAMPLES = [n for n in SAMPLE_NAMES if n.startswith(("imbot", "imcommand"))]

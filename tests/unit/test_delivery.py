@@ -13,7 +13,7 @@ from b24queue import Event, EventConsumer, Reject, Retry, logs
 from b24queue import _constants as c
 from b24queue.delivery import Incoming, Outcome, _log_outcome, decide, process
 from b24queue.testing import event_from_form, make_event, run_handler, run_until_settled
-from tests.conftest import SAMPLE_TOKEN, sample_form
+from tests.support.samples import SAMPLE_TOKEN, sample_form
 
 
 class Flaky(EventConsumer):

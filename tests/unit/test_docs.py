@@ -20,8 +20,8 @@ import pytest
 from b24queue.settings import ENV_PREFIX, Settings
 from b24queue.testing import make_event, run_handler
 from docs.examples import consumers, idempotent, portal_call, testing_tour, tour
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.portal_setup import deal_event, install, portal_settings
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.portal_setup import deal_event, install, portal_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

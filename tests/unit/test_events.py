@@ -11,7 +11,7 @@ from b24queue.envelope import envelope_for, message_body, new_message_id
 from b24queue.errors import BadEventError
 from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
 from b24queue.forms import MAX_DEPTH
-from tests.conftest import (
+from tests.support.samples import (
     SAMPLE_NAMES,
     SAMPLE_TOKEN,
     sample_decoded,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.fake_offline import FakeOffline
+from tests.support.fake_offline import FakeOffline
 
 HOST = "m1.portal.test"
 

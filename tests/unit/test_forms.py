@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from b24queue import forms
 from b24queue.errors import BadEventError
 from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form, decode_json, encode_form, split_key
-from tests.conftest import SAMPLE_NAMES, sample_decoded, sample_form, sample_json
+from tests.support.samples import SAMPLE_NAMES, sample_decoded, sample_form, sample_json
 
 
 @pytest.mark.parametrize("name", SAMPLE_NAMES)

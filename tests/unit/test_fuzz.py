@@ -17,8 +17,8 @@ from b24queue.errors import BadEventError
 from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
-from tests.conftest import SAMPLE_TOKEN
-from tests.unit.test_ingress_http import MemorySink
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.sinks import MemorySink
 
 segment = st.one_of(
     st.just(""), st.text(alphabet="ab0[]%=&+ ", max_size=4), st.sampled_from(["ID", "0", "FIELDS"])

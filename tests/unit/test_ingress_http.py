@@ -10,28 +10,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.tokens import StaticTokens
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
-from tests.conftest import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form
-
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.published: list[Envelope] = []
-        self.fail: Exception | None = None
-        self.ready = True
-
-    async def publish(self, envelope: Envelope) -> None:
-        if self.fail is not None:
-            raise self.fail
-        self.published.append(envelope)
-
-    def is_ready(self) -> bool:
-        return self.ready
+from tests.support.samples import FORM, SAMPLE_NAMES, SAMPLE_TOKEN, sample_form
+from tests.support.sinks import MemorySink
 
 
 @pytest.fixture

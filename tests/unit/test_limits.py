@@ -6,7 +6,7 @@ from __future__ import annotations
 from b24queue.ingress.prefork import child_env
 from b24queue.limits import KeyedLimiter, TokenBucket
 from b24queue.settings import load_settings
-from tests.unit.test_portal_check import Clock
+from tests.support.clock import Clock
 
 
 def test_a_bucket_says_how_long_until_its_next_token() -> None:

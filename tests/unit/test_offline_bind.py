@@ -15,9 +15,9 @@ from b24queue.offline.bind import bind_events, check_names, portal_event
 from b24queue.offline.inspect import queue_state
 from b24queue.offline.tools import render
 from b24queue.portal.clients import PortalClients
-from tests.fake_offline import FakeOffline
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.portal_setup import install, portal_settings
+from tests.support.fake_offline import FakeOffline
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.portal_setup import install, portal_settings
 
 
 async def test_binds_offline_events_and_the_ping(

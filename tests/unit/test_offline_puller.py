@@ -14,12 +14,13 @@ from b24queue.metrics import OfflineMetrics
 from b24queue.offline.puller import Puller, Target
 from b24queue.offline.records import Batch, OfflineRecord
 from b24queue.portal.api import PortalError
-from tests.offline_fakes import ScriptedPortal, Sink, State, one_record_batch
+from tests.support.offline_stubs import ScriptedPortal, State, one_record_batch
+from tests.support.sinks import MemorySink
 
 TARGET = Target("mpull0ff", "pull.example", "b24queue", 50, 2**20, 30.0, "digest")
 
 
-def puller(portal: ScriptedPortal, sink: Sink) -> Puller:
+def puller(portal: ScriptedPortal, sink: MemorySink) -> Puller:
     return Puller(portal, sink, State(), TARGET, OfflineMetrics())  # type: ignore[arg-type]
 
 
@@ -32,7 +33,7 @@ async def test_a_failed_get_keeps_the_reserved_batch_asked_for() -> None:
             raise PortalError("UNREACHABLE", "the portal away")
         return answer(params)
 
-    portal, sink = ScriptedPortal(get), Sink()
+    portal, sink = ScriptedPortal(get), MemorySink()
     pulling = puller(portal, sink)
     sink.fail = BrokerUnavailableError("away")
     with pytest.raises(BrokerUnavailableError):
@@ -52,7 +53,7 @@ async def test_a_record_that_cannot_be_serialised_is_marked_and_the_rest_publish
         deep = [deep]
     good = OfflineRecord("1", "msg1", "ONCRMDEALUPDATE", "2026-11-29T23:00:00", {}, {})
     bad = OfflineRecord("2", "msg2", "ONCRMDEALUPDATE", "2026-11-29T23:00:00", deep, {})
-    portal, sink = ScriptedPortal(one_record_batch), Sink()
+    portal, sink = ScriptedPortal(one_record_batch), MemorySink()
     await puller(portal, sink)._finish(Batch("p1", [good, bad], [], 0, 0))
     assert len(sink.published) == 1
     sent = {m: p for _, m, p in portal.calls}
@@ -61,7 +62,7 @@ async def test_a_record_that_cannot_be_serialised_is_marked_and_the_rest_publish
 
 
 async def test_the_lease_is_renewed_while_a_batch_takes_longer_than_it() -> None:
-    class SlowSink(Sink):
+    class SlowSink(MemorySink):
         async def publish(self, envelope: Any) -> None:
             await asyncio.sleep(0.3)  # a busy broker, or a call waiting for the bucket
             await super().publish(envelope)
@@ -87,7 +88,7 @@ async def test_a_failed_lease_keeps_the_batch_for_the_next_pull() -> None:
                 raise OSError("database is locked")
             return True
 
-    portal, sink = ScriptedPortal(one_record_batch), Sink()
+    portal, sink = ScriptedPortal(one_record_batch), MemorySink()
     pulling = Puller(portal, sink, Blip(), TARGET, OfflineMetrics())  # type: ignore[arg-type]
     with pytest.raises(OSError):
         await pulling.pull_once()
@@ -105,7 +106,7 @@ async def test_a_lease_lost_mid_batch_is_logged_and_the_batch_still_finished(
             self.renewed.append(key)
             return False  # ran out, and another puller took it
 
-    class SlowSink(Sink):
+    class SlowSink(MemorySink):
         async def publish(self, envelope: Any) -> None:
             await asyncio.sleep(0.2)
             await super().publish(envelope)
@@ -129,7 +130,7 @@ def too_large_over(most: int) -> Any:
 
 
 async def test_an_answer_too_large_is_asked_again_with_half_the_limit() -> None:
-    portal, sink = ScriptedPortal(too_large_over(10)), Sink()
+    portal, sink = ScriptedPortal(too_large_over(10)), MemorySink()
     pulling = puller(portal, sink)
     assert await pulling.pull_once() == 1
     assert [p["limit"] for _, m, p in portal.calls if m == "event.offline.get"] == [50, 25, 12, 6]
@@ -157,7 +158,7 @@ async def test_a_record_too_large_to_read_is_left_reserved_and_blocks_no_other_b
             raise PortalError("ANSWER_TOO_LARGE", "over the cap")
         return one_record_batch(params)
 
-    portal, sink, metrics = Reserved(get, ["huge", "p2"]), Sink(), OfflineMetrics()
+    portal, sink, metrics = Reserved(get, ["huge", "p2"]), MemorySink(), OfflineMetrics()
     pulling = Puller(portal, sink, State(), TARGET, metrics)  # type: ignore[arg-type]
     with pytest.raises(PortalError):
         await pulling.pull_once()

@@ -16,7 +16,7 @@ from b24queue.offline.records import (
     parse_batch,
     stable_message_id,
 )
-from tests.conftest import SAMPLE_TOKEN, sample_decoded, token_keys
+from tests.support.samples import SAMPLE_TOKEN, sample_decoded, token_keys
 
 
 def row(i: int, **over: Any) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from b24queue.offline import service as service_module
 from b24queue.offline.service import OfflineService, wake_consumer
 from b24queue.portal.api import NoCredentials, PortalError, PortalRetry
 from b24queue.settings import load_settings
-from tests.conftest import SAMPLE_TOKEN
-from tests.offline_fakes import ScriptedPortal, Sink, State, Store, one_record_batch
+from tests.support.offline_stubs import ScriptedPortal, State, Store, one_record_batch
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.sinks import MemorySink
 
 MEMBER = "msvc0ff"
 RECORD = PortalRecord(member_id=MEMBER, domain="svc.example", token="app-token-msvc0ff")
@@ -30,13 +31,13 @@ RECORD = PortalRecord(member_id=MEMBER, domain="svc.example", token="app-token-m
 
 @contextlib.asynccontextmanager
 async def running(
-    portal: ScriptedPortal, sink: Sink | None = None, quiet_s: float = 2.0, **values: Any
+    portal: ScriptedPortal, sink: MemorySink | None = None, quiet_s: float = 2.0, **values: Any
 ) -> AsyncIterator[OfflineService]:
     settings = load_settings(app_tokens=SAMPLE_TOKEN, shutdown_timeout_s=2, **values)
     service = OfflineService(
         settings,
         lambda event: portal,
-        sink or Sink(),
+        sink or MemorySink(),
         Store(RECORD),  # type: ignore[arg-type]
         State(),  # type: ignore[arg-type]
         OfflineMetrics(),
@@ -79,7 +80,7 @@ async def test_the_broker_away_backs_off_longer_each_time_and_resets(
 ) -> None:
     monkeypatch.setattr(service_module, "BROKER_WAIT_S", 0.05)
     monkeypatch.setattr(service_module, "BROKER_MAX_WAIT_S", 0.2)
-    sink = Sink()
+    sink = MemorySink()
     sink.fail = BrokerUnavailableError("away")
     portal = ScriptedPortal(one_record_batch)
     async with running(portal, sink, offline_poll_s=3600) as service:
@@ -150,7 +151,7 @@ async def test_a_recovery_with_nothing_to_publish_keeps_the_broker_backoff(
 ) -> None:
     monkeypatch.setattr(service_module, "RECOVER_S", 0.0)  # a recovery before every pull
     monkeypatch.setattr(service_module, "BROKER_WAIT_S", 0.05)
-    sink = Sink()
+    sink = MemorySink()
     sink.fail = BrokerUnavailableError("away")
     portal = ScriptedPortal(one_record_batch)
     async with running(portal, sink, offline_poll_s=3600):

@@ -17,13 +17,13 @@ from b24queue.offline.process import serve_offline
 from b24queue.settings import load_settings
 from b24queue.transports import transport_for
 from b24queue.worker import Worker
-from tests.conftest import SAMPLE_TOKEN
-from tests.fake_offline import FakeOffline
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.fake_rest import CLIENT_SECRET
-from tests.integration.conftest import wait_until
-from tests.offline_setup import app_token, installed, ping_payload
-from tests.portal_setup import CLIENT_ID, OAUTH_URL, domain_of
+from tests.support.fake_offline import FakeOffline
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.fake_rest import CLIENT_SECRET
+from tests.support.offline_setup import app_token, installed, ping_payload
+from tests.support.portal_setup import CLIENT_ID, OAUTH_URL, domain_of
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
 
 MEMBER = "msqlite0ff"
 HOST = domain_of(MEMBER)

@@ -19,9 +19,9 @@ from b24queue.auth.store import SqliteTokenStore
 from b24queue.auth.tokens import StaticTokens
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
-from tests.conftest import SAMPLE_TOKEN, SAMPLES
-from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
-from tests.unit.test_ingress_http import MemorySink
+from tests.support.fake_portal import CLIENT_ID, FakePortal, StaticResolver
+from tests.support.samples import SAMPLE_TOKEN, SAMPLES
+from tests.support.sinks import MemorySink
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 DOMAIN = "acme.portal.test"

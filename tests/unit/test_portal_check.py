@@ -4,13 +4,12 @@ the connect-time guard sees through IPv4 wrapped in IPv6, call-backs are bounded
 (refused at once, never queued) and every refusal tells the caller the same thing.
 
 The fake portal is published on 443 and listens elsewhere; `StaticResolver` maps the one onto the
-other (see tests/fake_portal.py)."""
+other (see tests/support/fake_portal.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,20 +24,12 @@ from b24queue.errors import UnauthorizedError
 from b24queue.events import Event
 from b24queue.limits import KeyedLimiter
 from b24queue.outbound.hosts import is_public_address, normalise_host
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.unit.test_portals import portal_event, settings_for
+from tests.support.clock import Clock
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.portal_setup import portal_event, verifier_settings
+from tests.support.proxy import free_port
 
 PUNY = "xn--e1afmkfd"  # "пример"
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def install(
@@ -53,14 +44,6 @@ async def refused(cb: PortalCallback, event: Event) -> PortalNotConfirmed:
     return info.value
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 # -- the endpoint -------------------------------------------------------------------------------
 
 
@@ -68,7 +51,9 @@ def free_port() -> int:
 async def test_a_port_other_than_443_is_refused(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path], port: str
 ) -> None:
-    async with PortalCallback(settings_for(portal_certificate[0]), resolver=StaticResolver()) as cb:
+    async with PortalCallback(
+        verifier_settings(portal_certificate[0]), resolver=StaticResolver()
+    ) as cb:
         exc = await refused(cb, install(endpoint=f"https://acme.portal.test:{port}/rest/"))
     assert "port other than 443" in exc.detail
     assert fake_portal.calls == []
@@ -80,7 +65,9 @@ async def test_a_domain_naming_another_port_is_refused(
 ) -> None:
     # auth[domain] may carry a port (self-hosted portals): the call-back still only uses 443.
     domain = f"acme.portal.test:{port}"
-    async with PortalCallback(settings_for(portal_certificate[0]), resolver=StaticResolver()) as cb:
+    async with PortalCallback(
+        verifier_settings(portal_certificate[0]), resolver=StaticResolver()
+    ) as cb:
         exc = await refused(cb, install(domain=domain, endpoint=f"https://{domain}/rest/"))
     assert "auth[domain] has a port other than 443" in exc.detail
     assert fake_portal.calls == []
@@ -99,7 +86,7 @@ async def test_port_443_spelt_or_not_and_rest_with_or_without_slash_are_accepted
 ) -> None:
     resolver = StaticResolver()
     event = install(domain=domain, endpoint=endpoint, access="good-3")
-    async with PortalCallback(settings_for(portal_certificate[0]), resolver=resolver) as cb:
+    async with PortalCallback(verifier_settings(portal_certificate[0]), resolver=resolver) as cb:
         assert cb.endpoint(event) == "https://acme.portal.test/rest/app.info"
         await cb.confirm(event)
     assert resolver.asked == [("acme.portal.test", 443)]
@@ -112,7 +99,9 @@ async def test_port_443_spelt_or_not_and_rest_with_or_without_slash_are_accepted
 async def test_a_path_other_than_rest_is_refused(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path], path: str
 ) -> None:
-    async with PortalCallback(settings_for(portal_certificate[0]), resolver=StaticResolver()) as cb:
+    async with PortalCallback(
+        verifier_settings(portal_certificate[0]), resolver=StaticResolver()
+    ) as cb:
         exc = await refused(cb, install(endpoint=f"https://acme.portal.test{path}"))
     assert "path is not /rest/" in exc.detail
     assert fake_portal.calls == []
@@ -134,7 +123,7 @@ async def test_ip_literal_hosts_are_refused(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path], domain: str, endpoint: str
 ) -> None:
     # The addresses are even listed as portal domains: the rule, not the pattern, refuses them.
-    settings = settings_for(
+    settings = verifier_settings(
         portal_certificate[0], portal_domains="*.portal.test,127.0.0.1,2130706433"
     )
     resolver = StaticResolver()
@@ -162,7 +151,7 @@ async def test_ip_literal_hosts_are_refused(
 async def test_the_guard_judges_ipv4_wrapped_in_ipv6_by_that_ipv4(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path], address: str
 ) -> None:
-    settings = settings_for(portal_certificate[0], portal_allow_private=False)
+    settings = verifier_settings(portal_certificate[0], portal_allow_private=False)
     async with PortalCallback(settings, resolver=StaticResolver(address)) as cb:
         exc = await refused(cb, install())
     assert "private address" in exc.detail
@@ -206,7 +195,7 @@ async def test_unicode_and_punycode_spellings_of_one_host_are_one_host(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path], domain: str, endpoint: str
 ) -> None:
     resolver = StaticResolver()
-    async with PortalCallback(settings_for(portal_certificate[0]), resolver=resolver) as cb:
+    async with PortalCallback(verifier_settings(portal_certificate[0]), resolver=resolver) as cb:
         await cb.confirm(install(domain=domain, endpoint=endpoint, access="good-idna"))
     assert resolver.asked == [(f"{PUNY}.portal.test", 443)]
     assert fake_portal.calls == [{"host": f"{PUNY}.portal.test:443", "token": "good-idna"}]
@@ -230,7 +219,9 @@ async def test_hosts_that_do_not_normalise_or_differ_are_refused(
     endpoint: str,
     words: str,
 ) -> None:
-    async with PortalCallback(settings_for(portal_certificate[0]), resolver=StaticResolver()) as cb:
+    async with PortalCallback(
+        verifier_settings(portal_certificate[0]), resolver=StaticResolver()
+    ) as cb:
         exc = await refused(cb, install(domain=domain, endpoint=endpoint))
     assert words in exc.detail
     assert fake_portal.calls == []
@@ -252,7 +243,7 @@ def test_idna_normalisation_and_unicode_patterns() -> None:
 async def test_a_flood_is_refused_at_once_instead_of_delaying_a_real_install(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
 ) -> None:
-    settings = settings_for(
+    settings = verifier_settings(
         portal_certificate[0], portal_check_concurrency=2, portal_check_timeout_s=10.0
     )
     async with PortalCallback(settings, resolver=StaticResolver()) as cb:
@@ -276,7 +267,7 @@ async def test_call_backs_are_rate_limited_per_domain(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
 ) -> None:
     clock = Clock()
-    settings = settings_for(portal_certificate[0], portal_check_per_domain_per_min=2)
+    settings = verifier_settings(portal_certificate[0], portal_check_per_domain_per_min=2)
     async with PortalCallback(settings, resolver=StaticResolver(), clock=clock) as cb:
         await cb.confirm(install(access="good-1"))
         await cb.confirm(install(access="good-2"))
@@ -296,7 +287,7 @@ async def test_call_backs_are_rate_limited_overall(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
 ) -> None:
     clock = Clock()
-    settings = settings_for(portal_certificate[0], portal_check_per_s=2.0)
+    settings = verifier_settings(portal_certificate[0], portal_check_per_s=2.0)
     async with PortalCallback(settings, resolver=StaticResolver(), clock=clock) as cb:
         await cb.confirm(install(domain="a.portal.test"))
         await cb.confirm(install(domain="b.portal.test"))
@@ -325,7 +316,7 @@ async def test_every_refusal_tells_the_caller_the_same_generic_sentence(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
 ) -> None:
     closed = free_port()
-    settings = settings_for(portal_certificate[0])
+    settings = verifier_settings(portal_certificate[0])
     async with (
         PortalCallback(settings, resolver=StaticResolver(ports={443: closed})) as unreachable,
         PortalCallback(settings, resolver=StaticResolver()) as cb,
@@ -360,7 +351,7 @@ async def test_the_reason_is_logged_escaped_and_the_log_is_not_flooded(
     clock = Clock()
     caplog.set_level(logging.WARNING, logger="b24queue.auth.install")
     async with PortalCallback(
-        settings_for(portal_certificate[0]), resolver=StaticResolver(), clock=clock
+        verifier_settings(portal_certificate[0]), resolver=StaticResolver(), clock=clock
     ) as cb:
         await refused(cb, install(domain="пример.evil.example"))
         lines = [r.getMessage() for r in caplog.records]

@@ -15,8 +15,8 @@ from b24queue.events import Event
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.clients import PortalClients
 from b24queue.retry import Retry
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.portal_setup import deal_event, install, portal_settings
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.portal_setup import deal_event, install, portal_settings
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from b24queue.portal.api import PortalError
 from b24queue.portal.clients import PortalClients
 from b24queue.portal.credentials import Webhooks, rest_endpoint
 from b24queue.redaction import redact
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.portal_setup import deal_event, portal_settings
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.portal_setup import deal_event, portal_settings
 
 
 @pytest.mark.parametrize(
@@ -167,7 +167,7 @@ async def test_the_example_reads_the_deal_its_event_names(
 ) -> None:
     from b24queue.retry import Reject
     from examples.deals import DealSync
-    from tests.portal_setup import install
+    from tests.support.portal_setup import install
 
     store = SqliteTokenStore(tmp_path / "p.db")
     await install(store, fake_portal.rest, "m1")

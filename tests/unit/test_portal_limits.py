@@ -14,7 +14,7 @@ from b24queue.portal.limits import HEADROOM, Limit, reserve
 from b24queue.portal.redis_state import RedisState
 from b24queue.portal.sqlite_state import SqliteState
 from b24queue.portal.state import SharedState, open_state
-from tests.integration.conftest import wait_until
+from tests.support.wait import wait_until
 
 
 def test_reservations_go_at_once_up_to_the_capacity_then_wait_their_turn() -> None:

@@ -22,9 +22,9 @@ from b24queue.portal.oauth_server import _tokens
 from b24queue.portal.redis_state import RedisState
 from b24queue.portal.sqlite_state import SqliteState
 from b24queue.portal.state import SharedState
-from tests.fake_portal import FakePortal, StaticResolver
-from tests.fake_rest import CLIENT_SECRET
-from tests.portal_setup import deal_event, install, portal_settings
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.fake_rest import CLIENT_SECRET
+from tests.support.portal_setup import deal_event, install, portal_settings
 
 
 def handles(kind: str, tmp_path: Path, prefix: str) -> tuple[TokenStore, SharedState]:

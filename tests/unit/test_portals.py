@@ -4,7 +4,6 @@ on loopback (no RabbitMQ here: tests/integration/test_portals.py runs the whole 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,44 +13,8 @@ from b24queue.auth.store import PortalRecord, SqliteTokenStore, open_store
 from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import ConfigError, UnauthorizedError
 from b24queue.events import Event
-from b24queue.settings import Settings, load_settings
-from tests.fake_portal import CLIENT_ID, FakePortal, StaticResolver
-
-
-def portal_event(
-    name: str,
-    *,
-    member: str = "m1",
-    token: str = "tok-1",
-    domain: str = "acme.portal.test",
-    endpoint: str | None = None,
-    access: str = "good-1",
-) -> Event:
-    return Event.from_payload(
-        {
-            "event": name,
-            "auth": {
-                "domain": domain,
-                "member_id": member,
-                "application_token": token,
-                "access_token": access,
-                "client_endpoint": endpoint if endpoint is not None else f"https://{domain}/rest/",
-            },
-        }
-    )
-
-
-def settings_for(cert: Path, **extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "portal_verification": True,
-        "app_client_id": CLIENT_ID,
-        "portal_domains": "*.portal.test",
-        "portal_allow_private": True,
-        "portal_ca_file": str(cert),
-        "portal_check_timeout_s": 1.0,
-    }
-    values.update(extra)
-    return load_settings(**values)
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.portal_setup import portal_event, verifier_settings
 
 
 class Allow:
@@ -164,7 +127,7 @@ def test_domain_patterns_match_one_label() -> None:
 async def test_callback_confirms_a_real_install(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
 ) -> None:
-    settings = settings_for(portal_certificate[0])
+    settings = verifier_settings(portal_certificate[0])
     async with PortalCallback(settings, resolver=StaticResolver()) as cb:
         await cb.confirm(
             portal_event(
@@ -203,7 +166,7 @@ async def test_forged_installs_are_refused(
     domain: str,
     words: str,
 ) -> None:
-    settings = settings_for(portal_certificate[0])
+    settings = verifier_settings(portal_certificate[0])
     url = (endpoint or "https://{domain}:{port}/rest/").format(domain=domain, port=fake_portal.port)
     async with PortalCallback(settings, resolver=StaticResolver()) as cb:
         with pytest.raises(UnauthorizedError, match=words.replace("[", r"\[").replace("]", r"\]")):
@@ -215,7 +178,7 @@ async def test_forged_installs_are_refused(
 async def test_a_portal_on_a_private_address_is_refused(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
 ) -> None:
-    settings = settings_for(portal_certificate[0], portal_allow_private=False)
+    settings = verifier_settings(portal_certificate[0], portal_allow_private=False)
     async with PortalCallback(settings, resolver=StaticResolver()) as cb:
         with pytest.raises(UnauthorizedError, match="private address"):
             await cb.confirm(
@@ -227,6 +190,6 @@ async def test_a_portal_on_a_private_address_is_refused(
 async def test_an_answer_in_several_pieces_is_read_whole(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path]
 ) -> None:
-    settings = settings_for(portal_certificate[0])
+    settings = verifier_settings(portal_certificate[0])
     async with PortalCallback(settings, resolver=StaticResolver()) as cb:
         await cb.confirm(portal_event("ONAPPINSTALL", access="split-1"))

@@ -9,8 +9,8 @@ private code it relies on (`ON`, from `paths`). With any other release each take
 (aiormq's `basic_publish`, aio-pika's consumer path and `basic_ack`, `Connection.ready()` for the
 blocked check; failover alone has none: every (re)connection goes to the first node), and
 `warn_if_off` says so at start. pyproject pins both clients to these releases, and
-tests/unit/test_internals.py fails when the installed ones would leave a path off or a private
-name used here is gone.
+tests/transports/amqp/test_internals.py fails when the installed ones would leave a path off or a
+private name used here is gone.
 
 A release is added to `TESTED_AIORMQ` / `TESTED_AIO_PIKA` (and to pyproject's pins) only after
 reading what changed in the code these names point into, then running the tests of these paths.

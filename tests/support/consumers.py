@@ -1,0 +1,177 @@
+"""Consumers for tests: a class made on the spot for a test's own queue (`consumer`), and the
+classes a real `b24queue worker` subprocess runs (`b24queue worker tests.support.consumers:X`).
+
+Those are configured by B24QT_* variables (not B24QUEUE_*, which settings would refuse as
+unknown): B24QT_QUEUE, B24QT_RECORD (a file: one line per start/done, read by `record_starts`
+and `record_done`), B24QT_SLEEP_S, B24QT_PREFETCH. `FaultRecorder` is the fault suite's: see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from b24queue import Event, EventConsumer
+
+Handle = Callable[[EventConsumer, Event], Awaitable[None]]
+
+
+def consumer(
+    queue: str, events: tuple[str, ...], handle: Handle, **attrs: Any
+) -> type[EventConsumer]:
+    """A consumer class of `queue`, bound to `events`, whose `handle` is the one given."""
+    body: dict[str, Any] = {"queue": queue, "events": events, "handle": handle, **attrs}
+    return type(f"C_{queue.replace('.', '_').replace('-', '_')}", (EventConsumer,), body)
+
+
+def record_starts(record: Path) -> list[tuple[str, str]]:
+    """(message_id, redelivered flag) of every handler start a worker wrote to `record`."""
+    if not record.exists():
+        return []
+    return [
+        (parts[1], parts[2])
+        for parts in (ln.split() for ln in record.read_text().splitlines())
+        if parts[0] == "start"
+    ]
+
+
+def record_done(record: Path) -> set[str]:
+    """The message_ids whose handler finished, as a worker wrote them to `record`."""
+    if not record.exists():
+        return set()
+    return {ln.split()[1] for ln in record.read_text().splitlines() if ln.startswith("done ")}
+
+
+def _record(line: str) -> None:
+    with open(os.environ["B24QT_RECORD"], "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Recorder(EventConsumer):
+    queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
+    events = ("#",)
+    prefetch = int(os.environ.get("B24QT_PREFETCH", "8"))
+    handle_timeout_s = float(os.environ.get("B24QT_HANDLE_TIMEOUT_S", "1500"))
+
+    async def handle(self, event: Event) -> None:
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")))
+        _record(f"done {event.message_id} {int(event.redelivered)}")
+
+
+class Narrowing(EventConsumer):
+    """A consumer whose events come from B24QT_EVENTS (comma-separated): a deploy that changes
+    them, for the stale-binding tests."""
+
+    queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
+    events = tuple(os.environ.get("B24QT_EVENTS", "ONX").split(","))
+
+    async def handle(self, event: Event) -> None:
+        return None
+
+
+class SlowFirst(Recorder):
+    """A Recorder whose first event in the process takes B24QT_SLEEP_S and the others no time:
+    later events finish before an earlier one (out-of-order completion)."""
+
+    first = True
+
+    async def handle(self, event: Event) -> None:
+        slow, SlowFirst.first = SlowFirst.first, False
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")) if slow else 0)
+        _record(f"done {event.message_id} {int(event.redelivered)}")
+
+
+class Crasher(Recorder):
+    """Notes the delivery, then kills its own process (SIGKILL) on every event: an event that
+    crashes its worker each time (B24QT_MAX_DELIVERIES bounds how often it is delivered)."""
+
+    max_deliveries = int(os.environ.get("B24QT_MAX_DELIVERIES", "20"))
+
+    async def handle(self, event: Event) -> None:
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillsOnUpdate(Recorder):
+    """Records every event; an ONCRMDEALUPDATE kills its own process (SIGKILL) once the file
+    B24QT_GO exists (the test creates it when it has seen what it waits for): one poison event
+    among events that are handled."""
+
+    max_deliveries = int(os.environ.get("B24QT_MAX_DELIVERIES", "20"))
+
+    async def handle(self, event: Event) -> None:
+        if event.name != "ONCRMDEALUPDATE":
+            return await super().handle(event)
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        while not os.path.exists(os.environ["B24QT_GO"]):
+            await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordsAdds(Recorder):
+    """A Recorder bound to deal additions only."""
+
+    events = ("ONCRMDEALADD",)
+
+
+class SlowFirstPerPortal(Recorder):
+    """A Recorder whose first event of each portal (member_id) in the process takes B24QT_SLEEP_S
+    and the others no time: every partition holding a portal's events has a slow one open."""
+
+    portals: ClassVar[set[str]] = set()
+
+    async def handle(self, event: Event) -> None:
+        member = event.auth.member_id or ""
+        slow = member not in SlowFirstPerPortal.portals
+        SlowFirstPerPortal.portals.add(member)
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")) if slow else 0)
+        _record(f"done {event.message_id} {int(event.redelivered)}")
+
+
+_timeout = os.environ.get("B24QT_HANDLE_TIMEOUT_S", "")
+
+
+class FaultRecorder(EventConsumer):
+    """The fault suite's consumer (tests/faults, tests/cluster). Configured by B24QT_*: QUEUE,
+    RECORD (file: one handled message_id per line, fsync'd), SLEEP_S, PREFETCH, MAX_DELIVERIES,
+    HANDLE_TIMEOUT_S, HANG_S, MARKERS (a directory), TIMES (a file: when each was handled).
+
+    data[FIELDS][MODE] of an event picks a misbehaviour: `crash` kills the process every time,
+    `hang-once` hangs for HANG_S on its first delivery only."""
+
+    queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
+    events = ("#",)
+    prefetch = int(os.environ.get("B24QT_PREFETCH", "16"))
+    max_deliveries = int(os.environ.get("B24QT_MAX_DELIVERIES", "20"))
+    handle_timeout_s = float(_timeout) if _timeout else None
+    retry_delays_s = (0.2, 0.5)
+    max_attempts = 10
+
+    async def handle(self, event: Event) -> None:
+        fields = event.data.get("FIELDS", {}) if isinstance(event.data, dict) else {}
+        mode = fields.get("MODE", "")
+        if mode == "crash":
+            os._exit(17)  # not an exception: the process dies mid-handler
+        if mode == "hang-once":
+            marker = Path(os.environ["B24QT_MARKERS"]) / str(event.message_id)
+            if not marker.exists():
+                marker.touch()
+                await asyncio.sleep(float(os.environ.get("B24QT_HANG_S", "0")))
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")))
+        with open(os.environ["B24QT_RECORD"], "a") as f:
+            f.write(f"{event.message_id}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if times := os.environ.get("B24QT_TIMES"):  # when each was handled, for recovery times
+            with open(times, "a") as f:
+                f.write(f"{event.message_id} {time.time():.3f}\n")

@@ -1,0 +1,31 @@
+"""The scenarios every transport runs (tests/conformance), on PostgreSQL."""
+
+from __future__ import annotations
+
+from b24queue.settings import Settings
+from tests.conformance.delivery import DeliveryScenarios
+from tests.conformance.processes import ProcessScenarios
+from tests.conformance.status import StatusScenarios
+from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
+from tests.support.postgres import forget_ledger
+
+
+class TestDeliveryOnPostgres(DeliveryScenarios):
+    pass
+
+
+class TestProcessesOnPostgres(ProcessScenarios):
+    pass
+
+
+class TestUnroutedCapOnPostgres(UnroutedCapScenarios):
+    pass
+
+
+class TestUnroutedLedgerOnPostgres(UnroutedLedgerScenarios):
+    async def forget_ledger(self, settings: Settings) -> None:
+        await forget_ledger(settings)
+
+
+class TestStatusOnPostgres(StatusScenarios):
+    pass

@@ -1,0 +1,36 @@
+"""The scenarios every transport runs (tests/conformance), on Redis."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from b24queue.settings import Settings
+from tests.conformance.delivery import DeliveryScenarios
+from tests.conformance.processes import ProcessScenarios
+from tests.conformance.status import StatusScenarios
+from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
+
+
+class TestDeliveryOnRedis(DeliveryScenarios):
+    pass
+
+
+class TestProcessesOnRedis(ProcessScenarios):
+    pass
+
+
+class TestUnroutedCapOnRedis(UnroutedCapScenarios):
+    pass
+
+
+class TestUnroutedLedgerOnRedis(UnroutedLedgerScenarios):
+    async def forget_ledger(self, settings: Settings) -> None:
+        client = aioredis.Redis.from_url(settings.broker_url)
+        try:
+            await client.delete(f"{settings.redis_prefix}:q:{settings.unrouted}:bytes")
+        finally:
+            await client.aclose()
+
+
+class TestStatusOnRedis(StatusScenarios):
+    pass

@@ -1,0 +1,183 @@
+"""The Redis Streams transport's own traps, on a Redis the tests start (AOF, appendfsync always):
+the persistence check, the CLI tour, two worker processes on one queue, workers' connections
+killed under them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from b24queue.settings import Settings, load_settings
+from tests.support.processes import cli, env_for, ingress_up, lines, post, start, stop
+from tests.support.proxy import free_port
+from tests.support.redis_server import RedisServer, redis_server
+from tests.support.samples import SAMPLE_TOKEN
+from tests.support.wait import wait_until
+
+
+@pytest.fixture
+def queue(redis_aof: RedisServer) -> Iterator[Settings]:
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    yield load_settings(
+        broker_url=redis_aof.url,
+        redis_prefix=prefix,
+        app_tokens=SAMPLE_TOKEN,
+        unrouted=f"{prefix}.unrouted",
+        publish_timeout_s=3.0,
+    )
+
+
+async def test_the_ingress_refuses_a_redis_that_does_not_persist(tmp_path: Path) -> None:
+    with redis_server(aof=False) as server:
+        settings = load_settings(broker_url=server.url, app_tokens=SAMPLE_TOKEN)
+        port = free_port()
+        env = env_for(settings, tmp_path / "x.record")
+        args = ("ingress", "--host", "127.0.0.1", "--port", str(port))
+        proc = await start(*args, env=env, log=tmp_path / "refused.log")
+        assert await asyncio.wait_for(proc.wait(), 30) != 0
+        said = (tmp_path / "refused.log").read_text()
+        assert "appendonly no" in said and "B24QUEUE_REDIS_ALLOW_UNSAFE" in said, said
+        assert "Traceback" not in said, said
+        # Opted out: it runs, and says so loudly.
+        env["B24QUEUE_REDIS_ALLOW_UNSAFE"] = "true"
+        proc = await start(*args, env=env, log=tmp_path / "unsafe.log")
+        try:
+            await wait_until(
+                lambda: "UNSAFE" in (tmp_path / "unsafe.log").read_text(), 30, "the warning"
+            )
+        finally:
+            assert await stop(proc) == 0
+
+
+async def test_the_tour_on_redis(queue: Settings, tmp_path: Path) -> None:
+    code, out = await cli(queue, "topology", "tests.support.consumers:Narrowing")
+    assert code == 0 and "cli.deals.dlq" in out, out
+    port = free_port()
+    ingress = await ingress_up(queue, tmp_path, port)
+    url = f"http://127.0.0.1:{port}/b24/events"
+    code, out = await cli(queue, "send", "ONCRMDEALADD", "--url", url)
+    assert code == 0 and out.startswith("200 "), out
+    code, out = await cli(queue, "send", "ONTASKADD", "--url", url)  # nobody binds it
+    assert code == 0, out
+    assert await stop(ingress) == 0
+    code, out = await cli(queue, "status", "--json")
+    assert code == 0, out
+    status = json.loads(out[out.index("{") :])
+    [row] = status["queues"]
+    assert (row["queue"], row["ready"], row["dead_letters"]) == ("cli.deals", 1, 0)
+    assert status["unrouted"] == 1
+    code, out = await cli(queue, "dlq", "list", queue.unrouted)
+    assert code == 0 and "ONTASKADD" in out, out
+    code, out = await cli(queue, "dlq", "purge", queue.unrouted, "--yes")
+    assert code == 0 and "purged 1" in out, out
+
+
+async def test_two_worker_processes_never_run_one_message_at_once(
+    queue: Settings, tmp_path: Path
+) -> None:
+    record = tmp_path / "record.txt"
+    env = env_for(queue, record, B24QT_SLEEP_S="0.01", B24QT_PREFETCH="8")
+    code, out = await cli(queue, "topology", "tests.support.consumers:Recorder")
+    assert code == 0, out
+    workers = [await start("worker", "tests.support.consumers:Recorder", env=env) for _ in range(2)]
+    port = free_port()
+    ingress = await ingress_up(queue, tmp_path, port)
+    url = f"http://127.0.0.1:{port}/b24/events"
+    ids = [i for batch in await asyncio.gather(*(post(url, 50) for _ in range(4))) for i in batch]
+    await wait_until(lambda: set(lines(record, "done")) == set(ids), 60, "all 200 handled")
+    for proc in (*workers, ingress):
+        assert await stop(proc) == 0
+    starts = lines(record, "start")
+    assert len(starts) == len(ids) == len(set(starts)), "a message was handled twice"
+
+
+async def test_killed_worker_connections_lose_nothing(queue: Settings, tmp_path: Path) -> None:
+    record = tmp_path / "record.txt"
+    env = env_for(queue, record, B24QT_SLEEP_S="0.02", B24QT_PREFETCH="8")
+    code, out = await cli(queue, "topology", "tests.support.consumers:Recorder")
+    assert code == 0, out
+    logs = {"worker": tmp_path / "worker.log", "ingress": tmp_path / "ingress.log"}
+    worker = await start("worker", "tests.support.consumers:Recorder", env=env, log=logs["worker"])
+    port = free_port()
+    ingress = await ingress_up(queue, tmp_path, port)
+    url = f"http://127.0.0.1:{port}/b24/events"
+    admin = aioredis.Redis.from_url(queue.broker_url)
+    try:
+        first = await post(url, 40)
+        await wait_until(lambda: len(lines(record, "start")) > 5, 30, "the worker handling")
+        killed = 0
+        for client in await admin.client_list():
+            if str(client.get("name", "")).startswith("b24queue_worker"):
+                await admin.client_kill_filter(_id=client["id"])
+                killed += 1
+        assert killed >= 1
+        second = await post(url, 40)
+        ids = set(first + second)
+        await wait_until(lambda: ids <= set(lines(record, "done")), 60, "every event handled")
+    finally:
+        await admin.aclose()
+    for proc, log in ((worker, logs["worker"]), (ingress, logs["ingress"])):
+        assert await stop(proc, log) == 0
+
+
+async def test_what_the_persistence_check_refuses_and_what_the_opt_out_allows() -> None:
+    from b24queue.errors import ConfigError
+    from b24queue.transports.redis_streams.store import check_durable
+
+    for extra, refused in (
+        (("--maxmemory-policy", "allkeys-lru"), "maxmemory-policy allkeys-lru"),
+        (("--rename-command", "CONFIG", ""), "cannot read Redis's persistence settings"),
+    ):
+        with redis_server(extra=extra) as server:
+            client = aioredis.Redis.from_url(server.url)
+            try:
+                settings = load_settings(broker_url=server.url)
+                with pytest.raises(ConfigError, match=refused):
+                    await check_durable(client, settings)
+                unsafe = settings.model_copy(update={"redis_allow_unsafe": True})
+                await check_durable(client, unsafe)  # runs, with an error in the log
+            finally:
+                await client.aclose()
+
+
+async def test_released_and_abandoned_entries_are_claimed_again(queue: Settings) -> None:
+    """A stopping worker's release makes its entries claimable at once; an entry abandoned
+    behind many held ones is found (XAUTOCLAIM goes on from where it stopped)."""
+    from b24queue import EventConsumer
+    from b24queue.envelope import envelope_for
+    from b24queue.queues import spec_for
+    from b24queue.testing import make_event
+    from b24queue.transports.redis_streams.store import Store, connect
+
+    async def handle(self: EventConsumer, event: object) -> None:
+        return None
+
+    everything = type("C", (EventConsumer,), {"queue": "rel.q", "events": ("#",), "handle": handle})
+    store = Store(connect(queue, "test"), queue)
+    try:
+        spec = spec_for(everything)
+        await store.declare(spec)
+        events = [envelope_for(make_event("ONCRMDEALADD", {"N": str(i)})) for i in range(32)]
+        await store.publish(events)
+        [gone] = await store.claim(spec.name, "B", 1, 60.0)
+        await store.release(spec.name, "B")
+        [again] = await store.claim(spec.name, "C", 1, 60.0)
+        assert (again.id, again.deliveries) == (gone.id, 2)
+        held = await store.claim(spec.name, "A", 30, 60.0)  # alive, holding 30
+        [dead] = await store.claim(spec.name, "D", 1, 60.0)  # the last one: D then dies
+        assert dead.id not in {r.id for r in held}
+        await store.release(spec.name, "D")  # as if its lease had run out long ago
+        found = []
+        for _ in range(8):  # one slot free at a time, as a busy runner claims
+            found += await store.claim(spec.name, "E", 1, 60.0)
+            if found:
+                break
+        assert [r.id for r in found] == [dead.id]
+    finally:
+        await store.client.aclose()
