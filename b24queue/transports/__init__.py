@@ -176,7 +176,7 @@ def transport_for(settings: Settings) -> Transport:
             raise
         raise ConfigError(
             f"the {descriptor.name} transport needs {exc.name}: "
-            f"pip install 'b24queue[{descriptor.extra}]'"
+            f"pip install 'b24queue[{descriptor.name}]'"
         ) from None
     transport: Transport = module.transport(settings)
     return transport

@@ -29,8 +29,9 @@ class TransportDescriptor:
     shape: str  # what its URL looks like, for an error
     module: str  # whose `transport(settings)` makes it; imported only when it is used
     settings: type[BaseModel]  # its own settings (B24QUEUE_<NAME>_*), a base of `Settings`
-    extra: str = ""  # the pip extra that installs its client library, if any
-    client: str = ""  # that library's top-level module: missing without the extra
+    # Its client library's top-level module, if it needs one b24queue does not depend on: the
+    # pip extra named after the transport installs it (`b24queue[postgres]`).
+    client: str = ""
     # The URL as kept; a ValueError saying what it should look like.
     check_url: Callable[[str], str] = _kept
     # The URL naming its server (for a log line or an error, once redacted).

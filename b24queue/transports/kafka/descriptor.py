@@ -47,7 +47,6 @@ KAFKA = TransportDescriptor(
     shape="kafka://host:9092 (Kafka)",
     module="b24queue.transports.kafka.transport",
     settings=KafkaSettings,
-    extra="kafka",
     client="aiokafka",
     check_url=check_url,
 )

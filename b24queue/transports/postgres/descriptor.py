@@ -22,7 +22,6 @@ POSTGRES = TransportDescriptor(
     shape="postgresql://user:password@host:5432/database (PostgreSQL)",
     module="b24queue.transports.postgres.transport",
     settings=PostgresSettings,
-    extra="postgres",
     client="asyncpg",
     check_url=needs_authority("postgresql://user:password@host:5432/database"),
 )

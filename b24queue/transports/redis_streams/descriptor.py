@@ -23,7 +23,6 @@ REDIS = TransportDescriptor(
     shape="redis://host:6379/0 (Redis Streams)",
     module="b24queue.transports.redis_streams.transport",
     settings=RedisSettings,
-    extra="redis",
     client="redis",
     check_url=needs_authority("redis://[:password@]host:6379/0"),
 )
