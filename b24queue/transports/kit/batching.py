@@ -1,5 +1,5 @@
-"""Group commit for transports whose server commits what one statement or script does at once:
-whatever arrived while the last batch ran goes in the next (PostgreSQL, Redis)."""
+"""Group commit: whatever arrived while the last batch ran goes in the next, one statement, script
+or transaction (PostgreSQL, Redis, the embedded SQLite queue)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ class Batcher(Generic[T, R]):
         run: Callable[[list[T]], Awaitable[list[R]]],
         name: str,
         lost: tuple[type[BaseException], ...] = (ConnectionError,),
+        max_batch: int | None = MAX_BATCH,
     ) -> None:
         self._run = run
         self._lost = lost  # errors not worth trying item by item (the connection is gone)
         self._name = name
+        self._max = max_batch  # items in one batch; None: all that are waiting
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -34,13 +36,13 @@ class Batcher(Generic[T, R]):
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=self._name)
 
-    async def stop(self) -> None:
+    async def stop(self, why: str = "closed") -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for _, future in self._pending:
             if not future.done():
-                future.set_exception(ConnectionError("closed"))
+                future.set_exception(ConnectionError(why))
         self._pending = []
 
     async def submit(self, item: T) -> R:
@@ -55,7 +57,8 @@ class Batcher(Generic[T, R]):
             self._wake.clear()
             # A caller that gave up (a publish past its timeout, answered 503) is not written for.
             waiting = [(item, f) for item, f in self._pending if not f.done()]
-            batch, self._pending = waiting[:MAX_BATCH], waiting[MAX_BATCH:]
+            cut = len(waiting) if self._max is None else self._max
+            batch, self._pending = waiting[:cut], waiting[cut:]
             if self._pending:
                 self._wake.set()  # the rest in the next statement
             if batch:

@@ -21,6 +21,7 @@ from weakref import WeakSet
 
 from b24queue._files import private_file
 from b24queue.errors import ConfigError
+from b24queue.transports.kit.batching import Batcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,24 +105,21 @@ class Database:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b24queue-sqlite")
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        # Every op waiting, in one transaction; a failure of the whole (a full disk, a lock held
+        # past the timeout) fails them all, never retried one by one.
+        self._writes: Batcher[Op, tuple[bool, Any]] = Batcher(
+            self._commit, "b24queue-sqlite-writer", (Exception,), max_batch=None
+        )
         # Told after each commit, in the event loop (wakes this process's runners at once).
         self.committed = asyncio.Event()
 
     async def __aenter__(self) -> Database:
         self._db = await self._run(connect, self.path)
-        self._writer = asyncio.create_task(self._write_loop(), name="b24queue-sqlite-writer")
+        self._writes.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-        for _, future in self._pending:
-            if not future.done():
-                future.set_exception(ConnectionError("the queue database is closed"))
+        await self._writes.stop("the queue database is closed")
         if self._db is not None:
             await self._run(self._db.close)
         self._thread.shutdown(wait=True)
@@ -134,38 +132,23 @@ class Database:
         return await self._run(op, self._db)
 
     async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
-        self._wake.set()
-        return await future
+        # A caller that gave up (a publish past its timeout) is not written for: it has been
+        # answered 503, and its event must not appear later.
+        ok, value = await self._writes.submit(op)
+        if not ok:
+            raise value
+        result: T = value
+        return result
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            # A caller that gave up (a publish past its timeout) is not written for: it has been
-            # answered 503, and its event must not appear later.
-            batch = [(op, f) for op, f in self._pending if not f.done()]
-            self._pending = []
-            if not batch:
-                continue
-            try:
-                outcomes = await self._run(self._transaction, [op for op, _ in batch])
-            except Exception as exc:  # a full disk, a lock held past the timeout: these fail
-                log.error("queue database write failed: %r", exc)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
-            self.committed.set()
-            self.committed.clear()
+    async def _commit(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        try:
+            outcomes = await self._run(self._transaction, ops)
+        except Exception as exc:
+            log.error("queue database write failed: %r", exc)
+            raise
+        self.committed.set()
+        self.committed.clear()
+        return outcomes
 
     def _transaction(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         """All ops in one transaction (one fsync), each in a savepoint of its own: an op that
