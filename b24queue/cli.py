@@ -31,7 +31,7 @@ __all__ = ["EXIT_BROKER", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main", "run"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="b24queue",
-        description="Bitrix24 events into RabbitMQ, answered at once, processed reliably later.",
+        description="Bitrix24 events into a queue, answered at once, processed reliably later.",
     )
     parser.add_argument("--log-format", choices=("text", "json"), help="default: text")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--definitions",
         action="store_true",
-        help="print broker definitions (rabbitmq/definitions.json) instead; no broker",
+        help="print what a RabbitMQ node boots from (rabbitmq/definitions.json); no broker",
     )
     p.add_argument(
         "--dry-run",

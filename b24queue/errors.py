@@ -41,7 +41,7 @@ class UnauthorizedError(B24QueueError):
 
 
 class BrokerUnavailableError(B24QueueError):
-    """RabbitMQ cannot be reached, or did not confirm a publish in time."""
+    """The queue's server cannot be reached, or did not take a publish in time."""
 
     exit_code = EXIT_BROKER
 

@@ -80,12 +80,12 @@ class IngressMetrics:
         )
         self.forwarded = Counter(
             "b24queue_ingress_forwarded",
-            "Spooled events since moved into RabbitMQ",
+            "Spooled events since moved into the queue",
             registry=self.registry,
         )
         self.spool_events = Gauge(
             "b24queue_ingress_spool_events",
-            "Events in the spool now, not yet in RabbitMQ",
+            "Events in the spool now, not yet in the queue",
             registry=self.registry,
             multiprocess_mode="livesum",
         )

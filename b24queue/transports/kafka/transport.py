@@ -1,6 +1,6 @@
 """The Kafka transport: the large tier (`B24QUEUE_BROKER_URL=kafka://host:9092[,host:9092...]`).
 
-The same guarantees as on RabbitMQ (docs/transports/index.md), kept the Kafka way:
+The guarantees every transport keeps (docs/transports/index.md), kept the Kafka way:
 - a 200 means the broker acknowledged the record with `acks=all` (`publisher`);
 - one events topic keyed by member_id; the ingress names the bound queues in each record's `to`
   header, or sends it to the unrouted topic (`topics`, `publisher`);

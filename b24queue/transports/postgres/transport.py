@@ -1,7 +1,7 @@
 """The PostgreSQL transport: the database queue for apps that already run PostgreSQL, usable from
 several ingress and worker hosts at once (`B24QUEUE_BROKER_URL=postgresql://user:pw@host/db`).
 
-The same guarantees as on RabbitMQ (docs/transports/index.md):
+The guarantees every transport keeps (docs/transports/index.md):
 - a 200 means the event's rows are committed (`synchronous_commit=on` for our sessions), one row
   per bound queue, or one in the unrouted queue, routed in SQL by the bindings as they are at that
   commit; concurrent requests share one statement and one commit (group commit);

@@ -1,6 +1,6 @@
 """The Redis Streams transport: the moderate tier (`B24QUEUE_BROKER_URL=redis://host:6379/0`).
 
-The same guarantees as on RabbitMQ (docs/transports/index.md):
+The guarantees every transport keeps (docs/transports/index.md):
 - a 200 means every copy of the event (one stream entry per bound queue, or one in the unrouted
   stream) was written by one script, so atomically, and Redis runs with `appendonly yes` and
   `appendfsync always` (checked at start: the ingress refuses to run otherwise, unless

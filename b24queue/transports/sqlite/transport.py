@@ -1,8 +1,8 @@
 """The embedded SQLite transport: for a small app on one host, no server to run.
 
 One database file (`B24QUEUE_BROKER_URL=sqlite:///path/queue.sqlite3`) shared by the ingress, the
-workers and the CLI of that host (never over NFS: SQLite's locking needs a local disk). The same
-guarantees as on RabbitMQ (docs/transports/index.md):
+workers and the CLI of that host (never over NFS: SQLite's locking needs a local disk). The
+guarantees every transport keeps (docs/transports/index.md):
 - a 200 means the event's rows are committed (WAL, fsync), one row per bound queue, or one in the
   unrouted queue, in one transaction (group-committed with whatever else arrived meanwhile);
 - a worker leases up to `prefetch` rows, in due order; ack deletes, retry sets the row's
