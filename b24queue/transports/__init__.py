@@ -1,8 +1,8 @@
 """The transport seam: what the ingress, the worker process and the CLI ask of a queue, whichever
 it is. The transport is picked by the broker URL's scheme (`B24QUEUE_BROKER_URL`), from the
 descriptors of `registry`: `amqp(s)://` RabbitMQ, `sqlite:` the embedded queue, `postgresql://` a
-queue in PostgreSQL, `redis://` Redis Streams, `kafka://` Kafka. Nothing here imports a transport:
-`transport_for` loads the one the settings name.
+queue in PostgreSQL, `redis://` Redis Streams, `kafka://` Kafka. Nothing here imports a transport's
+code (the registry holds only their descriptors): `transport_for` loads the one the settings name.
 
 Each transport keeps the same guarantees (docs/transports/index.md): `publish` returns only once the
 event is durable; a runner settles each delivery with `b24queue.delivery` (ack only after the
