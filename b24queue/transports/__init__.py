@@ -22,18 +22,18 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from b24queue import _constants as c
-from b24queue.envelope import EventSink
 from b24queue.errors import ConfigError
+from b24queue.events.envelope import EventSink
 from b24queue.transports import registry
 
 if TYPE_CHECKING:
     from b24queue.consumer import EventConsumer
-    from b24queue.dlq_view import DeadLetter
-    from b24queue.metrics import WorkerMetrics
     from b24queue.queues import BindingChange, DeclaredQueue, QueueSpec
     from b24queue.settings import Settings
-    from b24queue.status import Status
+    from b24queue.telemetry.metrics import WorkerMetrics
+    from b24queue.transports.dead_letters import DeadLetter
     from b24queue.transports.kit.unrouted import UnroutedCap
+    from b24queue.transports.status import Status
 
 Progress = Callable[[int, int], None]  # (done, wanted)
 

@@ -11,10 +11,9 @@ from aio_pika.abc import AbstractRobustConnection
 
 from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError, ManagementError
-from b24queue.metrics import WorkerMetrics
 from b24queue.queues import BindingChange, DeclaredQueue, QueueSpec, spec_for
 from b24queue.settings import Settings
-from b24queue.status import Status
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports import Runner, connection_name, worker_connection_name
 from b24queue.transports.amqp import bindings, internals
 from b24queue.transports.amqp.connection import close_quietly, connect
@@ -35,6 +34,7 @@ from b24queue.transports.amqp.topology import (
     declare_exchanges,
     inspect_queue,
 )
+from b24queue.transports.status import Status
 
 log = logging.getLogger(__name__)
 
