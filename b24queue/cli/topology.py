@@ -16,6 +16,7 @@ from b24queue.errors import EXIT_OK
 from b24queue.queues import spec_for
 from b24queue.settings import Settings
 from b24queue.transports import (
+    DeclaresExchanges,
     ExportsDefinitions,
     PlansBindings,
     not_offered,
@@ -24,7 +25,9 @@ from b24queue.transports import (
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = commands.add_parser("topology", help="declare exchanges and queues, print what exists")
+    p = commands.add_parser(
+        "topology", help="declare the queues (and any exchanges), print what exists"
+    )
     p.add_argument(
         "consumers", nargs="*", metavar="MODULE:CLASS", help="also declare these consumers' queues"
     )
@@ -71,8 +74,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
-    print(f"exchange {settings.exchange} (topic, alternate exchange {settings.unrouted})")
-    print(f"exchange {settings.unrouted} (fanout) -> queue {settings.unrouted}")
+    if isinstance(transport, DeclaresExchanges):  # elsewhere the queues are all there is
+        for x in transport.exchanges():
+            alternate = f", alternate exchange {x.alternate}" if x.alternate else ""
+            feeds = f" -> queue {x.queue}" if x.queue else ""
+            print(safe(f"exchange {x.name} ({x.kind}{alternate}){feeds}"))
     width = max(len(safe(s.name)) for s in states)
     print(f"{'QUEUE':<{width}}  {'READY':>7}  {'CONSUMERS':>9}  ARGUMENTS")
     for s in states:
