@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from b24queue import _constants as c
 from b24queue.errors import ConfigError
-from b24queue.events import BINDING, MAX_EVENT_NAME, Event
+from b24queue.events.event import BINDING, MAX_EVENT_NAME, Event
 from b24queue.idempotency import SeenStore
 
 if TYPE_CHECKING:

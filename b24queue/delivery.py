@@ -24,10 +24,10 @@ from typing import Any, Literal, Protocol
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.errors import BadEventError
-from b24queue.events import Event, mark_delivered
+from b24queue.events.event import Event, mark_delivered
 from b24queue.idempotency import SeenStore
-from b24queue.redaction import redact
 from b24queue.retry import Reject, Retry, delay_after, snap_delay
+from b24queue.secrets.redaction import redact
 from b24queue.timeouts import within
 
 log = logging.getLogger(__name__)

@@ -67,6 +67,18 @@ class DeclaredQueue:
 
 
 @dataclass(frozen=True, slots=True)
+class DeclaredExchange:
+    """An exchange a transport routes events through (`DeclaresExchanges`), as `b24queue
+    topology` prints it: its kind, where an event no binding matches goes, the one queue it feeds
+    (if that is all it does)."""
+
+    name: str
+    kind: str  # topic, fanout
+    alternate: str | None = None
+    queue: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BindingChange:
     """How a consumer queue's bindings differ from what its class declares. `current` None:
     the queue does not exist yet."""

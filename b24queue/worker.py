@@ -14,14 +14,14 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from b24queue import redaction
 from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError
-from b24queue.metrics import WorkerMetrics
 from b24queue.portal.api import PortalProvider
 from b24queue.portal.clients import PortalClients
 from b24queue.queues import DeclaredQueue
+from b24queue.secrets import redaction
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports import Runner, WorkerSession, transport_for
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Any
 
 import aio_pika
 
-from b24queue.forms import encode_form
+from b24queue.events.forms import encode_form
 from b24queue.queues import QueueSpec
 from b24queue.settings import load_settings
 from b24queue.transports.amqp.topology import declare_consumer_queues, declare_exchanges

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from b24queue._files import private_file
 from b24queue.auth.record import PortalRecord
+from b24queue.secrets.files import private_file
 
 # Columns added after the first version: a store made by an older version gets them.
 _ADDED = (

@@ -18,7 +18,7 @@ from b24queue.auth.record import PortalRecord
 from b24queue.auth.redis_store import RedisTokenStore
 from b24queue.auth.sqlite_store import SqliteTokenStore
 from b24queue.errors import ConfigError
-from b24queue.redaction import redact_url
+from b24queue.secrets.redaction import redact_url
 
 __all__ = ["PortalRecord", "RedisTokenStore", "SqliteTokenStore", "TokenStore", "open_store"]
 

@@ -15,8 +15,8 @@ same file: kept, counted, shown by `b24queue spool list` and `status`, replayabl
 Files are private (0600: bodies carry access tokens). Each open spool holds an exclusive lock on
 `<file>.lock`, so two ingress processes never share a spool, and merging skips a stray file that a
 running process still owns. A spool file is only ever read if only we could have written it (ours,
-0600, not a symbolic link: b24queue._files), so a file another user planted in a shared folder is
-never merged, listed or replayed, and is named in a warning instead.
+0600, not a symbolic link: b24queue.secrets.files), so a file another user planted in a shared
+folder is never merged, listed or replayed, and is named in a warning instead.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from b24queue._files import NotPrivateError, open_private, private_file, side_files
-from b24queue.envelope import Envelope
 from b24queue.errors import ConfigError, SpoolFullError
-from b24queue.redaction import redact
+from b24queue.events.envelope import Envelope
+from b24queue.secrets.files import NotPrivateError, open_private, private_file, side_files
+from b24queue.secrets.redaction import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -347,7 +347,7 @@ def stray_spools(path: Path, keep: int) -> list[Path]:
 
 def readable_spool(path: Path) -> bool:
     """True for an existing spool file that only we could have written, and its side files
-    (b24queue._files.open_private); False, with a warning naming it and why, for one another
+    (b24queue.secrets.files.open_private); False, with a warning naming it and why, for one another
     user could have written (planted in a shared folder: its events may be forged)."""
     for name in (path, *side_files(path)):
         try:

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from b24queue._files import private_file
 from b24queue.portal.limits import Limit, reserve
+from b24queue.secrets.files import private_file
 
 
 class SqliteState:

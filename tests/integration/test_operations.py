@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
-from b24queue.metrics import WorkerMetrics
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports.amqp.definitions import definitions
 from b24queue.worker import Worker, declare_topology
 from tests.support.proxy import free_port

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, give_up, process
-from b24queue.envelope import Envelope
-from b24queue.metrics import WorkerMetrics
+from b24queue.events.envelope import Envelope
 from b24queue.queues import QueueSpec
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports.kit.inflight import HandlingRunner
 
 if TYPE_CHECKING:

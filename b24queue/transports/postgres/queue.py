@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from b24queue.envelope import Envelope
+from b24queue.events.envelope import Envelope
 from b24queue.queues import topic_regex
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview

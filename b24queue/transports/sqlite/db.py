@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from weakref import WeakSet
 
-from b24queue._files import private_file
 from b24queue.errors import ConfigError
+from b24queue.secrets.files import private_file
 from b24queue.transports.kit.batching import Batcher
 
 log = logging.getLogger(__name__)

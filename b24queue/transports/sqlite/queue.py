@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from b24queue.envelope import Envelope
+from b24queue.events.envelope import Envelope
 from b24queue.queues import topic_matches
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview

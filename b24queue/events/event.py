@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from b24queue.errors import BadEventError
-from b24queue.forms import decode_form, decode_json
+from b24queue.events.forms import decode_form, decode_json
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"

@@ -14,7 +14,7 @@ import orjson
 
 from b24queue import _constants as c
 from b24queue.errors import BadEventError
-from b24queue.events import Event
+from b24queue.events.event import Event
 
 
 @dataclass(frozen=True, slots=True)
