@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from b24queue import _constants as c
+from b24queue._stores import REDIS_URL_PREFIXES
 from b24queue.errors import ConfigError
 from b24queue.outbound.answers import VALUE_BYTES, Bounds
 from b24queue.redaction import WEBHOOK_PATH, redact_url, url_secrets
@@ -221,7 +222,7 @@ class Settings(TransportSettings, BaseSettings):
     @field_validator("portal_store")
     @classmethod
     def _check_portal_store(cls, value: str) -> str:
-        if not value.startswith(("sqlite:", "redis://", "rediss://", "unix://")):
+        if not value.startswith(("sqlite:", *REDIS_URL_PREFIXES)):
             # Not echoed: a Redis URL holds its password.
             raise ValueError("must look like sqlite:PATH or redis://[:password@]host:6379/0")
         return value
