@@ -204,18 +204,7 @@ class Spool(SqliteFile):
     def _insert(self, envelopes: list[Envelope]) -> None:
         assert self._db is not None
         now = datetime.now(UTC).isoformat()
-        rows = [
-            (
-                e.message_id,
-                e.routing_key,
-                e.body,
-                json.dumps(e.headers),
-                e.timestamp.isoformat(),
-                e.event_type,
-                now,
-            )
-            for e in envelopes
-        ]
+        rows = [(*e.stored(), now) for e in envelopes]
         with self._db:  # one transaction, one fsync
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
