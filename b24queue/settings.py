@@ -17,6 +17,7 @@ from b24queue import _constants as c
 from b24queue.errors import ConfigError
 from b24queue.outbound.answers import VALUE_BYTES, Bounds
 from b24queue.secrets.redaction import WEBHOOK_PATH, redact_url, url_secrets
+from b24queue.secrets.stores import REDIS_URL_PREFIXES
 from b24queue.transports import registry
 from b24queue.transports.registry import TransportSettings
 
@@ -221,7 +222,7 @@ class Settings(TransportSettings, BaseSettings):
     @field_validator("portal_store")
     @classmethod
     def _check_portal_store(cls, value: str) -> str:
-        if not value.startswith(("sqlite:", "redis://", "rediss://", "unix://")):
+        if not value.startswith(("sqlite:", *REDIS_URL_PREFIXES)):
             # Not echoed: a Redis URL holds its password.
             raise ValueError("must look like sqlite:PATH or redis://[:password@]host:6379/0")
         return value

@@ -26,6 +26,12 @@ class Envelope:
     timestamp: datetime
     event_type: str
 
+    def stored(self) -> tuple[str, str, bytes, str, str, str]:
+        """Its fields in this order as a store of text and bytes keeps them (the spool, SQLite,
+        Redis): the headers as JSON, the timestamp in ISO 8601."""
+        headers, timestamp = json.dumps(self.headers), self.timestamp.isoformat()
+        return self.message_id, self.routing_key, self.body, headers, timestamp, self.event_type
+
 
 # The headers are bounded field by field at the edge (`events`); this is the sum, checked again so
 # no future header can grow a frame past what the broker takes (its frame_max is 128 KiB).

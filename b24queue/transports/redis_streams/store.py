@@ -192,14 +192,7 @@ class Store:
             count = 0
             for e in envelopes:
                 queues = self._targets(bindings, e.routing_key) or [self.settings.unrouted]
-                fields = [
-                    e.message_id,
-                    e.routing_key,
-                    e.body,
-                    json.dumps(e.headers),
-                    e.timestamp.isoformat(),
-                    e.event_type,
-                ]
+                fields = e.stored()
                 for queue in queues:
                     index = streams.setdefault(self.stream(queue), len(streams) + 2)
                     args += [index, *fields]

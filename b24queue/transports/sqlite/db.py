@@ -14,13 +14,12 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from weakref import WeakSet
 
 from b24queue.errors import ConfigError
-from b24queue.secrets.files import private_file
+from b24queue.secrets.stores import SqliteFile, open_sqlite
 from b24queue.transports.kit.batching import Batcher
 
 log = logging.getLogger(__name__)
@@ -69,42 +68,35 @@ Op = Callable[[sqlite3.Connection], Any]
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if need be) the queue database: private, WAL, fsync at every commit."""
-    private_file(path)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                db.execute(statement)
-            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) == 1:  # before the fence column: each row's claims start anew
-                db.execute("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"{path} has queue schema {row[0]}, newer than this b24queue knows "
-                    f"({SCHEMA_VERSION}): upgrade b24queue"
-                )
-    except BaseException:
-        db.close()
-        raise
-    return db
+    """Open (creating if need be) the queue database: private, WAL, fsync at every commit
+    (b24queue.secrets.stores.open_sqlite), its schema in place."""
+    return open_sqlite(path, lambda db: _create(db, path), timeout_s=BUSY_TIMEOUT_MS / 1000)
 
 
-class Database:
+def _create(db: sqlite3.Connection, path: Path) -> None:
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA:
+            db.execute(statement)
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) == 1:  # before the fence column: each row's claims start anew
+            db.execute("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{path} has queue schema {row[0]}, newer than this b24queue knows "
+                f"({SCHEMA_VERSION}): upgrade b24queue"
+            )
+
+
+class Database(SqliteFile):
     """One process's connection, on one thread, with group-committed writes. An async context
     manager; `write(op)` returns once the transaction holding `op` is committed."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b24queue-sqlite")
+        super().__init__(path, "b24queue-sqlite")
         # Every op waiting, in one transaction; a failure of the whole (a full disk, a lock held
         # past the timeout) fails them all, never retried one by one.
         self._writes: Batcher[Op, tuple[bool, Any]] = Batcher(
@@ -113,19 +105,17 @@ class Database:
         # Told after each commit, in the event loop (wakes this process's runners at once).
         self.committed = asyncio.Event()
 
+    def _open(self) -> sqlite3.Connection:
+        return connect(self.path)
+
     async def __aenter__(self) -> Database:
-        self._db = await self._run(connect, self.path)
+        await self._run(self._conn)
         self._writes.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._writes.stop("the queue database is closed")
-        if self._db is not None:
-            await self._run(self._db.close)
-        self._thread.shutdown(wait=True)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        await self.close()
 
     async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._db is not None, "use `async with Database(...)`"

@@ -51,12 +51,8 @@ def publish(
         queues = sorted({q for q, p in bindings if topic_matches(p, e.routing_key)}) or [unrouted]
         if queues == [unrouted]:
             unbound.append(len(e.body))
-        headers = json.dumps(e.headers)
-        stamp = e.timestamp.isoformat()
-        rows += [
-            (q, e.message_id, e.routing_key, e.body, headers, stamp, e.event_type, now)
-            for q in queues
-        ]
+        stored = e.stored()
+        rows += [(q, *stored, now) for q in queues]
     db.executemany(
         "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
         "event_type, available_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
