@@ -10,8 +10,8 @@ handler; a retry or dead-letter copy durable before the original goes); declarin
 
 What only some transports can do is an optional capability, a protocol of its own that the
 transport's class implements or not (`ExportsDefinitions`, `PlansBindings`,
-`DeclaresExchanges`): the caller asks
-`isinstance(transport, Capability)`, never which transport it is.
+`DeclaresExchanges`, `SharesByPortal`): the caller asks `isinstance(transport, Capability)`,
+never which transport it is.
 """
 
 from __future__ import annotations
@@ -155,6 +155,26 @@ class DeclaresExchanges(Protocol):
     (`b24queue topology` shows them; on a transport without, the queues are all there is)."""
 
     def exchanges(self) -> list[DeclaredExchange]: ...
+
+
+@runtime_checkable
+class SharesByPortal(Protocol):
+    """A transport whose queue itself gives a consumer's handler slots to the portals with events
+    waiting in turn, across every worker process, and holds `max_in_flight_per_portal` there
+    (`EventConsumer.fair_share`; docs/fairness.md). On the others a queue is first in, first out
+    across portals."""
+
+    shares_by_portal: bool
+
+
+def check_fairness(transport: Transport, classes: Sequence[type[EventConsumer]]) -> None:
+    """A per-portal cap is a promise about a portal's REST limits: refused where the transport
+    cannot keep it (the fair share itself is best effort there: first in, first out)."""
+    if isinstance(transport, SharesByPortal):
+        return
+    for cls in classes:
+        if cls.max_in_flight_per_portal is not None:
+            raise not_offered(transport, f"{cls.__name__}.max_in_flight_per_portal")
 
 
 def not_offered(transport: Transport, what: str) -> ConfigError:
