@@ -26,9 +26,10 @@ from b24queue.transports.status import MemoryRow
 
 log = logging.getLogger(__name__)
 
-# How many new entries one fair claim reads into the portals' lists at most: a flood published
-# at once is parked over several claims (each costs about this many entries' work), so a quiet
-# portal's event behind it waits for those claims, once.
+# How many new entries a fair claim parks in the portals' lists at a time (5 times that at most
+# in one claim, when every portal parked is capped or done): a flood published at once is
+# parked over several claims (each costs about this many entries' work), so a quiet portal's
+# event behind it waits for those claims, once.
 PARK_AT_MOST = 1000
 
 # What means "Redis is away": the client reconnects by itself on the next command.
