@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from b24queue.settings import Settings, load_settings
+from tests.support.bench import Bench
 from tests.support.processes import cli, env_for, ingress_up, lines, post, start, stop
 from tests.support.proxy import free_port
 from tests.support.redis_server import RedisServer, redis_server
@@ -260,3 +263,37 @@ async def test_a_fair_claims_entries_are_released_and_taken_over(queue: Settings
         assert len(rest) == 5 and len({r.message_id for r in rest}) == 5
     finally:
         await store.client.aclose()
+
+
+@pytest.mark.fault
+async def test_a_worker_sigkilled_mid_flood_loses_nothing_of_a_fair_queue(
+    bench: Bench, tmp_path: Path
+) -> None:
+    """Two worker processes on a fair queue, a flood parked and quiet portals' events waiting;
+    one is SIGKILLed mid-handler: the other takes over what it held once its lease has run
+    (flagged redelivered), and every event is handled."""
+    from tests.conformance.fairness import FLOOD, QUIET, declare_for_workers, envelope, publish
+    from tests.conformance.processes import records, start_worker
+
+    record = tmp_path / "record.txt"
+    await declare_for_workers(bench)
+    events = envelope(FLOOD, 300) + envelope(QUIET[0], 10) + envelope(QUIET[1], 10)
+    await publish(bench, events)
+    want = {e.message_id for e in events}
+    workers = [await start_worker(bench, record, 0.05) for _ in range(2)]
+    try:
+        await wait_until(lambda: len(records(record, "done")) >= 40, 30, "the flood under way")
+        workers[0].kill()
+        await workers[0].wait()
+        # Within the lease (B24QT_HANDLE_TIMEOUT_S 3 s + 5 s).
+        await wait_until(lambda: want <= set(records(record, "done")), 60, "every event")
+        # What came twice (the killed worker's, and any it finished but had not acked yet)
+        # came flagged the second time.
+        starts = Counter(line.split()[1] for line in record.read_text().splitlines())
+        twice = {i for i, n in starts.items() if n > 2}  # a start and a done line each time
+        assert all(records(record, "start")[i] == "1" for i in twice), twice
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(worker.wait(), 30)
