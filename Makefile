@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit faults faults-cluster cluster fuzz lint docs broker postgres run run-sqlite topology bench soak definitions clean
+.PHONY: install test test-unit faults faults-cluster cluster fuzz lint docs broker postgres run run-sqlite topology bench bench-fairness soak definitions clean
 
 install: $(STAMP)
 
@@ -65,6 +65,13 @@ clean:
 bench: install broker postgres
 	$(PY) -m bench
 	$(PY) -m bench.tables
+
+# Issue 30's fairness benchmark (not part of `make bench` or `make test`): one portal's burst
+# beside nineteen quiet ones, fair share off and on, on every transport (a few minutes each).
+# FAIRNESS_ARGS narrows it, e.g. FAIRNESS_ARGS="--transport sqlite --burst 5000".
+FAIRNESS_ARGS ?=
+bench-fairness: install broker postgres
+	$(PY) -m bench.fairness $(FAIRNESS_ARGS)
 
 # Regenerate rabbitmq/definitions.json after changing the examples or the topology.
 definitions: install

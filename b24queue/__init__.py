@@ -2,7 +2,7 @@
 
 from b24queue.consumer import EventConsumer
 from b24queue.errors import B24QueueError
-from b24queue.events import Auth, Event
+from b24queue.events.event import Auth, Event
 from b24queue.portal.api import Portal, PortalError, PortalRetry
 from b24queue.retry import Reject, Retry
 from b24queue.settings import Settings, load_settings

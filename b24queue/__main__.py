@@ -1,3 +1,3 @@
-from b24queue.cli import main
+from b24queue.cli.main import main
 
 main()

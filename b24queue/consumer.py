@@ -4,11 +4,12 @@ reject an event: b24queue.retry)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from b24queue import _constants as c
 from b24queue.errors import ConfigError
-from b24queue.events import BINDING, MAX_EVENT_NAME, Event
+from b24queue.events.event import BINDING, MAX_EVENT_NAME, Event
 from b24queue.idempotency import SeenStore
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ MAX_DELAY_S = 7 * 24 * 3600
 # RabbitMQ's consumer_timeout (30 min by default) closes the channel of a delivery unacked for
 # longer and requeues everything on it: a handler must be stopped well before that.
 DEFAULT_HANDLE_TIMEOUT_S = 25 * 60
+MAX_PORTAL_WEIGHT = 100
 
 
 class EventConsumer:
@@ -42,6 +44,15 @@ class EventConsumer:
     max_deliveries: ClassVar[int] = 20
     # Opt-in duplicate suppression by message_id (b24queue.idempotency): None = off.
     idempotency: ClassVar[SeenStore | None] = None
+    # Handler slots go to the portals (`auth.member_id`) with events waiting in turn, across
+    # every worker process of the queue, on the transports that keep it (docs/fairness.md).
+    # False: first in, first out across portals.
+    fair_share: ClassVar[bool] = True
+    # At most this many events of one portal in handlers at once, across all worker processes
+    # (None: no cap): for handlers whose work hits that portal's REST limits anyway.
+    max_in_flight_per_portal: ClassVar[int | None] = None
+    # member_id -> weight (1..100, default 1): a portal of weight 3 gets 3 turns for another's 1.
+    portal_weights: ClassVar[Mapping[str, int]] = {}
 
     # Set by the worker before `on_start`: what `portal(event)` calls the portal with.
     portals: PortalProvider | None = None
@@ -77,6 +88,7 @@ class EventConsumer:
         cls._check_queue()
         cls._check_events()
         cls._check_numbers()
+        cls._check_fairness()
 
     @classmethod
     def _bad(cls, attr: str, why: str) -> ConfigError:
@@ -130,3 +142,29 @@ class EventConsumer:
         timeout = cls.handle_timeout_s
         if timeout is not None and (not isinstance(timeout, int | float) or not timeout > 0):
             raise cls._bad("handle_timeout_s", f"must be positive seconds or None, got {timeout!r}")
+
+    @classmethod
+    def _check_fairness(cls) -> None:
+        if not isinstance(cls.fair_share, bool):
+            raise cls._bad("fair_share", f"must be True or False, got {cls.fair_share!r}")
+        cap = cls.max_in_flight_per_portal
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise cls._bad("max_in_flight_per_portal", f"must be an int >= 1 or None, got {cap!r}")
+        if cap is not None and not cls.fair_share:
+            raise cls._bad("max_in_flight_per_portal", "needs fair_share = True")
+        weights = cls.portal_weights
+        if not isinstance(weights, Mapping):
+            raise cls._bad("portal_weights", "must be a mapping of member_id to weight")
+        for member_id, weight in weights.items():
+            if not isinstance(member_id, str) or not member_id:
+                raise cls._bad("portal_weights", f"has {member_id!r}: not a member_id")
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, int)
+                or not 1 <= weight <= MAX_PORTAL_WEIGHT
+            ):
+                raise cls._bad(
+                    "portal_weights",
+                    f"gives {member_id!r} {weight!r}: a weight is an int from 1 to "
+                    f"{MAX_PORTAL_WEIGHT}",
+                )

@@ -24,10 +24,10 @@ from typing import Any, Literal, Protocol
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.errors import BadEventError
-from b24queue.events import Event, mark_delivered
+from b24queue.events.event import Event, mark_delivered
 from b24queue.idempotency import SeenStore
-from b24queue.redaction import redact
 from b24queue.retry import Reject, Retry, delay_after, snap_delay
+from b24queue.secrets.redaction import redact
 from b24queue.timeouts import within
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ class _NoHeaders(dict[str, Any]):
 # The outcome of a handler that returned, on its first few attempts (the common case): made once.
 _ACKED = tuple(Outcome("ack", attempt, headers=_NoHeaders()) for attempt in range(8))
 
-Observer = Callable[[str, str, str, float], None]  # queue, event, outcome, seconds
+# queue, event, outcome, seconds it took, seconds it waited (None: not known or not measured)
+Observer = Callable[[str, str, str, float, float | None], None]
 
 
 async def process(
@@ -170,10 +171,21 @@ async def process(
 ) -> Outcome:
     """decide + settle, with one log line per outcome (and the metrics observer, if any)."""
     started = time.perf_counter()
+    waited = _waited(incoming) if observe is not None else None
     outcome = await decide(consumer, incoming, queue)
     await settler.settle(incoming, outcome)
-    _settled(incoming, queue, outcome, started, observe)
+    _settled(incoming, queue, outcome, started, observe, waited)
     return outcome
+
+
+def _waited(incoming: Incoming) -> float | None:
+    """Seconds since the ingress accepted a first attempt (the host clocks of the ingress and
+    the worker; never below 0); None for a retry, whose wait includes the delay it was given, or
+    a message without its acceptance time."""
+    accepted = incoming.accepted_at
+    if accepted is None or incoming.attempt != 1:
+        return None
+    return max(0.0, time.time() - accepted.timestamp())
 
 
 async def give_up(
@@ -201,13 +213,19 @@ async def give_up(
 
 
 def _settled(
-    incoming: Incoming, queue: str, outcome: Outcome, started: float, observe: Observer | None
+    incoming: Incoming,
+    queue: str,
+    outcome: Outcome,
+    started: float,
+    observe: Observer | None,
+    waited: float | None = None,
 ) -> None:
-    """The outcome's log line and its observation (the time since `started`)."""
+    """The outcome's log line and its observation (the time since `started`, and the wait
+    before it)."""
     duration_s = time.perf_counter() - started
     _log_outcome(incoming, queue, outcome, duration_s)
     if observe is not None:
-        observe(queue, incoming.routing_key, outcome.kind, duration_s)
+        observe(queue, incoming.routing_key, outcome.kind, duration_s, waited)
 
 
 def _decode(incoming: Incoming) -> Event:

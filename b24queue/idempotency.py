@@ -16,10 +16,9 @@ matters (an upsert, a unique key).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
+from b24queue.secrets.stores import RedisClient
 
 
 class SeenStore(Protocol):
@@ -48,7 +47,7 @@ class MemorySeenStore:
             self._keys.popitem(last=False)
 
 
-class RedisSeenStore:
+class RedisSeenStore(RedisClient):
     """Keys in Redis with a TTL, shared by every worker. Needs `pip install b24queue[redis]`."""
 
     def __init__(
@@ -58,25 +57,12 @@ class RedisSeenStore:
         ttl_s: int = 7 * 24 * 3600,
         prefix: str = "b24queue:seen:",
     ) -> None:
-        self.url = url
+        super().__init__(url)
         self.ttl_s = ttl_s
         self.prefix = prefix
-        self._client: Redis | None = None  # made on first use: constructors do no I/O
-
-    def _redis(self) -> Redis:
-        if self._client is None:
-            from redis.asyncio import Redis
-
-            self._client = Redis.from_url(self.url)
-        return self._client
 
     async def seen(self, key: str) -> bool:
         return bool(await self._redis().exists(self.prefix + key))
 
     async def remember(self, key: str) -> None:
         await self._redis().set(self.prefix + key, b"1", ex=self.ttl_s)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None

@@ -17,9 +17,10 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from b24queue import logs, redaction
 from b24queue.errors import EXIT_OK
+from b24queue.secrets import redaction
 from b24queue.settings import Settings
+from b24queue.telemetry import logs
 
 log = logging.getLogger(__name__)
 

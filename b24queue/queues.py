@@ -12,7 +12,8 @@ that routes by itself matches them with `topic_matches` (or `topic_regex`, in SQ
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from b24queue import _constants as c
@@ -29,6 +30,30 @@ def dlq_name(queue: str) -> str:
     return queue + c.DLQ_SUFFIX
 
 
+# What a queue keeps of a portal's member_id to group its events by (Bitrix24's are 32
+# characters); longer ones are cut, and portals alike up to here share one group.
+MAX_PORTAL_CHARS = 64
+
+
+def portal_key(member_id: object) -> str:
+    """The group an event's portal (`auth.member_id`, or its header) falls in: "" for none."""
+    return str(member_id)[:MAX_PORTAL_CHARS] if member_id else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Fairness:
+    """How a consumer's handler slots are shared among portals (`EventConsumer.fair_share`,
+    `max_in_flight_per_portal`, `portal_weights`; docs/fairness.md). `on` False: first in, first
+    out across portals, as the queue holds them."""
+
+    on: bool = False
+    cap: int | None = None  # events of one portal in handlers at once, across workers
+    weights: Mapping[str, int] = field(default_factory=dict)  # portal_key -> weight
+
+    def weight(self, portal: str) -> int:
+        return self.weights.get(portal, 1)
+
+
 @dataclass(frozen=True, slots=True)
 class QueueSpec:
     """What a consumer needs of the transport. `bindings` are routing keys or topic patterns."""
@@ -37,6 +62,7 @@ class QueueSpec:
     bindings: tuple[str, ...]
     retry_delays_s: tuple[float, ...]
     max_deliveries: int | None = None
+    fairness: Fairness = field(default_factory=Fairness, compare=False)
 
     @property
     def dlq(self) -> str:
@@ -52,6 +78,11 @@ def spec_for(consumer: type[EventConsumer]) -> QueueSpec:
         bindings=consumer.binding_keys(),
         retry_delays_s=tuple(float(d) for d in consumer.retry_delays_s),
         max_deliveries=consumer.max_deliveries,
+        fairness=Fairness(
+            on=consumer.fair_share,
+            cap=consumer.max_in_flight_per_portal,
+            weights={portal_key(k): int(w) for k, w in consumer.portal_weights.items()},
+        ),
     )
 
 
@@ -64,6 +95,18 @@ class DeclaredQueue:
     messages: int
     consumers: int
     arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredExchange:
+    """An exchange a transport routes events through (`DeclaresExchanges`), as `b24queue
+    topology` prints it: its kind, where an event no binding matches goes, the one queue it feeds
+    (if that is all it does)."""
+
+    name: str
+    kind: str  # topic, fanout
+    alternate: str | None = None
+    queue: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

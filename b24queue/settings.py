@@ -16,7 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from b24queue import _constants as c
 from b24queue.errors import ConfigError
 from b24queue.outbound.answers import VALUE_BYTES, Bounds
-from b24queue.redaction import WEBHOOK_PATH, redact_url, url_secrets
+from b24queue.secrets.redaction import WEBHOOK_PATH, redact_url, url_secrets
+from b24queue.secrets.stores import REDIS_URL_PREFIXES
 from b24queue.transports import registry
 from b24queue.transports.registry import TransportSettings
 
@@ -221,7 +222,7 @@ class Settings(TransportSettings, BaseSettings):
     @field_validator("portal_store")
     @classmethod
     def _check_portal_store(cls, value: str) -> str:
-        if not value.startswith(("sqlite:", "redis://", "rediss://", "unix://")):
+        if not value.startswith(("sqlite:", *REDIS_URL_PREFIXES)):
             # Not echoed: a Redis URL holds its password.
             raise ValueError("must look like sqlite:PATH or redis://[:password@]host:6379/0")
         return value
@@ -303,9 +304,10 @@ class Settings(TransportSettings, BaseSettings):
         return redact_url(registry.descriptor_of(self.broker_url).server_url(self))
 
     def secrets(self) -> tuple[str, ...]:
-        """Every secret value these settings hold, for `b24queue.redaction.remember`: tokens,
-        the client secret, webhook codes, the passwords of the URLs. RabbitMQ's default password
-        `guest` is no secret (and is its user name too: hiding it would hide that everywhere)."""
+        """Every secret value these settings hold, for `b24queue.secrets.redaction.remember`:
+        tokens, the client secret, webhook codes, the passwords of the URLs. RabbitMQ's default
+        password `guest` is no secret (and is its user name too: hiding it would hide that
+        everywhere)."""
         values = [*self.app_tokens, self.app_client_secret.get_secret_value()]
         values.append(self.send_token.get_secret_value())
         for webhook in self.portal_webhooks.get_secret_value().split(","):

@@ -19,8 +19,8 @@ from typing import Any
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, decide
-from b24queue.envelope import envelope_for
-from b24queue.events import FORM_TYPE, Event, parse_event
+from b24queue.events.envelope import envelope_for
+from b24queue.events.event import FORM_TYPE, Event, parse_event
 
 TEST_TOKEN = "test-application-token"  # noqa: S105 - a fixture value, not a secret
 

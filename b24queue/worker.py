@@ -14,15 +14,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from b24queue import redaction
 from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError
-from b24queue.metrics import WorkerMetrics
 from b24queue.portal.api import PortalProvider
 from b24queue.portal.clients import PortalClients
 from b24queue.queues import DeclaredQueue
+from b24queue.secrets import redaction
 from b24queue.settings import Settings
-from b24queue.transports import Runner, WorkerSession, transport_for
+from b24queue.telemetry.metrics import WorkerMetrics
+from b24queue.transports import Runner, WorkerSession, check_fairness, transport_for
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,14 @@ class Worker:
         return ",".join(cls.queue for cls in self.classes)
 
     async def __aenter__(self) -> Worker:
+        transport = transport_for(self.settings)
+        check_fairness(transport, self.classes)
         if self._portals is None:
             own = PortalClients(self.settings, observer=self.metrics)
             self._own_portals = await own.__aenter__()
         portals = self._portals or self._own_portals
         try:
-            session = self._session = await transport_for(self.settings).open_workers(self.classes)
+            session = self._session = await transport.open_workers(self.classes)
         except BaseException:
             await self._close()
             raise

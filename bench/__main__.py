@@ -24,7 +24,7 @@ from typing import Any
 import aio_pika
 
 from b24queue import EventConsumer
-from b24queue.forms import encode_form
+from b24queue.events.forms import encode_form
 from b24queue.queues import QueueSpec
 from b24queue.settings import load_settings
 from b24queue.transports.amqp.topology import declare_consumer_queues, declare_exchanges
@@ -41,9 +41,13 @@ def free_port() -> int:
         return port
 
 
-def deal_body(token: str) -> bytes:
-    """A Bitrix24-shaped ONCRMDEALUPDATE body (what a bulk edit sends 10,000 times)."""
-    domain = "acme.bitrix24.com"
+def deal_body(
+    token: str,
+    domain: str = "acme.bitrix24.com",
+    member_id: str = "5f2a9c3e1b7d4a6f8e0c2b4d6f8a0c1e",
+) -> bytes:
+    """A Bitrix24-shaped ONCRMDEALUPDATE body (what a bulk edit sends 10,000 times), from the
+    portal `domain` whose id is `member_id`."""
     return encode_form(
         {
             "event": "ONCRMDEALUPDATE",
@@ -59,7 +63,7 @@ def deal_body(token: str) -> bytes:
                 "server_endpoint": "https://oauth.bitrix.info/rest/",
                 "status": "L",
                 "client_endpoint": f"https://{domain}/rest/",
-                "member_id": "5f2a9c3e1b7d4a6f8e0c2b4d6f8a0c1e",
+                "member_id": member_id,
                 "user_id": "1",
                 "refresh_token": "a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1",
                 "application_token": token,

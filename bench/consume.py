@@ -31,9 +31,10 @@ from typing import Any
 import aio_pika
 
 import b24queue
-from b24queue import Event, EventConsumer, logs
+from b24queue import Event, EventConsumer
 from b24queue.queues import QueueSpec
 from b24queue.settings import load_settings
+from b24queue.telemetry import logs
 from b24queue.transports.amqp.topology import declare_consumer_queues, declare_exchanges
 from bench.__main__ import amqp_call, fill, purge
 
@@ -41,9 +42,8 @@ try:
     from b24queue.process import loop_factory
     from b24queue.worker import Worker
 except ImportError:  # a --compare-src tree from before b24queue.process and b24queue.worker
-    from b24queue.runtime import Worker  # type: ignore[import-not-found,no-redef]
-
     from b24queue.commands import loop_factory  # type: ignore[attr-defined,no-redef]
+    from b24queue.runtime import Worker  # type: ignore[import-not-found,no-redef]
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENT_JSON = json.dumps(

@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -108,6 +109,20 @@ def worker_pieces(m: dict[str, ModuleType]) -> dict[str, Callable[[int], Any]]:
         for _ in range(n):
             await delivery.process(consumer, incoming, "q", settled, None)
 
+    # As a worker with metrics runs it: the event's acceptance time known, its observations made.
+    accepted = delivery.Incoming(
+        body=EVENT_JSON,
+        message_id="w1",
+        routing_key="ONCRMDEALUPDATE",
+        headers={},
+        accepted_at=datetime.now(UTC),
+    )
+
+    async def metered(n: int) -> None:
+        consumer, settled, observe = NoOp(), Settled(), m["metrics"].WorkerMetrics().observe
+        for _ in range(n):
+            await delivery.process(consumer, accepted, "q", settled, observe)
+
     async def log_lines(n: int) -> None:
         for start in range(0, n, 64):  # a burst of events per turn of the loop, as in a worker
             for _ in range(min(64, n - start)):
@@ -118,6 +133,7 @@ def worker_pieces(m: dict[str, ModuleType]) -> dict[str, Callable[[int], Any]]:
         "worker: Event.from_json": repeat(lambda: m["events"].Event.from_json(EVENT_JSON)),
         "worker: outcome log line": log_lines,
         "worker: delivery.process": process,
+        "worker: delivery.process, metered": metered,
         "worker: runner hand-off": hand_off(m["runner"], NoOp, Settled),
     }
 

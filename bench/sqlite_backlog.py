@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from b24queue.envelope import envelope_for
+from b24queue.events.envelope import envelope_for
 from b24queue.testing import make_event
 from b24queue.transports.sqlite import queue as q
 from b24queue.transports.sqlite.db import connect
@@ -101,7 +101,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def worker_process(claims_file: str) -> None:
     """`b24queue worker bench.noop:Noop`, with each claim timed (this process only)."""
-    from b24queue import cli
+    from b24queue.cli import main as cli
 
     timings: list[tuple[float, int]] = []
     claim = q.claim

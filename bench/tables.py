@@ -89,7 +89,9 @@ def postgres_sql(statement: str) -> Any:
 
 
 @contextmanager
-def sqlite_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[], int]]]:
+def sqlite_queue(
+    tmp: Path, body: bytes, queue: str = "", baseline: bool = True
+) -> Iterator[tuple[str, float, Callable[[], int]]]:
     db = tmp / "queue.sqlite3"
 
     def left() -> int:
@@ -99,11 +101,13 @@ def sqlite_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[
         finally:
             conn.close()
 
-    yield f"sqlite:{db}", sqlite_baseline(tmp / "plain.db", 2000, body), left
+    yield f"sqlite:{db}", (sqlite_baseline(tmp / "plain.db", 2000, body) if baseline else 0.0), left
 
 
 @contextmanager
-def postgres_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[], int]]]:
+def postgres_queue(
+    tmp: Path, body: bytes, queue: str = "", baseline: bool = True
+) -> Iterator[tuple[str, float, Callable[[], int]]]:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     postgres_sql(f'CREATE SCHEMA "{schema}"')
     try:
@@ -112,7 +116,7 @@ def postgres_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callabl
             return int(postgres_sql(f'SELECT count(*) FROM "{schema}".messages'))
 
         os.environ["B24QUEUE_POSTGRES_SCHEMA"] = schema
-        yield POSTGRES_URL, postgres_baseline(schema, 2000, body), left
+        yield POSTGRES_URL, (postgres_baseline(schema, 2000, body) if baseline else 0.0), left
     finally:
         os.environ.pop("B24QUEUE_POSTGRES_SCHEMA", None)
         postgres_sql(f'DROP SCHEMA "{schema}" CASCADE')
@@ -133,8 +137,12 @@ def redis_baseline(url: str, count: int, body: bytes) -> float:
 
 
 @contextmanager
-def redis_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[], int]]]:
-    """A Redis of the benchmark's own, persistent as b24queue needs it."""
+def redis_queue(
+    tmp: Path, body: bytes, queue: str = "", baseline: bool = True
+) -> Iterator[tuple[str, float, Callable[[], int]]]:
+    """A Redis of the benchmark's own, persistent as b24queue needs it. Each context manager of
+    QUEUES yields the broker URL, the baseline (events/s; 0.0 when `baseline` is false) and how
+    many events of `queue` (default bench.tables) are still to be handled."""
     import redis
 
     from tests.support.redis_server import redis_server
@@ -143,10 +151,10 @@ def redis_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[
         client = redis.Redis.from_url(server.url)
 
         def left() -> int:  # entries still in the stream: not yet acked (XACK + XDEL)
-            return int(client.xlen("b24queue:q:" + QUEUE))
+            return int(client.xlen("b24queue:q:" + (queue or QUEUE)))
 
         try:
-            yield server.url, redis_baseline(server.url, 2000, body), left
+            yield server.url, (redis_baseline(server.url, 2000, body) if baseline else 0.0), left
         finally:
             client.close()
 
@@ -155,10 +163,12 @@ QUEUE = "bench.tables"
 
 
 @contextmanager
-def kafka_queue(tmp: Path, body: bytes) -> Iterator[tuple[str, float, Callable[[], int]]]:
+def kafka_queue(
+    tmp: Path, body: bytes, queue: str = "", baseline: bool = True
+) -> Iterator[tuple[str, float, Callable[[], int]]]:
     from bench.kafka_queue import kafka_queue as tansu_queue
 
-    with tansu_queue(tmp, body, QUEUE) as found:
+    with tansu_queue(tmp, body, queue or QUEUE, baseline) as found:
         yield found
 
 
@@ -170,6 +180,35 @@ QUEUES = {
 }
 
 
+def server_env(url: str, tmp: Path) -> dict[str, str]:
+    """The environment of the ingress and the worker on the queue at `url` (tmp: the spool's
+    directory), with nothing of the caller's B24QUEUE_* but the schema a queue above set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("B24QUEUE_")}
+    env.update(
+        {
+            "B24QUEUE_BROKER_URL": url,
+            "B24QUEUE_APP_TOKENS": TOKEN,
+            "B24QUEUE_LOG_LEVEL": "WARNING",
+            "B24QUEUE_PUBLISH_TIMEOUT_S": "5",
+            "B24QUEUE_SPOOL_PATH": str(tmp / "spool.sqlite3"),
+        }
+    )
+    if "B24QUEUE_POSTGRES_SCHEMA" in os.environ:
+        env["B24QUEUE_POSTGRES_SCHEMA"] = os.environ["B24QUEUE_POSTGRES_SCHEMA"]
+    return env
+
+
+def topology(env: dict[str, str], *consumers: str) -> None:
+    """`b24queue topology` of the consumers (module:Class), in `env`."""
+    subprocess.run(
+        [sys.executable, "-m", "b24queue", "topology", *consumers],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
 def run(name: str, requests: int, concurrency: int) -> dict[str, Any]:
     body = deal_body(TOKEN)
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -178,26 +217,8 @@ def run(name: str, requests: int, concurrency: int) -> dict[str, Any]:
         body_file.write_bytes(body)
         with QUEUES[name](tmp, body) as (url, baseline, left):
             results: dict[str, Any] = {f"plain_{name}_commit_per_event_per_s": baseline}
-            env = {k: v for k, v in os.environ.items() if not k.startswith("B24QUEUE_")}
-            env.update(
-                {
-                    "B24QUEUE_BROKER_URL": url,
-                    "B24QUEUE_APP_TOKENS": TOKEN,
-                    "B24QUEUE_LOG_LEVEL": "WARNING",
-                    "B24QUEUE_PUBLISH_TIMEOUT_S": "5",
-                    "B24QUEUE_SPOOL_PATH": str(tmp / "spool.sqlite3"),
-                }
-            )
-            if "B24QUEUE_POSTGRES_SCHEMA" in os.environ:
-                env["B24QUEUE_POSTGRES_SCHEMA"] = os.environ["B24QUEUE_POSTGRES_SCHEMA"]
-            py = sys.executable
-            subprocess.run(
-                [py, "-m", "b24queue", "topology", "bench.noop:Noop"],
-                env=env,
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-            )
+            env = server_env(url, tmp)
+            topology(env, "bench.noop:Noop")
             for label in ("saturated", "half_rate"):
                 wanted = None if label == "saturated" else results["saturated"]["rps"] / 2
                 results[label] = one_round(

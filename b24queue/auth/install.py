@@ -28,13 +28,13 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from b24queue.errors import ConfigError, UnauthorizedError
-from b24queue.events import Event
+from b24queue.events.event import Event
 from b24queue.limits import KeyedLimiter, LogBudget, TokenBucket
-from b24queue.logs import client_text
 from b24queue.outbound.answers import AnswerError, Bounds, Redirected, check_redirect, read_json
 from b24queue.outbound.hosts import is_ip_literal, normalise_host
 from b24queue.outbound.resolver import GuardedResolver
 from b24queue.settings import Settings
+from b24queue.telemetry.logs import client_text
 
 log = logging.getLogger(__name__)
 

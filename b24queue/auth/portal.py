@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 from b24queue.auth.store import PortalRecord, TokenStore
 from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import StoreUnavailableError, UnauthorizedError
-from b24queue.events import Event
+from b24queue.events.event import Event
 from b24queue.limits import LogBudget
 from b24queue.outbound.hosts import same_host, url_host
 

@@ -4,28 +4,16 @@ replica for install durability)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from b24queue.auth.record import PortalRecord, decode_record
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
+from b24queue.secrets.stores import RedisClient
 
 
-class RedisTokenStore:
+class RedisTokenStore(RedisClient):
     """One JSON value per portal under `prefix` + member_id."""
 
     def __init__(self, url: str, prefix: str = "b24queue:portal:") -> None:
-        self.url = url
+        super().__init__(url)
         self.prefix = prefix
-        self._client: Redis | None = None
-
-    def _redis(self) -> Redis:
-        if self._client is None:
-            from redis.asyncio import Redis
-
-            self._client = Redis.from_url(self.url)
-        return self._client
 
     async def get(self, member_id: str) -> PortalRecord | None:
         raw = await self._redis().get(self.prefix + member_id)
@@ -77,11 +65,6 @@ class RedisTokenStore:
             if raw:
                 records.append(decode_record(raw))
         return sorted(records, key=lambda r: r.installed_at)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
 
 # Compare-and-set on the stored token, atomically in Redis.

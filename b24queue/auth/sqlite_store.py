@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from b24queue._files import private_file
 from b24queue.auth.record import PortalRecord
+from b24queue.secrets.stores import SqliteFile, open_sqlite
 
 # Columns added after the first version: a store made by an older version gets them.
 _ADDED = (
@@ -20,35 +18,15 @@ _ADDED = (
 )
 
 
-class SqliteTokenStore:
-    """One file for one host: its ingress and workers (WAL, fsync at every commit)."""
+class SqliteTokenStore(SqliteFile):
+    """One file for one host: its ingress and workers (WAL, fsync at every commit). Private:
+    every portal's token is in here."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b24queue-portals")
+        super().__init__(path, "b24queue-portals")
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            private_file(self.path)  # every portal's token is in here
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS portals (member_id TEXT PRIMARY KEY, "
-                "domain TEXT NOT NULL, token TEXT NOT NULL, installed_at TEXT NOT NULL)"
-            )
-            have = {row[1] for row in db.execute("PRAGMA table_info(portals)")}
-            for column, kind, default in _ADDED:
-                if column not in have:  # a store made by an older version
-                    db.execute(
-                        f"ALTER TABLE portals ADD COLUMN {column} {kind} NOT NULL DEFAULT {default}"
-                    )
-            self._db = db
-        return self._db
+    def _open(self) -> sqlite3.Connection:
+        return open_sqlite(self.path, _create)
 
     async def get(self, member_id: str) -> PortalRecord | None:
         row = await self._run(self._get, member_id)
@@ -141,14 +119,16 @@ class SqliteTokenStore:
         sql = f"SELECT {_COLUMNS} FROM portals ORDER BY installed_at"  # noqa: S608
         return [tuple(r) for r in self._conn().execute(sql)]
 
-    async def close(self) -> None:
-        def close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
 
-        await self._run(close)
-        self._thread.shutdown(wait=True)
+def _create(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS portals (member_id TEXT PRIMARY KEY, "
+        "domain TEXT NOT NULL, token TEXT NOT NULL, installed_at TEXT NOT NULL)"
+    )
+    have = {row[1] for row in db.execute("PRAGMA table_info(portals)")}
+    for column, kind, default in _ADDED:
+        if column not in have:  # a store made by an older version
+            db.execute(f"ALTER TABLE portals ADD COLUMN {column} {kind} NOT NULL DEFAULT {default}")
 
 
 _COLUMNS = (

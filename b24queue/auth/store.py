@@ -17,8 +17,7 @@ from typing import Protocol
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.redis_store import RedisTokenStore
 from b24queue.auth.sqlite_store import SqliteTokenStore
-from b24queue.errors import ConfigError
-from b24queue.redaction import redact_url
+from b24queue.secrets.stores import store_at
 
 __all__ = ["PortalRecord", "RedisTokenStore", "SqliteTokenStore", "TokenStore", "open_store"]
 
@@ -66,11 +65,5 @@ class TokenStore(Protocol):
 
 def open_store(spec: str) -> TokenStore:
     """`sqlite:PATH` or `redis://…` (from B24QUEUE_PORTAL_STORE)."""
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisTokenStore(spec)
-    if spec.startswith("sqlite:"):
-        return SqliteTokenStore(Path(spec.removeprefix("sqlite:")))
-    raise ConfigError(
-        f"B24QUEUE_PORTAL_STORE: {redact_url(spec)!r} is neither sqlite:PATH nor "
-        "redis://HOST:PORT/DB"
-    )
+    where = store_at(spec)
+    return SqliteTokenStore(where) if isinstance(where, Path) else RedisTokenStore(where)

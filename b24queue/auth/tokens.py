@@ -12,7 +12,7 @@ import logging
 from typing import Protocol
 
 from b24queue.errors import ConfigError, UnauthorizedError
-from b24queue.events import Event
+from b24queue.events.event import Event
 from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)

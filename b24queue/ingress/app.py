@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from b24queue.auth.tokens import TokenVerifier
-from b24queue.envelope import EventSink, envelope_for
 from b24queue.errors import (
     BadEventError,
     BrokerUnavailableError,
@@ -23,12 +22,13 @@ from b24queue.errors import (
     StoreUnavailableError,
     UnauthorizedError,
 )
-from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
+from b24queue.events.envelope import EventSink, envelope_for
+from b24queue.events.event import FORM_TYPE, JSON_TYPE, Event, parse_event
 from b24queue.limits import KeyedLimiter, LogBudget
-from b24queue.logs import client_text
-from b24queue.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from b24queue.metrics import EventLabels, IngressMetrics
 from b24queue.settings import Settings
+from b24queue.telemetry.logs import client_text
+from b24queue.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from b24queue.telemetry.metrics import EventLabels, IngressMetrics
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from b24queue.envelope import Envelope, EventSink
 from b24queue.errors import BrokerUnavailableError, PublishError, SpoolFullError
+from b24queue.events.envelope import Envelope, EventSink
 from b24queue.ingress.spool import Spool
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from types import FrameType
 from b24queue.auth.tokens import verifier_from_settings
 from b24queue.errors import EXIT_FAILURE, B24QueueError
 from b24queue.ingress.spool import merge_stray_spools
-from b24queue.metrics import forget_process
 from b24queue.settings import ENV_PREFIX, Settings
+from b24queue.telemetry.metrics import forget_process
 
 
 class ListenError(B24QueueError):

@@ -17,18 +17,18 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from b24queue import redaction
 from b24queue.auth.install import PortalCallback
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import open_store
 from b24queue.auth.tokens import StaticTokens, TokenVerifier, verifier_from_settings
-from b24queue.envelope import EventSink
+from b24queue.events.envelope import EventSink
 from b24queue.ingress.app import create_app, serve
 from b24queue.ingress.fallback import SpoolingSink
 from b24queue.ingress.spool import Spool, merge_stray_spools, slot_path
-from b24queue.metrics import IngressMetrics
 from b24queue.process import until_stopped
+from b24queue.secrets import redaction
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import IngressMetrics
 from b24queue.transports import connection_name, transport_for
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ same file: kept, counted, shown by `b24queue spool list` and `status`, replayabl
 Files are private (0600: bodies carry access tokens). Each open spool holds an exclusive lock on
 `<file>.lock`, so two ingress processes never share a spool, and merging skips a stray file that a
 running process still owns. A spool file is only ever read if only we could have written it (ours,
-0600, not a symbolic link: b24queue._files), so a file another user planted in a shared folder is
-never merged, listed or replayed, and is named in a warning instead.
+0600, not a symbolic link: b24queue.secrets.files), so a file another user planted in a shared
+folder is never merged, listed or replayed, and is named in a warning instead.
 """
 
 from __future__ import annotations
@@ -29,41 +29,35 @@ import logging
 import os
 import re
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from b24queue._files import NotPrivateError, open_private, private_file, side_files
-from b24queue.envelope import Envelope
 from b24queue.errors import ConfigError, SpoolFullError
-from b24queue.redaction import redact
+from b24queue.events.envelope import Envelope
+from b24queue.secrets.files import NotPrivateError, open_private, private_file, side_files
+from b24queue.secrets.redaction import redact
+from b24queue.secrets.stores import SqliteFile, open_sqlite
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS spool (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+# A spooled event's columns (`_COLUMNS`): in the spool, and in quarantine with why and when.
+_ROW = """
     message_id TEXT NOT NULL,
     routing_key TEXT NOT NULL,
     body BLOB NOT NULL,
     headers TEXT NOT NULL,
     timestamp TEXT NOT NULL,
     event_type TEXT NOT NULL,
-    spooled_at TEXT NOT NULL
+    spooled_at TEXT NOT NULL"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS spool (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,{_ROW}
 )
 """
-_QUARANTINE_SCHEMA = """
+_QUARANTINE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY,
-    message_id TEXT NOT NULL,
-    routing_key TEXT NOT NULL,
-    body BLOB NOT NULL,
-    headers TEXT NOT NULL,
-    timestamp TEXT NOT NULL,
-    event_type TEXT NOT NULL,
-    spooled_at TEXT NOT NULL,
+    id INTEGER PRIMARY KEY,{_ROW},
     reason TEXT NOT NULL,
     quarantined_at TEXT NOT NULL
 )
@@ -119,17 +113,14 @@ def lock_spool(path: Path) -> SpoolLock:
     return lock
 
 
-class Spool:
+class Spool(SqliteFile):
     def __init__(self, path: Path, max_events: int) -> None:
-        self.path = path
+        super().__init__(path, "b24queue-spool")
         self.max_events = max_events
         self.not_empty = asyncio.Event()
         self._count = 0
         self.quarantined = 0
         self._lock: SpoolLock | None = None
-        self._db: sqlite3.Connection | None = None
-        # One thread owns the SQLite connection: every statement runs there, in order.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b24queue-spool")
         self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -144,7 +135,7 @@ class Spool:
     async def __aenter__(self) -> Spool:
         self._lock = lock_spool(self.path)
         try:
-            self._count, self.quarantined = await self._run(self._open)
+            self._count, self.quarantined = await self._run(self._counts)
         except BaseException:
             self._lock.release()
             raise
@@ -168,23 +159,17 @@ class Spool:
         for _, future in self._pending:
             if not future.done():
                 future.set_exception(SpoolFullError("spool closed"))
-        await self._run(self._close)
-        self._thread.shutdown(wait=True)
+        await self.close()
         if self._lock is not None:
             self._lock.release()
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+    def _open(self) -> sqlite3.Connection:
+        return _connect(self.path)
 
-    def _open(self) -> tuple[int, int]:
-        db = self._db = _connect(self.path)
+    def _counts(self) -> tuple[int, int]:
+        db = self._conn()
         count = int(db.execute("SELECT count(*) FROM spool").fetchone()[0])
         return count, int(db.execute("SELECT count(*) FROM quarantine").fetchone()[0])
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     async def put(self, envelope: Envelope) -> None:
         """Return once the event is on disk (fsync'd); `SpoolFullError` if there is no room."""
@@ -219,18 +204,7 @@ class Spool:
     def _insert(self, envelopes: list[Envelope]) -> None:
         assert self._db is not None
         now = datetime.now(UTC).isoformat()
-        rows = [
-            (
-                e.message_id,
-                e.routing_key,
-                e.body,
-                json.dumps(e.headers),
-                e.timestamp.isoformat(),
-                e.event_type,
-                now,
-            )
-            for e in envelopes
-        ]
+        rows = [(*e.stored(), now) for e in envelopes]
         with self._db:  # one transaction, one fsync
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
@@ -304,20 +278,15 @@ def envelope_of(row: tuple[Any, ...]) -> Envelope:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """A spool database, created if need be: private, WAL, fsync at every commit (a 200 must
-    survive a crash), the tables in place. Autocommit: callers open their own transactions."""
-    private_file(path)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("PRAGMA busy_timeout=5000")  # `b24queue spool` may read it meanwhile
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(_SCHEMA)
-        db.execute(_QUARANTINE_SCHEMA)
-    except BaseException:
-        db.close()
-        raise
-    return db
+    """A spool database, created if need be (`stores.open_sqlite`: private, WAL, fsync
+    at every commit: a 200 must survive a crash), the tables in place; other processes' locks
+    waited for 5 s (`b24queue spool` may read it meanwhile)."""
+    return open_sqlite(path, _create, timeout_s=5.0)
+
+
+def _create(db: sqlite3.Connection) -> None:
+    db.execute(_SCHEMA)
+    db.execute(_QUARANTINE_SCHEMA)
 
 
 def slot_path(path: Path, slot: int) -> Path:
@@ -347,7 +316,7 @@ def stray_spools(path: Path, keep: int) -> list[Path]:
 
 def readable_spool(path: Path) -> bool:
     """True for an existing spool file that only we could have written, and its side files
-    (b24queue._files.open_private); False, with a warning naming it and why, for one another
+    (b24queue.secrets.files.open_private); False, with a warning naming it and why, for one another
     user could have written (planted in a shared folder: its events may be forged)."""
     for name in (path, *side_files(path)):
         try:

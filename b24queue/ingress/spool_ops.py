@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.events.envelope import Envelope
 from b24queue.ingress.spool import envelope_of, spool_files
-from b24queue.redaction import redact
+from b24queue.secrets.redaction import redact
 from b24queue.settings import Settings
-from b24queue.status import SpoolRow
 from b24queue.transports import Publisher, connection_name, transport_for
+from b24queue.transports.status import SpoolRow
 
 _ROW = "id, message_id, routing_key, length(body), spooled_at, reason, quarantined_at"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import open_store
 from b24queue.errors import ConfigError
-from b24queue.events import EVENT_NAME, MAX_EVENT_NAME, Event
+from b24queue.events.event import EVENT_NAME, MAX_EVENT_NAME, Event
 from b24queue.offline.puller import Caller
 from b24queue.portal.api import PortalError
 from b24queue.portal.client import PortalClient

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from b24queue.events import EVENT_NAME, MAX_EVENT_NAME
+from b24queue.events.event import EVENT_NAME, MAX_EVENT_NAME
 from b24queue.offline.bind import installed_portal
 from b24queue.offline.puller import Caller
 from b24queue.settings import Settings

@@ -14,12 +14,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from b24queue.auth.store import open_store
-from b24queue.metrics import OfflineMetrics
 from b24queue.offline.service import OfflineService, wake_consumer
 from b24queue.portal.clients import PortalClients
 from b24queue.portal.state import open_state
 from b24queue.process import until_stopped
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import OfflineMetrics
 from b24queue.transports import connection_name, transport_for
 from b24queue.worker import Worker
 

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from b24queue.envelope import Envelope, EventSink
 from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.events.envelope import Envelope, EventSink
 from b24queue.offline.records import (
     BadBatch,
     Batch,

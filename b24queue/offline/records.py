@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 
 from b24queue import _constants as c
-from b24queue.envelope import TOKEN_KEY_JSON, Envelope, without_tokens
-from b24queue.events import EVENT_NAME, MAX_EVENT_NAME
+from b24queue.events.envelope import TOKEN_KEY_JSON, Envelope, without_tokens
+from b24queue.events.event import EVENT_NAME, MAX_EVENT_NAME
 
 H_OFFLINE = "x-b24queue-offline"  # "1" on every message pulled from an offline queue
 H_OFFLINE_MESSAGE_ID = "x-b24-offline-message-id"

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
 from b24queue.consumer import EventConsumer
-from b24queue.envelope import EventSink, token_digest
 from b24queue.errors import B24QueueError, BadEventError, BrokerUnavailableError
-from b24queue.events import Event
-from b24queue.metrics import OfflineMetrics
+from b24queue.events.envelope import EventSink, token_digest
+from b24queue.events.event import Event
 from b24queue.offline.bind import bind_events, portal_event
 from b24queue.offline.puller import Caller, Puller, Target
 from b24queue.offline.records import BadBatch
@@ -36,6 +35,7 @@ from b24queue.portal.api import NoCredentials, PortalRetry
 from b24queue.portal.state import SharedState
 from b24queue.portal.tenant import came_with
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import OfflineMetrics
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from b24queue.errors import B24QueueError
-from b24queue.logs import client_text
+from b24queue.telemetry.logs import client_text
 
 # The memory a decoded value may take, at most (CPython 3.11, 64-bit: a one-key object 184
 # bytes, an empty one 64 plus its 8 in the array holding it; a number 32; a short text 60).

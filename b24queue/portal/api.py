@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from b24queue.errors import B24QueueError
-from b24queue.events import Event
+from b24queue.events.event import Event
 from b24queue.retry import Retry
 
 MAX_DESCRIPTION = 200
@@ -66,7 +66,7 @@ class Portal(Protocol):
 
 
 class PortalObserver(Protocol):
-    """What the portal clients report (b24queue.metrics.WorkerMetrics is one)."""
+    """What the portal clients report (b24queue.telemetry.metrics.WorkerMetrics is one)."""
 
     def portal_answered(self, answer: str) -> None:
         """One request answered: `ok`, or one of `ANSWERS` (anything else is `error`)."""

@@ -23,8 +23,8 @@ import aiohttp
 
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
-from b24queue.events import Event
-from b24queue.forms import encode_form
+from b24queue.events.event import Event
+from b24queue.events.forms import encode_form
 from b24queue.outbound.answers import (
     AnswerBudget,
     AnswersBusy,
@@ -41,7 +41,7 @@ from b24queue.portal.limits import Limit
 from b24queue.portal.oauth import Refresher
 from b24queue.portal.state import SharedState
 from b24queue.portal.tenant import credentials
-from b24queue.redaction import redact
+from b24queue.secrets.redaction import redact
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractResolver
 
 from b24queue.auth.store import TokenStore, open_store
 from b24queue.errors import ConfigError
-from b24queue.events import Event
+from b24queue.events.event import Event
 from b24queue.outbound.answers import AnswerBudget
 from b24queue.outbound.hosts import is_ip_literal
 from b24queue.outbound.resolver import GuardedResolver

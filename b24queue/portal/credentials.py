@@ -7,7 +7,7 @@ An inbound webhook (B24QUEUE_PORTAL_WEBHOOKS, https://<portal>/rest/<user>/<code
 for events of a portal with no OAuth record, chosen by the event's domain, and only for an event
 that came with the application token paired with it (the ingress lets in any event carrying any
 configured token, whatever domain it names). The code in a webhook URL is a password: it is
-never shown (b24queue.redaction hides it).
+never shown (b24queue.secrets.redaction hides it).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from b24queue.auth.record import PortalRecord
-from b24queue.envelope import token_digest
 from b24queue.errors import ConfigError
+from b24queue.events.envelope import token_digest
 from b24queue.outbound.hosts import normalise_host, same_host
-from b24queue.redaction import WEBHOOK_PATH
+from b24queue.secrets.redaction import WEBHOOK_PATH
 
 # The application token paired with a webhook, after its '#': printable, no ',' '#' or space.
 _APP_TOKEN = re.compile(r"[\x21-\x22\x24-\x2b\x2d-\x7e]{1,256}")

@@ -20,7 +20,7 @@ from b24queue.outbound.answers import (
     read_bounded,
 )
 from b24queue.portal.api import PortalError
-from b24queue.redaction import redact
+from b24queue.secrets.redaction import redact
 from b24queue.settings import Settings
 
 OAUTH_TIMEOUT_S = 10.0

@@ -4,12 +4,8 @@ for the lease. Keys expire once idle; none matches the store's own `b24queue:por
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from b24queue.portal.limits import Limit
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
+from b24queue.secrets.stores import RedisClient
 
 # KEYS[1] bucket; ARGV: capacity, drain/s, max wait s, idle ms. Returns the wait in microseconds
 # as a string, or -1 when over the wait (nothing reserved). Same arithmetic as limits.reserve.
@@ -37,18 +33,10 @@ return 0
 """
 
 
-class RedisState:
+class RedisState(RedisClient):
     def __init__(self, url: str, prefix: str = "b24queue:portal-state:") -> None:
-        self.url = url
+        super().__init__(url)
         self.prefix = prefix
-        self._client: Redis | None = None
-
-    def _redis(self) -> Redis:
-        if self._client is None:
-            from redis.asyncio import Redis
-
-            self._client = Redis.from_url(self.url)
-        return self._client
 
     async def reserve(self, key: str, limit: Limit) -> float | None:
         args = (limit.capacity, limit.drain_per_s, limit.max_wait_s, int(limit.idle_s * 1000))
@@ -68,8 +56,3 @@ class RedisState:
 
     async def release(self, key: str, owner: str) -> None:
         await self._redis().eval(_RELEASE_LUA, 1, self.prefix + "lease:" + key, owner)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None

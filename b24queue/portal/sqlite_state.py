@@ -7,45 +7,22 @@ connection commits with synchronous=NORMAL, unlike the tokens beside it.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from b24queue._files import private_file
 from b24queue.portal.limits import Limit, reserve
+from b24queue.secrets.stores import SqliteFile, open_sqlite
 
 
-class SqliteState:
+class SqliteState(SqliteFile):
     def __init__(self, path: Path, clock: Any = time.time) -> None:
-        self.path = path
+        super().__init__(path, "b24queue-limits")
         self._clock = clock
-        self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b24queue-limits")
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            private_file(self.path)
-            db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=10
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS portal_buckets (key TEXT PRIMARY KEY, "
-                "level REAL NOT NULL, stamp REAL NOT NULL)"
-            )
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS portal_leases (key TEXT PRIMARY KEY, "
-                "owner TEXT NOT NULL, until REAL NOT NULL)"
-            )
-            self._db = db
-        return self._db
+    def _open(self) -> sqlite3.Connection:
+        return open_sqlite(self.path, _create, synchronous="NORMAL", timeout_s=10)
 
     async def reserve(self, key: str, limit: Limit) -> float | None:
         wait: float | None = await self._run(self._reserve, key, limit)
@@ -98,11 +75,13 @@ class SqliteState:
         sql = "DELETE FROM portal_leases WHERE key = ? AND owner = ?"
         await self._run(lambda: self._conn().execute(sql, (key, owner)))
 
-    async def close(self) -> None:
-        def close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
 
-        await self._run(close)
-        self._thread.shutdown(wait=True)
+def _create(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS portal_buckets (key TEXT PRIMARY KEY, "
+        "level REAL NOT NULL, stamp REAL NOT NULL)"
+    )
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS portal_leases (key TEXT PRIMARY KEY, "
+        "owner TEXT NOT NULL, until REAL NOT NULL)"
+    )

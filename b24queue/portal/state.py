@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from b24queue.errors import ConfigError
 from b24queue.portal.limits import Limit
+from b24queue.secrets.stores import store_at
 
 
 class SharedState(Protocol):
@@ -32,14 +32,11 @@ class SharedState(Protocol):
 
 def open_state(spec: str) -> SharedState:
     """Beside the portal store (B24QUEUE_PORTAL_STORE): `sqlite:PATH` or `redis://…`."""
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    where = store_at(spec)
+    if isinstance(where, str):
         from b24queue.portal.redis_state import RedisState
 
-        return RedisState(spec)
-    if spec.startswith("sqlite:"):
-        from pathlib import Path
+        return RedisState(where)
+    from b24queue.portal.sqlite_state import SqliteState
 
-        from b24queue.portal.sqlite_state import SqliteState
-
-        return SqliteState(Path(spec.removeprefix("sqlite:")))
-    raise ConfigError(f"B24QUEUE_PORTAL_STORE: {spec[:100]!r} is neither sqlite:PATH nor redis://")
+    return SqliteState(where)

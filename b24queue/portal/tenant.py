@@ -9,8 +9,8 @@ import hmac
 from b24queue.auth.portal import access_of
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
-from b24queue.envelope import token_digest
-from b24queue.events import Event, token_digest_of
+from b24queue.events.envelope import token_digest
+from b24queue.events.event import Event, token_digest_of
 from b24queue.outbound.hosts import is_ip_literal, same_host
 from b24queue.portal.api import NoCredentials, PortalError
 from b24queue.portal.credentials import Endpoint, Webhooks, host_of, oauth_endpoint

@@ -9,8 +9,9 @@ event is durable; a runner settles each delivery with `b24queue.delivery` (ack o
 handler; a retry or dead-letter copy durable before the original goes); declaring is idempotent.
 
 What only some transports can do is an optional capability, a protocol of its own that the
-transport's class implements or not (`ExportsDefinitions`, `PlansBindings`): the caller asks
-`isinstance(transport, Capability)`, never which transport it is.
+transport's class implements or not (`ExportsDefinitions`, `PlansBindings`,
+`DeclaresExchanges`, `SharesByPortal`): the caller asks `isinstance(transport, Capability)`,
+never which transport it is.
 """
 
 from __future__ import annotations
@@ -22,18 +23,18 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from b24queue import _constants as c
-from b24queue.envelope import EventSink
 from b24queue.errors import ConfigError
+from b24queue.events.envelope import EventSink
 from b24queue.transports import registry
 
 if TYPE_CHECKING:
     from b24queue.consumer import EventConsumer
-    from b24queue.dlq_view import DeadLetter
-    from b24queue.metrics import WorkerMetrics
-    from b24queue.queues import BindingChange, DeclaredQueue, QueueSpec
+    from b24queue.queues import BindingChange, DeclaredExchange, DeclaredQueue, QueueSpec
     from b24queue.settings import Settings
-    from b24queue.status import Status
+    from b24queue.telemetry.metrics import WorkerMetrics
+    from b24queue.transports.dead_letters import DeadLetter
     from b24queue.transports.kit.unrouted import UnroutedCap
+    from b24queue.transports.status import Status
 
 Progress = Callable[[int, int], None]  # (done, wanted)
 
@@ -146,6 +147,34 @@ class PlansBindings(Protocol):
     from what its class declares (`b24queue topology --dry-run`)."""
 
     async def plan_bindings(self, specs: Sequence[QueueSpec]) -> list[BindingChange]: ...
+
+
+@runtime_checkable
+class DeclaresExchanges(Protocol):
+    """A transport that routes events through exchanges of its own, declared with its queues
+    (`b24queue topology` shows them; on a transport without, the queues are all there is)."""
+
+    def exchanges(self) -> list[DeclaredExchange]: ...
+
+
+@runtime_checkable
+class SharesByPortal(Protocol):
+    """A transport whose queue itself gives a consumer's handler slots to the portals with events
+    waiting in turn, across every worker process, and holds `max_in_flight_per_portal` there
+    (`EventConsumer.fair_share`; docs/fairness.md). On the others a queue is first in, first out
+    across portals."""
+
+    shares_by_portal: bool
+
+
+def check_fairness(transport: Transport, classes: Sequence[type[EventConsumer]]) -> None:
+    """A per-portal cap is a promise about a portal's REST limits: refused where the transport
+    cannot keep it (the fair share itself is best effort there: first in, first out)."""
+    if isinstance(transport, SharesByPortal):
+        return
+    for cls in classes:
+        if cls.max_in_flight_per_portal is not None:
+            raise not_offered(transport, f"{cls.__name__}.max_in_flight_per_portal")
 
 
 def not_offered(transport: Transport, what: str) -> ConfigError:

@@ -27,7 +27,6 @@ class TransportDescriptor:
     name: str  # what `Settings.transport` says: "postgres"
     schemes: tuple[str, ...]  # the B24QUEUE_BROKER_URL schemes that name it
     shape: str  # what its URL looks like, for an error
-    module: str  # whose `transport(settings)` makes it; imported only when it is used
     settings: type[BaseModel]  # its own settings (B24QUEUE_<NAME>_*), a base of `Settings`
     # Its client library's top-level module, if it needs one b24queue does not depend on: the
     # pip extra named after the transport installs it (`b24queue[postgres]`).
@@ -38,6 +37,12 @@ class TransportDescriptor:
     server_url: Callable[[Settings], str] = _broker_url
     # The settings holding URLs whose passwords are secrets (B24QUEUE_BROKER_URL always is).
     secret_urls: tuple[str, ...] = ()
+
+    @property
+    def module(self) -> str:
+        """Whose `transport(settings)` makes it: the `transport` module beside its descriptor
+        (where its settings are declared), in its package; imported only when it is used."""
+        return f"{self.settings.__module__.rpartition('.')[0]}.transport"
 
 
 def url_scheme(url: str) -> str:

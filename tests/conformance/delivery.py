@@ -13,7 +13,7 @@ import pytest
 
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
-from b24queue.metrics import WorkerMetrics
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.worker import Worker
 from tests.support.bench import Bench
 from tests.support.consumers import Handle, consumer

@@ -33,7 +33,14 @@ def records(path: Path, kind: str) -> dict[str, str]:
 _STARTED: list[asyncio.subprocess.Process] = []
 
 
-async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.subprocess.Process:
+async def start_worker(
+    bench: Bench,
+    record: Path,
+    sleep_s: float,
+    consumer: str = "tests.support.consumers:Recorder",
+    **more: str,
+) -> asyncio.subprocess.Process:
+    """A `b24queue worker` of `consumer` on the bench's queue (`more`: B24QT_* variables)."""
     s = bench.settings
     env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
     env.update(
@@ -53,6 +60,7 @@ async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.su
             "B24QT_SLEEP_S": str(sleep_s),
             "B24QT_PREFETCH": "4",
             "B24QT_HANDLE_TIMEOUT_S": "3",
+            **more,
         }
     )
     proc = await asyncio.create_subprocess_exec(
@@ -60,7 +68,7 @@ async def start_worker(bench: Bench, record: Path, sleep_s: float) -> asyncio.su
         "-m",
         "b24queue",
         "worker",
-        "tests.support.consumers:Recorder",
+        consumer,
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from b24queue import commands
-from b24queue.envelope import envelope_for
+from b24queue.cli import status
+from b24queue.events.envelope import envelope_for
 from b24queue.ingress.spool import Spool
 from b24queue.testing import make_event
 from tests.support.bench import Bench
@@ -34,7 +34,7 @@ class StatusScenarios:
         await bench.transport.declare([])  # the unrouted queue, whatever else status reads
         args = argparse.Namespace(json=False, fail_on_dead_letters=True)
 
-        code = await asyncio.to_thread(commands.cmd_status, settings, args)
+        code = await asyncio.to_thread(status.run, settings, args)
 
         out = capsys.readouterr().out
         if bench.transport.needs_spool:

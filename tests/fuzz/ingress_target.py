@@ -26,9 +26,9 @@ with atheris.instrument_imports(include=["b24queue"]):
     from aiohttp.test_utils import TestClient, TestServer
 
     from b24queue.auth.tokens import StaticTokens
-    from b24queue.envelope import MAX_HEADER_CHARS, Envelope, envelope_for
     from b24queue.errors import BadEventError
-    from b24queue.events import FORM_TYPE, JSON_TYPE, parse_event
+    from b24queue.events.envelope import MAX_HEADER_CHARS, Envelope, envelope_for
+    from b24queue.events.event import FORM_TYPE, JSON_TYPE, parse_event
     from b24queue.ingress.app import create_app
     from b24queue.settings import load_settings
     from b24queue.transports.amqp.publisher import check_size

@@ -65,6 +65,9 @@ async def test_topology_declares_and_reports(broker: Broker) -> None:
         f"{queue}.dlq",
     ):
         assert name in out
+    exchange, unrouted = broker.settings.exchange, broker.settings.unrouted
+    assert f"exchange {exchange} (topic, alternate exchange {unrouted})" in out, out
+    assert f"exchange {unrouted} (fanout) -> queue {unrouted}" in out, out
     code, out = await cli(broker, "topology", "--json", "tests.support.consumers:Recorder")
     assert code == 0, out
     listed = {q["queue"]: q for q in json.loads(out)}

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from b24queue.auth.store import open_store
-from b24queue.metrics import OfflineMetrics
 from b24queue.offline import service
 from b24queue.offline.process import serve_offline
 from b24queue.offline.records import H_OFFLINE, H_OFFLINE_MESSAGE_ID
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import OfflineMetrics
 from tests.support.fake_offline import FakeOffline
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.offline_setup import app_token, bodies, installed, offline_settings, ping_payload

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from b24queue import Event, EventConsumer, Reject
 from b24queue import _constants as c
-from b24queue.metrics import WorkerMetrics
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports.amqp.definitions import definitions
 from b24queue.worker import Worker, declare_topology
 from tests.support.proxy import free_port
@@ -305,6 +305,8 @@ async def test_metrics_change_as_events_flow(broker: Broker) -> None:
         text = scraped()
         assert value(text, "b24queue_worker_events_total", outcome="retry", **labels) == 1
         assert value(text, "b24queue_worker_handle_seconds_count", **labels) == 2
+        # Its wait for a handler: the first attempt only (the retry's includes its delay).
+        assert value(text, "b24queue_worker_wait_seconds_count", queue=cls.queue) == 1
         assert value(text, "b24queue_worker_in_flight", queue=cls.queue) == 0
 
 

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue.auth.install import NOT_CONFIRMED, PortalCallback
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import RedisTokenStore, SqliteTokenStore, TokenStore
-from b24queue.forms import encode_form
+from b24queue.events.forms import encode_form
 from b24queue.ingress.app import create_app
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from tests.support.fake_portal import CLIENT_ID, FakePortal, StaticResolver

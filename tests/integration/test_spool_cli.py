@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from b24queue.envelope import Envelope, envelope_for
+from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.ingress.spool import Spool
 from b24queue.testing import make_event
 from tests.support.rabbitmq import Broker, run_cli

@@ -284,7 +284,7 @@ async def test_a_spooled_event_keeps_when_it_was_accepted(broker: Broker, tmp_pa
     from dataclasses import replace
     from datetime import UTC, timedelta
 
-    from b24queue.envelope import envelope_for
+    from b24queue.events.envelope import envelope_for
     from b24queue.ingress.fallback import SpoolingSink
     from b24queue.ingress.spool import Spool
     from b24queue.testing import make_event

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from b24queue import forms
 from b24queue.errors import BadEventError
-from b24queue.forms import decode_form, decode_json
-from b24queue.logs import client_text
+from b24queue.events import forms
+from b24queue.events.forms import decode_form, decode_json
+from b24queue.telemetry.logs import client_text
 from tests.support.samples import FORM, SAMPLE_TOKEN, sample_decoded
 from tests.support.sinks import MemorySink
 
@@ -150,7 +150,7 @@ def test_worker_metric_labels_are_bounded() -> None:
     MAX_EVENT_LABELS distinct names they are counted as `other`, in a bounded set of series."""
     from prometheus_client import generate_latest
 
-    from b24queue.metrics import MAX_EVENT_LABELS, WorkerMetrics
+    from b24queue.telemetry.metrics import MAX_EVENT_LABELS, WorkerMetrics
 
     metrics = WorkerMetrics()
     for i in range(MAX_EVENT_LABELS + 100):

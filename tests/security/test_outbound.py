@@ -20,14 +20,14 @@ from aiohttp.test_utils import TestServer
 
 from b24queue.auth.install import PortalCallback
 from b24queue.auth.store import SqliteTokenStore
+from b24queue.cli.send import post
 from b24queue.errors import ConfigError, ManagementError, UnauthorizedError
-from b24queue.metrics import OfflineMetrics
 from b24queue.offline.puller import Puller, Target
 from b24queue.outbound.answers import Bounds, NotJSON, count_values, decode_json
 from b24queue.portal.api import PortalError, PortalRetry
 from b24queue.portal.clients import PortalClients
-from b24queue.sender import post
 from b24queue.settings import load_settings
+from b24queue.telemetry.metrics import OfflineMetrics
 from b24queue.transports.amqp import management
 from b24queue.transports.amqp.management import ManagementClient
 from tests.support.fake_portal import FakePortal, StaticResolver

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue import Event, EventConsumer, Reject
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.auth.tokens import StaticTokens
-from b24queue.envelope import envelope_for
+from b24queue.events.envelope import envelope_for
 from b24queue.ingress.app import create_app
 from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings, load_settings

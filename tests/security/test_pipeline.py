@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.tokens import StaticTokens
-from b24queue.envelope import Envelope, envelope_for
+from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.ingress.app import create_app
 from b24queue.ingress.fallback import SpoolingSink
 from b24queue.ingress.spool import Spool

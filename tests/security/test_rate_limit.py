@@ -19,7 +19,7 @@ from b24queue._constants import H_MEMBER_ID
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.auth.tokens import StaticTokens
-from b24queue.envelope import EventSink
+from b24queue.events.envelope import EventSink
 from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.transports import transport_for

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from b24queue._files import private_file
-from b24queue.envelope import Envelope, envelope_for
 from b24queue.errors import ConfigError
+from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.ingress.spool import Spool, slot_path
+from b24queue.secrets.files import private_file
 from b24queue.testing import make_event
 from tests.support.processes import ROOT, start, stop
 from tests.support.rabbitmq import Broker, cli_env

@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import PortalRecord, RedisTokenStore, SqliteTokenStore, TokenStore
 from b24queue.auth.tokens import StaticTokens
-from b24queue.envelope import envelope_for
 from b24queue.events import Event
+from b24queue.events.envelope import envelope_for
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
 from tests.support.samples import SAMPLE_TOKEN, sample_decoded, sample_form
@@ -223,7 +223,7 @@ async def test_token_store_is_private_whatever_the_umask(tmp_path: Path) -> None
 
 
 def test_the_application_token_is_not_published() -> None:
-    from b24queue.events import FORM_TYPE, parse_event
+    from b24queue.events.event import FORM_TYPE, parse_event
 
     for name in ("crm-deal-add", "imbot-message-add", "app-install"):
         published = envelope_for(parse_event(FORM_TYPE, sample_form(name)))

@@ -175,3 +175,30 @@ class FaultRecorder(EventConsumer):
         if times := os.environ.get("B24QT_TIMES"):  # when each was handled, for recovery times
             with open(times, "a") as f:
                 f.write(f"{event.message_id} {time.time():.3f}\n")
+
+
+class PortalRecorder(EventConsumer):
+    """The fair-share scenarios' consumer (tests/conformance/fairness.py): one line per handler
+    start and end, `start|done <member_id or -> <time.time()> <message_id>` (appended, not
+    fsync'd: floods are thousands of lines), sleeping B24QT_SLEEP_S between. B24QT_FAIR (1/0),
+    B24QT_CAP and B24QT_WEIGHTS (`member=weight,...`) set its fairness."""
+
+    queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
+    events = ("#",)
+    prefetch = int(os.environ.get("B24QT_PREFETCH", "8"))
+    fair_share = os.environ.get("B24QT_FAIR", "1") == "1"
+    max_in_flight_per_portal = int(os.environ["B24QT_CAP"]) if os.environ.get("B24QT_CAP") else None
+    portal_weights: ClassVar[dict[str, int]] = {
+        k: int(v)
+        for k, v in (
+            pair.split("=") for pair in os.environ.get("B24QT_WEIGHTS", "").split(",") if pair
+        )
+    }
+
+    async def handle(self, event: Event) -> None:
+        member = event.auth.member_id or "-"
+        with open(os.environ["B24QT_RECORD"], "a") as f:
+            f.write(f"start {member} {time.time():.6f} {event.message_id}\n")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")))
+        with open(os.environ["B24QT_RECORD"], "a") as f:
+            f.write(f"done {member} {time.time():.6f} {event.message_id}\n")

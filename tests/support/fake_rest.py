@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from b24queue.forms import decode_form
+from b24queue.events.forms import decode_form
 
 CLIENT_SECRET = "fake-client-secret"
 DEALS = 120

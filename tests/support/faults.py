@@ -21,7 +21,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 
-from b24queue.forms import encode_form
+from b24queue.events.forms import encode_form
 from tests.support.processes import ROOT
 from tests.support.proxy import Proxy, free_port
 from tests.support.samples import FORM, SAMPLE_TOKEN, sample_form

@@ -3,7 +3,7 @@ published, a failure to raise instead, and readiness to report."""
 
 from __future__ import annotations
 
-from b24queue.envelope import Envelope
+from b24queue.events.envelope import Envelope
 
 
 class MemorySink:

@@ -12,11 +12,11 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.tokens import StaticTokens
-from b24queue.envelope import envelope_for
-from b24queue.events import parse_event
+from b24queue.events.envelope import envelope_for
+from b24queue.events.event import parse_event
 from b24queue.ingress.app import create_app
-from b24queue.metrics import IngressMetrics
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import IngressMetrics
 from b24queue.transports import connection_name, transport_for
 from tests.support.samples import FORM, sample_form
 from tests.support.wait import wait_until

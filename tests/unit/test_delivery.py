@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from b24queue import Event, EventConsumer, Reject, Retry, logs
+from b24queue import Event, EventConsumer, Reject, Retry
 from b24queue import _constants as c
 from b24queue.delivery import Incoming, Outcome, _log_outcome, decide, process
+from b24queue.telemetry import logs
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.testing import event_from_form, make_event, run_handler, run_until_settled
 from tests.support.samples import SAMPLE_TOKEN, sample_form
 
@@ -235,6 +239,31 @@ class _Settled:
 def _incoming(consumer: EventConsumer, message_id: str | None = "m-1") -> Incoming:
     body = json.dumps(make_event("ONCRMDEALADD").payload).encode()
     return Incoming(body=body, message_id=message_id, routing_key="ONCRMDEALADD", headers={})
+
+
+async def test_the_wait_before_a_first_attempt_is_observed_per_queue() -> None:
+    """From the ingress's acceptance to the start of handling, into the worker's histogram of
+    the queue: first attempts only (a retry's wait includes the delay it was given), and only
+    when the transport says when the event was accepted."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = WorkerMetrics()
+    first = _incoming(Flaky(0))
+    accepted = datetime.now(UTC) - timedelta(seconds=2)
+    retry = dataclasses.replace(first, headers={c.H_ATTEMPT: 2}, accepted_at=accepted)
+    for incoming in (dataclasses.replace(first, accepted_at=accepted), retry, first):
+        await process(Flaky(0), incoming, "q1", _Settled(), metrics.observe)
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+        if s.name.startswith("b24queue_worker_wait_seconds") and s.labels["queue"] == "q1"
+    }
+    assert samples[("b24queue_worker_wait_seconds_count", None)] == 1
+    assert 2 <= samples[("b24queue_worker_wait_seconds_sum", None)] < 2.5
+    assert samples[("b24queue_worker_wait_seconds_bucket", "1.0")] == 0
+    assert samples[("b24queue_worker_wait_seconds_bucket", "2.5")] == 1
 
 
 @pytest.mark.parametrize(

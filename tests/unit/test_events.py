@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from b24queue.envelope import envelope_for, message_body, new_message_id
 from b24queue.errors import BadEventError
-from b24queue.events import FORM_TYPE, JSON_TYPE, Event, parse_event
-from b24queue.forms import MAX_DEPTH
+from b24queue.events.envelope import envelope_for, message_body, new_message_id
+from b24queue.events.event import FORM_TYPE, JSON_TYPE, Event, parse_event
+from b24queue.events.forms import MAX_DEPTH
 from tests.support.samples import (
     SAMPLE_NAMES,
     SAMPLE_TOKEN,
@@ -96,7 +96,7 @@ def _as_before(payload: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> b
         raise TypeError("the fast path is off")
 
     with monkeypatch.context() as patch:
-        patch.setattr("b24queue.envelope.orjson.dumps", refuse)
+        patch.setattr("b24queue.events.envelope.orjson.dumps", refuse)
         return message_body(payload)
 
 
@@ -193,7 +193,7 @@ def test_the_application_token_is_left_out_at_any_depth(
 
 
 def test_only_what_leads_to_a_token_is_copied() -> None:
-    from b24queue.envelope import without_tokens
+    from b24queue.events.envelope import without_tokens
 
     payload = _token_everywhere("tok")
     stripped = without_tokens(payload)
@@ -223,7 +223,7 @@ def test_delivery_facts_and_payload_travel_with_the_event() -> None:
     import pickle
     from datetime import UTC, datetime
 
-    from b24queue.events import mark_delivered
+    from b24queue.events.event import mark_delivered
 
     raw = json.dumps(sample_json("crm-deal-add")).encode()
     fresh = Event.from_json(raw)

@@ -6,9 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from b24queue import forms
 from b24queue.errors import BadEventError
-from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form, decode_json, encode_form, split_key
+from b24queue.events import forms
+from b24queue.events.forms import (
+    MAX_DEPTH,
+    MAX_FIELDS,
+    decode_form,
+    decode_json,
+    encode_form,
+    split_key,
+)
 from tests.support.samples import SAMPLE_NAMES, sample_decoded, sample_form, sample_json
 
 

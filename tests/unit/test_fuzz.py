@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import BadEventError
-from b24queue.forms import MAX_DEPTH, MAX_FIELDS, decode_form
+from b24queue.events.forms import MAX_DEPTH, MAX_FIELDS, decode_form
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
 from tests.support.samples import SAMPLE_TOKEN

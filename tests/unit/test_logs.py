@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from b24queue import logs
+from b24queue.telemetry import logs
 
 
 def test_json_lines_carry_the_outcome_fields(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from b24queue.auth.store import SqliteTokenStore
+from b24queue.cli.portals import render
 from b24queue.errors import ConfigError
 from b24queue.offline.bind import bind_events, check_names, portal_event
 from b24queue.offline.inspect import queue_state
-from b24queue.offline.tools import render
 from b24queue.portal.clients import PortalClients
 from tests.support.fake_offline import FakeOffline
 from tests.support.fake_portal import FakePortal, StaticResolver

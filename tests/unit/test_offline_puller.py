@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from b24queue.errors import BrokerUnavailableError
-from b24queue.metrics import OfflineMetrics
 from b24queue.offline.puller import Puller, Target
 from b24queue.offline.records import Batch, OfflineRecord
 from b24queue.portal.api import PortalError
+from b24queue.telemetry.metrics import OfflineMetrics
 from tests.support.offline_stubs import ScriptedPortal, State, one_record_batch
 from tests.support.sinks import MemorySink
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from b24queue.envelope import envelope_for, token_digest
 from b24queue.events import Event
+from b24queue.events.envelope import envelope_for, token_digest
 from b24queue.offline.records import (
     MAX_RECORDS,
     BadBatch,

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 
 from b24queue.auth.record import PortalRecord
-from b24queue.envelope import token_digest
 from b24queue.errors import BrokerUnavailableError
-from b24queue.events import Event, mark_delivered
-from b24queue.metrics import OfflineMetrics
+from b24queue.events.envelope import token_digest
+from b24queue.events.event import Event, mark_delivered
 from b24queue.offline import service as service_module
 from b24queue.offline.service import OfflineService, wake_consumer
 from b24queue.portal.api import NoCredentials, PortalError, PortalRetry
 from b24queue.settings import load_settings
+from b24queue.telemetry.metrics import OfflineMetrics
 from tests.support.offline_stubs import ScriptedPortal, State, Store, one_record_batch
 from tests.support.samples import SAMPLE_TOKEN
 from tests.support.sinks import MemorySink

@@ -295,7 +295,7 @@ async def test_operation_time_limit_retries_the_event_after_its_delay(
 async def test_calls_waits_and_refreshes_are_counted(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from b24queue.metrics import WorkerMetrics
+    from b24queue.telemetry.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
     rest = fake_portal.rest

@@ -12,13 +12,13 @@ from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.consumer import EventConsumer
-from b24queue.envelope import token_digest
 from b24queue.errors import ConfigError
 from b24queue.events import Event
+from b24queue.events.envelope import token_digest
 from b24queue.portal.api import PortalError
 from b24queue.portal.clients import PortalClients
 from b24queue.portal.credentials import Webhooks, rest_endpoint
-from b24queue.redaction import redact
+from b24queue.secrets.redaction import redact
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.portal_setup import deal_event, portal_settings
 

@@ -1,7 +1,7 @@
-"""b24queue.redaction (no secret in output) and b24queue.terminal (no control character from a
-message on the operator's terminal): the shapes of URL each setting takes, the secrets settings
-hold, every log line, and the characters escaped. What reaches a dead letter or a CLI print is
-tested end to end in tests/security/test_output.py."""
+"""b24queue.secrets.redaction (no secret in output) and b24queue.cli.terminal (no control
+character from a message on the operator's terminal): the shapes of URL each setting takes, the
+secrets settings hold, every log line, and the characters escaped. What reaches a dead letter or a
+CLI print is tested end to end in tests/security/test_output.py."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from b24queue import Event, EventConsumer, logs, redaction
+from b24queue import Event, EventConsumer
 from b24queue import _constants as c
+from b24queue.cli.terminal import safe
 from b24queue.errors import ConfigError
-from b24queue.redaction import redact, redact_url, url_secrets
+from b24queue.secrets import redaction
+from b24queue.secrets.redaction import redact, redact_url, url_secrets
 from b24queue.settings import load_settings
-from b24queue.terminal import safe
+from b24queue.telemetry import logs
 from b24queue.testing import make_event, run_handler
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from b24queue.envelope import Envelope, envelope_for
 from b24queue.errors import BrokerUnavailableError, PublishError, SpoolFullError
+from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.ingress.fallback import SpoolingSink
 from b24queue.ingress.spool import Spool, merge_stray_spools, slot_path, stray_spools
-from b24queue.metrics import IngressMetrics
+from b24queue.telemetry.metrics import IngressMetrics
 from b24queue.testing import make_event
 
 

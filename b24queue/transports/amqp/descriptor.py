@@ -116,7 +116,6 @@ AMQP = TransportDescriptor(
     name="amqp",
     schemes=("amqp", "amqps"),
     shape="amqp://user:password@host:5672/vhost (RabbitMQ)",
-    module="b24queue.transports.amqp.transport",
     settings=AmqpSettings,
     check_url=check_broker_url,
     server_url=_amqp_url,

@@ -27,12 +27,12 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from b24queue import _constants as c
-from b24queue.dlq_view import DeadLetter, fresh_history, letter
 from b24queue.errors import ConfigError, PublishError
 from b24queue.settings import Settings
 from b24queue.transports import Progress, connection_name, silent
 from b24queue.transports.amqp.connection import close_quietly, connect
 from b24queue.transports.amqp.publisher import persistent_copy
+from b24queue.transports.dead_letters import DeadLetter, fresh_history, letter
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiormq
 from aiormq.abc import ChannelFrame
 
-from b24queue.envelope import Envelope
+from b24queue.events.envelope import Envelope
 from b24queue.transports.amqp import internals
 from b24queue.transports.amqp.frames import publish_frames
 from b24queue.transports.amqp.internals import closing

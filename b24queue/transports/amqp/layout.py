@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from b24queue.queues import QueueSpec
+from b24queue.queues import DeclaredExchange, QueueSpec
 from b24queue.settings import Settings
 
 POLICY_PRIORITY = 10
@@ -41,6 +41,14 @@ class Policy:
             "apply-to": self.apply_to,
             "priority": self.priority,
         }
+
+
+def exchanges(settings: Settings) -> list[DeclaredExchange]:
+    """The events exchange, then its alternate (and the queue that one feeds)."""
+    return [
+        DeclaredExchange(settings.exchange, "topic", alternate=settings.unrouted),
+        DeclaredExchange(settings.unrouted, "fanout", queue=settings.unrouted),
+    ]
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:

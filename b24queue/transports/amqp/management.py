@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.outbound import answers
-from b24queue.redaction import redact_url
+from b24queue.secrets.redaction import redact_url
 from b24queue.settings import Settings
 from b24queue.transports.amqp.layout import Policy
 

@@ -21,8 +21,8 @@ from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from b24queue import _constants as c
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.events.envelope import Envelope
 from b24queue.settings import Settings
 from b24queue.timeouts import within
 from b24queue.transports.amqp import fast_publish, internals

@@ -24,9 +24,9 @@ from aiormq.abc import DeliveredMessage
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, process
-from b24queue.metrics import WorkerMetrics
 from b24queue.queues import QueueSpec
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports.amqp import fast_consume
 from b24queue.transports.amqp.connection import CONNECT_ERRORS, PUBLISH_ERRORS, TRANSIENT_ERRORS
 from b24queue.transports.amqp.publisher import persistent_copy

@@ -6,7 +6,7 @@ from typing import Any
 
 from b24queue import _constants as c
 from b24queue.settings import Settings
-from b24queue.status import ConnectionRow, QueueRow, Status, problems
+from b24queue.transports.status import ConnectionRow, QueueRow, Status, problems
 
 
 def _rate(queue: dict[str, Any], key: str) -> float:

@@ -11,10 +11,9 @@ from aio_pika.abc import AbstractRobustConnection
 
 from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError, ManagementError
-from b24queue.metrics import WorkerMetrics
-from b24queue.queues import BindingChange, DeclaredQueue, QueueSpec, spec_for
+from b24queue.queues import BindingChange, DeclaredExchange, DeclaredQueue, QueueSpec, spec_for
 from b24queue.settings import Settings
-from b24queue.status import Status
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports import Runner, connection_name, worker_connection_name
 from b24queue.transports.amqp import bindings, internals
 from b24queue.transports.amqp.connection import close_quietly, connect
@@ -22,6 +21,7 @@ from b24queue.transports.amqp.definitions import definitions
 from b24queue.transports.amqp.dlq import DeadLetterTool
 from b24queue.transports.amqp.layout import (
     consumer_policy,
+    exchanges,
     queue_arguments,
     queue_plan,
     unrouted_policy,
@@ -35,6 +35,7 @@ from b24queue.transports.amqp.topology import (
     declare_exchanges,
     inspect_queue,
 )
+from b24queue.transports.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class Amqp:
             )
         )
         return summarize(self.settings, queues, connections, bound)
+
+    def exchanges(self) -> list[DeclaredExchange]:
+        return exchanges(self.settings)
 
     def definitions(self, classes: Sequence[type[EventConsumer]]) -> dict[str, Any]:
         """The broker definitions (`rabbitmq/definitions.json`) a node boots from."""

@@ -25,8 +25,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from b24queue import _constants as c
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, ConfigError
+from b24queue.events.envelope import Envelope
 from b24queue.settings import Settings
 from b24queue.transports.kit.leased import Row
 

@@ -45,7 +45,6 @@ KAFKA = TransportDescriptor(
     name="kafka",
     schemes=("kafka",),
     shape="kafka://host:9092 (Kafka)",
-    module="b24queue.transports.kafka.transport",
     settings=KafkaSettings,
     client="aiokafka",
     check_url=check_url,

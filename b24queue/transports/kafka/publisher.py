@@ -15,8 +15,8 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as ke
 
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.events.envelope import Envelope
 from b24queue.settings import Settings
 from b24queue.transports.kafka.client import (
     H_BOUND,

@@ -25,8 +25,8 @@ from aiokafka.structs import ConsumerRecord
 
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, give_up, process
-from b24queue.metrics import WorkerMetrics
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports import connection_name
 from b24queue.transports.kafka.client import (
     REVOKE_WAIT_S,

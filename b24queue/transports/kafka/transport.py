@@ -18,10 +18,9 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from b24queue.consumer import EventConsumer
-from b24queue.metrics import WorkerMetrics
 from b24queue.queues import DeclaredQueue, QueueSpec, spec_for
 from b24queue.settings import Settings
-from b24queue.status import Status
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports import Runner, connection_name, worker_connection_name
 from b24queue.transports.kafka import topics
 from b24queue.transports.kafka.client import Names, admin, consumer, translate
@@ -29,6 +28,7 @@ from b24queue.transports.kafka.dlq import TopicShelf
 from b24queue.transports.kafka.publisher import KafkaPublisher, started_producer
 from b24queue.transports.kafka.runner import KafkaRunner
 from b24queue.transports.kit.tables import Depth, Overview, TableDeadLetters, table_status
+from b24queue.transports.status import Status
 
 
 async def _admin(settings: Settings, name: str) -> AIOKafkaAdminClient:

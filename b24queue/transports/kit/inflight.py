@@ -10,8 +10,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from b24queue.consumer import EventConsumer
-from b24queue.metrics import WorkerMetrics
 from b24queue.queues import spec_for
+from b24queue.telemetry.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, give_up, process
-from b24queue.envelope import Envelope
-from b24queue.metrics import WorkerMetrics
+from b24queue.events.envelope import Envelope
 from b24queue.queues import QueueSpec
+from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.transports.kit.inflight import HandlingRunner
 
 if TYPE_CHECKING:
@@ -81,7 +81,9 @@ class Leases(Protocol):
     def wake(self, queue: str) -> asyncio.Event:
         """Set when events for `queue` may have arrived."""
 
-    async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]: ...
+    async def claim(self, spec: QueueSpec, owner: str, count: int, lease_s: float) -> list[Row]:
+        """Lease up to `count` due rows of `spec.name`; in turns among the portals where
+        `spec.fairness` asks it and the database keeps it (b24queue.transports.kit.fair)."""
 
     async def ack(self, row: Row, owner: str, queue: str) -> bool: ...
 
@@ -171,7 +173,7 @@ class LeasedRunner(HandlingRunner):
     async def _claim(self, count: int) -> int:
         queue = self.spec.name
         try:
-            rows = await self._leases.claim(queue, self.owner, count, self._lease_s)
+            rows = await self._leases.claim(self.spec, self.owner, count, self._lease_s)
         except Exception as exc:  # a database away or locked: try again after the poll
             log.warning("claiming from %s failed: %r", queue, exc)
             return 0

@@ -10,8 +10,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Self, TypeVar
 
-from b24queue.envelope import Envelope
 from b24queue.errors import B24QueueError, BrokerUnavailableError
+from b24queue.events.envelope import Envelope
 from b24queue.settings import Settings
 from b24queue.transports.kit.batching import Batcher
 from b24queue.transports.kit.unrouted import UnroutedCap

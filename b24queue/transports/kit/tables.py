@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from b24queue import _constants as c
-from b24queue.dlq_view import DeadLetter, fresh_history, letter
 from b24queue.errors import ConfigError
 from b24queue.settings import Settings
-from b24queue.status import ConnectionRow, QueueRow, Status, problems
 from b24queue.transports import Progress, silent
+from b24queue.transports.dead_letters import DeadLetter, fresh_history, letter
 from b24queue.transports.kit.leased import Row
+from b24queue.transports.status import ConnectionRow, QueueRow, Status, problems
 
 CONSUMER, DLQ, UNROUTED = "consumer", "dlq", "unrouted"  # the kinds of queue rows
 

@@ -16,12 +16,14 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from b24queue import _constants as c
 from b24queue.errors import BrokerUnavailableError, ConfigError
+from b24queue.queues import MAX_PORTAL_CHARS
 from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: queue_sizes
+SCHEMA_VERSION = 3  # 2: queue_sizes; 3: messages.portal, portal_turns, queue_clocks
 # A connection of our own or one lent by a pool.
 Db: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 # Errors that mean "the database is away or was restarted", as opposed to a bad statement.
@@ -62,7 +64,8 @@ def schema_statements(schema: str) -> list[str]:
             lease_owner text,
             lease_until timestamptz,
             deliveries integer NOT NULL DEFAULT 0,
-            fence bigint NOT NULL DEFAULT 0
+            fence bigint NOT NULL DEFAULT 0,
+            portal text NOT NULL DEFAULT ''
         ) WITH (fillfactor = 80)""",
         # Claims read a queue in due order: the rows being handled first (few: prefetch per
         # worker), then the due ones; those waiting for a retry are past the range scanned.
@@ -73,6 +76,7 @@ def schema_statements(schema: str) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {s}.workers (owner text PRIMARY KEY, queue text NOT NULL, "
         "name text NOT NULL, seen_at timestamptz NOT NULL)",
         *_sizes(s),
+        *_turns(s),
     ]
 
 
@@ -82,6 +86,31 @@ def _sizes(s: str) -> list[str]:
     return [
         f"CREATE TABLE IF NOT EXISTS {s}.queue_sizes (queue text PRIMARY KEY, "
         "events bigint NOT NULL, bytes bigint NOT NULL)"
+    ]
+
+
+def _turns(s: str) -> list[str]:
+    # portal: each row's member_id (`queues.portal_key`), "" for none; fair claims read a queue's
+    # portals (one probe each) and a portal's rows in due order by this index, and keep their
+    # turns (b24queue.transports.kit.fair) in the two tables.
+    return [
+        f"CREATE INDEX IF NOT EXISTS messages_portal ON {s}.messages "
+        "(queue, portal, available_at, id)",
+        f"CREATE TABLE IF NOT EXISTS {s}.portal_turns (queue text NOT NULL, portal text NOT NULL, "
+        "pass double precision NOT NULL, PRIMARY KEY (queue, portal))",
+        f"CREATE TABLE IF NOT EXISTS {s}.queue_clocks (queue text PRIMARY KEY, "
+        "clock double precision NOT NULL)",
+    ]
+
+
+def _portals(s: str) -> list[str]:
+    """From schema 2: each row's portal from its headers (what the ingress put there)."""
+    return [
+        f"ALTER TABLE {s}.messages ADD COLUMN IF NOT EXISTS portal text NOT NULL DEFAULT ''",
+        f"UPDATE {s}.messages SET portal = "
+        f"left(coalesce(headers::jsonb ->> '{c.H_MEMBER_ID}', ''), {MAX_PORTAL_CHARS}) "
+        f"WHERE headers LIKE '%{c.H_MEMBER_ID}%'",
+        *_turns(s),
     ]
 
 
@@ -210,16 +239,21 @@ async def ensure_schema(connection: Db, schema: str) -> None:
 
 
 async def _upgrade(connection: Db, schema: str, version: int) -> None:
-    """From schema 1 (before `queue_sizes`): the table, made by a role that may create it."""
+    """In place, in the caller's transaction, by a role that may alter the schema: from 1
+    (before `queue_sizes`) its table; from 2 (before fair claims) each row's portal, its index
+    and the turns' tables. The rows waiting stay."""
+    s = f'"{schema}"'
+    statements = (_sizes(s) if version < 2 else []) + _portals(s)
     try:
-        for statement in _sizes(f'"{schema}"'):
+        for statement in statements:
             await connection.execute(statement)
     except asyncpg.exceptions.InsufficientPrivilegeError:
         raise ConfigError(
             f"PostgreSQL schema {schema!r} has queue schema {version}; this b24queue needs "
-            f"{SCHEMA_VERSION} (a new table, {schema}.queue_sizes): start it once as a role "
-            "that may create tables in the schema (`b24queue topology` does), then grant the "
-            "app's role SELECT, INSERT, UPDATE, DELETE on the new table"
+            f"{SCHEMA_VERSION} (new tables {schema}.queue_sizes, {schema}.portal_turns, "
+            f"{schema}.queue_clocks and a column of {schema}.messages): start it once as the "
+            "role that owns the schema (`b24queue topology` does), then grant the app's role "
+            "SELECT, INSERT, UPDATE, DELETE on the new tables"
         ) from None
     await connection.execute(
         f'UPDATE "{schema}".meta SET value = $1 WHERE key = $2', str(SCHEMA_VERSION), "schema"

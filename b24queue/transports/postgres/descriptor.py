@@ -20,7 +20,6 @@ POSTGRES = TransportDescriptor(
     name="postgres",
     schemes=("postgres", "postgresql"),
     shape="postgresql://user:password@host:5432/database (PostgreSQL)",
-    module="b24queue.transports.postgres.transport",
     settings=PostgresSettings,
     client="asyncpg",
     check_url=needs_authority("postgresql://user:password@host:5432/database"),

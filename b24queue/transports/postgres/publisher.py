@@ -9,8 +9,8 @@ import logging
 
 import asyncpg
 
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, PublishError
+from b24queue.events.envelope import Envelope
 from b24queue.settings import Settings
 from b24queue.transports.kit.publisher import GroupCommitPublisher
 from b24queue.transports.postgres.db import CONNECTION_ERRORS, broken, opened

@@ -12,8 +12,10 @@ from typing import Any
 
 import asyncpg
 
-from b24queue.envelope import Envelope
-from b24queue.queues import topic_regex
+from b24queue import _constants as c
+from b24queue.events.envelope import Envelope
+from b24queue.queues import Fairness, portal_key, topic_regex
+from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
@@ -55,9 +57,9 @@ class Queries:
         self.publish_sql = f"""
             WITH e AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[],
-                    $5::timestamptz[], $6::text[])
+                    $5::timestamptz[], $6::text[], $9::text[])
                     WITH ORDINALITY AS e(message_id, routing_key, body, headers, stamp,
-                        event_type, n)
+                        event_type, portal, n)
             ), routed AS (
                 SELECT coalesce(r.queue, $7) AS queue, e.* FROM e LEFT JOIN LATERAL (
                     SELECT DISTINCT b.queue FROM {s}.bindings b
@@ -66,8 +68,8 @@ class Queries:
                 ) r ON true
             ), ins AS (
                 INSERT INTO {s}.messages (queue, message_id, routing_key, body, headers, stamp,
-                    event_type)
-                SELECT queue, message_id, routing_key, body, headers, stamp, event_type
+                    event_type, portal)
+                SELECT queue, message_id, routing_key, body, headers, stamp, event_type, portal
                 FROM routed ORDER BY n, queue
                 RETURNING queue, octet_length(body) AS size
             ), held AS (
@@ -90,6 +92,56 @@ class Queries:
                 ORDER BY available_at, id LIMIT $4 FOR UPDATE SKIP LOCKED
             ) RETURNING {_COLUMNS}
         """
+        # Fair claims (`claim_fair`): the portals with rows in the queue, by a loose scan of
+        # `messages_portal` (one probe each, never a portal's backlog), with their passes, their
+        # rows in handlers now (across workers) and the queue's clock.
+        self.portals_sql = f"""
+            WITH RECURSIVE p AS (
+                (SELECT portal FROM {s}.messages WHERE queue = $1 ORDER BY portal LIMIT 1)
+                UNION ALL
+                SELECT (SELECT m.portal FROM {s}.messages m WHERE m.queue = $1
+                    AND m.portal > p.portal ORDER BY m.portal LIMIT 1)
+                FROM p WHERE p.portal IS NOT NULL
+            ), leased AS (
+                SELECT portal, count(*) AS n FROM {s}.messages
+                WHERE lease_owner IS NOT NULL AND queue = $1 AND lease_until >= now() AND $2
+                GROUP BY portal
+            )
+            SELECT p.portal, t.pass, coalesce(l.n, 0) AS leased,
+                (SELECT clock FROM {s}.queue_clocks WHERE queue = $1) AS clock
+            FROM p LEFT JOIN {s}.portal_turns t ON t.queue = $1 AND t.portal = p.portal
+                LEFT JOIN leased l ON l.portal = p.portal
+            WHERE p.portal IS NOT NULL
+        """
+        # Each portal's oldest due, free rows, as many as asked of it.
+        self.portal_due_sql = f"""
+            SELECT w.portal, r.id, r.available_at FROM unnest($2::text[], $3::int[]) AS w(portal, n)
+            CROSS JOIN LATERAL (
+                SELECT id, available_at FROM {s}.messages
+                WHERE queue = $1 AND portal = w.portal AND available_at <= now()
+                    AND (lease_until IS NULL OR lease_until < now())
+                ORDER BY available_at, id LIMIT w.n FOR UPDATE SKIP LOCKED
+            ) r
+        """
+        # The rows leased, and the turns written back: the served portals' passes, the clock,
+        # and the passes the clock has reached gone (they say no more than none: such a portal
+        # starts at the clock).
+        self.lease_sql = f"""
+            WITH served AS (
+                INSERT INTO {s}.portal_turns SELECT $4, * FROM unnest($5::text[], $6::float8[])
+                ON CONFLICT (queue, portal) DO UPDATE SET pass = excluded.pass
+            ), clock AS (
+                INSERT INTO {s}.queue_clocks VALUES ($4, $7)
+                ON CONFLICT (queue) DO UPDATE SET clock = excluded.clock
+            ), reached AS (
+                DELETE FROM {s}.portal_turns WHERE queue = $4 AND pass <= $7
+                    AND NOT portal = any($5::text[])
+            )
+            UPDATE {s}.messages SET lease_owner = $1,
+                lease_until = now() + make_interval(secs => $2), deliveries = deliveries + 1,
+                fence = fence + 1
+            WHERE id = any($3::bigint[]) RETURNING {_COLUMNS}
+        """
         self.ack_sql = f"""
             DELETE FROM {s}.messages m USING unnest($1::bigint[], $2::text[], $3::int[])
                 AS a(id, owner, fence)
@@ -99,11 +151,11 @@ class Queries:
         self.dead_letter_sql = f"""
             WITH gone AS (
                 DELETE FROM {s}.messages WHERE id = $1 AND lease_owner = $2 AND fence = $3
-                RETURNING message_id, routing_key, body, stamp, event_type
+                RETURNING message_id, routing_key, body, stamp, event_type, portal
             )
             INSERT INTO {s}.messages (queue, message_id, routing_key, body, headers, stamp,
-                event_type)
-            SELECT $4, message_id, routing_key, body, $5, stamp, event_type FROM gone
+                event_type, portal)
+            SELECT $4, message_id, routing_key, body, $5, stamp, event_type, portal FROM gone
             RETURNING id
         """
         self.retry_sql = f"""
@@ -129,6 +181,7 @@ class Queries:
             [e.event_type for e in envelopes],
             unrouted,
             self.channel,
+            [portal_key(e.headers.get(c.H_MEMBER_ID)) for e in envelopes],
         )
         for r in per_queue:
             if r["events"] is not None:
@@ -185,8 +238,68 @@ class Queries:
                 sum(sizes),
             )
 
-    async def claim(self, db: Db, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
+    async def claim(
+        self,
+        db: Db,
+        queue: str,
+        owner: str,
+        count: int,
+        lease_s: float,
+        fairness: Fairness | None = None,
+    ) -> list[Row]:
+        """Up to `count` due rows: in turns among the portals with `fairness.on` (`claim_fair`),
+        else in due order."""
+        if fairness is not None and fairness.on:
+            return await self.claim_fair(db, queue, owner, count, lease_s, fairness)
         records = await db.fetch(self.claim_sql, owner, lease_s, queue, count)
+        return sorted((_row(r) for r in records), key=lambda r: r.id)
+
+    async def claim_fair(
+        self, db: Db, queue: str, owner: str, count: int, lease_s: float, fairness: Fairness
+    ) -> list[Row]:
+        """Up to `count` due rows, in turns among the portals (b24queue.transports.kit.fair), in
+        one transaction. The fair claims of a queue take turns (an advisory lock, held to the
+        commit): the turns and the cap are read and written by one claim at a time, across every
+        worker process; the rows are still locked `FOR UPDATE SKIP LOCKED`."""
+        async with db.transaction():
+            # Alone, before any read: each later statement sees what the previous claim wrote.
+            await db.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"b24queue:{self.schema}:{queue}"
+            )
+            found = await db.fetch(self.portals_sql, queue, fairness.cap is not None)
+            if not found:
+                return []
+            plan = Claim(
+                count,
+                [r["portal"] for r in found],
+                {r["portal"]: r["pass"] for r in found if r["pass"] is not None},
+                found[0]["clock"] or 0.0,
+                fairness,
+                {r["portal"]: r["leased"] for r in found},
+            )
+            while wanted := plan.wanted():
+                rows = await db.fetch(
+                    self.portal_due_sql, queue, list(wanted), list(wanted.values())
+                )
+                ids: dict[str, list[int]] = {p: [] for p in wanted}
+                for r in sorted(rows, key=lambda r: (r["available_at"], r["id"])):
+                    ids[r["portal"]].append(r["id"])
+                for portal, n in wanted.items():
+                    plan.found(portal, ids[portal], n)
+            chosen = plan.ids()
+            if not chosen:
+                return []
+            turns = plan.turns
+            records = await db.fetch(
+                self.lease_sql,
+                owner,
+                lease_s,
+                chosen,
+                queue,
+                list(turns.passes),
+                list(turns.passes.values()),
+                turns.clock,
+            )
         return sorted((_row(r) for r in records), key=lambda r: r.id)
 
     async def ack(self, db: Db, rows: Sequence[tuple[Row, str]]) -> list[bool]:

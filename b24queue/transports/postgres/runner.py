@@ -55,9 +55,9 @@ class PostgresLeases:
     def wake(self, queue: str) -> asyncio.Event:
         return self._listener.event(queue)
 
-    async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
+    async def claim(self, spec: QueueSpec, owner: str, count: int, lease_s: float) -> list[Row]:
         async with lent(self._pool, self._timeout_s) as db:
-            return await self._q.claim(db, queue, owner, count, lease_s)
+            return await self._q.claim(db, spec.name, owner, count, lease_s, spec.fairness)
 
     async def _settle_batch(self, items: list[Settle]) -> list[bool]:
         done: dict[int, bool] = {}

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from b24queue.consumer import EventConsumer
 from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
-from b24queue.status import Status
 from b24queue.transports import connection_name, worker_connection_name
 from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers
 from b24queue.transports.kit.tables import TableDeadLetters, table_status
@@ -40,12 +39,14 @@ from b24queue.transports.postgres.dlq import dead_letters
 from b24queue.transports.postgres.publisher import PostgresPublisher
 from b24queue.transports.postgres.queue import Queries
 from b24queue.transports.postgres.runner import POOL_SIZE, workers
+from b24queue.transports.status import Status
 
 log = logging.getLogger(__name__)
 
 
 class Postgres:
     name = "postgres"
+    shares_by_portal = True  # fair claims (b24queue.transports.kit.fair)
     needs_spool = True  # the server can be away while the ingress runs
 
     def __init__(self, settings: Settings) -> None:

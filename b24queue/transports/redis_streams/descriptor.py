@@ -21,7 +21,6 @@ REDIS = TransportDescriptor(
     name="redis",
     schemes=("redis", "rediss"),
     shape="redis://host:6379/0 (Redis Streams)",
-    module="b24queue.transports.redis_streams.transport",
     settings=RedisSettings,
     client="redis",
     check_url=needs_authority("redis://[:password@]host:6379/0"),

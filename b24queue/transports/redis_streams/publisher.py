@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError
+from b24queue.events.envelope import Envelope
 from b24queue.settings import Settings
 from b24queue.transports.kit.publisher import GroupCommitPublisher
 from b24queue.transports.redis_streams.store import (

@@ -101,8 +101,8 @@ class RedisLeases:
     def wake(self, queue: str) -> asyncio.Event:
         return self._waker.event(queue)
 
-    async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
-        return await self._store.claim(queue, owner, count, lease_s)
+    async def claim(self, spec: QueueSpec, owner: str, count: int, lease_s: float) -> list[Row]:
+        return await self._store.claim(spec.name, owner, count, lease_s)
 
     async def _ack_batch(self, items: list[_Ack]) -> list[bool]:
         by_queue: dict[str, list[int]] = {}

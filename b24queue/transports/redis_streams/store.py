@@ -13,15 +13,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError, ConfigError
+from b24queue.events.envelope import Envelope
 from b24queue.queues import QueueSpec, topic_matches
 from b24queue.settings import Settings
-from b24queue.status import MemoryRow
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
 from b24queue.transports.redis_streams import scripts
+from b24queue.transports.status import MemoryRow
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +192,7 @@ class Store:
             count = 0
             for e in envelopes:
                 queues = self._targets(bindings, e.routing_key) or [self.settings.unrouted]
-                fields = [
-                    e.message_id,
-                    e.routing_key,
-                    e.body,
-                    json.dumps(e.headers),
-                    e.timestamp.isoformat(),
-                    e.event_type,
-                ]
+                fields = e.stored()
                 for queue in queues:
                     index = streams.setdefault(self.stream(queue), len(streams) + 2)
                     args += [index, *fields]

@@ -26,7 +26,6 @@ from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
-from b24queue.status import Status
 from b24queue.transports import connection_name, worker_connection_name
 from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers
 from b24queue.transports.kit.tables import TableDeadLetters, table_status
@@ -34,6 +33,7 @@ from b24queue.transports.redis_streams.dlq import dead_letters
 from b24queue.transports.redis_streams.publisher import RedisPublisher
 from b24queue.transports.redis_streams.runner import workers
 from b24queue.transports.redis_streams.store import check_for_workers, opened
+from b24queue.transports.status import Status
 
 log = logging.getLogger(__name__)
 

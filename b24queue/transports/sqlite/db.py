@@ -14,26 +14,28 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from weakref import WeakSet
 
-from b24queue._files import private_file
+from b24queue import _constants as c
 from b24queue.errors import ConfigError
+from b24queue.queues import MAX_PORTAL_CHARS
+from b24queue.secrets.stores import SqliteFile, open_sqlite
 from b24queue.transports.kit.batching import Batcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: messages.fence
+SCHEMA_VERSION = 3  # 2: messages.fence; 3: messages.portal, portal_turns, queue_clocks
 BUSY_TIMEOUT_MS = 5000
-_SCHEMA = (
+_TABLES = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # kind: consumer, dlq or unrouted
     "CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY, kind TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS bindings (queue TEXT NOT NULL, pattern TEXT NOT NULL, "
     "PRIMARY KEY (queue, pattern))",
+    # portal: the event's member_id (`queues.portal_key`), "" for none: what fair claims share by
     """CREATE TABLE IF NOT EXISTS messages (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         queue TEXT NOT NULL,
@@ -47,15 +49,9 @@ _SCHEMA = (
         lease_owner TEXT,
         lease_until REAL,
         deliveries INTEGER NOT NULL DEFAULT 0,
-        fence INTEGER NOT NULL DEFAULT 0
+        fence INTEGER NOT NULL DEFAULT 0,
+        portal TEXT NOT NULL DEFAULT ''
     )""",
-    # Claims walk a queue in due order: the rows being handled first (few: prefetch per
-    # worker), then the due ones; those waiting for a retry are past the range read. Created at
-    # every open: a file from any version has it.
-    "CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, available_at, id)",
-    # A worker's heartbeat finds the rows it holds by owner.
-    "CREATE INDEX IF NOT EXISTS messages_leased ON messages (lease_owner) "
-    "WHERE lease_owner IS NOT NULL",
     # The unrouted queue's events and body bytes, changed with every write to it: its cap is
     # checked without counting it (`queue.publish`).
     "CREATE TABLE IF NOT EXISTS queue_sizes (queue TEXT PRIMARY KEY, events INTEGER NOT NULL, "
@@ -63,48 +59,73 @@ _SCHEMA = (
     # Workers say they are alive here (what `status` counts as consumers).
     "CREATE TABLE IF NOT EXISTS workers (owner TEXT PRIMARY KEY, queue TEXT NOT NULL, "
     "name TEXT NOT NULL, seen_at REAL NOT NULL)",
+    # Fair claims' turns (b24queue.transports.kit.fair): each portal's pass, each queue's clock.
+    "CREATE TABLE IF NOT EXISTS portal_turns (queue TEXT NOT NULL, portal TEXT NOT NULL, "
+    "pass REAL NOT NULL, PRIMARY KEY (queue, portal))",
+    "CREATE TABLE IF NOT EXISTS queue_clocks (queue TEXT PRIMARY KEY, clock REAL NOT NULL)",
+)
+# Created at every open, after any upgrade: a file from any version has them.
+_INDEXES = (
+    # Claims walk a queue in due order: the rows being handled first (few: prefetch per
+    # worker), then the due ones; those waiting for a retry are past the range read.
+    "CREATE INDEX IF NOT EXISTS messages_due ON messages (queue, available_at, id)",
+    # Fair claims: the portals of a queue (one probe each), and a portal's rows in due order.
+    "CREATE INDEX IF NOT EXISTS messages_portal ON messages (queue, portal, available_at, id)",
+    # A worker's heartbeat finds the rows it holds by owner.
+    "CREATE INDEX IF NOT EXISTS messages_leased ON messages (lease_owner) "
+    "WHERE lease_owner IS NOT NULL",
+)
+# From schema 2: each row's portal from its headers (what the ingress put there), "" for none.
+_BACKFILL_PORTAL = (
+    "UPDATE messages SET portal = substr(coalesce(json_extract(headers, ?), ''), 1, ?) "
+    "WHERE instr(headers, ?) > 0"
 )
 
 Op = Callable[[sqlite3.Connection], Any]
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if need be) the queue database: private, WAL, fsync at every commit."""
-    private_file(path)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                db.execute(statement)
-            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) == 1:  # before the fence column: each row's claims start anew
-                db.execute("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"{path} has queue schema {row[0]}, newer than this b24queue knows "
-                    f"({SCHEMA_VERSION}): upgrade b24queue"
-                )
-    except BaseException:
-        db.close()
-        raise
-    return db
+    """Open (creating if need be) the queue database: private, WAL, fsync at every commit
+    (b24queue.secrets.stores.open_sqlite), its schema in place, upgraded if older."""
+    return open_sqlite(path, lambda db: _create(db, path), timeout_s=BUSY_TIMEOUT_MS / 1000)
 
 
-class Database:
+def _create(db: sqlite3.Connection, path: Path) -> None:
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        for statement in _TABLES:
+            db.execute(statement)
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{path} has queue schema {row[0]}, newer than this b24queue knows "
+                f"({SCHEMA_VERSION}): upgrade b24queue"
+            )
+        elif int(row[0]) < SCHEMA_VERSION:
+            _upgrade(db, int(row[0]))
+        for statement in _INDEXES:
+            db.execute(statement)
+
+
+def _upgrade(db: sqlite3.Connection, version: int) -> None:
+    """In place, in the opening transaction: the rows waiting stay, each one's claims and turns
+    start anew."""
+    if version == 1:  # before the fence column
+        db.execute("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE messages ADD COLUMN portal TEXT NOT NULL DEFAULT ''")
+    member = c.H_MEMBER_ID
+    db.execute(_BACKFILL_PORTAL, (f'$."{member}"', MAX_PORTAL_CHARS, member))
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+
+
+class Database(SqliteFile):
     """One process's connection, on one thread, with group-committed writes. An async context
     manager; `write(op)` returns once the transaction holding `op` is committed."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="b24queue-sqlite")
+        super().__init__(path, "b24queue-sqlite")
         # Every op waiting, in one transaction; a failure of the whole (a full disk, a lock held
         # past the timeout) fails them all, never retried one by one.
         self._writes: Batcher[Op, tuple[bool, Any]] = Batcher(
@@ -113,19 +134,17 @@ class Database:
         # Told after each commit, in the event loop (wakes this process's runners at once).
         self.committed = asyncio.Event()
 
+    def _open(self) -> sqlite3.Connection:
+        return connect(self.path)
+
     async def __aenter__(self) -> Database:
-        self._db = await self._run(connect, self.path)
+        await self._run(self._conn)
         self._writes.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._writes.stop("the queue database is closed")
-        if self._db is not None:
-            await self._run(self._db.close)
-        self._thread.shutdown(wait=True)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        await self.close()
 
     async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._db is not None, "use `async with Database(...)`"

@@ -36,7 +36,6 @@ SQLITE = TransportDescriptor(
     name="sqlite",
     schemes=("sqlite",),
     shape=f"{SHAPE} (one host, no server)",
-    module="b24queue.transports.sqlite.transport",
     settings=SqliteSettings,
     check_url=check_url,
 )

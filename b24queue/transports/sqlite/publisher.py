@@ -7,8 +7,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from b24queue.envelope import Envelope
 from b24queue.errors import BrokerUnavailableError
+from b24queue.events.envelope import Envelope
 from b24queue.settings import Settings
 from b24queue.transports.kit.unrouted import UnroutedCap
 from b24queue.transports.sqlite import queue as q

@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from b24queue.envelope import Envelope
-from b24queue.queues import topic_matches
+from b24queue import _constants as c
+from b24queue.events.envelope import Envelope
+from b24queue.queues import Fairness, portal_key, topic_matches
+from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
@@ -51,15 +53,12 @@ def publish(
         queues = sorted({q for q, p in bindings if topic_matches(p, e.routing_key)}) or [unrouted]
         if queues == [unrouted]:
             unbound.append(len(e.body))
-        headers = json.dumps(e.headers)
-        stamp = e.timestamp.isoformat()
-        rows += [
-            (q, e.message_id, e.routing_key, e.body, headers, stamp, e.event_type, now)
-            for q in queues
-        ]
+        stored = e.stored()
+        portal = portal_key(e.headers.get(c.H_MEMBER_ID))
+        rows += [(q, *stored, now, portal) for q in queues]
     db.executemany(
         "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
-        "event_type, available_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "event_type, available_at, portal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
     if not unbound:
@@ -121,8 +120,16 @@ def due(db: sqlite3.Connection, queue: str) -> bool:
     return row is not None
 
 
-def claim(db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
-    """Lease up to `count` due messages in due order (an expired lease counts as free).
+def claim(
+    db: sqlite3.Connection,
+    queue: str,
+    owner: str,
+    count: int,
+    lease_s: float,
+    fairness: Fairness | None = None,
+) -> list[Row]:
+    """Lease up to `count` due messages (an expired lease counts as free): in turns among the
+    portals with `fairness.on` (`claim_fair`), else in due order.
 
     Due order is `available_at`, then `id`: the order of `messages_due`, so the claim walks that
     index from the queue's first row and stops after `count` free ones, passing only the rows
@@ -130,6 +137,8 @@ def claim(db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: f
     retry. Its time under the write lock does not grow with the backlog (ordered by `id` alone,
     it read and sorted every due row each time). A retried event is due again behind those that
     arrived before its delay ended, as on RabbitMQ and PostgreSQL."""
+    if fairness is not None and fairness.on:
+        return claim_fair(db, queue, owner, count, lease_s, fairness)
     now = time.time()
     sql = (
         "UPDATE messages SET lease_owner = ?, lease_until = ?, deliveries = deliveries + 1, "
@@ -140,6 +149,79 @@ def claim(db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: f
         "fence"
     )
     rows = db.execute(sql, (owner, now + lease_s, queue, now, now, count)).fetchall()
+    return sorted((_row(r) for r in rows), key=lambda r: r.id)
+
+
+# The portals with rows in a queue, one probe of `messages_portal` each (a loose index scan):
+# a portal's backlog is never read for it.
+_PORTALS = """
+    WITH RECURSIVE p(portal) AS (
+        SELECT (SELECT portal FROM messages WHERE queue = ?1 ORDER BY portal LIMIT 1)
+        UNION ALL
+        SELECT (SELECT m.portal FROM messages m WHERE m.queue = ?1 AND m.portal > p.portal
+            ORDER BY m.portal LIMIT 1) FROM p WHERE p.portal IS NOT NULL
+    ) SELECT portal FROM p WHERE portal IS NOT NULL
+"""
+# A portal's oldest due, free rows: those being handled (few) are passed, those waiting for a
+# retry are past the range read.
+_PORTAL_DUE = (
+    "SELECT id FROM messages INDEXED BY messages_portal WHERE queue = ? AND portal = ? "
+    "AND available_at <= ? AND (lease_until IS NULL OR lease_until < ?) "
+    "ORDER BY available_at, id LIMIT ?"
+)
+_LEASE = (
+    "UPDATE messages SET lease_owner = ?, lease_until = ?, deliveries = deliveries + 1, "  # noqa: S608
+    f"fence = fence + 1 WHERE id IN ({{}}) RETURNING {_MESSAGE}"
+)
+
+
+def claim_fair(
+    db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: float, fairness: Fairness
+) -> list[Row]:
+    """Lease up to `count` due messages, in turns among the portals (b24queue.transports.kit.fair):
+    the turns are read and written in this transaction, which every process's claims of the
+    queue take in turn (the database's one writer). Reads one index probe per portal with rows
+    in the queue, and the rows of the portals given a slot: not the backlog."""
+    now = time.time()
+    portals = [p for (p,) in db.execute(_PORTALS, (queue,))]
+    if not portals:
+        return []
+    found = db.execute("SELECT clock FROM queue_clocks WHERE queue = ?", (queue,)).fetchone()
+    clock = float(found[0]) if found else 0.0
+    passes = dict(db.execute("SELECT portal, pass FROM portal_turns WHERE queue = ?", (queue,)))
+    leased: dict[str, int] = {}
+    if fairness.cap is not None:  # the rows in handlers now, by portal, across workers
+        leased = dict(
+            db.execute(
+                "SELECT portal, count(*) FROM messages INDEXED BY messages_leased "
+                "WHERE lease_owner IS NOT NULL AND queue = ? AND lease_until >= ? "
+                "GROUP BY portal",
+                (queue, now),
+            )
+        )
+    plan = Claim(count, portals, passes, clock, fairness, leased)
+    while wanted := plan.wanted():
+        for portal, n in wanted.items():
+            ids = [i for (i,) in db.execute(_PORTAL_DUE, (queue, portal, now, now, n))]
+            plan.found(portal, ids, n)
+    ids = plan.ids()
+    if not ids:
+        return []
+    rows = db.execute(
+        _LEASE.format(",".join("?" * len(ids))), (owner, now + lease_s, *ids)
+    ).fetchall()
+    turns = plan.turns
+    db.executemany(
+        "INSERT INTO portal_turns VALUES (?, ?, ?) "
+        "ON CONFLICT (queue, portal) DO UPDATE SET pass = excluded.pass",
+        [(queue, p, v) for p, v in turns.passes.items()],
+    )
+    db.execute(
+        "INSERT INTO queue_clocks VALUES (?, ?) ON CONFLICT (queue) DO UPDATE SET clock = ?",
+        (queue, turns.clock, turns.clock),
+    )
+    # A pass the clock has reached says no more than none: the portal starts at the clock.
+    db.execute("DELETE FROM portal_turns WHERE queue = ? AND pass <= ?", (queue, turns.clock))
     return sorted((_row(r) for r in rows), key=lambda r: r.id)
 
 
@@ -169,8 +251,9 @@ def move(
     if queue.endswith(".dlq"):
         copied = db.execute(
             "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
-            "event_type, available_at) SELECT ?, message_id, routing_key, body, ?, timestamp, "
-            "event_type, ? FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
+            "event_type, available_at, portal) SELECT ?, message_id, routing_key, body, ?, "
+            "timestamp, event_type, ?, portal FROM messages "
+            "WHERE id = ? AND lease_owner = ? AND fence = ?",
             (queue, encoded, time.time(), *fence),
         ).rowcount
         if copied != 1:

@@ -29,11 +29,12 @@ class SqliteLeases:
     def wake(self, queue: str) -> asyncio.Event:
         return listen(self._db.path)
 
-    async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
+    async def claim(self, spec: QueueSpec, owner: str, count: int, lease_s: float) -> list[Row]:
         # A read first: idle workers of several processes poll without taking the write lock.
+        queue, fairness = spec.name, spec.fairness
         if not await self._db.read(lambda db: q.due(db, queue)):
             return []
-        return await self._db.write(lambda db: q.claim(db, queue, owner, count, lease_s))
+        return await self._db.write(lambda db: q.claim(db, queue, owner, count, lease_s, fairness))
 
     async def ack(self, row: Row, owner: str, queue: str) -> bool:
         return await self._db.write(lambda db: q.ack(db, row, owner))

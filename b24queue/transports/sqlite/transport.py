@@ -26,7 +26,6 @@ from pathlib import Path
 from b24queue.consumer import EventConsumer
 from b24queue.queues import DeclaredQueue, spec_for
 from b24queue.settings import Settings
-from b24queue.status import Status
 from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers
 from b24queue.transports.kit.tables import TableDeadLetters, table_status
 from b24queue.transports.sqlite import queue as q
@@ -34,12 +33,14 @@ from b24queue.transports.sqlite.db import Database
 from b24queue.transports.sqlite.dlq import dead_letters
 from b24queue.transports.sqlite.publisher import SqlitePublisher
 from b24queue.transports.sqlite.runner import workers
+from b24queue.transports.status import Status
 
 log = logging.getLogger(__name__)
 
 
 class Sqlite:
     name = "sqlite"
+    shares_by_portal = True  # fair claims (b24queue.transports.kit.fair)
     needs_spool = False  # the queue is on the ingress's own disk
 
     def __init__(self, settings: Settings) -> None:

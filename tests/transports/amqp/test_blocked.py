@@ -20,8 +20,8 @@ import pytest
 from pamqp import commands as spec
 from pamqp import frame
 
-from b24queue.envelope import envelope_for
 from b24queue.errors import BrokerUnavailableError
+from b24queue.events.envelope import envelope_for
 from b24queue.testing import make_event
 from b24queue.transports.amqp import internals
 from b24queue.transports.amqp.publisher import AmqpPublisher

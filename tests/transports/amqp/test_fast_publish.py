@@ -16,9 +16,9 @@ from aiormq.abc import ChannelFrame
 from pamqp import frame
 from pamqp.heartbeat import Heartbeat
 
-from b24queue.envelope import envelope_for
 from b24queue.errors import PublishError
-from b24queue.events import parse_event
+from b24queue.events.envelope import envelope_for
+from b24queue.events.event import parse_event
 from b24queue.testing import make_event
 from b24queue.transports.amqp import fast_publish, internals
 from b24queue.transports.amqp.publisher import AmqpPublisher, properties_for

@@ -10,8 +10,8 @@ from pamqp import commands, frame
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from b24queue.envelope import Envelope, envelope_for
-from b24queue.events import parse_event
+from b24queue.events.envelope import Envelope, envelope_for
+from b24queue.events.event import parse_event
 from b24queue.testing import make_event
 from b24queue.transports.amqp import fast_consume
 from b24queue.transports.amqp.frames import publish_frames

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from b24queue.cli.status import render
 from b24queue.errors import ManagementError
 from b24queue.queues import spec_for
 from b24queue.settings import load_settings
-from b24queue.status import render
 from b24queue.transports.amqp.definitions import definitions
 from b24queue.transports.amqp.layout import consumer_policy
 from b24queue.transports.amqp.management import ManagementClient

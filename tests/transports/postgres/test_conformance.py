@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from b24queue.settings import Settings
 from tests.conformance.delivery import DeliveryScenarios
+from tests.conformance.fairness import FairShareScenarios, FairShareUpgradeScenarios
 from tests.conformance.processes import ProcessScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
-from tests.support.postgres import forget_ledger
+from tests.support.bench import Bench
+from tests.support.postgres import forget_ledger, to_schema_2
 
 
 class TestDeliveryOnPostgres(DeliveryScenarios):
@@ -29,3 +31,12 @@ class TestUnroutedLedgerOnPostgres(UnroutedLedgerScenarios):
 
 class TestStatusOnPostgres(StatusScenarios):
     pass
+
+
+class TestFairShareOnPostgres(FairShareScenarios):
+    pass
+
+
+class TestFairShareUpgradeOnPostgres(FairShareUpgradeScenarios):
+    async def to_schema_2(self, bench: Bench) -> None:
+        await to_schema_2(bench.settings)

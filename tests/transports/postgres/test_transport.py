@@ -174,7 +174,7 @@ async def test_terminated_worker_backends_lose_nothing(schema: Settings, tmp_pat
 async def test_a_role_without_create_runs_on_a_schema_made_by_its_owner(schema: Settings) -> None:
     """What docs/transports/postgresql.md promises: after the first start, USAGE and table
     privileges suffice."""
-    from b24queue.envelope import envelope_for
+    from b24queue.events.envelope import envelope_for
     from b24queue.testing import make_event
     from b24queue.transports import transport_for
 
@@ -214,7 +214,7 @@ async def test_a_role_without_create_runs_on_a_schema_made_by_its_owner(schema: 
 async def test_a_stale_settlement_never_lands_on_a_later_claim(schema: Settings) -> None:
     """Claimed, lease ran out, claimed again, retried, claimed a third time: the first claim's
     ack must not delete the row the third one is handling (the fence is never reset)."""
-    from b24queue.envelope import envelope_for
+    from b24queue.events.envelope import envelope_for
     from b24queue.testing import make_event
     from b24queue.transports.postgres.queue import Queries
 

@@ -18,15 +18,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue import EventConsumer, Reject, Retry
 from b24queue.auth.tokens import StaticTokens
-from b24queue.envelope import EventSink, envelope_for
+from b24queue.cli.status import render
 from b24queue.errors import BrokerUnavailableError
 from b24queue.events import Event
+from b24queue.events.envelope import EventSink, envelope_for
 from b24queue.ingress.app import create_app
 from b24queue.ingress.fallback import SpoolingSink
 from b24queue.ingress.spool import Spool
 from b24queue.queues import spec_for
 from b24queue.settings import Settings, load_settings
-from b24queue.status import render
 from b24queue.testing import make_event
 from b24queue.transports.kit import leased
 from b24queue.transports.redis_streams.publisher import RedisPublisher

@@ -150,7 +150,7 @@ async def test_released_and_abandoned_entries_are_claimed_again(queue: Settings)
     """A stopping worker's release makes its entries claimable at once; an entry abandoned
     behind many held ones is found (XAUTOCLAIM goes on from where it stopped)."""
     from b24queue import EventConsumer
-    from b24queue.envelope import envelope_for
+    from b24queue.events.envelope import envelope_for
     from b24queue.queues import spec_for
     from b24queue.testing import make_event
     from b24queue.transports.redis_streams.store import Store, connect

@@ -6,9 +6,11 @@ import sqlite3
 
 from b24queue.settings import Settings
 from tests.conformance.delivery import DeliveryScenarios
+from tests.conformance.fairness import FairShareScenarios, FairShareUpgradeScenarios
 from tests.conformance.processes import ProcessScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
+from tests.support.bench import Bench
 
 
 class TestDeliveryOnSqlite(DeliveryScenarios):
@@ -33,3 +35,19 @@ class TestUnroutedLedgerOnSqlite(UnroutedLedgerScenarios):
 
 class TestStatusOnSqlite(StatusScenarios):
     pass
+
+
+class TestFairShareOnSqlite(FairShareScenarios):
+    pass
+
+
+class TestFairShareUpgradeOnSqlite(FairShareUpgradeScenarios):
+    async def to_schema_2(self, bench: Bench) -> None:
+        file = sqlite3.connect(bench.settings.sqlite_path)
+        with file:
+            file.execute("DROP INDEX messages_portal")
+            file.execute("ALTER TABLE messages DROP COLUMN portal")
+            file.execute("DROP TABLE portal_turns")
+            file.execute("DROP TABLE queue_clocks")
+            file.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+        file.close()

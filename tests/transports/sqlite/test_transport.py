@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue import Event, EventConsumer, Reject
 from b24queue.auth.tokens import StaticTokens
-from b24queue.envelope import envelope_for
+from b24queue.events.envelope import envelope_for
 from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
@@ -232,7 +232,7 @@ def test_claims_follow_due_order_as_on_postgresql(tmp_path: Path) -> None:
     assert order == ["b", "c", "a"]
 
 
-def test_a_version_1_queue_file_gains_the_fence_column(tmp_path: Path) -> None:
+def test_a_version_1_queue_file_gains_the_fence_and_portal_columns(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path)
     old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -249,8 +249,9 @@ def test_a_version_1_queue_file_gains_the_fence_column(tmp_path: Path) -> None:
     db = sqlite_db.connect(path)
     try:
         columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
-        assert "fence" in columns
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "2"
+        assert {"fence", "portal"} <= columns
+        version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+        assert version == str(sqlite_db.SCHEMA_VERSION)
     finally:
         db.close()
 

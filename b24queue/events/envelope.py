@@ -14,7 +14,7 @@ import orjson
 
 from b24queue import _constants as c
 from b24queue.errors import BadEventError
-from b24queue.events import Event
+from b24queue.events.event import Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,12 @@ class Envelope:
     headers: dict[str, str]
     timestamp: datetime
     event_type: str
+
+    def stored(self) -> tuple[str, str, bytes, str, str, str]:
+        """Its fields in this order as a store of text and bytes keeps them (the spool, SQLite,
+        Redis): the headers as JSON, the timestamp in ISO 8601."""
+        headers, timestamp = json.dumps(self.headers), self.timestamp.isoformat()
+        return self.message_id, self.routing_key, self.body, headers, timestamp, self.event_type
 
 
 # The headers are bounded field by field at the edge (`events`); this is the sum, checked again so

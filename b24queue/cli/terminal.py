@@ -1,5 +1,5 @@
-"""Text from messages, portals and brokers made safe for an operator's terminal. Standard
-library only.
+"""The operator's terminal: text from messages, portals and brokers made safe to print on it
+(`safe`), and a question asked on it (`confirm`).
 
 What the CLI prints from a message (an event name, a portal, a handler's error quoting event
 data, a broker's reason) is someone else's text: an escape sequence in it would be run by the
@@ -11,6 +11,10 @@ needs none of it: `json.dumps` escapes them itself.
 """
 
 from __future__ import annotations
+
+import sys
+
+from b24queue.errors import ConfigError
 
 # C0 controls (newline and tab included), DEL, C1 controls; the bidirectional embeddings,
 # overrides and isolates (U+202A-202E, U+2066-2069) and marks (U+200E, U+200F, U+061C); the
@@ -33,3 +37,10 @@ def safe(value: object) -> str:
     """`str(value)` with every control character, and every character that reorders or breaks
     the text, written as an escape."""
     return str(value).translate(_ESCAPES)
+
+
+def confirm(question: str) -> bool:
+    """Ask `question` on the terminal; without one, refuse (the command's --yes says yes)."""
+    if not sys.stdin.isatty():
+        raise ConfigError(f"{question} Refusing without a terminal to ask: pass --yes")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")

@@ -1,14 +1,15 @@
-"""How `b24queue dlq list` shows dead letters to an operator."""
+"""A dead letter as an operator sees it (what `DeadLetters.list` returns, `b24queue dlq`),
+described from its message's headers, and the headers a replayed message starts over with. How
+it is shown: b24queue.cli.dlq."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from b24queue import _constants as c
-from b24queue.terminal import safe
 
 # Headers that describe one failure history; a replayed message starts a new one.
 _FAILURE_HEADERS = (
@@ -95,28 +96,3 @@ def _str(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def render(source: str, total: int, letters: Sequence[DeadLetter]) -> str:
-    source = safe(source)
-    if total == 0:
-        return f"{source} is empty"
-    lines = [f"{source}: {total} message(s); showing {len(letters)}, in queue order", ""]
-    for i, x in enumerate(map(_shown, letters), 1):
-        attempts = f", {x.attempts} attempt(s)" if x.attempts is not None else ""
-        lines.append(f"{i}. {x.event}  message_id={x.message_id}")
-        lines.append(f"   portal: {x.domain or '?'} (member_id {x.member_id or '?'})")
-        lines.append(f"   why:    {x.reason}{attempts}" + (f" - {x.error}" if x.error else ""))
-        if x.first_failed_at:
-            lines.append(f"   failed: first {x.first_failed_at}, last {x.last_failed_at}")
-        lines.append(f"   sent:   {x.published_at or '?'} ({x.size_bytes} bytes)")
-    lines += ["", "replay: b24queue dlq replay <queue> [--id MESSAGE_ID] [--limit N]"]
-    return "\n".join(lines)
-
-
-def _shown(letter: DeadLetter) -> DeadLetter:
-    """Every text of a dead letter made safe for the terminal: it comes from the message (an
-    error quoting the event's data, a portal's domain)."""
-    texts = {f.name: getattr(letter, f.name) for f in fields(letter)}
-    shown: dict[str, Any] = {k: safe(v) for k, v in texts.items() if isinstance(v, str)}
-    return replace(letter, **shown)

@@ -21,6 +21,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Confirms take ~1-20 ms normally and up to a few hundred under load (batched fsync).
 _PUBLISH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5)
 _HANDLE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0)
+# An event waits a few ms in an idle queue, seconds to minutes behind a backlog.
+_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 MAX_EVENT_LABELS = 200
@@ -184,6 +186,16 @@ class WorkerMetrics:
             buckets=_HANDLE_BUCKETS,
             registry=self.registry,
         )
+        # No portal label (there may be thousands): how long a queue's events wait, whoever sent
+        # them.
+        self.wait_seconds = Histogram(
+            "b24queue_worker_wait_seconds",
+            "Time from the ingress's acceptance of an event to the start of its handling "
+            "(first attempts only)",
+            ["queue"],
+            buckets=_WAIT_BUCKETS,
+            registry=self.registry,
+        )
 
         # Calling portals back (b24queue.portal): no portal label (there may be thousands).
         self.portal_calls = Counter(
@@ -201,7 +213,7 @@ class WorkerMetrics:
         self.portal_refreshes = Counter(
             "b24queue_portal_refreshes", "OAuth token refreshes made", registry=self.registry
         )
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         # Whoever can publish to the exchange names events: bounded like the ingress's.
         self._events = EventLabels()
 
@@ -209,7 +221,16 @@ class WorkerMetrics:
         """The queue's in-flight gauge reads `count()` when scraped: nothing to do per event."""
         self.in_flight.labels(queue).set_function(count)
 
-    def observe(self, queue: str, event: str, outcome: str, duration_s: float) -> None:
+    def observe(
+        self,
+        queue: str,
+        event: str,
+        outcome: str,
+        duration_s: float,
+        waited_s: float | None = None,
+    ) -> None:
+        """One settled delivery: its outcome, how long it took and, for a first attempt whose
+        acceptance time is known, how long it waited for its handler."""
         # Label lookups hash and lock on every call; the children are cached per label set.
         event = self._events.of(event)
         key = (queue, event, outcome)
@@ -218,10 +239,13 @@ class WorkerMetrics:
             children = (
                 self.outcomes.labels(queue, event, outcome),
                 self.handle_seconds.labels(queue, event),
+                self.wait_seconds.labels(queue),
             )
             self._children[key] = children
         children[0].inc()
         children[1].observe(duration_s)
+        if waited_s is not None:
+            children[2].observe(waited_s)
 
     def portal_answered(self, answer: str) -> None:
         self.portal_calls.labels(answer).inc()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from b24queue.errors import BadEventError
-from b24queue.forms import decode_form, decode_json
+from b24queue.events.forms import decode_form, decode_json
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
+
+V = TypeVar("V")
 
 MAX_EVENT_NAME = 128
 # Event names are routing keys of a topic exchange. Catalog events have dots
@@ -95,16 +98,12 @@ class Auth(BaseModel):
     @field_validator("member_id")
     @classmethod
     def _check_member_id(cls, value: str | None) -> str | None:
-        if value and not _MEMBER_ID.fullmatch(value):
-            raise ValueError("must be 1 to 64 letters, digits or _")
-        return value
+        return _matching(_MEMBER_ID, value, "1 to 64 letters, digits or _")
 
     @field_validator("application_token", "access_token", "refresh_token")
     @classmethod
     def _check_token(cls, value: str | None) -> str | None:
-        if value and not _TOKEN.fullmatch(value):
-            raise ValueError("must be 1 to 256 printable ASCII characters")
-        return value
+        return _matching(_TOKEN, value, "1 to 256 printable ASCII characters")
 
     @field_validator(*_SCALAR_AUTH)
     @classmethod
@@ -161,17 +160,12 @@ class Event(BaseModel):
     @field_validator("event_handler_id")
     @classmethod
     def _check_handler_id(cls, value: str | None) -> str | None:
-        if value and not _HANDLER_ID.fullmatch(value):
-            raise ValueError("must be digits (at most 20)")
-        return value
+        return _matching(_HANDLER_ID, value, "digits (at most 20)")
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Event:
         """Validate a decoded body; errors name the field in bracket form (`auth[domain]`)."""
-        try:
-            event = cls.model_validate(payload)
-        except ValidationError as exc:
-            raise BadEventError(_describe(exc), field=_first_field(exc)) from None
+        event = _validated(cls.model_validate, payload)
         _private(event)["_payload"] = payload
         return event
 
@@ -179,10 +173,7 @@ class Event(BaseModel):
     def from_json(cls, raw: bytes) -> Event:
         """Validate a JSON body straight from bytes (the worker's path: pydantic-core parses it;
         `payload` is decoded only if someone asks for it)."""
-        try:
-            event = cls.model_validate_json(raw)
-        except ValidationError as exc:
-            raise BadEventError(_describe(exc), field=_first_field(exc)) from None
+        event = _validated(cls.model_validate_json, raw)
         _private(event)["_raw"] = raw
         return event
 
@@ -290,6 +281,21 @@ def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
 
 def parse_event(content_type: str, body: bytes) -> Event:
     return Event.from_payload(decode_body(content_type, body))
+
+
+def _matching(pattern: re.Pattern[str], value: str | None, shape: str) -> str | None:
+    """An optional value, if all of it matches `pattern`; else a ValueError: it must be `shape`."""
+    if value and not pattern.fullmatch(value):
+        raise ValueError(f"must be {shape}")
+    return value
+
+
+def _validated(validate: Callable[[V], Event], value: V) -> Event:
+    """`validate(value)`; a `BadEventError` naming the fields in bracket form if it fails."""
+    try:
+        return validate(value)
+    except ValidationError as exc:
+        raise BadEventError(_describe(exc), field=_first_field(exc)) from None
 
 
 def _bracket(loc: tuple[int | str, ...]) -> str:

@@ -1,7 +1,7 @@
-"""`b24queue status`: the state of every consumer queue, its retries and dead letters, the
-unrouted queue, our connections and this host's ingress spools, as a table or JSON. Each transport
-fills a `Status` its own way (`Transport.status`); the spool rows are added here, for every
-transport whose ingress spools."""
+"""What `Transport.status` returns (`b24queue status`): the state of every consumer queue, its
+retries and dead letters, the unrouted queue, our connections and this host's ingress spools.
+Each transport fills a `Status` its own way; the spool rows are added (`with_spools`) for every
+transport whose ingress spools. How it is shown: b24queue.cli.status."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 
 from b24queue import _constants as c
 from b24queue.settings import Settings
-from b24queue.terminal import safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,72 +102,3 @@ def unrouted_problem(settings: Settings, held: int) -> str:
         f"{settings.unrouted} holds {held}, its cap (B24QUEUE_UNROUTED_MAX_EVENTS): "
         "its oldest are dropped as new ones come"
     )
-
-
-def render(status: Status, settings: Settings) -> str:
-    headers = (
-        "QUEUE",
-        "TYPE",
-        "READY",
-        "UNACKED",
-        "CONSUMERS",
-        "PUB/s",
-        "DELIVER/s",
-        "ACK/s",
-        "RETRYING",
-        "DLQ",
-    )
-    # Names and states come from the broker, where any client may have named a queue or a
-    # connection: every cell is made safe for the terminal.
-    table = [
-        (
-            safe(r.queue),
-            safe(r.type),
-            r.ready,
-            r.unacked,
-            r.consumers,
-            r.publish_per_s,
-            r.deliver_per_s,
-            r.ack_per_s,
-            r.retrying,
-            r.dead_letters,
-        )
-        for r in status.queues
-    ]
-    lines = []
-    if table:
-        widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=True)]
-        fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        lines.append(fmt.format(*headers))
-        lines += [fmt.format(*row) for row in table]
-    else:
-        lines.append("no consumer queues yet (a worker declares them when it starts)")
-    lines.append("")
-    lines.append(f"{settings.unrouted}: {status.unrouted} message(s) no consumer is bound to")
-    if status.memory is not None:
-        lines.append(f"memory: {safe(status.memory.describe())}")
-        if status.memory.full:
-            lines.append(
-                "  FULL: new events are refused (the ingress spools them or answers 503) "
-                "until the workers drain the queues"
-            )
-        if status.memory.evicts:
-            lines.append("  this policy can evict queued events: set maxmemory-policy noeviction")
-    lines.append("")
-    if status.connections:
-        lines.append("CONNECTIONS")
-        lines += [
-            f"  {safe(c.name)}  ({safe(c.state)}, {c.channels} channels)"
-            for c in status.connections
-        ]
-    else:
-        lines.append("no b24queue connections (no ingress or worker is running)")
-    for spool in status.spools:
-        lines.append(
-            f"spool {safe(spool.path)}: {spool.waiting} waiting to be forwarded, "
-            f"{spool.quarantined} quarantined"
-        )
-    if status.problems:
-        lines.append("")
-        lines.append("DEAD LETTERS / QUARANTINE: " + "; ".join(map(safe, status.problems)))
-    return "\n".join(lines)

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from b24queue.redaction import redact
+from b24queue.secrets.redaction import redact
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -70,7 +70,7 @@ class _TurnHandler(logging.StreamHandler[TextIO]):
     loop (another thread, before or after the loop), is written at once, after those still
     waiting, so the order holds (and a process that logs why it exits right away says so).
     What waits is written by `flush()` too, which logging calls at exit. Every line is
-    redacted first (b24queue.redaction): no secret of the process's, nor a URL's password,
+    redacted first (b24queue.secrets.redaction): no secret of the process's, nor a URL's password,
     reaches the log, whichever library wrote the line."""
 
     def __init__(self, stream: TextIO) -> None:
