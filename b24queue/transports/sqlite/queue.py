@@ -390,11 +390,11 @@ def overview(db: sqlite3.Connection, alive_since: float) -> Overview:
     workers: dict[str, int] = {}
     for queue, _ in live:
         workers[queue] = workers.get(queue, 0) + 1
-    portals = {name: _portals(db, name, now) for name in consumer_queues}
-    return Overview(consumer_queues, queues, workers, sorted({name for _, name in live}), portals)
+    found = {name: portals(db, name, now) for name in consumer_queues}
+    return Overview(consumer_queues, queues, workers, sorted({name for _, name in live}), found)
 
 
-def _portals(db: sqlite3.Connection, queue: str, now: float) -> PortalsWaiting:
+def portals(db: sqlite3.Connection, queue: str, now: float) -> PortalsWaiting:
     """`status`'s portals of a queue, within the bounds of `kit.tables`: the portals by a loose
     scan, each one's rows counted on the portal index (it covers the count) up to a bound past
     its rows in handlers now (few: counted apart)."""
