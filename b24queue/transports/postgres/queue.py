@@ -15,18 +15,10 @@ import asyncpg
 from b24queue import _constants as c
 from b24queue.events.envelope import Envelope
 from b24queue.queues import Fairness, portal_key, topic_regex
+from b24queue.transports.kit import tables
 from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
-from b24queue.transports.kit.tables import (
-    CONSUMER,
-    DLQ,
-    PORTAL_EVENTS_READ,
-    PORTALS_READ,
-    UNROUTED,
-    Depth,
-    Overview,
-    portals_waiting,
-)
+from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
 from b24queue.transports.postgres.db import Db, notify_channel
 from b24queue.transports.status import PortalsWaiting
@@ -502,11 +494,15 @@ class Queries:
     async def portals(self, db: Db, queue: str) -> PortalsWaiting:
         """`status`'s portals of a queue, within the bounds of `kit.tables`."""
         read = await db.fetch(
-            self.status_portals_sql, queue, True, PORTALS_READ + 1, PORTAL_EVENTS_READ + 1
+            self.status_portals_sql,
+            queue,
+            True,
+            tables.PORTALS_READ + 1,
+            tables.PORTAL_EVENTS_READ + 1,
         )
-        counted = [(r["portal"], r["n"]) for r in read[:PORTALS_READ]]
+        counted = [(r["portal"], r["n"]) for r in read[: tables.PORTALS_READ]]
         leased = {r["portal"]: r["leased"] for r in read}
-        return portals_waiting(counted, leased, len(read) <= PORTALS_READ)
+        return tables.portals_waiting(counted, leased, len(read) <= tables.PORTALS_READ)
 
     async def replay(
         self,

@@ -14,18 +14,10 @@ from typing import Any
 from b24queue import _constants as c
 from b24queue.events.envelope import Envelope
 from b24queue.queues import Fairness, portal_key, topic_matches
+from b24queue.transports.kit import tables
 from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
-from b24queue.transports.kit.tables import (
-    CONSUMER,
-    DLQ,
-    PORTAL_EVENTS_READ,
-    PORTALS_READ,
-    UNROUTED,
-    Depth,
-    Overview,
-    portals_waiting,
-)
+from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
 from b24queue.transports.status import PortalsWaiting
 
@@ -399,17 +391,17 @@ def portals(db: sqlite3.Connection, queue: str, now: float) -> PortalsWaiting:
     scan, each one's rows counted on the portal index (it covers the count) up to a bound past
     its rows in handlers now (few: counted apart)."""
     leased = dict(db.execute(_LEASED_BY_PORTAL, (queue, now)))
-    read = [p for (p,) in db.execute(_PORTALS + " LIMIT ?2", (queue, PORTALS_READ + 1))]
+    read = [p for (p,) in db.execute(_PORTALS + " LIMIT ?2", (queue, tables.PORTALS_READ + 1))]
     counted = [
         (
             p,
             db.execute(
-                _PORTAL_ROWS, (queue, p, leased.get(p, 0) + PORTAL_EVENTS_READ + 1)
+                _PORTAL_ROWS, (queue, p, leased.get(p, 0) + tables.PORTAL_EVENTS_READ + 1)
             ).fetchone()[0],
         )
-        for p in read[:PORTALS_READ]
+        for p in read[: tables.PORTALS_READ]
     ]
-    return portals_waiting(counted, leased, len(read) <= PORTALS_READ)
+    return tables.portals_waiting(counted, leased, len(read) <= tables.PORTALS_READ)
 
 
 _PORTAL_ROWS = (
