@@ -23,6 +23,7 @@ from typing import Any
 
 import aio_pika
 
+from b24queue import EventConsumer
 from b24queue.events.forms import encode_form
 from b24queue.queues import QueueSpec
 from b24queue.settings import load_settings
@@ -381,7 +382,27 @@ async def fill(name: str, body: bytes, count: int) -> None:
     await amqp_call(go)
 
 
-async def cleanup(prefix: str) -> None:
+async def cleanup(
+    prefix: str, queues: tuple[str, ...] = (), exchanges: tuple[str, ...] = ()
+) -> None:
+    """Deletes the run's queues, exchanges and policies: through the management API, all under
+    `prefix`; where it does not answer (a broker without the plugin), over AMQP the `queues` and
+    `exchanges` named, so that a run's results are not lost to its cleanup."""
+    try:
+        await _cleanup_by_prefix(prefix)
+    except OSError:
+        print("management API not reachable: deleting the run's queues over AMQP", flush=True)
+
+        async def go(channel: Any) -> None:
+            for name in queues:
+                await channel.queue_delete(name)
+            for name in exchanges:
+                await channel.exchange_delete(name)
+
+        await amqp_call(go)
+
+
+async def _cleanup_by_prefix(prefix: str) -> None:
     import base64
     from urllib.parse import quote
 
@@ -648,7 +669,11 @@ def main() -> None:
         worker_rounds = 0 if args.ingress_only else args.rounds
         workers(worker_rounds, started + args.budget_s * 0.97, args, work, env, results)
     finally:
-        asyncio.run(cleanup(prefix))
+        # The worker's consumer declares its retry queues with the default delays.
+        spec = QueueSpec(work, ("BENCHWORK",), (1.0, *EventConsumer.retry_delays_s))
+        retries = tuple(spec.retry_queue(d) for d in sorted(set(spec.retry_delays_s)))
+        declared = (*sinks, work, spec.dlq, *retries, settings.unrouted)
+        asyncio.run(cleanup(prefix, declared, (settings.exchange, settings.unrouted)))
         os.unlink(body_file.name)
 
     results["wall_s"] = round(time.monotonic() - started, 1)

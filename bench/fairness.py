@@ -88,6 +88,10 @@ class Portals(EventConsumer):
             Path(path).write_text(json.dumps(self.starts))  # noqa: ASYNC240 - once, at stop
 
 
+ACCEPTED = "b24queue_ingress_accepted_total"
+SETTLED = "b24queue_worker_events_total"
+
+
 def metric_sum(port: int, name: str) -> float:
     """The sum of a metric's samples on a /metrics page (0 when absent)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
@@ -131,17 +135,25 @@ class Quiet:
 
 
 async def until_handled(
-    ingress_port: int, worker_port: int, before: float, timeout_s: float = 120
+    ingress_port: int,
+    worker_port: int,
+    before: float,
+    timeout_s: float = 120,
+    *,
+    caught_up: bool = True,
 ) -> None:
     """Until the worker has settled every event the ingress accepted since it had accepted
-    `before` (the worker's own count starts at 0)."""
+    `before` (the worker's own count starts at 0). `caught_up` False: every event accepted when
+    this was called, though more arrive meanwhile (the quiet portals still posting: waiting for
+    a moment with none in a handler could wait forever)."""
     deadline = time.monotonic() + timeout_s
     accepted = settled = 0.0
+    target = None if caught_up else metric_sum(ingress_port, ACCEPTED) - before
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):  # the worker's metrics not served yet: it starts
-            accepted = metric_sum(ingress_port, "b24queue_ingress_accepted_total") - before
-            settled = metric_sum(worker_port, "b24queue_worker_events_total")
-            if accepted and settled >= accepted:
+            accepted = metric_sum(ingress_port, ACCEPTED) - before
+            settled = metric_sum(worker_port, SETTLED)
+            if accepted and settled >= (accepted if target is None else target):
                 return
         await asyncio.sleep(0.25)
     raise RuntimeError(
@@ -171,10 +183,10 @@ async def one_mode(
     body_file.write_bytes(deal_body(TOKEN, *portal(0)))
     alone, during = Quiet(ingress.url), Quiet(ingress.url)
     connector = aiohttp.TCPConnector(limit=64)
-    before = metric_sum(ingress_port, "b24queue_ingress_accepted_total")
+    before = metric_sum(ingress_port, ACCEPTED)
 
-    async def handled() -> None:
-        await until_handled(ingress_port, worker_port, before)
+    async def handled(caught_up: bool = True) -> None:
+        await until_handled(ingress_port, worker_port, before, caught_up=caught_up)
 
     async with aiohttp.ClientSession(connector=connector) as session:
         # Every portal's path once, and the worker consuming, before anything is timed.
@@ -186,17 +198,17 @@ async def one_mode(
         await handled()
 
         cpu0 = ingress.cpu_s() + cpu_s(worker_pid)
-        settled0 = metric_sum(worker_port, "b24queue_worker_events_total")
+        settled0 = metric_sum(worker_port, SETTLED)
         began = time.time()
         stop = asyncio.Event()
         quiet = asyncio.create_task(during.run(session, stop))
         load = await burst_load(ingress.url, body_file, args.burst)
-        await handled()
+        await handled(caught_up=False)  # the burst drained, the quiet portals still posting
         stop.set()
         await quiet
         await handled()
         cpu = ingress.cpu_s() + cpu_s(worker_pid) - cpu0
-        events = metric_sum(worker_port, "b24queue_worker_events_total") - settled0
+        events = metric_sum(worker_port, SETTLED) - settled0
     return {
         "alone": alone.sent,
         "during": during.sent,

@@ -32,9 +32,17 @@ EVENT_JSON = (
     b'{"event":"ONCRMDEALUPDATE","data":{"FIELDS":{"ID":"1"}},"ts":"1764367200",'
     b'"auth":{"domain":"acme.bitrix24.com"}}'
 )
-MODULES = ("delivery", "events", "envelope", "forms", "logs", "metrics")
-# The AMQP runner's module; an older tree names it `worker`.
-RUNNERS = ("transports.amqp.runner", "transports.amqp.worker")
+# Each module the pieces use, as this tree names it, then as older trees did.
+MODULES = {
+    "delivery": ("delivery",),
+    "events": ("events.event", "events"),
+    "envelope": ("events.envelope", "envelope"),
+    "forms": ("events.forms", "forms"),
+    "logs": ("telemetry.logs", "logs"),
+    "metrics": ("telemetry.metrics", "metrics"),
+    # The AMQP runner's module; an older tree names it `worker`.
+    "runner": ("transports.amqp.runner", "transports.amqp.worker"),
+}
 
 
 def load(tree: Path) -> dict[str, ModuleType]:
@@ -43,9 +51,7 @@ def load(tree: Path) -> dict[str, ModuleType]:
         del sys.modules[name]
     sys.path.insert(0, str(tree))
     try:
-        found = {name: importlib.import_module(f"b24queue.{name}") for name in MODULES}
-        found["runner"] = _first_of(RUNNERS)
-        return found
+        return {name: _first_of(names) for name, names in MODULES.items()}
     finally:
         sys.path.remove(str(tree))
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from b24queue.auth.store import PortalRecord, TokenStore
+from b24queue.auth.store import Grant, PortalRecord, TokenStore
 from b24queue.auth.tokens import StaticTokens
 from b24queue.errors import StoreUnavailableError, UnauthorizedError
 from b24queue.events.event import Event
@@ -119,14 +119,12 @@ class PortalVerifier:
         if record.access_expires > time.time() + REFRESH_BEFORE_S:
             return
         fresh = access_of(event)
-        if fresh is not None and fresh[1] > record.access_expires:
+        if fresh is not None and fresh.access_expires > record.access_expires:
             try:
                 # The event's refresh token too: every OAuth event brings a new pair, so a
                 # portal whose stored refresh token was lost (spent by a refresh whose answer
                 # never arrived) can be called back again after its next event.
-                await self.store.refresh_access(
-                    record.member_id, record.token, *fresh, event.auth.refresh_token or ""
-                )
+                await self.store.refresh_access(record.member_id, record.token, fresh)
             except Exception as exc:  # best effort: the event itself is verified
                 if self._log_budget.spend() is not None:
                     log.warning("could not keep the portal's fresher access token: %r", exc)
@@ -184,14 +182,14 @@ class PortalVerifier:
             log.warning("trusting first install of %s (member_id %s) unchecked", domain, member_id)
         else:
             await self._check.confirm(event)
-        access_token, access_expires = access_of(event) or ("", 0)
+        grant = access_of(event) or Grant("", 0)
         endpoint = event.auth.client_endpoint or ""
         record_new = PortalRecord(
             member_id=member_id,
             domain=domain,
             token=token,
-            access_token=access_token,
-            access_expires=access_expires,
+            access_token=grant.access_token,
+            access_expires=grant.access_expires,
             # What calling the portal back needs (b24queue.portal); an endpoint off the portal's
             # domain is not kept (the client builds https://<domain>/rest/ instead).
             refresh_token=event.auth.refresh_token or "",
@@ -251,8 +249,9 @@ def _on_domain(endpoint: str, domain: str) -> bool:
     return host is not None and same_host(host.removesuffix(":443"), domain.removesuffix(":443"))
 
 
-def access_of(event: Event) -> tuple[str, int] | None:
-    """The event's access token and when it expires (unix seconds), if it carries one."""
+def access_of(event: Event) -> Grant | None:
+    """The event's access token, when it expires (unix seconds) and the refresh token that came
+    with it, if it carries an access token and its expiry."""
     auth = event.auth
     if not auth.access_token:
         return None
@@ -265,7 +264,7 @@ def access_of(event: Event) -> tuple[str, int] | None:
     else:
         return None
     # Bitrix24's tokens last an hour: a claim of more must not keep a fresher token out.
-    return auth.access_token, min(expires, now + MAX_ACCESS_S)
+    return Grant(auth.access_token, min(expires, now + MAX_ACCESS_S), auth.refresh_token or "")
 
 
 # What ONAPPPAYMENT says and app.info must say too. DAYS counts down: a day apart is the same.

@@ -1,5 +1,5 @@
-"""What the portal store keeps per portal (`PortalRecord`), and its JSON form (Redis).
-Standard library only."""
+"""What the portal store keeps per portal (`PortalRecord`), and its JSON form (Redis); what an
+OAuth answer or an event grants (`Grant`). Standard library only."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ class PortalRecord:
                 "client_endpoint": self.client_endpoint,
             }
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an OAuth answer or an event's auth grants: an access token, when it expires (unix
+    seconds), and the refresh token that came with it ('' if none). No token appears in repr()."""
+
+    access_token: str = field(repr=False)
+    access_expires: int
+    refresh_token: str = field(default="", repr=False)
 
 
 def decode_record(raw: bytes | str) -> PortalRecord:

@@ -4,7 +4,7 @@ replica for install durability)."""
 
 from __future__ import annotations
 
-from b24queue.auth.record import PortalRecord, decode_record
+from b24queue.auth.record import Grant, PortalRecord, decode_record
 from b24queue.secrets.stores import RedisClient
 
 
@@ -33,29 +33,15 @@ class RedisTokenStore(RedisClient):
             return bool(await self._redis().delete(key))
         return bool(await self._redis().eval(_DELETE_IF_SAME_LUA, 1, key, token))
 
-    async def refresh_access(
-        self,
-        member_id: str,
-        token: str,
-        access_token: str,
-        access_expires: int,
-        refresh_token: str = "",
-    ) -> bool:
+    async def refresh_access(self, member_id: str, token: str, grant: Grant) -> bool:
         key = self.prefix + member_id
-        args = (token, access_token, str(access_expires), refresh_token)
+        args = (token, grant.access_token, str(grant.access_expires), grant.refresh_token)
         done = await self._redis().eval(_REFRESH_ACCESS_LUA, 1, key, *args)
         return bool(done)
 
-    async def refreshed(
-        self,
-        member_id: str,
-        old_refresh: str,
-        access_token: str,
-        refresh_token: str,
-        access_expires: int,
-    ) -> bool:
+    async def refreshed(self, member_id: str, old_refresh: str, grant: Grant) -> bool:
         key = self.prefix + member_id
-        args = (old_refresh, access_token, refresh_token, str(access_expires))
+        args = (old_refresh, grant.access_token, grant.refresh_token, str(grant.access_expires))
         return bool(await self._redis().eval(_REFRESHED_LUA, 1, key, *args))
 
     async def all(self) -> list[PortalRecord]:

@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from b24queue.auth.record import PortalRecord
+from b24queue.auth.record import Grant, PortalRecord
 from b24queue.secrets.stores import SqliteFile, open_sqlite
 
 # Columns added after the first version: a store made by an older version gets them.
@@ -66,36 +66,23 @@ class SqliteTokenStore(SqliteFile):
         )
         return self._conn().execute(sql, (*values, r.member_id, replacing)).rowcount
 
-    async def refresh_access(
-        self,
-        member_id: str,
-        token: str,
-        access_token: str,
-        access_expires: int,
-        refresh_token: str = "",
-    ) -> bool:
+    async def refresh_access(self, member_id: str, token: str, grant: Grant) -> bool:
         sql = (
             "UPDATE portals SET access_token = ?, access_expires = ?, "
             "refresh_token = CASE WHEN ? = '' THEN refresh_token ELSE ? END "
             "WHERE member_id = ? AND token = ? AND access_expires < ?"
         )
-        fresh = (access_token, access_expires, refresh_token, refresh_token)
-        args = (*fresh, member_id, token, access_expires)
+        access, expires, refresh = grant.access_token, grant.access_expires, grant.refresh_token
+        args = (access, expires, refresh, refresh, member_id, token, expires)
         return bool(await self._run(lambda: self._conn().execute(sql, args).rowcount))
 
-    async def refreshed(
-        self,
-        member_id: str,
-        old_refresh: str,
-        access_token: str,
-        refresh_token: str,
-        access_expires: int,
-    ) -> bool:
+    async def refreshed(self, member_id: str, old_refresh: str, grant: Grant) -> bool:
         sql = (
             "UPDATE portals SET access_token = ?, refresh_token = ?, access_expires = ? "
             "WHERE member_id = ? AND refresh_token = ? AND refresh_token != ''"
         )
-        args = (access_token, refresh_token, access_expires, member_id, old_refresh)
+        fresh = (grant.access_token, grant.refresh_token, grant.access_expires)
+        args = (*fresh, member_id, old_refresh)
         return bool(await self._run(lambda: self._conn().execute(sql, args).rowcount))
 
     async def forget(self, member_id: str, token: str | None = None) -> bool:

@@ -14,12 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from b24queue.auth.record import PortalRecord
+from b24queue.auth.record import Grant, PortalRecord
 from b24queue.auth.redis_store import RedisTokenStore
 from b24queue.auth.sqlite_store import SqliteTokenStore
 from b24queue.secrets.stores import store_at
 
-__all__ = ["PortalRecord", "RedisTokenStore", "SqliteTokenStore", "TokenStore", "open_store"]
+__all__ = [
+    "Grant",
+    "PortalRecord",
+    "RedisTokenStore",
+    "SqliteTokenStore",
+    "TokenStore",
+    "open_store",
+]
 
 
 class TokenStore(Protocol):
@@ -35,28 +42,14 @@ class TokenStore(Protocol):
     async def forget(self, member_id: str, token: str | None = None) -> bool:
         """Forget the portal and all its credentials (only while its token is `token`)."""
 
-    async def refresh_access(
-        self,
-        member_id: str,
-        token: str,
-        access_token: str,
-        access_expires: int,
-        refresh_token: str = "",
-    ) -> bool:
+    async def refresh_access(self, member_id: str, token: str, grant: Grant) -> bool:
         """Keep a fresher access token (and the refresh token that came with it, if any), while
         the portal's token is still `token` and the stored access token expires sooner."""
 
-    async def refreshed(
-        self,
-        member_id: str,
-        old_refresh: str,
-        access_token: str,
-        refresh_token: str,
-        access_expires: int,
-    ) -> bool:
-        """Keep the pair an OAuth refresh returned, only while the stored refresh token is still
-        `old_refresh` (the one spent): a compare-and-set, so a refresh that lost a race (or a
-        portal uninstalled meanwhile) writes nothing."""
+    async def refreshed(self, member_id: str, old_refresh: str, grant: Grant) -> bool:
+        """Keep the pair an OAuth refresh returned (its refresh token, '' included), only while
+        the stored refresh token is still `old_refresh` (the one spent): a compare-and-set, so a
+        refresh that lost a race (or a portal uninstalled meanwhile) writes nothing."""
 
     async def all(self) -> list[PortalRecord]: ...
 

@@ -10,9 +10,10 @@ import json
 from b24queue.cli.terminal import safe
 from b24queue.errors import EXIT_FAILURE, EXIT_OK
 from b24queue.ingress import spool_ops
+from b24queue.queues import MAX_PORTAL_CHARS
 from b24queue.settings import Settings
 from b24queue.transports import transport_for
-from b24queue.transports.status import Status, with_spools
+from b24queue.transports.status import PortalCount, PortalsWaiting, Status, with_spools
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,6 +53,7 @@ def render(status: Status, settings: Settings) -> str:
         "ACK/s",
         "RETRYING",
         "DLQ",
+        "PORTALS",
     )
     # Names and states come from the broker, where any client may have named a queue or a
     # connection: every cell is made safe for the terminal.
@@ -67,6 +69,7 @@ def render(status: Status, settings: Settings) -> str:
             r.ack_per_s,
             r.retrying,
             r.dead_letters,
+            _portals(r.portals),
         )
         for r in status.queues
     ]
@@ -76,6 +79,11 @@ def render(status: Status, settings: Settings) -> str:
         fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
         lines.append(fmt.format(*headers))
         lines += [fmt.format(*row) for row in table]
+        most = [(r.queue, r.portals.top) for r in status.queues if r.portals and r.portals.top]
+        if most:
+            lines.append("")
+            lines.append("PORTALS WITH THE MOST WAITING")
+            lines += [f"  {safe(q)}: " + ", ".join(map(_portal, top)) for q, top in most]
     else:
         lines.append("no consumer queues yet (a worker declares them when it starts)")
     lines.append("")
@@ -107,3 +115,17 @@ def render(status: Status, settings: Settings) -> str:
         lines.append("")
         lines.append("DEAD LETTERS / QUARANTINE: " + "; ".join(map(safe, status.problems)))
     return "\n".join(lines)
+
+
+def _portals(portals: PortalsWaiting | None) -> str:
+    """The PORTALS cell: how many portals have events waiting ("-": the transport cannot tell)."""
+    if portals is None:
+        return "-"
+    return f"{portals.count}+" if portals.more else str(portals.count)
+
+
+def _portal(p: PortalCount) -> str:
+    """A portal and its events waiting. The portal is a member_id from an event, anyone's text:
+    made safe for the terminal, and cut to the length the queue keeps of it."""
+    name = safe(p.portal[:MAX_PORTAL_CHARS]) if p.portal else "(no member_id)"
+    return f"{name} {p.waiting}{'+' if p.more else ''}"

@@ -31,7 +31,7 @@ from functools import partial
 
 import aiohttp
 
-from b24queue.auth.record import PortalRecord
+from b24queue.auth.record import Grant, PortalRecord
 from b24queue.auth.store import TokenStore
 from b24queue.outbound.hosts import same_host
 from b24queue.portal.api import (
@@ -178,28 +178,29 @@ class Refresher:
         if not record.refresh_token or record.refresh_token in self._refused:
             raise NoCredentials("NO_CREDENTIALS", "no usable refresh token stored for this portal")
         try:
-            access, refresh, expires = await self._ask(record)
+            grant = await self._ask(record)
         except PortalError as exc:
             if exc.code == "invalid_grant":
                 await self._forget_refresh(record, stored_refresh)
             raise
         self.refreshes += 1
         self._observer.portal_refreshed()
-        new = dataclasses.replace(
-            record, access_token=access, refresh_token=refresh, access_expires=expires
-        )
-        return await self._keep(new, stored_refresh)
+        return await self._keep(record, grant, stored_refresh)
 
-    async def _keep(self, new: PortalRecord, stored_refresh: str) -> PortalRecord:
+    async def _keep(self, record: PortalRecord, grant: Grant, stored_refresh: str) -> PortalRecord:
         """Store the new pair in place of `stored_refresh`, trying again if the store fails;
-        if it still fails, keep the pair in memory (its refresh token is the live one now)."""
-        member_id, domain = new.member_id, new.domain
+        if it still fails, keep the pair in memory (its refresh token is the live one now).
+        The portal's record with the new pair."""
+        member_id, domain = record.member_id, record.domain
+        new = dataclasses.replace(
+            record,
+            access_token=grant.access_token,
+            refresh_token=grant.refresh_token,
+            access_expires=grant.access_expires,
+        )
         for pause in (*WRITE_PAUSES_S, None):
             try:
-                ok = await self._store.refreshed(
-                    member_id, stored_refresh, new.access_token, new.refresh_token,
-                    new.access_expires,
-                )  # fmt: skip
+                ok = await self._store.refreshed(member_id, stored_refresh, grant)
             except Exception as exc:  # the store's own errors (sqlite3, redis): try again
                 log.warning(
                     "portal %s (member_id %s): storing its refreshed token failed (%s)",
@@ -233,16 +234,15 @@ class Refresher:
             self._refused.clear()  # bounded; the store's cleared refresh token is what lasts
         self._refused.add(record.refresh_token)
         try:
-            await self._store.refreshed(
-                record.member_id, stored_refresh, record.access_token, "", record.access_expires
-            )
+            cleared = Grant(record.access_token, record.access_expires)  # refresh token ''
+            await self._store.refreshed(record.member_id, stored_refresh, cleared)
         except Exception as exc:  # the next caller asks again and is refused again: no harm
             log.warning(
                 "portal %s (member_id %s): clearing its refused refresh token failed (%s)",
                 record.domain, record.member_id, type(exc).__name__,
             )  # fmt: skip
 
-    async def _ask(self, record: PortalRecord) -> tuple[str, str, int]:
+    async def _ask(self, record: PortalRecord) -> Grant:
         return await ask_oauth(self._session, self._settings, record, self._clock())
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from b24queue.auth.record import PortalRecord
+from b24queue.auth.record import Grant, PortalRecord
 from b24queue.outbound.answers import (
     AnswerTooLarge,
     Bounds,
@@ -34,8 +34,8 @@ _TOKEN = re.compile(r"[\x21-\x7e]{1,256}")
 
 async def ask_oauth(
     session: aiohttp.ClientSession, settings: Settings, record: PortalRecord, now: float
-) -> tuple[str, str, int]:
-    """(access token, refresh token, expiry) for the portal's stored refresh token."""
+) -> Grant:
+    """What the OAuth server grants for the portal's stored refresh token."""
     s = settings
     secret = s.app_client_secret.get_secret_value()
     if not s.app_client_id or not secret:
@@ -73,7 +73,7 @@ async def ask_oauth(
 
 def _tokens(
     record: PortalRecord, status: int, body: bytes, now: float, sent: tuple[str, ...] = ()
-) -> tuple[str, str, int]:
+) -> Grant:
     """The answer's tokens; `PortalError` with its error, less what the request `sent` (the
     client secret) and the portal's tokens: a server may quote the request it refuses."""
     try:
@@ -99,4 +99,4 @@ def _tokens(
     if not isinstance(lifetime, int) or isinstance(lifetime, bool) or lifetime <= 0:
         lifetime = 3600
     assert isinstance(access, str) and isinstance(refresh, str)
-    return access, refresh, int(now) + min(lifetime, MAX_LIFETIME_S)
+    return Grant(access, int(now) + min(lifetime, MAX_LIFETIME_S), refresh)

@@ -70,8 +70,8 @@ def _webhook(webhooks: Webhooks, event: Event) -> Endpoint:
 
 async def _token(refresher: Refresher, event: Event, record: PortalRecord) -> str:
     own = access_of(event)
-    if own is not None and refresher.valid(own[1]):
-        return own[0]  # the event's own, still valid
+    if own is not None and refresher.valid(own.access_expires):
+        return own.access_token  # the event's own, still valid
     if refresher.valid(record.access_expires):
         return record.access_token
     return (await refresher.fresh(record.member_id, record.access_token, record)).access_token

@@ -25,6 +25,26 @@ class QueueRow:
     ack_per_s: float
     retrying: int
     dead_letters: int
+    # The portals with events waiting; None where the transport cannot tell (docs/operations.md).
+    portals: PortalsWaiting | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PortalCount:
+    portal: str  # its member_id (`queues.portal_key`), "" for events without one
+    waiting: int
+    more: bool = False  # more than `waiting`: it was counted up to there
+
+
+@dataclass(frozen=True, slots=True)
+class PortalsWaiting:
+    """The portals with events waiting in a consumer queue (due or waiting for a retry, not in a
+    handler), and the few with the most, most first. Counted up to bounds (the transport's), so
+    that `status` reads a bounded part of a large queue: `more` says a count is "at least"."""
+
+    count: int
+    more: bool = False  # more portals than were read
+    top: list[PortalCount] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

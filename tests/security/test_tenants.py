@@ -16,7 +16,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.portal import PortalVerifier
-from b24queue.auth.store import PortalRecord, RedisTokenStore, SqliteTokenStore, TokenStore
+from b24queue.auth.store import (
+    Grant,
+    PortalRecord,
+    RedisTokenStore,
+    SqliteTokenStore,
+    TokenStore,
+)
 from b24queue.auth.tokens import StaticTokens
 from b24queue.events import Event
 from b24queue.events.envelope import envelope_for
@@ -179,9 +185,9 @@ async def test_compare_and_set_writes(store: TokenStore) -> None:
     assert not await store.remember(PortalRecord(first.member_id, first.domain, "t3"), "wrong")
     assert await store.remember(PortalRecord(first.member_id, first.domain, "t3"), "t1")
     # A fresher access token is kept only while the token is the portal's and it is fresher.
-    assert await store.refresh_access(first.member_id, "t3", "access-1", 2000)
-    assert not await store.refresh_access(first.member_id, "t3", "access-0", 1000)
-    assert not await store.refresh_access(first.member_id, "t1", "access-2", 3000)
+    assert await store.refresh_access(first.member_id, "t3", Grant("access-1", 2000))
+    assert not await store.refresh_access(first.member_id, "t3", Grant("access-0", 1000))
+    assert not await store.refresh_access(first.member_id, "t1", Grant("access-2", 3000))
     record = await store.get(first.member_id)
     assert record is not None and (record.access_token, record.access_expires) == ("access-1", 2000)
     assert "access-1" not in repr(record)
@@ -205,7 +211,7 @@ async def test_a_store_made_by_an_older_version_is_migrated(tmp_path: Path) -> N
     try:
         record = await store.get("m1")
         assert record is not None and (record.token, record.access_token) == ("tok", "")
-        assert await store.refresh_access("m1", "tok", "fresh", 100)
+        assert await store.refresh_access("m1", "tok", Grant("fresh", 100))
     finally:
         await store.close()
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from b24queue.auth.install import PortalCallback
 from b24queue.auth.portal import PortalVerifier
-from b24queue.auth.store import SqliteTokenStore
+from b24queue.auth.store import Grant, SqliteTokenStore
 from b24queue.auth.tokens import StaticTokens
 from b24queue.ingress.app import create_app
 from b24queue.settings import load_settings
@@ -173,9 +173,13 @@ async def test_a_payment_that_cannot_be_confirmed_is_refused_and_says_why(
             await ingress.post_json(event("ONAPPINSTALL", access="paid-1", expires=expires)) == 200
         )
     if setup == "wrong-app":  # the portal now says the stored token is another app's
-        assert await ingress.store.refresh_access(MEMBER, "portal-token", "wrong-app", now + 7200)
+        assert await ingress.store.refresh_access(
+            MEMBER, "portal-token", Grant("wrong-app", now + 7200)
+        )
     if setup == "unpaid":  # the portal answers for our app, but shows no payment (STATUS "L")
-        assert await ingress.store.refresh_access(MEMBER, "portal-token", "good-9", now + 7200)
+        assert await ingress.store.refresh_access(
+            MEMBER, "portal-token", Grant("good-9", now + 7200)
+        )
     published = len(ingress.sink.published)
     status, error = await ingress.pay(form)
     assert status == 401 and words in error, error

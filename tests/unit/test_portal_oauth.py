@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from b24queue.auth.portal import PortalVerifier
-from b24queue.auth.record import PortalRecord
+from b24queue.auth.record import Grant, PortalRecord
 from b24queue.auth.store import RedisTokenStore, SqliteTokenStore, TokenStore
 from b24queue.events import Event
 from b24queue.portal import oauth, oauth_server
@@ -146,7 +146,7 @@ def test_an_oauth_answer_for_another_portal_is_refused() -> None:
     with pytest.raises(PortalError, match="WRONG_PORTAL"):
         _tokens(record, 200, answer, 1000.0)
     ok = b'{"access_token": "a2", "refresh_token": "r2", "expires_in": 99999, "member_id": "m1"}'
-    assert _tokens(record, 200, ok, 1000.0) == ("a2", "r2", 1000 + 7200)  # capped at 2 h
+    assert _tokens(record, 200, ok, 1000.0) == Grant("a2", 1000 + 7200, "r2")  # capped at 2 h
     with pytest.raises(PortalError, match="invalid_grant"):
         _tokens(record, 400, b'{"error": "invalid_grant"}', 1000.0)
     with pytest.raises(PortalError, match="BAD_ANSWER"):
@@ -218,13 +218,11 @@ class FlakyStore(SqliteTokenStore):
         super().__init__(path)
         self.failures = failures
 
-    async def refreshed(
-        self, member_id: str, old: str, access: str, refresh: str, expires: int
-    ) -> bool:
+    async def refreshed(self, member_id: str, old: str, grant: Grant) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise sqlite3.OperationalError("database is locked")
-        return await super().refreshed(member_id, old, access, refresh, expires)
+        return await super().refreshed(member_id, old, grant)
 
 
 async def test_a_refreshed_pair_is_stored_after_a_failed_write(

@@ -4,8 +4,8 @@ it out of the DLQ (or routes an unrouted one again): nothing duplicated, nothing
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from b24queue import _constants as c
@@ -14,9 +14,22 @@ from b24queue.settings import Settings
 from b24queue.transports import Progress, silent
 from b24queue.transports.dead_letters import DeadLetter, fresh_history, letter
 from b24queue.transports.kit.leased import Row
-from b24queue.transports.status import ConnectionRow, QueueRow, Status, problems
+from b24queue.transports.status import (
+    ConnectionRow,
+    PortalCount,
+    PortalsWaiting,
+    QueueRow,
+    Status,
+    problems,
+)
 
 CONSUMER, DLQ, UNROUTED = "consumer", "dlq", "unrouted"  # the kinds of queue rows
+# `status`'s portals of a consumer queue: its first PORTALS_READ portals (by the portal index, one
+# probe each), each one's events counted up to PORTAL_EVENTS_READ past those in handlers, and the
+# TOP_PORTALS with the most. What it reads is bounded whatever the backlog: docs/operations.md.
+PORTALS_READ = 1000
+PORTAL_EVENTS_READ = 10_000
+TOP_PORTALS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +49,22 @@ class Overview:
     queues: dict[str, Depth]
     workers: dict[str, int]  # live workers per queue
     worker_names: list[str]
+    portals: dict[str, PortalsWaiting] = field(default_factory=dict)  # by consumer queue
+
+
+def portals_waiting(
+    counted: Iterable[tuple[str, int]], leased: Mapping[str, int], read_all: bool
+) -> PortalsWaiting:
+    """From each portal read, its rows in the queue as counted (up to `PORTAL_EVENTS_READ` past
+    its `leased` ones, those in handlers now, and one more), and whether every portal was read."""
+    waiting = []
+    for portal, rows in counted:
+        n = rows - leased.get(portal, 0)
+        if n > 0:
+            more = n > PORTAL_EVENTS_READ
+            waiting.append(PortalCount(portal, min(n, PORTAL_EVENTS_READ), more))
+    top = sorted(waiting, key=lambda p: (-p.waiting, p.portal))[:TOP_PORTALS]
+    return PortalsWaiting(len(waiting), not read_all, top)
 
 
 def table_status(settings: Settings, view: Overview, kind: str) -> Status:
@@ -54,6 +83,7 @@ def table_status(settings: Settings, view: Overview, kind: str) -> Status:
                 ack_per_s=0.0,
                 retrying=d.later,
                 dead_letters=view.queues.get(name + c.DLQ_SUFFIX, Depth()).total,
+                portals=view.portals.get(name),
             )
         )
     unrouted = view.queues.get(settings.unrouted, Depth()).total

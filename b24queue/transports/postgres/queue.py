@@ -15,11 +15,13 @@ import asyncpg
 from b24queue import _constants as c
 from b24queue.events.envelope import Envelope
 from b24queue.queues import Fairness, portal_key, topic_regex
+from b24queue.transports.kit import tables
 from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
 from b24queue.transports.postgres.db import Db, notify_channel
+from b24queue.transports.status import PortalsWaiting
 
 _COLUMNS = "id, message_id, routing_key, body, headers, stamp, event_type, deliveries, fence"
 
@@ -95,7 +97,7 @@ class Queries:
         # Fair claims (`claim_fair`): the portals with rows in the queue, by a loose scan of
         # `messages_portal` (one probe each, never a portal's backlog), with their passes, their
         # rows in handlers now (across workers) and the queue's clock.
-        self.portals_sql = f"""
+        portals = f"""
             WITH RECURSIVE p AS (
                 (SELECT portal FROM {s}.messages WHERE queue = $1 ORDER BY portal LIMIT 1)
                 UNION ALL
@@ -106,12 +108,25 @@ class Queries:
                 SELECT portal, count(*) AS n FROM {s}.messages
                 WHERE lease_owner IS NOT NULL AND queue = $1 AND lease_until >= now() AND $2
                 GROUP BY portal
-            )
+            )"""
+        self.portals_sql = f"""{portals}
             SELECT p.portal, t.pass, coalesce(l.n, 0) AS leased,
                 (SELECT clock FROM {s}.queue_clocks WHERE queue = $1) AS clock
             FROM p LEFT JOIN {s}.portal_turns t ON t.queue = $1 AND t.portal = p.portal
                 LEFT JOIN leased l ON l.portal = p.portal
             WHERE p.portal IS NOT NULL
+        """
+        # `status`'s portals of a queue (`portals`): the same portals and rows in handlers (with
+        # $2 true), up to $3 portals, each one's rows counted on the portal index up to $4 past
+        # its rows in handlers (in the index's order: without it, the planner may scan the table
+        # for a large portal).
+        self.status_portals_sql = f"""{portals},
+            read AS (SELECT portal FROM p WHERE portal IS NOT NULL LIMIT $3)
+            SELECT r.portal, coalesce(l.n, 0) AS leased,
+                (SELECT count(*) FROM (SELECT 1 FROM {s}.messages m
+                    WHERE m.queue = $1 AND m.portal = r.portal
+                    ORDER BY m.available_at, m.id LIMIT coalesce(l.n, 0) + $4) x) AS n
+            FROM read r LEFT JOIN leased l ON l.portal = r.portal
         """
         # Each portal's oldest due, free rows, as many as asked of it.
         self.portal_due_sql = f"""
@@ -472,7 +487,22 @@ class Queries:
         workers: dict[str, int] = {}
         for r in live:
             workers[r["queue"]] = workers.get(r["queue"], 0) + 1
-        return Overview(consumer_queues, queues, workers, sorted({r["name"] for r in live}))
+        portals = {name: await self.portals(db, name) for name in consumer_queues}
+        names = sorted({r["name"] for r in live})
+        return Overview(consumer_queues, queues, workers, names, portals)
+
+    async def portals(self, db: Db, queue: str) -> PortalsWaiting:
+        """`status`'s portals of a queue, within the bounds of `kit.tables`."""
+        read = await db.fetch(
+            self.status_portals_sql,
+            queue,
+            True,
+            tables.PORTALS_READ + 1,
+            tables.PORTAL_EVENTS_READ + 1,
+        )
+        counted = [(r["portal"], r["n"]) for r in read[: tables.PORTALS_READ]]
+        leased = {r["portal"]: r["leased"] for r in read}
+        return tables.portals_waiting(counted, leased, len(read) <= tables.PORTALS_READ)
 
     async def replay(
         self,

@@ -14,10 +14,12 @@ from typing import Any
 from b24queue import _constants as c
 from b24queue.events.envelope import Envelope
 from b24queue.queues import Fairness, portal_key, topic_matches
+from b24queue.transports.kit import tables
 from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
+from b24queue.transports.status import PortalsWaiting
 
 _MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, fence"
 
@@ -162,6 +164,11 @@ _PORTALS = """
             ORDER BY m.portal LIMIT 1) FROM p WHERE p.portal IS NOT NULL
     ) SELECT portal FROM p WHERE portal IS NOT NULL
 """
+# A queue's rows in handlers now, by portal, across workers.
+_LEASED_BY_PORTAL = (
+    "SELECT portal, count(*) FROM messages INDEXED BY messages_leased "
+    "WHERE lease_owner IS NOT NULL AND queue = ? AND lease_until >= ? GROUP BY portal"
+)
 # A portal's oldest due, free rows: those being handled (few) are passed, those waiting for a
 # retry are past the range read.
 _PORTAL_DUE = (
@@ -191,14 +198,7 @@ def claim_fair(
     passes = dict(db.execute("SELECT portal, pass FROM portal_turns WHERE queue = ?", (queue,)))
     leased: dict[str, int] = {}
     if fairness.cap is not None:  # the rows in handlers now, by portal, across workers
-        leased = dict(
-            db.execute(
-                "SELECT portal, count(*) FROM messages INDEXED BY messages_leased "
-                "WHERE lease_owner IS NOT NULL AND queue = ? AND lease_until >= ? "
-                "GROUP BY portal",
-                (queue, now),
-            )
-        )
+        leased = dict(db.execute(_LEASED_BY_PORTAL, (queue, now)))
     plan = Claim(count, portals, passes, clock, fairness, leased)
     while wanted := plan.wanted():
         for portal, n in wanted.items():
@@ -382,7 +382,32 @@ def overview(db: sqlite3.Connection, alive_since: float) -> Overview:
     workers: dict[str, int] = {}
     for queue, _ in live:
         workers[queue] = workers.get(queue, 0) + 1
-    return Overview(consumer_queues, queues, workers, sorted({name for _, name in live}))
+    found = {name: portals(db, name, now) for name in consumer_queues}
+    return Overview(consumer_queues, queues, workers, sorted({name for _, name in live}), found)
+
+
+def portals(db: sqlite3.Connection, queue: str, now: float) -> PortalsWaiting:
+    """`status`'s portals of a queue, within the bounds of `kit.tables`: the portals by a loose
+    scan, each one's rows counted on the portal index (it covers the count) up to a bound past
+    its rows in handlers now (few: counted apart)."""
+    leased = dict(db.execute(_LEASED_BY_PORTAL, (queue, now)))
+    read = [p for (p,) in db.execute(_PORTALS + " LIMIT ?2", (queue, tables.PORTALS_READ + 1))]
+    counted = [
+        (
+            p,
+            db.execute(
+                _PORTAL_ROWS, (queue, p, leased.get(p, 0) + tables.PORTAL_EVENTS_READ + 1)
+            ).fetchone()[0],
+        )
+        for p in read[: tables.PORTALS_READ]
+    ]
+    return tables.portals_waiting(counted, leased, len(read) <= tables.PORTALS_READ)
+
+
+_PORTAL_ROWS = (
+    "SELECT count(*) FROM (SELECT 1 FROM messages INDEXED BY messages_portal "
+    "WHERE queue = ? AND portal = ? LIMIT ?)"
+)
 
 
 def replay(

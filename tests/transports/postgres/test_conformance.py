@@ -30,7 +30,7 @@ class TestUnroutedLedgerOnPostgres(UnroutedLedgerScenarios):
 
 
 class TestStatusOnPostgres(StatusScenarios):
-    pass
+    counts_portals = True
 
 
 class TestFairShareOnPostgres(FairShareScenarios):

@@ -34,7 +34,7 @@ class TestUnroutedLedgerOnSqlite(UnroutedLedgerScenarios):
 
 
 class TestStatusOnSqlite(StatusScenarios):
-    pass
+    counts_portals = True
 
 
 class TestFairShareOnSqlite(FairShareScenarios):
