@@ -1,4 +1,5 @@
-"""The fair claim's cost, and the publish's, on the two database queues (docs/fairness.md).
+"""The fair claim's cost, and the publish's, on the two database queues, and the claim's on
+Redis Streams (docs/fairness.md).
 
 `python -m bench.fair_claim`: a queue with a flood of 20,000 events of one portal and 19 quiet
 portals of 5 events each; 31 rows in handlers; then 500 claims of one slot (what a runner asks
@@ -29,6 +30,7 @@ from b24queue import _constants as c
 from b24queue.events.envelope import Envelope
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 FLOOD, QUIET, CLAIMS, IN_FLIGHT, BATCH = 20_000, 19, 500, 31, 50
 
 
@@ -188,13 +190,59 @@ async def pg_publish() -> None:
     print(f"postgres publish: {FLOOD} in batches of {BATCH}: {took / FLOOD * 1e6:.1f} µs/event")
 
 
+async def redis_claims() -> None:
+    """The same on Redis Streams (the shared server, under a prefix of its own, removed after)."""
+    from b24queue.queues import QueueSpec
+    from b24queue.settings import load_settings
+    from b24queue.transports.redis_streams.store import Store, connect
+
+    for label, fairness in modes():
+        prefix = f"fairbench{uuid.uuid4().hex[:8]}"
+        settings = load_settings(broker_url=REDIS_URL, redis_prefix=prefix, unrouted="un")
+        store = Store(connect(settings, "fairbench"), settings)
+        try:
+            await store.declare(QueueSpec("w", ("#",), (), fairness=fairness))
+            flood = envelopes("flood".ljust(32, "0"), FLOOD)
+            for i in range(0, FLOOD, 1000):
+                await store.publish(flood[i : i + 1000])
+            for i in range(QUIET):
+                await store.publish(envelopes(quiet(i), 5))
+            held = await store.claim("w", "o", IN_FLIGHT, 60, fairness)
+            times, empty = [], 0
+            for _ in range(CLAIMS):
+                t0 = time.perf_counter()
+                got = await store.claim("w", "o", 1, 60, fairness)
+                times.append(time.perf_counter() - t0)
+                if not got:  # every portal parked is capped: the next claim parks more
+                    empty += 1
+                    continue
+                [row] = got
+                held.append(row)
+                done = held.pop(0)
+                await store.ack("w", [(done, "o")])
+                member = str(done.headers[c.H_MEMBER_ID])
+                if member.startswith("quiet"):
+                    await store.publish(envelopes(member, 1))
+        finally:
+            keys = [k async for k in store.client.scan_iter(f"{prefix}:*")]
+            for i in range(0, len(keys), 500):
+                await store.client.delete(*keys[i : i + 500])
+            await store.client.aclose()
+        slowest = max(times) * 1e3
+        print(f"redis claim, {label}: {figures(times)}, slowest {slowest:.1f} ms, {empty} empty")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--publish-only", action="store_true")
+    parser.add_argument("--redis-only", action="store_true", help="only the Redis claims")
     args = parser.parse_args()
     import b24queue
 
     print(f"b24queue from {Path(b24queue.__file__).parent}", file=sys.stderr)
+    if args.redis_only:
+        asyncio.run(redis_claims())
+        return
     if not args.publish_only:
         sqlite_claims()
         asyncio.run(pg_claims())

@@ -102,7 +102,7 @@ class RedisLeases:
         return self._waker.event(queue)
 
     async def claim(self, spec: QueueSpec, owner: str, count: int, lease_s: float) -> list[Row]:
-        return await self._store.claim(spec.name, owner, count, lease_s)
+        return await self._store.claim(spec.name, owner, count, lease_s, spec.fairness)
 
     async def _ack_batch(self, items: list[_Ack]) -> list[bool]:
         by_queue: dict[str, list[int]] = {}

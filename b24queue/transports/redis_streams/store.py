@@ -13,9 +13,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
+from b24queue import _constants as c
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.events.envelope import Envelope
-from b24queue.queues import QueueSpec, topic_matches
+from b24queue.queues import MAX_PORTAL_CHARS, Fairness, QueueSpec, topic_matches
 from b24queue.settings import Settings
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
@@ -24,6 +25,12 @@ from b24queue.transports.redis_streams import scripts
 from b24queue.transports.status import MemoryRow
 
 log = logging.getLogger(__name__)
+
+# How many new entries a fair claim parks in the portals' lists at a time (5 times that at most
+# in one claim, when every portal parked is capped or done): a flood published at once is
+# parked over several claims (each costs about this many entries' work), so a quiet portal's
+# event behind it waits for those claims, once.
+PARK_AT_MOST = 1000
 
 # What means "Redis is away": the client reconnects by itself on the next command.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -132,6 +139,7 @@ class Store:
                 "PUBLISH",
                 "DECLARE",
                 "CLAIM",
+                "FAIR_CLAIM",
                 "ACK",
                 "MOVE",
                 "BEAT",
@@ -240,12 +248,35 @@ class Store:
 
     # Worker side ---------------------------------------------------------------------------
 
-    async def claim(self, queue: str, owner: str, count: int, lease_s: float) -> list[Row]:
-        found = await self._run(
-            "CLAIM",
-            [self.stream(queue), self.later(queue), self.stream(queue) + ":cursor"],
-            [scripts.GROUP, owner, count, int(lease_s * 1000)],
-        )
+    async def claim(
+        self, queue: str, owner: str, count: int, lease_s: float, fairness: Fairness | None = None
+    ) -> list[Row]:
+        """Up to `count` entries: first in, first out, or in turns among the portals when
+        `fairness` is on (`scripts.FAIR_CLAIM`)."""
+        if fairness is not None and fairness.on:
+            weights = json.dumps(dict(fairness.weights)) if fairness.weights else ""
+            found = await self._run(
+                "FAIR_CLAIM",
+                [self.stream(queue), self.later(queue)],
+                [
+                    scripts.GROUP,
+                    owner,
+                    count,
+                    int(lease_s * 1000),
+                    scripts.PARK,
+                    PARK_AT_MOST,
+                    c.H_MEMBER_ID,
+                    fairness.cap or 0,
+                    weights,
+                    MAX_PORTAL_CHARS,
+                ],
+            )
+        else:
+            found = await self._run(
+                "CLAIM",
+                [self.stream(queue), self.later(queue), self.stream(queue) + ":cursor"],
+                [scripts.GROUP, owner, count, int(lease_s * 1000)],
+            )
         return [_row(entry_id, fields, int(n)) for entry_id, fields, n in found]
 
     async def ack(self, queue: str, rows: Sequence[tuple[Row, str]]) -> list[bool]:
@@ -354,7 +385,11 @@ class Store:
             if kind == CONSUMER:
                 try:
                     pending = await self.client.xpending(self.stream(name), scripts.GROUP)
-                    leased = int(pending["pending"])
+                    leased = int(pending["pending"]) - sum(
+                        int(x["pending"])
+                        for x in pending["consumers"]
+                        if text(x["name"]) == scripts.PARK
+                    )
                 except rx.ResponseError:  # no group yet
                     leased = 0
                 later = int(await self.client.zcard(self.later(name)))

@@ -6,9 +6,11 @@ import redis.asyncio as aioredis
 
 from b24queue.settings import Settings
 from tests.conformance.delivery import DeliveryScenarios
+from tests.conformance.fairness import FairShareScenarios, FairShareUpgradeScenarios
 from tests.conformance.processes import ProcessScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
+from tests.support.bench import Bench
 
 
 class TestDeliveryOnRedis(DeliveryScenarios):
@@ -34,3 +36,13 @@ class TestUnroutedLedgerOnRedis(UnroutedLedgerScenarios):
 
 class TestStatusOnRedis(StatusScenarios):
     pass
+
+
+class TestFairShareOnRedis(FairShareScenarios):
+    pass
+
+
+class TestFairShareUpgradeOnRedis(FairShareUpgradeScenarios):
+    async def to_schema_2(self, bench: Bench) -> None:
+        """Nothing to take back: a fair queue is the stream and group a queue made before
+        fair claims has; its portals' lists are made by the first fair claim."""

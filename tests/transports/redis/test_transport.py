@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from b24queue.settings import Settings, load_settings
+from tests.support.bench import Bench
 from tests.support.processes import cli, env_for, ingress_up, lines, post, start, stop
 from tests.support.proxy import free_port
 from tests.support.redis_server import RedisServer, redis_server
@@ -181,3 +184,116 @@ async def test_released_and_abandoned_entries_are_claimed_again(queue: Settings)
         assert [r.id for r in found] == [dead.id]
     finally:
         await store.client.aclose()
+
+
+async def test_fair_claims_drain_a_queue_left_by_first_in_first_out_workers(
+    queue: Settings,
+) -> None:
+    """A queue made and partly claimed before fair claims: its waiting entries are parked by the
+    first fair claim and given in turns, the entries a first-in-first-out worker held are taken
+    over once it is gone (flagged), nothing is lost or given twice, and `status` counts what
+    is parked as ready."""
+    from b24queue import EventConsumer
+    from b24queue.events.envelope import envelope_for
+    from b24queue.queues import spec_for
+    from b24queue.testing import make_event
+    from b24queue.transports.redis_streams.store import Store, connect
+
+    async def handle(self: EventConsumer, event: object) -> None:
+        return None
+
+    attrs = {"queue": "up.q", "events": ("#",), "handle": handle, "max_in_flight_per_portal": 2}
+    fair = spec_for(type("F", (EventConsumer,), attrs))
+    flood, quiet = "f" * 32, "q" * 32
+    store = Store(connect(queue, "test"), queue)
+    try:
+        await store.declare(fair)
+        events = [envelope_for(make_event("ONCRMDEALADD", member_id=flood)) for _ in range(20)]
+        events += [envelope_for(make_event("ONCRMDEALADD", member_id=quiet)) for _ in range(3)]
+        await store.publish(events)
+        old = await store.claim(fair.name, "old", 4, 60.0)  # first in, first out: all flood
+        await store.release(fair.name, "old")  # and its lease ran out long ago
+        given: list[tuple[str, int, str]] = []
+        first = await store.claim(fair.name, "new", 4, 60.0, fair.fairness)
+        # The four taken over first, then none of the flood (its 4 are in handlers: capped
+        # at 2), so the quiet portal's.
+        assert [(r.id, r.deliveries) for r in first] == [(r.id, 2) for r in old]
+        view = await store.overview(60.0)
+        assert view.queues[fair.name].ready == 19 and view.queues[fair.name].leased == 4
+        assert await store.ack(fair.name, [(r, "new") for r in first]) == [True] * 4
+        while rows := await store.claim(fair.name, "new", 3, 60.0, fair.fairness):
+            portals = [r.headers.get("x-b24-member-id") for r in rows]
+            assert portals.count(flood) <= 2, portals  # the cap
+            given += [(r.id, r.deliveries, str(portals[i])) for i, r in enumerate(rows)]
+            assert await store.ack(fair.name, [(r, "new") for r in rows]) == [True] * len(rows)
+        ids = [i for i, _, _ in given]
+        assert len(ids) == len(set(ids)) == 19
+        assert {d for _, d, _ in given} == {1}
+        # Turns: the quiet portal's three are among the first six given.
+        assert [p for _, _, p in given[:6]].count(quiet) == 3, given[:6]
+        assert await store.count(fair.name) == 0
+    finally:
+        await store.client.aclose()
+
+
+async def test_a_fair_claims_entries_are_released_and_taken_over(queue: Settings) -> None:
+    from b24queue import EventConsumer
+    from b24queue.events.envelope import envelope_for
+    from b24queue.queues import spec_for
+    from b24queue.testing import make_event
+    from b24queue.transports.redis_streams.store import Store, connect
+
+    async def handle(self: EventConsumer, event: object) -> None:
+        return None
+
+    attrs = {"queue": "fr.q", "events": ("#",), "handle": handle}
+    spec = spec_for(type("F", (EventConsumer,), attrs))
+    store = Store(connect(queue, "test"), queue)
+    try:
+        await store.declare(spec)
+        await store.publish([envelope_for(make_event("ONCRMDEALADD")) for _ in range(5)])
+        [gone] = await store.claim(spec.name, "B", 1, 60.0, spec.fairness)
+        assert gone.deliveries == 1
+        await store.release(spec.name, "B")
+        [again] = await store.claim(spec.name, "C", 1, 60.0, spec.fairness)
+        assert (again.id, again.deliveries) == (gone.id, 2)
+        # A retry goes back in turn, and is given again once due.
+        assert await store.move(again, "C", queue=spec.name, headers={}, delay_s=0)
+        rest = await store.claim(spec.name, "C", 10, 60.0, spec.fairness)
+        assert len(rest) == 5 and len({r.message_id for r in rest}) == 5
+    finally:
+        await store.client.aclose()
+
+
+@pytest.mark.fault
+async def test_a_worker_sigkilled_mid_flood_loses_nothing_of_a_fair_queue(
+    bench: Bench, tmp_path: Path
+) -> None:
+    """Two worker processes on a fair queue, a flood parked and quiet portals' events waiting;
+    one is SIGKILLed mid-handler: the other takes over what it held once its lease has run
+    (flagged redelivered), and every event is handled."""
+    from tests.conformance.fairness import FLOOD, QUIET, declare_for_workers, envelope, publish
+    from tests.conformance.processes import records, start_worker
+
+    record = tmp_path / "record.txt"
+    await declare_for_workers(bench)
+    events = envelope(FLOOD, 300) + envelope(QUIET[0], 10) + envelope(QUIET[1], 10)
+    await publish(bench, events)
+    want = {e.message_id for e in events}
+    workers = [await start_worker(bench, record, 0.05) for _ in range(2)]
+    try:
+        await wait_until(lambda: len(records(record, "done")) >= 40, 30, "the flood under way")
+        workers[0].kill()
+        await workers[0].wait()
+        # Within the lease (B24QT_HANDLE_TIMEOUT_S 3 s + 5 s).
+        await wait_until(lambda: want <= set(records(record, "done")), 60, "every event")
+        # What came twice (the killed worker's, and any it finished but had not acked yet)
+        # came flagged the second time.
+        starts = Counter(line.split()[1] for line in record.read_text().splitlines())
+        twice = {i for i, n in starts.items() if n > 2}  # a start and a done line each time
+        assert all(records(record, "start")[i] == "1" for i in twice), twice
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(worker.wait(), 30)
