@@ -143,9 +143,13 @@ class FairShareScenarios:
                     )
                     waited.append(turns_waited(starts, published, e.message_id or ""))
             flood_left = 3000 - flood
-        # One slot frees about every 10 ms / 8; the quiet event takes the next (a claim already
-        # under way may take one or two before it).
-        assert max(waited) <= 8, waited
+        # One slot frees about every 10 ms / 8; the quiet event takes a slot in the first claim
+        # that sees it. Counted in handler starts, not claims, a loaded machine adds what was
+        # claimed before it but starts after it: the slots a claim under way gives (up to 8), the
+        # rows claimed earlier whose handlers have not started yet (up to 8), and those of its
+        # own claim that start first (up to 7). On an idle machine it waits 7 or fewer; a queue
+        # first in, first out makes it wait for the flood (about 2,900).
+        assert max(waited) <= 3 * 8, waited
         assert flood_left > 500, flood_left  # the flood was still waiting all along
 
     async def test_two_worker_processes_share_turns_and_hold_the_cap(

@@ -113,7 +113,8 @@ async def test_status_reports_what_is_in_the_queues(broker: Broker) -> None:
         assert code == 0
         line = next(x for x in out.splitlines() if x.startswith(q + " "))
         assert line.split()[:5] == [q, "quorum", "3", "2", "1"]
-        assert line.split()[-2:] == ["1", "2"]
+        # RETRYING, DLQ, and PORTALS: RabbitMQ cannot count the portals without consuming.
+        assert line.split()[-3:] == ["1", "2", "-"]
         assert f"{broker.settings.unrouted}: 3 message(s)" in out
         code, out = await cli(broker, "status", "--fail-on-dead-letters")
         assert code == 1 and "DEAD LETTERS" in out

@@ -95,8 +95,10 @@ class Queries:
             ) RETURNING {_COLUMNS}
         """
         # Fair claims (`claim_fair`): the portals with rows in the queue, by a loose scan of
-        # `messages_portal` (one probe each, never a portal's backlog), with their passes, their
-        # rows in handlers now (across workers) and the queue's clock.
+        # `messages_portal` (one probe each, never a portal's backlog), those with a due, free row
+        # (one more probe each: a portal whose rows all wait for a retry takes no part in the
+        # turns, else it would win a slot, read nothing and be asked again, round after round),
+        # with their passes, their rows in handlers now (across workers) and the queue's clock.
         portals = f"""
             WITH RECURSIVE p AS (
                 (SELECT portal FROM {s}.messages WHERE queue = $1 ORDER BY portal LIMIT 1)
@@ -114,7 +116,10 @@ class Queries:
                 (SELECT clock FROM {s}.queue_clocks WHERE queue = $1) AS clock
             FROM p LEFT JOIN {s}.portal_turns t ON t.queue = $1 AND t.portal = p.portal
                 LEFT JOIN leased l ON l.portal = p.portal
-            WHERE p.portal IS NOT NULL
+            WHERE p.portal IS NOT NULL AND EXISTS (
+                SELECT 1 FROM {s}.messages m WHERE m.queue = $1 AND m.portal = p.portal
+                    AND m.available_at <= now() AND (m.lease_until IS NULL OR m.lease_until < now())
+                ORDER BY m.available_at, m.id LIMIT 1)
         """
         # `status`'s portals of a queue (`portals`): the same portals and rows in handlers (with
         # $2 true), up to $3 portals, each one's rows counted on the portal index up to $4 past

@@ -164,6 +164,15 @@ _PORTALS = """
             ORDER BY m.portal LIMIT 1) FROM p WHERE p.portal IS NOT NULL
     ) SELECT portal FROM p WHERE portal IS NOT NULL
 """
+# Of those, the portals with a due, free row (one more probe each, on `messages_portal`: past the
+# few rows in handlers, short of those waiting for a retry): only they take part in a claim's
+# turns (a portal whose rows all wait for a retry would win a slot, read nothing, and be asked
+# again, a claim's rounds growing with such portals).
+_DUE_PORTALS = (
+    f"SELECT portal FROM ({_PORTALS}) AS p WHERE EXISTS (SELECT 1 FROM messages m INDEXED BY "  # noqa: S608
+    "messages_portal WHERE m.queue = ?1 AND m.portal = p.portal AND m.available_at <= ?2 "
+    "AND (m.lease_until IS NULL OR m.lease_until < ?2))"
+)
 # A queue's rows in handlers now, by portal, across workers.
 _LEASED_BY_PORTAL = (
     "SELECT portal, count(*) FROM messages INDEXED BY messages_leased "
@@ -187,10 +196,10 @@ def claim_fair(
 ) -> list[Row]:
     """Lease up to `count` due messages, in turns among the portals (b24queue.transports.kit.fair):
     the turns are read and written in this transaction, which every process's claims of the
-    queue take in turn (the database's one writer). Reads one index probe per portal with rows
+    queue take in turn (the database's one writer). Reads two index probes per portal with rows
     in the queue, and the rows of the portals given a slot: not the backlog."""
     now = time.time()
-    portals = [p for (p,) in db.execute(_PORTALS, (queue,))]
+    portals = [p for (p,) in db.execute(_DUE_PORTALS, (queue, now))]
     if not portals:
         return []
     found = db.execute("SELECT clock FROM queue_clocks WHERE queue = ?", (queue,)).fetchone()

@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -236,3 +237,52 @@ async def test_a_stale_settlement_never_lands_on_a_later_claim(schema: Settings)
         assert await q.ack(db, [(third, "w1")]) == [True]
     finally:
         await db.close()
+
+
+async def test_portals_whose_rows_all_wait_for_a_retry_cost_a_fair_claim_no_rounds(
+    schema: Settings,
+) -> None:
+    """A downstream API down: many portals' events wait for their retries beside one portal's
+    flood. Those portals have nothing due: a fair claim must not give them turns (each would
+    read nothing and the plan be made again: a round trip each, under the queue's lock)."""
+    from b24queue.events.envelope import envelope_for
+    from b24queue.queues import Fairness
+    from b24queue.testing import make_event
+    from b24queue.transports.postgres.queue import Queries
+
+    q = Queries(schema.postgres_schema)
+    db = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await ensure_schema(db, schema.postgres_schema)
+        await q.declare(db, "fair.q", "fair.q.dlq", ("#",))
+        e = envelope_for(make_event("ONCRMDEALADD", {}))
+        await q.publish(db, [e] * 200, schema.unrouted)
+        s = f'"{schema.postgres_schema}"'
+        # The flood's portal sorts after the others (ties go to the name that sorts first), and
+        # 300 portals whose one event each waits for a retry an hour away.
+        await db.execute(f"UPDATE {s}.messages SET portal = 'zz-flood'")
+        await db.execute(
+            f"INSERT INTO {s}.messages (queue, message_id, routing_key, body, headers, stamp, "
+            "event_type, available_at, portal) SELECT 'fair.q', 'r' || i, 'ONCRMDEALADD', "
+            "'\\x7b7d', '{}', now(), 'ONCRMDEALADD', now() + interval '1 hour', "
+            "'retrying' || lpad(i::text, 4, '0') FROM generate_series(1, 300) i"
+        )
+
+        class Counting:
+            """The connection, counting the statements that return rows."""
+
+            fetched = 0
+
+            async def fetch(self, *args: Any) -> list[asyncpg.Record]:
+                self.fetched += 1
+                return await db.fetch(*args)  # type: ignore[no-any-return]
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(db, name)
+
+        counting = Counting()
+        [row] = await q.claim(cast(Any, counting), "fair.q", "w", 1, 60.0, Fairness(on=True))
+    finally:
+        await db.close()
+    assert row.message_id == e.message_id
+    assert counting.fetched <= 4, f"{counting.fetched} statements for one slot"

@@ -20,6 +20,7 @@ from b24queue import Event, EventConsumer, Reject
 from b24queue.auth.tokens import StaticTokens
 from b24queue.events.envelope import envelope_for
 from b24queue.ingress.app import create_app
+from b24queue.queues import Fairness
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
 from b24queue.transports import transport_for
@@ -433,3 +434,42 @@ async def test_the_ingress_accepts_every_event_while_a_worker_drains_a_backlog(
         after = handled
     assert statuses == [200] * 100, collections.Counter(statuses)
     assert before < after < 200_000, "the posts came while the worker was draining the backlog"
+
+
+def test_portals_whose_rows_all_wait_for_a_retry_cost_a_fair_claim_no_rounds(
+    tmp_path: Path,
+) -> None:
+    """A downstream API down: thousands of portals' events wait for their retries beside one
+    portal's flood. Those portals have nothing due: a fair claim must not give them turns (each
+    would read nothing and the plan be made again, its statements growing with such portals)."""
+    path = tmp_path / "q.sqlite3"
+    db = sqlite_db.connect(path)
+    fair = Fairness(on=True)
+    try:
+        q.declare(db, "fair", "fair.dlq", ("#",))
+        backlog(path, "fair", 200)
+        # The flood's portal sorts after the others: ties go to the name that sorts first.
+        db.execute("UPDATE messages SET portal = 'zz-flood'")
+        e = envelope_for(make_event("ONCRMDEALADD", {"FIELDS": {"ID": "1"}}))
+        later = time.time() + 3600  # each waiting for a retry an hour away
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
+            "event_type, available_at, portal) VALUES ('fair', ?, ?, ?, '{}', ?, ?, ?, ?)",
+            (
+                (f"r{i}", e.routing_key, e.body, e.timestamp.isoformat(), e.event_type, later,
+                 f"retrying{i:04d}")
+                for i in range(500)
+            ),
+        )  # fmt: skip
+        db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            _, statements = traced(db, lambda: q.claim(db, "fair", "w", 1, 60.0, fair))
+            [row] = q.claim(db, "fair", "w", 1, 60.0, fair)
+        finally:
+            db.execute("ROLLBACK")
+    finally:
+        db.close()
+    assert row.message_id.startswith("backlog-")
+    assert len(statements) <= 12, f"{len(statements)} statements for one slot"
