@@ -107,11 +107,17 @@ def _portals(s: str) -> list[str]:
     """From schema 2: each row's portal from its headers (what the ingress put there)."""
     return [
         f"ALTER TABLE {s}.messages ADD COLUMN IF NOT EXISTS portal text NOT NULL DEFAULT ''",
-        f"UPDATE {s}.messages SET portal = "
-        f"left(coalesce(headers::jsonb ->> '{c.H_MEMBER_ID}', ''), {MAX_PORTAL_CHARS}) "
+        # Read from the headers' text, never cast to jsonb: one row whose headers jsonb refuses
+        # (a "\u0000" a handler's error put in a dead letter's) would fail the upgrade at every
+        # start. The ingress passes a member_id only of these characters.
+        f"UPDATE {s}.messages SET portal = coalesce(substring(headers from "
+        f"'\"{c.H_MEMBER_ID}\": *\"([A-Za-z0-9_]{{1,{MAX_PORTAL_CHARS}}})\"'), '') "
         f"WHERE headers LIKE '%{c.H_MEMBER_ID}%'",
         *_turns(s),
     ]
+
+
+UPGRADE_TIMEOUT_S = 3600.0
 
 
 def notify_channel(schema: str) -> str:
@@ -246,7 +252,9 @@ async def _upgrade(connection: Db, schema: str, version: int) -> None:
     statements = (_sizes(s) if version < 2 else []) + _portals(s)
     try:
         for statement in statements:
-            await connection.execute(statement)
+            # A backlog of millions is read once here: the statements' usual bound (seconds)
+            # would fail the upgrade at every start.
+            await connection.execute(statement, timeout=UPGRADE_TIMEOUT_S)
     except asyncpg.exceptions.InsufficientPrivilegeError:
         raise ConfigError(
             f"PostgreSQL schema {schema!r} has queue schema {version}; this b24queue needs "
