@@ -27,9 +27,9 @@ broker:
 postgres:
 	bash scripts/postgres-up.sh
 
-# Everything but the tests marked `fault` (make faults runs those).
+# Everything but the tests marked `fault` or `long` (make faults runs those).
 test: install broker postgres
-	$(BIN)/pytest -m "not fault"
+	$(BIN)/pytest -m "not fault and not long"
 
 test-unit: install
 	$(BIN)/pytest tests/unit
@@ -85,6 +85,8 @@ faults: install broker postgres
 	# (Tansu): workers killed by a poison event, a rebalance with events open (PostgreSQL and
 	# Redis restarted under load are in tests/faults; Tansu keeps memory only: no restart to test).
 	$(BIN)/pytest tests/transports -m fault
+	# The scenarios of many seconds make test leaves out (marked `long`).
+	$(BIN)/pytest -m long
 
 # A three-node RabbitMQ cluster on this host (rabbitmq/cluster.sh; the machine's node on 5672 is
 # left alone); prints the B24QUEUE_BROKER_URL to use. `bash rabbitmq/cluster.sh stop` stops it.

@@ -153,6 +153,7 @@ class FairShareScenarios:
         assert max(waited) <= 3 * 8, waited
         assert flood_left > 500, flood_left  # the flood was still waiting all along
 
+    @pytest.mark.long
     async def test_two_worker_processes_share_turns_and_hold_the_cap(
         self, bench: Bench, tmp_path: Path
     ) -> None:
@@ -197,6 +198,7 @@ class FairShareScenarios:
         assert max(waited) <= 6, waited
         assert flood < 1000  # still waiting at the end
 
+    @pytest.mark.long
     async def test_a_quiet_portal_gets_turns_across_two_worker_processes(
         self, bench: Bench, tmp_path: Path
     ) -> None:

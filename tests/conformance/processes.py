@@ -131,6 +131,7 @@ class ProcessScenarios:
                 worker.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(worker.wait(), 30)
 
+    @pytest.mark.long
     async def test_sigterm_lets_in_flight_handlers_finish(
         self, bench: Bench, tmp_path: Path
     ) -> None:

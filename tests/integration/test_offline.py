@@ -143,6 +143,7 @@ async def test_a_hostile_batch_is_bounded_and_its_bad_records_marked(
     assert {r.error for r in offline.waiting(HOST)} == {1}
 
 
+@pytest.mark.long
 async def test_nothing_is_cleared_while_the_broker_is_away(
     broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
     tmp_path: Path,

@@ -239,6 +239,7 @@ async def test_sigterm_mid_batch_finishes_and_clears_it(
     assert len(await broker.take(seen, 30)) == 30 and await broker.depth(seen) == 0  # once each
 
 
+@pytest.mark.long
 async def test_a_puller_process_clears_nothing_while_the_broker_is_unreachable(
     broker: Broker, fake_portal: FakePortal, offline: FakeOffline, portal_certificate: Any,
     tmp_path: Path,

@@ -67,6 +67,7 @@ def run_target(tmp_path: Path, *fuzzer_args: str, prelude: str = "") -> tuple[in
     return done.returncode, done.stderr
 
 
+@pytest.mark.long
 def test_coverage_guided_fuzzing_finds_nothing(tmp_path: Path) -> None:
     """Judged on findings (an artifact libFuzzer writes for a crash, leak, timeout or memory
     past -rss_limit_mb) and a clean exit, not on the machine's speed: an input is a hang only
