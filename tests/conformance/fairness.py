@@ -101,6 +101,45 @@ def peak_in_flight(record: list[tuple[str, str, float, str]], member_id: str) ->
     return peak
 
 
+async def quiet_beside_flood_in_two_workers(
+    bench: Bench, tmp_path: Path, quiet: int, **env: str
+) -> tuple[list[Any], list[tuple[float, str]], list[tuple[float, str]]]:
+    """A flood of 1,000 handled by two worker processes (`env`: their consumer's settings), and
+    `quiet` events of the two quiet portals in turn published 50 ms apart once it is under way:
+    the record's lines, the handler starts (time, message_id) in order, and when each quiet
+    event was published."""
+    record = tmp_path / "record.txt"
+    await declare_for_workers(bench)
+    await publish(bench, envelope(FLOOD, 1000))
+    workers = [
+        await start_worker(bench, record, SLOW_S, "tests.support.consumers:PortalRecorder", **env)
+        for _ in range(2)
+    ]
+    try:
+        await wait_until(lambda: len(read_record(record)) >= 50, 30, "the flood under way")
+        published = []
+        async with sink(bench) as publisher:
+            for i in range(quiet):
+                [e] = envelope(QUIET[i % 2])
+                await publisher.publish(e)
+                published.append((time.time(), e.message_id or ""))
+                await asyncio.sleep(0.05)
+
+        def quiet_started() -> bool:
+            got = Counter(m for kind, m, _, _ in read_record(record) if kind == "start")
+            return all(got[m] == quiet // 2 for m in QUIET)
+
+        await wait_until(quiet_started, 30, "every quiet event started")
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            await asyncio.wait_for(worker.wait(), 30)
+    lines = read_record(record)
+    starts = sorted((t, i) for kind, _, t, i in lines if kind == "start")
+    return lines, starts, published
+
+
 @pytest.mark.broker
 class FairShareScenarios:
     """Each transport that keeps the fair share runs these on its own `bench` fixture."""
@@ -157,39 +196,9 @@ class FairShareScenarios:
     async def test_two_worker_processes_share_turns_and_hold_the_cap(
         self, bench: Bench, tmp_path: Path
     ) -> None:
-        record = tmp_path / "record.txt"
-        more = {"B24QT_PREFETCH": "4", "B24QT_CAP": "2"}
-        await declare_for_workers(bench)
-        await publish(bench, envelope(FLOOD, 1000))
-        workers = [
-            await start_worker(
-                bench, record, SLOW_S, "tests.support.consumers:PortalRecorder", **more
-            )
-            for _ in range(2)
-        ]
-        try:
-            await wait_until(lambda: len(read_record(record)) >= 50, 30, "the flood under way")
-            published = []
-            async with sink(bench) as publisher:
-                for i in range(12):
-                    member = QUIET[i % 2]
-                    [e] = envelope(member)
-                    await publisher.publish(e)
-                    published.append((time.time(), e.message_id))
-                    await asyncio.sleep(0.05)
-
-            def quiet_started() -> bool:
-                got = Counter(m for kind, m, _, _ in read_record(record) if kind == "start")
-                return all(got[m] == 6 for m in QUIET)
-
-            await wait_until(quiet_started, 30, "every quiet event started")
-        finally:
-            for worker in workers:
-                worker.send_signal(signal.SIGTERM)
-            for worker in workers:
-                await asyncio.wait_for(worker.wait(), 30)
-        lines = read_record(record)
-        starts = sorted((t, i) for kind, _, t, i in lines if kind == "start")
+        lines, starts, published = await quiet_beside_flood_in_two_workers(
+            bench, tmp_path, 12, B24QT_PREFETCH="4", B24QT_CAP="2"
+        )
         flood = sum(1 for kind, m, _, _ in lines if kind == "start" and m == FLOOD)
         # The flood is capped at 2 in flight (across both processes), so the 2 x 4 slots have
         # room: a quiet event starts within about one turn, and never waits for the flood.
@@ -202,42 +211,9 @@ class FairShareScenarios:
     async def test_a_quiet_portal_gets_turns_across_two_worker_processes(
         self, bench: Bench, tmp_path: Path
     ) -> None:
-        record = tmp_path / "record.txt"
-        await declare_for_workers(bench)
-        await publish(bench, envelope(FLOOD, 1000))
-        workers = [
-            await start_worker(
-                bench,
-                record,
-                SLOW_S,
-                "tests.support.consumers:PortalRecorder",
-                B24QT_PREFETCH="4",
-            )
-            for _ in range(2)
-        ]
-        try:
-            await wait_until(lambda: len(read_record(record)) >= 50, 30, "the flood under way")
-            published = []
-            async with sink(bench) as publisher:
-                for i in range(10):
-                    member = QUIET[i % 2]
-                    [e] = envelope(member)
-                    await publisher.publish(e)
-                    published.append((time.time(), e.message_id))
-                    await asyncio.sleep(0.05)
-
-            def quiet_started() -> bool:
-                got = Counter(m for kind, m, _, _ in read_record(record) if kind == "start")
-                return all(got[m] == 5 for m in QUIET)
-
-            await wait_until(quiet_started, 30, "every quiet event started")
-        finally:
-            for worker in workers:
-                worker.send_signal(signal.SIGTERM)
-            for worker in workers:
-                await asyncio.wait_for(worker.wait(), 30)
-        lines = read_record(record)
-        starts = sorted((t, i) for kind, _, t, i in lines if kind == "start")
+        lines, starts, published = await quiet_beside_flood_in_two_workers(
+            bench, tmp_path, 10, B24QT_PREFETCH="4"
+        )
         flood = sum(1 for kind, m, _, _ in lines if kind == "start" and m == FLOOD)
         # All 2 x 4 slots busy with the flood: the next one to free goes to the quiet event
         # (a claim of the other process already under way may take one or two before it).
