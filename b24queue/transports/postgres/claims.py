@@ -68,6 +68,7 @@ class Claims:
     def __init__(self, schema: str) -> None:
         s = self.s = f'"{schema}"'
         self.lock_name = f"b24queue:{schema}"
+        self.lock_wait_ms = LOCK_WAIT_MS
         # The portals with rows in the queue, by a loose scan of `messages_portal` (one probe
         # each, never a portal's backlog), and their rows in handlers now (across workers; with
         # $2 true). {now}: the time.
@@ -141,14 +142,14 @@ class Claims:
                     AND NOT portal = any($5::text[])
             )
             UPDATE {s}.messages SET lease_owner = $1,
-                lease_until = $8 + make_interval(secs => $2), deliveries = deliveries + 1,
+                lease_until = $8::timestamptz + make_interval(secs => $2), deliveries = deliveries + 1,
                 fence = fence + 1
             WHERE id = any($3::bigint[]) RETURNING {COLUMNS}
         """
         # Ordered claims in due order: $5 the time.
         self._ordered_sql = f"""
             UPDATE {s}.messages SET lease_owner = $1,
-                lease_until = $5 + make_interval(secs => $2), deliveries = deliveries + 1,
+                lease_until = $5::timestamptz + make_interval(secs => $2), deliveries = deliveries + 1,
                 fence = fence + 1
             WHERE id IN (
                 SELECT id FROM {s}.messages m WHERE queue = $3 AND available_at <= $5
@@ -171,7 +172,7 @@ class Claims:
     async def locked(self, db: Db, queue: str) -> datetime:
         """The queue's claim lock, within `LOCK_WAIT_MS` (in the caller's transaction); the time
         once it is held."""
-        await db.execute(f"SET LOCAL lock_timeout = {LOCK_WAIT_MS}")
+        await db.execute(f"SET LOCAL lock_timeout = {int(self.lock_wait_ms)}")
         await db.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{self.lock_name}:{queue}")
         now: datetime = await db.fetchval("SELECT clock_timestamp()")
         return now
