@@ -212,6 +212,42 @@ class OrderingScenarios:
         assert_order(lines, rule == "strict", retried_seq(events))
         assert most_keys_at_once(lines) >= 3
 
+    @pytest.mark.fault
+    async def test_a_worker_killed_mid_handler_holds_its_key_until_its_lease_ends(
+        self, bench: Bench, tmp_path: Path
+    ) -> None:
+        record = tmp_path / "record.txt"
+        env = {"B24QT_ORDERING": "strict", "B24QT_PREFETCH": "4"}
+        recorder = "tests.support.consumers:OrderRecorder"
+        first = await start_worker(bench, record, 1.0, recorder, **env)
+        events = keyed(3, retry_at=99, keys=("7",))
+        await publish(bench, events)
+        await wait_until(lambda: len(read_lines(record)) >= 1, 30, "the first event started")
+        second = await start_worker(bench, record, 0.0, recorder, **env)
+        first.kill()
+        await first.wait()
+        killed_at = time.time()
+        try:
+            await wait_until(
+                lambda: sum(k == "done" for k, *_ in read_lines(record)) == 3, 60, "all handled"
+            )
+        finally:
+            second.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(second.wait(), 30)
+        lines = read_lines(record)
+        # The killed handling, then the same event again (once its lease ran: nothing of its key
+        # ran meanwhile), then the others in order, one at a time.
+        assert [(k, seq) for k, _, _, seq in lines] == [
+            ("start", 0),
+            ("start", 0),
+            ("done", 0),
+            ("start", 1),
+            ("done", 1),
+            ("start", 2),
+            ("done", 2),
+        ], lines
+        assert lines[1][2] > killed_at
+
 
 @pytest.mark.broker
 class OrderingUpgradeScenarios:

@@ -215,6 +215,7 @@ class OrderRecorder(EventConsumer):
     events = ("#",)
     prefetch = int(os.environ.get("B24QT_PREFETCH", "8"))
     retry_delays_s = (0.4,)
+    handle_timeout_s = float(os.environ.get("B24QT_HANDLE_TIMEOUT_S", "3"))
     ordering_key = "data.FIELDS.ID"
     ordering = os.environ.get("B24QT_ORDERING", "strict")
 
