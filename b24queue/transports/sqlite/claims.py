@@ -54,18 +54,18 @@ def stamp(db: sqlite3.Connection, queue: str, ordering: Ordering) -> int:
     return len(rows)
 
 
-def ordered_free(ordering: Ordering | None) -> str:
+def ordered_free(ordering: Ordering | None, unkeyed: int = 0) -> str:
     """The condition (on `messages m`; ?4 is now) that a due, free row may be claimed under
     `ordering`: it is keyed, and no row of its group is in a handler, nor (strict) accepted before
     it, nor (lenient) accepted before it and due. A row waiting for a retry holds its group's later
     rows under the strict rule only; a dead letter has left the queue and holds none. "" when
-    `ordering` is off."""
+    `ordering` is off. `unkeyed` 1: a row not keyed yet counts (`queue.due`: a claim keys it)."""
     if ordering is None or not ordering.on:
         return ""
     earlier = "o.id < m.id" if ordering.strict else "(o.id < m.id AND o.available_at <= ?4)"
     # A CASE, as on PostgreSQL: no planner takes it for a range of `messages_order`.
     return (
-        "AND CASE WHEN m.order_key IS NULL THEN 0 WHEN m.order_key = '' THEN 1 "  # noqa: S608
+        f"AND CASE WHEN m.order_key IS NULL THEN {int(unkeyed)} WHEN m.order_key = '' THEN 1 "  # noqa: S608
         "ELSE NOT EXISTS (SELECT 1 FROM messages o INDEXED BY messages_order "
         "WHERE o.queue = m.queue AND o.order_key = m.order_key AND o.id <> m.id "
         f"AND (o.lease_until >= ?4 OR {earlier})) END"

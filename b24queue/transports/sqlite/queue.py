@@ -94,13 +94,16 @@ def _shrank(db: sqlite3.Connection, queue: str, sizes: list[int]) -> None:
         )
 
 
-def due(db: sqlite3.Connection, queue: str) -> bool:
-    """Is anything ready to be claimed (a read: idle workers poll with this, not a write)?"""
+def due(db: sqlite3.Connection, queue: str, ordering: Ordering | None = None) -> bool:
+    """Is anything ready to be claimed (a read: idle workers poll with this, not a write)? Under
+    an order, a row its order holds back is not (a key held by a retry would have every idle
+    worker take the write lock at each poll for nothing); one not keyed yet is."""
     now = time.time()
+    free = claims.ordered_free(ordering, unkeyed=1)
     row = db.execute(
-        "SELECT 1 FROM messages WHERE queue = ? AND available_at <= ? "
-        "AND (lease_until IS NULL OR lease_until < ?) LIMIT 1",
-        (queue, now, now),
+        "SELECT 1 FROM messages m WHERE queue = ?1 AND available_at <= ?4 "  # noqa: S608
+        f"AND (lease_until IS NULL OR lease_until < ?4) {free} LIMIT 1",
+        (queue, None, None, now),
     ).fetchone()
     return row is not None
 

@@ -36,7 +36,7 @@ class SqliteLeases:
         queue, fairness, ordering = spec.name, spec.fairness, spec.ordering
         if ordering.on:
             self._ordered.add(queue)
-        if not await self._db.read(lambda db: q.due(db, queue)):
+        if not await self._db.read(lambda db: q.due(db, queue, ordering)):
             return []
         return await self._db.write(
             lambda db: q.claim(db, queue, owner, count, lease_s, fairness, ordering)
