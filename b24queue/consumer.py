@@ -62,6 +62,10 @@ class EventConsumer:
     # While an event waits for a retry, "strict" holds its key's later events until it is
     # handled or dead-lettered; "lenient" lets them pass (it then runs after them).
     ordering: ClassVar[str] = STRICT
+    # With an ordering key: when several events of one key wait, the handler gets the latest,
+    # `event.replaces` naming the earlier ones, which are settled with it (for handlers that
+    # re-read the entity anyway: one call where there were several).
+    coalesce: ClassVar[bool] = False
 
     # Set by the worker before `on_start`: what `portal(event)` calls the portal with.
     portals: PortalProvider | None = None
@@ -194,3 +198,7 @@ class EventConsumer:
             )
         if cls.ordering not in RULES:
             raise cls._bad("ordering", f"must be 'strict' or 'lenient', got {cls.ordering!r}")
+        if not isinstance(cls.coalesce, bool):
+            raise cls._bad("coalesce", f"must be True or False, got {cls.coalesce!r}")
+        if cls.coalesce and key is None:
+            raise cls._bad("coalesce", "needs an ordering_key (the events it coalesces share one)")

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 MAX_ORDER_KEY_CHARS = 128
 STRICT, LENIENT = "strict", "lenient"
 RULES = (STRICT, LENIENT)
+# Coalescing: at most this many earlier events of a key are settled with the latest in one
+# delivery (more wait for the next).
+MAX_COALESCED = 100
 NO_KEY = ""
 KeyOf = Callable[[Event], object]
 
@@ -68,6 +71,7 @@ class Ordering:
     key: KeyOf | None = None
     strict: bool = True
     name: str = ""  # the consumer's class, for the log
+    coalesce: bool = False  # the key's waiting events handed over as the latest
 
     @property
     def on(self) -> bool:

@@ -94,7 +94,7 @@ def ordering_of(consumer: type[EventConsumer]) -> Ordering:
     if key is None:
         return Ordering()
     read = path_reader(key) if isinstance(key, str) else key
-    return Ordering(read, consumer.ordering == STRICT, consumer.__name__)
+    return Ordering(read, consumer.ordering == STRICT, consumer.__name__, consumer.coalesce)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from b24queue import Event, EventConsumer, Retry
+from b24queue import Event, EventConsumer, Reject, Retry
 from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.transports import OrdersByKey
 from b24queue.worker import Worker
@@ -101,14 +101,26 @@ def most_keys_at_once(lines: list[Line]) -> int:
 
 
 def read_lines(path: Path) -> list[Line]:
+    return [line for line, _ in read_coalesced(path)]
+
+
+def read_coalesced(path: Path) -> list[tuple[Line, tuple[str, ...]]]:
+    """The record's lines, each with the message_ids coalesced into it (its fifth field)."""
     if not path.exists():
         return []
     out = []
     for text in path.read_text().splitlines():
         parts = text.split()
-        if len(parts) == 4:
-            out.append((parts[0], parts[1], float(parts[2]), int(parts[3])))
+        if len(parts) in (4, 5):
+            replaced = tuple(parts[4].split(",")) if len(parts) == 5 else ()
+            out.append(((parts[0], parts[1], float(parts[2]), int(parts[3])), replaced))
     return out
+
+
+async def left_in(bench: Bench, queue: str) -> tuple[int, int, int, int]:
+    """(ready, in handlers, waiting for a retry, dead letters) of `queue`."""
+    [row] = [r for r in (await bench.transport.status()).queues if r.queue == queue]
+    return row.ready, row.unacked, row.retrying, row.dead_letters
 
 
 def ordered_consumer(
@@ -247,6 +259,105 @@ class OrderingScenarios:
             ("done", 2),
         ], lines
         assert lines[1][2] > killed_at
+
+    async def test_coalescing_hands_over_the_latest_with_the_ids_it_replaces(
+        self, bench: Bench
+    ) -> None:
+        seen: list[tuple[str, int, int, tuple[str, ...]]] = []
+
+        async def handle(self: EventConsumer, event: Event) -> None:
+            fields = event.data["FIELDS"]
+            seen.append((fields["ID"], int(fields["SEQ"]), event.attempt, event.replaces))
+            if fields["ID"] == "1" and event.attempt == 1:
+                raise Retry("a retry of the coalesced delivery")
+
+        cls = consumer(
+            bench.name("coalesced"),
+            ("ONCRMDEALUPDATE",),
+            handle,
+            prefetch=8,
+            retry_delays_s=(0.3,),
+            ordering_key="data.FIELDS.ID",
+            coalesce=True,
+        )
+        await bench.transport.declare([cls])
+        events = keyed(4, retry_at=99, keys=("1", "2"))  # 1: seq 0, 2, 4, 6; 2: 1, 3, 5, 7
+        ids = [e.message_id for e in events]
+        await publish(bench, events)
+        async with Worker(bench.settings, [cls]):
+            await wait_until(lambda: len(seen) == 3, 30, "three deliveries")
+            await asyncio.sleep(0.5)  # and no more
+        # Key 1: the latest with the three before it, failed, then again the same (attempt 2);
+        # key 2: the latest with its three. Eight events, three handler calls.
+        assert sorted(seen) == [
+            ("1", 6, 1, (ids[0], ids[2], ids[4])),
+            ("1", 6, 2, (ids[0], ids[2], ids[4])),
+            ("2", 7, 1, (ids[1], ids[3], ids[5])),
+        ], seen
+        assert await left_in(bench, cls.queue) == (0, 0, 0, 0)  # the replaced ones settled
+
+    async def test_a_coalesced_delivery_rejected_dead_letters_every_event_in_it(
+        self, bench: Bench
+    ) -> None:
+        calls: list[tuple[str, ...]] = []
+
+        async def handle(self: EventConsumer, event: Event) -> None:
+            calls.append(event.replaces)
+            raise Reject("bad deal")
+
+        cls = consumer(
+            bench.name("coalreject"),
+            ("ONCRMDEALUPDATE",),
+            handle,
+            ordering_key="data.FIELDS.ID",
+            coalesce=True,
+        )
+        await bench.transport.declare([cls])
+        events = keyed(3, retry_at=99, keys=("9",))
+        await publish(bench, events)
+        async with Worker(bench.settings, [cls]):
+            await wait_until(lambda: len(calls) == 1, 30, "the delivery")
+            await wait_until(lambda: left_in(bench, cls.queue), 30, "settled")  # status answers
+            await asyncio.sleep(0.3)
+        assert calls == [tuple(e.message_id for e in events[:2])]
+        assert await left_in(bench, cls.queue) == (0, 0, 0, 3)
+        async with bench.transport.dead_letters(cls.queue) as dlq:
+            _, letters = await dlq.list(10)
+        # In the order accepted, each with the error.
+        assert [d.message_id for d in letters] == [e.message_id for e in events]
+        assert all(d.reason == "rejected" for d in letters), letters
+
+    @pytest.mark.fault
+    async def test_a_worker_killed_mid_coalesce_loses_nothing(
+        self, bench: Bench, tmp_path: Path
+    ) -> None:
+        record = tmp_path / "record.txt"
+        env = {"B24QT_ORDERING": "strict", "B24QT_PREFETCH": "4", "B24QT_COALESCE": "1"}
+        recorder = "tests.support.consumers:OrderRecorder"
+        first = await start_worker(bench, record, 1.0, recorder, **env)
+        events = keyed(5, retry_at=99, keys=("7",))
+        ids = tuple(e.message_id for e in events)
+        await publish(bench, events)
+        await wait_until(lambda: len(read_lines(record)) >= 1, 30, "the first delivery started")
+        second = await start_worker(bench, record, 0.0, recorder, **env)
+        first.kill()
+        await first.wait()
+        try:
+            await wait_until(lambda: len(read_lines(record)) >= 3, 60, "delivered again")
+            await asyncio.sleep(0.5)
+            left = await left_in(bench, bench.name("proc"))
+        finally:
+            second.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(second.wait(), 30)
+        got = [(line[0], line[3], replaced) for line, replaced in read_coalesced(record)]
+        # Killed mid-handler: the same delivery again once its lease ran out (the latest, the
+        # four before it), handled once; nothing left in the queue, nothing in its DLQ.
+        assert got == [
+            ("start", 4, ids[:4]),
+            ("start", 4, ids[:4]),
+            ("done", 4, ids[:4]),
+        ], got
+        assert left == (0, 0, 0, 0)
 
 
 @pytest.mark.broker

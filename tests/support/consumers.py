@@ -209,7 +209,8 @@ class OrderRecorder(EventConsumer):
     `data.FIELDS.ID` under the rule B24QT_ORDERING: one line per handler start and end,
     `start|done|fail <key> <time.time()> <seq>` (`data.FIELDS.SEQ`), sleeping B24QT_SLEEP_S
     between; an event whose `data.FIELDS.RETRY` is "1" fails its first attempt (retried 0.4 s
-    later)."""
+    later). B24QT_COALESCE=1: `coalesce` on, and a line of an event that replaces others ends
+    with their message_ids, comma-separated."""
 
     queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
     events = ("#",)
@@ -218,10 +219,13 @@ class OrderRecorder(EventConsumer):
     handle_timeout_s = float(os.environ.get("B24QT_HANDLE_TIMEOUT_S", "3"))
     ordering_key = "data.FIELDS.ID"
     ordering = os.environ.get("B24QT_ORDERING", "strict")
+    coalesce = os.environ.get("B24QT_COALESCE") == "1"
 
     async def handle(self, event: Event) -> None:
         fields = event.payload["data"]["FIELDS"]
         line = f"{fields['ID']} {{}} {fields['SEQ']}"
+        if event.replaces:  # a fifth field: the message_ids coalesced into it
+            line += " " + ",".join(event.replaces)
         with open(os.environ["B24QT_RECORD"], "a") as f:
             f.write("start " + line.format(time.time()) + "\n")
         await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")))

@@ -38,6 +38,7 @@ def body(fields: Any, member_id: str = "m1") -> bytes:
         {"ordering_key": "data.FIELDS.ID", "ordering": "lenient"},
         {"ordering_key": lambda event: event.data["FIELDS"]["ID"]},
         {"ordering_key": staticmethod(lambda event: None)},
+        {"ordering_key": "data.FIELDS.ID", "coalesce": True},
     ],
 )
 def test_good_ordering_attributes_pass(attrs: dict[str, Any]) -> None:
@@ -55,6 +56,8 @@ def test_good_ordering_attributes_pass(attrs: dict[str, Any]) -> None:
         ({"ordering_key": ("data", "ID")}, "MyConsumer.ordering_key must be a dotted path"),
         ({"ordering": "loose"}, "MyConsumer.ordering must be 'strict' or 'lenient'"),
         ({"ordering": True}, "MyConsumer.ordering must be 'strict' or 'lenient'"),
+        ({"coalesce": 1, "ordering_key": "data.ID"}, "MyConsumer.coalesce must be True or False"),
+        ({"coalesce": True}, "MyConsumer.coalesce needs an ordering_key"),
     ],
 )
 def test_bad_ordering_attributes_are_refused_by_name(attrs: dict[str, Any], words: str) -> None:

@@ -13,11 +13,12 @@ wait: a lease would end early by the wait, and rows that came due meanwhile woul
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime
 
 import asyncpg
 
-from b24queue.ordering import Ordering
+from b24queue.ordering import MAX_COALESCED, Ordering
 from b24queue.queues import Fairness
 from b24queue.transports.kit import tables
 from b24queue.transports.kit.fair import Claim
@@ -161,6 +162,29 @@ class Claims:
                 ORDER BY available_at, id LIMIT $4 FOR UPDATE SKIP LOCKED
             ) RETURNING {COLUMNS}
         """
+        # Coalescing: the later rows of each claimed row's group ($3) that are due and free, in
+        # the order accepted, up to the first that is not due (a later row waiting for its retry:
+        # those past it stay for the order to keep), $5 at most each. $4: the time.
+        self._coalesce_sql = f"""
+            WITH later AS (
+                SELECT c.id AS anchor, x.id AS lid FROM unnest($3::bigint[]) AS c(id)
+                JOIN {s}.messages m ON m.id = c.id AND m.order_key <> ''
+                CROSS JOIN LATERAL (
+                    SELECT o.id FROM {s}.messages o
+                    WHERE o.queue = m.queue AND o.order_key = m.order_key AND o.id > m.id
+                        AND o.available_at <= $4 AND (o.lease_until IS NULL OR o.lease_until < $4)
+                        AND NOT EXISTS (SELECT 1 FROM {s}.messages p WHERE p.queue = m.queue
+                            AND p.order_key = m.order_key AND p.id > m.id AND p.id < o.id
+                            AND p.available_at > $4)
+                    ORDER BY o.id LIMIT $5
+                ) x
+            )
+            UPDATE {s}.messages u SET lease_owner = $1,
+                lease_until = $4::timestamptz + make_interval(secs => $2),
+                deliveries = u.deliveries + 1, fence = u.fence + 1
+            FROM later WHERE u.id = later.lid
+            RETURNING later.anchor, {", ".join("u." + c for c in COLUMNS.split(", "))}
+        """
         # In the order of `messages_order` (all NULL: by id), so the planner walks it whatever its
         # statistics say (by id alone, right after a burst, it walked the primary key past every
         # keyed row: 13 ms a claim at 20,000).
@@ -196,6 +220,24 @@ class Claims:
             )
         return len(rows)
 
+    async def coalesced(
+        self, db: Db, rows: list[Row], owner: str, lease_s: float, now: datetime
+    ) -> list[Row]:
+        """Each claimed row with the later rows of its group waiting leased with it
+        (`MAX_COALESCED` at most), in the claim's transaction: handed over as the latest, the
+        others its `replaced`, oldest first."""
+        records = await db.fetch(
+            self._coalesce_sql, owner, lease_s, [r.id for r in rows], now, MAX_COALESCED
+        )
+        later: dict[int, list[Row]] = {}
+        for r in records:
+            later.setdefault(r["anchor"], []).append(row_of(r))
+        out = []
+        for row in rows:
+            group = [row, *sorted(later.get(row.id, ()), key=lambda r: r.id)]
+            out.append(replace(group[-1], replaced=tuple(group[:-1])))
+        return out
+
     async def claim_ordered(
         self, db: Db, queue: str, owner: str, count: int, lease_s: float, ordering: Ordering
     ) -> list[Row]:
@@ -206,7 +248,10 @@ class Claims:
             await self.stamp(db, queue, ordering)
             sql = self._ordered_sql.replace("{free}", self._free(ordering, "$5"))
             records = await db.fetch(sql, owner, lease_s, queue, count, now)
-        return sorted((row_of(r) for r in records), key=lambda r: r.id)
+            rows = sorted((row_of(r) for r in records), key=lambda r: r.id)
+            if ordering.coalesce and rows:
+                rows = await self.coalesced(db, rows, owner, lease_s, now)
+        return rows
 
     async def claim_fair(
         self,
@@ -262,7 +307,10 @@ class Claims:
                 turns.clock,
                 now,
             )
-        return sorted((row_of(r) for r in records), key=lambda r: r.id)
+            rows = sorted((row_of(r) for r in records), key=lambda r: r.id)
+            if ordering is not None and ordering.coalesce and rows:
+                rows = await self.coalesced(db, rows, owner, lease_s, now)
+        return rows
 
     async def portals(self, db: Db, queue: str) -> PortalsWaiting:
         """`status`'s portals of a queue, within the bounds of `kit.tables`."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from b24queue import _constants as c
@@ -196,14 +197,16 @@ class Queries:
         return sorted((row_of(r) for r in records), key=lambda r: r.id)
 
     async def ack(self, db: Db, rows: Sequence[tuple[Row, str]]) -> list[bool]:
-        """Each only while its delivery still holds the lease."""
+        """Each only while its delivery still holds the lease; with the rows coalesced into it
+        (`Row.replaced`), each likewise."""
+        every = [(r, owner) for row, owner in rows for r in (row, *row.replaced)]
         done = {
             r["id"]
             for r in await db.fetch(
                 self.ack_sql,
-                [row.id for row, _ in rows],
-                [owner for _, owner in rows],
-                [row.fence for row, _ in rows],
+                [row.id for row, _ in every],
+                [owner for _, owner in every],
+                [row.fence for row, _ in every],
             )
         }
         return [row.id in done for row, _ in rows]
@@ -221,7 +224,30 @@ class Queries:
     ) -> bool:
         """Retry (the same row, later) or dead-letter (a new row at the end of the DLQ: a DLQ
         is in the order things failed), in one statement, only while this delivery holds the
-        lease: there is no moment with the message in two places or none."""
+        lease: there is no moment with the message in two places or none. The rows coalesced
+        into it go the same way first, oldest first, in the caller's transaction (a retry keeps
+        their headers; a dead letter gets its error)."""
+        if row.replaced:
+            held = await db.fetchval(
+                f"SELECT 1 FROM {self.s}.messages WHERE id = $1 AND lease_owner = $2 "
+                "AND fence = $3 FOR UPDATE",
+                row.id,
+                owner,
+                row.fence,
+            )
+            if held is None:
+                return False
+            for r in row.replaced:
+                own = {**r.headers, **headers} if dead_letter else r.headers
+                await self.move(
+                    db,
+                    replace(r, replaced=()),
+                    owner,
+                    queue=queue,
+                    headers=own,
+                    delay_s=delay_s,
+                    dead_letter=dead_letter,
+                )
         encoded = json.dumps(headers, default=str)
         fence = (row.id, owner, row.fence)
         if dead_letter:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from b24queue.ordering import Ordering
+from b24queue.ordering import MAX_COALESCED, Ordering
 from b24queue.queues import Fairness
 from b24queue.transports.kit import tables
 from b24queue.transports.kit.fair import Claim
@@ -183,3 +184,34 @@ _PORTAL_ROWS = (
     "SELECT count(*) FROM (SELECT 1 FROM messages INDEXED BY messages_portal "
     "WHERE queue = ? AND portal = ? LIMIT ?)"
 )
+
+
+# Coalescing: the later rows of a claimed row's group that are due and free, in the order
+# accepted, up to the first one that is not due (a later row waiting for its retry: those past it
+# stay for the order to keep). ?3 the claimed row, ?4 now, ?5 at most.
+_COALESCE = (
+    "UPDATE messages SET lease_owner = ?1, lease_until = ?2, deliveries = deliveries + 1, "  # noqa: S608
+    "fence = fence + 1 WHERE id IN (SELECT o.id FROM messages m "
+    "JOIN messages o INDEXED BY messages_order ON o.queue = m.queue AND o.order_key = m.order_key "
+    "WHERE m.id = ?3 AND m.order_key <> '' AND o.id > m.id AND o.available_at <= ?4 "
+    "AND (o.lease_until IS NULL OR o.lease_until < ?4) AND NOT EXISTS (SELECT 1 FROM messages p "
+    "INDEXED BY messages_order WHERE p.queue = m.queue AND p.order_key = m.order_key "
+    "AND p.id > m.id AND p.id < o.id AND p.available_at > ?4) ORDER BY o.id LIMIT ?5) "
+    f"RETURNING {MESSAGE}"
+)
+
+
+def coalesced(db: sqlite3.Connection, rows: list[Row], owner: str, lease_s: float) -> list[Row]:
+    """Each claimed row with the later rows of its group waiting leased with it
+    (b24queue.ordering.MAX_COALESCED at most): handed over as the latest, the others its
+    `replaced`, oldest first."""
+    now = time.time()
+    out = []
+    for row in rows:
+        later = db.execute(_COALESCE, (owner, now + lease_s, row.id, now, MAX_COALESCED)).fetchall()
+        if not later:
+            out.append(row)
+            continue
+        group = [row, *sorted((row_of(r) for r in later), key=lambda r: r.id)]
+        out.append(replace(group[-1], replaced=tuple(group[:-1])))
+    return out

@@ -127,12 +127,25 @@ def claim(
     retry. Its time under the write lock does not grow with the backlog (ordered by `id` alone,
     it read and sorted every due row each time). A retried event is due again behind those that
     arrived before its delay ended, as on RabbitMQ and PostgreSQL."""
-    ordered = ordering is not None and ordering.on
-    if ordered:
-        assert ordering is not None
+    if ordering is not None and ordering.on:
         claims.stamp(db, queue, ordering)
     if fairness is not None and fairness.on:
-        return claims.claim_fair(db, queue, owner, count, lease_s, fairness, ordering)
+        taken = claims.claim_fair(db, queue, owner, count, lease_s, fairness, ordering)
+    else:
+        taken = _claim_in_order(db, queue, owner, count, lease_s, ordering)
+    if ordering is not None and ordering.coalesce:
+        return claims.coalesced(db, taken, owner, lease_s)
+    return taken
+
+
+def _claim_in_order(
+    db: sqlite3.Connection,
+    queue: str,
+    owner: str,
+    count: int,
+    lease_s: float,
+    ordering: Ordering | None,
+) -> list[Row]:
     now = time.time()
     free = claims.ordered_free(ordering)
     sql = (
@@ -147,12 +160,19 @@ def claim(
 
 
 def ack(db: sqlite3.Connection, row: Row, owner: str) -> bool:
-    """Only while this claim still holds the row (`fence` tells an older one)."""
+    """Only while this claim still holds the row (`fence` tells an older one); with the rows
+    coalesced into it (`Row.replaced`), each likewise."""
     cursor = db.execute(
         "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
         (row.id, owner, row.fence),
     )
-    return cursor.rowcount == 1
+    if cursor.rowcount != 1:
+        return False
+    db.executemany(
+        "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
+        [(r.id, owner, r.fence) for r in row.replaced],
+    )
+    return True
 
 
 def move(
@@ -166,7 +186,30 @@ def move(
 ) -> bool:
     """Retry (the same queue, later) or dead-letter (its `.dlq`, at the end of it: a DLQ is in the
     order things failed), only while this delivery holds the lease; in the caller's transaction,
-    so there is no moment with the message in two places or none."""
+    so there is no moment with the message in two places or none. The rows coalesced into it go
+    the same way first, oldest first (a retry keeps their headers; a dead letter gets its error)."""
+    if row.replaced:
+        held = db.execute(
+            "SELECT 1 FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
+            (row.id, owner, row.fence),
+        ).fetchone()
+        if held is None:
+            return False
+        dead = queue.endswith(".dlq")
+        for r in row.replaced:
+            own = {**r.headers, **headers} if dead else r.headers
+            _move_one(db, r, owner, queue, own, delay_s)
+    return _move_one(db, row, owner, queue, headers, delay_s)
+
+
+def _move_one(
+    db: sqlite3.Connection,
+    row: Row,
+    owner: str,
+    queue: str,
+    headers: dict[str, Any],
+    delay_s: float,
+) -> bool:
     fence = (row.id, owner, row.fence)
     encoded = json.dumps(headers, default=str)
     if queue.endswith(".dlq"):
