@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +81,9 @@ class _Ack:
 # A worker not heard of for this long has crashed: its heartbeat is forgotten, and its consumer
 # once the entries it held have been taken over (after their lease).
 PRUNE_AFTER_S = 20 * ALIVE_S
+# A fair queue's entries parked in no portal's list (`fair.RECONCILE`) are looked for when its
+# runner starts (all of them), and a pass begins again this often, a step per heartbeat.
+MEND_EVERY_S = 300.0
 
 
 class RedisLeases:
@@ -91,12 +96,36 @@ class RedisLeases:
             self._ack_batch, "b24queue-redis-acks", CONNECTION_ERRORS
         )
         self._acks.start()
+        self._mend_at: dict[str, float] = {}  # fair queues: when the next reconcile step is due
 
     async def close(self) -> None:
         await self._acks.stop()
 
     async def declare(self, spec: QueueSpec) -> list[str]:
-        return await self._store.declare(spec)
+        removed = await self._store.declare(spec)
+        if spec.fairness.on:
+            await self._mend_all(spec.name)
+        return removed
+
+    async def _mend_all(self, queue: str) -> None:
+        """Every entry parked in no portal's list added again, in steps of bounded cost."""
+        again = 0
+        while True:
+            added, finished = await self._store.reconcile(queue)
+            again += added
+            if finished:
+                break
+        if again:
+            log.warning("queue %s: %d events parked in no portal's list, queued again", queue, again)
+        self._mend_at[queue] = time.monotonic() + MEND_EVERY_S
+
+    async def _mend_step(self, queue: str) -> None:
+        if time.monotonic() < self._mend_at.get(queue, math.inf):
+            return
+        added, finished = await self._store.reconcile(queue)
+        if added:
+            log.warning("queue %s: %d events parked in no portal's list, queued again", queue, added)
+        self._mend_at[queue] = time.monotonic() + (MEND_EVERY_S if finished else 0.0)
 
     def wake(self, queue: str) -> asyncio.Event:
         return self._waker.event(queue)
@@ -129,6 +158,7 @@ class RedisLeases:
     async def beat(self, owner: str, queue: str, name: str, ids: list[Any], lease_s: float) -> None:
         await self._store.beat(owner, queue, name, ids, lease_s)
         await self._store.prune(queue, PRUNE_AFTER_S)
+        await self._mend_step(queue)
 
     async def release(self, owner: str, queue: str) -> None:
         await self._store.release(queue, owner)

@@ -1,5 +1,5 @@
 """The Redis Streams transport's keys, connections, routing and queue operations (the scripts in
-`scripts.py`), for the ingress, the workers and the CLI."""
+`scripts.py`, the fair claim's in `fair.py`), for the ingress, the workers and the CLI."""
 
 from __future__ import annotations
 
@@ -13,24 +13,17 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
-from b24queue import _constants as c
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.events.envelope import Envelope
-from b24queue.queues import MAX_PORTAL_CHARS, Fairness, QueueSpec, topic_matches
+from b24queue.queues import Fairness, QueueSpec, topic_matches
 from b24queue.settings import Settings
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
-from b24queue.transports.redis_streams import scripts
-from b24queue.transports.status import MemoryRow
+from b24queue.transports.redis_streams import fair, scripts
+from b24queue.transports.status import MemoryRow, PortalsWaiting
 
 log = logging.getLogger(__name__)
-
-# How many new entries a fair claim parks in the portals' lists at a time (5 times that at most
-# in one claim, when every portal parked is capped or done): a flood published at once is
-# parked over several claims (each costs about this many entries' work), so a quiet portal's
-# event behind it waits for those claims, once.
-PARK_AT_MOST = 1000
 
 # What means "Redis is away": the client reconnects by itself on the next command.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -133,22 +126,14 @@ class Store:
         self.bindings_key, self.version_key = f"{p}:bindings", f"{p}:bindings:version"
         self.queues_key, self.workers_key = f"{p}:queues", f"{p}:workers"
         self._prefix = p
+        names = ("PUBLISH", "DECLARE", "CLAIM", "ACK", "MOVE", "BEAT", "LEAVE", "PRUNE")
         self._scripts = {
-            name: client.register_script(getattr(scripts, name))
-            for name in (
-                "PUBLISH",
-                "DECLARE",
-                "CLAIM",
-                "FAIR_CLAIM",
-                "ACK",
-                "MOVE",
-                "BEAT",
-                "LEAVE",
-                "PRUNE",
-                "REPLAY",
-                "PURGE",
-                "SIZE",
+            name: client.register_script(getattr(module, name))
+            for module, names_of in (
+                (scripts, (*names, "REPLAY", "PURGE", "SIZE")),
+                (fair, ("FAIR_CLAIM", "RECONCILE")),
             )
+            for name in names_of
         }
         self._routes: tuple[str, list[tuple[str, str]]] | None = None
 
@@ -255,22 +240,8 @@ class Store:
         `fairness` is on (`scripts.FAIR_CLAIM`)."""
         if fairness is not None and fairness.on:
             weights = json.dumps(dict(fairness.weights)) if fairness.weights else ""
-            found = await self._run(
-                "FAIR_CLAIM",
-                [self.stream(queue), self.later(queue)],
-                [
-                    scripts.GROUP,
-                    owner,
-                    count,
-                    int(lease_s * 1000),
-                    scripts.PARK,
-                    PARK_AT_MOST,
-                    c.H_MEMBER_ID,
-                    fairness.cap or 0,
-                    weights,
-                    MAX_PORTAL_CHARS,
-                ],
-            )
+            args = fair.claim_args(owner, count, lease_s, fairness.cap or 0, weights)
+            found = await self._run("FAIR_CLAIM", [self.stream(queue), self.later(queue)], args)
         else:
             found = await self._run(
                 "CLAIM",
@@ -278,6 +249,13 @@ class Store:
                 [scripts.GROUP, owner, count, int(lease_s * 1000)],
             )
         return [_row(entry_id, fields, int(n)) for entry_id, fields, n in found]
+
+    async def reconcile(self, queue: str, at_most: int = fair.MEND_AT_MOST) -> tuple[int, bool]:
+        """One step of `fair.RECONCILE` on a fair queue: the next `at_most` entries parked, those
+        in no portal's list added again. Returns (how many it added again, whether it reached the
+        end of what is parked)."""
+        done = await self._run("RECONCILE", [self.stream(queue)], fair.reconcile_args(at_most))
+        return int(done[1]), bool(done[3])
 
     async def ack(self, queue: str, rows: Sequence[tuple[Row, str]]) -> list[bool]:
         args: list[Any] = [scripts.GROUP]
@@ -379,6 +357,7 @@ class Store:
     async def overview(self, alive_s: float) -> Overview:
         kinds = {text(k): text(v) for k, v in (await self.client.hgetall(self.queues_key)).items()}
         queues: dict[str, Depth] = {}
+        portals: dict[str, PortalsWaiting] = {}
         for name, kind in kinds.items():
             total = int(await self.client.xlen(self.stream(name)))
             leased = later = 0
@@ -388,11 +367,14 @@ class Store:
                     leased = int(pending["pending"]) - sum(
                         int(x["pending"])
                         for x in pending["consumers"]
-                        if text(x["name"]) == scripts.PARK
+                        if text(x["name"]) == fair.PARK
                     )
                 except rx.ResponseError:  # no group yet
                     leased = 0
                 later = int(await self.client.zcard(self.later(name)))
+                portals[name] = await fair.portals_waiting(
+                    self.client, self.stream(name), self.later(name)
+                )
             queues[name] = Depth(total - leased, leased, later)
         now = time.time()
         workers: dict[str, int] = {}
@@ -403,7 +385,7 @@ class Store:
                 workers[seen["queue"]] = workers.get(seen["queue"], 0) + 1
                 names.add(seen["name"])
         consumers = [n for n, k in kinds.items() if k == CONSUMER]
-        return Overview(consumers, queues, workers, sorted(names))
+        return Overview(consumers, queues, workers, sorted(names), portals)
 
 
 async def opened(settings: Settings, name: str) -> Store:
