@@ -12,7 +12,8 @@ sorted set of the portals with entries parked, each at the start of its next tur
 only while it is past the clock: one at or below it means nothing, a portal coming back starts
 at the clock then), `:held:<portal>` (with a cap: the ids it was given; those no longer in a
 handler dropped when counted) and `:holding` (the portals with such a set, by when they were
-last given one: the oldest are swept at every claim, and a set left empty goes), `:mend` (how
+last given one: every claim sweeps two not given one for a second, and a set left empty goes),
+`:mend` (how
 far `RECONCILE` has come). These keys are named inside the scripts, not in KEYS: one Redis, not
 a cluster (as the queue's other keys). Each script may run over maxmemory (`scripts.ALLOW_OOM`):
 it moves entries Redis holds, and adds about a hundred bytes per event waiting (its id in a
@@ -133,8 +134,8 @@ local function count_held(portal)
   end
   return n
 end
--- The two portals given a slot longest ago: their held sets pruned, gone once empty.
-for _, portal in ipairs(redis.call('ZRANGE', holding, 0, 1)) do
+-- Two of the portals not given a slot for a second: their held sets pruned, gone once empty.
+for _, portal in ipairs(redis.call('ZRANGEBYSCORE', holding, '-inf', now - 1000, 'LIMIT', 0, 2)) do
   if count_held(portal) == 0 then
     redis.call('ZREM', holding, portal)
   else

@@ -4,6 +4,7 @@ portals waiting, parked or not."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -80,9 +81,12 @@ async def test_a_portal_gone_leaves_no_pass_and_no_held_set(store: Store) -> Non
     for i in range(30):
         await publish(store, f"p{i:02d}".ljust(32, "0"), 1)
     assert len(await drain(store, spec)) == 30
-    # Another portal's turns move the clock past their passes; its claims sweep the held sets.
+    # Another portal's turns move the clock past their passes; its claims sweep the held sets
+    # (of portals not given a slot for a second: two a claim).
+    await asyncio.sleep(1.1)
     await publish(store, "z" * 32, 40)
     assert len(await drain(store, spec, 1)) == 40
+    await asyncio.sleep(1.1)
     await store.claim(spec.name, "w", 1, 60.0, spec.fairness)
     assert await keys(store, spec, ":held:*") == []
     assert await store.client.zcard(store.stream(spec.name) + ":holding") == 0
@@ -105,6 +109,9 @@ async def test_what_a_version_before_kept_is_swept(store: Store) -> None:
     await publish(store, "a" * 32, 3)
     given = await drain(store, spec, 1)
     assert len(given) == 3
+    await asyncio.sleep(1.1)
+    for _ in range(3):
+        await store.claim(spec.name, "w", 1, 60.0, spec.fairness)
     assert await store.client.type(stream + ":passes") in (b"zset", b"none")
     assert await keys(store, spec, ":held:*") == []
 
