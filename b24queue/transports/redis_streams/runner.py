@@ -81,9 +81,11 @@ class _Ack:
 # A worker not heard of for this long has crashed: its heartbeat is forgotten, and its consumer
 # once the entries it held have been taken over (after their lease).
 PRUNE_AFTER_S = 20 * ALIVE_S
-# A fair queue's entries parked in no portal's list (`fair.RECONCILE`) are looked for when its
-# runner starts (all of them), and a pass begins again this often, a step per heartbeat.
-MEND_EVERY_S = 300.0
+# A fair queue's entries parked in no portal's list (`fair.RECONCILE`) are looked for, all of
+# them, when its runner starts, and again whenever a check this often finds the parking consumer
+# holding more entries than the portals in the turns have ids in their lists.
+MEND_CHECK_S = 60.0
+_MENDED = "queue %s: %d events were parked in no portal's list (fair keys lost?): queued again"
 
 
 class RedisLeases:
@@ -96,19 +98,25 @@ class RedisLeases:
             self._ack_batch, "b24queue-redis-acks", CONNECTION_ERRORS
         )
         self._acks.start()
-        self._mend_at: dict[str, float] = {}  # fair queues: when the next reconcile step is due
+        self._mend_at: dict[str, float] = {}  # fair queues: when to check them next
+        self._mending: dict[str, asyncio.Task[None]] = {}
 
     async def close(self) -> None:
+        for task in self._mending.values():
+            task.cancel()
+        await asyncio.gather(*self._mending.values(), return_exceptions=True)
         await self._acks.stop()
 
     async def declare(self, spec: QueueSpec) -> list[str]:
         removed = await self._store.declare(spec)
         if spec.fairness.on:
-            await self._mend_all(spec.name)
+            await self._mend(spec.name)
+            self._mend_at[spec.name] = time.monotonic() + MEND_CHECK_S
         return removed
 
-    async def _mend_all(self, queue: str) -> None:
-        """Every entry parked in no portal's list added again, in steps of bounded cost."""
+    async def _mend(self, queue: str) -> None:
+        """Every entry parked in no portal's list added again (`fair.RECONCILE`), in steps of
+        bounded cost."""
         again = 0
         while True:
             added, finished = await self._store.reconcile(queue)
@@ -116,16 +124,23 @@ class RedisLeases:
             if finished:
                 break
         if again:
-            log.warning("queue %s: %d events parked in no portal's list, queued again", queue, again)
-        self._mend_at[queue] = time.monotonic() + MEND_EVERY_S
+            log.warning(_MENDED, queue, again)
 
-    async def _mend_step(self, queue: str) -> None:
+    async def _mend_in_background(self, queue: str) -> None:
+        try:
+            await self._mend(queue)
+        except Exception as exc:  # Redis away: the next check tries again
+            log.warning("queue %s: looking for events parked in no list failed: %r", queue, exc)
+
+    async def _check_parked(self, queue: str) -> None:
         if time.monotonic() < self._mend_at.get(queue, math.inf):
             return
-        added, finished = await self._store.reconcile(queue)
-        if added:
-            log.warning("queue %s: %d events parked in no portal's list, queued again", queue, added)
-        self._mend_at[queue] = time.monotonic() + (MEND_EVERY_S if finished else 0.0)
+        self._mend_at[queue] = time.monotonic() + MEND_CHECK_S
+        running = self._mending.get(queue)
+        if (running is None or running.done()) and await self._store.parked_unlisted(queue):
+            self._mending[queue] = asyncio.create_task(
+                self._mend_in_background(queue), name="b24queue-redis-mend"
+            )
 
     def wake(self, queue: str) -> asyncio.Event:
         return self._waker.event(queue)
@@ -158,7 +173,7 @@ class RedisLeases:
     async def beat(self, owner: str, queue: str, name: str, ids: list[Any], lease_s: float) -> None:
         await self._store.beat(owner, queue, name, ids, lease_s)
         await self._store.prune(queue, PRUNE_AFTER_S)
-        await self._mend_step(queue)
+        await self._check_parked(queue)
 
     async def release(self, owner: str, queue: str) -> None:
         await self._store.release(queue, owner)

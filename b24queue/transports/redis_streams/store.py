@@ -257,6 +257,10 @@ class Store:
         done = await self._run("RECONCILE", [self.stream(queue)], fair.reconcile_args(at_most))
         return int(done[1]), bool(done[3])
 
+    async def parked_unlisted(self, queue: str) -> bool:
+        """Whether some entries of a fair queue may be parked in no portal's list."""
+        return await fair.parked_unlisted(self.client, self.stream(queue))
+
     async def ack(self, queue: str, rows: Sequence[tuple[Row, str]]) -> list[bool]:
         args: list[Any] = [scripts.GROUP]
         for row, owner in rows:

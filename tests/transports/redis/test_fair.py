@@ -150,6 +150,34 @@ async def test_entries_parked_in_no_list_are_found_again(store: Store) -> None:
     assert await store.count(spec.name) == 0
 
 
+async def test_a_running_worker_finds_entries_parked_in_no_list(store: Store) -> None:
+    """Fair keys lost while a worker runs: its periodic check sees the parking consumer hold
+    more entries than the lists, and looks for them in the background; nothing is stranded."""
+    from b24queue.transports.redis_streams.runner import RedisLeases, Waker
+
+    spec = fair_spec()
+    await store.declare(spec)
+    await publish(store, "a" * 32, 8)
+    await publish(store, "b" * 32, 4)
+    leases = RedisLeases(store.settings, store, Waker(store.settings, store))
+    try:
+        await leases.declare(spec)
+        first = await store.claim(spec.name, "w", 1, 60.0, spec.fairness)  # parks the 12
+        assert not await store.parked_unlisted(spec.name)
+        await forget_fair_keys(store, spec, ":fair:*", ":ready")
+        assert await store.parked_unlisted(spec.name)
+        await leases.beat("w", spec.name, "test", [first[0].id], 60.0)  # not due yet
+        assert not leases._mending
+        leases._mend_at[spec.name] = 0.0
+        await leases.beat("w", spec.name, "test", [first[0].id], 60.0)
+        await leases._mending[spec.name]
+    finally:
+        await leases.close()
+    assert not await store.parked_unlisted(spec.name)
+    rest = await drain(store, spec)
+    assert len({r.message_id for r in first + rest}) == len(first + rest) == 12
+
+
 async def test_reconcile_goes_in_bounded_steps_and_mends_the_turns(store: Store) -> None:
     """Each step looks at a bounded number of parked entries from where the last stopped. A
     portal whose list is there but out of the turns (`:ready` lost) is put back in them, its
@@ -165,7 +193,7 @@ async def test_reconcile_goes_in_bounded_steps_and_mends_the_turns(store: Store)
     assert await store.claim(spec.name, "w", 1, 60.0, spec.fairness) == []
     steps = []
     while True:
-        added, finished = await store.reconcile(spec.name, at_most=4)
+        added, finished = await store.reconcile(spec.name, at_most=4)  # (200 at most at once)
         steps.append(added)
         if finished:
             break
