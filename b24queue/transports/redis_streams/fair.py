@@ -22,17 +22,16 @@ list, a pending entry of the parking consumer).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
 from b24queue import _constants as c
-from b24queue.queues import MAX_PORTAL_CHARS, portal_key
+from b24queue.queues import MAX_PORTAL_CHARS
 from b24queue.transports.kit import tables
 from b24queue.transports.redis_streams.scripts import ALLOW_OOM, GROUP, NOW
-from b24queue.transports.status import PortalsWaiting
+from b24queue.transports.status import PortalCount, PortalsWaiting
 
 PARK = "~parked"
 
@@ -47,8 +46,8 @@ TAKE_OVER_AT_MOST = 100
 # each: Redis is busy 2-3 ms a call); `parked_unlisted` reads this many portals at most.
 MEND_AT_MOST = 200
 CHECK_PORTALS_AT_MOST = 10_000
-# `status`: how many entries not parked yet (the stream past the group's last read) and how many
-# retries waiting it reads, for their portals.
+# `status` (`PORTALS`): how many entries not parked yet (the stream past the group's last read)
+# and how many retries waiting it reads, for their portals.
 UNPARKED_READ = 1000
 
 # The names beside the stream; the portal of an entry's headers (`portal_of`), read as Python
@@ -71,7 +70,17 @@ local function portal_of(raw)
     local ok, h = pcall(cjson.decode, headers)
     if ok and type(h) == 'table' and type(h[member]) == 'string' then found = h[member] end
   end
-  return string.sub(found or '', 1, chars)
+  found = found or ''
+  if #found <= chars then return found end
+  local n = 0  -- cut to `chars` characters (UTF-8), as Python's queues.portal_key
+  for i = 1, #found do
+    local b = string.byte(found, i)
+    if b < 128 or b >= 192 then
+      n = n + 1
+      if n > chars then return string.sub(found, 1, i - 1) end
+    end
+  end
+  return found
 end
 local clock = tonumber(redis.call('GET', clock_key) or '0')
 local function enter(portal)
@@ -361,43 +370,85 @@ async def parked_unlisted(client: aioredis.Redis, stream: str) -> bool:
     return parked > listed
 
 
-async def portals_waiting(client: aioredis.Redis, stream: str, later: str) -> PortalsWaiting:
-    """`status`'s portals of a consumer queue, by bounded reads: the portals with entries parked
-    (the first `tables.PORTALS_READ` of `:ready`, each counted by its list's length, which may
-    still hold a few ids given out of turn meanwhile), then those of the first
-    `UNPARKED_READ` entries not parked yet (the stream past the group's last read: all of a
-    first-in-first-out queue's waiting entries) and of as many retries waiting."""
-    counted: dict[str, int] = {}
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.zrange(stream + ":ready", 0, tables.PORTALS_READ)
-        pipe.zrange(later, 0, UNPARKED_READ - 1)
-        parked, retries = await pipe.execute()
-    read_all = len(parked) <= tables.PORTALS_READ
-    parked = [_text(p) for p in parked[: tables.PORTALS_READ]]
-    if parked:
-        async with client.pipeline(transaction=False) as pipe:
-            for portal in parked:
-                pipe.llen(f"{stream}:fair:{portal}")
-            for portal, n in zip(parked, await pipe.execute(), strict=True):
-                counted[portal] = int(n)
-    try:
-        groups: Any = await client.xinfo_groups(stream)
-    except rx.ResponseError:  # no stream yet
-        groups = []
-    last = next((_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP), None)
-    unparked: Any = await client.xrange(
-        stream, min="-" if last is None else f"({last}", count=UNPARKED_READ
-    )
-    headers = [fields.get(b"h", b"{}") for _, fields in unparked or []]
-    headers += [json.loads(r).get("h", "{}") for r in retries]
-    for raw in headers:
-        try:
-            portal = portal_key(json.loads(raw).get(c.H_MEMBER_ID))
-        except (ValueError, AttributeError):
-            portal = ""
-        counted[portal] = counted.get(portal, 0) + 1
-    read_all = read_all and len(unparked or []) < UNPARKED_READ and len(retries) < UNPARKED_READ
-    return tables.portals_waiting(counted.items(), {}, read_all)
+# `status`'s portals of a consumer queue, read in one script (reading the entries into Python
+# would cost 20 times more): those with entries parked (the first `portals` of `:ready`, each
+# counted by its list's length, which may still hold a few ids given out of turn meanwhile),
+# then those of the first `entries` not parked yet (the stream past the group's last read: all
+# of a first-in-first-out queue's waiting entries) and of as many retries waiting. KEYS[1]
+# stream, KEYS[2] its delayed set. ARGV: the member_id header, the portal's length at most,
+# portals, entries. Returns {1 when it did not read everything, then portal, count, 1 when
+# counted from a read cut short, ...}.
+PORTALS = (
+    "#!lua flags=no-writes\n"
+    + """
+local stream, member, chars = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local portals, entries = tonumber(ARGV[3]), tonumber(ARGV[4])
+"""
+    + _FAIR
+    + """
+local counts, cut_short, order = {}, {}, {}
+local function add(portal, n, short)
+  if counts[portal] == nil then
+    counts[portal] = 0
+    order[#order + 1] = portal
+  end
+  counts[portal] = counts[portal] + n
+  if short then cut_short[portal] = true end
+end
+local parked = redis.call('ZRANGE', ready, 0, portals)
+local more = #parked > portals
+for i = 1, math.min(#parked, portals) do
+  add(parked[i], redis.call('LLEN', list(parked[i])), false)
+end
+local start = '-'
+local groups = redis.pcall('XINFO', 'GROUPS', stream)
+if groups.err == nil then
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == ARGV[5] then start = '(' .. info['last-delivered-id'] end
+  end
+end
+local tail = redis.call('XRANGE', stream, start, '+', 'COUNT', entries)
+local short = #tail >= entries
+for _, e in ipairs(tail) do add(portal_of(e[2]), 1, short) end
+local retries = redis.call('ZRANGE', KEYS[2], 0, entries - 1)
+local short_retries = #retries >= entries
+for _, m in ipairs(retries) do
+  local ok, f = pcall(cjson.decode, m)
+  local portal = ''
+  if ok and type(f) == 'table' and type(f.h) == 'string' then portal = portal_of({'h', f.h}) end
+  add(portal, 1, short_retries)
+end
+local out = {0}
+if more or short or short_retries then out[1] = 1 end
+for _, portal in ipairs(order) do
+  out[#out + 1] = portal
+  out[#out + 1] = counts[portal]
+  out[#out + 1] = cut_short[portal] and 1 or 0
+end
+return out
+"""
+)
+
+
+def portals_args() -> list[Any]:
+    """PORTALS's ARGV (KEYS: the stream and its delayed set)."""
+    return [c.H_MEMBER_ID, MAX_PORTAL_CHARS, tables.PORTALS_READ, UNPARKED_READ, GROUP]
+
+
+def portals_waiting(found: list[Any]) -> PortalsWaiting:
+    """What PORTALS returned, within `kit.tables`'s bounds: a count read cut short is "at
+    least"."""
+    waiting = []
+    for i in range(1, len(found), 3):
+        n = int(found[i + 1])
+        if n > 0:
+            more = n > tables.PORTAL_EVENTS_READ or found[i + 2] == 1
+            portal = bytes(found[i]).decode(errors="replace")
+            waiting.append(PortalCount(portal, min(n, tables.PORTAL_EVENTS_READ), more))
+    top = sorted(waiting, key=lambda p: (-p.waiting, p.portal))[: tables.TOP_PORTALS]
+    return PortalsWaiting(len(waiting), found[0] == 1, top)
 
 
 def _text(value: Any) -> str:

@@ -131,7 +131,7 @@ class Store:
             name: client.register_script(getattr(module, name))
             for module, names_of in (
                 (scripts, (*names, "REPLAY", "PURGE", "SIZE")),
-                (fair, ("FAIR_CLAIM", "RECONCILE")),
+                (fair, ("FAIR_CLAIM", "RECONCILE", "PORTALS")),
             )
             for name in names_of
         }
@@ -376,9 +376,9 @@ class Store:
                 except rx.ResponseError:  # no group yet
                     leased = 0
                 later = int(await self.client.zcard(self.later(name)))
-                portals[name] = await fair.portals_waiting(
-                    self.client, self.stream(name), self.later(name)
-                )
+                keys = [self.stream(name), self.later(name)]
+                found = await self._run("PORTALS", keys, fair.portals_args())
+                portals[name] = fair.portals_waiting(found)
             queues[name] = Depth(total - leased, leased, later)
         now = time.time()
         workers: dict[str, int] = {}
