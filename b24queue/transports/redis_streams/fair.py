@@ -1,5 +1,5 @@
 """Fair claims on Redis Streams (docs/fairness.md; the rule of b24queue.transports.kit.fair): their
-scripts, and `status`'s portals waiting.
+scripts (finding entries parked in no list: `fair_mend.py`; `status`'s portals: `fair_status.py`).
 
 A fair queue keeps the one stream and the one group: new entries are read into the group by a
 parking consumer (`PARK`), their ids kept in a list per portal (`<stream>:fair:<portal>`, in
@@ -24,14 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis import exceptions as rx
-
 from b24queue import _constants as c
 from b24queue.queues import MAX_PORTAL_CHARS
-from b24queue.transports.kit import tables
 from b24queue.transports.redis_streams.scripts import ALLOW_OOM, GROUP, NOW
-from b24queue.transports.status import PortalCount, PortalsWaiting
 
 PARK = "~parked"
 
@@ -42,19 +37,11 @@ PARK = "~parked"
 PARK_AT_MOST = 1000
 # How many entries of runners gone quiet a fair claim takes over (parks again) at most.
 TAKE_OVER_AT_MOST = 100
-# How many of the parking consumer's pending entries one `RECONCILE` call looks at (about 10 us
-# each: Redis is busy 2-3 ms a call); `parked_unlisted` reads this many portals at most.
-MEND_AT_MOST = 200
-CHECK_PORTALS_AT_MOST = 10_000
-# `status` (`PORTALS`): how many entries not parked yet (the stream past the group's last read)
-# and how many retries waiting it reads, for their portals.
-UNPARKED_READ = 1000
-
 # The names beside the stream; the portal of an entry's headers (`portal_of`), read as Python
 # writes the JSON by a pattern (about 4 times cheaper than decoding it), decoded only when that
 # does not match; `enter`: a portal with entries parked takes its place in the turns (at its
 # pass, if that is still past the clock; else at the clock); `before`: stream id order.
-_FAIR = """
+PRELUDE = """
 local ready, clock_key, passes = stream .. ':ready', stream .. ':clock', stream .. ':passes'
 local function list(portal) return stream .. ':fair:' .. portal end
 local function held(portal) return stream .. ':held:' .. portal end
@@ -114,7 +101,7 @@ local weights = {}
 if ARGV[9] ~= '' then weights = cjson.decode(ARGV[9]) end
 local chars, take_over = tonumber(ARGV[10]), tonumber(ARGV[11])
 """
-    + _FAIR
+    + PRELUDE
     + """
 local holding = stream .. ':holding'
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
@@ -264,64 +251,6 @@ return out
 """
 )
 
-# Entries parked whose ids are in no portal's list (the fair keys lost: deleted, or a Redis
-# restarted from a copy that had the stream but not them) would wait forever: each call looks
-# at the next `MEND_AT_MOST` pending entries of the parking consumer, from where the last one
-# stopped (`:mend`), and adds those in no list to the stream again, as new entries (the old
-# ones acked and deleted), which the next fair claim parks; a portal with entries in its list
-# but not in the turns is put back in them. A list holds its ids in the order they were parked
-# (new entries at its tail, entries taken over at its head), so an entry is in no list when its
-# portal has none or it is older than the list's head; one older than the head can still be in
-# the list only after entries were taken over in an order it cannot keep, and then adding it
-# again as a copy gives it once all the same (the id left in the list is no longer parked when
-# reached: skipped). KEYS[1] stream. ARGV: group, the parking consumer, the member_id header,
-# the portal's length at most, how many entries to look at. Returns {entries looked at, added
-# again, gone (deleted from the stream: acked), 1 when it reached the end (the next call starts
-# again from the first)}.
-RECONCILE = (
-    ALLOW_OOM
-    + """
-local stream, group, park, member = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-local chars, n = tonumber(ARGV[4]), tonumber(ARGV[5])
-"""
-    + _FAIR
-    + """
-local mend = stream .. ':mend'
-local after = redis.call('GET', mend) or '0-0'
-local pending = redis.call('XPENDING', stream, group, '(' .. after, '+', n, park)
-local again, gone = 0, 0
-local seen = {}
-for _, p in ipairs(pending) do
-  local id = p[1]
-  local rows = redis.call('XRANGE', stream, id, id)
-  if rows[1] == nil then
-    redis.call('XACK', stream, group, id)
-    gone = gone + 1
-  else
-    local portal = portal_of(rows[1][2])
-    local head = redis.call('LINDEX', list(portal), 0)
-    if not head or before(id, head) then
-      local f = {}
-      local raw = rows[1][2]
-      for i = 1, #raw, 2 do f[raw[i]] = raw[i + 1] end
-      redis.call('XADD', stream, '*', 'm', f.m, 'k', f.k, 'b', f.b, 'h', f.h, 't', f.t, 'e', f.e)
-      redis.call('XACK', stream, group, id)
-      redis.call('XDEL', stream, id)
-      again = again + 1
-    elseif not seen[portal] then
-      seen[portal] = true
-      enter(portal)
-    end
-  end
-  after = id
-end
-local finished = #pending < n
-if finished then after = '0-0' end
-redis.call('SET', mend, after)
-return {#pending, again, gone, finished and 1 or 0}
-"""
-)
-
 
 def claim_args(owner: str, count: int, lease_s: float, cap: int, weights: str) -> list[Any]:
     """FAIR_CLAIM's ARGV (KEYS: the stream and its delayed set)."""
@@ -338,118 +267,3 @@ def claim_args(owner: str, count: int, lease_s: float, cap: int, weights: str) -
         MAX_PORTAL_CHARS,
         TAKE_OVER_AT_MOST,
     ]
-
-
-def reconcile_args(at_most: int = MEND_AT_MOST) -> list[Any]:
-    """RECONCILE's ARGV (KEYS: the stream)."""
-    return [GROUP, PARK, c.H_MEMBER_ID, MAX_PORTAL_CHARS, at_most]
-
-
-async def parked_unlisted(client: aioredis.Redis, stream: str) -> bool:
-    """Whether the parking consumer holds more entries than the portals in the turns have ids
-    in their lists: some are then parked in no list (or a portal is out of the turns). True
-    too when there are more portals than it reads. A list may hold a few ids no longer parked
-    (given by a first-in-first-out claim), which can hide as many entries in no list until
-    they are reached; a runner's start looks for them all."""
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.xpending(stream, GROUP)
-        pipe.zrange(stream + ":ready", 0, CHECK_PORTALS_AT_MOST)
-        try:
-            pending, portals = await pipe.execute()
-        except rx.ResponseError:  # no group yet
-            return False
-    parked = sum(
-        int(x["pending"]) for x in pending.get("consumers") or [] if _text(x["name"]) == PARK
-    )
-    if len(portals) > CHECK_PORTALS_AT_MOST:
-        return True
-    async with client.pipeline(transaction=False) as pipe:
-        for portal in portals:
-            pipe.llen(f"{stream}:fair:{_text(portal)}")
-        listed = sum(int(n) for n in await pipe.execute())
-    return parked > listed
-
-
-# `status`'s portals of a consumer queue, read in one script (reading the entries into Python
-# would cost 20 times more): those with entries parked (the first `portals` of `:ready`, each
-# counted by its list's length, which may still hold a few ids given out of turn meanwhile),
-# then those of the first `entries` not parked yet (the stream past the group's last read: all
-# of a first-in-first-out queue's waiting entries) and of as many retries waiting. KEYS[1]
-# stream, KEYS[2] its delayed set. ARGV: the member_id header, the portal's length at most,
-# portals, entries. Returns {1 when it did not read everything, then portal, count, 1 when
-# counted from a read cut short, ...}.
-PORTALS = (
-    "#!lua flags=no-writes\n"
-    + """
-local stream, member, chars = KEYS[1], ARGV[1], tonumber(ARGV[2])
-local portals, entries = tonumber(ARGV[3]), tonumber(ARGV[4])
-"""
-    + _FAIR
-    + """
-local counts, cut_short, order = {}, {}, {}
-local function add(portal, n, short)
-  if counts[portal] == nil then
-    counts[portal] = 0
-    order[#order + 1] = portal
-  end
-  counts[portal] = counts[portal] + n
-  if short then cut_short[portal] = true end
-end
-local parked = redis.call('ZRANGE', ready, 0, portals)
-local more = #parked > portals
-for i = 1, math.min(#parked, portals) do
-  add(parked[i], redis.call('LLEN', list(parked[i])), false)
-end
-local start = '-'
-local groups = redis.pcall('XINFO', 'GROUPS', stream)
-if groups.err == nil then
-  for _, g in ipairs(groups) do
-    local info = {}
-    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-    if info['name'] == ARGV[5] then start = '(' .. info['last-delivered-id'] end
-  end
-end
-local tail = redis.call('XRANGE', stream, start, '+', 'COUNT', entries)
-local short = #tail >= entries
-for _, e in ipairs(tail) do add(portal_of(e[2]), 1, short) end
-local retries = redis.call('ZRANGE', KEYS[2], 0, entries - 1)
-local short_retries = #retries >= entries
-for _, m in ipairs(retries) do
-  local ok, f = pcall(cjson.decode, m)
-  local portal = ''
-  if ok and type(f) == 'table' and type(f.h) == 'string' then portal = portal_of({'h', f.h}) end
-  add(portal, 1, short_retries)
-end
-local out = {0}
-if more or short or short_retries then out[1] = 1 end
-for _, portal in ipairs(order) do
-  out[#out + 1] = portal
-  out[#out + 1] = counts[portal]
-  out[#out + 1] = cut_short[portal] and 1 or 0
-end
-return out
-"""
-)
-
-
-def portals_args() -> list[Any]:
-    """PORTALS's ARGV (KEYS: the stream and its delayed set)."""
-    return [c.H_MEMBER_ID, MAX_PORTAL_CHARS, tables.PORTALS_READ, UNPARKED_READ, GROUP]
-
-
-def portals_waiting(found: list[Any]) -> PortalsWaiting:
-    """What PORTALS returned, within `kit.tables`'s bounds: a count read cut short is "at
-    least"."""
-    waiting = []
-    for i in range(1, len(found), 3):
-        n = int(found[i + 1])
-        if n > 0:
-            more = n > tables.PORTAL_EVENTS_READ or found[i + 2] == 1
-            portal = bytes(found[i]).decode(errors="replace")
-            waiting.append(PortalCount(portal, min(n, tables.PORTAL_EVENTS_READ), more))
-    top = sorted(waiting, key=lambda p: (-p.waiting, p.portal))[: tables.TOP_PORTALS]
-    return PortalsWaiting(len(waiting), found[0] == 1, top)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

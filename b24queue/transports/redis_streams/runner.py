@@ -81,7 +81,7 @@ class _Ack:
 # A worker not heard of for this long has crashed: its heartbeat is forgotten, and its consumer
 # once the entries it held have been taken over (after their lease).
 PRUNE_AFTER_S = 20 * ALIVE_S
-# A fair queue's entries parked in no portal's list (`fair.RECONCILE`) are looked for, all of
+# A fair queue's entries parked in no portal's list (`fair_mend.RECONCILE`) are looked for, all of
 # them, when its runner starts, and again whenever a check this often finds the parking consumer
 # holding more entries than the portals in the turns have ids in their lists.
 MEND_CHECK_S = 60.0
@@ -115,7 +115,7 @@ class RedisLeases:
         return removed
 
     async def _mend(self, queue: str) -> None:
-        """Every entry parked in no portal's list added again (`fair.RECONCILE`), in steps of
+        """Every entry parked in no portal's list added again (`fair_mend.RECONCILE`), in steps of
         bounded cost."""
         again = 0
         while True:

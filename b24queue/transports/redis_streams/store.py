@@ -1,5 +1,5 @@
 """The Redis Streams transport's keys, connections, routing and queue operations (the scripts in
-`scripts.py`, the fair claim's in `fair.py`), for the ingress, the workers and the CLI."""
+`scripts.py`, the fair queues' in `fair*.py`), for the ingress, the workers and the CLI."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from b24queue.settings import Settings
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
-from b24queue.transports.redis_streams import fair, scripts
+from b24queue.transports.redis_streams import fair, fair_mend, fair_status, scripts
 from b24queue.transports.status import MemoryRow, PortalsWaiting
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,9 @@ class Store:
             name: client.register_script(getattr(module, name))
             for module, names_of in (
                 (scripts, (*names, "REPLAY", "PURGE", "SIZE")),
-                (fair, ("FAIR_CLAIM", "RECONCILE", "PORTALS")),
+                (fair, ("FAIR_CLAIM",)),
+                (fair_mend, ("RECONCILE",)),
+                (fair_status, ("PORTALS",)),
             )
             for name in names_of
         }
@@ -250,16 +252,18 @@ class Store:
             )
         return [_row(entry_id, fields, int(n)) for entry_id, fields, n in found]
 
-    async def reconcile(self, queue: str, at_most: int = fair.MEND_AT_MOST) -> tuple[int, bool]:
-        """One step of `fair.RECONCILE` on a fair queue: the next `at_most` entries parked, those
+    async def reconcile(
+        self, queue: str, at_most: int = fair_mend.MEND_AT_MOST
+    ) -> tuple[int, bool]:
+        """One step of `fair_mend.RECONCILE` on a fair queue: the next `at_most` entries parked, those
         in no portal's list added again. Returns (how many it added again, whether it reached the
         end of what is parked)."""
-        done = await self._run("RECONCILE", [self.stream(queue)], fair.reconcile_args(at_most))
+        done = await self._run("RECONCILE", [self.stream(queue)], fair_mend.reconcile_args(at_most))
         return int(done[1]), bool(done[3])
 
     async def parked_unlisted(self, queue: str) -> bool:
         """Whether some entries of a fair queue may be parked in no portal's list."""
-        return await fair.parked_unlisted(self.client, self.stream(queue))
+        return await fair_mend.parked_unlisted(self.client, self.stream(queue))
 
     async def ack(self, queue: str, rows: Sequence[tuple[Row, str]]) -> list[bool]:
         args: list[Any] = [scripts.GROUP]
@@ -377,8 +381,8 @@ class Store:
                     leased = 0
                 later = int(await self.client.zcard(self.later(name)))
                 keys = [self.stream(name), self.later(name)]
-                found = await self._run("PORTALS", keys, fair.portals_args())
-                portals[name] = fair.portals_waiting(found)
+                found = await self._run("PORTALS", keys, fair_status.portals_args())
+                portals[name] = fair_status.portals_waiting(found)
             queues[name] = Depth(total - leased, leased, later)
         now = time.time()
         workers: dict[str, int] = {}
