@@ -255,9 +255,9 @@ class Store:
     async def reconcile(
         self, queue: str, at_most: int = fair_mend.MEND_AT_MOST
     ) -> tuple[int, bool]:
-        """One step of `fair_mend.RECONCILE` on a fair queue: the next `at_most` entries parked, those
-        in no portal's list added again. Returns (how many it added again, whether it reached the
-        end of what is parked)."""
+        """One step of `fair_mend.RECONCILE` on a fair queue: the next `at_most` entries parked,
+        those in no portal's list added again. Returns (how many it added again, whether it
+        reached the end of what is parked)."""
         done = await self._run("RECONCILE", [self.stream(queue)], fair_mend.reconcile_args(at_most))
         return int(done[1]), bool(done[3])
 
