@@ -16,7 +16,8 @@ from b24queue.settings import Settings
 from b24queue.transports import connection_name
 from b24queue.transports.kit.batching import Batcher
 from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers, Row
-from b24queue.transports.redis_streams.store import CONNECTION_ERRORS, Store, connect, text
+from b24queue.transports.redis_streams.connection import CONNECTION_ERRORS, connect
+from b24queue.transports.redis_streams.store import Store, text
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from b24queue.queues import QueueSpec, spec_for
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
 from b24queue.transports.kit.leased import Row
-from b24queue.transports.redis_streams.store import Store, connect
+from b24queue.transports.redis_streams.connection import connect
+from b24queue.transports.redis_streams.store import Store
 from tests.support.redis_server import RedisServer
 from tests.support.samples import SAMPLE_TOKEN
 

@@ -131,7 +131,7 @@ async def test_killed_worker_connections_lose_nothing(queue: Settings, tmp_path:
 
 async def test_what_the_persistence_check_refuses_and_what_the_opt_out_allows() -> None:
     from b24queue.errors import ConfigError
-    from b24queue.transports.redis_streams.store import check_durable
+    from b24queue.transports.redis_streams.connection import check_durable
 
     for extra, refused in (
         (("--maxmemory-policy", "allkeys-lru"), "maxmemory-policy allkeys-lru"),
@@ -156,7 +156,8 @@ async def test_released_and_abandoned_entries_are_claimed_again(queue: Settings)
     from b24queue.events.envelope import envelope_for
     from b24queue.queues import spec_for
     from b24queue.testing import make_event
-    from b24queue.transports.redis_streams.store import Store, connect
+    from b24queue.transports.redis_streams.connection import connect
+    from b24queue.transports.redis_streams.store import Store
 
     async def handle(self: EventConsumer, event: object) -> None:
         return None
@@ -197,7 +198,8 @@ async def test_fair_claims_drain_a_queue_left_by_first_in_first_out_workers(
     from b24queue.events.envelope import envelope_for
     from b24queue.queues import spec_for
     from b24queue.testing import make_event
-    from b24queue.transports.redis_streams.store import Store, connect
+    from b24queue.transports.redis_streams.connection import connect
+    from b24queue.transports.redis_streams.store import Store
 
     async def handle(self: EventConsumer, event: object) -> None:
         return None
@@ -245,7 +247,8 @@ async def test_a_fair_claims_entries_are_released_and_taken_over(queue: Settings
     from b24queue.events.envelope import envelope_for
     from b24queue.queues import spec_for
     from b24queue.testing import make_event
-    from b24queue.transports.redis_streams.store import Store, connect
+    from b24queue.transports.redis_streams.connection import connect
+    from b24queue.transports.redis_streams.store import Store
 
     async def handle(self: EventConsumer, event: object) -> None:
         return None
