@@ -110,8 +110,8 @@ for _, member_json in ipairs(due) do
   redis.call('XADD', stream, '*', 'm', f.m, 'k', f.k, 'b', f.b, 'h', f.h, 't', f.t, 'e', f.e)
   redis.call('ZREM', KEYS[2], member_json)
 end
--- Passes at or below the clock mean nothing. Before 0.9 `:passes` was a hash of every portal
--- that ever emptied (and a held set each, with a cap): its portals are swept once.
+-- Passes at or below the clock mean nothing. Earlier versions kept `:passes` as a hash of every
+-- portal that ever emptied (and, with a cap, a held set each): those portals are swept once.
 if redis.call('TYPE', passes).ok == 'hash' then
   for _, portal in ipairs(redis.call('HKEYS', passes)) do
     redis.call('ZADD', holding, 'NX', 0, portal)

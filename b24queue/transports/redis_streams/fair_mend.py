@@ -14,7 +14,8 @@ from b24queue.transports.redis_streams.fair import PARK, PRELUDE
 from b24queue.transports.redis_streams.scripts import ALLOW_OOM, GROUP
 
 # How many of the parking consumer's pending entries one `RECONCILE` call looks at (about 10 us
-# each: Redis is busy 2-3 ms a call); `parked_unlisted` reads this many portals at most.
+# each, measured with the client's round trip: a call takes 2-6 ms); `parked_unlisted` reads
+# this many portals at most.
 MEND_AT_MOST = 200
 CHECK_PORTALS_AT_MOST = 10_000
 # Entries parked whose ids are in no portal's list (the fair keys lost: deleted, or a Redis
@@ -27,7 +28,8 @@ CHECK_PORTALS_AT_MOST = 10_000
 # portal has none or it is older than the list's head; one older than the head can still be in
 # the list only after entries were taken over in an order it cannot keep, and then adding it
 # again as a copy gives it once all the same (the id left in the list is no longer parked when
-# reached: skipped). KEYS[1] stream. ARGV: group, the parking consumer, the member_id header,
+# reached: skipped). An entry in no list but newer than the head of a list its portal got since
+# (from entries taken over) is found by a pass after that head has been given. KEYS[1] stream. ARGV: group, the parking consumer, the member_id header,
 # the portal's length at most, how many entries to look at. Returns {entries looked at, added
 # again, gone (deleted from the stream: acked), 1 when it reached the end (the next call starts
 # again from the first)}.
