@@ -19,20 +19,20 @@ from b24queue.transports.redis_streams.scripts import ALLOW_OOM, GROUP
 MEND_AT_MOST = 200
 CHECK_PORTALS_AT_MOST = 10_000
 # Entries parked whose ids are in no portal's list (the fair keys lost: deleted, or a Redis
-# restarted from a copy that had the stream but not them) would wait forever: each call looks
-# at the next `MEND_AT_MOST` pending entries of the parking consumer, from where the last one
-# stopped (`:mend`), and adds those in no list to the stream again, as new entries (the old
-# ones acked and deleted), which the next fair claim parks; a portal with entries in its list
-# but not in the turns is put back in them. A list holds its ids in the order they were parked
-# (new entries at its tail, entries taken over at its head), so an entry is in no list when its
-# portal has none or it is older than the list's head; one older than the head can still be in
-# the list only after entries were taken over in an order it cannot keep, and then adding it
-# again as a copy gives it once all the same (the id left in the list is no longer parked when
-# reached: skipped). An entry in no list but newer than the head of a list its portal got since
-# (from entries taken over) is found by a pass after that head has been given. KEYS[1] stream. ARGV: group, the parking consumer, the member_id header,
-# the portal's length at most, how many entries to look at. Returns {entries looked at, added
-# again, gone (deleted from the stream: acked), 1 when it reached the end (the next call starts
-# again from the first)}.
+# restarted from a copy that had the stream but not them) would wait forever: each call looks at the
+# next `MEND_AT_MOST` pending entries of the parking consumer, from where the last one stopped
+# (`:mend`), and adds those in no list to the stream again, as new entries (the old ones acked and
+# deleted), which the next fair claim parks; a portal with entries in its list but not in the turns
+# is put back in them. A list holds its ids in the order they were parked (new entries at its tail,
+# entries taken over at its head), so an entry is in no list when its portal has none or it is older
+# than the list's head; one older than the head can still be in the list only after entries were
+# taken over in an order it cannot keep, and then adding it again as a copy gives it once all the
+# same (the id left in the list is no longer parked when reached: skipped). An entry in no list but
+# newer than the head of a list its portal got since (from entries taken over) is found by a pass
+# after that head has been given. KEYS[1] stream. ARGV: group, the parking consumer, the member_id
+# header, the portal's length at most, how many entries to look at. Returns {entries looked at,
+# added again, gone (deleted from the stream: acked), 1 when it reached the end (the next call
+# starts again from the first)}.
 RECONCILE = (
     ALLOW_OOM
     + """
