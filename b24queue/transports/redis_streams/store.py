@@ -171,7 +171,7 @@ class Store:
         self, queue: str, owner: str, count: int, lease_s: float, fairness: Fairness | None = None
     ) -> list[Row]:
         """Up to `count` entries: first in, first out, or in turns among the portals when
-        `fairness` is on (`scripts.FAIR_CLAIM`)."""
+        `fairness` is on (`fair.FAIR_CLAIM`)."""
         if fairness is not None and fairness.on:
             weights = json.dumps(dict(fairness.weights)) if fairness.weights else ""
             args = fair.claim_args(owner, count, lease_s, fairness.cap or 0, weights)
