@@ -24,7 +24,7 @@ UNPARKED_READ = 1000
 # portals, entries. Returns {1 when it did not read everything, then portal, count, 1 when
 # counted from a read cut short, ...}.
 PORTALS = (
-    "#!lua flags=no-writes\n"
+    "#!lua flags=no-writes,allow-oom\n"
     + """
 local stream, member, chars = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local portals, entries = tonumber(ARGV[3]), tonumber(ARGV[4])
