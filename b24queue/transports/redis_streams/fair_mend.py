@@ -1,12 +1,9 @@
 """Fair queues on Redis: entries parked in no portal's list found and queued again (`RECONCILE`),
-and the cheap check that says when to look (`parked_unlisted`)."""
+and the cheap check that says when to look (`UNLISTED`)."""
 
 from __future__ import annotations
 
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis import exceptions as rx
 
 from b24queue import _constants as c
 from b24queue.queues import MAX_PORTAL_CHARS
@@ -14,8 +11,8 @@ from b24queue.transports.redis_streams.fair import PARK, PRELUDE
 from b24queue.transports.redis_streams.scripts import ALLOW_OOM, GROUP
 
 # How many of the parking consumer's pending entries one `RECONCILE` call looks at (about 10 us
-# each, measured with the client's round trip: a call takes 2-6 ms); `parked_unlisted` reads
-# this many portals at most.
+# each, measured with the client's round trip: a call takes 2-6 ms); `UNLISTED` reads this many
+# portals at most.
 MEND_AT_MOST = 200
 CHECK_PORTALS_AT_MOST = 10_000
 # Entries parked whose ids are in no portal's list (the fair keys lost: deleted, or a Redis
@@ -83,30 +80,33 @@ def reconcile_args(at_most: int = MEND_AT_MOST) -> list[Any]:
     return [GROUP, PARK, c.H_MEMBER_ID, MAX_PORTAL_CHARS, at_most]
 
 
-async def parked_unlisted(client: aioredis.Redis, stream: str) -> bool:
-    """Whether the parking consumer holds more entries than the portals in the turns have ids
-    in their lists: some are then parked in no list (or a portal is out of the turns). True
-    too when there are more portals than it reads. A list may hold a few ids no longer parked
-    (given by a first-in-first-out claim), which can hide as many entries in no list until
-    they are reached; a runner's start looks for them all."""
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.xpending(stream, GROUP)
-        pipe.zrange(stream + ":ready", 0, CHECK_PORTALS_AT_MOST)
-        try:
-            pending, portals = await pipe.execute()
-        except rx.ResponseError:  # no group yet
-            return False
-    parked = sum(
-        int(x["pending"]) for x in pending.get("consumers") or [] if _text(x["name"]) == PARK
-    )
-    if len(portals) > CHECK_PORTALS_AT_MOST:
-        return True
-    async with client.pipeline(transaction=False) as pipe:
-        for portal in portals:
-            pipe.llen(f"{stream}:fair:{_text(portal)}")
-        listed = sum(int(n) for n in await pipe.execute())
-    return parked > listed
+# Whether the parking consumer holds more entries than the portals in the turns have ids in
+# their lists: some are then parked in no list (or a portal is out of the turns); read in one
+# script, so that no claim comes between what it compares. 1 too when there are more portals
+# than it reads. A list may hold a few ids no longer parked (given by a first-in-first-out
+# claim), which can hide as many entries in no list until they are reached; a runner's start
+# looks for them all. KEYS[1] stream. ARGV: group, the parking consumer, portals read at most.
+UNLISTED = """#!lua flags=no-writes,allow-oom
+local stream, park, most = KEYS[1], ARGV[2], tonumber(ARGV[3])
+local summary = redis.pcall('XPENDING', stream, ARGV[1])
+if summary.err then return 0 end  -- no group yet
+local parked = 0
+if type(summary[4]) == 'table' then
+  for _, c in ipairs(summary[4]) do
+    if c[1] == park then parked = tonumber(c[2]) end
+  end
+end
+local portals = redis.call('ZRANGE', stream .. ':ready', 0, most)
+if #portals > most then return 1 end
+local listed = 0
+for _, portal in ipairs(portals) do
+  listed = listed + redis.call('LLEN', stream .. ':fair:' .. portal)
+end
+if parked > listed then return 1 end
+return 0
+"""
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def unlisted_args() -> list[Any]:
+    """UNLISTED's ARGV (KEYS: the stream)."""
+    return [GROUP, PARK, CHECK_PORTALS_AT_MOST]

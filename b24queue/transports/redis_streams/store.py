@@ -64,7 +64,7 @@ class Store:
             for module, names_of in (
                 (scripts, (*names, "REPLAY", "PURGE", "SIZE")),
                 (fair, ("FAIR_CLAIM",)),
-                (fair_mend, ("RECONCILE",)),
+                (fair_mend, ("RECONCILE", "UNLISTED")),
                 (fair_status, ("PORTALS",)),
             )
             for name in names_of
@@ -195,7 +195,8 @@ class Store:
 
     async def parked_unlisted(self, queue: str) -> bool:
         """Whether some entries of a fair queue may be parked in no portal's list."""
-        return await fair_mend.parked_unlisted(self.client, self.stream(queue))
+        keys = [self.stream(queue)]
+        return bool(await self._run("UNLISTED", keys, fair_mend.unlisted_args()))
 
     async def ack(self, queue: str, rows: Sequence[tuple[Row, str]]) -> list[bool]:
         args: list[Any] = [scripts.GROUP]
