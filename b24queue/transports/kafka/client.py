@@ -152,9 +152,11 @@ def record_headers(
     return out
 
 
-def key_of(headers: dict[str, Any]) -> bytes | None:
+def key_of(headers: dict[str, Any]) -> bytes:
+    """The portal's member_id; b"" without one: the events of no portal are one group too, in
+    one partition (a null key would spread them over all of them, `lanes`)."""
     member = headers.get(c.H_MEMBER_ID)
-    return str(member).encode() if member else None
+    return str(member).encode() if member else b""
 
 
 def header(record: ConsumerRecord[Any, Any], name: str) -> str | None:

@@ -67,6 +67,7 @@ class KafkaWorkers:
 class Kafka:
     name = "kafka"
     needs_spool = True
+    shares_by_portal = True  # a lane per partition, the portals in turn (kafka.lanes)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
