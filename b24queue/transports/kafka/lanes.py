@@ -52,6 +52,7 @@ class Lanes:
     def __init__(self, fairness: Fairness) -> None:
         self._fairness = fairness
         self._lanes: dict[TopicPartition, Lane] = {}
+        self._ready: dict[TopicPartition, Lane] = {}  # those with records
         self._passes: dict[str, float] = {}
         self._clock = 0.0
         self._seq = 0  # arrival order (the heads' order with the fair share off)
@@ -63,27 +64,28 @@ class Lanes:
         for record in records:
             self._seq += 1
             lane.records.append((self._seq, record))
+        if lane.records:
+            self._ready[tp] = lane
         return len(lane) >= READ_AHEAD
 
     def drop(self, tps: set[TopicPartition]) -> None:
         """Revoked: what their lanes held is read again by the next owner (never handed)."""
         for tp in tps:
             self._lanes.pop(tp, None)
+            self._ready.pop(tp, None)
 
     def full(self, tp: TopicPartition) -> bool:
         lane = self._lanes.get(tp)
         return lane is not None and len(lane) >= READ_AHEAD
 
     def waiting(self) -> int:
-        return sum(len(lane) for lane in self._lanes.values())
+        return sum(len(lane) for lane in self._ready.values())
 
     def next(self) -> tuple[TopicPartition, ConsumerRecord[Any, Any]] | None:
         """The record the next free slot takes (counted in flight for its portal), or None."""
         fair = self._fairness
         best: tuple[float, int, Lane, str] | None = None
-        for lane in self._lanes.values():
-            if not lane.records:
-                continue
+        for lane in self._ready.values():
             seq, record = lane.records[0]
             portal = portal_of(record)
             if not fair.on:
@@ -98,6 +100,8 @@ class Lanes:
             return None
         start, _, lane, portal = best
         _, record = lane.records.popleft()
+        if not lane.records:
+            del self._ready[lane.tp]
         if fair.on:
             self._clock = max(self._clock, start)
             self._passes[portal] = start + 1 / fair.weight(portal)
