@@ -1,20 +1,22 @@
 """Which record a Kafka runner hands to its next free handler slot (docs/fairness.md).
 
 Each assigned partition is a *lane*: the records read from it and not handed out yet, in offset
-order (at most `READ_AHEAD` before its fetch is paused: a flooded partition never fills the
-process's memory, nor its slots). A lane hands its records out in offset order only, so the
-handout mark stays exact (everything under it was handed, see `offsets`) and a later owner
-never counts a record that never reached a handler against `max_deliveries`.
+order; at most `READ_AHEAD` records or `READ_AHEAD_BYTES` of bodies before its fetch is paused,
+so a flooded partition fills neither the process's memory nor its slots. A lane hands its
+records out in offset order only: the handout mark stays exact (everything under it was
+handed, see `offsets`), and a later owner never counts a record that never reached a handler
+against `max_deliveries`.
 
 With the fair share on, a free slot goes to the lane whose head record's portal (the record's
 key: the member_id) has the smallest start, `max(pass, clock)`, as in `kit.fair`: start-time
 fair queuing, the portal's pass moving on by `1 / weight` per slot it takes, the clock to the
 start of the last slot given, a portal coming back starting at the clock (no credit for time
-away). A portal at `max_in_flight_per_portal` in this process takes no slot (its lanes wait).
-The publisher keys records by portal, so a portal's events are in one partition of the events
-topic (and of each retry topic, with as many partitions: the group's range assignor gives those
-to one member): a portal is in this process's lanes only. Portals that hash to one partition
-share its lane, in offset order. Off: the lane whose head was read first.
+away); ties go to the record read first. A portal at `max_in_flight_per_portal` in this process
+takes no slot (its lanes wait). The publisher keys records by portal, so a portal's events are
+in one partition of the events topic, and its retries in the partition of that number of each
+retry topic (as many partitions), which the group's range assignor gives to the same member:
+a portal is in one process's lanes. Portals that hash to one partition share its lane, in
+offset order. Off: the lane whose head was read first.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from aiokafka.structs import ConsumerRecord
 from b24queue.queues import Fairness
 
 READ_AHEAD = 200  # records read ahead per partition before its fetch pauses
+READ_AHEAD_BYTES = 1024 * 1024  # or this much of their bodies (a fetch may add one more batch)
 
 
 def portal_of(record: ConsumerRecord[Any, Any]) -> str:
@@ -41,9 +44,11 @@ def portal_of(record: ConsumerRecord[Any, Any]) -> str:
 class Lane:
     tp: TopicPartition
     records: deque[tuple[int, ConsumerRecord[Any, Any]]] = field(default_factory=deque)
+    size: int = 0  # bytes of the bodies held
 
-    def __len__(self) -> int:
-        return len(self.records)
+    @property
+    def full(self) -> bool:
+        return len(self.records) >= READ_AHEAD or self.size >= READ_AHEAD_BYTES
 
 
 class Lanes:
@@ -64,9 +69,10 @@ class Lanes:
         for record in records:
             self._seq += 1
             lane.records.append((self._seq, record))
+            lane.size += len(record.value or b"")
         if lane.records:
             self._ready[tp] = lane
-        return len(lane) >= READ_AHEAD
+        return lane.full
 
     def drop(self, tps: set[TopicPartition]) -> None:
         """Revoked: what their lanes held is read again by the next owner (never handed)."""
@@ -76,10 +82,10 @@ class Lanes:
 
     def full(self, tp: TopicPartition) -> bool:
         lane = self._lanes.get(tp)
-        return lane is not None and len(lane) >= READ_AHEAD
+        return lane is not None and lane.full
 
     def waiting(self) -> int:
-        return sum(len(lane) for lane in self._ready.values())
+        return sum(len(lane.records) for lane in self._ready.values())
 
     def next(self) -> tuple[TopicPartition, ConsumerRecord[Any, Any]] | None:
         """The record the next free slot takes (counted in flight for its portal), or None."""
@@ -100,6 +106,7 @@ class Lanes:
             return None
         start, _, lane, portal = best
         _, record = lane.records.popleft()
+        lane.size -= len(record.value or b"")
         if not lane.records:
             del self._ready[lane.tp]
         if fair.on:

@@ -29,7 +29,7 @@ NEXT_DOOR = "nextdoor36" + "0" * 22
 
 def partition_of(member_id: str, partitions: int = PARTITIONS) -> int:
     """Where the publisher's key sends a portal's events (aiokafka's default partitioner)."""
-    return (murmur2(member_id.encode()) & 0x7FFFFFFF) % partitions
+    return int(murmur2(member_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 class TestDeliveryOnKafka(DeliveryScenarios):

@@ -12,7 +12,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from b24queue.queues import Fairness
-from b24queue.transports.kafka.lanes import READ_AHEAD, Lanes
+from b24queue.transports.kafka.lanes import READ_AHEAD, READ_AHEAD_BYTES, Lanes
 from b24queue.transports.kafka.offsets import Offsets
 
 EVENTS = [TopicPartition("b24.events", p) for p in range(3)]
@@ -113,3 +113,13 @@ def test_what_a_lane_holds_holds_the_commit_point_and_is_not_handed() -> None:
     assert offsets.to_commit() == {EVENTS[0]: 1}  # 1..4 read, not handled
     assert offsets.to_mark() == {EVENTS[0]: 1}  # nor marked handed
     assert offsets.in_flight([EVENTS[0]]) == 0  # a rebalance waits for handlers only
+
+
+def test_a_lane_of_large_records_is_full_by_their_bytes() -> None:
+    lanes = Lanes(Fairness(on=True))
+    big = records(EVENTS[0], "flood", 0, 3)
+    big = [r.__class__(**{**r.__dict__, "value": b"x" * (READ_AHEAD_BYTES // 2)}) for r in big]
+    assert not lanes.add(EVENTS[0], big[:1])
+    assert lanes.add(EVENTS[0], big[1:2])
+    hand_out(lanes, 1)
+    assert not lanes.full(EVENTS[0])
