@@ -143,6 +143,7 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
             self._kafka.seek(tp, committed)
             self._offsets.assign(tp, committed, handed, self._counts.settled(tp))
         self._kafka.resume(*assigned)
+        self._room.set()  # the loop may wait for a lane to drain: these have room
 
     # Reading -------------------------------------------------------------------------------
 
