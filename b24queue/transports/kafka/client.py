@@ -2,10 +2,11 @@
 translation of aiokafka's errors into `b24queue.errors`.
 
 A record: value = the event's body; key = the portal's member_id, "" without one (its events
-share a partition, so they keep their order, and one process's lanes hold them: `lanes`); headers `m` message id, `k` routing key, `e` event type, `t` accepted
-at (ISO), `h` our headers as JSON (types kept: the attempt is an int), and, on the events topic,
-`to` the consumer queues the ingress routed it to and `b` the bindings it routed with (the
-bindings topic's offset it had read to); on a retry topic, `due` (ms since the epoch).
+share a partition, so they keep their order, and one process's lanes hold them: `lanes`);
+headers `m` message id, `k` routing key, `e` event type, `t` accepted at (ISO), `h` our headers
+as JSON (types kept: the attempt is an int), and, on the events topic, `to` the consumer queues
+the ingress routed it to and `b` the bindings it routed with (the bindings topic's offset it had
+read to); on a retry topic, `due` (ms since the epoch).
 """
 
 from __future__ import annotations

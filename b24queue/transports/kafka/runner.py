@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -210,11 +211,16 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
         marked = asyncio.ensure_future(self._before_handlers(again))
         marked.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved here too
         for part, record, deliveries in chosen:
-            self._tasks.start(
+            task = self._tasks.start(
                 self._handle(part, record, deliveries, marked), f"b24q-{self.spec.name}"
             )
+            # Out of its portal's count however it ends (a task cancelled before it ran too).
+            task.add_done_callback(functools.partial(self._handler_ended, record))
         if self._commits is not None:
             self._commits.wake()
+
+    def _handler_ended(self, record: ConsumerRecord[Any, Any], _: object) -> None:
+        self._lanes.done(record)
 
     def _after_handler(self) -> None:
         """A slot is free: hand it out once this turn of the event loop ends (handlers ending
@@ -292,13 +298,10 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
             accepted_at=row.timestamp,
             handle=(part, row, record.key or b""),  # retry copies keyed by portal too
         )
-        try:
-            if malformed is not None or deliveries > self.consumer.max_deliveries:
-                await give_up(incoming, self.spec.name, self, deliveries, self._observe, malformed)
-            else:
-                await process(self.consumer, incoming, self.spec.name, self, self._observe)
-        finally:
-            self._lanes.done(record)
+        if malformed is not None or deliveries > self.consumer.max_deliveries:
+            await give_up(incoming, self.spec.name, self, deliveries, self._observe, malformed)
+        else:
+            await process(self.consumer, incoming, self.spec.name, self, self._observe)
 
     async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
         part, row, key = incoming.handle
