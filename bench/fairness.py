@@ -235,12 +235,22 @@ def summarise(seen: dict[str, Any], starts: list[list[Any]]) -> dict[str, Any]:
             for m in sent
             if m in started and started[m][3] is not None
         )
+        by_portal: dict[str, list[float]] = {}
+        for m, t in sent.items():
+            if m in started:
+                by_portal.setdefault(started[m][0], []).append(started[m][2] - t)
         return {
             "events": len(posted),
             "p50_ms": round(percentile(posted, 0.5) * 1000, 1),
             "p99_ms": round(percentile(posted, 0.99) * 1000, 1),
             "accepted_p99_ms": round(percentile(accepted, 0.99) * 1000, 1),
             "lost": len(sent) - sum(m in started for m in sent),
+            # Each quiet portal's own p99, the worst first (no names): one portal far above the
+            # others is one that shares the burst's shard (a Kafka partition).
+            "p99_ms_by_portal": sorted(
+                (round(percentile(sorted(w), 0.99) * 1000, 1) for w in by_portal.values()),
+                reverse=True,
+            ),
         }
 
     return {
@@ -413,6 +423,14 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     for name, r in results.items():
         for line in floors(name, r):
             print(line)
+        for label in ("fair_off", "fair_on"):
+            own = r[label]["quiet_during_burst"].get("p99_ms_by_portal", [])
+            if own:
+                shown = ", ".join(f"{v:g}" for v in own[:3])
+                print(
+                    f"       {name} {label}: quiet portals' own p99 in the burst, worst first: "
+                    f"{shown} ... median {own[len(own) // 2]:g} ms"
+                )
         if r.get("spooled"):
             print(f"       {name}: {r['spooled']:g} events went through the spool")
     if "fair_share" not in vars(EventConsumer):

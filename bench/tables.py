@@ -182,7 +182,8 @@ QUEUES = {
 
 def server_env(url: str, tmp: Path) -> dict[str, str]:
     """The environment of the ingress and the worker on the queue at `url` (tmp: the spool's
-    directory), with nothing of the caller's B24QUEUE_* but the schema a queue above set."""
+    directory), with nothing of the caller's B24QUEUE_* but the schema a queue above set and
+    the partitions of the Kafka topics (B24QUEUE_KAFKA_PARTITIONS, 12 by default)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("B24QUEUE_")}
     env.update(
         {
@@ -193,8 +194,9 @@ def server_env(url: str, tmp: Path) -> dict[str, str]:
             "B24QUEUE_SPOOL_PATH": str(tmp / "spool.sqlite3"),
         }
     )
-    if "B24QUEUE_POSTGRES_SCHEMA" in os.environ:
-        env["B24QUEUE_POSTGRES_SCHEMA"] = os.environ["B24QUEUE_POSTGRES_SCHEMA"]
+    for kept in ("B24QUEUE_POSTGRES_SCHEMA", "B24QUEUE_KAFKA_PARTITIONS"):
+        if kept in os.environ:
+            env[kept] = os.environ[kept]
     return env
 
 

@@ -160,8 +160,9 @@ class DeclaresExchanges(Protocol):
 @runtime_checkable
 class SharesByPortal(Protocol):
     """A transport whose queue itself gives a consumer's handler slots to the portals with events
-    waiting in turn, across every worker process, and holds `max_in_flight_per_portal` there
-    (`EventConsumer.fair_share`; docs/fairness.md). On the others a queue is first in, first out
+    waiting in turn, across every worker process (on Kafka: in the one process that owns a
+    portal's partitions), and holds `max_in_flight_per_portal` there (`EventConsumer.fair_share`;
+    docs/fairness.md says where each falls short). On the others a queue is first in, first out
     across portals."""
 
     shares_by_portal: bool

@@ -1,11 +1,12 @@
 """Kafka's side of b24queue: topic and group names, the clients, the record format, and the
 translation of aiokafka's errors into `b24queue.errors`.
 
-A record: value = the event's body; key = the portal's member_id (its events share a partition,
-so they keep their order); headers `m` message id, `k` routing key, `e` event type, `t` accepted
-at (ISO), `h` our headers as JSON (types kept: the attempt is an int), and, on the events topic,
-`to` the consumer queues the ingress routed it to and `b` the bindings it routed with (the
-bindings topic's offset it had read to); on a retry topic, `due` (ms since the epoch).
+A record: value = the event's body; key = the portal's member_id, "" without one (its events
+share a partition, so they keep their order, and one process's lanes hold them: `lanes`);
+headers `m` message id, `k` routing key, `e` event type, `t` accepted at (ISO), `h` our headers
+as JSON (types kept: the attempt is an int), and, on the events topic, `to` the consumer queues
+the ingress routed it to and `b` the bindings it routed with (the bindings topic's offset it had
+read to); on a retry topic, `due` (ms since the epoch).
 """
 
 from __future__ import annotations
@@ -152,9 +153,11 @@ def record_headers(
     return out
 
 
-def key_of(headers: dict[str, Any]) -> bytes | None:
+def key_of(headers: dict[str, Any]) -> bytes:
+    """The portal's member_id; b"" without one: the events of no portal are one group too, in
+    one partition (a null key would spread them over all of them, `lanes`)."""
     member = headers.get(c.H_MEMBER_ID)
-    return str(member).encode() if member else None
+    return str(member).encode() if member else b""
 
 
 def header(record: ConsumerRecord[Any, Any], name: str) -> str | None:

@@ -1,5 +1,6 @@
-"""What a Kafka consumer may commit: per partition, the offset of the lowest record handed to a
-handler and not settled yet (or, with none open, the one after the last record looked at).
+"""What a Kafka consumer may commit: per partition, the offset of the lowest record read ahead
+(`lanes`) or handed to a handler and not settled yet (or, with none open, the one after the last
+record looked at).
 
 Handlers finish out of order; committing the highest settled offset would skip an unfinished
 record for good if the worker then crashed. So the commit point only moves over a contiguous
@@ -31,12 +32,20 @@ class Partition:
     redeliver_below: int = 0
     handed: int = 0  # the offset after the last record handed to a handler
     handed_marked: int = 0  # what the handout group has committed
-    pending: set[int] = field(default_factory=set)
+    pending: set[int] = field(default_factory=set)  # with a handler
+    held: set[int] = field(default_factory=set)  # read ahead, in a lane: not handed yet
     done: set[int] = field(default_factory=set)
     prior: frozenset[int] = frozenset()  # settled by an earlier owner: passed over
     noted: frozenset[int] = frozenset()  # `done` as last written to the deliveries topic
 
+    def hold(self, offset: int) -> None:
+        """Read into its lane: it holds the commit point, it is not handed (nor marked)."""
+        self.held.add(offset)
+        self.next = max(self.next, offset + 1)
+
     def take(self, offset: int) -> None:
+        """Handed to a handler (a lane hands its records out in offset order)."""
+        self.held.discard(offset)
         self.pending.add(offset)
         self.next = max(self.next, offset + 1)
         self.handed = max(self.handed, offset + 1)
@@ -64,7 +73,8 @@ class Partition:
 
     @property
     def commit_point(self) -> int:
-        return min(self.pending) if self.pending else self.next
+        open_ = self.pending | self.held if self.held else self.pending
+        return min(open_) if open_ else self.next
 
     def redelivered(self, offset: int) -> bool:
         return offset < self.redeliver_below

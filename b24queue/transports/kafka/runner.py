@@ -1,7 +1,12 @@
 """One consumer queue in a worker process: a member of the queue's consumer group reading the
 events topic and the queue's retry topics.
 
-- At most `prefetch` records are with handlers at once, across all partitions.
+- At most `prefetch` records are with handlers at once, across all partitions; records read go
+  to a lane per partition first (`lanes`, a full one pauses its fetch), and a free slot takes
+  the head of a lane, the portals in turn (the fair share).
+- The group's partitions are split by the range assignor (round robin while a member of an
+  older version is in the group): the same partitions of the events topic and of each retry
+  topic go to one member, so a portal's records are all in one process's lanes.
 - An events record whose `to` does not name this queue is settled unread (`Binding.missed`).
 - A retry record not due yet pauses its partition (seeked back to it) until it is due: every
   record of a retry topic waits the same delay, so the head of a partition is due first, and the
@@ -16,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.structs import ConsumerRecord
 
 from b24queue.consumer import EventConsumer
@@ -38,6 +46,7 @@ from b24queue.transports.kafka.client import (
 )
 from b24queue.transports.kafka.commits import Committer
 from b24queue.transports.kafka.deliveries import DeliveryCounts
+from b24queue.transports.kafka.lanes import READ_AHEAD, Lanes
 from b24queue.transports.kafka.offsets import Offsets, Partition
 from b24queue.transports.kafka.settle import OutcomeWriter
 from b24queue.transports.kafka.topics import Binding, own_binding
@@ -55,7 +64,7 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
         declare: Any,
         metrics: WorkerMetrics | None,
     ) -> None:
-        super().__init__(consumer_, metrics, lambda _: self._room.set())
+        super().__init__(consumer_, metrics, lambda _: self._after_handler())
         self._settings = settings
         self._names = Names.of(settings)
         self._declare = declare
@@ -63,6 +72,10 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
         self._outcomes = OutcomeWriter(producer, self.spec)
         self._counts = DeliveryCounts(settings, producer, self.spec.name)
         self._room = asyncio.Event()
+        self._lanes = Lanes(self.spec.fairness)
+        self._full: set[TopicPartition] = set()  # paused: their lane is full
+        self._due_wait: set[TopicPartition] = set()  # paused: a retry record not due yet
+        self._handing = False
         self._kafka: AIOKafkaConsumer | None = None
         self._commits: Committer | None = None
         self._own = Binding((), {})  # this queue's bindings record (none: never missed)
@@ -75,7 +88,13 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
         await self.consumer.on_start()
         name = connection_name("worker", self.spec.name)
         group = Names.group(self.spec.name)
-        self._kafka = consumer(self._settings, name, group, max_poll_records=self.consumer.prefetch)
+        self._kafka = consumer(
+            self._settings,
+            name,
+            group,
+            max_poll_records=READ_AHEAD,
+            partition_assignment_strategy=(RangePartitionAssignor, RoundRobinPartitionAssignor),
+        )
         handout = consumer(self._settings, name, Names.handout_group(self.spec.name))
         self._commits = Committer(self._kafka, handout, self._offsets, self._counts.note_settled)
         await self._commits.start()
@@ -89,7 +108,11 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Their handlers may finish first (fewer events handled twice); not while stopping:
-        `drain` has waited already, and what it cancelled never settles."""
+        `drain` has waited already, and what it cancelled never settles. Their lanes go at once:
+        what they held was never handed, and the next owner reads it again."""
+        self._lanes.drop(revoked)
+        self._full -= revoked
+        self._due_wait -= revoked
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(REVOKE_WAIT_S):
                 while self._offsets.in_flight(revoked) and not self._stopping:
@@ -121,36 +144,66 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
             self._kafka.seek(tp, committed)
             self._offsets.assign(tp, committed, handed, self._counts.settled(tp))
         self._kafka.resume(*assigned)
+        self._room.set()  # the loop may wait for a lane to drain: these have room
 
     # Reading -------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """Read into the lanes while some partition's lane has room (a full one is paused),
+        then hand records to the free slots (`_hand_out`, also run as each handler ends)."""
         assert self._kafka is not None
         while not self._stopping:
-            free = self.consumer.prefetch - len(self._tasks)
-            if free <= 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
             try:
-                batch = await self._kafka.getmany(timeout_ms=500, max_records=free)
-                await self._take(batch)
+                batch = await self._kafka.getmany(timeout_ms=500, max_records=READ_AHEAD)
+                self._read(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Kafka away: the client reconnects; try again
                 log.warning("worker of %s: %r; retrying", self.spec.name, exc)
                 await asyncio.sleep(self._settings.reconnect_interval_s)
+                continue
+            self._hand_out()
+            if self._kafka.paused() >= self._kafka.assignment() and self._lanes.waiting():
+                self._room.clear()  # every partition paused: wait for a lane to drain
+                await self._room.wait()
 
-    async def _take(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+    def _read(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         assert self._kafka is not None and self._commits is not None
         now_ms = time.time() * 1000
-        chosen: list[tuple[Partition, ConsumerRecord[Any, Any], int]] = []
         for tp, records in batch.items():
             part = self._offsets.get(tp)
-            if part is not None:  # else revoked since it was fetched
-                chosen += [(part, r, n) for r, n in self._choose(part, records, now_ms)]
+            if part is None:  # revoked since it was fetched
+                continue
+            if self._lanes.add(tp, self._choose(part, records, now_ms)):
+                self._full.add(tp)
+                self._kafka.pause(tp)
+        self._commits.wake()
+
+    def _hand_out(self) -> None:
+        """Give the free slots their records, lane by lane in turn (`lanes`); resume the fetch
+        of lanes with room again."""
+        if self._stopping or self._kafka is None:
+            return
+        chosen: list[tuple[Partition, ConsumerRecord[Any, Any], int]] = []
+        while len(self._tasks) + len(chosen) < self.consumer.prefetch:
+            picked = self._lanes.next()
+            if picked is None:
+                break
+            tp, record = picked
+            part = self._offsets.get(tp)
+            if part is None:  # revoked, its lane not dropped yet: read again by the next owner
+                self._lanes.done(record)
+                continue
+            part.take(record.offset)
+            redelivered = part.redelivered(record.offset)
+            deliveries = self._counts.next(tp, record.offset) if redelivered else 1
+            chosen.append((part, record, deliveries))
+        for tp in [tp for tp in self._full if not self._lanes.full(tp)]:
+            self._full.discard(tp)
+            self._room.set()
+            if tp not in self._due_wait and self._offsets.get(tp) is not None:
+                self._kafka.resume(tp)
         if not chosen:
-            self._commits.wake()
             return
         # Every handler of the batch waits for the mark (see the module's doc); the loop reads
         # on meanwhile.
@@ -158,10 +211,28 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
         marked = asyncio.ensure_future(self._before_handlers(again))
         marked.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved here too
         for part, record, deliveries in chosen:
-            self._tasks.start(
+            task = self._tasks.start(
                 self._handle(part, record, deliveries, marked), f"b24q-{self.spec.name}"
             )
-        self._commits.wake()
+            # Out of its portal's count however it ends (a task cancelled before it ran too).
+            task.add_done_callback(functools.partial(self._handler_ended, record))
+        if self._commits is not None:
+            self._commits.wake()
+
+    def _handler_ended(self, record: ConsumerRecord[Any, Any], _: object) -> None:
+        self._lanes.done(record)
+
+    def _after_handler(self) -> None:
+        """A slot is free: hand it out once this turn of the event loop ends (handlers ending
+        together go out in one batch, with one handout mark)."""
+        self._room.set()
+        if not self._handing:
+            self._handing = True
+            asyncio.get_running_loop().call_soon(self._hand_out_soon)
+
+    def _hand_out_soon(self) -> None:
+        self._handing = False
+        self._hand_out()
 
     async def _before_handlers(self, again: list[tuple[TopicPartition, int, int]]) -> None:
         assert self._commits is not None
@@ -171,9 +242,8 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
 
     def _choose(
         self, part: Partition, records: list[ConsumerRecord[Any, Any]], now_ms: float
-    ) -> list[tuple[ConsumerRecord[Any, Any], int]]:
-        """The records of one partition that go to handlers, in order, each with its delivery
-        count; the others settled."""
+    ) -> list[ConsumerRecord[Any, Any]]:
+        """The records of one partition for its lane, in order (held); the others settled."""
         chosen = []
         for record in records:
             if record.offset < part.next:
@@ -190,18 +260,19 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
             elif (due := due_or_now(record)) > now_ms:
                 self._wait_until_due(part, record.offset, (due - now_ms) / 1000)
                 break
-            part.take(record.offset)
-            redelivered = part.redelivered(record.offset)
-            chosen.append((record, self._counts.next(part.tp, record.offset) if redelivered else 1))
+            part.hold(record.offset)
+            chosen.append(record)
         return chosen
 
     def _wait_until_due(self, part: Partition, offset: int, delay_s: float) -> None:
         assert self._kafka is not None
         self._kafka.pause(part.tp)
         self._kafka.seek(part.tp, offset)
+        self._due_wait.add(part.tp)
 
         def resume() -> None:
-            if self._kafka is not None and self._offsets.owns(part):
+            self._due_wait.discard(part.tp)
+            if self._kafka is not None and self._offsets.owns(part) and part.tp not in self._full:
                 self._kafka.resume(part.tp)
 
         asyncio.get_running_loop().call_later(delay_s, resume)
@@ -225,7 +296,7 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
             headers=row.headers,
             redelivered=part.redelivered(record.offset),
             accepted_at=row.timestamp,
-            handle=(part, row, record.key),
+            handle=(part, row, record.key or b""),  # retry copies keyed by portal too
         )
         if malformed is not None or deliveries > self.consumer.max_deliveries:
             await give_up(incoming, self.spec.name, self, deliveries, self._observe, malformed)

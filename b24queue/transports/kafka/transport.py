@@ -5,8 +5,9 @@ The guarantees every transport keeps (docs/transports/index.md), kept the Kafka 
 - one events topic keyed by member_id; the ingress names the bound queues in each record's `to`
   header, or sends it to the unrouted topic (`topics`, `publisher`);
 - a consumer group per queue, committing only the settled prefix of each partition (`runner`,
-  `offsets`, `commits`); retries in one topic per delay, dead letters in `<queue>.dlq`
-  (`settle`); `b24queue dlq` marks what it replays or purges (`dlq`).
+  `offsets`, `commits`), its handler slots given to the portals in turn (`lanes`); retries in
+  one topic per delay, dead letters in `<queue>.dlq` (`settle`); `b24queue dlq` marks what it
+  replays or purges (`dlq`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class KafkaWorkers:
 class Kafka:
     name = "kafka"
     needs_spool = True
+    shares_by_portal = True  # a lane per partition, the portals in turn (kafka.lanes)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
