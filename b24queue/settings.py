@@ -184,6 +184,15 @@ class Settings(TransportSettings, BaseSettings):
     # leaves the batch alone until it runs out (a crashed puller's batch waits that long).
     offline_lease_s: float = Field(default=30.0, ge=1, le=3600)
 
+    # Online event bindings (b24queue.bindings): the app's public handler URL (the ingress, as
+    # Bitrix24 reaches it), the events to bind beside those of B24QUEUE_EVENTS_CONSUMERS (every
+    # consumer the app runs, MODULE:CLASS, comma-separated: the whole app's, never one worker's),
+    # and the queue ONAPPINSTALL/ONAPPUPDATE reach the reconciler through. Empty URL: off.
+    events_handler_url: str = ""
+    events_bind: Annotated[tuple[str, ...], NoDecode] = ()
+    events_consumers: Annotated[tuple[str, ...], NoDecode] = ()
+    events_bindings_queue: str = Field(default="b24queue.bindings", pattern=_NAME_PATTERN)
+
     # Workers
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     worker_metrics_port: int = Field(
@@ -200,7 +209,13 @@ class Settings(TransportSettings, BaseSettings):
     log_format: Literal["text", "json"] = "text"
 
     @field_validator(
-        "app_tokens", "portal_domains", "offline_portals", "offline_events", mode="before"
+        "app_tokens",
+        "portal_domains",
+        "offline_portals",
+        "offline_events",
+        "events_bind",
+        "events_consumers",
+        mode="before",
     )
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
@@ -233,6 +248,26 @@ class Settings(TransportSettings, BaseSettings):
         parts = urlsplit(value)
         if parts.scheme != "https" or not parts.hostname or parts.query or "@" in parts.netloc:
             raise ValueError("must look like https://oauth.bitrix.info/oauth/token/")
+        return value
+
+    @field_validator("events_handler_url")
+    @classmethod
+    def _check_handler_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if (
+            parts.scheme != "https"
+            or not parts.hostname
+            or "@" in parts.netloc
+            or parts.fragment
+            or len(value) > 1000
+            or any(ch.isspace() for ch in value)
+        ):
+            raise ValueError(
+                "must be the app's public https:// handler URL (no user, no fragment, at most "
+                "1000 characters), e.g. https://app.example.com/b24/events"
+            )
         return value
 
     @property
@@ -313,7 +348,7 @@ class Settings(TransportSettings, BaseSettings):
         for webhook in self.portal_webhooks.get_secret_value().split(","):
             url, _, app_token = webhook.strip().partition("#")
             values += [app_token, *(m.group(2) for m in WEBHOOK_PATH.finditer(url))]
-        urls = [self.broker_url, self.portal_store, self.offline_ping_url]
+        urls = [self.broker_url, self.portal_store, self.offline_ping_url, self.events_handler_url]
         urls += [getattr(self, name) for d in registry.DESCRIPTORS for name in d.secret_urls]
         for url in urls:
             values += url_secrets(url)

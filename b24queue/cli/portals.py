@@ -1,6 +1,7 @@
 """`b24queue portals`: the portals known by their install (`list`, never their tokens; `forget`),
 and the operator's side of their offline event queues: `bind-offline` (b24queue.offline.bind)
-and `offline-status` (b24queue.offline.inspect)."""
+and `offline-status` (b24queue.offline.inspect); and the online event bindings, `bindings`
+(b24queue.bindings)."""
 
 from __future__ import annotations
 
@@ -43,12 +44,22 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     d.add_argument("member_id")
     d.add_argument("--json", action="store_true")
+
+    d = portals.add_parser(
+        "bindings",
+        help="bind the events the app wants on every installed portal (event.bind), unbind "
+        "ours it no longer wants; shows the difference",
+    )
+    d.add_argument("--portal", metavar="MEMBER_ID", help="this portal only")
+    d.add_argument("--dry-run", action="store_true", help="show the difference, change nothing")
     p.set_defaults(run=run)
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     if args.portals_command == "bind-offline":
         return _bind_offline(settings, args)
+    if args.portals_command == "bindings":
+        return _bindings(settings, args)
     if args.portals_command == "offline-status":
         from b24queue.offline.inspect import offline_status
 
@@ -104,6 +115,19 @@ def _bind_offline(settings: Settings, args: argparse.Namespace) -> int:
     for bound in done:
         print(safe(f"{bound.event}: {bound.outcome}"))
     ok = all(b.outcome in ("bound", "already bound") for b in done)
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _bindings(settings: Settings, args: argparse.Namespace) -> int:
+    from b24queue.bindings import portal_bindings
+    from b24queue.cli.consumers import load_consumer
+
+    consumers = [load_consumer(spec) for spec in settings.events_consumers]
+    lines, ok = asyncio.run(
+        portal_bindings(settings, consumers, args.portal, dry_run=args.dry_run)
+    )
+    for line in lines:
+        print(safe(line))
     return EXIT_OK if ok else EXIT_FAILURE
 
 

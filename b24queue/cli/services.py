@@ -71,9 +71,13 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_offline(settings: Settings, args: argparse.Namespace) -> int:
+    from b24queue.bindings import wanted_events
     from b24queue.offline.process import serve_offline
 
+    consumers = [load_consumer(spec) for spec in settings.events_consumers]
+    wanted = wanted_events(settings, consumers) if settings.events_handler_url else ()
+
     async def serve(stop: asyncio.Event) -> None:
-        await serve_offline(settings, stop)
+        await serve_offline(settings, stop, wanted=wanted)
 
     return process.run(serve)

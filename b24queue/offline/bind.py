@@ -23,8 +23,16 @@ from b24queue.portal.client import PortalClient
 from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings
 
-# Bitrix24's answer when the same handler is bound twice: not a failure for us.
+# Bitrix24's answer when the same handler is bound twice: not a failure for us. Portals answer
+# ERROR_CORE "Handler already binded" (the event.bind page documents ERROR_EVENT_NOT_FOUND only).
 ALREADY = frozenset({"ERROR_HANDLER_ALREADY_EXIST"})
+
+
+def already_bound(exc: PortalError) -> bool:
+    """Whether an event.bind failed only because that handler is bound already."""
+    if exc.code in ALREADY:
+        return True
+    return exc.code == "ERROR_CORE" and "already bind" in exc.description.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +78,7 @@ async def _bind(portal: Caller, params: dict[str, str]) -> str:
     try:
         await portal.call("event.bind", params)
     except PortalError as exc:
-        return "already bound" if exc.code in ALREADY else exc.code
+        return "already bound" if already_bound(exc) else exc.code
     return "bound"
 
 

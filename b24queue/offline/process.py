@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from b24queue.auth.store import open_store
@@ -35,8 +36,11 @@ async def serve_offline(
     *,
     resolver: AbstractResolver | None = None,
     metrics: OfflineMetrics | None = None,
+    wanted: tuple[str, ...] = (),
 ) -> OfflineMetrics:
-    """Run until `stop`; returns the counts. `resolver` and `metrics`: for tests."""
+    """Run until `stop`; returns the counts. `wanted`: the online events kept bound on every
+    installed portal (b24queue.bindings), when B24QUEUE_EVENTS_HANDLER_URL is set. `resolver`
+    and `metrics`: for tests."""
     metrics = metrics or OfflineMetrics()
     if settings.offline_metrics_port:
         metrics.serve(settings.worker_metrics_host, settings.offline_metrics_port)
@@ -53,9 +57,15 @@ async def serve_offline(
         )
         metrics.watch_unrouted(publisher.unrouted)
         service = OfflineService(settings, clients.for_event, publisher, store, state, metrics)
-        await stack.enter_async_context(
-            Worker(settings, [wake_consumer(settings, service)], portals=clients)
-        )
+        consumers = [wake_consumer(settings, service)]
+        bindings = None
+        if settings.events_handler_url:
+            from b24queue.bindings import BindingsService, Reconciler, lifecycle_consumer
+
+            reconciler = Reconciler(settings, clients.for_event, state, wanted)
+            bindings = BindingsService(reconciler, store)
+            consumers.append(lifecycle_consumer(settings, bindings))
+        await stack.enter_async_context(Worker(settings, consumers, portals=clients))
         log.info(
             "offline puller running (auth_connector %s, batch %d, poll every %gs)",
             settings.offline_auth_connector,
@@ -63,6 +73,13 @@ async def serve_offline(
             settings.offline_poll_s,
         )
         # Should the publisher give up for good, the pullers stop, then it says why.
-        await until_stopped(stop, publisher.failed(), service.run(stop))
+        work = service.run(stop)
+        if bindings is not None:
+            work = _together(work, bindings.run(stop))
+        await until_stopped(stop, publisher.failed(), work)
         log.info("offline puller stopped: %s", metrics.totals)
     return metrics
+
+
+async def _together(*works: Awaitable[None]) -> None:
+    await asyncio.gather(*works)
