@@ -184,8 +184,8 @@ class Settings(TransportSettings, BaseSettings):
     # leaves the batch alone until it runs out (a crashed puller's batch waits that long).
     offline_lease_s: float = Field(default=30.0, ge=1, le=3600)
 
-    # Online event bindings (b24queue.bindings): the app's public handler URL (the ingress, as
-    # Bitrix24 reaches it), the events to bind beside those of B24QUEUE_EVENTS_CONSUMERS (every
+    # Online event bindings (b24queue.offline.bindings): the app's public handler URL (the ingress,
+    # as Bitrix24 reaches it), the events to bind beside those of B24QUEUE_EVENTS_CONSUMERS (every
     # consumer the app runs, MODULE:CLASS, comma-separated: the whole app's, never one worker's),
     # and the queue ONAPPINSTALL/ONAPPUPDATE reach the reconciler through. Empty URL: off.
     events_handler_url: str = ""

@@ -1,7 +1,7 @@
 """`b24queue portals`: the portals known by their install (`list`, never their tokens; `forget`),
 and the operator's side of their offline event queues: `bind-offline` (b24queue.offline.bind)
 and `offline-status` (b24queue.offline.inspect); and the online event bindings, `bindings`
-(b24queue.bindings)."""
+(b24queue.offline.bindings)."""
 
 from __future__ import annotations
 
@@ -119,13 +119,11 @@ def _bind_offline(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bindings(settings: Settings, args: argparse.Namespace) -> int:
-    from b24queue.bindings import portal_bindings
     from b24queue.cli.consumers import load_consumer
+    from b24queue.offline.bindings import portal_bindings
 
     consumers = [load_consumer(spec) for spec in settings.events_consumers]
-    lines, ok = asyncio.run(
-        portal_bindings(settings, consumers, args.portal, dry_run=args.dry_run)
-    )
+    lines, ok = asyncio.run(portal_bindings(settings, consumers, args.portal, dry_run=args.dry_run))
     for line in lines:
         print(safe(line))
     return EXIT_OK if ok else EXIT_FAILURE

@@ -71,7 +71,7 @@ def run_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_offline(settings: Settings, args: argparse.Namespace) -> int:
-    from b24queue.bindings import wanted_events
+    from b24queue.offline.bindings import wanted_events
     from b24queue.offline.process import serve_offline
 
     consumers = [load_consumer(spec) for spec in settings.events_consumers]

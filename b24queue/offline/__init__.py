@@ -8,4 +8,6 @@ and `b24queue offline` pulls it into the same exchange as the ingress (docs/offl
 - `service`: the process: every enabled portal polled within its rate limit, woken at once by
   ONOFFLINEEVENT (through a small queue of its own on the transport), graceful stop.
 - `bind`: `b24queue portals bind-offline`: event.bind with event_type=offline.
+- `bindings`: the app's online bindings (event.bind to B24QUEUE_EVENTS_HANDLER_URL) kept on every
+  installed portal by this process, and `b24queue portals bindings`.
 """

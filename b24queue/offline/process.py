@@ -39,8 +39,8 @@ async def serve_offline(
     wanted: tuple[str, ...] = (),
 ) -> OfflineMetrics:
     """Run until `stop`; returns the counts. `wanted`: the online events kept bound on every
-    installed portal (b24queue.bindings), when B24QUEUE_EVENTS_HANDLER_URL is set. `resolver`
-    and `metrics`: for tests."""
+    installed portal (b24queue.offline.bindings), when B24QUEUE_EVENTS_HANDLER_URL is set.
+    `resolver` and `metrics`: for tests."""
     metrics = metrics or OfflineMetrics()
     if settings.offline_metrics_port:
         metrics.serve(settings.worker_metrics_host, settings.offline_metrics_port)
@@ -60,7 +60,7 @@ async def serve_offline(
         consumers = [wake_consumer(settings, service)]
         bindings = None
         if settings.events_handler_url:
-            from b24queue.bindings import BindingsService, Reconciler, lifecycle_consumer
+            from b24queue.offline.bindings import BindingsService, Reconciler, lifecycle_consumer
 
             reconciler = Reconciler(settings, clients.for_event, state, wanted)
             bindings = BindingsService(reconciler, store)

@@ -1,7 +1,8 @@
-"""Online event bindings (b24queue.bindings) against the fake portal's event.bind/get/unbind:
-dropped bindings come back (also at an ONAPPUPDATE), a binding the app does not own is never
-removed, two reconcilers at once do the work once (SQLite and Redis leases), --dry-run changes
-nothing; the wanted set from the consumers and the explicit list; a hostile event.get bounded."""
+"""Online event bindings (b24queue.offline.bindings) against the fake portal's event.bind,
+event.get and event.unbind: dropped bindings come back (also at an ONAPPUPDATE), a binding the
+app does not own is never removed, two reconcilers at once do the work once (SQLite and Redis
+leases), --dry-run changes nothing; the wanted set from the consumers and the explicit list; a
+hostile event.get bounded."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ import pytest
 
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import SqliteTokenStore
-from b24queue.bindings import (
+from b24queue.consumer import EventConsumer
+from b24queue.errors import ConfigError
+from b24queue.events.event import Event
+from b24queue.offline.bind import portal_event
+from b24queue.offline.bindings import (
     MAX_BINDINGS,
     BindingsService,
     Reconciler,
@@ -24,10 +29,6 @@ from b24queue.bindings import (
     read_bindings,
     wanted_events,
 )
-from b24queue.consumer import EventConsumer
-from b24queue.errors import ConfigError
-from b24queue.events.event import Event
-from b24queue.offline.bind import portal_event
 from b24queue.portal.clients import PortalClients
 from b24queue.portal.redis_state import RedisState
 from b24queue.portal.sqlite_state import SqliteState

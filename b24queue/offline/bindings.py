@@ -238,9 +238,9 @@ class BindingsService:
             )
             stopping.cancel()
             if waiting.done():
-                record = await self.store.get(waiting.result())
-                if record is not None:
-                    await self.portal(record)
+                found = await self.store.get(waiting.result())
+                if found is not None:
+                    await self.portal(found)
             else:
                 waiting.cancel()
 
@@ -326,10 +326,12 @@ async def portal_bindings(
         if member_id is None:
             records = await store.all()
         else:
-            record = await store.get(member_id)
-            if record is None:
-                raise ConfigError(f"portals bindings: no installed portal with member_id {member_id!r}")
-            records = [record]
+            found = await store.get(member_id)
+            if found is None:
+                raise ConfigError(
+                    f"portals bindings: no installed portal with member_id {member_id!r}"
+                )
+            records = [found]
         async with PortalClients(settings, store=store, state=state, resolver=resolver) as clients:
             reconciler = Reconciler(settings, clients.for_event, state, wanted)
             for record in records:
