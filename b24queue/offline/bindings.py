@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from b24queue.events.envelope import token_digest
 from b24queue.events.event import EVENT_NAME, MAX_EVENT_NAME, Event
 from b24queue.offline.bind import already_bound, portal_event
 from b24queue.offline.puller import Caller
-from b24queue.offline.service import REBIND_S, PortalFor
+from b24queue.offline.service import REBIND_S, REFRESH_S, BindSchedule, PortalFor
 from b24queue.portal.api import PortalError
 from b24queue.portal.clients import PortalClients
 from b24queue.portal.state import SharedState, open_state
@@ -99,7 +100,13 @@ def wanted_events(settings: Settings, consumers: Iterable[type[EventConsumer]]) 
                 )
                 continue
             names.append(_checked(name, f"{cls.__name__}.events"))
-    return tuple(dict.fromkeys([*names, *explicit]))
+    wanted = tuple(dict.fromkeys([*names, *explicit]))
+    if not wanted:  # every binding of ours would be unbound: a forgotten setting, surely
+        raise ConfigError(
+            "B24QUEUE_EVENTS_HANDLER_URL is set but no event is wanted: name the app's consumers "
+            "in B24QUEUE_EVENTS_CONSUMERS (MODULE:CLASS,...) or the events in B24QUEUE_EVENTS_BIND"
+        )
+    return wanted
 
 
 def _checked(name: str, where: str) -> str:
@@ -208,59 +215,78 @@ class Reconciler:
 
 
 class BindingsService:
-    """Every installed portal reconciled at start and every RECONCILE_S; one portal at once
-    when its ONAPPINSTALL/ONAPPUPDATE comes (`soon`)."""
+    """Every installed portal reconciled when found (the store read every REFRESH_S), then every
+    RECONCILE_S; a failure tried again after a minute, doubling up to RECONCILE_S (the offline
+    bindings' schedule, `BindSchedule`); a portal at once when its ONAPPINSTALL or ONAPPUPDATE
+    comes (`soon`)."""
 
     def __init__(self, reconciler: Reconciler, store: TokenStore) -> None:
         self.reconciler = reconciler
         self.store = store
         self._soon: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+        self._due: dict[str, BindSchedule] = {}
 
     def soon(self, member_id: str) -> None:
-        with contextlib.suppress(asyncio.QueueFull):  # the next round covers it
+        with contextlib.suppress(asyncio.QueueFull):  # the schedule covers it
             self._soon.put_nowait(member_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        due_at = loop.time()
         while not stop.is_set():
-            if loop.time() >= due_at:
-                with contextlib.suppress(Exception):
-                    for record in await self.store.all():
-                        await self.portal(record)
-                due_at = loop.time() + RECONCILE_S
+            await self._round(loop.time())
+            next_at = min([s.due_at for s in self._due.values()], default=math.inf)
+            timeout = max(0.0, min(next_at - loop.time(), REFRESH_S))
             waiting = asyncio.ensure_future(self._soon.get())
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait(
-                {waiting, stopping},
-                timeout=max(0.0, due_at - loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
+                {waiting, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             stopping.cancel()
-            if waiting.done():
+            if not waiting.done():
+                waiting.cancel()
+                continue
+            with contextlib.suppress(Exception):  # the store away: the schedule covers it
                 found = await self.store.get(waiting.result())
                 if found is not None:
-                    await self.portal(found)
-            else:
-                waiting.cancel()
+                    ok = await self.portal(found)
+                    self._due.setdefault(found.member_id, BindSchedule(0.0)).settled(
+                        ok, loop.time()
+                    )
 
-    async def portal(self, record: PortalRecord) -> Plan | None:
+    async def _round(self, now: float) -> None:
+        try:
+            records = await self.store.all()
+        except Exception as exc:  # the store away for a moment: the next round
+            log.warning("cannot read the portal store: %s", type(exc).__name__)
+            return
+        current = {r.member_id: r for r in records}
+        for gone in set(self._due) - set(current):
+            del self._due[gone]
+        for member_id, record in current.items():
+            schedule = self._due.setdefault(member_id, BindSchedule(now))
+            if now >= schedule.due_at:
+                ok = await self.portal(record)
+                schedule.settled(ok, asyncio.get_running_loop().time())
+
+    async def portal(self, record: PortalRecord) -> bool:
+        """One portal reconciled; False if it failed (tried again sooner)."""
         try:
             todo = await self.reconciler.reconcile(record)
-        except Exception as exc:  # tried again at the next round
+        except Exception as exc:
             said = exc if isinstance(exc, B24QueueError) else repr(exc)
             log.warning("portal %s: reconciling event bindings failed: %s", record.domain, said)
-            return None
+            return False
         if todo is None:
             log.debug("portal %s: bindings reconciled by another process", record.domain)
-        elif todo.done:
+            return True
+        if todo.done:
             log.log(
                 logging.INFO if todo.ok else logging.WARNING,
                 "portal %s: event bindings: %s",
                 record.domain,
                 ", ".join(f"{a} {e} {o}" for a, e, o in todo.done),
             )
-        return todo
+        return todo.ok
 
 
 def lifecycle_consumer(settings: Settings, service: BindingsService) -> type[EventConsumer]:

@@ -54,7 +54,7 @@ BIND_RETRY_S = 60.0  # ...and a binding that failed tried again after this, then
 PortalFor = Callable[[Event], Caller]
 
 
-class _Bindings:
+class BindSchedule:
     """When a portal's B24QUEUE_OFFLINE_EVENTS are to be bound next (never: math.inf)."""
 
     def __init__(self, due_at: float) -> None:
@@ -187,7 +187,7 @@ class OfflineService:
         puller = Puller(portal, self._sink, self._state, target, self.metrics)
         loop = asyncio.get_running_loop()
         recover_at = loop.time()
-        bindings = _Bindings(recover_at if self._s.offline_events else math.inf)
+        bindings = BindSchedule(recover_at if self._s.offline_events else math.inf)
         while not self._stop.is_set():
             if loop.time() >= bindings.due_at:
                 bindings.settled(await self._bind(record, portal), loop.time())

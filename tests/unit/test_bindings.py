@@ -263,6 +263,9 @@ def test_wanted_events_from_consumers_and_the_explicit_list(setup: Setup) -> Non
         wanted_events(setup.settings(), [Catalog])
     with pytest.raises(ConfigError, match="B24QUEUE_EVENTS_BIND"):
         wanted_events(setup.settings(events_bind="ON CRM"), [])
+    # Nothing wanted would unbind every binding of ours: refused, not done.
+    with pytest.raises(ConfigError, match="no event is wanted"):
+        wanted_events(setup.settings(), [])
 
 
 @pytest.mark.parametrize(
