@@ -1,4 +1,4 @@
-"""Online event bindings kept on every installed portal (docs/offline.md, "Online bindings").
+"""Online event bindings kept on every installed portal (docs/marketplace.md, "Event bindings").
 
 The app states its public handler URL once (B24QUEUE_EVENTS_HANDLER_URL); the events it wants
 are those of the consumers it runs (B24QUEUE_EVENTS_CONSUMERS: their `events`) plus
