@@ -351,6 +351,8 @@ async def portal_bindings(
     try:
         if member_id is None:
             records = await store.all()
+            if not records:
+                lines.append("no portals installed yet")
         else:
             found = await store.get(member_id)
             if found is None:
