@@ -10,8 +10,8 @@ handler; a retry or dead-letter copy durable before the original goes); declarin
 
 What only some transports can do is an optional capability, a protocol of its own that the
 transport's class implements or not (`ExportsDefinitions`, `PlansBindings`,
-`DeclaresExchanges`, `SharesByPortal`): the caller asks `isinstance(transport, Capability)`,
-never which transport it is.
+`DeclaresExchanges`, `SharesByPortal`, `CapsPerPortal`): the caller asks
+`isinstance(transport, Capability)`, never which transport it is.
 """
 
 from __future__ import annotations
@@ -160,17 +160,23 @@ class DeclaresExchanges(Protocol):
 @runtime_checkable
 class SharesByPortal(Protocol):
     """A transport whose queue itself gives a consumer's handler slots to the portals with events
-    waiting in turn, across every worker process, and holds `max_in_flight_per_portal` there
-    (`EventConsumer.fair_share`; docs/fairness.md). On the others a queue is first in, first out
-    across portals."""
+    waiting in turn, across every worker process (`EventConsumer.fair_share`;
+    docs/fairness.md). On the others a queue is first in, first out across portals."""
 
     shares_by_portal: bool
+
+
+@runtime_checkable
+class CapsPerPortal(Protocol):
+    """A transport that holds `max_in_flight_per_portal` across every worker process."""
+
+    caps_per_portal: bool
 
 
 def check_fairness(transport: Transport, classes: Sequence[type[EventConsumer]]) -> None:
     """A per-portal cap is a promise about a portal's REST limits: refused where the transport
     cannot keep it (the fair share itself is best effort there: first in, first out)."""
-    if isinstance(transport, SharesByPortal):
+    if isinstance(transport, CapsPerPortal):
         return
     for cls in classes:
         if cls.max_in_flight_per_portal is not None:
