@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # After a failed retry/dead-letter publish, wait before handing the delivery back, so a broken
 # retry queue cannot turn into a hot redelivery loop.
 REQUEUE_BACKOFF_S = 1.0
+
+
 # What each source of a queue read from several (a fair queue's shards and the queue itself) may
 # hold unacked: two per handler slot and a few more, so that a portal whose handlers hold all
 # slots but one still has deliveries waiting when a slot frees, though the broker's next one is a
