@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from b24queue import Event, EventConsumer
+from b24queue.transports.amqp.layout import SHARDS
 from bench.__main__ import AMQP_URL, ROOT, TOKEN, Server, amqp_call, deal_body, free_port, spooled
 from bench.load import percentile
 from bench.tables import QUEUES, cpu_s, server_env, topology
@@ -270,8 +271,12 @@ def amqp_queue(tmp: Path, body: bytes, queue: str, baseline: bool = False) -> It
             os.environ.pop(name, None)
 
         async def delete(channel: Any) -> None:
+            shards = (f".s{i}" for i in range(SHARDS))  # a fair queue's (docs/fairness.md)
             for suffix in ("", ".dlq", *(f".retry.{d:g}s" for d in Portals.retry_delays_s)):
                 await channel.queue_delete(queue + suffix)
+            for suffix in shards:
+                await channel.queue_delete(queue + suffix)
+            await channel.exchange_delete(queue + ".fair")
             await channel.queue_delete(f"{prefix}.unrouted")
             for name in (f"{prefix}.events", f"{prefix}.unrouted", f"{prefix}.events.unrouted"):
                 await channel.exchange_delete(name)

@@ -32,12 +32,12 @@ async def bindings_to(bench: Bench, kind: str, name: str) -> set[str]:
     """Routing keys binding queue (`q`) or exchange (`e`) `name` to the events exchange."""
     url = f"{MGMT_URL}/api/bindings/%2F/e/{bench.settings.exchange}/{kind}/{name}"
     basic = base64.b64encode(b"guest:guest").decode()
-    async with aiohttp.ClientSession(headers={"Authorization": f"Basic {basic}"}) as session:
-        async with session.get(url) as resp:
-            if resp.status == 404:
-                return set()
-            resp.raise_for_status()
-            return {b["routing_key"] for b in await resp.json()}
+    headers = {"Authorization": f"Basic {basic}"}
+    async with aiohttp.ClientSession(headers=headers) as session, session.get(url) as resp:
+        if resp.status == 404:
+            return set()
+        resp.raise_for_status()
+        return {b["routing_key"] for b in await resp.json()}
 
 
 async def waiting(bench: Bench, queue: str) -> dict[str, int]:
@@ -138,12 +138,12 @@ async def test_status_counts_what_waits_in_the_shards(bench: Bench) -> None:
     await publish(bench, envelope(FLOOD, 30) + envelope(QUIET[0], 5) + envelope(QUIET[1], 5))
 
     async def counted() -> bool:
-        status = await bench.transport.status()  # type: ignore[attr-defined]
+        status = await bench.transport.status()
         rows = [r for r in status.queues if r.queue == queue]
         return len(rows) == 1 and rows[0].ready == 40
 
     await wait_until(counted, 30, "40 waiting in the row of the queue")
-    status = await bench.transport.status()  # type: ignore[attr-defined]
+    status = await bench.transport.status()
     assert not [r for r in status.queues if r.queue.startswith(queue + ".s")]  # no row of its own
 
 
