@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue.auth.tokens import StaticTokens
 from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
+from b24queue.transports.amqp.layout import SHARDS
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from b24queue.transports.amqp.topology import declare_exchanges
 from tests.support.processes import ROOT
@@ -99,9 +100,18 @@ class Broker:
         return name
 
     async def depth(self, queue: str) -> int:
+        """Messages ready in `queue` and, for a fair consumer queue, in its shards."""
         async with self.connection.channel() as channel:
             declared = await channel.declare_queue(queue, passive=True)
-            return int(declared.declaration_result.message_count or 0)
+            total = int(declared.declaration_result.message_count or 0)
+        for i in range(SHARDS):
+            try:
+                async with self.connection.channel() as channel:
+                    shard = await channel.declare_queue(f"{queue}.s{i}", passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                break  # not a fair queue (its shards are made together)
+            total += int(shard.declaration_result.message_count or 0)
+        return total
 
     async def take(
         self, queue: str, count: int, timeout_s: float = 15.0
