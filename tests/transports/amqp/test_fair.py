@@ -168,3 +168,37 @@ async def test_a_broker_without_the_consistent_hash_exchange_stops_the_worker_at
     assert await bindings_to(bench, "q", queue) == {"ONCRMDEALADD"}
     await publish(bench, envelope(FLOOD, 3))
     assert (await waiting(bench, queue))[queue] == 3
+
+
+async def test_a_stopping_worker_hands_back_what_waited_for_a_slot(bench: Bench) -> None:
+    """A fair worker holds more deliveries than it has slots; stopping, it hands back those not
+    started (at once, not when its channel closes), and the next worker handles each once."""
+    queue = bench.name("handback")
+    started: Counter[str] = Counter()
+    release = asyncio.Event()
+
+    async def slow(self: EventConsumer, event: Event) -> None:
+        started[event.message_id or ""] += 1
+        await release.wait()
+
+    cls = consumer(queue, ("ONCRMDEALADD",), slow, prefetch=2)
+    await bench.transport.declare([cls])
+    sent = envelope(FLOOD, 20) + envelope(QUIET[0], 5) + envelope(QUIET[1], 5)
+    await publish(bench, sent)
+    worker = Worker(bench.settings, [cls])
+    await worker.__aenter__()
+    try:
+        await wait_until(lambda: len(started) == 2, 15, "two started")
+        runner: Any = worker.runners[0]
+        await wait_until(lambda: len(runner._waiting) == 28, 15, "the rest held by the worker")
+        stopping = asyncio.create_task(worker.shutdown())
+        await asyncio.sleep(0.5)  # the handback comes before the handlers end
+        assert sum((await waiting(bench, queue)).values()) == 28
+        release.set()
+        await stopping
+    finally:
+        release.set()
+    async with Worker(bench.settings, [cls]):
+        await wait_until(lambda: set(started) == ids(sent), 30, "all handled")
+    assert set(started.values()) == {1}
+    assert sum((await waiting(bench, queue)).values()) == 0
