@@ -38,22 +38,31 @@ class Envelope:
 MAX_HEADER_CHARS = 1024
 
 
-TOKEN_KEY = "application_token"  # noqa: S105 - a key's name
+# The keys whose values are credentials: the application token (verified by the ingress) and the
+# OAuth pair Bitrix24 sends with every online event (`auth`, and again in bot events' `data`).
+TOKEN_KEYS = frozenset({"application_token", "access_token", "refresh_token"})
 # How compact JSON writes such a key, always: the same text inside a string has its quotes
-# escaped. A body without it needs no walk (the common event); a rare false alarm costs the walk.
-TOKEN_KEY_JSON = b'"application_token":'
+# escaped. A body without one needs no walk (the common event); a rare false alarm costs the walk.
+_TOKEN_KEYS_JSON = tuple(f'"{key}":'.encode() for key in sorted(TOKEN_KEYS))
+
+
+def holds_token_key(body: bytes) -> bool:
+    """Whether compact JSON `body` may hold a token key (then walk it: `without_tokens`)."""
+    return any(key in body for key in _TOKEN_KEYS_JSON)
 
 
 def message_body(payload: dict[str, Any]) -> bytes:
-    """The decoded event as received, less every `application_token` at any depth: Bitrix24 puts
-    it in `auth`, and bot and command events repeat it in `data` (`data[BOT][<id>]` and its
-    `[AUTH]`, `data[COMMAND][<id>]` likewise, `data[bot][auth]` in imbot v2 events). The ingress
-    has verified it, and anyone allowed to read a queue could otherwise forge events with it."""
-    payload = _without_auth_token(payload)  # every event's copy, taken out without a walk
+    """The decoded event as received, less every token at any depth (`TOKEN_KEYS`): Bitrix24
+    puts them in `auth`, and bot and command events repeat them in `data` (`data[BOT][<id>]` and
+    its `[AUTH]`, `data[COMMAND][<id>]` likewise, `data[bot][auth]` in imbot v2 events). The
+    ingress has verified the application token; anyone allowed to read a queue (or a dead-letter
+    queue) could otherwise forge events with it, or call the portal as the app with the OAuth
+    pair (a refresh token lasts weeks). A worker calls the portal with the stored credentials."""
+    payload = _without_auth_tokens(payload)  # every event's copies, taken out without a walk
     if "offline" in payload:  # only b24queue.offline marks an event so, never a request body
         payload = {k: v for k, v in payload.items() if k != "offline"}
     body = _serialised(payload)
-    if TOKEN_KEY_JSON in body:  # a copy deeper down: bot and command events
+    if holds_token_key(body):  # a copy deeper down: bot and command events
         body = _serialised(without_tokens(payload))
     return body
 
@@ -81,7 +90,7 @@ def _exact_body(payload: dict[str, Any]) -> bytes:
 
 
 def without_tokens(node: Any) -> Any:
-    """`node` less every `application_token` key at any depth of its dicts and lists: the dicts
+    """`node` less every key of `TOKEN_KEYS` at any depth of its dicts and lists: the dicts
     and lists on the way to one are copied, the rest shared, `node` untouched. Linear in its size;
     recursive, so for what is bounded in depth: a decoded event nests at most `forms.MAX_DEPTH`
     levels, and what orjson could serialise fewer than 255."""
@@ -99,19 +108,21 @@ def without_tokens(node: Any) -> Any:
             if stripped is not value:
                 copy = node.copy() if copy is None else copy
                 copy[key] = stripped
-    if isinstance(node, dict) and TOKEN_KEY in node:
+    if isinstance(node, dict) and not TOKEN_KEYS.isdisjoint(node):
         copy = node.copy() if copy is None else copy
-        del copy[TOKEN_KEY]
+        for key in TOKEN_KEYS.intersection(copy):
+            del copy[key]
     return node if copy is None else copy
 
 
-def _without_auth_token(payload: dict[str, Any]) -> dict[str, Any]:
-    """`payload` less `auth[application_token]`, where every event has it, without a walk."""
+def _without_auth_tokens(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` less the tokens of `auth`, where every event has them, without a walk."""
     auth = payload.get("auth")
-    if not (isinstance(auth, dict) and TOKEN_KEY in auth):
+    if not (isinstance(auth, dict) and not TOKEN_KEYS.isdisjoint(auth)):
         return payload
     auth = auth.copy()  # a copy in C, a third of the cost of a comprehension
-    del auth[TOKEN_KEY]
+    for key in TOKEN_KEYS.intersection(auth):
+        del auth[key]
     return {**payload, "auth": auth}
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from b24queue import _constants as c
-from b24queue.events.envelope import TOKEN_KEY_JSON, Envelope, without_tokens
+from b24queue.events.envelope import Envelope, holds_token_key, without_tokens
 from b24queue.events.event import EVENT_NAME, MAX_EVENT_NAME
 
 H_OFFLINE = "x-b24queue-offline"  # "1" on every message pulled from an offline queue
@@ -181,10 +181,10 @@ def _body(record: OfflineRecord, process_id: str, member_id: str, domain: str) -
 
 
 def _serialised(body: dict[str, Any]) -> bytes:
-    """orjson's JSON of `body`, less every `application_token` at any depth, as an online event's
-    (`envelope.message_body`): a record's data is the event's, and bot events repeat the token."""
+    """orjson's JSON of `body`, less every token at any depth, as an online event's
+    (`envelope.message_body`): a record's data is the event's, and bot events repeat the tokens."""
     serialised = orjson.dumps(body)
-    if TOKEN_KEY_JSON in serialised:
+    if holds_token_key(serialised):
         serialised = orjson.dumps(without_tokens(body))
     return serialised
 

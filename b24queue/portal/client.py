@@ -158,8 +158,10 @@ class PortalClient:
             if code == "OPERATION_TIME_LIMIT":
                 raise PortalRetry(code, self._said(answer), OPERATION_LIMIT_RETRY_S)
             if code in EXPIRED and self._record is not None and replaced < 2:
-                # The event's own token first gives way to the stored one; a stored one that
-                # failed is refreshed (once: the refresher re-reads before it spends anything).
+                # The token failed: the refresher gives a newer one it knows of (another
+                # process's refresh, a pair it keeps in memory) or, if none, refreshes; that
+                # one may have ended early too (revoked), so twice at most. It re-reads before
+                # it spends anything.
                 replaced += 1
                 record = await self._ctx.refresher.fresh(target.key, self._token, self._record)
                 self._token = record.access_token

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hmac
 
-from b24queue.auth.portal import access_of
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore
 from b24queue.events.envelope import token_digest
@@ -46,7 +45,7 @@ async def credentials(
     if not allow_private and is_ip_literal(host_of(target.base_url)):
         # An address is connected to as it is, past the resolver that refuses private ones.
         raise PortalError("UNREACHABLE", "the portal's domain is an IP address")
-    return target, await _token(refresher, event, record), record
+    return target, await _token(refresher, record), record
 
 
 def _webhook(webhooks: Webhooks, event: Event) -> Endpoint:
@@ -68,10 +67,8 @@ def _webhook(webhooks: Webhooks, event: Event) -> Endpoint:
     return webhook
 
 
-async def _token(refresher: Refresher, event: Event, record: PortalRecord) -> str:
-    own = access_of(event)
-    if own is not None and refresher.valid(own.access_expires):
-        return own.access_token  # the event's own, still valid
+async def _token(refresher: Refresher, record: PortalRecord) -> str:
+    # Never the event's own: the message body leaves the OAuth pair out (events.envelope).
     if refresher.valid(record.access_expires):
         return record.access_token
     return (await refresher.fresh(record.member_id, record.access_token, record)).access_token

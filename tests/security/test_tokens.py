@@ -20,7 +20,14 @@ from b24queue.worker import Worker
 from tests.support.bench import Bench
 from tests.support.consumers import consumer
 from tests.support.rabbitmq import AMQP_URL, Broker
-from tests.support.samples import SAMPLE_NAMES, SAMPLE_TOKEN, sample_form, sample_json, token_keys
+from tests.support.samples import (
+    SAMPLE_NAMES,
+    SAMPLE_TOKEN,
+    sample_form,
+    sample_json,
+    token_keys,
+    token_values,
+)
 from tests.support.sinks import MemorySink
 from tests.support.wait import wait_until
 
@@ -44,10 +51,13 @@ DOCUMENTED = {
 
 def test_the_samples_carry_the_token_where_the_docs_show_it() -> None:
     """What makes the tests below mean something: 13 events with copies deep in `data`."""
-    deep = {sample_json(n)["event"] for n in BOT_SAMPLES if token_keys(sample_json(n)["data"])}
+    app = ("application_token",)
+    deep = {sample_json(n)["event"] for n in BOT_SAMPLES if token_keys(sample_json(n)["data"], app)}
     assert deep == DOCUMENTED
     for name in BOT_SAMPLES:
-        assert sample_form(name).count(TOKEN) == token_keys(sample_json(name)), name
+        assert sample_form(name).count(TOKEN) == token_keys(sample_json(name), app), name
+    # And an access token beside it in every legacy bot event: the tests below look for it too.
+    assert all(len(token_values(sample_json(n))) >= 2 for n in LEGACY)
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["form", "json"])
@@ -63,6 +73,8 @@ async def test_no_message_the_ingress_makes_holds_the_token(
     assert resp.status == 200, await resp.text()
     [envelope] = sink.published
     assert TOKEN not in envelope.body
+    for value in token_values(sample_json(name)):  # the OAuth pair too, wherever it was
+        assert value.encode() not in envelope.body, value
     assert not any(SAMPLE_TOKEN in f"{k}{v}" for k, v in envelope.headers.items())
     assert token_keys(json.loads(envelope.body)) == 0
 

@@ -33,13 +33,14 @@ def sample_decoded(name: str) -> dict[str, Any]:
 
 
 def sample_published(name: str) -> dict[str, Any]:
-    """The message body the ingress publishes for a sample: decoded, less the application token
-    (verified at the edge, never handed on) wherever it is: bot and command events repeat it deep
-    in `data`."""
+    """The message body the ingress publishes for a sample: decoded, less every token (the
+    application token, verified at the edge, and the OAuth pair: never handed on) wherever it is:
+    bot and command events repeat them deep in `data`."""
     value = sample_decoded(name)
     for node in nodes(value):
         if isinstance(node, dict):
-            node.pop("application_token", None)
+            for key in TOKEN_KEYS:
+                node.pop(key, None)
     return value
 
 
@@ -56,6 +57,20 @@ def nodes(root: Any) -> list[Any]:
     return found
 
 
-def token_keys(root: Any) -> int:
-    """How many `application_token` keys `root` holds, at any depth."""
-    return sum(isinstance(n, dict) and "application_token" in n for n in nodes(root))
+TOKEN_KEYS = ("application_token", "access_token", "refresh_token")
+
+
+def token_keys(root: Any, keys: tuple[str, ...] = TOKEN_KEYS) -> int:
+    """How many token keys (`TOKEN_KEYS`, or `keys`) `root` holds, at any depth."""
+    return sum(isinstance(n, dict) and k in n for n in nodes(root) for k in keys)
+
+
+def token_values(root: Any) -> set[str]:
+    """Every value of a token key in `root`, at any depth."""
+    return {
+        n[k]
+        for n in nodes(root)
+        if isinstance(n, dict)
+        for k in TOKEN_KEYS
+        if isinstance(n.get(k), str)
+    }
