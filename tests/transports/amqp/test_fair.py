@@ -40,6 +40,16 @@ async def bindings_to(bench: Bench, kind: str, name: str) -> set[str]:
         return {b["routing_key"] for b in await resp.json()}
 
 
+async def policy_of(name: str) -> str | None:
+    basic = base64.b64encode(b"guest:guest").decode()
+    headers = {"Authorization": f"Basic {basic}"}
+    url = f"{MGMT_URL}/api/queues/%2F/{name}"
+    async with aiohttp.ClientSession(headers=headers) as session, session.get(url) as resp:
+        resp.raise_for_status()
+        found: str | None = (await resp.json()).get("policy")
+        return found
+
+
 async def waiting(bench: Bench, queue: str) -> dict[str, int]:
     """Messages in the queue and in each shard that exists (passive declares)."""
     out = {}
@@ -83,6 +93,13 @@ async def test_a_queue_turns_fair_in_place_with_events_waiting_and_back(bench: B
         # The new way in is bound, the old one is not: what comes now goes to the shards.
         assert await bindings_to(bench, "q", queue) == set()
         assert await bindings_to(bench, "e", queue + ".fair") == {"ONCRMDEALADD"}
+        # The shards have the queue's rules (dead-lettering to its DLQ, delivery limit).
+        shards_policy = f"b24queue.{queue}.shards"
+
+        async def covered() -> bool:
+            return all([await policy_of(f"{queue}.s{i}") == shards_policy for i in (0, 15)])
+
+        await wait_until(covered, 15, "the shards' policy applied")
         during = envelope(QUIET[1], 40)
         await publish(bench, during)
         await wait_until(lambda: set(seen) >= ids(before + during), 60, "all handled")
