@@ -133,10 +133,11 @@ class ConsumerRunner(HandlingRunner):
     handler halfway: it finishes, its ack is skipped, and the broker redelivers the message.
 
     A fair queue (or one a fair worker left shards of) is consumed from each shard and from the
-    queue itself, one consumer each with the consumer's prefetch: one portal's flood, alone in
-    its shard, can take every slot, and holds no other shard's deliveries back. Deliveries wait
-    in `Waiting` until a slot frees, and the slots go to their portals in turn
-    (docs/fairness.md). A queue with one source starts each delivery as it comes, as before.
+    queue itself, one consumer each with a prefetch of its own (`source_prefetch`): one portal's
+    flood, alone in its shard, can take every slot, and holds no other shard's deliveries back.
+    At most `prefetch` handlers run; the other deliveries wait in `Waiting` until a slot frees,
+    and the slots go to their portals in turn (docs/fairness.md). A queue with one source starts
+    each delivery as it comes, with `prefetch` as the broker's limit, as before.
     """
 
     def __init__(
