@@ -194,7 +194,8 @@ async def redis_claims() -> None:
     """The same on Redis Streams (the shared server, under a prefix of its own, removed after)."""
     from b24queue.queues import QueueSpec
     from b24queue.settings import load_settings
-    from b24queue.transports.redis_streams.store import Store, connect
+    from b24queue.transports.redis_streams.connection import connect
+    from b24queue.transports.redis_streams.store import Store
 
     for label, fairness in modes():
         prefix = f"fairbench{uuid.uuid4().hex[:8]}"

@@ -11,12 +11,8 @@ from b24queue.errors import BrokerUnavailableError
 from b24queue.events.envelope import Envelope
 from b24queue.settings import Settings
 from b24queue.transports.kit.publisher import GroupCommitPublisher
-from b24queue.transports.redis_streams.store import (
-    CONNECTION_ERRORS,
-    Store,
-    check_durable,
-    opened,
-)
+from b24queue.transports.redis_streams.connection import CONNECTION_ERRORS, check_durable
+from b24queue.transports.redis_streams.store import Store, opened
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,8 @@ from b24queue.settings import Settings
 from b24queue.transports import connection_name
 from b24queue.transports.kit.batching import Batcher
 from b24queue.transports.kit.leased import ALIVE_S, LeasedWorkers, Row
-from b24queue.transports.redis_streams.store import CONNECTION_ERRORS, Store, connect, text
+from b24queue.transports.redis_streams.connection import CONNECTION_ERRORS, connect
+from b24queue.transports.redis_streams.store import Store, text
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,11 @@ class _Ack:
 # A worker not heard of for this long has crashed: its heartbeat is forgotten, and its consumer
 # once the entries it held have been taken over (after their lease).
 PRUNE_AFTER_S = 20 * ALIVE_S
+# A fair queue's entries parked in no portal's list (`fair_mend.RECONCILE`) are looked for, all of
+# them, when its runner starts, and again whenever a check this often finds the parking consumer
+# holding more entries than the portals in the turns have ids in their lists.
+MEND_CHECK_S = 60.0
+_MENDED = "queue %s: %d events were parked in no portal's list (fair keys lost?): queued again"
 
 
 class RedisLeases:
@@ -91,12 +99,49 @@ class RedisLeases:
             self._ack_batch, "b24queue-redis-acks", CONNECTION_ERRORS
         )
         self._acks.start()
+        self._mend_at: dict[str, float] = {}  # fair queues: when to check them next
+        self._mending: dict[str, asyncio.Task[None]] = {}
 
     async def close(self) -> None:
+        for task in self._mending.values():
+            task.cancel()
+        await asyncio.gather(*self._mending.values(), return_exceptions=True)
         await self._acks.stop()
 
     async def declare(self, spec: QueueSpec) -> list[str]:
-        return await self._store.declare(spec)
+        removed = await self._store.declare(spec)
+        if spec.fairness.on:
+            await self._mend(spec.name)
+            self._mend_at[spec.name] = time.monotonic() + MEND_CHECK_S
+        return removed
+
+    async def _mend(self, queue: str) -> None:
+        """Every entry parked in no portal's list added again (`fair_mend.RECONCILE`), in steps of
+        bounded cost."""
+        again = 0
+        while True:
+            added, finished = await self._store.reconcile(queue)
+            again += added
+            if finished:
+                break
+        if again:
+            log.warning(_MENDED, queue, again)
+
+    async def _mend_in_background(self, queue: str) -> None:
+        try:
+            await self._mend(queue)
+        except Exception as exc:  # Redis away: the next check tries again
+            log.warning("queue %s: looking for events parked in no list failed: %r", queue, exc)
+
+    async def _check_parked(self, queue: str) -> None:
+        if time.monotonic() < self._mend_at.get(queue, math.inf):
+            return
+        self._mend_at[queue] = time.monotonic() + MEND_CHECK_S
+        running = self._mending.get(queue)
+        if (running is None or running.done()) and await self._store.parked_unlisted(queue):
+            self._mending[queue] = asyncio.create_task(
+                self._mend_in_background(queue), name="b24queue-redis-mend"
+            )
 
     def wake(self, queue: str) -> asyncio.Event:
         return self._waker.event(queue)
@@ -129,6 +174,7 @@ class RedisLeases:
     async def beat(self, owner: str, queue: str, name: str, ids: list[Any], lease_s: float) -> None:
         await self._store.beat(owner, queue, name, ids, lease_s)
         await self._store.prune(queue, PRUNE_AFTER_S)
+        await self._check_parked(queue)
 
     async def release(self, owner: str, queue: str) -> None:
         await self._store.release(queue, owner)

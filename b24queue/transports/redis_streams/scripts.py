@@ -15,9 +15,8 @@ memory, so the scripts a worker needs to start and drain run anyway (`#!lua flag
 Redis >= 7). None adds an event: DECLARE, CLAIM and BEAT write a few small values of bounded
 number (a queue's names, bindings and empty group, once; the claim cursor; one heartbeat per
 runner); CLAIM and MOVE move entries Redis holds (a due retry back into its stream; an entry to
-its delayed set or DLQ, with its new headers: the error text is cut at 1,000 characters);
-FAIR_CLAIM as CLAIM, and it parks new entries (an id in its portal's list, and a pending entry of
-the parking consumer: about a hundred bytes per event waiting).
+its delayed set or DLQ, with its new headers: the error text is cut at 1,000 characters).
+The fair claim's scripts (`fair.py`) hold to the same rule.
 """
 
 from __future__ import annotations
@@ -122,9 +121,9 @@ return 1
 """
 
 # First line of a script that runs even over maxmemory (see above); Redis < 7 cannot parse it.
-_ALLOW_OOM = "#!lua flags=allow-oom\n"
+ALLOW_OOM = "#!lua flags=allow-oom\n"
 
-_NOW = """
+NOW = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 """
@@ -134,7 +133,7 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 # patterns. The queue, its group and DLQ, and exactly these bindings (the field "queue\npattern");
 # returns the patterns removed.
 DECLARE = (
-    _ALLOW_OOM
+    ALLOW_OOM
     + """
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[4], ARGV[3], ARGV[5])
 local made = redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[1], '0', 'MKSTREAM')
@@ -174,8 +173,8 @@ return removed
 # behind many live ones would wait). ARGV: group, consumer, count, lease ms.
 # Returns {id, {fields...}, deliveries} for each entry claimed.
 CLAIM = (
-    _ALLOW_OOM
-    + _NOW
+    ALLOW_OOM
+    + NOW
     + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
 for _, member in ipairs(due) do
@@ -236,9 +235,9 @@ return out
 # KEYS[1] stream, KEYS[2] delayed set (retry) or DLQ stream. ARGV: group, id, consumer,
 # deliveries, 'retry' or 'dlq', headers JSON, delay ms. Returns 1 when moved.
 MOVE = (
-    _ALLOW_OOM
+    ALLOW_OOM
     + _HOLDS
-    + _NOW
+    + NOW
     + """
 if not holds(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 0 end
 local rows = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
@@ -263,7 +262,7 @@ return 1
 # to give everything back), then the ids the consumer still handles. Resets their idle time (the
 # lease); any other entry it holds (a claim whose answer was lost) becomes claimable at once.
 BEAT = (
-    _ALLOW_OOM
+    ALLOW_OOM
     + """
 local held = {}
 for i = 5, #ARGV do held[ARGV[i]] = true end
@@ -354,174 +353,5 @@ for _, row in ipairs(rows) do
 end
 shrank(KEYS[1], KEYS[2], freed)
 return #rows
-"""
-)
-
-# Fair claims (docs/fairness.md; the rule of b24queue.transports.kit.fair). A fair queue keeps the
-# one stream and the one group: new entries are read into the group by a parking consumer
-# (`PARK`), a list of their ids kept per portal (`<stream>:fair:<portal>`), and a claim moves the
-# ones it gives from the parking consumer to the runner (`XCLAIM ... JUSTID`: their delivery
-# count stays 1). So leases, heartbeats, settlements, retries and the DLQ are the FIFO queue's,
-# and an event waiting in a queue made before fair claims is simply parked by the first fair
-# claim. Beside the stream: `:ready` (a sorted set of the portals with entries parked, each at the
-# start of its next turn), `:clock` (the start of the last turn given), `:passes` (the pass of
-# each portal when it last emptied), `:held:<portal>` (with a cap: the ids it was given, those
-# no longer pending dropped when counted). These keys are named inside the script, not in KEYS:
-# one Redis, not a cluster (as the queue's other keys).
-PARK = "~parked"
-
-# KEYS[1] stream, KEYS[2] its delayed set. ARGV: group, consumer, count, lease ms, the parking
-# consumer, how many new entries it parks at a time (when every portal parked is capped or
-# done and more came, another batch, up to 5 in one claim), the member_id header, the cap per
-# portal (0: none), the weights (JSON object portal -> weight, '' for none), the portal's
-# length at most (`queues.MAX_PORTAL_CHARS`). Entries of runners gone quiet (idle past the
-# lease) are taken over first, as XAUTOCLAIM would, but consumer by consumer (the parked
-# entries are nobody's lease). Returns {id, {fields...}, deliveries} for each entry claimed.
-FAIR_CLAIM = (
-    _ALLOW_OOM
-    + _NOW
-    + """
-local stream, group, owner = KEYS[1], ARGV[1], ARGV[2]
-local count, lease, park = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local batch, member, cap = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
-local weights = {}
-if ARGV[9] ~= '' then weights = cjson.decode(ARGV[9]) end
-local ready, clock_key, passes = stream .. ':ready', stream .. ':clock', stream .. ':passes'
-local function list(portal) return stream .. ':fair:' .. portal end
-local function held(portal) return stream .. ':held:' .. portal end
-
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
-for _, member_json in ipairs(due) do
-  local f = cjson.decode(member_json)
-  redis.call('XADD', stream, '*', 'm', f.m, 'k', f.k, 'b', f.b, 'h', f.h, 't', f.t, 'e', f.e)
-  redis.call('ZREM', KEYS[2], member_json)
-end
-local clock = tonumber(redis.call('GET', clock_key) or '0')
-
--- Park what came since the last claim, in the lists of its portals, `n` at most; returns how
--- many it parked. The portal is read from the headers' JSON as Python writes it, by a pattern
--- (about 4 times cheaper than decoding it), decoded only when that does not match.
-local pattern = '"' .. string.gsub(member, '%p', '%%%0') .. '": "([^"\\\\]*)"'
-local function portal_of(headers)
-  if not string.find(headers, member, 1, true) then return '' end
-  local found = string.match(headers, pattern)
-  if found == nil then
-    local ok, h = pcall(cjson.decode, headers)
-    if ok and type(h) == 'table' and type(h[member]) == 'string' then found = h[member] end
-  end
-  return string.sub(found or '', 1, tonumber(ARGV[10]))
-end
-local function park_new(n)
-  local read = redis.call('XREADGROUP', 'GROUP', group, park, 'COUNT', n, 'STREAMS', stream,
-    '>')
-  if not read then return 0 end
-  local by_portal = {}
-  for _, entry in ipairs(read[1][2]) do
-    local raw, portal = entry[2], ''
-    for i = 1, #raw, 2 do
-      if raw[i] == 'h' then portal = portal_of(raw[i + 1]) end
-    end
-    local ids = by_portal[portal]
-    if ids == nil then
-      ids = {}
-      by_portal[portal] = ids
-    end
-    ids[#ids + 1] = entry[1]
-  end
-  for portal, ids in pairs(by_portal) do
-    redis.call('RPUSH', list(portal), unpack(ids))
-    if not redis.call('ZSCORE', ready, portal) then
-      local pass = tonumber(redis.call('HGET', passes, portal) or '0')
-      redis.call('HDEL', passes, portal)
-      redis.call('ZADD', ready, math.max(pass, clock), portal)
-    end
-  end
-  return #read[1][2]
-end
-
-local out = {}
--- Entries of runners gone quiet (idle past the lease).
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, group)) do
-  if #out >= count then break end
-  local info = {}
-  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
-  if info['name'] ~= park and tonumber(info['pending']) > 0 then
-    local idle = redis.call('XPENDING', stream, group, 'IDLE', lease, '-', '+', count - #out,
-      info['name'])
-    for _, p in ipairs(idle) do
-      local got = redis.call('XCLAIM', stream, group, owner, lease, p[1])
-      if got[1] and got[1][2] then
-        local d = redis.call('XPENDING', stream, group, p[1], p[1], 1)
-        out[#out + 1] = {got[1][1], got[1][2], d[1][4]}
-      end
-    end
-  end
-end
-
--- The turns: a slot to the portal whose start is the smallest (ties: the name that sorts first).
-local capped = {}
-local ncapped = 0
-local function full(portal)
-  if cap == 0 then return false end
-  local ids = redis.call('SMEMBERS', held(portal))
-  local n = #ids
-  if n < cap then return false end
-  for _, id in ipairs(ids) do
-    local p = redis.call('XPENDING', stream, group, id, id, 1)
-    if p[1] == nil then
-      redis.call('SREM', held(portal), id)
-      n = n - 1
-    end
-  end
-  return n >= cap
-end
-local parked = park_new(batch)
-local total = parked
-while #out < count do
-  local top = redis.call('ZRANGE', ready, 0, ncapped, 'WITHSCORES')
-  local portal, start = nil, nil
-  for i = 1, #top, 2 do
-    if not capped[top[i]] then
-      portal, start = top[i], tonumber(top[i + 1])
-      break
-    end
-  end
-  if portal == nil then
-    -- Every portal parked is capped or done: park more, if there is more and room for it.
-    if parked < batch or total >= batch * 5 then break end
-    parked = park_new(batch)
-    total = total + parked
-    if parked == 0 then break end
-  elseif full(portal) then
-    capped[portal] = true
-    ncapped = ncapped + 1
-  else
-    local given = false
-    local id = redis.call('LPOP', list(portal))
-    if id then
-      local p = redis.call('XPENDING', stream, group, id, id, 1)
-      if p[1] ~= nil and p[1][2] == park then
-        redis.call('XCLAIM', stream, group, owner, 0, id, 'JUSTID')
-        local rows = redis.call('XRANGE', stream, id, id)
-        if rows[1] then
-          out[#out + 1] = {id, rows[1][2], p[1][4]}
-          if cap > 0 then redis.call('SADD', held(portal), id) end
-          clock, given = math.max(clock, start), true
-        else  -- purged meanwhile
-          redis.call('XACK', stream, group, id)
-        end
-      end  -- else taken by a first-in-first-out claim meanwhile: no longer parked
-    end
-    local pass = start + 1 / (tonumber(weights[portal]) or 1)
-    if redis.call('LLEN', list(portal)) == 0 then
-      redis.call('ZREM', ready, portal)
-      if given then redis.call('HSET', passes, portal, pass) end
-    elseif given then
-      redis.call('ZADD', ready, pass, portal)
-    end
-  end
-end
-redis.call('SET', clock_key, clock)
-return out
 """
 )

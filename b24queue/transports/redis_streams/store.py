@@ -1,5 +1,5 @@
 """The Redis Streams transport's keys, connections, routing and queue operations (the scripts in
-`scripts.py`), for the ingress, the workers and the CLI."""
+`scripts.py`, the fair queues' in `fair*.py`), for the ingress, the workers and the CLI."""
 
 from __future__ import annotations
 
@@ -13,76 +13,18 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
-from b24queue import _constants as c
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.events.envelope import Envelope
-from b24queue.queues import MAX_PORTAL_CHARS, Fairness, QueueSpec, topic_matches
+from b24queue.queues import Fairness, QueueSpec, topic_matches
 from b24queue.settings import Settings
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
-from b24queue.transports.redis_streams import scripts
-from b24queue.transports.status import MemoryRow
+from b24queue.transports.redis_streams import fair, fair_mend, fair_status, scripts
+from b24queue.transports.redis_streams.connection import connect, evicts, full, translate
+from b24queue.transports.status import MemoryRow, PortalsWaiting
 
 log = logging.getLogger(__name__)
-
-# How many new entries a fair claim parks in the portals' lists at a time (5 times that at most
-# in one claim, when every portal parked is capped or done): a flood published at once is
-# parked over several claims (each costs about this many entries' work), so a quiet portal's
-# event behind it waits for those claims, once.
-PARK_AT_MOST = 1000
-
-# What means "Redis is away": the client reconnects by itself on the next command.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    rx.ConnectionError,
-    rx.TimeoutError,
-    rx.BusyLoadingError,
-    OSError,
-    ConnectionError,
-)
-
-
-def connect(settings: Settings, name: str) -> aioredis.Redis:
-    timeout_s = max(settings.connect_timeout_s, settings.publish_timeout_s)
-    return aioredis.Redis.from_url(
-        settings.broker_url,
-        socket_connect_timeout=settings.connect_timeout_s,
-        socket_timeout=timeout_s,
-        client_name=name.replace(" ", "_")[:100],
-        health_check_interval=30,
-    )
-
-
-async def check_durable(client: aioredis.Redis, settings: Settings) -> None:
-    """A 200 means the event is in the append-only file: refuse to go on without `appendonly
-    yes` and `appendfsync always`, unless the operator opted out (then say so loudly)."""
-    try:
-        aof = (await client.config_get("appendonly")).get("appendonly")
-        fsync = (await client.config_get("appendfsync")).get("appendfsync")
-        policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
-    except rx.ResponseError as exc:
-        why = (
-            f"cannot read Redis's persistence settings ({exc}): b24queue needs appendonly yes, "
-            "appendfsync always and maxmemory-policy noeviction"
-        )
-    else:
-        if (aof, fsync) == ("yes", "always") and not evicts(str(policy)):
-            return
-        why = (
-            f"Redis runs with appendonly {aof}, appendfsync {fsync} and maxmemory-policy "
-            f"{policy}: an event answered 200 can be lost when Redis or its host stops, or "
-            "evicted when memory is full (b24queue needs appendonly yes, appendfsync always "
-            "and maxmemory-policy noeviction)"
-        )
-    if not settings.redis_allow_unsafe:
-        raise ConfigError(why + "; set B24QUEUE_REDIS_ALLOW_UNSAFE=true to run anyway")
-    log.error("UNSAFE: %s; running anyway (B24QUEUE_REDIS_ALLOW_UNSAFE=true)", why)
-
-
-def evicts(policy: str) -> bool:
-    """Whether Redis may evict our keys when full: nothing of ours has a TTL, so volatile-*
-    policies never touch it (they refuse writes, as noeviction does); allkeys-* would."""
-    return not (policy == "noeviction" or policy.startswith("volatile-"))
 
 
 async def check_for_workers(store: Store) -> None:
@@ -103,24 +45,7 @@ async def check_for_workers(store: Store) -> None:
             memory.policy,
         )
     if memory.full:
-        log.warning("%s (the ingress spools them or answers 503); draining", _full(where, memory))
-
-
-def _full(where: str, memory: MemoryRow | None = None) -> str:
-    used = f" ({memory.describe()})" if memory is not None else ""
-    return f"Redis at {where} is over its maxmemory{used}: it takes no new events until drained"
-
-
-def translate(exc: Exception, settings: Settings) -> Exception:
-    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
-        return ConfigError(f"Redis at {settings.redacted_broker_url()} refused: {exc}")
-    if isinstance(exc, rx.OutOfMemoryError):
-        return BrokerUnavailableError(_full(settings.redacted_broker_url()))
-    if isinstance(exc, CONNECTION_ERRORS):
-        return BrokerUnavailableError(
-            f"cannot reach Redis at {settings.redacted_broker_url()}: {exc!r}"
-        )
-    return exc
+        log.warning("%s (the ingress spools them or answers 503); draining", full(where, memory))
 
 
 class Store:
@@ -133,22 +58,16 @@ class Store:
         self.bindings_key, self.version_key = f"{p}:bindings", f"{p}:bindings:version"
         self.queues_key, self.workers_key = f"{p}:queues", f"{p}:workers"
         self._prefix = p
+        names = ("PUBLISH", "DECLARE", "CLAIM", "ACK", "MOVE", "BEAT", "LEAVE", "PRUNE")
         self._scripts = {
-            name: client.register_script(getattr(scripts, name))
-            for name in (
-                "PUBLISH",
-                "DECLARE",
-                "CLAIM",
-                "FAIR_CLAIM",
-                "ACK",
-                "MOVE",
-                "BEAT",
-                "LEAVE",
-                "PRUNE",
-                "REPLAY",
-                "PURGE",
-                "SIZE",
+            name: client.register_script(getattr(module, name))
+            for module, names_of in (
+                (scripts, (*names, "REPLAY", "PURGE", "SIZE")),
+                (fair, ("FAIR_CLAIM",)),
+                (fair_mend, ("RECONCILE", "UNLISTED")),
+                (fair_status, ("PORTALS",)),
             )
+            for name in names_of
         }
         self._routes: tuple[str, list[tuple[str, str]]] | None = None
 
@@ -252,25 +171,11 @@ class Store:
         self, queue: str, owner: str, count: int, lease_s: float, fairness: Fairness | None = None
     ) -> list[Row]:
         """Up to `count` entries: first in, first out, or in turns among the portals when
-        `fairness` is on (`scripts.FAIR_CLAIM`)."""
+        `fairness` is on (`fair.FAIR_CLAIM`)."""
         if fairness is not None and fairness.on:
             weights = json.dumps(dict(fairness.weights)) if fairness.weights else ""
-            found = await self._run(
-                "FAIR_CLAIM",
-                [self.stream(queue), self.later(queue)],
-                [
-                    scripts.GROUP,
-                    owner,
-                    count,
-                    int(lease_s * 1000),
-                    scripts.PARK,
-                    PARK_AT_MOST,
-                    c.H_MEMBER_ID,
-                    fairness.cap or 0,
-                    weights,
-                    MAX_PORTAL_CHARS,
-                ],
-            )
+            args = fair.claim_args(owner, count, lease_s, fairness.cap or 0, weights)
+            found = await self._run("FAIR_CLAIM", [self.stream(queue), self.later(queue)], args)
         else:
             found = await self._run(
                 "CLAIM",
@@ -278,6 +183,20 @@ class Store:
                 [scripts.GROUP, owner, count, int(lease_s * 1000)],
             )
         return [_row(entry_id, fields, int(n)) for entry_id, fields, n in found]
+
+    async def reconcile(
+        self, queue: str, at_most: int = fair_mend.MEND_AT_MOST
+    ) -> tuple[int, bool]:
+        """One step of `fair_mend.RECONCILE` on a fair queue: the next `at_most` entries parked,
+        those in no portal's list added again. Returns (how many it added again, whether it
+        reached the end of what is parked)."""
+        done = await self._run("RECONCILE", [self.stream(queue)], fair_mend.reconcile_args(at_most))
+        return int(done[1]), bool(done[3])
+
+    async def parked_unlisted(self, queue: str) -> bool:
+        """Whether some entries of a fair queue may be parked in no portal's list."""
+        keys = [self.stream(queue)]
+        return bool(await self._run("UNLISTED", keys, fair_mend.unlisted_args()))
 
     async def ack(self, queue: str, rows: Sequence[tuple[Row, str]]) -> list[bool]:
         args: list[Any] = [scripts.GROUP]
@@ -379,6 +298,7 @@ class Store:
     async def overview(self, alive_s: float) -> Overview:
         kinds = {text(k): text(v) for k, v in (await self.client.hgetall(self.queues_key)).items()}
         queues: dict[str, Depth] = {}
+        portals: dict[str, PortalsWaiting] = {}
         for name, kind in kinds.items():
             total = int(await self.client.xlen(self.stream(name)))
             leased = later = 0
@@ -388,11 +308,14 @@ class Store:
                     leased = int(pending["pending"]) - sum(
                         int(x["pending"])
                         for x in pending["consumers"]
-                        if text(x["name"]) == scripts.PARK
+                        if text(x["name"]) == fair.PARK
                     )
                 except rx.ResponseError:  # no group yet
                     leased = 0
                 later = int(await self.client.zcard(self.later(name)))
+                keys = [self.stream(name), self.later(name)]
+                found = await self._run("PORTALS", keys, fair_status.portals_args())
+                portals[name] = fair_status.portals_waiting(found)
             queues[name] = Depth(total - leased, leased, later)
         now = time.time()
         workers: dict[str, int] = {}
@@ -403,7 +326,7 @@ class Store:
                 workers[seen["queue"]] = workers.get(seen["queue"], 0) + 1
                 names.add(seen["name"])
         consumers = [n for n, k in kinds.items() if k == CONSUMER]
-        return Overview(consumers, queues, workers, sorted(names))
+        return Overview(consumers, queues, workers, sorted(names), portals)
 
 
 async def opened(settings: Settings, name: str) -> Store:

@@ -12,7 +12,9 @@ The guarantees every transport keeps (docs/transports/index.md):
   to the `<queue>.dlq` stream with their metadata; each settlement one script, fenced by the
   entry's consumer and delivery count;
 - with `fair_share` (the default) a claim gives its slots to the portals in turn, kept in Redis
-  (`scripts.FAIR_CLAIM`: the same stream and group, new entries parked in per-portal lists);
+  (`fair.FAIR_CLAIM`: the same stream and group, new entries parked in per-portal lists;
+  entries parked in no list found again: `fair_mend`), and `status` counts the portals waiting
+  (`fair_status`);
 - while Redis is unreachable the ingress spools and forwards later;
 - idle workers wake at once by a blocking read on their streams, and poll every
   `B24QUEUE_REDIS_POLL_S` behind it.
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 class Redis:
     name = "redis"
-    shares_by_portal = True  # fair claims (scripts.FAIR_CLAIM)
+    shares_by_portal = True  # fair claims (fair.FAIR_CLAIM)
     caps_per_portal = True
     needs_spool = True
 

@@ -35,7 +35,7 @@ class TestUnroutedLedgerOnRedis(UnroutedLedgerScenarios):
 
 
 class TestStatusOnRedis(StatusScenarios):
-    pass
+    counts_portals = True
 
 
 class TestFairShareOnRedis(FairShareScenarios):

@@ -29,8 +29,9 @@ from b24queue.queues import spec_for
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
 from b24queue.transports.kit import leased
+from b24queue.transports.redis_streams.connection import connect
 from b24queue.transports.redis_streams.publisher import RedisPublisher
-from b24queue.transports.redis_streams.store import Store, connect
+from b24queue.transports.redis_streams.store import Store
 from b24queue.transports.redis_streams.transport import Redis
 from b24queue.worker import Worker
 from tests.support.redis_server import RedisServer, redis_server

@@ -131,7 +131,7 @@ async def test_killed_worker_connections_lose_nothing(queue: Settings, tmp_path:
 
 async def test_what_the_persistence_check_refuses_and_what_the_opt_out_allows() -> None:
     from b24queue.errors import ConfigError
-    from b24queue.transports.redis_streams.store import check_durable
+    from b24queue.transports.redis_streams.connection import check_durable
 
     for extra, refused in (
         (("--maxmemory-policy", "allkeys-lru"), "maxmemory-policy allkeys-lru"),
@@ -156,7 +156,8 @@ async def test_released_and_abandoned_entries_are_claimed_again(queue: Settings)
     from b24queue.events.envelope import envelope_for
     from b24queue.queues import spec_for
     from b24queue.testing import make_event
-    from b24queue.transports.redis_streams.store import Store, connect
+    from b24queue.transports.redis_streams.connection import connect
+    from b24queue.transports.redis_streams.store import Store
 
     async def handle(self: EventConsumer, event: object) -> None:
         return None
@@ -197,7 +198,8 @@ async def test_fair_claims_drain_a_queue_left_by_first_in_first_out_workers(
     from b24queue.events.envelope import envelope_for
     from b24queue.queues import spec_for
     from b24queue.testing import make_event
-    from b24queue.transports.redis_streams.store import Store, connect
+    from b24queue.transports.redis_streams.connection import connect
+    from b24queue.transports.redis_streams.store import Store
 
     async def handle(self: EventConsumer, event: object) -> None:
         return None
@@ -215,9 +217,11 @@ async def test_fair_claims_drain_a_queue_left_by_first_in_first_out_workers(
         await store.release(fair.name, "old")  # and its lease ran out long ago
         given: list[tuple[str, int, str]] = []
         first = await store.claim(fair.name, "new", 4, 60.0, fair.fairness)
-        # The four taken over first, then none of the flood (its 4 are in handlers: capped
-        # at 2), so the quiet portal's.
-        assert [(r.id, r.deliveries) for r in first] == [(r.id, 2) for r in old]
+        # The four taken over are parked again at the head of the flood's list: they take turns
+        # with the quiet portal and count against the cap (2), flagged redelivered.
+        portals = [r.headers.get("x-b24-member-id") for r in first]
+        assert portals == [flood, quiet, flood, quiet], portals
+        assert [(r.id, r.deliveries) for r in first[::2]] == [(r.id, 2) for r in old[:2]]
         view = await store.overview(60.0)
         assert view.queues[fair.name].ready == 19 and view.queues[fair.name].leased == 4
         assert await store.ack(fair.name, [(r, "new") for r in first]) == [True] * 4
@@ -226,11 +230,13 @@ async def test_fair_claims_drain_a_queue_left_by_first_in_first_out_workers(
             assert portals.count(flood) <= 2, portals  # the cap
             given += [(r.id, r.deliveries, str(portals[i])) for i, r in enumerate(rows)]
             assert await store.ack(fair.name, [(r, "new") for r in rows]) == [True] * len(rows)
-        ids = [i for i, _, _ in given]
-        assert len(ids) == len(set(ids)) == 19
-        assert {d for _, d, _ in given} == {1}
-        # Turns: the quiet portal's three are among the first six given.
-        assert [p for _, _, p in given[:6]].count(quiet) == 3, given[:6]
+        ids = [r.id for r in first] + [i for i, _, _ in given]
+        assert len(ids) == len(set(ids)) == 23
+        # The other two taken over come first of the flood's, then what was never claimed.
+        floods = [(i, d) for i, d, p in given if p == flood]
+        assert floods[:2] == [(old[2].id, 2), (old[3].id, 2)], floods
+        assert {d for _, d in floods[2:]} == {1}
+        assert [p for _, _, p in given[:3]].count(quiet) == 1, given[:3]
         assert await store.count(fair.name) == 0
     finally:
         await store.client.aclose()
@@ -241,7 +247,8 @@ async def test_a_fair_claims_entries_are_released_and_taken_over(queue: Settings
     from b24queue.events.envelope import envelope_for
     from b24queue.queues import spec_for
     from b24queue.testing import make_event
-    from b24queue.transports.redis_streams.store import Store, connect
+    from b24queue.transports.redis_streams.connection import connect
+    from b24queue.transports.redis_streams.store import Store
 
     async def handle(self: EventConsumer, event: object) -> None:
         return None
