@@ -47,7 +47,7 @@ await_mgmt() {
 }
 
 cannot_enable() {
-  echo "RabbitMQ on 127.0.0.1:$AMQP_PORT has no management API on :$MGMT_PORT ($1); run where it runs: sudo rabbitmq-plugins enable ${PLUGINS[*]}" >&2
+  echo "RabbitMQ on 127.0.0.1:$AMQP_PORT lacks the management API on :$MGMT_PORT or the consistent-hash exchange ($1); run where it runs: sudo rabbitmq-plugins enable ${PLUGINS[*]}" >&2
   exit 1
 }
 
