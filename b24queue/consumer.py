@@ -4,13 +4,14 @@ reject an event: b24queue.retry)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from b24queue import _constants as c
 from b24queue.errors import ConfigError
 from b24queue.events.event import BINDING, MAX_EVENT_NAME, Event
 from b24queue.idempotency import SeenStore
+from b24queue.ordering import RULES, STRICT, check_path
 
 if TYPE_CHECKING:
     from b24queue.portal.api import Portal, PortalProvider
@@ -53,6 +54,18 @@ class EventConsumer:
     max_in_flight_per_portal: ClassVar[int | None] = None
     # member_id -> weight (1..100, default 1): a portal of weight 3 gets 3 turns for another's 1.
     portal_weights: ClassVar[Mapping[str, int]] = {}
+    # Order within an entity (docs/fairness.md): events of one portal with the same key are never
+    # handled at once, across all worker processes, and start in the order the ingress accepted
+    # them. A dotted path into the event ("data.FIELDS.ID") or a function of the `Event` giving a
+    # short str (or None); an event without a key is not ordered. None: no order (the default).
+    ordering_key: ClassVar[str | Callable[[Event], str | None] | None] = None
+    # While an event waits for a retry, "strict" holds its key's later events until it is
+    # handled or dead-lettered; "lenient" lets them pass (it then runs after them).
+    ordering: ClassVar[str] = STRICT
+    # With an ordering key: when several events of one key wait, the handler gets the latest,
+    # `event.replaces` naming the earlier ones, which are settled with it (for handlers that
+    # re-read the entity anyway: one call where there were several).
+    coalesce: ClassVar[bool] = False
 
     # Set by the worker before `on_start`: what `portal(event)` calls the portal with.
     portals: PortalProvider | None = None
@@ -89,6 +102,7 @@ class EventConsumer:
         cls._check_events()
         cls._check_numbers()
         cls._check_fairness()
+        cls._check_ordering()
 
     @classmethod
     def _bad(cls, attr: str, why: str) -> ConfigError:
@@ -168,3 +182,23 @@ class EventConsumer:
                     f"gives {member_id!r} {weight!r}: a weight is an int from 1 to "
                     f"{MAX_PORTAL_WEIGHT}",
                 )
+
+    @classmethod
+    def _check_ordering(cls) -> None:
+        key = cls.ordering_key
+        if isinstance(key, str):
+            why = check_path(key)
+            if why is not None:
+                raise cls._bad("ordering_key", why)
+        elif key is not None and not callable(key):
+            raise cls._bad(
+                "ordering_key",
+                f"must be a dotted path ('data.FIELDS.ID'), a function of the event or None, "
+                f"got {key!r}",
+            )
+        if cls.ordering not in RULES:
+            raise cls._bad("ordering", f"must be 'strict' or 'lenient', got {cls.ordering!r}")
+        if not isinstance(cls.coalesce, bool):
+            raise cls._bad("coalesce", f"must be True or False, got {cls.coalesce!r}")
+        if cls.coalesce and key is None:
+            raise cls._bad("coalesce", "needs an ordering_key (the events it coalesces share one)")

@@ -45,6 +45,7 @@ class Incoming:
     headers: Mapping[str, Any]
     redelivered: bool = False
     accepted_at: datetime | None = None  # when the ingress accepted it (the message timestamp)
+    replaces: tuple[str, ...] = ()  # earlier events of its key coalesced into it (message_ids)
     # The transport's own object for this delivery (e.g. the AMQP message to ack); opaque here.
     handle: Any = field(default=None, repr=False, compare=False)
 
@@ -100,6 +101,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
             incoming.redelivered,
             incoming.accepted_at,
             digest if isinstance(digest, str) and len(digest) == 64 else None,
+            incoming.replaces,
         )
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())

@@ -18,6 +18,7 @@ from typing import Any
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
+from b24queue.ordering import STRICT, Ordering, path_reader
 
 
 def retry_queue_name(queue: str, delay_s: float) -> str:
@@ -63,6 +64,7 @@ class QueueSpec:
     retry_delays_s: tuple[float, ...]
     max_deliveries: int | None = None
     fairness: Fairness = field(default_factory=Fairness, compare=False)
+    ordering: Ordering = field(default_factory=Ordering, compare=False)
 
     @property
     def dlq(self) -> str:
@@ -83,7 +85,16 @@ def spec_for(consumer: type[EventConsumer]) -> QueueSpec:
             cap=consumer.max_in_flight_per_portal,
             weights={portal_key(k): int(w) for k, w in consumer.portal_weights.items()},
         ),
+        ordering=ordering_of(consumer),
     )
+
+
+def ordering_of(consumer: type[EventConsumer]) -> Ordering:
+    key = consumer.ordering_key
+    if key is None:
+        return Ordering()
+    read = path_reader(key) if isinstance(key, str) else key
+    return Ordering(read, consumer.ordering == STRICT, consumer.__name__, consumer.coalesce)
 
 
 @dataclass(frozen=True, slots=True)

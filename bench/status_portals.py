@@ -41,6 +41,7 @@ def report(name: str, shape: str, portals: list[float], overview: list[float]) -
 
 
 def on_sqlite(shape: str, portal: str) -> None:
+    from b24queue.transports.sqlite import claims
     from b24queue.transports.sqlite import db as schema
     from b24queue.transports.sqlite import queue as q
 
@@ -62,7 +63,7 @@ def on_sqlite(shape: str, portal: str) -> None:
         overview: list[float] = []
         for _ in range(RUNS):
             started = time.perf_counter()
-            q.portals(db, "q", time.time())
+            claims.portals(db, "q", time.time())
             timed(portals, started)
             started = time.perf_counter()
             q.overview(db, 0)
@@ -95,7 +96,7 @@ async def on_postgres(shape: str, portal: str) -> None:
         overview: list[float] = []
         for _ in range(RUNS):
             started = time.perf_counter()
-            await queries.portals(db, "q")
+            await queries.claims.portals(db, "q")
             timed(portals, started)
             started = time.perf_counter()
             await queries.overview(db, 5.0)

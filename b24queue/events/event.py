@@ -210,6 +210,14 @@ class Event(BaseModel):
         return redelivered
 
     @property
+    def replaces(self) -> tuple[str, ...]:
+        """Set by the worker for a consumer with `coalesce`: the message_ids of the earlier events
+        of this event's key that were waiting and are settled with it, oldest first (`()`: none;
+        `len(event.replaces)` is how many). Handling this one handles them."""
+        replaces: tuple[str, ...] = _private(self)["_replaces"]
+        return replaces
+
+    @property
     def accepted_at(self) -> datetime | None:
         """Set by the worker: when the ingress accepted the event (the message's timestamp, whole
         seconds, UTC). A spooled event keeps the time it was accepted, so with `ts` (when the
@@ -225,15 +233,18 @@ def mark_delivered(
     redelivered: bool,
     accepted_at: datetime | None = None,
     token_digest: str | None = None,
+    replaces: tuple[str, ...] = (),
 ) -> None:
     """The delivery facts of an event the worker just decoded (private attributes, not fields:
-    they are not part of the body). `token_digest`: of the token it came with (H_TOKEN_DIGEST)."""
+    they are not part of the body). `token_digest`: of the token it came with (H_TOKEN_DIGEST);
+    `replaces`: the message_ids of the earlier events of its key coalesced into it."""
     private = _private(event)
     private["_message_id"] = message_id
     private["_attempt"] = attempt
     private["_redelivered"] = redelivered
     private["_accepted_at"] = accepted_at
     private["_token_digest"] = token_digest
+    private["_replaces"] = replaces
 
 
 def token_digest_of(event: Event) -> str | None:
@@ -251,6 +262,7 @@ _PRIVATE_DEFAULTS: dict[str, Any] = {
     "_redelivered": False,
     "_accepted_at": None,
     "_token_digest": None,
+    "_replaces": (),
 }
 
 

@@ -10,7 +10,7 @@ handler; a retry or dead-letter copy durable before the original goes); declarin
 
 What only some transports can do is an optional capability, a protocol of its own that the
 transport's class implements or not (`ExportsDefinitions`, `PlansBindings`,
-`DeclaresExchanges`, `SharesByPortal`, `CapsPerPortal`): the caller asks
+`DeclaresExchanges`, `SharesByPortal`, `CapsPerPortal`, `OrdersByKey`): the caller asks
 `isinstance(transport, Capability)`, never which transport it is.
 """
 
@@ -173,14 +173,25 @@ class CapsPerPortal(Protocol):
     caps_per_portal: bool
 
 
+@runtime_checkable
+class OrdersByKey(Protocol):
+    """A transport whose queue keeps a consumer's order within an entity
+    (`EventConsumer.ordering_key`, under both rules of `EventConsumer.ordering`): events of one
+    portal and key never in handlers at once, across every worker process, and started in the
+    order the ingress accepted them (docs/fairness.md)."""
+
+    orders_by_key: bool
+
+
 def check_fairness(transport: Transport, classes: Sequence[type[EventConsumer]]) -> None:
-    """A per-portal cap is a promise about a portal's REST limits: refused where the transport
-    cannot keep it (the fair share itself is best effort there: first in, first out)."""
-    if isinstance(transport, CapsPerPortal):
-        return
+    """A per-portal cap is a promise about a portal's REST limits, an ordering key one about an
+    app's writes: each refused where the transport cannot keep it (the fair share itself is best
+    effort there: first in, first out)."""
     for cls in classes:
-        if cls.max_in_flight_per_portal is not None:
+        if cls.max_in_flight_per_portal is not None and not isinstance(transport, CapsPerPortal):
             raise not_offered(transport, f"{cls.__name__}.max_in_flight_per_portal")
+        if cls.ordering_key is not None and not isinstance(transport, OrdersByKey):
+            raise not_offered(transport, f"{cls.__name__}.ordering_key")
 
 
 def not_offered(transport: Transport, what: str) -> ConfigError:

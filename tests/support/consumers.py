@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from b24queue import Event, EventConsumer
+from b24queue import Event, EventConsumer, Retry
 
 Handle = Callable[[EventConsumer, Event], Awaitable[None]]
 
@@ -203,3 +203,35 @@ class PortalRecorder(EventConsumer):
         await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")))
         with open(os.environ["B24QT_RECORD"], "a") as f:
             f.write(f"done {member} {time.time():.6f} {event.message_id}\n")
+
+
+class OrderRecorder(EventConsumer):
+    """The ordering scenarios' consumer (tests/conformance/ordering.py), keyed by
+    `data.FIELDS.ID` under the rule B24QT_ORDERING: one line per handler start and end,
+    `start|done|fail <key> <time.time()> <seq>` (`data.FIELDS.SEQ`), sleeping B24QT_SLEEP_S
+    between; an event whose `data.FIELDS.RETRY` is "1" fails its first attempt (retried 0.4 s
+    later). B24QT_COALESCE=1: `coalesce` on, and a line of an event that replaces others ends
+    with their message_ids, comma-separated."""
+
+    queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
+    events = ("#",)
+    prefetch = int(os.environ.get("B24QT_PREFETCH", "8"))
+    retry_delays_s = (0.4,)
+    handle_timeout_s = float(os.environ.get("B24QT_HANDLE_TIMEOUT_S", "3"))
+    ordering_key = "data.FIELDS.ID"
+    ordering = os.environ.get("B24QT_ORDERING", "strict")
+    coalesce = os.environ.get("B24QT_COALESCE") == "1"
+
+    async def handle(self, event: Event) -> None:
+        fields = event.payload["data"]["FIELDS"]
+        line = f"{fields['ID']} {{}} {fields['SEQ']}"
+        if event.replaces:  # a fifth field: the message_ids coalesced into it
+            line += " " + ",".join(event.replaces)
+        with open(os.environ["B24QT_RECORD"], "a") as f:
+            f.write("start " + line.format(time.time()) + "\n")
+        await asyncio.sleep(float(os.environ.get("B24QT_SLEEP_S", "0")))
+        failed = fields.get("RETRY") == "1" and event.attempt == 1
+        with open(os.environ["B24QT_RECORD"], "a") as f:
+            f.write(("fail " if failed else "done ") + line.format(time.time()) + "\n")
+        if failed:
+            raise Retry("the scenario's retry in the middle")

@@ -50,11 +50,25 @@ async def forget_ledger(settings: Settings) -> None:
         await db.close()
 
 
+async def to_schema_3(settings: Settings) -> None:
+    """As a queue made by a b24queue before ordered claims: no order_key, schema 3."""
+    db = await asyncpg.connect(POSTGRES_URL)
+    try:
+        s = f'"{settings.postgres_schema}"'
+        await db.execute(f"DROP INDEX {s}.messages_order")
+        await db.execute(f"ALTER TABLE {s}.messages DROP COLUMN order_key")
+        await db.execute(f"UPDATE {s}.meta SET value = '3' WHERE key = 'schema'")
+    finally:
+        await db.close()
+
+
 async def to_schema_2(settings: Settings) -> None:
     """As a queue made by a b24queue before fair claims: no portal column, no turns, schema 2."""
     db = await asyncpg.connect(POSTGRES_URL)
     try:
         s = f'"{settings.postgres_schema}"'
+        await db.execute(f"DROP INDEX {s}.messages_order")
+        await db.execute(f"ALTER TABLE {s}.messages DROP COLUMN order_key")
         await db.execute(f"DROP INDEX {s}.messages_portal")
         await db.execute(f"ALTER TABLE {s}.messages DROP COLUMN portal")
         await db.execute(f"DROP TABLE {s}.portal_turns, {s}.queue_clocks")

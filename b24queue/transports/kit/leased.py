@@ -55,6 +55,9 @@ class Row:
     event_type: str
     deliveries: int
     fence: int
+    # Coalescing (`EventConsumer.coalesce`): the earlier rows of its group leased with it, oldest
+    # first; settled with it (handled, retried or dead-lettered together).
+    replaced: tuple[Row, ...] = ()
 
     def envelope(self, headers: dict[str, Any]) -> Envelope:
         """The event again, with these headers (a replay out of a DLQ or the unrouted queue)."""
@@ -167,7 +170,7 @@ class LeasedRunner(HandlingRunner):
 
     async def _heartbeat(self) -> None:
         name = f"b24queue worker {self.spec.name} {socket.gethostname()}:{os.getpid()}"
-        ids = [row.id for row in self._rows.values()]
+        ids = [r.id for row in self._rows.values() for r in (row, *row.replaced)]
         await self._leases.beat(self.owner, self.spec.name, name, ids, self._lease_s)
 
     async def _claim(self, count: int) -> int:
@@ -193,6 +196,7 @@ class LeasedRunner(HandlingRunner):
             headers=row.headers,
             redelivered=row.deliveries > 1,
             accepted_at=row.timestamp,
+            replaces=tuple(r.message_id for r in row.replaced),
             handle=row,
         )
         if row.deliveries > self.consumer.max_deliveries:

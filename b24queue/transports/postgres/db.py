@@ -23,7 +23,8 @@ from b24queue.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: queue_sizes; 3: messages.portal, portal_turns, queue_clocks
+SCHEMA_VERSION = 4  # 2: queue_sizes; 3: messages.portal, portal_turns, queue_clocks;
+# 4: messages.order_key
 # A connection of our own or one lent by a pool.
 Db: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 # Errors that mean "the database is away or was restarted", as opposed to a bad statement.
@@ -65,7 +66,8 @@ def schema_statements(schema: str) -> list[str]:
             lease_until timestamptz,
             deliveries integer NOT NULL DEFAULT 0,
             fence bigint NOT NULL DEFAULT 0,
-            portal text NOT NULL DEFAULT ''
+            portal text NOT NULL DEFAULT '',
+            order_key text
         ) WITH (fillfactor = 80)""",
         # Claims read a queue in due order: the rows being handled first (few: prefetch per
         # worker), then the due ones; those waiting for a retry are past the range scanned.
@@ -77,6 +79,7 @@ def schema_statements(schema: str) -> list[str]:
         "name text NOT NULL, seen_at timestamptz NOT NULL)",
         *_sizes(s),
         *_turns(s),
+        *_order(s),
     ]
 
 
@@ -114,6 +117,16 @@ def _portals(s: str) -> list[str]:
         f"'\"{c.H_MEMBER_ID}\": *\"([A-Za-z0-9_]{{1,{MAX_PORTAL_CHARS}}})\"'), '') "
         f"WHERE headers LIKE '%{c.H_MEMBER_ID}%'",
         *_turns(s),
+    ]
+
+
+def _order(s: str) -> list[str]:
+    # order_key: the row's group under its consumer's order (b24queue.ordering), NULL until the
+    # first ordered claim keys it. Ordered claims read a group's rows in the order accepted, and
+    # the rows not keyed yet in that order, by this index.
+    return [
+        f"ALTER TABLE {s}.messages ADD COLUMN IF NOT EXISTS order_key text",
+        f"CREATE INDEX IF NOT EXISTS messages_order ON {s}.messages (queue, order_key, id)",
     ]
 
 
@@ -247,9 +260,13 @@ async def ensure_schema(connection: Db, schema: str) -> None:
 async def _upgrade(connection: Db, schema: str, version: int) -> None:
     """In place, in the caller's transaction, by a role that may alter the schema: from 1
     (before `queue_sizes`) its table; from 2 (before fair claims) each row's portal, its index
-    and the turns' tables. The rows waiting stay."""
+    and the turns' tables; from 3 (before ordered claims) the order key's column (NULL: keyed by
+    the first ordered claim that meets the row; no row is read here) and its index. The rows
+    waiting stay."""
     s = f'"{schema}"'
-    statements = (_sizes(s) if version < 2 else []) + _portals(s)
+    statements = (
+        (_sizes(s) if version < 2 else []) + (_portals(s) if version < 3 else []) + _order(s)
+    )
     try:
         for statement in statements:
             # A backlog of millions is read once here: the statements' usual bound (seconds)
@@ -259,7 +276,7 @@ async def _upgrade(connection: Db, schema: str, version: int) -> None:
         raise ConfigError(
             f"PostgreSQL schema {schema!r} has queue schema {version}; this b24queue needs "
             f"{SCHEMA_VERSION} (new tables {schema}.queue_sizes, {schema}.portal_turns, "
-            f"{schema}.queue_clocks and a column of {schema}.messages): start it once as the "
+            f"{schema}.queue_clocks and columns of {schema}.messages): start it once as the "
             "role that owns the schema (`b24queue topology` does), then grant the app's role "
             "SELECT, INSERT, UPDATE, DELETE on the new tables"
         ) from None

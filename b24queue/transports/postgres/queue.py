@@ -8,36 +8,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
-
-import asyncpg
 
 from b24queue import _constants as c
 from b24queue.events.envelope import Envelope
+from b24queue.ordering import Ordering
 from b24queue.queues import Fairness, portal_key, topic_regex
-from b24queue.transports.kit import tables
-from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
+from b24queue.transports.postgres.claims import COLUMNS, Claims, row_of
 from b24queue.transports.postgres.db import Db, notify_channel
-from b24queue.transports.status import PortalsWaiting
-
-_COLUMNS = "id, message_id, routing_key, body, headers, stamp, event_type, deliveries, fence"
-
-
-def _row(record: asyncpg.Record) -> Row:
-    return Row(
-        record["id"],
-        record["message_id"],
-        record["routing_key"],
-        bytes(record["body"]),
-        json.loads(record["headers"]),
-        record["stamp"],
-        record["event_type"],
-        record["deliveries"],
-        record["fence"],
-    )
 
 
 def _regex(pattern: str) -> str:
@@ -92,75 +74,7 @@ class Queries:
                 SELECT id FROM {s}.messages WHERE queue = $3 AND available_at <= now()
                     AND (lease_until IS NULL OR lease_until < now())
                 ORDER BY available_at, id LIMIT $4 FOR UPDATE SKIP LOCKED
-            ) RETURNING {_COLUMNS}
-        """
-        # Fair claims (`claim_fair`): the portals with rows in the queue, by a loose scan of
-        # `messages_portal` (one probe each, never a portal's backlog), those with a due, free row
-        # (one more probe each: a portal whose rows all wait for a retry takes no part in the
-        # turns, else it would win a slot, read nothing and be asked again, round after round),
-        # with their passes, their rows in handlers now (across workers) and the queue's clock.
-        portals = f"""
-            WITH RECURSIVE p AS (
-                (SELECT portal FROM {s}.messages WHERE queue = $1 ORDER BY portal LIMIT 1)
-                UNION ALL
-                SELECT (SELECT m.portal FROM {s}.messages m WHERE m.queue = $1
-                    AND m.portal > p.portal ORDER BY m.portal LIMIT 1)
-                FROM p WHERE p.portal IS NOT NULL
-            ), leased AS (
-                SELECT portal, count(*) AS n FROM {s}.messages
-                WHERE lease_owner IS NOT NULL AND queue = $1 AND lease_until >= now() AND $2
-                GROUP BY portal
-            )"""
-        self.portals_sql = f"""{portals}
-            SELECT p.portal, t.pass, coalesce(l.n, 0) AS leased,
-                (SELECT clock FROM {s}.queue_clocks WHERE queue = $1) AS clock
-            FROM p LEFT JOIN {s}.portal_turns t ON t.queue = $1 AND t.portal = p.portal
-                LEFT JOIN leased l ON l.portal = p.portal
-            WHERE p.portal IS NOT NULL AND EXISTS (
-                SELECT 1 FROM {s}.messages m WHERE m.queue = $1 AND m.portal = p.portal
-                    AND m.available_at <= now() AND (m.lease_until IS NULL OR m.lease_until < now())
-                ORDER BY m.available_at, m.id LIMIT 1)
-        """
-        # `status`'s portals of a queue (`portals`): the same portals and rows in handlers (with
-        # $2 true), up to $3 portals, each one's rows counted on the portal index up to $4 past
-        # its rows in handlers (in the index's order: without it, the planner may scan the table
-        # for a large portal).
-        self.status_portals_sql = f"""{portals},
-            read AS (SELECT portal FROM p WHERE portal IS NOT NULL LIMIT $3)
-            SELECT r.portal, coalesce(l.n, 0) AS leased,
-                (SELECT count(*) FROM (SELECT 1 FROM {s}.messages m
-                    WHERE m.queue = $1 AND m.portal = r.portal
-                    ORDER BY m.available_at, m.id LIMIT coalesce(l.n, 0) + $4) x) AS n
-            FROM read r LEFT JOIN leased l ON l.portal = r.portal
-        """
-        # Each portal's oldest due, free rows, as many as asked of it.
-        self.portal_due_sql = f"""
-            SELECT w.portal, r.id, r.available_at FROM unnest($2::text[], $3::int[]) AS w(portal, n)
-            CROSS JOIN LATERAL (
-                SELECT id, available_at FROM {s}.messages
-                WHERE queue = $1 AND portal = w.portal AND available_at <= now()
-                    AND (lease_until IS NULL OR lease_until < now())
-                ORDER BY available_at, id LIMIT w.n FOR UPDATE SKIP LOCKED
-            ) r
-        """
-        # The rows leased, and the turns written back: the served portals' passes, the clock,
-        # and the passes the clock has reached gone (they say no more than none: such a portal
-        # starts at the clock).
-        self.lease_sql = f"""
-            WITH served AS (
-                INSERT INTO {s}.portal_turns SELECT $4, * FROM unnest($5::text[], $6::float8[])
-                ON CONFLICT (queue, portal) DO UPDATE SET pass = excluded.pass
-            ), clock AS (
-                INSERT INTO {s}.queue_clocks VALUES ($4, $7)
-                ON CONFLICT (queue) DO UPDATE SET clock = excluded.clock
-            ), reached AS (
-                DELETE FROM {s}.portal_turns WHERE queue = $4 AND pass <= $7
-                    AND NOT portal = any($5::text[])
-            )
-            UPDATE {s}.messages SET lease_owner = $1,
-                lease_until = now() + make_interval(secs => $2), deliveries = deliveries + 1,
-                fence = fence + 1
-            WHERE id = any($3::bigint[]) RETURNING {_COLUMNS}
+            ) RETURNING {COLUMNS}
         """
         self.ack_sql = f"""
             DELETE FROM {s}.messages m USING unnest($1::bigint[], $2::text[], $3::int[])
@@ -171,11 +85,12 @@ class Queries:
         self.dead_letter_sql = f"""
             WITH gone AS (
                 DELETE FROM {s}.messages WHERE id = $1 AND lease_owner = $2 AND fence = $3
-                RETURNING message_id, routing_key, body, stamp, event_type, portal
+                RETURNING message_id, routing_key, body, stamp, event_type, portal, order_key
             )
             INSERT INTO {s}.messages (queue, message_id, routing_key, body, headers, stamp,
-                event_type, portal)
-            SELECT $4, message_id, routing_key, body, $5, stamp, event_type, portal FROM gone
+                event_type, portal, order_key)
+            SELECT $4, message_id, routing_key, body, $5, stamp, event_type, portal, order_key
+            FROM gone
             RETURNING id
         """
         self.retry_sql = f"""
@@ -185,6 +100,7 @@ class Queries:
             WHERE id = $1 AND lease_owner = $2 AND fence = $3
         """
         self.s = s
+        self.claims = Claims(schema)
 
     async def publish(
         self, db: Db, envelopes: Sequence[Envelope], unrouted: str
@@ -266,71 +182,31 @@ class Queries:
         count: int,
         lease_s: float,
         fairness: Fairness | None = None,
+        ordering: Ordering | None = None,
     ) -> list[Row]:
-        """Up to `count` due rows: in turns among the portals with `fairness.on` (`claim_fair`),
-        else in due order."""
+        """Up to `count` due rows: in turns among the portals with `fairness.on`, else in due
+        order; with `ordering.on`, none held back by its group's order
+        (b24queue.transports.postgres.claims)."""
         if fairness is not None and fairness.on:
-            return await self.claim_fair(db, queue, owner, count, lease_s, fairness)
+            return await self.claims.claim_fair(
+                db, queue, owner, count, lease_s, fairness, ordering
+            )
+        if ordering is not None and ordering.on:
+            return await self.claims.claim_ordered(db, queue, owner, count, lease_s, ordering)
         records = await db.fetch(self.claim_sql, owner, lease_s, queue, count)
-        return sorted((_row(r) for r in records), key=lambda r: r.id)
-
-    async def claim_fair(
-        self, db: Db, queue: str, owner: str, count: int, lease_s: float, fairness: Fairness
-    ) -> list[Row]:
-        """Up to `count` due rows, in turns among the portals (b24queue.transports.kit.fair), in
-        one transaction. The fair claims of a queue take turns (an advisory lock, held to the
-        commit): the turns and the cap are read and written by one claim at a time, across every
-        worker process; the rows are still locked `FOR UPDATE SKIP LOCKED`."""
-        async with db.transaction():
-            # Alone, before any read: each later statement sees what the previous claim wrote.
-            await db.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"b24queue:{self.schema}:{queue}"
-            )
-            found = await db.fetch(self.portals_sql, queue, fairness.cap is not None)
-            if not found:
-                return []
-            plan = Claim(
-                count,
-                [r["portal"] for r in found],
-                {r["portal"]: r["pass"] for r in found if r["pass"] is not None},
-                found[0]["clock"] or 0.0,
-                fairness,
-                {r["portal"]: r["leased"] for r in found},
-            )
-            while wanted := plan.wanted():
-                rows = await db.fetch(
-                    self.portal_due_sql, queue, list(wanted), list(wanted.values())
-                )
-                ids: dict[str, list[int]] = {p: [] for p in wanted}
-                for r in sorted(rows, key=lambda r: (r["available_at"], r["id"])):
-                    ids[r["portal"]].append(r["id"])
-                for portal, n in wanted.items():
-                    plan.found(portal, ids[portal], n)
-            chosen = plan.ids()
-            if not chosen:
-                return []
-            turns = plan.turns
-            records = await db.fetch(
-                self.lease_sql,
-                owner,
-                lease_s,
-                chosen,
-                queue,
-                list(turns.passes),
-                list(turns.passes.values()),
-                turns.clock,
-            )
-        return sorted((_row(r) for r in records), key=lambda r: r.id)
+        return sorted((row_of(r) for r in records), key=lambda r: r.id)
 
     async def ack(self, db: Db, rows: Sequence[tuple[Row, str]]) -> list[bool]:
-        """Each only while its delivery still holds the lease."""
+        """Each only while its delivery still holds the lease; with the rows coalesced into it
+        (`Row.replaced`), each likewise."""
+        every = [(r, owner) for row, owner in rows for r in (row, *row.replaced)]
         done = {
             r["id"]
             for r in await db.fetch(
                 self.ack_sql,
-                [row.id for row, _ in rows],
-                [owner for _, owner in rows],
-                [row.fence for row, _ in rows],
+                [row.id for row, _ in every],
+                [owner for _, owner in every],
+                [row.fence for row, _ in every],
             )
         }
         return [row.id in done for row, _ in rows]
@@ -348,7 +224,30 @@ class Queries:
     ) -> bool:
         """Retry (the same row, later) or dead-letter (a new row at the end of the DLQ: a DLQ
         is in the order things failed), in one statement, only while this delivery holds the
-        lease: there is no moment with the message in two places or none."""
+        lease: there is no moment with the message in two places or none. The rows coalesced
+        into it go the same way first, oldest first, in the caller's transaction (a retry keeps
+        their headers; a dead letter gets its error)."""
+        if row.replaced:
+            held = await db.fetchval(
+                f"SELECT 1 FROM {self.s}.messages WHERE id = $1 AND lease_owner = $2 "
+                "AND fence = $3 FOR UPDATE",
+                row.id,
+                owner,
+                row.fence,
+            )
+            if held is None:
+                return False
+            for r in row.replaced:
+                own = {**r.headers, **headers} if dead_letter else r.headers
+                await self.move(
+                    db,
+                    replace(r, replaced=()),
+                    owner,
+                    queue=queue,
+                    headers=own,
+                    delay_s=delay_s,
+                    dead_letter=dead_letter,
+                )
         encoded = json.dumps(headers, default=str)
         fence = (row.id, owner, row.fence)
         if dead_letter:
@@ -443,13 +342,13 @@ class Queries:
 
     async def first(self, db: Db, queue: str, limit: int, after: int) -> list[Row]:
         records = await db.fetch(
-            f"SELECT {_COLUMNS} FROM {self.s}.messages WHERE queue = $1 AND id > $2 "
+            f"SELECT {COLUMNS} FROM {self.s}.messages WHERE queue = $1 AND id > $2 "
             "ORDER BY id LIMIT $3",
             queue,
             after,
             limit,
         )
-        return [_row(r) for r in records]
+        return [row_of(r) for r in records]
 
     async def exists(self, db: Db, queue: str) -> bool:
         found = await db.fetchval(f"SELECT 1 FROM {self.s}.queues WHERE name = $1", queue)
@@ -492,22 +391,9 @@ class Queries:
         workers: dict[str, int] = {}
         for r in live:
             workers[r["queue"]] = workers.get(r["queue"], 0) + 1
-        portals = {name: await self.portals(db, name) for name in consumer_queues}
+        portals = {name: await self.claims.portals(db, name) for name in consumer_queues}
         names = sorted({r["name"] for r in live})
         return Overview(consumer_queues, queues, workers, names, portals)
-
-    async def portals(self, db: Db, queue: str) -> PortalsWaiting:
-        """`status`'s portals of a queue, within the bounds of `kit.tables`."""
-        read = await db.fetch(
-            self.status_portals_sql,
-            queue,
-            True,
-            tables.PORTALS_READ + 1,
-            tables.PORTAL_EVENTS_READ + 1,
-        )
-        counted = [(r["portal"], r["n"]) for r in read[: tables.PORTALS_READ]]
-        leased = {r["portal"]: r["leased"] for r in read}
-        return tables.portals_waiting(counted, leased, len(read) <= tables.PORTALS_READ)
 
     async def replay(
         self,

@@ -28,6 +28,7 @@ class Settle:
     queue: str | None = None  # None: ack; the consumer's queue: retry; its DLQ: dead-letter
     headers: dict[str, Any] = field(default_factory=dict)
     delay_s: float = 0.0
+    wakes: str | None = None  # an ordered queue: its group's next event may be due once settled
 
 
 class PostgresLeases:
@@ -37,6 +38,7 @@ class PostgresLeases:
         self._q = Queries(settings.postgres_schema)
         self.where = f"{settings.redacted_broker_url()} schema {settings.postgres_schema}"
         self.poll_s = settings.postgres_poll_s
+        self._ordered: set[str] = set()  # queues with an order key (their settles notify)
         self._timeout_s = settings.connect_timeout_s
         # Settlements are group-committed, in the order handlers finished: one transaction for
         # whatever finished meanwhile (all acks in one DELETE); a DLQ keeps the order of failures.
@@ -57,7 +59,11 @@ class PostgresLeases:
 
     async def claim(self, spec: QueueSpec, owner: str, count: int, lease_s: float) -> list[Row]:
         async with lent(self._pool, self._timeout_s) as db:
-            return await self._q.claim(db, spec.name, owner, count, lease_s, spec.fairness)
+            if spec.ordering.on:
+                self._ordered.add(spec.name)
+            return await self._q.claim(
+                db, spec.name, owner, count, lease_s, spec.fairness, spec.ordering
+            )
 
     async def _settle_batch(self, items: list[Settle]) -> list[bool]:
         done: dict[int, bool] = {}
@@ -77,20 +83,29 @@ class PostgresLeases:
             if acks:
                 acked = await self._q.ack(db, [(s.row, s.owner) for _, s in acks])
                 done.update((i, ok) for (i, _), ok in zip(acks, acked, strict=True))
+            wakes = sorted({s.wakes for s in items if s.wakes is not None})
+            if wakes:  # every process's workers of those queues look now, not at their poll
+                await db.execute(
+                    "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", self._q.channel, wakes
+                )
         return [done[i] for i in range(len(items))]
 
     async def ack(self, row: Row, owner: str, queue: str) -> bool:
-        return await self._settles.submit(Settle(row, owner))
+        return await self._settles.submit(Settle(row, owner, wakes=self._wakes(queue)))
 
     async def move(
         self, row: Row, owner: str, *, queue: str, headers: dict[str, Any], delay_s: float
     ) -> bool:
-        moved = await self._settles.submit(Settle(row, owner, queue, headers, delay_s))
+        wakes = self._wakes(queue.removesuffix(c.DLQ_SUFFIX))
+        moved = await self._settles.submit(Settle(row, owner, queue, headers, delay_s, wakes))
         if moved and not queue.endswith(c.DLQ_SUFFIX):
             # Due then: this process looks at once (other workers by their poll).
             wake = self.wake(queue)
             asyncio.get_running_loop().call_later(delay_s, wake.set)
         return moved
+
+    def _wakes(self, queue: str) -> str | None:
+        return queue if queue in self._ordered else None
 
     async def beat(self, owner: str, queue: str, name: str, ids: list[int], lease_s: float) -> None:
         async with lent(self._pool, self._timeout_s) as db:

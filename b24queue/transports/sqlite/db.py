@@ -27,7 +27,8 @@ from b24queue.transports.kit.batching import Batcher
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3  # 2: messages.fence; 3: messages.portal, portal_turns, queue_clocks
+SCHEMA_VERSION = 4  # 2: messages.fence; 3: messages.portal, portal_turns, queue_clocks;
+# 4: messages.order_key
 BUSY_TIMEOUT_MS = 5000
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -50,7 +51,8 @@ _TABLES = (
         lease_until REAL,
         deliveries INTEGER NOT NULL DEFAULT 0,
         fence INTEGER NOT NULL DEFAULT 0,
-        portal TEXT NOT NULL DEFAULT ''
+        portal TEXT NOT NULL DEFAULT '',
+        order_key TEXT
     )""",
     # The unrouted queue's events and body bytes, changed with every write to it: its cap is
     # checked without counting it (`queue.publish`).
@@ -74,6 +76,9 @@ _INDEXES = (
     # A worker's heartbeat finds the rows it holds by owner.
     "CREATE INDEX IF NOT EXISTS messages_leased ON messages (lease_owner) "
     "WHERE lease_owner IS NOT NULL",
+    # Ordered claims (b24queue.ordering): a group's rows in the order accepted, and (order_key
+    # NULL) the rows no claim has keyed yet, in that order.
+    "CREATE INDEX IF NOT EXISTS messages_order ON messages (queue, order_key, id)",
 )
 # From schema 2: each row's portal from its headers (what the ingress put there), "" for none.
 _BACKFILL_PORTAL = (
@@ -114,9 +119,12 @@ def _upgrade(db: sqlite3.Connection, version: int) -> None:
     start anew."""
     if version == 1:  # before the fence column
         db.execute("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0")
-    db.execute("ALTER TABLE messages ADD COLUMN portal TEXT NOT NULL DEFAULT ''")
-    member = c.H_MEMBER_ID
-    db.execute(_BACKFILL_PORTAL, (f'$."{member}"', MAX_PORTAL_CHARS, member))
+    if version < 3:  # before the portal column
+        db.execute("ALTER TABLE messages ADD COLUMN portal TEXT NOT NULL DEFAULT ''")
+        member = c.H_MEMBER_ID
+        db.execute(_BACKFILL_PORTAL, (f'$."{member}"', MAX_PORTAL_CHARS, member))
+    # Before order keys: every row NULL, keyed by the first ordered claim that meets it.
+    db.execute("ALTER TABLE messages ADD COLUMN order_key TEXT")
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
 

@@ -8,34 +8,17 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
 from typing import Any
 
 from b24queue import _constants as c
 from b24queue.events.envelope import Envelope
+from b24queue.ordering import Ordering
 from b24queue.queues import Fairness, portal_key, topic_matches
-from b24queue.transports.kit import tables
-from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
 from b24queue.transports.kit.tables import CONSUMER, DLQ, UNROUTED, Depth, Overview
 from b24queue.transports.kit.unrouted import UnroutedCap
-from b24queue.transports.status import PortalsWaiting
-
-_MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, fence"
-
-
-def _row(values: tuple[Any, ...]) -> Row:
-    return Row(
-        values[0],
-        values[1],
-        values[2],
-        bytes(values[3]),
-        json.loads(values[4]),
-        datetime.fromisoformat(values[5]),
-        values[6],
-        values[7],
-        values[8],
-    )
+from b24queue.transports.sqlite import claims
+from b24queue.transports.sqlite.claims import MESSAGE, row_of
 
 
 def publish(
@@ -111,13 +94,16 @@ def _shrank(db: sqlite3.Connection, queue: str, sizes: list[int]) -> None:
         )
 
 
-def due(db: sqlite3.Connection, queue: str) -> bool:
-    """Is anything ready to be claimed (a read: idle workers poll with this, not a write)?"""
+def due(db: sqlite3.Connection, queue: str, ordering: Ordering | None = None) -> bool:
+    """Is anything ready to be claimed (a read: idle workers poll with this, not a write)? Under
+    an order, a row its order holds back is not (a key held by a retry would have every idle
+    worker take the write lock at each poll for nothing); one not keyed yet is."""
     now = time.time()
+    free = claims.ordered_free(ordering, unkeyed=1)
     row = db.execute(
-        "SELECT 1 FROM messages WHERE queue = ? AND available_at <= ? "
-        "AND (lease_until IS NULL OR lease_until < ?) LIMIT 1",
-        (queue, now, now),
+        "SELECT 1 FROM messages m WHERE queue = ?1 AND available_at <= ?4 "  # noqa: S608
+        f"AND (lease_until IS NULL OR lease_until < ?4) {free} LIMIT 1",
+        (queue, None, None, now),
     ).fetchone()
     return row is not None
 
@@ -129,9 +115,11 @@ def claim(
     count: int,
     lease_s: float,
     fairness: Fairness | None = None,
+    ordering: Ordering | None = None,
 ) -> list[Row]:
     """Lease up to `count` due messages (an expired lease counts as free): in turns among the
-    portals with `fairness.on` (`claim_fair`), else in due order.
+    portals with `fairness.on`, else in due order; with `ordering.on`, no two of one portal and
+    key in handlers at once, in the order they were accepted (b24queue.transports.sqlite.claims).
 
     Due order is `available_at`, then `id`: the order of `messages_due`, so the claim walks that
     index from the queue's first row and stops after `count` free ones, passing only the rows
@@ -139,108 +127,52 @@ def claim(
     retry. Its time under the write lock does not grow with the backlog (ordered by `id` alone,
     it read and sorted every due row each time). A retried event is due again behind those that
     arrived before its delay ended, as on RabbitMQ and PostgreSQL."""
+    if ordering is not None and ordering.on:
+        claims.stamp(db, queue, ordering)
     if fairness is not None and fairness.on:
-        return claim_fair(db, queue, owner, count, lease_s, fairness)
-    now = time.time()
-    sql = (
-        "UPDATE messages SET lease_owner = ?, lease_until = ?, deliveries = deliveries + 1, "
-        "fence = fence + 1 "
-        "WHERE id IN (SELECT id FROM messages WHERE queue = ? AND available_at <= ? "
-        "AND (lease_until IS NULL OR lease_until < ?) ORDER BY available_at, id LIMIT ?) "
-        "RETURNING id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, "
-        "fence"
-    )
-    rows = db.execute(sql, (owner, now + lease_s, queue, now, now, count)).fetchall()
-    return sorted((_row(r) for r in rows), key=lambda r: r.id)
+        taken = claims.claim_fair(db, queue, owner, count, lease_s, fairness, ordering)
+    else:
+        taken = _claim_in_order(db, queue, owner, count, lease_s, ordering)
+    if ordering is not None and ordering.coalesce:
+        return claims.coalesced(db, taken, owner, lease_s)
+    return taken
 
 
-# The portals with rows in a queue, one probe of `messages_portal` each (a loose index scan):
-# a portal's backlog is never read for it.
-_PORTALS = """
-    WITH RECURSIVE p(portal) AS (
-        SELECT (SELECT portal FROM messages WHERE queue = ?1 ORDER BY portal LIMIT 1)
-        UNION ALL
-        SELECT (SELECT m.portal FROM messages m WHERE m.queue = ?1 AND m.portal > p.portal
-            ORDER BY m.portal LIMIT 1) FROM p WHERE p.portal IS NOT NULL
-    ) SELECT portal FROM p WHERE portal IS NOT NULL
-"""
-# Of those, the portals with a due, free row (one more probe each, on `messages_portal`: past the
-# few rows in handlers, short of those waiting for a retry): only they take part in a claim's
-# turns (a portal whose rows all wait for a retry would win a slot, read nothing, and be asked
-# again, a claim's rounds growing with such portals).
-_DUE_PORTALS = (
-    f"SELECT portal FROM ({_PORTALS}) AS p WHERE EXISTS (SELECT 1 FROM messages m INDEXED BY "  # noqa: S608
-    "messages_portal WHERE m.queue = ?1 AND m.portal = p.portal AND m.available_at <= ?2 "
-    "AND (m.lease_until IS NULL OR m.lease_until < ?2))"
-)
-# A queue's rows in handlers now, by portal, across workers.
-_LEASED_BY_PORTAL = (
-    "SELECT portal, count(*) FROM messages INDEXED BY messages_leased "
-    "WHERE lease_owner IS NOT NULL AND queue = ? AND lease_until >= ? GROUP BY portal"
-)
-# A portal's oldest due, free rows: those being handled (few) are passed, those waiting for a
-# retry are past the range read.
-_PORTAL_DUE = (
-    "SELECT id FROM messages INDEXED BY messages_portal WHERE queue = ? AND portal = ? "
-    "AND available_at <= ? AND (lease_until IS NULL OR lease_until < ?) "
-    "ORDER BY available_at, id LIMIT ?"
-)
-_LEASE = (
-    "UPDATE messages SET lease_owner = ?, lease_until = ?, deliveries = deliveries + 1, "  # noqa: S608
-    f"fence = fence + 1 WHERE id IN ({{}}) RETURNING {_MESSAGE}"
-)
-
-
-def claim_fair(
-    db: sqlite3.Connection, queue: str, owner: str, count: int, lease_s: float, fairness: Fairness
+def _claim_in_order(
+    db: sqlite3.Connection,
+    queue: str,
+    owner: str,
+    count: int,
+    lease_s: float,
+    ordering: Ordering | None,
 ) -> list[Row]:
-    """Lease up to `count` due messages, in turns among the portals (b24queue.transports.kit.fair):
-    the turns are read and written in this transaction, which every process's claims of the
-    queue take in turn (the database's one writer). Reads two index probes per portal with rows
-    in the queue, and the rows of the portals given a slot: not the backlog."""
     now = time.time()
-    portals = [p for (p,) in db.execute(_DUE_PORTALS, (queue, now))]
-    if not portals:
-        return []
-    found = db.execute("SELECT clock FROM queue_clocks WHERE queue = ?", (queue,)).fetchone()
-    clock = float(found[0]) if found else 0.0
-    passes = dict(db.execute("SELECT portal, pass FROM portal_turns WHERE queue = ?", (queue,)))
-    leased: dict[str, int] = {}
-    if fairness.cap is not None:  # the rows in handlers now, by portal, across workers
-        leased = dict(db.execute(_LEASED_BY_PORTAL, (queue, now)))
-    plan = Claim(count, portals, passes, clock, fairness, leased)
-    while wanted := plan.wanted():
-        for portal, n in wanted.items():
-            ids = [i for (i,) in db.execute(_PORTAL_DUE, (queue, portal, now, now, n))]
-            plan.found(portal, ids, n)
-    ids = plan.ids()
-    if not ids:
-        return []
-    rows = db.execute(
-        _LEASE.format(",".join("?" * len(ids))), (owner, now + lease_s, *ids)
-    ).fetchall()
-    turns = plan.turns
-    db.executemany(
-        "INSERT INTO portal_turns VALUES (?, ?, ?) "
-        "ON CONFLICT (queue, portal) DO UPDATE SET pass = excluded.pass",
-        [(queue, p, v) for p, v in turns.passes.items()],
+    free = claims.ordered_free(ordering)
+    sql = (
+        "UPDATE messages SET lease_owner = ?1, lease_until = ?2, deliveries = deliveries + 1, "  # noqa: S608
+        "fence = fence + 1 "
+        "WHERE id IN (SELECT id FROM messages m WHERE queue = ?3 AND available_at <= ?4 "
+        f"AND (lease_until IS NULL OR lease_until < ?4) {free} ORDER BY available_at, id "
+        f"LIMIT ?5) RETURNING {MESSAGE}"
     )
-    db.execute(
-        "INSERT INTO queue_clocks VALUES (?, ?) ON CONFLICT (queue) DO UPDATE SET clock = ?",
-        (queue, turns.clock, turns.clock),
-    )
-    # A pass the clock has reached says no more than none: the portal starts at the clock.
-    db.execute("DELETE FROM portal_turns WHERE queue = ? AND pass <= ?", (queue, turns.clock))
-    return sorted((_row(r) for r in rows), key=lambda r: r.id)
+    rows = db.execute(sql, (owner, now + lease_s, queue, now, count)).fetchall()
+    return sorted((row_of(r) for r in rows), key=lambda r: r.id)
 
 
 def ack(db: sqlite3.Connection, row: Row, owner: str) -> bool:
-    """Only while this claim still holds the row (`fence` tells an older one)."""
+    """Only while this claim still holds the row (`fence` tells an older one); with the rows
+    coalesced into it (`Row.replaced`), each likewise."""
     cursor = db.execute(
         "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
         (row.id, owner, row.fence),
     )
-    return cursor.rowcount == 1
+    if cursor.rowcount != 1:
+        return False
+    db.executemany(
+        "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
+        [(r.id, owner, r.fence) for r in row.replaced],
+    )
+    return True
 
 
 def move(
@@ -254,14 +186,37 @@ def move(
 ) -> bool:
     """Retry (the same queue, later) or dead-letter (its `.dlq`, at the end of it: a DLQ is in the
     order things failed), only while this delivery holds the lease; in the caller's transaction,
-    so there is no moment with the message in two places or none."""
+    so there is no moment with the message in two places or none. The rows coalesced into it go
+    the same way first, oldest first (a retry keeps their headers; a dead letter gets its error)."""
+    if row.replaced:
+        held = db.execute(
+            "SELECT 1 FROM messages WHERE id = ? AND lease_owner = ? AND fence = ?",
+            (row.id, owner, row.fence),
+        ).fetchone()
+        if held is None:
+            return False
+        dead = queue.endswith(".dlq")
+        for r in row.replaced:
+            own = {**r.headers, **headers} if dead else r.headers
+            _move_one(db, r, owner, queue, own, delay_s)
+    return _move_one(db, row, owner, queue, headers, delay_s)
+
+
+def _move_one(
+    db: sqlite3.Connection,
+    row: Row,
+    owner: str,
+    queue: str,
+    headers: dict[str, Any],
+    delay_s: float,
+) -> bool:
     fence = (row.id, owner, row.fence)
     encoded = json.dumps(headers, default=str)
     if queue.endswith(".dlq"):
         copied = db.execute(
             "INSERT INTO messages (queue, message_id, routing_key, body, headers, timestamp, "
-            "event_type, available_at, portal) SELECT ?, message_id, routing_key, body, ?, "
-            "timestamp, event_type, ?, portal FROM messages "
+            "event_type, available_at, portal, order_key) SELECT ?, message_id, routing_key, "
+            "body, ?, timestamp, event_type, ?, portal, order_key FROM messages "
             "WHERE id = ? AND lease_owner = ? AND fence = ?",
             (queue, encoded, time.time(), *fence),
         ).rowcount
@@ -345,9 +300,9 @@ def declare_unrouted(db: sqlite3.Connection, unrouted: str) -> None:
 def first(db: sqlite3.Connection, queue: str, limit: int, after: int = -1) -> list[Row]:
     """Messages of a queue in order, from after id `after` (to read a large queue in pieces)."""
     return [
-        _row(r)
+        row_of(r)
         for r in db.execute(
-            f"SELECT {_MESSAGE} FROM messages WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",  # noqa: S608
+            f"SELECT {MESSAGE} FROM messages WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",  # noqa: S608
             (queue, after, limit),
         )
     ]
@@ -391,32 +346,8 @@ def overview(db: sqlite3.Connection, alive_since: float) -> Overview:
     workers: dict[str, int] = {}
     for queue, _ in live:
         workers[queue] = workers.get(queue, 0) + 1
-    found = {name: portals(db, name, now) for name in consumer_queues}
+    found = {name: claims.portals(db, name, now) for name in consumer_queues}
     return Overview(consumer_queues, queues, workers, sorted({name for _, name in live}), found)
-
-
-def portals(db: sqlite3.Connection, queue: str, now: float) -> PortalsWaiting:
-    """`status`'s portals of a queue, within the bounds of `kit.tables`: the portals by a loose
-    scan, each one's rows counted on the portal index (it covers the count) up to a bound past
-    its rows in handlers now (few: counted apart)."""
-    leased = dict(db.execute(_LEASED_BY_PORTAL, (queue, now)))
-    read = [p for (p,) in db.execute(_PORTALS + " LIMIT ?2", (queue, tables.PORTALS_READ + 1))]
-    counted = [
-        (
-            p,
-            db.execute(
-                _PORTAL_ROWS, (queue, p, leased.get(p, 0) + tables.PORTAL_EVENTS_READ + 1)
-            ).fetchone()[0],
-        )
-        for p in read[: tables.PORTALS_READ]
-    ]
-    return tables.portals_waiting(counted, leased, len(read) <= tables.PORTALS_READ)
-
-
-_PORTAL_ROWS = (
-    "SELECT count(*) FROM (SELECT 1 FROM messages INDEXED BY messages_portal "
-    "WHERE queue = ? AND portal = ? LIMIT ?)"
-)
 
 
 def replay(

@@ -5,11 +5,12 @@ from __future__ import annotations
 from b24queue.settings import Settings
 from tests.conformance.delivery import DeliveryScenarios
 from tests.conformance.fairness import FairShareScenarios, FairShareUpgradeScenarios
+from tests.conformance.ordering import OrderingScenarios, OrderingUpgradeScenarios
 from tests.conformance.processes import ProcessScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
 from tests.support.bench import Bench
-from tests.support.postgres import forget_ledger, to_schema_2
+from tests.support.postgres import forget_ledger, to_schema_2, to_schema_3
 
 
 class TestDeliveryOnPostgres(DeliveryScenarios):
@@ -35,6 +36,15 @@ class TestStatusOnPostgres(StatusScenarios):
 
 class TestFairShareOnPostgres(FairShareScenarios):
     pass
+
+
+class TestOrderingOnPostgres(OrderingScenarios):
+    pass
+
+
+class TestOrderingUpgradeOnPostgres(OrderingUpgradeScenarios):
+    async def to_schema_3(self, bench: Bench) -> None:
+        await to_schema_3(bench.settings)
 
 
 class TestFairShareUpgradeOnPostgres(FairShareUpgradeScenarios):

@@ -286,3 +286,53 @@ async def test_portals_whose_rows_all_wait_for_a_retry_cost_a_fair_claim_no_roun
         await db.close()
     assert row.message_id == e.message_id
     assert counting.fetched <= 4, f"{counting.fetched} statements for one slot"
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_claim_waits_a_bounded_time_for_the_queues_lock_and_dates_its_lease_after_it(
+    schema: Settings, ordered: bool
+) -> None:
+    """A fair or ordered claim of a queue waits for the one under way (its advisory lock): its
+    lease and due times are taken once it holds the lock (not `now()`, the transaction's start,
+    before the wait: the lease would end early by the wait), and it waits at most its bound
+    (then it fails, and the worker claims again after its poll) so a stuck claim cannot hang
+    the others."""
+    from b24queue.events.envelope import envelope_for
+    from b24queue.ordering import Ordering, path_reader
+    from b24queue.queues import Fairness
+    from b24queue.testing import make_event
+    from b24queue.transports.postgres.queue import Queries
+
+    q = Queries(schema.postgres_schema)
+    q.claims.lock_wait_ms = 300
+    ordering = Ordering(path_reader("data.FIELDS.ID"), True, "T") if ordered else None
+    lock = f"b24queue:{schema.postgres_schema}:lock.q"
+    db = await asyncpg.connect(POSTGRES_URL)
+    holder = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await ensure_schema(db, schema.postgres_schema)
+        await q.declare(db, "lock.q", "lock.q.dlq", ("#",))
+        e = envelope_for(make_event("ONCRMDEALUPDATE", {"FIELDS": {"ID": "7"}}))
+        await q.publish(db, [e], schema.unrouted)
+        # A claim that holds the lock for good: the next one gives up within its bound.
+        await holder.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(asyncpg.exceptions.LockNotAvailableError):
+            await q.claim(db, "lock.q", "w", 1, 60.0, Fairness(on=not ordered), ordering)
+        assert asyncio.get_running_loop().time() - started < 3.0
+        # One that holds it for a second: the lease runs 60 s from when the claim got the lock.
+        q.claims.lock_wait_ms = 5000
+        claim = asyncio.create_task(
+            q.claim(db, "lock.q", "w", 1, 60.0, Fairness(on=not ordered), ordering)
+        )
+        await asyncio.sleep(1.0)
+        released = await holder.fetchval("SELECT clock_timestamp()")
+        await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+        [row] = await claim
+        until = await db.fetchval(
+            f'SELECT lease_until FROM "{schema.postgres_schema}".messages WHERE id = $1', row.id
+        )
+    finally:
+        await holder.close()
+        await db.close()
+    assert (until - released).total_seconds() >= 59.9, (until, released)

@@ -473,3 +473,38 @@ def test_portals_whose_rows_all_wait_for_a_retry_cost_a_fair_claim_no_rounds(
         db.close()
     assert row.message_id.startswith("backlog-")
     assert len(statements) <= 12, f"{len(statements)} statements for one slot"
+
+
+def test_an_ordered_queue_keys_a_backlog_a_batch_at_a_time_and_polls_only_what_it_may_take(
+    tmp_path: Path,
+) -> None:
+    """A backlog that arrived at once (one deal's events): a claim keys `STAMP_BATCH` of them,
+    oldest first, and takes only keyed rows; idle workers' poll (`due`, a read) says nothing is
+    ready while the key's first event is in a handler, so they do not take the write lock for
+    nothing at each poll; it says there is while rows wait to be keyed."""
+    from b24queue.ordering import Ordering, path_reader
+    from b24queue.transports.sqlite.claims import STAMP_BATCH
+
+    path = tmp_path / "q.sqlite3"
+    ordering = Ordering(path_reader("data.FIELDS.ID"), True, "T")
+    db = sqlite_db.connect(path)
+    db.isolation_level = None
+    try:
+        q.declare(db, "o", "o.dlq", ("#",))
+        backlog(path, "o", STAMP_BATCH + 500)  # deal 1, all of them
+        assert q.due(db, "o", ordering)  # not keyed yet: a claim has work
+        [first] = q.claim(db, "o", "w", 10, 60.0, None, ordering)
+        assert first.message_id == "backlog-0"
+        keyed = "SELECT count(*) FROM messages WHERE order_key IS NOT NULL"
+        assert db.execute(keyed).fetchone()[0] == STAMP_BATCH
+        assert q.due(db, "o", ordering)  # 500 still to key
+        assert q.claim(db, "o", "w", 10, 60.0, None, ordering) == []  # keyed them; deal 1 busy
+        assert db.execute(keyed).fetchone()[0] == STAMP_BATCH + 500
+        assert not q.due(db, "o", ordering)  # all held back by the one in a handler
+        assert q.due(db, "o")  # (without the order, 1,499 would be ready)
+        assert q.ack(db, first, "w")
+        assert q.due(db, "o", ordering)
+        [second] = q.claim(db, "o", "w", 10, 60.0, None, ordering)
+        assert second.message_id == "backlog-1"
+    finally:
+        db.close()
