@@ -63,18 +63,14 @@ async def bind_events(
 ) -> list[Bound]:
     done = []
     for name in check_names(events):
-        params: dict[str, Any] = {
-            "event": name,
-            "event_type": "offline",
-            "auth_connector": auth_connector,
-        }
+        params = {"event": name, "event_type": "offline", "auth_connector": auth_connector}
         done.append(Bound(name, await _bind(portal, params)))
     if ping_url:
-        params: dict[str, Any] = {"event": "ONOFFLINEEVENT", "handler": ping_url}
+        ping: dict[str, Any] = {"event": "ONOFFLINEEVENT", "handler": ping_url}
         if ping_min_timeout_s is not None:
             # Bitrix24 pings at most once per minTimeout seconds (its default: 1).
-            params["options"] = {"minTimeout": ping_min_timeout_s}
-        done.append(Bound("ONOFFLINEEVENT", await _bind(portal, params)))
+            ping["options"] = {"minTimeout": ping_min_timeout_s}
+        done.append(Bound("ONOFFLINEEVENT", await _bind(portal, ping)))
     return done
 
 

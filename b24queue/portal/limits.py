@@ -82,5 +82,5 @@ def operating_hold_s(answer: Mapping[str, Any], now: float) -> float:
 
 
 def method_key(method: str) -> str:
-    """Bitrix24's method names are case-insensitive: one hold for crm.deal.list and CRM.DEAL.LIST."""
+    """Bitrix24's method names ignore case: one hold for crm.deal.list and CRM.DEAL.LIST."""
     return method.lower()

@@ -1,7 +1,7 @@
 """The state every worker and offline process on one portal store shares: each portal's bucket
-(b24queue.portal.limits), the methods its run-time limit holds, and its refresh lease, one token refresh per portal at a time across
-processes (a refresh token is single-use; two concurrent refreshes would lose the portal). Kept
-beside the store: `sqlite_state` or `redis_state`.
+(b24queue.portal.limits), the methods its run-time limit holds, and its refresh lease, one token
+refresh per portal at a time across processes (a refresh token is single-use; two concurrent
+refreshes would lose the portal). Kept beside the store: `sqlite_state` or `redis_state`.
 """
 
 from __future__ import annotations
