@@ -30,5 +30,8 @@ H_DEAD_LETTER_REASON = "x-b24queue-dead-letter-reason"
 
 RETRY_SUFFIX = ".retry."
 DLQ_SUFFIX = ".dlq"
+# A fair queue on RabbitMQ: its consistent-hash exchange and its shard queues (`<queue>.s<i>`).
+FAIR_SUFFIX = ".fair"
+SHARD_SUFFIX = ".s"
 
 MAX_ERROR_MESSAGE_CHARS = 1000

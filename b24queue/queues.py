@@ -123,11 +123,13 @@ class DeclaredExchange:
 @dataclass(frozen=True, slots=True)
 class BindingChange:
     """How a consumer queue's bindings differ from what its class declares. `current` None:
-    the queue does not exist yet."""
+    the queue does not exist yet. `kind`: what is bound, a queue or (RabbitMQ's fair queues) the
+    exchange in front of its shards, named in `queue`."""
 
     queue: str
     current: frozenset[str] | None
     wanted: tuple[str, ...]
+    kind: str = "queue"
 
     @property
     def to_add(self) -> tuple[str, ...]:

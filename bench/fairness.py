@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from b24queue import Event, EventConsumer
+from b24queue.transports.amqp.layout import SHARDS
 from bench.__main__ import AMQP_URL, ROOT, TOKEN, Server, amqp_call, deal_body, free_port, spooled
 from bench.load import percentile
 from bench.tables import QUEUES, cpu_s, server_env, topology
@@ -246,7 +247,7 @@ def summarise(seen: dict[str, Any], starts: list[list[Any]]) -> dict[str, Any]:
             "accepted_p99_ms": round(percentile(accepted, 0.99) * 1000, 1),
             "lost": len(sent) - sum(m in started for m in sent),
             # Each quiet portal's own p99, the worst first (no names): one portal far above the
-            # others is one that shares the burst's shard (a Kafka partition).
+            # others is one that shares the burst's shard (RabbitMQ) or partition (Kafka).
             "p99_ms_by_portal": sorted(
                 (round(percentile(sorted(w), 0.99) * 1000, 1) for w in by_portal.values()),
                 reverse=True,
@@ -280,8 +281,12 @@ def amqp_queue(tmp: Path, body: bytes, queue: str, baseline: bool = False) -> It
             os.environ.pop(name, None)
 
         async def delete(channel: Any) -> None:
+            shards = (f".s{i}" for i in range(SHARDS))  # a fair queue's (docs/fairness.md)
             for suffix in ("", ".dlq", *(f".retry.{d:g}s" for d in Portals.retry_delays_s)):
                 await channel.queue_delete(queue + suffix)
+            for suffix in shards:
+                await channel.queue_delete(queue + suffix)
+            await channel.exchange_delete(queue + ".fair")
             await channel.queue_delete(f"{prefix}.unrouted")
             for name in (f"{prefix}.events", f"{prefix}.unrouted", f"{prefix}.events.unrouted"):
                 await channel.exchange_delete(name)
@@ -302,7 +307,9 @@ def run_transport(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 if key in os.environ:
                     env[key] = os.environ[key]
             env.update({"BENCH_QUEUE": queue, "B24QUEUE_INGRESS_RATE_LIMIT": "off"})
-            topology(env, CONSUMER)
+            # Declared as a queue made before the fair share (on RabbitMQ the fair one is its
+            # shards): "off" runs on it as it was, "on" turns it fair in place.
+            topology({**env, "BENCH_FAIR": "0"}, CONSUMER)
             port = free_port()
             ingress = Server(
                 [

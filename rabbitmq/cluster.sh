@@ -15,7 +15,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BASE_PORT="${BASE_PORT:-5680}"
 BASE="$ROOT/.broker/cluster"
-PLUGINS="[rabbitmq_management,rabbitmq_prometheus]."
+PLUGINS="[rabbitmq_management,rabbitmq_prometheus,rabbitmq_consistent_hash_exchange]."
 
 amqp_port() { echo $((BASE_PORT + $1)); }
 mgmt_port() { echo $((BASE_PORT + 10000 + $1)); }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A project-local RabbitMQ node from the system's rabbitmq-server, for machines without Docker.
 #   local-node.sh start    start one unless something already listens on the AMQP port; either
-#                          way, see that the management API answers (enabling the plugins on the
-#                          machine's RabbitMQ when rabbitmq-plugins can), or say what to run
+#                          way, see that the management API answers and the consistent-hash
+#                          exchange is there (enabling the plugins on the machine's RabbitMQ when
+#                          rabbitmq-plugins can), or say what to run
 #   local-node.sh stop     stop the project-local node (never a broker this script did not start)
 #   local-node.sh status
 # Its data and logs live in .broker/ (git-ignored). Ports: AMQP_PORT (5672), MGMT_PORT (15672),
@@ -17,11 +18,13 @@ PROM_PORT="${PROM_PORT:-15692}"
 NODE="b24queue${AMQP_PORT}@localhost"
 DIR="$ROOT/.broker/node-$AMQP_PORT"
 
-PLUGINS=(rabbitmq_management rabbitmq_prometheus)
+# rabbitmq_consistent_hash_exchange: the shard queues of a fair queue (docs/fairness.md).
+PLUGINS=(rabbitmq_management rabbitmq_prometheus rabbitmq_consistent_hash_exchange)
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# The management API answers as guest (what the tests, `b24queue status` and policies use).
+# The management API answers as guest (what the tests, `b24queue status` and policies use), and
+# the node has the consistent-hash exchange type (what a fair queue's shards are fed by).
 mgmt_answers() {
   "${PYTHON:-python3}" - "$MGMT_PORT" 2>/dev/null <<'PY'
 import sys, urllib.request
@@ -29,7 +32,9 @@ req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/api/overview",
                              headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})  # guest:guest
 no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 with no_proxy.open(req, timeout=2) as resp:
-    sys.exit(resp.status != 200)
+    import json
+    types = {t.get("name") for t in json.load(resp).get("exchange_types", [])}
+    sys.exit(resp.status != 200 or "x-consistent-hash" not in types)
 PY
 }
 
@@ -42,7 +47,7 @@ await_mgmt() {
 }
 
 cannot_enable() {
-  echo "RabbitMQ on 127.0.0.1:$AMQP_PORT has no management API on :$MGMT_PORT ($1); run where it runs: sudo rabbitmq-plugins enable ${PLUGINS[*]}" >&2
+  echo "RabbitMQ on 127.0.0.1:$AMQP_PORT lacks the management API on :$MGMT_PORT or the consistent-hash exchange ($1); run where it runs: sudo rabbitmq-plugins enable ${PLUGINS[*]}" >&2
   exit 1
 }
 
@@ -59,7 +64,7 @@ ensure_management() {
   echo "Enabling ${PLUGINS[*]} on the RabbitMQ at 127.0.0.1:$AMQP_PORT"
   local out
   out="$("${enable[@]}" 2>&1)" || cannot_enable "rabbitmq-plugins: $(grep -m1 . <<<"$out")"
-  await_mgmt || cannot_enable "enabled, but /api/overview does not answer as guest"
+  await_mgmt || cannot_enable "enabled, but /api/overview does not answer as guest with x-consistent-hash"
   echo "Management API answers on http://127.0.0.1:$MGMT_PORT"
 }
 

@@ -100,6 +100,7 @@ def _dry_run(
         rows = [
             {
                 "queue": c.queue,
+                "kind": c.kind,
                 "exists": c.current is not None,
                 "add": list(c.to_add),
                 "remove": list(c.to_remove),
@@ -110,7 +111,7 @@ def _dry_run(
         return EXIT_OK
     for c in changes:
         state = "would be created" if c.current is None else "exists"
-        print(f"queue {c.queue} ({state}) on {settings.exchange}:")
+        print(f"{c.kind} {c.queue} ({state}) on {settings.exchange}:")
         lines = [f"  + bind {safe(k)}" for k in c.to_add]
         lines += [f"  - unbind {safe(k)}" for k in c.to_remove]
         print("\n".join(lines) if lines else "  bindings up to date")

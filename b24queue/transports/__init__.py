@@ -10,7 +10,7 @@ handler; a retry or dead-letter copy durable before the original goes); declarin
 
 What only some transports can do is an optional capability, a protocol of its own that the
 transport's class implements or not (`ExportsDefinitions`, `PlansBindings`,
-`DeclaresExchanges`, `SharesByPortal`, `OrdersByKey`): the caller asks
+`DeclaresExchanges`, `SharesByPortal`, `CapsPerPortal`, `OrdersByKey`): the caller asks
 `isinstance(transport, Capability)`, never which transport it is.
 """
 
@@ -161,11 +161,19 @@ class DeclaresExchanges(Protocol):
 class SharesByPortal(Protocol):
     """A transport whose queue itself gives a consumer's handler slots to the portals with events
     waiting in turn, across every worker process (on Kafka: in the one process that owns a
-    portal's partitions), and holds `max_in_flight_per_portal` there (`EventConsumer.fair_share`;
-    docs/fairness.md says where each falls short). On the others a queue is first in, first out
-    across portals."""
+    portal's partitions; on RabbitMQ: portals of one shard share its turns) (`EventConsumer.
+    fair_share`; docs/fairness.md says where each falls short). On the others a queue is first
+    in, first out across portals."""
 
     shares_by_portal: bool
+
+
+@runtime_checkable
+class CapsPerPortal(Protocol):
+    """A transport that holds `max_in_flight_per_portal` across every worker process (on Kafka:
+    except while a rebalance outlives its wait; docs/fairness.md)."""
+
+    caps_per_portal: bool
 
 
 @runtime_checkable
@@ -183,7 +191,7 @@ def check_fairness(transport: Transport, classes: Sequence[type[EventConsumer]])
     app's writes: each refused where the transport cannot keep it (the fair share itself is best
     effort there: first in, first out)."""
     for cls in classes:
-        if cls.max_in_flight_per_portal is not None and not isinstance(transport, SharesByPortal):
+        if cls.max_in_flight_per_portal is not None and not isinstance(transport, CapsPerPortal):
             raise not_offered(transport, f"{cls.__name__}.max_in_flight_per_portal")
         if cls.ordering_key is not None and not isinstance(transport, OrdersByKey):
             raise not_offered(transport, f"{cls.__name__}.ordering_key")

@@ -1,6 +1,7 @@
 """Fair share per portal at the queue (docs/fairness.md): a flooded portal and quiet ones, the
 per-portal cap across two worker processes, weights, and first in, first out when it is off.
-Run by the transports that declare they keep it (`SharesByPortal`); the others skip it.
+Run by the transports that declare they keep it (`SharesByPortal`); the others skip it, and the
+cap's scenario is skipped where the transport does not hold one (`CapsPerPortal`).
 
 A "turn" here is one handler start, of any portal: a quiet portal's event must start within a
 bounded number of them after it was published (about one round of the slots), while a flood of
@@ -22,7 +23,7 @@ import pytest
 from b24queue import Event, EventConsumer
 from b24queue import _constants as c
 from b24queue.events.envelope import Envelope, envelope_for
-from b24queue.transports import SharesByPortal, connection_name
+from b24queue.transports import CapsPerPortal, SharesByPortal, connection_name
 from b24queue.worker import Worker
 from tests.conformance.processes import _STARTED, start_worker
 from tests.support.bench import Bench
@@ -196,6 +197,8 @@ class FairShareScenarios:
     async def test_two_worker_processes_share_turns_and_hold_the_cap(
         self, bench: Bench, tmp_path: Path
     ) -> None:
+        if not isinstance(bench.transport, CapsPerPortal):
+            pytest.skip(f"the {bench.transport.name} transport does not hold a per-portal cap")
         lines, starts, published = await quiet_beside_flood_in_two_workers(
             bench, tmp_path, 12, B24QT_PREFETCH="4", B24QT_CAP="2"
         )

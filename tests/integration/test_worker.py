@@ -190,7 +190,8 @@ async def test_two_consumers_each_get_the_event_and_a_retry_stays_with_its_consu
     assert await broker.depth(cb.queue) == 0
 
 
-async def test_prefetch_bounds_handlers_in_flight(broker: Broker) -> None:
+@pytest.mark.parametrize("fair", [False, True], ids=["one-queue", "fair"])
+async def test_prefetch_bounds_handlers_in_flight(broker: Broker, fair: bool) -> None:
     prefetch = 3
     in_flight = 0
     peak = 0
@@ -207,14 +208,19 @@ async def test_prefetch_bounds_handlers_in_flight(broker: Broker) -> None:
             in_flight -= 1
         handled.append(event.message_id or "")
 
-    cls = consumer(broker.name("blocking"), ("ONCRMDEALADD",), blocking, prefetch=prefetch)
+    cls = consumer(
+        broker.name("blocking"), ("ONCRMDEALADD",), blocking, prefetch=prefetch, fair_share=fair
+    )
     async with Worker(broker.settings, [cls]) as worker:
         await post_samples(broker, ["crm-deal-add"] * (3 * prefetch))
         await wait_until(lambda: in_flight == prefetch, what="prefetch handlers in flight")
-        # The broker holds the rest back: exactly `prefetch` unacked, the others ready.
+        # One queue: the broker holds the rest back, exactly `prefetch` unacked, the others
+        # ready. A fair one: the worker holds them, waiting for a slot (docs/fairness.md).
         await wait_until(
-            lambda: _ready_is(broker, cls.queue, 2 * prefetch), what="the rest stays ready"
+            lambda: _ready_is(broker, cls.queue, 0 if fair else 2 * prefetch),
+            what="the rest waits",
         )
+        await asyncio.sleep(0.2)
         assert in_flight == prefetch
         assert worker.runners[0].in_flight == prefetch
         release.set()

@@ -72,6 +72,7 @@ class Narrowing(EventConsumer):
 
     queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
     events = tuple(os.environ.get("B24QT_EVENTS", "ONX").split(","))
+    fair_share = os.environ.get("B24QT_FAIR", "1") == "1"
 
     async def handle(self, event: Event) -> None:
         return None

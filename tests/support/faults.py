@@ -22,6 +22,7 @@ import aio_pika
 import aiohttp
 
 from b24queue.events.forms import encode_form
+from b24queue.transports.amqp.layout import SHARDS
 from tests.support.processes import ROOT
 from tests.support.proxy import Proxy, free_port
 from tests.support.samples import FORM, SAMPLE_TOKEN, sample_form
@@ -289,6 +290,8 @@ class Harness:
         handled = self.handled()
         in_dlq = set(await self.drain_ids(f"{self.queue}.dlq"))
         waiting = set(await self.drain_ids(self.queue))
+        for i in range(SHARDS):  # a fair queue's events wait in its shards (docs/fairness.md)
+            waiting |= set(await self.drain_ids(f"{self.queue}.s{i}"))
         unrouted = set(await self.drain_ids(f"{self.prefix}.unrouted"))
         lost = accepted - set(handled) - in_dlq - waiting - unrouted
         row = {

@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from b24queue.auth.tokens import StaticTokens
 from b24queue.ingress.app import create_app
 from b24queue.settings import Settings, load_settings
+from b24queue.transports.amqp.layout import SHARDS
 from b24queue.transports.amqp.publisher import AmqpPublisher
 from b24queue.transports.amqp.topology import declare_exchanges
 from tests.support.processes import ROOT
@@ -98,27 +99,46 @@ class Broker:
                 await queue.bind(exchange, routing_key=key)
         return name
 
+    async def waiting_in(self, queue: str) -> list[str]:
+        """`queue` and, for a fair consumer queue, its shards (where its events wait)."""
+        names = [queue]
+        for i in range(SHARDS):
+            try:
+                async with self.connection.channel() as channel:
+                    await channel.declare_queue(f"{queue}.s{i}", passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                break  # not a fair queue (its shards are made together)
+            names.append(f"{queue}.s{i}")
+        return names
+
     async def depth(self, queue: str) -> int:
-        async with self.connection.channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-            return int(declared.declaration_result.message_count or 0)
+        """Messages ready in `queue` and, for a fair consumer queue, in its shards."""
+        total = 0
+        for name in await self.waiting_in(queue):
+            async with self.connection.channel() as channel:
+                declared = await channel.declare_queue(name, passive=True)
+                total += int(declared.declaration_result.message_count or 0)
+        return total
 
     async def take(
         self, queue: str, count: int, timeout_s: float = 15.0
     ) -> list[AbstractIncomingMessage]:
-        """Consume and ack `count` messages from a queue (fails if they don't come in time)."""
+        """Consume and ack `count` messages from a queue, and a fair queue's shards (fails if
+        they don't come in time)."""
         got: list[AbstractIncomingMessage] = []
+        names = await self.waiting_in(queue)
         async with self.connection.channel() as channel:
-            q = await channel.declare_queue(queue, passive=True)
+            queues = [await channel.declare_queue(name, passive=True) for name in names]
 
             async def fetch() -> bool:
-                while len(got) < count:
-                    message = await q.get(no_ack=False, fail=False)
-                    if message is None:
-                        return False
-                    await message.ack()
-                    got.append(message)
-                return True
+                for q in queues:
+                    while len(got) < count:
+                        message = await q.get(no_ack=False, fail=False)
+                        if message is None:
+                            break
+                        await message.ack()
+                        got.append(message)
+                return len(got) >= count
 
             await wait_until(fetch, timeout_s, f"{count} messages in {queue}")
         return got

@@ -1,11 +1,12 @@
-"""The fair claim's arithmetic (b24queue.transports.kit.fair), without a database."""
+"""The fair claim's arithmetic (b24queue.transports.kit.fair), without a database, and the same
+rule over the deliveries one worker process holds (`Waiting`, RabbitMQ)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 from b24queue.queues import Fairness
-from b24queue.transports.kit.fair import Claim, share
+from b24queue.transports.kit.fair import Claim, Waiting, share
 
 ON = Fairness(on=True)
 
@@ -52,3 +53,40 @@ def test_a_claim_reads_only_the_portals_that_win_a_slot() -> None:
     assert "flood" not in asked
     assert sorted(plan.ids()) == [2000, 3000]
     assert plan.turns.taken == {"a": 1, "b": 1}
+
+
+def test_waiting_deliveries_go_to_the_portals_in_turn_each_in_its_order() -> None:
+    waiting = Waiting(ON)
+    for i in range(100):
+        waiting.put("flood", f"f{i}")
+    waiting.put("quiet", "q0")
+    waiting.put("quiet", "q1")
+    taken = [waiting.take() for _ in range(6)]
+    # The flood came first and goes first; then the quiet portal at every other turn.
+    assert taken == ["f0", "q0", "f1", "q1", "f2", "f3"]
+    assert len(waiting) == 96
+
+
+def test_waiting_a_portal_back_later_gets_no_credit_and_weights_count() -> None:
+    waiting = Waiting(Fairness(on=True, weights={"heavy": 3}))
+    for _ in range(40):
+        waiting.put("heavy", "h")
+        waiting.put("light", "l")
+    assert Counter(waiting.take() for _ in range(40)) == {"h": 30, "l": 10}
+    # A portal that had nothing waiting while 50 went to another comes back at the clock: the
+    # next turn, not 50 of them.
+    other = Waiting(ON)
+    for _ in range(60):
+        other.put("flood", "f")
+    assert [other.take() for _ in range(50)] == ["f"] * 50
+    other.put("quiet", "q1")
+    other.put("quiet", "q2")
+    assert [other.take() for _ in range(4)] == ["q1", "f", "q2", "f"]
+
+
+def test_waiting_drain_hands_back_everything() -> None:
+    waiting = Waiting(ON)
+    waiting.put("a", 1)
+    waiting.put("b", 2)
+    waiting.put("a", 3)
+    assert sorted(waiting.drain()) == [1, 2, 3] and len(waiting) == 0

@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractQueue
 from b24queue.errors import ConfigError, ManagementError
 from b24queue.queues import BindingChange, QueueSpec
 from b24queue.settings import Settings
+from b24queue.transports.amqp.layout import fair_exchange
 from b24queue.transports.amqp.management import ManagementClient
 from b24queue.transports.amqp.topology import unbind
 
@@ -29,21 +30,37 @@ log = logging.getLogger(__name__)
 
 
 async def plan(settings: Settings, specs: Sequence[QueueSpec]) -> list[BindingChange]:
-    """How each queue's bindings differ from its spec (management API; raises if unreachable)."""
+    """How each queue's bindings differ from its spec (management API; raises if unreachable).
+    A fair queue is not bound itself: its exchange is, in front of its shards; the exchange a
+    fair queue left is to be unbound once it is fair no more."""
     client = ManagementClient(settings)
     changes = []
     for spec in specs:
+        fair = spec.fairness.on
         current = await asyncio.to_thread(client.queue_bindings, spec.name, settings.exchange)
+        wanted = () if fair else spec.bindings
         changes.append(
-            BindingChange(spec.name, None if current is None else frozenset(current), spec.bindings)
+            BindingChange(spec.name, None if current is None else frozenset(current), wanted)
         )
+        name = fair_exchange(spec)
+        x_current = await asyncio.to_thread(client.exchange_bindings, name, settings.exchange)
+        if fair or x_current:
+            changes.append(
+                BindingChange(
+                    name,
+                    None if x_current is None else frozenset(x_current),
+                    spec.bindings if fair else (),
+                    kind="exchange",
+                )
+            )
     return changes
 
 
 async def prune(
     settings: Settings, declared: Sequence[tuple[QueueSpec, AbstractQueue]], *, required: bool
 ) -> list[BindingChange]:
-    """Remove the bindings of these declared queues that their specs no longer name.
+    """Remove the bindings of these declared queues (and fair exchanges) that their specs no
+    longer name.
 
     Best effort for a worker (a warning when the management API cannot be asked); `required`
     for `b24queue topology`. Returns what was changed."""
@@ -59,14 +76,24 @@ async def prune(
         )
         return []
     queues = {spec.name: queue for spec, queue in declared}
+    queues |= {fair_exchange(spec): queue for spec, queue in declared}
     done = []
     for change in changes:
         if not change.to_remove:
             continue
-        await unbind(queues[change.queue], settings.exchange, change.to_remove)
+        queue = queues[change.queue]
+        if change.kind == "exchange":
+            channel = await queue.channel.get_underlay_channel()
+            for key in change.to_remove:
+                await channel.exchange_unbind(
+                    destination=change.queue, source=settings.exchange, routing_key=key
+                )
+        else:
+            await unbind(queue, settings.exchange, change.to_remove)
         for key in change.to_remove:
             log.info(
-                "queue %s: removed binding %s from %s (no longer in its consumer's events)",
+                "%s %s: removed binding %s from %s (no longer in its consumer's events)",
+                change.kind,
                 change.queue,
                 key,
                 settings.exchange,

@@ -12,9 +12,14 @@ from b24queue.consumer import EventConsumer
 from b24queue.queues import spec_for
 from b24queue.settings import Settings
 from b24queue.transports.amqp.layout import (
-    consumer_policy,
+    FAIR_EXCHANGE_TYPE,
+    SHARD_WEIGHT,
+    fair_exchange,
+    fair_exchange_arguments,
     queue_arguments,
     queue_plan,
+    queue_policies,
+    shards,
     unrouted_policy,
 )
 
@@ -34,12 +39,26 @@ def definitions(settings: Settings, classes: Sequence[type[EventConsumer]]) -> d
     bindings = [_binding(vhost, settings.unrouted, settings.unrouted, "")]
     cap = unrouted_policy(settings)
     policies = [{"vhost": vhost, "name": cap.name, **cap.as_api_body()}]
+    exchanges = [
+        _exchange(vhost, settings.unrouted, "fanout", {}),
+        _exchange(vhost, settings.exchange, "topic", {"alternate-exchange": settings.unrouted}),
+    ]
     for cls in classes:
         spec = spec_for(cls)
         queues += queue_plan(settings, spec)
-        bindings += [_binding(vhost, settings.exchange, spec.name, key) for key in spec.bindings]
-        policy = consumer_policy(settings, spec)
-        policies.append({"vhost": vhost, "name": policy.name, **policy.as_api_body()})
+        if spec.fairness.on:
+            # A fair queue's events reach its shards through its consistent-hash exchange; the
+            # shards bound in order (each binding's place is its bucket of the hash).
+            fair = fair_exchange(spec)
+            exchanges.append(_exchange(vhost, fair, FAIR_EXCHANGE_TYPE, fair_exchange_arguments()))
+            bindings += [
+                _binding(vhost, settings.exchange, fair, k, "exchange") for k in spec.bindings
+            ]
+            bindings += [_binding(vhost, fair, shard, SHARD_WEIGHT) for shard in shards(spec)]
+        else:
+            bindings += [_binding(vhost, settings.exchange, spec.name, k) for k in spec.bindings]
+        for policy in queue_policies(settings, spec):
+            policies.append({"vhost": vhost, "name": policy.name, **policy.as_api_body()})
     return {
         "users": [
             {
@@ -54,10 +73,7 @@ def definitions(settings: Settings, classes: Sequence[type[EventConsumer]]) -> d
         "permissions": [
             {"user": "guest", "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
         ],
-        "exchanges": [
-            _exchange(vhost, settings.unrouted, "fanout", {}),
-            _exchange(vhost, settings.exchange, "topic", {"alternate-exchange": settings.unrouted}),
-        ],
+        "exchanges": exchanges,
         "queues": [
             {"name": name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": args}
             for name, args in queues
@@ -79,12 +95,14 @@ def _exchange(vhost: str, name: str, kind: str, arguments: dict[str, Any]) -> di
     }
 
 
-def _binding(vhost: str, source: str, queue: str, key: str) -> dict[str, Any]:
+def _binding(
+    vhost: str, source: str, destination: str, key: str, kind: str = "queue"
+) -> dict[str, Any]:
     return {
         "source": source,
         "vhost": vhost,
-        "destination": queue,
-        "destination_type": "queue",
+        "destination": destination,
+        "destination_type": kind,
         "routing_key": key,
         "arguments": {},
     }

@@ -7,11 +7,20 @@ AMQP side declares it (`topology`), the management API applies policies, `defini
   <queue>.retry.<d>    one per retry delay: queue-wide TTL, then dead-lettered back to <queue> only
   <queue>.dlq          what failed for good; `b24queue dlq` inspects and replays it
 
+A fair queue (`fair_share`, docs/fairness.md) takes its events through a shard of its own instead:
+
+  <queue>.fair         consistent-hash exchange (plugin rabbitmq_consistent_hash_exchange),
+                       bound to b24.events for the consumer's events; hashes x-b24-member-id
+  <queue>.s0 .. .s15   its shard queues, each bound to it with weight 1: one portal, one shard
+  <queue>              no longer bound: retries and replays come back to it, and the worker
+                       consumes it beside the shards
+
 Arguments are only what must never differ (queue type; a retry queue's TTL and where it hands
 messages back: without those a retry would expire into nothing). What an operator may tune without
 a deploy — delivery limit, dead-letter routing of the consumer queue, lengths — is a policy,
 `b24queue.<queue>`, created when missing and never overwritten; so is the unrouted queue's cap
 (`b24queue.b24.unrouted`), which an existing queue takes as it is (its arguments cannot change).
+The shards have a policy of their own, `b24queue.<queue>.shards`, with the consumer queue's rules.
 """
 
 from __future__ import annotations
@@ -20,10 +29,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from b24queue import _constants as c
 from b24queue.queues import DeclaredExchange, QueueSpec
 from b24queue.settings import Settings
 
 POLICY_PRIORITY = 10
+# A fair queue's shards. Portals that hash to one shard share its turns at the broker; more
+# shards part more portals, at one more queue each (docs/fairness.md). Never fewer than a fair
+# queue was made with: a shard no longer fed must still be drained (`shards` lists them all).
+SHARDS = 16
+FAIR_EXCHANGE_TYPE = "x-consistent-hash"
+# The weight of each shard's binding (its routing key): all alike.
+SHARD_WEIGHT = "1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +92,19 @@ def retry_queue_arguments(settings: Settings, target: str, delay_s: float) -> di
     return args
 
 
+def fair_exchange(spec: QueueSpec) -> str:
+    return spec.name + c.FAIR_SUFFIX
+
+
+def fair_exchange_arguments() -> dict[str, Any]:
+    return {"hash-header": c.H_MEMBER_ID}
+
+
+def shards(spec: QueueSpec) -> list[str]:
+    """A fair queue's shard queues, in the order they are bound (the hash's buckets)."""
+    return [f"{spec.name}{c.SHARD_SUFFIX}{i}" for i in range(SHARDS)]
+
+
 def consumer_policy(settings: Settings, spec: QueueSpec) -> Policy:
     """Dead-letter routing and the delivery limit of a consumer's queue.
 
@@ -95,6 +125,23 @@ def consumer_policy(settings: Settings, spec: QueueSpec) -> Policy:
         name=f"b24queue.{spec.name}",
         pattern=f"^{re.escape(spec.name)}$",
         definition=definition,
+    )
+
+
+def shard_policy(settings: Settings, spec: QueueSpec) -> Policy:
+    """The consumer queue's rules (dead-lettering to its DLQ, delivery limit) for its shards."""
+    policy = consumer_policy(settings, spec)
+    return Policy(
+        name=f"{policy.name}.shards",
+        pattern=f"^{re.escape(spec.name + c.SHARD_SUFFIX)}[0-9]+$",
+        definition=policy.definition,
+    )
+
+
+def queue_policies(settings: Settings, spec: QueueSpec) -> list[Policy]:
+    """A consumer queue's policy, and its shards' when it is fair."""
+    return [consumer_policy(settings, spec)] + (
+        [shard_policy(settings, spec)] if spec.fairness.on else []
     )
 
 
@@ -121,4 +168,6 @@ def queue_plan(settings: Settings, spec: QueueSpec) -> list[tuple[str, dict[str,
         for d in sorted(set(spec.retry_delays_s))
     ]
     plan.append((spec.dlq, queue_arguments(settings)))
+    if spec.fairness.on:
+        plan += [(name, queue_arguments(settings)) for name in shards(spec)]
     return plan

@@ -115,13 +115,14 @@ class ManagementClient:
         return result
 
     def bound_queues(self, exchange: str) -> set[str]:
-        """Queues bound to an exchange (empty if the exchange does not exist)."""
+        """Queues bound to an exchange, and exchanges (a fair queue's) (empty if the exchange
+        does not exist)."""
         path = f"/api/exchanges/{self.vhost}/{quote(exchange, safe='')}/bindings/source"
         try:
             bindings: list[dict[str, Any]] = self.get(path)
         except LookupError:
             return set()
-        return {b["destination"] for b in bindings if b.get("destination_type") == "queue"}
+        return {str(b["destination"]) for b in bindings}
 
     def queue_bindings(self, queue: str, exchange: str) -> set[str] | None:
         """Routing keys binding `queue` to `exchange`; None when the queue does not exist."""
@@ -133,6 +134,20 @@ class ManagementClient:
         try:
             bindings: list[dict[str, Any]] = self.get(f"/api/bindings/{self.vhost}/e/{x}/q/{q}")
         except LookupError:  # no such exchange yet
+            return set()
+        return {str(b.get("routing_key", "")) for b in bindings}
+
+    def exchange_bindings(self, destination: str, exchange: str) -> set[str] | None:
+        """Routing keys binding exchange `destination` to `exchange`; None when it does not
+        exist."""
+        d, x = quote(destination, safe=""), quote(exchange, safe="")
+        try:
+            self.get(f"/api/exchanges/{self.vhost}/{d}?columns=name")
+        except LookupError:
+            return None
+        try:
+            bindings: list[dict[str, Any]] = self.get(f"/api/bindings/{self.vhost}/e/{x}/e/{d}")
+        except LookupError:
             return set()
         return {str(b.get("routing_key", "")) for b in bindings}
 

@@ -22,31 +22,40 @@ def _depth(queue: dict[str, Any] | None) -> int:
     )
 
 
+def _shards(by_name: dict[str, dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    prefix = name + c.SHARD_SUFFIX
+    return [q for k, q in by_name.items() if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+
+
 def summarize(
     settings: Settings,
     queues: list[dict[str, Any]],
     connections: list[dict[str, Any]],
     bound: set[str],
 ) -> Status:
-    """Consumer queues are the queues bound to our exchange (`bound`) that have a `.dlq`
-    sibling: found on the broker, no consumer code needed."""
+    """Consumer queues are the queues bound to our exchange (`bound`), or whose fair exchange is,
+    that have a `.dlq` sibling: found on the broker, no consumer code needed. A fair queue's
+    shards count in its row (what waits, the rates); its consumers are the queue's own."""
     by_name = {q["name"]: q for q in queues}
     rows = []
     for name in sorted(by_name):
-        if name not in bound or name + c.DLQ_SUFFIX not in by_name:
+        if name + c.DLQ_SUFFIX not in by_name:
+            continue
+        if name not in bound and name + c.FAIR_SUFFIX not in bound:
             continue
         q = by_name[name]
+        parts = [q, *_shards(by_name, name)]
         retry_prefix = name + c.RETRY_SUFFIX
         rows.append(
             QueueRow(
                 queue=name,
                 type=str(q.get("type", "")),
-                ready=int(q.get("messages_ready", 0) or 0),
-                unacked=int(q.get("messages_unacknowledged", 0) or 0),
+                ready=sum(int(p.get("messages_ready", 0) or 0) for p in parts),
+                unacked=sum(int(p.get("messages_unacknowledged", 0) or 0) for p in parts),
                 consumers=int(q.get("consumers", 0) or 0),
-                publish_per_s=_rate(q, "publish"),
-                deliver_per_s=_rate(q, "deliver_get"),
-                ack_per_s=_rate(q, "ack"),
+                publish_per_s=round(sum(_rate(p, "publish") for p in parts), 2),
+                deliver_per_s=round(sum(_rate(p, "deliver_get") for p in parts), 2),
+                ack_per_s=round(sum(_rate(p, "ack") for p in parts), 2),
                 retrying=sum(_depth(v) for k, v in by_name.items() if k.startswith(retry_prefix)),
                 dead_letters=_depth(by_name[name + c.DLQ_SUFFIX]),
             )

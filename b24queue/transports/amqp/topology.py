@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aio_pika
@@ -11,6 +12,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from b24queue.errors import TopologyMismatchError
 from b24queue.queues import DeclaredQueue, QueueSpec
 from b24queue.settings import Settings
+from b24queue.transports.amqp import layout, shards
 from b24queue.transports.amqp.layout import queue_arguments, retry_queue_arguments
 
 T = TypeVar("T")
@@ -39,13 +41,23 @@ async def declare_exchanges(channel: AbstractChannel, settings: Settings) -> Abs
     )
 
 
-async def declare_consumer_queues(
-    channel: AbstractChannel, settings: Settings, spec: QueueSpec
-) -> AbstractQueue:
-    """DLQ, retry queues, then the queue and its bindings: targets exist before their sources.
+@dataclass(frozen=True, slots=True)
+class ConsumerQueues:
+    """A consumer's queue and the queues its events wait in: the shards of a fair queue (or
+    those a fair worker left, when it is fair no more) and the queue itself."""
 
-    Returns the consumer's queue. Declared on a robust channel, all of these are declared again
-    after a reconnect.
+    queue: AbstractQueue
+    shards: list[AbstractQueue]
+
+
+async def declare_consumer_queues(
+    channel: AbstractChannel, settings: Settings, spec: QueueSpec, owner: str
+) -> ConsumerQueues:
+    """DLQ, retry queues, then the queue, its shards and their bindings: targets exist before
+    their sources (`shards` on the order of the bindings). `owner`: the consumer class, for
+    errors.
+
+    Declared on a robust channel, all of these are declared again after a reconnect.
     """
     exchange = await declare_exchanges(channel, settings)
     await _declare_queue(channel, spec.dlq, queue_arguments(settings))
@@ -56,9 +68,21 @@ async def declare_consumer_queues(
             retry_queue_arguments(settings, spec.name, delay_s),
         )
     queue = await _declare_queue(channel, spec.name, queue_arguments(settings))
-    for key in spec.bindings:
-        await queue.bind(exchange, routing_key=key)
-    return queue
+    fair = spec.fairness.on
+    if not fair:
+        for key in spec.bindings:
+            await queue.bind(exchange, routing_key=key)
+        if not await shards.left_behind(channel, spec):
+            return ConsumerQueues(queue, [])
+    shard_queues = [
+        await _declare_queue(channel, name, queue_arguments(settings))
+        for name in layout.shards(spec)
+    ]
+    if fair:
+        await shards.enter(channel, spec, exchange, queue, shard_queues, owner)
+    else:
+        await shards.leave(channel, spec, settings.exchange)
+    return ConsumerQueues(queue, shard_queues)
 
 
 async def unbind(queue: AbstractQueue, exchange: str, keys: tuple[str, ...]) -> None:

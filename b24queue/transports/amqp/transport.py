@@ -20,10 +20,10 @@ from b24queue.transports.amqp.connection import close_quietly, connect
 from b24queue.transports.amqp.definitions import definitions
 from b24queue.transports.amqp.dlq import DeadLetterTool
 from b24queue.transports.amqp.layout import (
-    consumer_policy,
     exchanges,
     queue_arguments,
     queue_plan,
+    queue_policies,
     unrouted_policy,
 )
 from b24queue.transports.amqp.management import ManagementClient
@@ -61,6 +61,9 @@ class AmqpWorkers:
 class Amqp:
     name = "amqp"
     needs_spool = True
+    # Fair queues: shard queues fed by a consistent-hash exchange, slots in turn by portal in
+    # each worker (`shards`, `runner`); the per-portal cap is not offered.
+    shares_by_portal = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -93,7 +96,8 @@ class Amqp:
             declared = []
             for cls in classes:
                 spec = spec_for(cls)
-                declared.append((spec, await declare_consumer_queues(channel, settings, spec)))
+                queues = await declare_consumer_queues(channel, settings, spec, cls.__name__)
+                declared.append((spec, queues.queue))
                 plan += queue_plan(settings, spec)
             await bindings.prune(settings, declared, required=True)
             states = [await inspect_queue(channel, name, args) for name, args in plan]
@@ -131,7 +135,7 @@ async def ensure_policies(
     settings: Settings, classes: Sequence[type[EventConsumer]], *, required: bool = False
 ) -> list[str]:
     """Create the unrouted queue's policy (its cap) and each consumer queue's (dead-lettering,
-    delivery limit) where they are missing.
+    delivery limit; its shards' too when it is fair) where they are missing.
 
     Best effort for a worker (a warning when the management API is unreachable: the queues work
     without it, only the delivery limit and the cap are missing); `required` for
@@ -140,7 +144,7 @@ async def ensure_policies(
     client = ManagementClient(settings)
     created = []
     policies = [unrouted_policy(settings)]
-    policies += [consumer_policy(settings, spec_for(cls)) for cls in classes]
+    policies += [p for cls in classes for p in queue_policies(settings, spec_for(cls))]
     try:
         for policy in policies:
             if await asyncio.to_thread(client.ensure_policy, policy):

@@ -69,6 +69,7 @@ class Kafka:
     name = "kafka"
     needs_spool = True
     shares_by_portal = True  # a lane per partition, the portals in turn (kafka.lanes)
+    caps_per_portal = True  # a portal's partitions with one member (range assignor): kafka.lanes
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -1,7 +1,8 @@
 """Fair share at the claim, for a queue kept in database rows (SQLite, PostgreSQL): which rows a
 claim of `count` handler slots takes, portal by portal (docs/fairness.md). No I/O here: the
 transport reads the state, asks the rows each portal can give (`Claim.wanted` / `Claim.found`),
-and writes the turns back, all in the claim's one transaction.
+and writes the turns back, all in the claim's one transaction. `Waiting` applies the same rule to
+the deliveries one worker process holds (RabbitMQ's shard queues).
 
 The rule is start-time fair queuing, at the portal's grain: each portal with events in the queue
 has a `pass` (its virtual time; kept per queue and portal in the database, so every worker
@@ -15,6 +16,7 @@ first. A portal at its cap (`Fairness.cap` events in handlers, across workers) t
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -100,3 +102,51 @@ class Claim:
 
     def ids(self) -> list[Any]:
         return [i for p, n in self.turns.taken.items() for i in self._found.get(p, [])[:n]]
+
+
+class Waiting:
+    """Deliveries a worker process holds but has not started, taken by the same rule, portal by
+    portal (RabbitMQ, docs/fairness.md: the shard queues' deliveries and the consumer queue's
+    meet here). The passes and the clock are this process's own: the broker's shards keep
+    portals apart between processes, this keeps them apart within one."""
+
+    def __init__(self, fairness: Fairness) -> None:
+        self._fairness = fairness
+        self._items: dict[str, deque[Any]] = {}
+        self._passes: dict[str, float] = {}
+        self._clock = 0.0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def put(self, portal: str, item: Any) -> None:
+        items = self._items.get(portal)
+        if items is None:
+            items = self._items[portal] = deque()
+        items.append(item)
+        self._count += 1
+
+    def take(self) -> Any:
+        """The next item by the portals' starts (raises IndexError when none waits)."""
+        turns = share(1, self._items, self._passes, self._clock, self._fairness, {})
+        [portal] = turns.taken
+        self._clock = turns.clock
+        self._passes.update(turns.passes)
+        items = self._items[portal]
+        item = items.popleft()
+        self._count -= 1
+        if not items:
+            del self._items[portal]
+            # A pass at or behind the clock says nothing a missing one would not: forgotten,
+            # so the passes kept stay as many as the portals seen lately.
+            for p in [p for p, v in self._passes.items() if v <= self._clock]:
+                del self._passes[p]
+        return item
+
+    def drain(self) -> list[Any]:
+        """Everything waiting, in no particular order; none waits after."""
+        out = [item for items in self._items.values() for item in items]
+        self._items.clear()
+        self._count = 0
+        return out

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 class Postgres:
     name = "postgres"
     shares_by_portal = True  # fair claims (b24queue.transports.kit.fair)
+    caps_per_portal = True
     orders_by_key = True  # ordered claims (b24queue.transports.kit.ordered)
     needs_spool = True  # the server can be away while the ingress runs
 

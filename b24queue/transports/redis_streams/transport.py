@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 class Redis:
     name = "redis"
     shares_by_portal = True  # fair claims (fair.FAIR_CLAIM)
+    caps_per_portal = True
     needs_spool = True
 
     def __init__(self, settings: Settings) -> None:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 class Sqlite:
     name = "sqlite"
     shares_by_portal = True  # fair claims (b24queue.transports.kit.fair)
+    caps_per_portal = True
     orders_by_key = True  # ordered claims (b24queue.transports.kit.ordered)
     needs_spool = False  # the queue is on the ingress's own disk
 

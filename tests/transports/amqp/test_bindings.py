@@ -21,11 +21,20 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 pytestmark = pytest.mark.broker
 
 
-def consumer(queue: str, events: tuple[str, ...], seen: list[str]) -> type[EventConsumer]:
+def consumer(
+    queue: str, events: tuple[str, ...], seen: list[str], fair: bool = False
+) -> type[EventConsumer]:
+    """A queue bound itself (`fair`: its fair exchange is, tests/transports/amqp/test_fair.py)."""
+
     async def handle(self: EventConsumer, event: Event) -> None:
         seen.append(event.name)
 
-    body: dict[str, Any] = {"queue": queue, "events": events, "handle": handle}
+    body: dict[str, Any] = {
+        "queue": queue,
+        "events": events,
+        "handle": handle,
+        "fair_share": fair,
+    }
     return type("Deals", (EventConsumer,), body)
 
 
@@ -69,7 +78,7 @@ async def test_a_worker_restarted_with_fewer_events_stops_getting_the_dropped_on
 async def test_topology_dry_run_shows_the_change_and_topology_applies_it(broker: Broker) -> None:
     queue = broker.name("narrow")
     spec = "tests.support.consumers:Narrowing"
-    env = {"B24QT_QUEUE": queue, "B24QT_EVENTS": "ONCRMDEALADD,CATALOG.#"}
+    env = {"B24QT_QUEUE": queue, "B24QT_EVENTS": "ONCRMDEALADD,CATALOG.#", "B24QT_FAIR": "0"}
     code, out = await run_cli(broker, "topology", "--dry-run", spec, **env)
     assert code == 0, out
     assert f"queue {queue} (would be created)" in out and "+ bind CATALOG.#" in out
@@ -81,7 +90,9 @@ async def test_topology_dry_run_shows_the_change_and_topology_applies_it(broker:
     code, out = await run_cli(broker, "topology", "--dry-run", "--json", spec, **env)
     assert code == 0, out
     plan = json.loads(out[out.index("[") :])
-    assert plan == [{"queue": queue, "exists": True, "add": [], "remove": ["CATALOG.#"]}]
+    assert plan == [
+        {"queue": queue, "kind": "queue", "exists": True, "add": [], "remove": ["CATALOG.#"]}
+    ]
     assert await bound_keys(broker, queue) == {"ONCRMDEALADD", "CATALOG.#"}  # dry: unchanged
 
     code, out = await run_cli(broker, "topology", spec, **env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.conformance.delivery import DeliveryScenarios
+from tests.conformance.fairness import FairShareScenarios
 from tests.conformance.processes import ProcessScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios
@@ -21,4 +22,8 @@ class TestUnroutedCapOnRabbitMQ(UnroutedCapScenarios):
 
 
 class TestStatusOnRabbitMQ(StatusScenarios):
+    pass
+
+
+class TestFairShareOnRabbitMQ(FairShareScenarios):
     pass

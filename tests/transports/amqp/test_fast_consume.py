@@ -18,6 +18,7 @@ from pamqp import frame
 from pamqp.heartbeat import Heartbeat
 
 from b24queue import Event, EventConsumer
+from b24queue import _constants as c
 from b24queue.transports.amqp import fast_consume, internals
 from b24queue.transports.amqp.runner import ConsumerRunner
 from b24queue.worker import Worker
@@ -70,9 +71,14 @@ def counting(queue: str, seen: Counter[str], **attrs: Any) -> type[EventConsumer
     return type("Counting", (EventConsumer,), body)
 
 
-async def publish(broker: Broker, queue: str, start: int, count: int) -> set[str]:
+async def publish(
+    broker: Broker, queue: str, start: int, count: int, *, routed: bool = False
+) -> set[str]:
+    """Straight to `queue`, or `routed` through the test's events exchange as four portals'
+    (to a fair queue's shards)."""
     ids = set()
     async with broker.connection.channel() as channel:
+        events = await channel.get_exchange(broker.settings.exchange) if routed else None
         for n in range(start, start + count):
             body = {"event": "ONFAST", "data": {"n": n}, "ts": "1764367200"}
             body["auth"] = {"domain": "acme.bitrix24.com"}
@@ -81,16 +87,24 @@ async def publish(broker: Broker, queue: str, start: int, count: int) -> set[str
                 message_id=f"fast-{n}",
                 timestamp=1764367200,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers={c.H_MEMBER_ID: f"portal{n % 4}"},
             )
-            await channel.default_exchange.publish(message, routing_key=queue)
+            if events is not None:
+                await events.publish(message, routing_key="ONFAST")
+            else:
+                await channel.default_exchange.publish(message, routing_key=queue)
             ids.add(f"fast-{n}")
     return ids
 
 
 async def settled(broker: Broker, queue: str) -> bool:
-    """Nothing ready and nothing unacked (a message handled but never acked stays unacked)."""
-    info = await broker.mgmt.get(f"/api/queues/%2F/{queue}")
-    return info.get("messages") == 0 and info.get("messages_unacknowledged") == 0
+    """Nothing ready and nothing unacked (a message handled but never acked stays unacked), in
+    the queue and its shards."""
+    rows = await broker.mgmt.get("/api/queues/%2F?columns=name,messages,messages_unacknowledged")
+    mine = [r for r in rows if r["name"] == queue or r["name"].startswith(queue + ".s")]
+    return bool(mine) and all(
+        r.get("messages") == 0 and r.get("messages_unacknowledged") == 0 for r in mine
+    )
 
 
 async def underlay(runner: Any) -> aiormq.Channel:
@@ -98,39 +112,46 @@ async def underlay(runner: Any) -> aiormq.Channel:
     return channel
 
 
+@pytest.mark.parametrize("fair", [False, True], ids=["one-queue", "fair-shards"])
 async def test_deliveries_take_the_direct_path_after_the_first_and_again_after_a_reconnect(
-    broker: Broker, monkeypatch: pytest.MonkeyPatch
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, fair: bool
 ) -> None:
     paths = Paths(monkeypatch)
     queue = broker.name("fast")
     seen: Counter[str] = Counter()
-    async with Worker(broker.settings, [counting(queue, seen)]) as worker:
+    # A fair queue: four portals' events through its shards (and its own queue, consumed too).
+    async with Worker(broker.settings, [counting(queue, seen, fair_share=fair)]) as worker:
         runner = worker.runners[0]
-        ids = await publish(broker, queue, 0, 200)
+        ids = await publish(broker, queue, 0, 200, routed=fair)
         await wait_until(lambda: set(seen) == ids, what="the first 200 handled")
         # Acked before the connection is cut (a handled one left unacked would come again).
         await wait_until(lambda: settled(broker, queue), what="the first 200 acked")
         channel = await underlay(runner)
-        tag = runner._consumer_tag
-        assert getattr(channel, fast_consume.DELIVERIES)[tag] == runner._on_delivered
+        taken = getattr(channel, fast_consume.DELIVERIES)
+        tags = [tag for _, tag in runner._consumers]
+        assert len(tags) == (17 if fair else 1)
+        assert {taken.get(t) for t in tags if t in taken} == {runner._on_delivered}
         first = Counter(paths.came)
-        # The first delivery comes through aio-pika and takes the channel over; those the reader
-        # had already handed out before it ran may come that way too (at most a prefetch).
-        assert 1 <= first["aio-pika"] <= 16 and first["direct"] >= 200 - 16
+        # The first delivery of each consumer comes through aio-pika and takes the channel
+        # over; those the reader had already handed out before it ran may come that way too (at
+        # most a prefetch, and its sources': 16 one queue, 4 portals x 48 fair).
+        most = 4 * 48 if fair else 16
+        assert 1 <= first["aio-pika"] <= most and first["direct"] >= 200 - most
         # No task of aiormq's per direct delivery (200 here); its channels start a few of their
-        # own (readers, the test's publishing channel).
-        assert paths.channel_tasks - first["aio-pika"] < 50
+        # own (readers, the test's publishing channel; a fair queue's 17 consumers more).
+        assert paths.channel_tasks - first["aio-pika"] < (100 if fair else 50)
 
         closed = await broker.mgmt.close_connections(f"worker {queue}")
         assert closed == 1
-        ids |= await publish(broker, queue, 200, 200)
+        ids |= await publish(broker, queue, 200, 200, routed=fair)
         await wait_until(lambda: set(seen) == ids, what="the next 200 handled")
         reopened = await underlay(runner)
         assert reopened is not channel
-        assert getattr(reopened, fast_consume.DELIVERIES)[tag] == runner._on_delivered
+        retaken = getattr(reopened, fast_consume.DELIVERIES)
+        assert {retaken.get(t) for t in tags if t in retaken} == {runner._on_delivered}
         assert paths.came["aio-pika"] - first["aio-pika"] >= 1  # the new channel began there
     assert set(seen.values()) == {1}  # none redelivered: each was acked before the close
-    assert await broker.depth(queue) == 0  # an unacked one would be back when the worker left
+    assert await settled(broker, queue)  # an unacked one would be back when the worker left
     assert paths.basic_acks == 0  # every ack went as our own frame
 
 

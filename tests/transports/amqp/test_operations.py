@@ -88,7 +88,7 @@ def test_definitions_file_matches_the_examples() -> None:
 
 
 def test_definitions_hold_exchanges_queues_bindings_policies() -> None:
-    d = definitions(load_settings(), [DealSync])
+    d = definitions(load_settings(), [DealSync])  # fair (the default): its shards behind it
     names = {x["name"] for x in d["queues"]}
     assert names == {
         "b24.unrouted",
@@ -97,14 +97,29 @@ def test_definitions_hold_exchanges_queues_bindings_policies() -> None:
         "example.deal-sync.retry.5s",
         "example.deal-sync.retry.30s",
         "example.deal-sync.dlq",
+        *(f"example.deal-sync.s{i}" for i in range(16)),
     }
     events = next(x for x in d["exchanges"] if x["name"] == "b24.events")
     assert events["arguments"] == {"alternate-exchange": "b24.unrouted"}
-    keys = {(b["source"], b["destination"], b["routing_key"]) for b in d["bindings"]}
-    assert ("b24.events", "example.deal-sync", "ONCRMDEALADD") in keys
+    fair = next(x for x in d["exchanges"] if x["name"] == "example.deal-sync.fair")
+    assert (fair["type"], fair["arguments"]) == (
+        "x-consistent-hash",
+        {"hash-header": "x-b24-member-id"},
+    )
+    keys = [(b["source"], b["destination"], b["routing_key"]) for b in d["bindings"]]
+    assert ("b24.events", "example.deal-sync.fair", "ONCRMDEALADD") in keys
+    assert not [k for k in keys if k[1] == "example.deal-sync"]  # the queue itself: not bound
+    shards = [k for k in keys if k[0] == "example.deal-sync.fair"]
+    assert shards == [("example.deal-sync.fair", f"example.deal-sync.s{i}", "1") for i in range(16)]
     assert ("b24.unrouted", "b24.unrouted", "") in keys
-    cap, policy = d["policies"]
+    cap, policy, shard_policy = d["policies"]
     assert policy["definition"]["delivery-limit"] == DealSync.max_deliveries
+    assert shard_policy["pattern"] == r"^example\.deal\-sync\.s[0-9]+$"
+    assert shard_policy["definition"] == policy["definition"]
+    plain = definitions(load_settings(), [type("Plain", (DealSync,), {"fair_share": False})])
+    keys = [(b["source"], b["destination"], b["routing_key"]) for b in plain["bindings"]]
+    assert ("b24.events", "example.deal-sync", "ONCRMDEALADD") in keys
+    assert len(plain["queues"]) == 6 and len(plain["policies"]) == 2
     # The unrouted queue's cap: the oldest dropped past either length (a policy: an existing
     # queue takes it as it is).
     assert (cap["name"], cap["pattern"]) == ("b24queue.b24.unrouted", r"^b24\.unrouted$")
