@@ -180,6 +180,10 @@ class Settings(TransportSettings, BaseSettings):
     # bind with `portals bind-offline`.
     offline_events: Annotated[tuple[str, ...], NoDecode] = ()
     offline_ping_url: str = Field(default="", pattern=r"^(https://\S{1,2000})?$")
+    # The ping binding's `minTimeout` (event.bind options): Bitrix24 then pings at most once per
+    # that many seconds, grouping records. Unset: not sent (Bitrix24's default, 1 s). A binding
+    # already there keeps the value it was made with (unbind it to change it).
+    offline_ping_min_timeout_s: int | None = Field(default=None, ge=0, le=3600)
     # A puller's hold on the batch it publishes, renewed while it works on it: others' recovery
     # leaves the batch alone until it runs out (a crashed puller's batch waits that long).
     offline_lease_s: float = Field(default=30.0, ge=1, le=3600)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import open_store
@@ -62,19 +63,26 @@ def check_names(events: list[str]) -> list[str]:
 
 
 async def bind_events(
-    portal: Caller, events: list[str], auth_connector: str, ping_url: str | None
+    portal: Caller,
+    events: list[str],
+    auth_connector: str,
+    ping_url: str | None,
+    ping_min_timeout_s: int | None = None,
 ) -> list[Bound]:
     done = []
     for name in check_names(events):
         params = {"event": name, "event_type": "offline", "auth_connector": auth_connector}
         done.append(Bound(name, await _bind(portal, params)))
     if ping_url:
-        params = {"event": "ONOFFLINEEVENT", "handler": ping_url}
-        done.append(Bound("ONOFFLINEEVENT", await _bind(portal, params)))
+        ping: dict[str, Any] = {"event": "ONOFFLINEEVENT", "handler": ping_url}
+        if ping_min_timeout_s is not None:
+            # Bitrix24 pings at most once per minTimeout seconds (its default: 1).
+            ping["options"] = {"minTimeout": ping_min_timeout_s}
+        done.append(Bound("ONOFFLINEEVENT", await _bind(portal, ping)))
     return done
 
 
-async def _bind(portal: Caller, params: dict[str, str]) -> str:
+async def _bind(portal: Caller, params: dict[str, Any]) -> str:
     try:
         await portal.call("event.bind", params)
     except PortalError as exc:
@@ -89,7 +97,13 @@ async def bind_offline(
     if ping_url is not None and not ping_url.startswith("https://"):
         raise ConfigError("bind-offline: --ping-url must be the ingress's https:// address")
     async with installed_portal(settings, member_id, "bind-offline") as portal:
-        return await bind_events(portal, events, settings.offline_auth_connector, ping_url)
+        return await bind_events(
+            portal,
+            events,
+            settings.offline_auth_connector,
+            ping_url,
+            settings.offline_ping_min_timeout_s,
+        )
 
 
 @asynccontextmanager

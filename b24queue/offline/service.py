@@ -226,6 +226,7 @@ class OfflineService:
                 list(self._s.offline_events),
                 self._s.offline_auth_connector,
                 self._s.offline_ping_url or None,
+                self._s.offline_ping_min_timeout_s,
             )
         except Exception as exc:  # tried again later; the pulls go on meanwhile
             reason = exc if isinstance(exc, B24QueueError) else repr(exc)

@@ -4,8 +4,12 @@ Every request first takes its place in the portal's shared bucket (b24queue.port
 portal's answers are handled as Bitrix24 documents them:
 - 503 QUERY_LIMIT_EXCEEDED: the call never ran; it waits its turn again and is re-sent, up to
   `BUSY_TRIES` times, then the event is retried later (`PortalRetry`).
-- 429 OPERATION_TIME_LIMIT: the method used up its run time for the portal's 10-minute window;
-  waiting in a handler would hold it for minutes, so the event is retried later instead.
+- 429 OPERATION_TIME_LIMIT: the method used up its run time for the portal's 10-minute window
+  until the answer's `time.operating_reset_at` (b24queue.portal.limits.operating_hold_s): the
+  method is held on that portal in the shared state, so every call of it from any handler or
+  process waits until then (other methods do not), and this one is re-sent after the wait. A
+  hold longer than the bucket's `max_wait_s` is not waited in a handler: the event is retried
+  later (`PortalRetry` with the time left).
 - 401 expired_token: refreshed once (b24queue.portal.oauth), then re-sent once.
 - any other error: `PortalError` with Bitrix24's code.
 Tokens go in the request body, never in a URL, a log line or an error.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +42,7 @@ from b24queue.outbound.answers import (
 )
 from b24queue.portal.api import ANSWERS, PortalError, PortalObserver, PortalRetry
 from b24queue.portal.credentials import METHOD, Endpoint, Webhooks
-from b24queue.portal.limits import Limit
+from b24queue.portal.limits import Limit, operating_hold_s
 from b24queue.portal.oauth import Refresher
 from b24queue.portal.state import SharedState
 from b24queue.portal.tenant import credentials
@@ -48,7 +53,6 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 50  # Bitrix24 runs at most 50 commands per batch
 BUSY_TRIES = 5
 MAX_PAGES = 10_000  # a list's pages, whatever `max_items` (Bitrix24 pages by 50)
-OPERATION_LIMIT_RETRY_S = 60.0
 BUSY_RETRY_S = 5.0  # the process's answer budget is full: answers in flight end in seconds
 EXPIRED = frozenset({"expired_token", "invalid_token"})
 
@@ -140,8 +144,9 @@ class PortalClient:
         if not METHOD.fullmatch(method):
             raise PortalError("BAD_METHOD", f"not a REST method name: {method[:64]!r}")
         target = await self._resolve()
-        replaced = 0
+        replaced, limited = 0, None
         for tries in range(BUSY_TRIES):
+            await self._unheld(target, method)
             await self._turn(target)
             status, answer = await self._post(target, method, params)
             code = answer.get("error")
@@ -156,7 +161,12 @@ class PortalClient:
                 await asyncio.sleep((tries + 1) / self._ctx.limit.drain_per_s)
                 continue
             if code == "OPERATION_TIME_LIMIT":
-                raise PortalRetry(code, self._said(answer), OPERATION_LIMIT_RETRY_S)
+                # It never ran: held for everyone until the portal says, then re-sent (or the
+                # event retried then, when that is past the wait; see _unheld).
+                hold_s = operating_hold_s(answer, time.time())
+                await self._ctx.state.hold(target.key, method, hold_s)
+                limited = PortalRetry(code, self._said(answer), hold_s)
+                continue
             if code in EXPIRED and self._record is not None and replaced < 2:
                 # The token failed: the refresher gives a newer one it knows of (another
                 # process's refresh, a pair it keeps in memory) or, if none, refreshes; that
@@ -167,7 +177,9 @@ class PortalClient:
                 self._token = record.access_token
                 continue
             raise PortalError(code, self._said(answer), status=status)
-        raise PortalRetry("QUERY_LIMIT_EXCEEDED", "the portal stayed over its limit", 5.0)
+        raise limited or PortalRetry(
+            "QUERY_LIMIT_EXCEEDED", "the portal stayed over its limit", 5.0
+        )
 
     def _said(self, answer: Mapping[str, Any]) -> str:
         """The portal's error description, less the token this call sent (it may quote the
@@ -178,6 +190,19 @@ class PortalClient:
         if isinstance(error, dict):
             return PortalError(str(error.get("error") or "ERROR"), self._said(error))
         return PortalError("ERROR", self._said({"error_description": error}))
+
+    async def _unheld(self, target: Endpoint, method: str) -> None:
+        """Wait while the portal's run-time limit holds `method` (an OPERATION_TIME_LIMIT seen
+        by any process on this store); past the bucket's wait, retry the event then instead."""
+        wait_s = await self._ctx.state.held(target.key, method)
+        if wait_s > self._ctx.limit.max_wait_s:
+            raise PortalRetry(
+                "OPERATION_TIME_LIMIT",
+                f"{method} is held on this portal for {wait_s:.0f}s more (its run-time limit)",
+                wait_s,
+            )
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
 
     async def _turn(self, target: Endpoint) -> None:
         wait_s = await self._ctx.state.reserve(target.key, self._ctx.limit)

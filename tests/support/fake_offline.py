@@ -66,6 +66,7 @@ class PortalQueue:
     bindings: dict[str, set[str]] = field(default_factory=dict)  # connector -> event names
     records: dict[int, Record] = field(default_factory=dict)
     ping_handler: str = ""
+    ping_min_timeout: Any = None  # the ping binding's options.minTimeout, as sent
 
 
 class FakeOffline:
@@ -183,6 +184,8 @@ class FakeOffline:
             q.bindings.setdefault(connector, set()).add(event)
         elif event == "ONOFFLINEEVENT" and params.get("handler"):
             q.ping_handler = str(params["handler"])
+            options = params.get("options")
+            q.ping_min_timeout = options.get("minTimeout") if isinstance(options, dict) else None
         else:
             return 400, {"error": "ERROR_ARGUMENT", "error_description": "handler is required"}
         return 200, {"result": True}

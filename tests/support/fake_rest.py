@@ -3,7 +3,9 @@ endpoint, a few methods, `batch`, and the per-portal leaky bucket, with the docu
 
   over the bucket     503 {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many
                           requests"}
-  method out of time  429 {"error": "OPERATION_TIME_LIMIT", ...} (methods in `time_limited`)
+  method out of time  429 {"error": "OPERATION_TIME_LIMIT", ..., "time": {...,
+                          "operating_reset_at": ...}} (methods in `time_limited`: 10 minutes
+                          on; in `operating_until`: on that host until that unix time)
   token expired       401 {"error": "expired_token", "error_description": "The access token
                           provided has expired."}
   refresh token spent 400 {"error": "invalid_grant", ...} (refresh tokens are single-use)
@@ -58,6 +60,9 @@ class FakeRest:
         self.deal_gets: list[str] = []  # the ids crm.deal.get answered for
         self.used_tokens: list[str] = []  # the access token of every REST call, in order
         self.time_limited: set[str] = set()
+        # (host, method) -> the unix time it is free again on that portal
+        self.operating_until: dict[tuple[str, str], float] = {}
+        self.time_refused: list[tuple[str, str, float]] = []  # (host, method, when) of each 429
         self.webhooks: dict[str, str] = {}  # code -> member_id (its host: <member_id>.portal.test)
         self.deals = {i: {"ID": str(i), "TITLE": f"Deal {i}"} for i in range(1, DEALS + 1)}
         self.oauth_requests = 0  # every request to the token endpoint, answered or not
@@ -167,10 +172,17 @@ class FakeRest:
         return self._run(host, method, params)
 
     def _run(self, host: str, method: str, params: dict[str, Any], token: str = "") -> web.Response:
-        if method in self.time_limited:
-            return _error(
-                429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit."
-            )
+        now = time.time()
+        until = self.operating_until.get((host, method), 0.0)
+        if method in self.time_limited or until > now:
+            self.time_refused.append((host, method, time.monotonic()))
+            reset_at = until if until > now else now + 600
+            answer = {
+                "error": "OPERATION_TIME_LIMIT",
+                "error_description": "Method is blocked due to operation time limit.",
+                "time": _time_block(now, reset_at, operating=480.5),
+            }
+            return web.json_response(answer, status=429)
         status, answer = self.answer(method, params, token)
         if status == 200:
             self.served.append((host, method, time.monotonic()))
@@ -259,6 +271,21 @@ class FakeRest:
                 **self.oauth_extra,
             }
         )
+
+
+def _time_block(now: float, reset_at: float, operating: float) -> dict[str, Any]:
+    """The `time` block of a Bitrix24 answer, shaped as its documentation prints it."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now))
+    return {
+        "start": now,
+        "finish": now + 0.01,
+        "duration": 0.01,
+        "processing": 0.0,
+        "date_start": stamp,
+        "date_finish": stamp,
+        "operating_reset_at": int(reset_at),
+        "operating": operating,
+    }
 
 
 def _php_array(values: dict[str, Any]) -> Any:

@@ -59,6 +59,12 @@ class State:
         self.renewed: list[str] = []
         self.released: list[str] = []
 
+    async def hold(self, key: str, method: str, for_s: float) -> None:
+        return None
+
+    async def held(self, key: str, method: str) -> float:
+        return 0.0
+
     async def lease(self, key: str, owner: str, ttl_s: float) -> bool:
         return True
 

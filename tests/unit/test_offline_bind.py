@@ -49,6 +49,31 @@ async def test_binds_offline_events_and_the_ping(
     await store.close()
 
 
+async def test_the_ping_binding_sets_min_timeout_when_asked(
+    fake_portal: FakePortal, portal_certificate: Any, tmp_path: Path
+) -> None:
+    offline = FakeOffline.attach(fake_portal.rest)
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    record = await install(store, fake_portal.rest, "mping")
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}")
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        portal = clients.for_event(portal_event(record))
+        await bind_events(portal, ["ONCRMDEALADD"], "b24queue", "https://app.example/b24", 30)
+        pings = [p for _, m, p in offline.calls if p.get("event") == "ONOFFLINEEVENT"]
+        assert pings[-1]["options"] == {"minTimeout": 30}
+        assert offline.queue("mping.portal.test").ping_min_timeout == 30
+        # Only the ping's binding has it; and not asked for, it is not sent.
+        assert all(
+            "options" not in p
+            for _, m, p in offline.calls
+            if m == "event.bind" and p is not pings[-1]
+        )
+        await bind_events(portal, [], "b24queue", "https://app.example/b24")
+        pings = [p for _, m, p in offline.calls if p.get("event") == "ONOFFLINEEVENT"]
+        assert "options" not in pings[-1]
+    await store.close()
+
+
 @pytest.mark.parametrize("name", ["ON CRM", "ONCRM.#", "x" * 200, ""])
 def test_names_are_checked_first(name: str) -> None:
     with pytest.raises(ConfigError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from b24queue.errors import ConfigError
-from b24queue.portal.limits import HEADROOM, Limit, reserve
+from b24queue.portal.limits import HEADROOM, MAX_HELD_METHODS, Limit, reserve
 from b24queue.portal.redis_state import RedisState
 from b24queue.portal.sqlite_state import SqliteState
 from b24queue.portal.state import SharedState, open_state
@@ -95,3 +95,29 @@ async def test_one_refresh_lease_per_portal(states: tuple[SharedState, SharedSta
     assert await b.lease("m2x", "proc-b", 0.05)
     await wait_until(lambda: a.lease("m2x", "proc-a", 30), 5, "b's short lease to end")
     assert not await b.renew("m2x", "proc-b", 30)  # ran out and taken: not b's to renew
+
+
+async def test_held_methods_are_shared_per_portal_and_bounded(
+    states: tuple[SharedState, SharedState],
+) -> None:
+    a, b = states
+    assert await b.held("m1", "crm.deal.get") == 0.0
+    await a.hold("m1", "crm.deal.get", 30)
+    assert 29 < await b.held("m1", "CRM.Deal.Get") <= 30  # the other process sees it
+    assert await b.held("m1", "crm.deal.list") == 0.0  # another method: free
+    assert await b.held("m2", "crm.deal.get") == 0.0  # another portal: free
+    await b.hold("m1", "crm.deal.get", 5)  # a shorter hold does not shorten the longer one
+    assert await a.held("m1", "crm.deal.get") > 29
+    await a.hold("m1", "crm.deal.add", 0.05)
+    await wait_until(lambda: _free(b, "m1", "crm.deal.add"), 5, "a short hold to end")
+    # The app's method names per portal are bounded: past the most, the soonest free goes.
+    for i in range(MAX_HELD_METHODS + 10):
+        await a.hold("m1", f"crm.item{i}.list", 100 + i)
+    assert await b.held("m1", "crm.deal.get") == 0.0  # ends first (30 s): dropped
+    held = [await b.held("m1", f"crm.item{i}.list") for i in range(MAX_HELD_METHODS + 10)]
+    assert sum(1 for h in held if h > 0) == MAX_HELD_METHODS
+    assert held[-1] > 0 and held[0] == 0.0
+
+
+async def _free(state: SharedState, key: str, method: str) -> bool:
+    return await state.held(key, method) == 0.0
