@@ -52,11 +52,15 @@ class Incoming:
     @property
     def attempt(self) -> int:
         """Which attempt this delivery is, from our own header (not x-death)."""
-        value = self.headers.get(c.H_ATTEMPT, 1)
-        try:
-            return max(1, int(value))
-        except (TypeError, ValueError):
-            return 1
+        return attempt_of(self.headers)
+
+
+def attempt_of(headers: Mapping[str, Any]) -> int:
+    """The attempt our own header says (1 when it is missing or not a number)."""
+    try:
+        return max(1, int(headers.get(c.H_ATTEMPT, 1)))
+    except (TypeError, ValueError):
+        return 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +111,14 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
     key = f"{queue}:{incoming.message_id}" if incoming.message_id else None
     store = consumer.idempotency
-    if store is not None and key is not None and await _already_seen(store, key):
+    # A delivery that replaces earlier events is handled whatever the guard says: its ack
+    # settles them too, and its latest event having been handled says nothing of them.
+    if (
+        store is not None
+        and key is not None
+        and not incoming.replaces
+        and await _already_seen(store, key)
+    ):
         return Outcome("ack", attempt, reason="duplicate")
     try:
         if consumer.handle_timeout_s is None:

@@ -10,6 +10,7 @@ or "" for an event with no key (no key, no order: it runs as any other event).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,10 +59,32 @@ def check_path(path: str) -> str | None:
 
 def as_key(value: object) -> str:
     """A key read from an event, as the row keeps it: text (an int as its digits), cut to
-    `MAX_ORDER_KEY_CHARS`; anything else (None, "", a list, a mapping) is no key."""
+    `MAX_ORDER_KEY_CHARS`; anything else (None, "", a list, a mapping) is no key. Text a database
+    cannot store (a NUL, which PostgreSQL's text refuses; a lone surrogate, which is not UTF-8)
+    is kept as a digest of all of it (`storable`): the same key, the same digest."""
     if isinstance(value, bool) or not isinstance(value, str | int):
         return NO_KEY
-    return str(value)[:MAX_ORDER_KEY_CHARS]
+    text = str(value)
+    return storable(text) if text and not _stores(text) else text[:MAX_ORDER_KEY_CHARS]
+
+
+def storable(text: str) -> str:
+    """`text` as text every database stores: itself when it can, else 'sha256:' and the hex
+    digest of its UTF-8 with surrogates passed through (one text, one digest; no two texts
+    alike)."""
+    if _stores(text):
+        return text
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _stores(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +101,14 @@ class Ordering:
         return self.key is not None
 
     def group(self, portal: str, body: bytes) -> str:
-        """What the row of an event with this `body` in `portal` keeps: "" for no key. A key
-        function that raises, or a body that is not an event, gives no key (logged, without the
-        event: it may hold personal data)."""
+        """What the row of an event with this `body` in `portal` keeps: "" for no key; always
+        text the database stores (`storable`), so no row's key fails the claim that keys it. A
+        key function that raises, or a body that is not an event, gives no key (logged, without
+        the event: it may hold personal data)."""
         assert self.key is not None
         try:
             key = as_key(self.key(Event.from_json(body)))
+            return storable(f"{len(portal)}:{portal}:{key}") if key else NO_KEY
         except Exception as exc:
             log.warning("%s.ordering_key failed (%s): the event has no key", self.name, type(exc))
             return NO_KEY
-        return f"{len(portal)}:{portal}:{key}" if key else NO_KEY

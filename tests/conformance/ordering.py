@@ -260,6 +260,31 @@ class OrderingScenarios:
         ], lines
         assert lines[1][2] > killed_at
 
+    @pytest.mark.parametrize("unstorable", ["\x00", "\ud800"])
+    async def test_a_key_no_database_stores_keeps_its_order_and_stops_no_claim(
+        self, bench: Bench, unstorable: str
+    ) -> None:
+        """A key holding a NUL (PostgreSQL's text refuses it; the ingress accepts
+        `data[FIELDS][ID]=4%002`) or a lone surrogate (not UTF-8: SQLite refuses it) is kept as
+        a digest: its events still share one order, and the other keys' events are claimed."""
+        lines: list[Line] = []
+        cls = ordered_consumer(
+            bench,
+            "unstorable",
+            lines,
+            "strict",
+            ordering_key=lambda event: event.data["FIELDS"]["ID"].replace("x", unstorable),
+        )
+        await bench.transport.declare([cls])
+        events = keyed(4, retry_at=99, keys=("4x2", "7"))
+        await publish(bench, events)
+        async with Worker(bench.settings, [cls]):
+            await wait_until(
+                lambda: sum(k == "done" for k, *_ in lines) == len(events), 30, "all handled"
+            )
+        assert_one_at_a_time(lines)
+        assert starts(lines, "4x2") == [0, 2, 4, 6] and starts(lines, "7") == [1, 3, 5, 7]
+
     async def test_coalescing_hands_over_the_latest_with_the_ids_it_replaces(
         self, bench: Bench
     ) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from b24queue import Event, EventConsumer, Reject, Retry
 from b24queue import _constants as c
+from b24queue.idempotency import MemorySeenStore
 from b24queue.delivery import Incoming, Outcome, _log_outcome, decide, process
 from b24queue.telemetry import logs
 from b24queue.telemetry.metrics import WorkerMetrics
@@ -347,3 +348,29 @@ def test_the_outcome_line_in_json_carries_its_fields(capsys: pytest.CaptureFixtu
         "outcome": "ack",
     }
     assert record["duration_ms"] == 12.3 and record["level"] == "INFO"
+
+
+async def test_a_delivery_that_replaces_others_is_handled_though_its_latest_was_seen() -> None:
+    """Coalescing: the latest event was handled and remembered but its ack was lost; earlier
+    events coalesced into it since were never handled. The guard must not ack them unhandled."""
+
+    handled: list[tuple[str, ...]] = []
+    store = MemorySeenStore()
+
+    class Guarded(EventConsumer):
+        queue = "q"
+        events = ("#",)
+        idempotency = store
+
+        async def handle(self, event: Event) -> None:
+            handled.append(event.replaces)
+
+    body = json.dumps(make_event("ONCRMDEALUPDATE", {"FIELDS": {"ID": "1"}}).payload).encode()
+    await store.remember("q:latest")
+    alone = Incoming(body=body, message_id="latest", routing_key="ONCRMDEALUPDATE", headers={})
+    assert (await decide(Guarded(), alone, "q")).reason == "duplicate"
+    assert handled == []
+    coalesced = dataclasses.replace(alone, replaces=("earlier",))
+    outcome = await decide(Guarded(), coalesced, "q")
+    assert outcome.kind == "ack" and outcome.reason is None
+    assert handled == [("earlier",)]

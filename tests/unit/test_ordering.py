@@ -101,6 +101,26 @@ def test_a_group_is_the_portal_and_the_key() -> None:
     assert not spec_for(make(ordering_key="data.ID", ordering="lenient")).ordering.strict
 
 
+@pytest.mark.parametrize("raw", ["4\x002", "4\ud8002", "\x00", "x" * 500 + "\x00"])
+def test_a_key_no_database_stores_becomes_a_digest_of_all_of_it(raw: str) -> None:
+    """A NUL (PostgreSQL's text refuses it) or a lone surrogate (not UTF-8: SQLite's driver
+    refuses it): a digest, the same for the same key, another for another."""
+    key = as_key(raw)
+    assert key.startswith("sha256:") and len(key) == 71 and key == as_key(raw)
+    assert key != as_key(raw + "3") and key.isascii()
+    ordering = Ordering(lambda event: raw, True, "C")
+    group = ordering.group("m1", body({}))
+    assert group == ordering.group("m1", body({})) != ordering.group("m2", body({})) != ""
+    group.encode("utf-8")
+    assert "\x00" not in group
+
+
+def test_a_portal_no_database_stores_gives_a_storable_group() -> None:
+    ordering = spec_for(make(ordering_key="data.FIELDS.ID")).ordering
+    group = ordering.group("m\x001", body({"ID": "42"}))
+    assert group.startswith("sha256:") and group != ordering.group("m1", body({"ID": "42"}))
+
+
 def test_a_key_function_that_fails_gives_no_key(caplog: pytest.LogCaptureFixture) -> None:
     def boom(event: Event) -> str:
         raise KeyError(event.data["secret"])

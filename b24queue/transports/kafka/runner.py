@@ -274,6 +274,7 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
             self._due_wait.discard(part.tp)
             if self._kafka is not None and self._offsets.owns(part) and part.tp not in self._full:
                 self._kafka.resume(part.tp)
+                self._room.set()  # the loop may wait with every partition paused: read it now
 
         asyncio.get_running_loop().call_later(delay_s, resume)
 

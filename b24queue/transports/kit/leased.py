@@ -14,13 +14,13 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
-from b24queue.delivery import Incoming, Outcome, give_up, process
+from b24queue.delivery import Incoming, Outcome, attempt_of, give_up, process
 from b24queue.events.envelope import Envelope
 from b24queue.queues import QueueSpec
 from b24queue.telemetry.metrics import WorkerMetrics
@@ -69,6 +69,22 @@ class Row:
             timestamp=self.timestamp,
             event_type=self.event_type,
         )
+
+
+def coalesced(group: Sequence[Row]) -> Row:
+    """A group's rows leased together (`EventConsumer.coalesce`; oldest first) as the one
+    delivery handed over: the latest, the others its `replaced`. It carries the group's highest
+    attempt and deliveries: a newer event joining a key that is being retried does not start its
+    attempts again (`max_attempts`, `max_deliveries` and the retry delays hold)."""
+    latest, earlier = group[-1], tuple(group[:-1])
+    if not earlier:
+        return latest
+    attempt = max(attempt_of(r.headers) for r in group)
+    headers = latest.headers
+    if attempt > attempt_of(headers):
+        headers = {**headers, c.H_ATTEMPT: attempt}
+    deliveries = max(r.deliveries for r in group)
+    return replace(latest, headers=headers, deliveries=deliveries, replaced=earlier)
 
 
 class Leases(Protocol):

@@ -13,7 +13,6 @@ wait: a lease would end early by the wait, and rows that came due meanwhile woul
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from datetime import datetime
 
 import asyncpg
@@ -23,6 +22,7 @@ from b24queue.queues import Fairness
 from b24queue.transports.kit import tables
 from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
+from b24queue.transports.kit.leased import coalesced as coalesced_row
 from b24queue.transports.postgres.db import Db
 from b24queue.transports.status import PortalsWaiting
 
@@ -234,8 +234,7 @@ class Claims:
             later.setdefault(r["anchor"], []).append(row_of(r))
         out = []
         for row in rows:
-            group = [row, *sorted(later.get(row.id, ()), key=lambda r: r.id)]
-            out.append(replace(group[-1], replaced=tuple(group[:-1])))
+            out.append(coalesced_row([row, *sorted(later.get(row.id, ()), key=lambda r: r.id)]))
         return out
 
     async def claim_ordered(

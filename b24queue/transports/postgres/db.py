@@ -261,8 +261,9 @@ async def _upgrade(connection: Db, schema: str, version: int) -> None:
     """In place, in the caller's transaction, by a role that may alter the schema: from 1
     (before `queue_sizes`) its table; from 2 (before fair claims) each row's portal, its index
     and the turns' tables; from 3 (before ordered claims) the order key's column (NULL: keyed by
-    the first ordered claim that meets the row; no row is read here) and its index. The rows
-    waiting stay."""
+    the first ordered claim that meets the row; adding it rewrites no row) and its index (built
+    by reading every row, writes to the table blocked meanwhile: docs/ordering.md#upgrading).
+    The rows waiting stay."""
     s = f'"{schema}"'
     statements = (
         (_sizes(s) if version < 2 else []) + (_portals(s) if version < 3 else []) + _order(s)

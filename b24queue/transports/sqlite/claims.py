@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +17,7 @@ from b24queue.queues import Fairness
 from b24queue.transports.kit import tables
 from b24queue.transports.kit.fair import Claim
 from b24queue.transports.kit.leased import Row
+from b24queue.transports.kit.leased import coalesced as coalesced_row
 from b24queue.transports.status import PortalsWaiting
 
 MESSAGE = "id, message_id, routing_key, body, headers, timestamp, event_type, deliveries, fence"
@@ -212,6 +212,5 @@ def coalesced(db: sqlite3.Connection, rows: list[Row], owner: str, lease_s: floa
         if not later:
             out.append(row)
             continue
-        group = [row, *sorted((row_of(r) for r in later), key=lambda r: r.id)]
-        out.append(replace(group[-1], replaced=tuple(group[:-1])))
+        out.append(coalesced_row([row, *sorted((row_of(r) for r in later), key=lambda r: r.id)]))
     return out
