@@ -13,8 +13,8 @@ import pytest
 
 from b24queue import Event, EventConsumer, Reject, Retry
 from b24queue import _constants as c
-from b24queue.idempotency import MemorySeenStore
 from b24queue.delivery import Incoming, Outcome, _log_outcome, decide, process
+from b24queue.idempotency import MemorySeenStore
 from b24queue.telemetry import logs
 from b24queue.telemetry.metrics import WorkerMetrics
 from b24queue.testing import event_from_form, make_event, run_handler, run_until_settled

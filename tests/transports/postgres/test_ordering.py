@@ -11,12 +11,11 @@ import asyncpg
 import pytest
 
 from b24queue import _constants as c
-
 from b24queue.events.envelope import envelope_for
 from b24queue.events.event import FORM_TYPE, parse_event
 from b24queue.ordering import Ordering, path_reader
-from b24queue.transports.postgres.db import ensure_schema
 from b24queue.testing import make_event
+from b24queue.transports.postgres.db import ensure_schema
 from b24queue.transports.postgres.queue import Queries
 from tests.support.postgres import POSTGRES_URL
 
