@@ -70,8 +70,7 @@ def as_key(value: object) -> str:
 
 def storable(text: str) -> str:
     """`text` as text every database stores: itself when it can, else 'sha256:' and the hex
-    digest of its UTF-8 with surrogates passed through (one text, one digest; no two texts
-    alike)."""
+    digest of its UTF-8 with surrogates passed through (one text, always the same digest)."""
     if _stores(text):
         return text
     return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
