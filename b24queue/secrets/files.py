@@ -30,21 +30,63 @@ def private_file(path: Path) -> Path:
     """Create `path` (and its folder) readable by its owner only, whatever the umask; tighten it
     if it exists. SQLite creates its -wal and -shm files with the mode of the database file, so
     they follow; ones left by an older version are tightened here too. `NotPrivateError` for a
-    symbolic link or another user's file, at `path` or beside it."""
+    symbolic link or another user's file, at `path` or beside it.
+
+    A file that exists is never opened for reading or writing here: closing any descriptor of a
+    file drops every POSIX lock this process holds on it, and SQLite's locks are POSIX locks. A
+    second store opened on a database this process already has open would have dropped the
+    first connection's lock on its `-shm`; another process could then take the database as its
+    first user and truncate that file under the first connection's mapping (SIGBUS)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for name, create in ((path, True), *((Path(f"{path}{s}"), False) for s in _SIDE_FILES)):
         try:
-            fd = _open(name, (os.O_CREAT | os.O_RDWR) if create else os.O_RDONLY)
+            found = os.lstat(name)
         except FileNotFoundError:
+            if create:
+                _create(name)
             continue
+        if stat.S_ISLNK(found.st_mode):
+            raise NotPrivateError(name, "is a symbolic link (never followed here)")
+        why = _not_ours(found, exact_mode=False)
+        if why:
+            raise NotPrivateError(name, why)
+        if stat.S_IMODE(found.st_mode) != PRIVATE_MODE:
+            _tighten(name)
+    return path
+
+
+def _create(path: Path) -> None:
+    """A new file (or one another process created meanwhile), checked and made 0600: nobody holds
+    a lock on a file that did not exist a moment ago, or it is SQLite's own first open."""
+    fd = _open(path, os.O_CREAT | os.O_RDWR)
+    try:
+        why = _not_ours(os.fstat(fd), exact_mode=False)
+        if why:
+            raise NotPrivateError(path, why)
+        os.fchmod(fd, PRIVATE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _tighten(path: Path) -> None:
+    """chmod 0600 of the very file checked, through a descriptor that holds no lock: Linux's
+    O_PATH (closing it keeps the process's POSIX locks), chmod through /proc/self/fd."""
+    o_path = getattr(os, "O_PATH", 0)
+    if not o_path:  # not Linux: a plain descriptor (its close drops this process's locks)
+        fd = _open(path, os.O_RDONLY)
         try:
-            why = _not_ours(os.fstat(fd), exact_mode=False)
-            if why:
-                raise NotPrivateError(name, why)
             os.fchmod(fd, PRIVATE_MODE)
         finally:
             os.close(fd)
-    return path
+        return
+    fd = _open(path, o_path)
+    try:
+        why = _not_ours(os.fstat(fd), exact_mode=False)
+        if why:
+            raise NotPrivateError(path, why)
+        os.chmod(f"/proc/self/fd/{fd}", PRIVATE_MODE)
+    finally:
+        os.close(fd)
 
 
 def open_private(path: Path) -> int:

@@ -163,3 +163,50 @@ async def test_another_users_file_is_not_taken_as_our_private_file(tmp_path: Pat
     with pytest.raises(ConfigError, match=f"belongs to uid {NOBODY}"):
         async with Spool(planted, 10):
             pass
+
+
+# Whether another process could take the byte SQLite's users lock in the `-shm` file (its
+# "DMS" slot: 120 + 8): the first process to get it exclusively truncates the file, under the
+# mappings of every connection still open on it (SIGBUS).
+_DMS_PROBE = """
+import fcntl, sys
+with open(sys.argv[1], "r+b") as f:
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+    except OSError:
+        print("held")
+    else:
+        print("free")
+"""
+
+
+async def test_opening_a_database_again_keeps_its_open_connections_locks(tmp_path: Path) -> None:
+    """private_file() on a database this process has open (a second store on one file) must not
+    drop the first connection's POSIX locks: closing any descriptor of a file drops them all.
+    One puller of two died of SIGBUS that way (its -shm truncated by the other's first open)."""
+    import sqlite3
+
+    path = tmp_path / "portals.db"
+    private_file(path)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (x)")
+    db.execute("INSERT INTO t VALUES (1)")
+    db.commit()
+    shm = Path(f"{path}-shm")
+    (tmp_path / "loose").write_text("x")
+
+    async def probe() -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _DMS_PROBE, str(shm), stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        return out.decode().strip()
+
+    assert await probe() == "held"  # the connection's shared lock, seen from another process
+    shm.chmod(0o644)  # one left by an older version: tightened, through no locking descriptor
+    private_file(path)  # as a second store on the same file does
+    assert stat.S_IMODE(shm.stat().st_mode) == 0o600
+    assert await probe() == "held"
+    assert db.execute("SELECT x FROM t").fetchall() == [(1,)]
+    db.close()
