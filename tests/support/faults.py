@@ -105,6 +105,7 @@ class Harness:
         self.ingress: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
+        self.dead_lettered: set[str] = set()  # the accepted events `settle` found in the DLQ
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
@@ -305,6 +306,7 @@ class Harness:
             "duplicates": len(handled) - len(set(handled)),
         }
         SUMMARY.append(row)
+        self.dead_lettered = in_dlq & accepted
         assert not lost, f"{len(lost)} accepted events lost: {sorted(lost)[:5]}\n{self.tail()}"
         return row
 
