@@ -80,6 +80,7 @@ def ids(envelopes: list[Envelope]) -> set[str]:
     return {e.message_id or "" for e in envelopes}
 
 
+@pytest.mark.long  # 10 s: make faults runs it (make test's ten minutes)
 async def test_a_queue_turns_fair_in_place_with_events_waiting_and_back(bench: Bench) -> None:
     queue = bench.name("upgraded")
     seen: Counter[str] = Counter()

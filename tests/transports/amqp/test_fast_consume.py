@@ -112,7 +112,11 @@ async def underlay(runner: Any) -> aiormq.Channel:
     return channel
 
 
-@pytest.mark.parametrize("fair", [False, True], ids=["one-queue", "fair-shards"])
+@pytest.mark.parametrize(
+    "fair",
+    [False, pytest.param(True, marks=pytest.mark.long)],  # 10 s: make faults runs it
+    ids=["one-queue", "fair-shards"],
+)
 async def test_deliveries_take_the_direct_path_after_the_first_and_again_after_a_reconnect(
     broker: Broker, monkeypatch: pytest.MonkeyPatch, fair: bool
 ) -> None:

@@ -58,6 +58,9 @@ class OnTwelvePartitions:
         return Bench(kafka_settings(tansu, prefix, kafka_partitions=PARTITIONS), prefix)
 
 
+# Kafka's fair-share scenarios take 7-9 s each (a consumer group to join per worker): marked long,
+# they run in make faults, keeping make test within its ten minutes.
+@pytest.mark.long
 class TestFairShareUpgradeOnKafka(OnTwelvePartitions, FairShareUpgradeScenarios):
     async def to_schema_2(self, bench: Bench) -> None:
         """Nothing to take back: the topics and records are as an earlier version made them
@@ -65,6 +68,7 @@ class TestFairShareUpgradeOnKafka(OnTwelvePartitions, FairShareUpgradeScenarios)
         member_id it keyed null: test_fair_share.py."""
 
 
+@pytest.mark.long
 class TestFairShareOnKafka(OnTwelvePartitions, FairShareScenarios):
     def test_the_portals_land_in_partitions_of_their_own(self) -> None:
         """What the scenarios above rely on; NEXT_DOOR is the flood's neighbour below."""

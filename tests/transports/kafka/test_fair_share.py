@@ -10,6 +10,7 @@ import asyncio
 import uuid
 from collections import Counter
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from b24queue import Event, EventConsumer, Retry
@@ -20,6 +21,9 @@ from tests.conformance.fairness import FLOOD, envelope, publish
 from tests.support.bench import Bench
 from tests.support.consumers import consumer
 from tests.support.wait import wait_until
+
+# 8-9 s each (consumer groups, a rebalance): make faults runs them (make test's ten minutes).
+pytestmark = pytest.mark.long
 
 # Portals in partitions 0 and 1 of 3 (the flood's is 2): both members have work.
 OTHERS = ("portal3" + "0" * 25, "portal1" + "0" * 25)

@@ -41,6 +41,7 @@ def _headers(to: bytes, **override: bytes) -> list[tuple[str, bytes]]:
     return list((base | override).items())
 
 
+@pytest.mark.long  # 9 s: make faults runs it (make test's ten minutes)
 async def test_malformed_records_go_to_the_dlq_and_never_hold_the_commit_point(
     tansu: KafkaServer, tmp_path: Path
 ) -> None:

@@ -159,6 +159,7 @@ async def test_an_event_that_kills_its_worker_every_time_ends_in_the_dlq(
     assert record_starts(record) == [(poison, "0"), (poison, "1")]
 
 
+@pytest.mark.long  # a broker away for a while, 8 s: make faults runs it
 async def test_the_ingress_spools_while_kafka_is_unreachable(tmp_path: Path) -> None:
     """Kafka behind a proxy it advertises (every client goes through it); the proxy is cut."""
     proxy_port = free_port()
