@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from b24queue.auth.sqlite_store import SqliteTokenStore
 from b24queue.portal.api import PortalRetry
 from b24queue.portal.clients import PortalClients
 from b24queue.portal.limits import (
@@ -23,7 +24,6 @@ from b24queue.portal.limits import (
 from b24queue.portal.sqlite_state import SqliteState
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.portal_setup import deal_event, install, portal_settings
-from tests.unit.test_portal_client import store_of
 
 
 def test_the_portals_reset_time_is_bounded() -> None:
@@ -51,7 +51,7 @@ async def test_a_limited_method_waits_until_the_portal_says_and_other_methods_do
     settings = portal_settings(
         portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}", portal_max_wait_s=20
     )
-    store = await store_of(tmp_path)
+    store = SqliteTokenStore(tmp_path / "portals.db")
     await install(store, rest, "m1")
     await install(store, rest, "m2")
     seen = SqliteState(tmp_path / "portals.db")
@@ -102,7 +102,7 @@ async def test_a_hold_longer_than_the_wait_retries_the_event_without_calling(
     settings = portal_settings(
         portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}", portal_max_wait_s=5
     )
-    store = await store_of(tmp_path)
+    store = SqliteTokenStore(tmp_path / "portals.db")
     await install(store, rest, "m1")
     reset = math.ceil(time.time()) + 60
     rest.operating_until["m1.portal.test", "crm.deal.get"] = reset
