@@ -89,11 +89,13 @@ class EventConsumer(Generic[E]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # `EventConsumer[Model]`, or `Base[Model]` of a generic `Base(EventConsumer[E])` with
+        # that one parameter; `Base(EventConsumer[E])` itself has no model yet.
         for base in cls.__dict__.get("__orig_bases__", ()):
-            if typing.get_origin(base) is EventConsumer:
-                (arg,) = typing.get_args(base)
-                if not isinstance(arg, typing.TypeVar):  # `Base(EventConsumer[E])`: generic still
-                    cls.model = None if arg is Event else arg
+            origin, args = typing.get_origin(base), typing.get_args(base)
+            generic = isinstance(origin, type) and issubclass(origin, EventConsumer)
+            if generic and len(args) == 1 and not isinstance(args[0], typing.TypeVar):
+                cls.model = None if args[0] is Event else args[0]
 
     def portal(self, event: Event) -> Portal:
         """A REST client for the event's portal, with that portal's credentials only
