@@ -37,7 +37,16 @@ from tests.support.doc_events import doc_samples
 from tests.support.samples import SAMPLE_NAMES, sample_form
 
 DOC_SAMPLES = doc_samples()
-MODELLED = [(name, f) for name, f in DOC_SAMPLES if model_for(f["payload"]["event"].upper())]
+
+
+def _ours(name: str) -> type[Event] | None:
+    """The model b24queue has for an event name (not one an app or an example registered)."""
+    model = model_for(name.upper())
+    return model if model is not None and model.__module__.startswith(TYPED) else None
+
+
+TYPED = "b24queue.events.typed."
+MODELLED = [(name, f) for name, f in DOC_SAMPLES if _ours(f["payload"]["event"])]
 
 # How many documented examples each model is checked against (the docs print two for a page
 # with tabs: one-to-one and group chat, two ways a call starts...). A fixture regenerated from
@@ -108,7 +117,7 @@ UNDOCUMENTED = {"ONAPPTEST"}
 
 
 def _model(fixture: dict[str, Any]) -> type[Event]:
-    model = model_for(fixture["payload"]["event"].upper())
+    model = _ours(fixture["payload"]["event"])
     assert model is not None
     return model
 
@@ -127,7 +136,10 @@ def test_the_fixtures_are_every_documented_example() -> None:
     counts = Counter(_model(f).__name__ for _, f in MODELLED)
     assert dict(sorted(counts.items())) == EXAMPLES_PER_MODEL
     documented = {f["payload"]["event"].upper() for _, f in DOC_SAMPLES}
-    assert set(registered_models()) - documented == UNDOCUMENTED
+    ours = {
+        name for name, model in registered_models().items() if model.__module__.startswith(TYPED)
+    }
+    assert ours - documented == UNDOCUMENTED
 
 
 @pytest.mark.parametrize(("name", "fixture"), DOC_SAMPLES, ids=[n for n, _ in DOC_SAMPLES])
@@ -166,8 +178,8 @@ def test_a_round_trip_keeps_every_key(name: str, fixture: dict[str, Any]) -> Non
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_the_real_shaped_samples_take_their_model(name: str) -> None:
     event = event_from_form(sample_form(name))
-    model = model_for(event.name)
-    if model is None:  # the imbot v2 events and catalog prices: no model (yet)
+    model = _ours(event.name)
+    if model is None:  # the imbot v2 events: no model (yet)
         return
     typed = event.typed()
     assert type(typed) is model
@@ -185,9 +197,13 @@ def test_typed_accessors_read_what_bitrix24_sent() -> None:
     assert (product.id, product.fields.type) == ("1", "1")
     task = TaskAdded.from_payload(_doc("tasks.events-tasks.on-task-add"))
     assert task.id == "123" and task.data.fields_before == "undefined"
-    bot = BotMessageAdded.from_payload(_doc("chat-bots.outdated.messages.events.on-imbot-message-add"))
+    bot = BotMessageAdded.from_payload(
+        _doc("chat-bots.outdated.messages.events.on-imbot-message-add")
+    )
     assert (bot.bot.bot_id, bot.dialog_id, bot.params.message) == ("567", "27", "Hello")
-    command = CommandAdded.from_payload(_doc("chat-bots.outdated.commands.events.on-im-command-add"))
+    command = CommandAdded.from_payload(
+        _doc("chat-bots.outdated.commands.events.on-im-command-add")
+    )
     assert (command.command.command, command.command.command_params) == ("echo", "test")
     call = CallEnd.from_payload(_doc("telephony.voximplant.events.on-voximplant-call-end"))
     assert (call.call_id[:13], call.data.call_failed_code) == ("externalCall.", "304")
@@ -307,7 +323,9 @@ class BotsEverywhere(EventConsumer[BotMessageAdded]):
 
 
 async def test_a_body_that_is_no_event_is_still_undecodable() -> None:
-    incoming = Incoming(body=b'{"event": "no such name!"}', message_id="m", routing_key="X", headers={})
+    incoming = Incoming(
+        body=b'{"event": "no such name!"}', message_id="m", routing_key="X", headers={}
+    )
     outcome = await decide(DealSync(), incoming, "typed-deals")
     assert outcome.reason == "undecodable" and "event:" in outcome.headers[c.H_ERROR_MESSAGE]
 
@@ -353,7 +371,7 @@ def test_events_a_model_cannot_take_are_a_config_error() -> None:
 
         async def handle(self, event: DealUpdated) -> None: ...
 
-    with pytest.raises(ConfigError, match="Wrong.events has ONCRMLEADADD, which its model"):
+    with pytest.raises(ConfigError, match=r"Wrong\.events has ONCRMLEADADD, which its model"):
         Wrong.check()
 
     class Patterns(EventConsumer[ProductEvent]):
@@ -370,5 +388,5 @@ def test_events_a_model_cannot_take_are_a_config_error() -> None:
 
         async def handle(self, event: Any) -> None: ...
 
-    with pytest.raises(ConfigError, match="NotAModel.model is <class 'int'>"):
+    with pytest.raises(ConfigError, match=r"NotAModel\.model is <class .int.>"):
         NotAModel.check()
