@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Self, TypeVar
@@ -196,6 +198,7 @@ class Event(BaseModel):
         """This event as the typed model of its name (`DealUpdated` for ONCRMDEALUPDATE: the
         models of `b24queue.events.typed`), or itself when its name has none. Check which with
         `isinstance`; `ModelMismatchError` when it does not fit its model."""
+        _load_models()
         model = _MODELS.get(self.name)
         return self if model is None else self.as_model(model)
 
@@ -266,12 +269,22 @@ def register_model(model: type[Event], names: Iterable[str]) -> None:
 
 def model_for(name: str) -> type[Event] | None:
     """The typed model registered for an event name (upper case), if any."""
+    _load_models()
     return _MODELS.get(name)
 
 
 def registered_models() -> dict[str, type[Event]]:
     """Every event name with a typed model, and its model."""
+    _load_models()
     return dict(_MODELS)
+
+
+def _load_models() -> None:
+    """Import b24queue.events.typed, whose models register themselves, on first use: a process
+    that never asks for one (the ingress, the CLI) does not pay their ~45 ms of import. By name,
+    as that package imports this module (a static import would be a cycle)."""
+    if "b24queue.events.typed" not in sys.modules:
+        importlib.import_module("b24queue.events.typed")
 
 
 def mismatch(model: type[Event], exc: BadEventError) -> ModelMismatchError:
