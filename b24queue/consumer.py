@@ -85,7 +85,7 @@ class EventConsumer(Generic[E]):
 
     # What `handle` is given: the model of `EventConsumer[Model]` (None: the plain `Event`).
     # Set from that parameter, not by hand.
-    model: ClassVar[type[Event] | None] = None
+    event_model: ClassVar[type[Event] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -95,7 +95,7 @@ class EventConsumer(Generic[E]):
             origin, args = typing.get_origin(base), typing.get_args(base)
             generic = isinstance(origin, type) and issubclass(origin, EventConsumer)
             if generic and len(args) == 1 and not isinstance(args[0], typing.TypeVar):
-                cls.model = None if args[0] is Event else args[0]
+                cls.event_model = None if args[0] is Event else args[0]
 
     def portal(self, event: Event) -> Portal:
         """A REST client for the event's portal, with that portal's credentials only
@@ -167,12 +167,12 @@ class EventConsumer(Generic[E]):
 
     @classmethod
     def _check_model(cls) -> None:
-        model = cls.model
+        model = cls.event_model
         if model is None:
             return
         if not (isinstance(model, type) and issubclass(model, Event)):
             raise cls._bad(
-                "model",
+                "event_model",
                 f"is {model!r}: EventConsumer[...] takes one model, a subclass of Event "
                 "(a family's model, e.g. DealEvent, stands for several events)",
             )

@@ -97,7 +97,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     """Run the handler on one delivery and say what must happen to it."""
     attempt = incoming.attempt
     try:
-        event = _decode(incoming, consumer.model)
+        event = _decode(incoming, type(consumer).event_model)
         digest = incoming.headers.get(c.H_TOKEN_DIGEST)
         mark_delivered(
             event,

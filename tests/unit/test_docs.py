@@ -203,7 +203,7 @@ def test_the_own_model_example() -> None:
     booking = Event.from_payload(documented).typed()
     assert isinstance(booking, typed_own.BookingAdded) and booking.id == documented["data"]["ID"]
     assert model_for("ONBOOKINGADD") is typed_own.BookingAdded
-    assert typed_own.Bookings.model is typed_own.BookingAdded
+    assert typed_own.Bookings.event_model is typed_own.BookingAdded
     typed_own.Bookings.check()
 
 

@@ -343,9 +343,20 @@ def test_consumers_without_a_model_get_the_plain_event() -> None:
 
         async def handle(self, event: Event) -> None: ...
 
-    assert Plain.model is None and Explicit.model is None and DealSync.model is DealUpdated
+    assert (
+        Plain.event_model is None
+        and Explicit.event_model is None
+        and DealSync.event_model is DealUpdated
+    )
     Plain.check()
     Explicit.check()
+
+
+async def test_an_attribute_of_the_consumers_own_named_model_changes_nothing() -> None:
+    consumer = DealSync()
+    consumer.model = object()  # type: ignore[attr-defined]  # e.g. an app's ML model
+    outcome = await run_handler(consumer, make_event("ONCRMDEALUPDATE", {"FIELDS": {"ID": "5"}}))
+    assert outcome.acked and type(consumer.handled[0]) is DealUpdated
 
 
 def test_a_generic_base_leaves_the_model_to_its_subclasses() -> None:
@@ -360,7 +371,7 @@ def test_a_generic_base_leaves_the_model_to_its_subclasses() -> None:
         queue = "audited"
         events = ("ONCRMDEALADD", "ONCRMDEALUPDATE")
 
-    assert Audited.model is None and Deals.model is DealEvent
+    assert Audited.event_model is None and Deals.event_model is DealEvent
     Deals.check()
 
 
@@ -388,5 +399,5 @@ def test_events_a_model_cannot_take_are_a_config_error() -> None:
 
         async def handle(self, event: Any) -> None: ...
 
-    with pytest.raises(ConfigError, match=r"NotAModel\.model is <class .int.>"):
+    with pytest.raises(ConfigError, match=r"NotAModel\.event_model is <class .int.>"):
         NotAModel.check()
