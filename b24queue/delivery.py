@@ -6,6 +6,7 @@ For each delivery: decode it, run the handler, and turn what happened into an `O
   raised Retry / other error  -> retry after the configured delay, or dead-letter once the
                                  attempts are used up
   body is not an Event        -> dead-letter now (retrying cannot fix it)
+  not the consumer's model    -> dead-letter now, reason model_mismatch (EventConsumer[Model])
 A `Settler` (the transport's runner) then carries the outcome out. It must make a retry or
 dead-letter copy durable (confirmed) before it acks the original, so a crash in between
 duplicates, never loses.
@@ -23,8 +24,8 @@ from typing import Any, Literal, Protocol
 
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
-from b24queue.errors import BadEventError
-from b24queue.events.event import Event, mark_delivered
+from b24queue.errors import BadEventError, ModelMismatchError
+from b24queue.events.event import Event, mark_delivered, mismatch
 from b24queue.idempotency import SeenStore
 from b24queue.retry import Reject, Retry, delay_after, snap_delay
 from b24queue.secrets.redaction import redact
@@ -96,7 +97,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     """Run the handler on one delivery and say what must happen to it."""
     attempt = incoming.attempt
     try:
-        event = _decode(incoming)
+        event = _decode(incoming, type(consumer).event_model)
         digest = incoming.headers.get(c.H_TOKEN_DIGEST)
         mark_delivered(
             event,
@@ -107,6 +108,8 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
             digest if isinstance(digest, str) and len(digest) == 64 else None,
             incoming.replaces,
         )
+    except ModelMismatchError as exc:
+        return _dead_letter(incoming, queue, attempt, "model_mismatch", exc, secrets=())
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
     key = f"{queue}:{incoming.message_id}" if incoming.message_id else None
@@ -241,8 +244,16 @@ def _settled(
         observe(queue, incoming.routing_key, outcome.kind, duration_s, waited)
 
 
-def _decode(incoming: Incoming) -> Event:
-    return Event.from_json(incoming.body)
+def _decode(incoming: Incoming, model: type[Event] | None) -> Event:
+    """The delivery's event, as `model` when the consumer asked for one: `BadEventError` when
+    the body is no event at all, `ModelMismatchError` when it is one but does not fit."""
+    if model is None:
+        return Event.from_json(incoming.body)
+    try:
+        return model.from_json(incoming.body)
+    except BadEventError as exc:
+        Event.from_json(incoming.body)  # no event at all: undecodable, as for any consumer
+        raise mismatch(model, exc) from None
 
 
 def _dead_letter(
