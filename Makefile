@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit faults faults-cluster cluster fuzz lint docs broker postgres run run-sqlite topology bench bench-fairness soak definitions clean
+.PHONY: install test test-unit faults faults-cluster cluster fuzz lint docs broker postgres run run-sqlite topology bench bench-fairness bench-trickle soak definitions clean
 
 install: $(STAMP)
 
@@ -73,6 +73,14 @@ bench: install broker postgres
 FAIRNESS_ARGS ?=
 bench-fairness: install broker postgres
 	$(PY) -m bench.fairness $(FAIRNESS_ARGS)
+
+# Issue 35's latency at a trickle (not part of `make bench` or `make test`): ten portals at
+# 5 events/s each, a 20 ms handler, accepted -> handler start on SQLite, PostgreSQL, Redis
+# and Kafka (on Kafka also a bare aiokafka consumer's fetch); ~1 min a transport.
+# TRICKLE_ARGS narrows it, e.g. TRICKLE_ARGS="--only kafka --cold".
+TRICKLE_ARGS ?=
+bench-trickle: install postgres
+	$(PY) -m bench.trickle $(TRICKLE_ARGS)
 
 # Regenerate rabbitmq/definitions.json after changing the examples or the topology.
 definitions: install
