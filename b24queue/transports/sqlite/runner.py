@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
@@ -78,7 +79,7 @@ class SqliteLeases:
             if full:
                 full_at = time.monotonic() + FULL_CHECK_S
             try:
-                found = await self._db.read(lambda db: due(db, full))
+                found = await self._db.read(functools.partial(due, full=full))
             except Exception as exc:  # a database locked or away: the runners' own look
                 log.debug("the SQLite watch failed: %r", exc)
                 continue
