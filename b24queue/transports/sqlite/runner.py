@@ -70,8 +70,9 @@ class SqliteLeases:
             (now,) = db.execute("PRAGMA data_version").fetchone()
             if not full and now == version[0]:
                 return []
-            version[0] = now
-            return q.due_among(db, dict(self._queues))
+            found = q.due_among(db, dict(self._queues))
+            version[0] = now  # only once read: a failed read looks again at the next poll
+            return found
 
         while True:
             await asyncio.sleep(self._watch_s)

@@ -543,11 +543,13 @@ async def test_an_event_another_process_commits_wakes_its_runner_through_the_wat
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Committed by another connection (an ingress process): no in-process wake-up, and the
-    runners' own look is made 30 s here, so only the watch (data_version) can find it soon."""
+    runners' own look and the watch's full one are made 30 s here, so only the watch's
+    data_version can find it soon."""
     from b24queue.transports.sqlite import runner
 
     monkeypatch.setattr(leased, "HEARTBEAT_S", 30.0)
     monkeypatch.setattr(runner, "HEARTBEAT_S", 30.0)
+    monkeypatch.setattr(runner, "FULL_CHECK_S", 30.0)  # nor the watch's look once a second
     settings = settings_for(tmp_path)
     seen: list[str] = []
 
