@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from b24queue import _constants as c
+from b24queue import bizproc
 from b24queue.consumer import EventConsumer
 from b24queue.errors import BadEventError
 from b24queue.events.event import Event, mark_delivered
@@ -120,26 +121,85 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
         and await _already_seen(store, key)
     ):
         return Outcome("ack", attempt, reason="duplicate")
+    declared = bizproc.declared_of(consumer)
+    kept = _Kept(incoming.headers, declared)
     try:
-        if consumer.handle_timeout_s is None:
-            await consumer.handle(event)
+        if declared is None:
+            await _handled(consumer, event)
         else:
-            await within(consumer.handle_timeout_s, consumer.handle(event))
+            await _answered(consumer, event, declared, kept)
     except Reject as exc:
-        return _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
+        outcome = _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
+        return await _told(consumer, declared, event, outcome, kept.json)
     except Exception as exc:  # any handler error is a failed attempt; never an unhandled crash
         secrets = _secrets(event.payload)
         if attempt >= consumer.max_attempts:
-            return _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
+            outcome = _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
+            return await _told(consumer, declared, event, outcome, kept.json)
         delay = delay_after(attempt, tuple(consumer.retry_delays_s))
         if isinstance(exc, Retry) and exc.delay_s is not None:
             delay = snap_delay(exc.delay_s, tuple(consumer.retry_delays_s))
         headers = _failure_headers(incoming, queue, exc, secrets)
         headers[c.H_ATTEMPT] = attempt + 1
+        if kept.json is not None:
+            headers[c.H_BIZPROC_RESULT] = kept.json
         return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
     if store is not None and key is not None:
         await _remember(store, key)
     return _ACKED[attempt] if attempt < len(_ACKED) else Outcome("ack", attempt)
+
+
+async def _handled(consumer: EventConsumer, event: Event) -> Any:
+    if consumer.handle_timeout_s is None:
+        return await consumer.handle(event)
+    return await within(consumer.handle_timeout_s, consumer.handle(event))
+
+
+class _Kept:
+    """A robot's answer (its return values as JSON), once known: from an earlier attempt whose
+    bizproc.event.send failed (`H_BIZPROC_RESULT`), or from the handler."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, headers: Mapping[str, Any], declared: bizproc.Bizproc | None) -> None:
+        kept = headers.get(c.H_BIZPROC_RESULT) if declared is not None else None
+        self.json: str | None = kept if isinstance(kept, str) else None
+
+
+async def _answered(
+    consumer: EventConsumer, event: Event, declared: bizproc.Bizproc, kept: _Kept
+) -> None:
+    """A robot's or activity's call: the handler's return values sent with bizproc.event.send.
+    An answer kept by an earlier attempt is sent again without running the handler again."""
+    if kept.json is None:
+        result = await _handled(consumer, event)
+        if not declared.use_subscription:
+            return  # the workflow does not wait: nothing to send
+        kept.json = bizproc.answer_of(declared, result)
+    await bizproc.send_answer(consumer.portal(event), event, kept.json)
+
+
+async def _told(
+    consumer: EventConsumer,
+    declared: bizproc.Bizproc | None,
+    event: Event,
+    outcome: Outcome,
+    kept: str | None,
+) -> Outcome:
+    """A robot's or activity's call dead-lettered: its workflow told as declared, and the dead
+    letter says what was done (and keeps the answer the handler gave, if it gave one)."""
+    if declared is None:
+        return outcome
+    if kept is not None:
+        outcome.headers[c.H_BIZPROC_RESULT] = kept
+    try:
+        portal = consumer.portal(event)
+    except Exception as exc:
+        outcome.headers[c.H_WORKFLOW_TOLD] = f"not told: {type(exc).__name__}"
+        return outcome
+    reason = outcome.reason or "dead-lettered"
+    outcome.headers[c.H_WORKFLOW_TOLD] = await bizproc.give_up(portal, declared, event, reason)
+    return outcome
 
 
 async def _already_seen(store: SeenStore, key: str) -> bool:

@@ -1,0 +1,279 @@
+"""Robots and workflow activities (b24queue.bizproc) end to end against the fake portal: the real
+ingress verifying portals (PortalVerifier on a SQLite store), the SQLite transport, a Worker whose
+portal clients reach the fake portal. A robot call is accepted, handled and answered once with its
+return values (also when the first bizproc.event.send fails: the handler runs once); a call
+dead-lettered tells its workflow and says so in the dead letter; a foreign portal's call is
+refused (401) and an undeclared code too (400); the declarations are registered on a portal
+(bizproc.robot.add, then .update) and a dry run changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from b24queue import Event, Reject
+from b24queue import _constants as c
+from b24queue.auth.portal import PortalVerifier
+from b24queue.auth.store import SqliteTokenStore
+from b24queue.bizproc import Activity, Property, Robot, RobotConsumer, load_declarations
+from b24queue.events.forms import encode_form
+from b24queue.ingress.app import create_app
+from b24queue.offline.bind import portal_event
+from b24queue.offline.bindings import Reconciler, describe
+from b24queue.portal.clients import PortalClients
+from b24queue.settings import Settings
+from b24queue.transports import transport_for
+from b24queue.worker import Worker
+from tests.support.fake_bizproc import FakeBizproc
+from tests.support.fake_events import FakeEvents
+from tests.support.fake_portal import FakePortal, StaticResolver
+from tests.support.portal_setup import domain_of, install, portal_settings
+from tests.support.wait import wait_until
+
+MEMBER = "mrobot1"
+HOST = domain_of(MEMBER)
+OURS = "https://app.example.com/b24/events"
+TOKEN = (
+    "55c1dc1c3f0d75.78875596|A51601_82584_96831_81132|hsyUws1j4XiwqPqN45eH66CcQtEvpUIP."
+    "47dd5d888e8e549d2c984713e12a4268e6e87d0208ca1f093ba1075e77f92e90"
+)
+GREET = Robot(
+    code="greet",
+    name={"en": "Greet", "de": "Grüßen"},
+    properties={"who": Property(name="Who", required=True)},
+    return_properties={"greeting": Property(name="Greeting")},
+    give_up_values={"greeting": ""},
+)
+runs: list[str] = []
+
+
+class Greeter(RobotConsumer):
+    queue = "robots.greet"
+    bizproc = GREET
+    retry_delays_s = (0.05,)
+    max_attempts = 3
+
+    async def handle(self, event: Event) -> Mapping[str, Any]:
+        who = event.payload["properties"]["who"]
+        runs.append(who)
+        if who == "nobody":
+            raise Reject("nobody to greet")
+        return {"greeting": f"Hello, {who}"}
+
+
+ARCHIVE = Activity(code="archive_doc", name="Archive", use_subscription=False)
+
+
+def robot_call(code: str = "greet", who: str = "Ada", *, token: str = "") -> bytes:
+    """A robot call as Bitrix24 posts it (form-encoded, like events)."""
+    return encode_form(
+        {
+            "workflow_id": "664a1b2c3d4e5f.12345678",
+            "code": code,
+            "document_id": ["crm", "CCrmDocumentDeal", "DEAL_42"],
+            "document_type": ["crm", "CCrmDocumentDeal", "DEAL"],
+            "event_token": TOKEN,
+            "properties": {"who": who},
+            "use_subscription": "Y",
+            "timeout_duration": "0",
+            "ts": "1764360000",
+            "auth": {
+                "access_token": "acc-in-the-call",
+                "expires": "1764363600",
+                "expires_in": "3600",
+                "scope": "crm,bizproc",
+                "domain": HOST,
+                "server_endpoint": "https://oauth.bitrix.info/rest/",
+                "status": "L",
+                "client_endpoint": f"https://{HOST}/rest/",
+                "member_id": MEMBER,
+                "user_id": "1",
+                "refresh_token": "ref-in-the-call",
+                "application_token": token or f"app-token-{MEMBER}",
+            },
+        }
+    )
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def settings_of(tmp_path: Path, cert: Path) -> Settings:
+    return portal_settings(
+        cert,
+        f"sqlite:{tmp_path / 'portals.db'}",
+        broker_url=f"sqlite:{tmp_path / 'queue.db'}",
+        sqlite_poll_s=0.02,
+        shutdown_timeout_s=2,
+        bizproc=f"{__name__}:Greeter,{__name__}:ARCHIVE",
+        events_handler_url=OURS,
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings, fake: FakePortal) -> AsyncIterator[TestClient[Any, Any]]:
+    """The ingress (verifying portals) and a worker with Greeter, on one SQLite queue."""
+    store = SqliteTokenStore(Path(settings.portal_store.removeprefix("sqlite:")))
+    await install(store, fake.rest, MEMBER)
+    async with (
+        transport_for(settings).publisher("test ingress") as sink,
+        PortalClients(settings, resolver=StaticResolver()) as portals,
+        Worker(settings, [Greeter], portals=portals),
+    ):
+        app = create_app(settings, sink, PortalVerifier(store, None))
+        async with TestClient(TestServer(app)) as client:
+            yield client
+    await store.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> None:
+    runs.clear()
+
+
+async def test_a_robot_call_is_answered_once_with_its_return_values(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    bizproc.waiting(TOKEN)
+    settings = settings_of(tmp_path, portal_certificate[0])
+    async with running(settings, fake_portal) as client:
+        resp = await client.post("/b24/events", data=robot_call(), headers=FORM)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["status"] == "accepted"
+        await wait_until(lambda: bizproc.answers, 10, "the answer sent")
+        await asyncio.sleep(0.3)  # nothing more comes
+    assert runs == ["Ada"]
+    assert bizproc.answers == [{"token": TOKEN, "values": {"greeting": "Hello, Ada"}, "log": ""}]
+    assert bizproc.count("bizproc.event.send") == 1
+    # The queue kept the call without its OAuth pair and application token, with its event token.
+    stored = (tmp_path / "queue.db").read_bytes()
+    for secret in (b"acc-in-the-call", b"ref-in-the-call", f"app-token-{MEMBER}".encode()):
+        assert secret not in stored
+
+
+async def test_a_failed_send_is_retried_without_running_the_handler_again(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    bizproc.waiting(TOKEN)
+    bizproc.fail_sends = 1  # the first bizproc.event.send answers 500
+    settings = settings_of(tmp_path, portal_certificate[0])
+    async with running(settings, fake_portal) as client:
+        resp = await client.post("/b24/events", data=robot_call(who="Grace"), headers=FORM)
+        assert resp.status == 200
+        await wait_until(lambda: bizproc.answers, 10, "the answer sent on the retry")
+        await asyncio.sleep(0.3)
+    assert runs == ["Grace"]  # the handler ran once
+    assert bizproc.count("bizproc.event.send") == 2
+    assert bizproc.answers[0]["values"] == {"greeting": "Hello, Grace"}
+
+
+async def test_a_dead_lettered_call_tells_its_workflow(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    bizproc.waiting(TOKEN)
+    settings = settings_of(tmp_path, portal_certificate[0])
+    async with running(settings, fake_portal) as client:
+        resp = await client.post("/b24/events", data=robot_call(who="nobody"), headers=FORM)
+        assert resp.status == 200
+        await wait_until(lambda: bizproc.answers, 10, "the give-up result sent")
+        async with transport_for(settings).dead_letters(Greeter.queue) as tool:
+            total, letters = await tool.list(10)
+    assert runs == ["nobody"]
+    assert bizproc.answers == [
+        {
+            "token": TOKEN,
+            "values": {"greeting": ""},
+            "log": "The app could not handle this step (rejected).",
+        }
+    ]
+    assert total == 1
+    assert letters[0].reason == "rejected"
+    assert letters[0].event == "ROBOT.GREET"
+    assert letters[0].workflow_told == "error result sent (bizproc.event.send)"
+
+
+async def test_a_foreign_or_undeclared_call_is_refused(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    settings = settings_of(tmp_path, portal_certificate[0])
+    async with running(settings, fake_portal) as client:
+        forged = await client.post(
+            "/b24/events", data=robot_call(token="someone-elses-token"), headers=FORM
+        )
+        assert forged.status == 401
+        assert "application_token" in (await forged.json())["error"]
+        unknown = await client.post("/b24/events", data=robot_call(code="nope"), headers=FORM)
+        assert unknown.status == 400
+        assert (await unknown.json())["field"] == "code"
+        long_token = robot_call().replace(b"hsyUws1j", b"x" * 600)
+        bounded = await client.post("/b24/events", data=long_token, headers=FORM)
+        assert bounded.status == 400
+        assert (await bounded.json())["field"] == "event_token"
+        await asyncio.sleep(0.3)
+    assert runs == []
+    assert bizproc.answers == []
+
+
+async def test_declarations_are_registered_then_updated_and_a_dry_run_changes_nothing(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    FakeEvents.attach(fake_portal.rest)  # the reconciler reads event.get first
+    settings = settings_of(tmp_path, portal_certificate[0])
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    record = await install(store, fake_portal.rest, MEMBER)
+    bizproc.of(HOST, "robot")["old_robot"] = {"HANDLER": OURS, "NAME": "Old"}
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        from b24queue.portal.sqlite_state import SqliteState
+
+        state = SqliteState(tmp_path / "portals.db")
+        reconciler = Reconciler(settings, clients.for_event, state, ())
+        dry = await reconciler.reconcile(record, dry_run=True)
+        assert dry is not None
+        assert ("would add", "ROBOT.GREET", "") in dry.bizproc
+        assert "greet" not in bizproc.of(HOST, "robot")
+        first = await reconciler.reconcile(record)
+        second = await reconciler.reconcile(record)
+        await state.close()
+        assert portal_event(record).auth.member_id == MEMBER
+    await store.close()
+    assert first is not None and second is not None
+    assert ("add", "ROBOT.GREET", "added") in first.bizproc
+    assert ("add", "ACTIVITY.ARCHIVE_DOC", "added") in first.bizproc
+    assert ("leave", "ROBOT.OLD_ROBOT", "not declared") in first.bizproc
+    assert ("update", "ROBOT.GREET", "updated") in second.bizproc
+    assert first.ok and second.ok
+    greet = bizproc.of(HOST, "robot")["greet"]
+    assert greet["HANDLER"] == OURS
+    assert greet["NAME"] == {"en": "Greet", "de": "Grüßen"}
+    assert greet["USE_SUBSCRIPTION"] == "Y"
+    assert greet["PROPERTIES"]["who"]["Required"] == "Y"
+    assert greet["RETURN_PROPERTIES"] == {
+        "greeting": {"Name": "Greeting", "Type": "string", "Required": "N", "Multiple": "N"}
+    }
+    assert bizproc.of(HOST, "activity")["archive_doc"]["USE_SUBSCRIPTION"] == "N"
+    assert "old_robot" in bizproc.of(HOST, "robot")  # never deleted
+    assert any("add ROBOT.GREET: added" in line for line in describe(HOST, first, dry_run=False))
+
+
+def test_declarations_load_and_refuse_what_cannot_route() -> None:
+    declared = load_declarations([f"{__name__}:Greeter", f"{__name__}:ARCHIVE"])
+    assert [d.routing_key for d in declared] == ["ROBOT.GREET", "ACTIVITY.ARCHIVE_DOC"]
+    assert Greeter.binding_keys() == ("ROBOT.GREET",)
+    with pytest.raises(ValueError, match="routing key"):
+        Robot(code="with-dash", name="x")
+    with pytest.raises(ValueError, match="property"):
+        Robot(code="ok", name="x", properties={"1bad": Property(name="n")})
+    assert json.loads(json.dumps(GREET.fields(OURS)))["NAME"]["de"] == "Grüßen"
+    assert c.H_WORKFLOW_TOLD.startswith("x-b24queue-")
