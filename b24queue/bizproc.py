@@ -184,6 +184,12 @@ class RobotConsumer(EventConsumer):
 
     bizproc: ClassVar[Bizproc | None] = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("bizproc")
+        if isinstance(declared, Bizproc) and "events" not in cls.__dict__:
+            cls.events = (declared.routing_key,)
+
     async def handle(self, event: Event) -> Mapping[str, Any] | None:  # type: ignore[override]
         raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")
 
@@ -194,9 +200,7 @@ class RobotConsumer(EventConsumer):
     @classmethod
     def check(cls) -> None:
         declared = cls._declared()
-        if not cls.events:
-            cls.events = (declared.routing_key,)
-        if cls.events != (declared.routing_key,):
+        if tuple(cls.events) != (declared.routing_key,):
             raise cls._bad("events", f"must be ({declared.routing_key!r},) or left unset")
         super().check()
 
@@ -349,16 +353,20 @@ def answer_of(declared: Bizproc, result: Any) -> str:
     return text
 
 
+class TokenGone(Reject):
+    """bizproc.event.send answered ACCESS_DENIED: the event token is invalid or expired
+    (b24restdocs, bizproc.event.send), so the workflow no longer waits for this call."""
+
+
 async def send_answer(portal: Portal, event: Event, kept: str) -> None:
-    """`bizproc.event.send` with the kept return values. ACCESS_DENIED (the event token is
-    invalid or expired: b24restdocs, bizproc.event.send) is final: `Reject`."""
+    """`bizproc.event.send` with the kept return values; `TokenGone` for ACCESS_DENIED."""
     params = {"EVENT_TOKEN": call_of(event).event_token, "RETURN_VALUES": json.loads(kept)}
     try:
         await portal.call("bizproc.event.send", params)
     except PortalError as exc:
         if exc.code != TOKEN_GONE:
             raise
-        raise Reject(
+        raise TokenGone(
             "bizproc.event.send: ACCESS_DENIED: the workflow no longer waits for this call "
             "(its event token is spent or expired)"
         ) from None

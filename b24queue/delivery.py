@@ -97,17 +97,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     """Run the handler on one delivery and say what must happen to it."""
     attempt = incoming.attempt
     try:
-        event = _decode(incoming)
-        digest = incoming.headers.get(c.H_TOKEN_DIGEST)
-        mark_delivered(
-            event,
-            incoming.message_id,
-            attempt,
-            incoming.redelivered,
-            incoming.accepted_at,
-            digest if isinstance(digest, str) and len(digest) == 64 else None,
-            incoming.replaces,
-        )
+        event = _delivered(incoming, attempt)
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
     key = f"{queue}:{incoming.message_id}" if incoming.message_id else None
@@ -171,12 +161,25 @@ async def _answered(
 ) -> None:
     """A robot's or activity's call: the handler's return values sent with bizproc.event.send.
     An answer kept by an earlier attempt is sent again without running the handler again."""
+    # An earlier send may have reached the portal with its answer lost (a failed attempt, or a
+    # worker that died): the token it spent then makes this one ACCESS_DENIED.
+    earlier = kept.json is not None or event.redelivered
     if kept.json is None:
         result = await _handled(consumer, event)
         if not declared.use_subscription:
             return  # the workflow does not wait: nothing to send
         kept.json = bizproc.answer_of(declared, result)
-    await bizproc.send_answer(consumer.portal(event), event, kept.json)
+    try:
+        await bizproc.send_answer(consumer.portal(event), event, kept.json)
+    except bizproc.TokenGone:
+        if not earlier:
+            raise  # the workflow stopped waiting before any answer: dead-lettered, with it
+        log.warning(
+            "%s message_id=%s: bizproc.event.send answered ACCESS_DENIED after an earlier send "
+            "that may have arrived: taken as answered",
+            event.name,
+            event.message_id,
+        )
 
 
 async def _told(
@@ -268,17 +271,28 @@ async def give_up(
     deliveries: int,
     observe: Observer | None = None,
     malformed: ValueError | None = None,
+    consumer: EventConsumer | None = None,
 ) -> Outcome:
     """Dead-letter, without running the handler, a message delivered `deliveries` times without
     ever being settled (its handler crashes the worker, or outlives every lease): the delivery
     limit RabbitMQ's quorum queues keep by themselves, for transports that count deliveries.
-    With `malformed`: a message the transport cannot read (reason `malformed`)."""
+    With `malformed`: a message the transport cannot read (reason `malformed`). With the
+    `consumer` of a robot or activity (b24queue.bizproc), its workflow is told."""
     exc: Exception = malformed or RuntimeError(
         f"delivered {deliveries} times without being settled: the worker died or was stopped "
         "while handling it each time"
     )
     reason = "delivery_limit" if malformed is None else "malformed"
     outcome = _dead_letter(incoming, queue, incoming.attempt, reason, exc, ())
+    declared = bizproc.declared_of(consumer) if consumer is not None else None
+    if consumer is not None and declared is not None and malformed is None:
+        try:
+            event = _delivered(incoming, incoming.attempt)
+        except BadEventError:
+            pass  # not a call we can answer: the dead letter says why
+        else:
+            kept = _Kept(incoming.headers, declared).json
+            outcome = await _told(consumer, declared, event, outcome, kept)
     started = time.perf_counter()
     await settler.settle(incoming, outcome)
     _settled(incoming, queue, outcome, started, observe)
@@ -303,6 +317,22 @@ def _settled(
 
 def _decode(incoming: Incoming) -> Event:
     return Event.from_json(incoming.body)
+
+
+def _delivered(incoming: Incoming, attempt: int) -> Event:
+    """The delivery's event, with what the worker knows of the delivery (`BadEventError`)."""
+    event = _decode(incoming)
+    digest = incoming.headers.get(c.H_TOKEN_DIGEST)
+    mark_delivered(
+        event,
+        incoming.message_id,
+        attempt,
+        incoming.redelivered,
+        incoming.accepted_at,
+        digest if isinstance(digest, str) and len(digest) == 64 else None,
+        incoming.replaces,
+    )
+    return event
 
 
 def _dead_letter(

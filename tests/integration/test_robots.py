@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,19 +25,31 @@ from b24queue import Event, Reject
 from b24queue import _constants as c
 from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import SqliteTokenStore
-from b24queue.bizproc import Activity, Property, Robot, RobotConsumer, load_declarations
-from b24queue.events.forms import encode_form
+from b24queue.bizproc import (
+    Activity,
+    Property,
+    Robot,
+    RobotConsumer,
+    as_event,
+    load_declarations,
+)
+from b24queue.delivery import Incoming, Outcome, give_up
+from b24queue.events.envelope import envelope_for
+from b24queue.events.forms import decode_form, encode_form
 from b24queue.ingress.app import create_app
 from b24queue.offline.bind import portal_event
 from b24queue.offline.bindings import Reconciler, describe
 from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings
 from b24queue.transports import transport_for
-from b24queue.worker import Worker
+from b24queue.worker import Worker, declare_topology
+from tests.support import robot_worker
 from tests.support.fake_bizproc import FakeBizproc
 from tests.support.fake_events import FakeEvents
-from tests.support.fake_portal import FakePortal, StaticResolver
-from tests.support.portal_setup import domain_of, install, portal_settings
+from tests.support.fake_portal import CLIENT_ID, FakePortal, StaticResolver
+from tests.support.fake_rest import CLIENT_SECRET
+from tests.support.portal_setup import OAUTH_URL, domain_of, install, portal_settings
+from tests.support.processes import ROOT, STARTED
 from tests.support.wait import wait_until
 
 MEMBER = "mrobot1"
@@ -176,6 +191,27 @@ async def test_a_failed_send_is_retried_without_running_the_handler_again(
     assert bizproc.answers[0]["values"] == {"greeting": "Hello, Grace"}
 
 
+async def test_a_send_whose_answer_was_lost_is_not_dead_lettered(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    """The first send reached the workflow but its answer was lost: the retry's ACCESS_DENIED
+    (the token is spent) is taken as answered, not as a failure."""
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    bizproc.waiting(TOKEN)
+    bizproc.lose_answers = 1
+    settings = settings_of(tmp_path, portal_certificate[0])
+    async with running(settings, fake_portal) as client:
+        resp = await client.post("/b24/events", data=robot_call(who="Lin"), headers=FORM)
+        assert resp.status == 200
+        await wait_until(lambda: bizproc.count("bizproc.event.send") == 2, 10, "the retry")
+        await asyncio.sleep(0.3)
+        async with transport_for(settings).dead_letters(Greeter.queue) as tool:
+            total, _ = await tool.list(10)
+    assert runs == ["Lin"]
+    assert len(bizproc.answers) == 1
+    assert total == 0
+
+
 async def test_a_dead_lettered_call_tells_its_workflow(
     tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
 ) -> None:
@@ -277,3 +313,109 @@ def test_declarations_load_and_refuse_what_cannot_route() -> None:
         Robot(code="ok", name="x", properties={"1bad": Property(name="n")})
     assert json.loads(json.dumps(GREET.fields(OURS)))["NAME"]["de"] == "Grüßen"
     assert c.H_WORKFLOW_TOLD.startswith("x-b24queue-")
+
+
+async def test_a_call_delivered_too_often_tells_its_workflow(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    """The delivery limit (a call whose handler kills the worker each time) dead-letters it
+    without running the handler: its workflow is told all the same."""
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    bizproc.waiting(TOKEN)
+    settings = settings_of(tmp_path, portal_certificate[0])
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    await install(store, fake_portal.rest, MEMBER)
+    payload = as_event(decode_form(robot_call()), load_declarations([f"{__name__}:Greeter"]))
+    envelope = envelope_for(Event.from_payload(payload))
+    incoming = Incoming(
+        body=envelope.body,
+        message_id=envelope.message_id,
+        routing_key=envelope.routing_key,
+        headers=envelope.headers,
+        redelivered=True,
+    )
+    settled: list[Outcome] = []
+
+    class Settles:
+        async def settle(self, incoming: Incoming, outcome: Outcome) -> None:
+            settled.append(outcome)
+
+    async with PortalClients(settings, store=store, resolver=StaticResolver()) as clients:
+        consumer = Greeter()
+        consumer.portals = clients
+        outcome = await give_up(incoming, Greeter.queue, Settles(), 21, consumer=consumer)
+    await store.close()
+    assert runs == []
+    assert outcome.reason == "delivery_limit" and settled == [outcome]
+    assert outcome.headers[c.H_WORKFLOW_TOLD] == "error result sent (bizproc.event.send)"
+    assert bizproc.answers[0]["log"] == "The app could not handle this step (delivery_limit)."
+
+
+async def test_a_worker_killed_between_handler_and_send_answers_once(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    """SIGKILL while bizproc.event.send is on its way (held at the fake portal): the call comes
+    back to another worker, whose handler runs again (the answer was not kept: at least once)
+    and whose send is the one answer the workflow gets."""
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    bizproc.waiting(TOKEN)
+    gate = asyncio.Event()
+    bizproc.hold_next_send = gate
+    record = tmp_path / "runs.txt"
+    settings = portal_settings(
+        portal_certificate[0],
+        f"sqlite:{tmp_path / 'portals.db'}",
+        broker_url=f"sqlite:{tmp_path / 'queue.db'}",
+        bizproc="tests.support.robot_worker:GREET",
+    )
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    await install(store, fake_portal.rest, MEMBER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("B24QUEUE_", "B24QT_"))}
+    env.update(
+        {
+            "B24QUEUE_BROKER_URL": settings.broker_url,
+            "B24QUEUE_SQLITE_POLL_S": "0.05",
+            "B24QUEUE_SHUTDOWN_TIMEOUT_S": "2",
+            "B24QUEUE_PORTAL_STORE": settings.portal_store,
+            "B24QUEUE_APP_CLIENT_ID": CLIENT_ID,
+            "B24QUEUE_APP_CLIENT_SECRET": CLIENT_SECRET,
+            "B24QUEUE_OAUTH_URL": OAUTH_URL,
+            "B24QUEUE_PORTAL_ALLOW_PRIVATE": "true",
+            "B24QUEUE_PORTAL_CA_FILE": str(portal_certificate[0]),
+            "B24QT_PORTAL_PORT": str(fake_portal.listen_port),
+            "B24QT_RECORD": str(record),
+        }
+    )
+
+    async def worker(n: int) -> asyncio.subprocess.Process:
+        with open(tmp_path / f"worker{n}.log", "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.support.robot_worker", cwd=ROOT, env=env,
+                stdout=out, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        STARTED.append(proc)
+        return proc
+
+    await declare_topology(settings, [robot_worker.Greeter])  # its queue, before the call comes
+    async with transport_for(settings).publisher("test ingress") as sink:
+        app = create_app(settings, sink, PortalVerifier(store, None))
+        async with TestClient(TestServer(app)) as client:
+            resp = await client.post("/b24/events", data=robot_call(), headers=FORM)
+            assert resp.status == 200, await resp.text()
+    first = await worker(1)
+    await wait_until(lambda: bizproc.count("bizproc.event.send") == 1, 30, "the send on its way")
+    first.kill()  # SIGKILL: the handler ran, its answer is on the wire, nothing settled
+    await first.wait()
+    second = await worker(2)
+    try:
+        await wait_until(lambda: bizproc.answers, 30, "the call answered by the next worker")
+        gate.set()  # the first send arrives now: its token is spent, nothing more is answered
+        await asyncio.sleep(0.3)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(second.wait(), 20)
+        await store.close()
+    lines = record.read_text().split("\n")[:-1]
+    assert [line.split()[0] for line in lines] == ["Ada", "Ada"]  # ran in each worker
+    assert len(bizproc.answers) == 1
+    assert bizproc.answers[0]["values"] == {"greeting": "Hello, Ada"}

@@ -10,13 +10,16 @@
 - `.list`: the codes the app registered, `.delete` (CODE).
 - `bizproc.event.send` (EVENT_TOKEN, RETURN_VALUES, LOG_MESSAGE): 200 {"result": true} for a token
   of a waiting workflow (`waiting`), which then goes on; any other token 403 ACCESS_DENIED
-  "Access denied!". `fail_sends` answers that many sends 500 INTERNAL_SERVER_ERROR first.
+  "Access denied!". `fail_sends` answers that many sends 500 INTERNAL_SERVER_ERROR first;
+  `lose_answers` does that many, then answers 500 (the answer lost on the way);
+  `hold_next_send` holds the next one until its gate is set.
 - `bizproc.activity.log` (EVENT_TOKEN, LOG_MESSAGE): 200; an empty message 400
   ERROR_EMPTY_LOG_MESSAGE "Empty log message!"; an unknown token 403 ACCESS_DENIED.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -48,6 +51,10 @@ class FakeBizproc:
         self.answers: list[dict[str, Any]] = []  # each bizproc.event.send accepted
         self.logs: list[tuple[str, str]] = []  # (token, message) of each bizproc.activity.log
         self.fail_sends = 0
+        self.lose_answers = 0  # that many sends are done (the token spent), then answered 500
+        # When set: the next bizproc.event.send waits for this gate before it is answered (a
+        # worker killed while its send is on the way).
+        self.hold_next_send: asyncio.Event | None = None
 
     @classmethod
     def attach(cls, rest: FakeRest) -> FakeBizproc:
@@ -69,6 +76,9 @@ class FakeBizproc:
             return None
         self.calls.append((host, method, params))
         if method == "bizproc.event.send":
+            gate, self.hold_next_send = self.hold_next_send, None
+            if gate is not None:
+                await gate.wait()
             return self._send(params)
         if method == "bizproc.activity.log":
             return self._log(params)
@@ -137,6 +147,9 @@ class FakeBizproc:
                 "log": _get(params, "LOG_MESSAGE") or "",
             }
         )
+        if self.lose_answers > 0:  # done, but the caller never learns it
+            self.lose_answers -= 1
+            return _err(500, "INTERNAL_SERVER_ERROR", "Internal server error")
         return 200, {"result": True}
 
     def _log(self, params: dict[str, Any]) -> Answer:
