@@ -190,7 +190,7 @@ class RobotConsumer(EventConsumer):
         if isinstance(declared, Bizproc) and "events" not in cls.__dict__:
             cls.events = (declared.routing_key,)
 
-    async def handle(self, event: Event) -> Mapping[str, Any] | None:  # type: ignore[override]
+    async def handle(self, event: Event) -> Mapping[str, Any] | None:
         raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")
 
     @classmethod

@@ -112,7 +112,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     ):
         return Outcome("ack", attempt, reason="duplicate")
     declared = bizproc.declared_of(consumer)
-    kept = _Kept(incoming.headers, declared)
+    kept = _NOTHING_KEPT if declared is None else _Kept(incoming.headers, declared)
     try:
         if declared is None:
             await _handled(consumer, event)
@@ -154,6 +154,10 @@ class _Kept:
     def __init__(self, headers: Mapping[str, Any], declared: bizproc.Bizproc | None) -> None:
         kept = headers.get(c.H_BIZPROC_RESULT) if declared is not None else None
         self.json: str | None = kept if isinstance(kept, str) else None
+
+
+# What an event's delivery keeps (nothing: not a robot's call), shared, never changed.
+_NOTHING_KEPT = _Kept({}, None)
 
 
 async def _answered(
