@@ -19,7 +19,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -266,7 +266,7 @@ class Declarations:
     def __bool__(self) -> bool:
         return bool(self.by_code)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Bizproc]:
         return iter(self.by_code.values())
 
 

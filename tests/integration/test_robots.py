@@ -27,6 +27,7 @@ from b24queue.auth.portal import PortalVerifier
 from b24queue.auth.store import SqliteTokenStore
 from b24queue.bizproc import (
     Activity,
+    Declarations,
     Property,
     Robot,
     RobotConsumer,
@@ -34,20 +35,25 @@ from b24queue.bizproc import (
     load_declarations,
 )
 from b24queue.delivery import Incoming, Outcome, give_up
+from b24queue.errors import ConfigError
 from b24queue.events.envelope import envelope_for
 from b24queue.events.forms import decode_form, encode_form
 from b24queue.ingress.app import create_app
 from b24queue.offline.bind import portal_event
-from b24queue.offline.bindings import Reconciler, describe
+from b24queue.offline.bindings import Reconciler, describe, portal_bindings, wanted_events
+from b24queue.offline.process import serve_offline
 from b24queue.portal.clients import PortalClients
 from b24queue.settings import Settings
+from b24queue.telemetry.metrics import OfflineMetrics
 from b24queue.transports import transport_for
 from b24queue.worker import Worker, declare_topology
 from tests.support import robot_worker
 from tests.support.fake_bizproc import FakeBizproc
 from tests.support.fake_events import FakeEvents
+from tests.support.fake_offline import FakeOffline
 from tests.support.fake_portal import CLIENT_ID, FakePortal, StaticResolver
 from tests.support.fake_rest import CLIENT_SECRET
+from tests.support.offline_setup import installed
 from tests.support.portal_setup import OAUTH_URL, domain_of, install, portal_settings
 from tests.support.processes import ROOT, STARTED
 from tests.support.wait import wait_until
@@ -312,7 +318,51 @@ def test_declarations_load_and_refuse_what_cannot_route() -> None:
     with pytest.raises(ValueError, match="property"):
         Robot(code="ok", name="x", properties={"1bad": Property(name="n")})
     assert json.loads(json.dumps(GREET.fields(OURS)))["NAME"]["de"] == "Grüßen"
-    assert c.H_WORKFLOW_TOLD.startswith("x-b24queue-")
+    with pytest.raises(ConfigError, match="declared twice"):
+        Declarations([GREET, Robot(code="GREET", name="other")])
+
+
+def test_a_robot_consumer_adds_no_event_to_bind(tmp_path: Path, portal_certificate: Any) -> None:
+    settings = settings_of(tmp_path, portal_certificate[0])
+    assert wanted_events(settings, [Greeter]) == ()  # robots only: accepted, nothing to bind
+
+
+async def test_portals_bindings_shows_the_robots_to_register(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    FakeEvents.attach(fake_portal.rest)
+    settings = settings_of(tmp_path, portal_certificate[0])
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    await install(store, fake_portal.rest, MEMBER)
+    await store.close()
+    lines, ok = await portal_bindings(
+        settings, [Greeter], None, dry_run=True, resolver=StaticResolver()
+    )
+    assert ok
+    assert "  would add ROBOT.GREET" in lines and "  would add ACTIVITY.ARCHIVE_DOC" in lines
+    assert bizproc.of(HOST, "robot") == {}
+    lines, ok = await portal_bindings(
+        settings, [Greeter], None, dry_run=False, resolver=StaticResolver()
+    )
+    assert ok and "  add ROBOT.GREET: added" in lines
+    assert "greet" in bizproc.of(HOST, "robot")
+
+
+async def test_a_json_call_is_routed_and_an_event_is_never_taken_for_a_call(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    settings = settings_of(tmp_path, portal_certificate[0])
+    call = decode_form(robot_call())
+    async with running(settings, fake_portal) as client:
+        resp = await client.post("/b24/events", json={**call, "workflow_id": "x" * 65})
+        assert resp.status == 400 and (await resp.json())["field"] == "workflow_id"
+        # `event` present: an event (here one nobody consumes), whatever else it carries.
+        resp = await client.post("/b24/events", json={**call, "event": "ONCRMDEALADD"})
+        assert resp.status == 200
+    async with transport_for(settings).dead_letters(settings.unrouted) as tool:
+        total, letters = await tool.list(10)
+    assert total == 1 and letters[0].event == "ONCRMDEALADD"
 
 
 async def test_a_call_delivered_too_often_tells_its_workflow(
@@ -419,3 +469,42 @@ async def test_a_worker_killed_between_handler_and_send_answers_once(
     assert [line.split()[0] for line in lines] == ["Ada", "Ada"]  # ran in each worker
     assert len(bizproc.answers) == 1
     assert bizproc.answers[0]["values"] == {"greeting": "Hello, Ada"}
+
+
+async def test_the_offline_service_registers_the_robots_on_each_portal_it_finds(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    """`b24queue offline` (on the SQLite queue here) registers the declared robots and
+    activities on an installed portal at its start, beside the event bindings."""
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    events = FakeEvents.attach(fake_portal.rest)
+    offline = FakeOffline.attach(fake_portal.rest)
+    store = f"sqlite:{tmp_path / 'portals.db'}"
+    await installed(store, fake_portal.rest, offline, MEMBER)
+    settings = settings_of(tmp_path, portal_certificate[0]).model_copy(
+        update={"offline_poll_s": 0.2}
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        serve_offline(
+            settings,
+            stop,
+            resolver=StaticResolver(),
+            metrics=OfflineMetrics(),
+            wanted=("ONCRMDEALADD",),
+        )
+    )
+    try:
+        await wait_until(
+            lambda: (
+                "greet" in bizproc.of(HOST, "robot")
+                and "archive_doc" in bizproc.of(HOST, "activity")
+            ),
+            20,
+            "the robot and the activity registered",
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert bizproc.of(HOST, "robot")["greet"]["HANDLER"] == OURS
+    assert {b.event for b in events.of(HOST)} == {"ONCRMDEALADD"}
