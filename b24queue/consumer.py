@@ -4,8 +4,9 @@ reject an event: b24queue.retry)."""
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic
 
 from b24queue import _constants as c
 from b24queue.errors import ConfigError
@@ -14,7 +15,15 @@ from b24queue.idempotency import SeenStore
 from b24queue.ordering import RULES, STRICT, check_path
 
 if TYPE_CHECKING:
+    # A default for the model (PEP 696; `typing` has it from Python 3.13): a consumer without
+    # one, `class Feed(EventConsumer)`, stays what it always was, for type checkers too.
+    from typing_extensions import TypeVar
+
     from b24queue.portal.api import Portal, PortalProvider
+
+    E = TypeVar("E", bound=Event, default=Any)
+else:
+    E = typing.TypeVar("E", bound=Event)
 
 _QUEUE = re.compile(c.NAME_PATTERN)
 MAX_DELAY_S = 7 * 24 * 3600
@@ -24,12 +33,16 @@ DEFAULT_HANDLE_TIMEOUT_S = 25 * 60
 MAX_PORTAL_WEIGHT = 100
 
 
-class EventConsumer:
+class EventConsumer(Generic[E]):
     """Subclass, set the class attributes, implement `handle`.
 
     Returning from `handle` acks the event. Raising `Reject` dead-letters it now; raising `Retry`
     or any other exception retries it after `retry_delays_s`, up to `max_attempts` attempts in
     all, then dead-letters it to `<queue>.dlq`.
+
+    `EventConsumer[DealUpdated]` (a typed event of `b24queue.events.typed`, or a model of your
+    own subclassing `TypedEvent`) hands `handle` that model, validated; an event that does not
+    fit it is dead-lettered at once, reason `model_mismatch` (docs/typed-events.md).
     """
 
     queue: ClassVar[str] = ""
@@ -70,6 +83,20 @@ class EventConsumer:
     # Set by the worker before `on_start`: what `portal(event)` calls the portal with.
     portals: PortalProvider | None = None
 
+    # What `handle` is given: the model of `EventConsumer[Model]` (None: the plain `Event`).
+    # Set from that parameter, not by hand.
+    event_model: ClassVar[type[Event] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # `EventConsumer[Model]`, or `Base[Model]` of a generic `Base(EventConsumer[E])` with
+        # that one parameter; `Base(EventConsumer[E])` itself has no model yet.
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            origin, args = typing.get_origin(base), typing.get_args(base)
+            generic = isinstance(origin, type) and issubclass(origin, EventConsumer)
+            if generic and len(args) == 1 and not isinstance(args[0], typing.TypeVar):
+                cls.event_model = None if args[0] is Event else args[0]
+
     def portal(self, event: Event) -> Portal:
         """A REST client for the event's portal, with that portal's credentials only
         (b24queue.portal): `await self.portal(event).call("crm.deal.get", {"id": 42})`."""
@@ -79,7 +106,7 @@ class EventConsumer:
             )
         return self.portals.for_event(event)
 
-    async def handle(self, event: Event) -> object:
+    async def handle(self, event: E) -> object:
         """Handle one event; what it returns is ignored (but a `RobotConsumer`'s: its answer)."""
         raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")
 
@@ -101,6 +128,7 @@ class EventConsumer:
             raise cls._bad("handle", "is not implemented")
         cls._check_queue()
         cls._check_events()
+        cls._check_model()
         cls._check_numbers()
         cls._check_fairness()
         cls._check_ordering()
@@ -136,6 +164,27 @@ class EventConsumer:
                     "events",
                     f"has {event!r}: not an event name (ONCRMDEALADD, CATALOG.PRODUCT.ON.ADD) or "
                     "a topic pattern of dot-separated words, '*' (one word) and '#' (any words)",
+                )
+
+    @classmethod
+    def _check_model(cls) -> None:
+        model = cls.event_model
+        if model is None:
+            return
+        if not (isinstance(model, type) and issubclass(model, Event)):
+            raise cls._bad(
+                "event_model",
+                f"is {model!r}: EventConsumer[...] takes one model, a subclass of Event "
+                "(a family's model, e.g. DealEvent, stands for several events)",
+            )
+        accepts = getattr(model, "EVENTS", ())
+        for name in cls.binding_keys():
+            exact = "*" not in name and "#" not in name
+            if accepts and exact and name not in accepts:
+                raise cls._bad(
+                    "events",
+                    f"has {name}, which its model {model.__name__} does not stand for "
+                    f"({', '.join(accepts)}): every such event would be dead-lettered",
                 )
 
     @classmethod

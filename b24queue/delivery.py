@@ -6,6 +6,7 @@ For each delivery: decode it, run the handler, and turn what happened into an `O
   raised Retry / other error  -> retry after the configured delay, or dead-letter once the
                                  attempts are used up
   body is not an Event        -> dead-letter now (retrying cannot fix it)
+  not the consumer's model    -> dead-letter now, reason model_mismatch (EventConsumer[Model])
 A `Settler` (the transport's runner) then carries the outcome out. It must make a retry or
 dead-letter copy durable (confirmed) before it acks the original, so a crash in between
 duplicates, never loses.
@@ -24,8 +25,8 @@ from typing import Any, Literal, Protocol
 from b24queue import _constants as c
 from b24queue import bizproc
 from b24queue.consumer import EventConsumer
-from b24queue.errors import BadEventError
-from b24queue.events.event import Event, mark_delivered
+from b24queue.errors import BadEventError, ModelMismatchError
+from b24queue.events.event import Event, mark_delivered, mismatch
 from b24queue.idempotency import SeenStore
 from b24queue.retry import Reject, Retry, delay_after, snap_delay
 from b24queue.secrets.redaction import redact
@@ -97,7 +98,9 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     """Run the handler on one delivery and say what must happen to it."""
     attempt = incoming.attempt
     try:
-        event = _delivered(incoming, attempt)
+        event = _delivered(incoming, attempt, type(consumer).event_model)
+    except ModelMismatchError as exc:
+        return _dead_letter(incoming, queue, attempt, "model_mismatch", exc, secrets=())
     except BadEventError as exc:
         return _dead_letter(incoming, queue, attempt, "undecodable", exc, secrets=())
     key = f"{queue}:{incoming.message_id}" if incoming.message_id else None
@@ -114,10 +117,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     declared = bizproc.declared_of(consumer)
     kept = _NOTHING_KEPT if declared is None else _Kept(incoming.headers, declared)
     try:
-        if declared is None:
-            await _handled(consumer, event)
-        else:
-            await _answered(consumer, event, declared, kept)
+        await _run(consumer, event, declared, kept)
     except Reject as exc:
         outcome = _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
         return await _told(consumer, declared, event, outcome, kept.json)
@@ -137,6 +137,15 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     if store is not None and key is not None:
         await _remember(store, key)
     return _ACKED[attempt] if attempt < len(_ACKED) else Outcome("ack", attempt)
+
+
+async def _run(
+    consumer: EventConsumer, event: Event, declared: bizproc.Bizproc | None, kept: _Kept
+) -> None:
+    if declared is None:
+        await _handled(consumer, event)
+    else:
+        await _answered(consumer, event, declared, kept)
 
 
 async def _handled(consumer: EventConsumer, event: Event) -> Any:
@@ -291,7 +300,7 @@ async def give_up(
     declared = bizproc.declared_of(consumer) if consumer is not None else None
     if consumer is not None and declared is not None and malformed is None:
         try:
-            event = _delivered(incoming, incoming.attempt)
+            event = _delivered(incoming, incoming.attempt, type(consumer).event_model)
         except BadEventError:
             pass  # not a call we can answer: the dead letter says why
         else:
@@ -319,13 +328,22 @@ def _settled(
         observe(queue, incoming.routing_key, outcome.kind, duration_s, waited)
 
 
-def _decode(incoming: Incoming) -> Event:
-    return Event.from_json(incoming.body)
+def _decode(incoming: Incoming, model: type[Event] | None) -> Event:
+    """The delivery's event, as `model` when the consumer asked for one: `BadEventError` when
+    the body is no event at all, `ModelMismatchError` when it is one but does not fit."""
+    if model is None:
+        return Event.from_json(incoming.body)
+    try:
+        return model.from_json(incoming.body)
+    except BadEventError as exc:
+        Event.from_json(incoming.body)  # no event at all: undecodable, as for any consumer
+        raise mismatch(model, exc) from None
 
 
-def _delivered(incoming: Incoming, attempt: int) -> Event:
-    """The delivery's event, with what the worker knows of the delivery (`BadEventError`)."""
-    event = _decode(incoming)
+def _delivered(incoming: Incoming, attempt: int, model: type[Event] | None) -> Event:
+    """The delivery's event (as `model`, if any), with what the worker knows of the delivery
+    (`BadEventError`, `ModelMismatchError`)."""
+    event = _decode(incoming, model)
     digest = incoming.headers.get(c.H_TOKEN_DIGEST)
     mark_delivered(
         event,

@@ -36,6 +36,12 @@ class BadEventError(B24QueueError):
         self.field = field[:200] if field else field
 
 
+class ModelMismatchError(BadEventError):
+    """An event is a Bitrix24 event but not the typed model its consumer asked for
+    (`EventConsumer[DealUpdated]`): another event name, or a known field missing or of another
+    shape. The message names each field and what was wrong, never the values sent."""
+
+
 class UnauthorizedError(B24QueueError):
     """The event's application token is not one we accept."""
 

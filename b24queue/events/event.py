@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from b24queue.errors import BadEventError
+from b24queue.errors import BadEventError, ModelMismatchError
 from b24queue.events.forms import decode_form, decode_json
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
 
 V = TypeVar("V")
+M = TypeVar("M", bound="Event")
 
 MAX_EVENT_NAME = 128
 # Event names are routing keys of a topic exchange. Catalog events have dots
@@ -163,19 +166,41 @@ class Event(BaseModel):
         return _matching(_HANDLER_ID, value, "digits (at most 20)")
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> Event:
+    def from_payload(cls, payload: dict[str, Any]) -> Self:
         """Validate a decoded body; errors name the field in bracket form (`auth[domain]`)."""
         event = _validated(cls.model_validate, payload)
         _private(event)["_payload"] = payload
         return event
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Event:
+    def from_json(cls, raw: bytes) -> Self:
         """Validate a JSON body straight from bytes (the worker's path: pydantic-core parses it;
         `payload` is decoded only if someone asks for it)."""
         event = _validated(cls.model_validate_json, raw)
         _private(event)["_raw"] = raw
         return event
+
+    def as_model(self, model: type[M]) -> M:
+        """This event validated as `model` (a typed event of `b24queue.events.typed`, e.g.
+        `DealUpdated`), with the same delivery facts (`message_id`, `attempt`...);
+        `ModelMismatchError` naming each field that does not fit."""
+        if isinstance(self, model):
+            return self
+        payload = self.payload
+        try:
+            typed = model.from_payload(payload)
+        except BadEventError as exc:
+            raise mismatch(model, exc) from None
+        _private(typed).update({**_private(self), "_payload": payload, "_raw": None})
+        return typed
+
+    def typed(self) -> Event:
+        """This event as the typed model of its name (`DealUpdated` for ONCRMDEALUPDATE: the
+        models of `b24queue.events.typed`), or itself when its name has none. Check which with
+        `isinstance`; `ModelMismatchError` when it does not fit its model."""
+        _load_models()
+        model = _MODELS.get(self.name)
+        return self if model is None else self.as_model(model)
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -224,6 +249,47 @@ class Event(BaseModel):
         portal sent it) a handler can order events that reached it out of order."""
         accepted_at: datetime | None = _private(self)["_accepted_at"]
         return accepted_at
+
+
+# Event name -> the typed model for it: each model of b24queue.events.typed registers the names it
+# stands for when it is defined (the package is imported with b24queue.events).
+_MODELS: dict[str, type[Event]] = {}
+
+
+def register_model(model: type[Event], names: Iterable[str]) -> None:
+    """Make `model` the typed model of `names` (`Event.typed`). A name keeps one model: a
+    subclass of the model it has may take it over (a family's model, then the event's own),
+    an unrelated one may not."""
+    for name in names:
+        known = _MODELS.get(name)
+        if known is not None and not issubclass(model, known):
+            raise TypeError(f"{name} has a model already: {known.__qualname__}")
+        _MODELS[name] = model
+
+
+def model_for(name: str) -> type[Event] | None:
+    """The typed model registered for an event name (upper case), if any."""
+    _load_models()
+    return _MODELS.get(name)
+
+
+def registered_models() -> dict[str, type[Event]]:
+    """Every event name with a typed model, and its model."""
+    _load_models()
+    return dict(_MODELS)
+
+
+def _load_models() -> None:
+    """Import b24queue.events.typed, whose models register themselves, on first use: a process
+    that never asks for one (the ingress, the CLI) does not pay their ~45 ms of import. By name,
+    as that package imports this module (a static import would be a cycle)."""
+    if "b24queue.events.typed" not in sys.modules:
+        importlib.import_module("b24queue.events.typed")
+
+
+def mismatch(model: type[Event], exc: BadEventError) -> ModelMismatchError:
+    """The error of an event that is an event, but not `model`: what validating it said."""
+    return ModelMismatchError(f"not {model.__name__}: {exc}", field=exc.field)
 
 
 def mark_delivered(
@@ -302,7 +368,7 @@ def _matching(pattern: re.Pattern[str], value: str | None, shape: str) -> str | 
     return value
 
 
-def _validated(validate: Callable[[V], Event], value: V) -> Event:
+def _validated(validate: Callable[[V], M], value: V) -> M:
     """`validate(value)`; a `BadEventError` naming the fields in bracket form if it fails."""
     try:
         return validate(value)
@@ -323,13 +389,27 @@ def _first_field(exc: ValidationError) -> str | None:
     return _bracket(errors[0]["loc"]) if errors else None
 
 
+# What an error message says of a failed validation: the first few fields, each name part cut
+# short (a key is the caller's, as long as the body may be); never the values sent.
+MAX_ERRORS_SHOWN = 5
+MAX_KEY_SHOWN = 64
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
-    for err in exc.errors(include_url=False, include_input=False):
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    for err in errors[:MAX_ERRORS_SHOWN]:
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "is required"
         elif msg.startswith("Value error, "):
             msg = msg.removeprefix("Value error, ")
-        parts.append(f"{_bracket(err['loc'])}: {msg}")
+        loc = tuple(p if isinstance(p, int) else _cut(p) for p in err["loc"])
+        parts.append(f"{_bracket(loc)}: {_cut(msg, 200)}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        parts.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "; ".join(parts)
+
+
+def _cut(text: str, limit: int = MAX_KEY_SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

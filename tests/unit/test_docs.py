@@ -14,12 +14,23 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from b24queue import Event
 from b24queue.settings import ENV_PREFIX, Settings
 from b24queue.testing import make_call, make_event, run_handler
-from docs.examples import consumers, idempotent, portal_call, robot, testing_tour, tour
+from docs.examples import (
+    consumers,
+    idempotent,
+    portal_call,
+    robot,
+    testing_tour,
+    tour,
+    typed_events,
+    typed_own,
+)
 from tests.support.fake_portal import FakePortal, StaticResolver
 from tests.support.portal_setup import deal_event, domain_of, install, portal_settings
 
@@ -40,6 +51,8 @@ RUN_BY = {
     "idempotent.py": "test_the_idempotency_example",
     "portal_call.py": "test_the_portal_example",
     "robot.py": "test_the_robot_example",
+    "typed_events.py": "test_the_typed_events_example",
+    "typed_own.py": "test_the_own_model_example",
 }
 
 
@@ -175,6 +188,57 @@ async def test_the_robot_example(
     assert bizproc.answers == [
         {"token": "t-1|A1_2_3|x", "values": {"greeting": "Hello, Ada"}, "log": ""}
     ]
+
+
+async def test_the_typed_events_example(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from b24queue.auth.store import SqliteTokenStore
+    from b24queue.portal.clients import PortalClients
+    from tests.support.doc_events import doc_samples
+
+    changes = typed_events.DealChanges()
+    assert (await run_handler(changes, deal_event("m1", 42))).acked
+    assert (await run_handler(changes, deal_event("m1", 0))).reason == "rejected"
+    no_id = make_event("ONCRMDEALUPDATE", {"FIELDS": {"TITLE": "x"}})
+    assert (await run_handler(changes, no_id)).reason == "model_mismatch"
+    audit = typed_events.DealAudit()
+    for name in typed_events.DealAudit.events:
+        assert (await run_handler(audit, make_event(name, {"FIELDS": {"ID": "1"}}))).acked
+
+    # The bot answers through the portal the event came from, with that portal's credentials.
+    answers: list[dict[str, Any]] = []
+
+    async def imbot(host: str, method: str, params: dict[str, Any]) -> Any:
+        if method != "imbot.message.add":
+            return None
+        answers.append(params)
+        return 200, {"result": 1}
+
+    fake_portal.rest.extensions.append(imbot)
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    await install(store, fake_portal.rest, "m1")
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}")
+    documented = dict(doc_samples())["chat-bots.outdated.messages.events.on-imbot-message-add"]
+    message = {**documented["payload"], "auth": deal_event("m1", 1).payload["auth"]}
+    bot = typed_events.EchoBot()
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        bot.portals = clients
+        assert (await run_handler(bot, Event.from_payload(message))).acked
+    assert answers == [{"BOT_ID": "567", "DIALOG_ID": "27", "MESSAGE": "You wrote: Hello"}]
+    await store.close()
+
+
+def test_the_own_model_example() -> None:
+    from b24queue.events.event import model_for
+    from tests.support.doc_events import doc_samples
+
+    documented = dict(doc_samples())["booking.booking.events.on-booking-add"]["payload"]
+    booking = Event.from_payload(documented).typed()
+    assert isinstance(booking, typed_own.BookingAdded) and booking.id == documented["data"]["ID"]
+    assert model_for("ONBOOKINGADD") is typed_own.BookingAdded
+    assert typed_own.Bookings.event_model is typed_own.BookingAdded
+    typed_own.Bookings.check()
 
 
 # The tour end to end: the commands it shows, on the embedded queue in a temporary folder.

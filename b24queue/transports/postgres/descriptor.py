@@ -14,6 +14,9 @@ class PostgresSettings(BaseModel):
     # (54 characters at most: its NOTIFY channel, "b24queue.<schema>", must fit in 63 bytes)
     postgres_schema: str = Field(default="b24queue", pattern=r"^[a-z_][a-z0-9_]{0,53}$")
     postgres_poll_s: float = Field(default=1.0, gt=0, le=60)
+    # Workers VACUUM the queue's tables past this many dead rows (b24queue.transports.postgres.
+    # vacuum); 0: never, autovacuum alone.
+    postgres_vacuum_dead_rows: int = Field(default=50_000, ge=0, le=1_000_000_000)
 
 
 POSTGRES = TransportDescriptor(

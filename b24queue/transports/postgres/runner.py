@@ -17,6 +17,7 @@ from b24queue.transports.kit.batching import Batcher
 from b24queue.transports.kit.leased import LeasedWorkers, Row
 from b24queue.transports.postgres.db import CONNECTION_ERRORS, Listener, lent
 from b24queue.transports.postgres.queue import Queries
+from b24queue.transports.postgres.vacuum import Vacuum
 
 POOL_SIZE = 4
 
@@ -120,12 +121,14 @@ class PostgresLeases:
             await self._q.leave(db, owner)
 
 
-def workers(settings: Settings, pool: asyncpg.Pool, listener: Listener) -> LeasedWorkers:
-    """A worker process's session: its runners share the pool, the listener and one group
-    commit of settlements."""
+def workers(settings: Settings, pool: asyncpg.Pool, listener: Listener, name: str) -> LeasedWorkers:
+    """A worker process's session: its runners share the pool, the listener, one group commit
+    of settlements and the watch over dead rows."""
     leases = PostgresLeases(settings, pool, listener)
+    vacuum = Vacuum(settings, pool, name)
+    vacuum.start()
 
     async def close_pool() -> None:
         await asyncio.gather(asyncio.wait_for(pool.close(), 10), return_exceptions=True)
 
-    return LeasedWorkers(leases, leases.close, listener.stop, close_pool)
+    return LeasedWorkers(leases, vacuum.stop, leases.close, listener.stop, close_pool)

@@ -71,7 +71,7 @@ class Postgres:
             raise
         listener = Listener(self.settings, name)
         listener.start()
-        return workers(self.settings, pool, listener)
+        return workers(self.settings, pool, listener, name)
 
     async def declare(self, classes: Sequence[type[EventConsumer]]) -> list[DeclaredQueue]:
         settings = self.settings

@@ -239,6 +239,34 @@ async def test_a_stale_settlement_never_lands_on_a_later_claim(schema: Settings)
         await db.close()
 
 
+async def test_a_heartbeat_never_waits_for_a_row_a_settlement_holds(schema: Settings) -> None:
+    """A worker's heartbeat (extending its rows' leases) and its group-committed acks run on two
+    connections: the heartbeat waiting for a row the ack batch held, while the batch waited for
+    another row the heartbeat held, was a deadlock (seen in the server's log draining a backlog:
+    a 1 s stall, then one side aborted). Now the heartbeat passes a row that is locked."""
+    from b24queue.events.envelope import envelope_for
+    from b24queue.testing import make_event
+    from b24queue.transports.postgres.queue import Queries
+
+    q = Queries(schema.postgres_schema)
+    settle, beat = await asyncpg.connect(POSTGRES_URL), await asyncpg.connect(POSTGRES_URL)
+    try:
+        await ensure_schema(settle, schema.postgres_schema)
+        await q.declare(settle, "beat.q", "beat.q.dlq", ("#",))
+        events = [envelope_for(make_event("ONCRMDEALADD", {})) for _ in range(2)]
+        await q.publish(settle, events, schema.unrouted)
+        first, second = await q.claim(settle, "beat.q", "w1", 2, 60.0)
+        async with settle.transaction():
+            assert await q.ack(settle, [(second, "w1")]) == [True]  # held to the commit
+            async with asyncio.timeout(3):  # it waited for that commit: forever, here
+                await q.beat(beat, "w1", "beat.q", "w", [first.id, second.id], 600.0)
+            assert await q.ack(settle, [(first, "w1")]) == [True]  # not waiting on the beat
+        assert await q.count(settle, "beat.q") == 0
+    finally:
+        await settle.close()
+        await beat.close()
+
+
 async def test_portals_whose_rows_all_wait_for_a_retry_cost_a_fair_claim_no_rounds(
     schema: Settings,
 ) -> None:
