@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from b24queue.consumer import EventConsumer
 from b24queue.errors import BadEventError, ConfigError
@@ -135,6 +135,15 @@ class Bizproc(BaseModel):
                     f"{key[:64]!r}: a property's name is a letter, then letters, digits, _"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _check_give_up(self) -> Bizproc:
+        unknown = [k for k in self.give_up_values or {} if k not in self.return_properties]
+        if unknown:
+            raise ValueError(
+                f"give_up_values has {', '.join(unknown)[:200]}, not among return_properties"
+            )
+        return self
 
     @property
     def routing_key(self) -> str:

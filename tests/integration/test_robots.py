@@ -32,8 +32,10 @@ from b24queue.bizproc import (
     Robot,
     RobotConsumer,
     as_event,
+    is_call,
     load_declarations,
 )
+from b24queue.cli.send import sample_call
 from b24queue.delivery import Incoming, Outcome, give_up
 from b24queue.errors import ConfigError
 from b24queue.events.envelope import envelope_for
@@ -318,6 +320,11 @@ def test_declarations_load_and_refuse_what_cannot_route() -> None:
     with pytest.raises(ValueError, match="property"):
         Robot(code="ok", name="x", properties={"1bad": Property(name="n")})
     assert json.loads(json.dumps(GREET.fields(OURS)))["NAME"]["de"] == "Grüßen"
+    with pytest.raises(ValueError, match="give_up_values"):
+        Robot(code="ok", name="x", give_up_values={"missing": "N"})
+    sent = sample_call("greet", "tok", ["properties[who]=Ada"])
+    assert is_call(sent) and as_event(sent, declared)["event"] == "ROBOT.GREET"
+    assert sent["properties"] == {"who": "Ada"}
     with pytest.raises(ConfigError, match="declared twice"):
         Declarations([GREET, Robot(code="GREET", name="other")])
 
