@@ -2,7 +2,7 @@
 
 An app declares its robots (`Robot`) and activities (`Activity`) in code. They are registered on
 every installed portal (`bizproc.robot.add` / `bizproc.activity.add`, kept up to date with
-`.update`: `reconcile`, run with the event bindings, b24queue.offline.bindings). When a workflow
+`.update`: `register`, run with the event bindings, b24queue.offline.bindings). When a workflow
 reaches one, Bitrix24 POSTs the call to the app's handler (the ingress): `event_token`,
 `workflow_id`, `code`, `document_id`, `document_type`, `properties`, `ts`, `auth`. The ingress
 verifies it as an event and queues it under `ROBOT.<CODE>` or `ACTIVITY.<CODE>` (`as_event`);
@@ -54,7 +54,6 @@ TOKEN_GONE = "ACCESS_DENIED"  # noqa: S105 - an error code
 # The return values kept with a message while their send is retried (a header), as JSON.
 MAX_RESULT_CHARS = 16_000
 MAX_LOG_MESSAGE = 1000
-KINDS = ("ROBOT", "ACTIVITY")
 
 Text = str | dict[str, str]  # a string, or localized strings: {"en": "...", "de": "..."}
 
