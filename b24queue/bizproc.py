@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import sys
@@ -342,7 +343,8 @@ def as_event(payload: dict[str, Any], declared: Declarations) -> dict[str, Any]:
 
 def answer_of(declared: Bizproc, result: Any) -> str:
     """The handler's return values as the JSON kept with the message; `Reject` (dead-letter now)
-    for what cannot be sent: not a dict, undeclared keys, too large."""
+    for what cannot be sent: not a dict, undeclared keys, a value not of its property's type
+    (`_typed`), too large."""
     values = {} if result is None else result
     if not isinstance(values, Mapping):
         raise Reject(f"{declared.routing_key}: handle returned {type(result).__name__}, not a dict")
@@ -352,13 +354,59 @@ def answer_of(declared: Bizproc, result: Any) -> str:
             f"{declared.routing_key}: handle returned {', '.join(unknown)}, not among its "
             f"return_properties ({', '.join(declared.return_properties) or 'none'})"
         )
+    values = {
+        k: _typed(declared, k, p, values[k])
+        for k, p in declared.return_properties.items()
+        if k in values
+    }
     try:
-        text = json.dumps(dict(values), ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise Reject(f"{declared.routing_key}: return values are not JSON: {exc}") from None
     if len(text) > MAX_RESULT_CHARS:
         raise Reject(f"{declared.routing_key}: return values over {MAX_RESULT_CHARS} characters")
     return text
+
+
+_SCALARS = (str, int, float, bool)
+
+
+def _typed(declared: Bizproc, key: str, prop: Property, value: Any) -> Any:
+    """A return value as Bitrix24 takes it for its property: `bool` as "Y"/"N"; `int` an integer
+    (or its digits), `double` a number; a list only for a `multiple` property; None passes."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        if not prop.multiple:
+            raise Reject(f"{declared.routing_key}: {key} is a list, and its property not multiple")
+        return [_one(declared, key, prop, v) for v in value]
+    return _one(declared, key, prop, value)
+
+
+def _one(declared: Bizproc, key: str, prop: Property, value: Any) -> Any:
+    kind = prop.type
+    if kind == "bool" and isinstance(value, bool):
+        return "Y" if value else "N"
+    ok = isinstance(value, _SCALARS)
+    if kind == "int":
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and value.lstrip("-").isdigit()
+        )
+    elif kind == "double":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok or (isinstance(value, str) and _is_number(value))
+    if not ok:
+        raise Reject(
+            f"{declared.routing_key}: {key} is a {type(value).__name__}, not a value of type {kind}"
+        )
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 class TokenGone(Reject):

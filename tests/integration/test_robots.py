@@ -31,6 +31,7 @@ from b24queue.bizproc import (
     Property,
     Robot,
     RobotConsumer,
+    answer_of,
     as_event,
     is_call,
     load_declarations,
@@ -320,6 +321,30 @@ def test_declarations_load_and_refuse_what_cannot_route() -> None:
     with pytest.raises(ValueError, match="property"):
         Robot(code="ok", name="x", properties={"1bad": Property(name="n")})
     assert json.loads(json.dumps(GREET.fields(OURS)))["NAME"]["de"] == "Grüßen"
+    typed = Robot(
+        code="typed",
+        name="t",
+        return_properties={
+            "ok": Property(name="Ok", type="bool"),
+            "n": Property(name="N", type="int"),
+            "x": Property(name="X", type="double", multiple=True),
+        },
+    )
+    assert json.loads(answer_of(typed, {"ok": True, "n": "42", "x": [1.5, "2"]})) == {
+        "ok": "Y",
+        "n": "42",
+        "x": [1.5, "2"],
+    }
+    for wrong, why in (
+        ({"n": "4.2"}, "n is a str, not a value of type int"),
+        ({"ok": [True]}, "ok is a list"),
+        ({"x": ["nan"]}, "x is a str, not a value of type double"),
+        ({"n": {"a": 1}}, "n is a dict"),
+        ({"other": 1}, "not among its return_properties"),
+        ("text", "not a dict"),
+    ):
+        with pytest.raises(Reject, match=why):
+            answer_of(typed, wrong)
     with pytest.raises(ValueError, match="give_up_values"):
         Robot(code="ok", name="x", give_up_values={"missing": "N"})
     sent = sample_call("greet", "tok", ["properties[who]=Ada"])
