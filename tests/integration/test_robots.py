@@ -88,7 +88,7 @@ class Greeter(RobotConsumer):
         who = event.payload["properties"]["who"]
         runs.append(who)
         if who == "nobody":
-            raise Reject("nobody to greet")
+            raise Reject(f"nobody to greet (token {event.payload['event_token']})")
         return {"greeting": f"Hello, {who}"}
 
 
@@ -245,6 +245,7 @@ async def test_a_dead_lettered_call_tells_its_workflow(
     assert letters[0].reason == "rejected"
     assert letters[0].event == "ROBOT.GREET"
     assert letters[0].workflow_told == "error result sent (bizproc.event.send)"
+    assert letters[0].error.startswith("Reject: nobody to greet") and TOKEN not in letters[0].error
 
 
 async def test_a_foreign_or_undeclared_call_is_refused(
