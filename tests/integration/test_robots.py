@@ -504,11 +504,12 @@ async def test_a_worker_killed_between_handler_and_send_answers_once(
     assert bizproc.answers[0]["values"] == {"greeting": "Hello, Ada"}
 
 
-async def test_the_offline_service_registers_the_robots_on_each_portal_it_finds(
+async def test_the_offline_service_registers_the_robots_at_start_and_at_onappupdate(
     tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
 ) -> None:
     """`b24queue offline` (on the SQLite queue here) registers the declared robots and
-    activities on an installed portal at its start, beside the event bindings."""
+    activities on an installed portal at its start, beside the event bindings, and again at
+    the portal's ONAPPUPDATE."""
     bizproc = FakeBizproc.attach(fake_portal.rest)
     events = FakeEvents.attach(fake_portal.rest)
     offline = FakeOffline.attach(fake_portal.rest)
@@ -536,6 +537,27 @@ async def test_the_offline_service_registers_the_robots_on_each_portal_it_finds(
             20,
             "the robot and the activity registered",
         )
+        # Gone from the portal (an app update, an admin): back at the portal's ONAPPUPDATE, not
+        # at the next hourly round.
+        del bizproc.of(HOST, "robot")["greet"]
+        store_ = SqliteTokenStore(tmp_path / "portals.db")
+        async with transport_for(settings).publisher("test ingress") as sink:
+            app = create_app(settings, sink, PortalVerifier(store_, None))
+            async with TestClient(TestServer(app)) as client:
+                update = {
+                    "event": "ONAPPUPDATE",
+                    "data": {"VERSION": "2", "LANGUAGE_ID": "en"},
+                    "ts": "1764360000",
+                    "auth": {
+                        "domain": HOST,
+                        "member_id": MEMBER,
+                        "application_token": f"app-token-{MEMBER}",
+                    },
+                }
+                resp = await client.post("/b24/events", json=update)
+                assert resp.status == 200, await resp.text()
+        await store_.close()
+        await wait_until(lambda: "greet" in bizproc.of(HOST, "robot"), 10, "registered again")
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
