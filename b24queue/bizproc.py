@@ -477,7 +477,11 @@ async def register(
         if not mine:
             continue
         method = f"bizproc.{kind}"
-        answer = await portal.call(f"{method}.list")
+        try:
+            answer = await portal.call(f"{method}.list")
+        except PortalError as exc:  # e.g. ACCESS_DENIED: not an administrator's token
+            done.append(("list", f"{method}.list", exc.code))
+            continue
         listed = answer[:MAX_LISTED] if isinstance(answer, list) else []
         present = {str(code)[:MAX_CODE] for code in listed}
         for d in mine:

@@ -313,6 +313,26 @@ async def test_declarations_are_registered_then_updated_and_a_dry_run_changes_no
     assert any("add ROBOT.GREET: added" in line for line in describe(HOST, first, dry_run=False))
 
 
+async def test_a_portal_refusing_registration_is_reported_not_fatal(
+    tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
+) -> None:
+    """bizproc.robot.list answering ACCESS_DENIED (not an administrator's token): the robots are
+    reported as not registered (the plan not ok), the activities and event bindings still are."""
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    bizproc.denied.add("bizproc.robot.list")
+    FakeEvents.attach(fake_portal.rest)
+    settings = settings_of(tmp_path, portal_certificate[0])
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    await install(store, fake_portal.rest, MEMBER)
+    await store.close()
+    lines, ok = await portal_bindings(
+        settings, [Greeter], None, dry_run=False, resolver=StaticResolver()
+    )
+    assert not ok
+    assert "  list bizproc.robot.list: ACCESS_DENIED" in lines
+    assert "  add ACTIVITY.ARCHIVE_DOC: added" in lines
+
+
 def test_declarations_load_and_refuse_what_cannot_route() -> None:
     declared = load_declarations([f"{__name__}:Greeter", f"{__name__}:ARCHIVE"])
     assert [d.routing_key for d in declared] == ["ROBOT.GREET", "ACTIVITY.ARCHIVE_DOC"]

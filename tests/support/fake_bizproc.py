@@ -51,7 +51,12 @@ class FakeBizproc:
         self.answers: list[dict[str, Any]] = []  # each bizproc.event.send accepted
         self.logs: list[tuple[str, str]] = []  # (token, message) of each bizproc.activity.log
         self.fail_sends = 0
-        self.lose_answers = 0  # that many sends are done (the token spent), then answered 500
+        self.lose_answers = 0
+        # Methods answered 403 ACCESS_DENIED "Access denied!" (documented for a token that is not
+        # an administrator's, for .add, .update, .list).
+        self.denied: set[str] = (
+            set()
+        )  # that many sends are done (the token spent), then answered 500
         # When set: the next bizproc.event.send waits for this gate before it is answered (a
         # worker killed while its send is on the way).
         self.hold_next_send: asyncio.Event | None = None
@@ -75,6 +80,8 @@ class FakeBizproc:
         if not method.startswith("bizproc."):
             return None
         self.calls.append((host, method, params))
+        if method in self.denied:
+            return _err(403, "ACCESS_DENIED", "Access denied!")
         if method == "bizproc.event.send":
             gate, self.hold_next_send = self.hold_next_send, None
             if gate is not None:
