@@ -27,6 +27,11 @@ H_ERROR_MESSAGE = "x-b24queue-error-message"
 H_ORIGINAL_ROUTING_KEY = "x-b24queue-original-routing-key"
 H_ORIGINAL_QUEUE = "x-b24queue-original-queue"
 H_DEAD_LETTER_REASON = "x-b24queue-dead-letter-reason"
+# A robot's or activity's return values (JSON), kept while their bizproc.event.send is retried
+# (b24queue.bizproc): a retry sends them again without running the handler.
+H_BIZPROC_RESULT = "x-b24queue-bizproc-result"
+# What the workflow of a dead-lettered robot or activity call was told (b24queue.bizproc).
+H_WORKFLOW_TOLD = "x-b24queue-workflow-told"
 
 RETRY_SUFFIX = ".retry."
 DLQ_SUFFIX = ".dlq"

@@ -106,7 +106,8 @@ class EventConsumer(Generic[E]):
             )
         return self.portals.for_event(event)
 
-    async def handle(self, event: E) -> None:
+    async def handle(self, event: E) -> object:
+        """Handle one event; what it returns is ignored (but a `RobotConsumer`'s: its answer)."""
         raise NotImplementedError(f"{type(self).__name__}.handle is not implemented")
 
     async def on_start(self) -> None:

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from b24queue import _constants as c
+from b24queue import bizproc
 from b24queue.consumer import EventConsumer
 from b24queue.errors import BadEventError, ModelMismatchError
 from b24queue.events.event import Event, mark_delivered, mismatch
@@ -97,17 +98,7 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     """Run the handler on one delivery and say what must happen to it."""
     attempt = incoming.attempt
     try:
-        event = _decode(incoming, type(consumer).event_model)
-        digest = incoming.headers.get(c.H_TOKEN_DIGEST)
-        mark_delivered(
-            event,
-            incoming.message_id,
-            attempt,
-            incoming.redelivered,
-            incoming.accepted_at,
-            digest if isinstance(digest, str) and len(digest) == 64 else None,
-            incoming.replaces,
-        )
+        event = _delivered(incoming, attempt, type(consumer).event_model)
     except ModelMismatchError as exc:
         return _dead_letter(incoming, queue, attempt, "model_mismatch", exc, secrets=())
     except BadEventError as exc:
@@ -123,26 +114,108 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
         and await _already_seen(store, key)
     ):
         return Outcome("ack", attempt, reason="duplicate")
+    declared = bizproc.declared_of(consumer)
+    kept = _NOTHING_KEPT if declared is None else _Kept(incoming.headers, declared)
     try:
-        if consumer.handle_timeout_s is None:
-            await consumer.handle(event)
-        else:
-            await within(consumer.handle_timeout_s, consumer.handle(event))
+        await _run(consumer, event, declared, kept)
     except Reject as exc:
-        return _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
+        outcome = _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
+        return await _told(consumer, declared, event, outcome, kept.json)
     except Exception as exc:  # any handler error is a failed attempt; never an unhandled crash
         secrets = _secrets(event.payload)
         if attempt >= consumer.max_attempts:
-            return _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
+            outcome = _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
+            return await _told(consumer, declared, event, outcome, kept.json)
         delay = delay_after(attempt, tuple(consumer.retry_delays_s))
         if isinstance(exc, Retry) and exc.delay_s is not None:
             delay = snap_delay(exc.delay_s, tuple(consumer.retry_delays_s))
         headers = _failure_headers(incoming, queue, exc, secrets)
         headers[c.H_ATTEMPT] = attempt + 1
+        if kept.json is not None:
+            headers[c.H_BIZPROC_RESULT] = kept.json
         return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
     if store is not None and key is not None:
         await _remember(store, key)
     return _ACKED[attempt] if attempt < len(_ACKED) else Outcome("ack", attempt)
+
+
+async def _run(
+    consumer: EventConsumer, event: Event, declared: bizproc.Bizproc | None, kept: _Kept
+) -> None:
+    if declared is None:
+        await _handled(consumer, event)
+    else:
+        await _answered(consumer, event, declared, kept)
+
+
+async def _handled(consumer: EventConsumer, event: Event) -> Any:
+    if consumer.handle_timeout_s is None:
+        return await consumer.handle(event)
+    return await within(consumer.handle_timeout_s, consumer.handle(event))
+
+
+class _Kept:
+    """A robot's answer (its return values as JSON), once known: from an earlier attempt whose
+    bizproc.event.send failed (`H_BIZPROC_RESULT`), or from the handler."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, headers: Mapping[str, Any], declared: bizproc.Bizproc | None) -> None:
+        kept = headers.get(c.H_BIZPROC_RESULT) if declared is not None else None
+        self.json: str | None = kept if isinstance(kept, str) else None
+
+
+# What an event's delivery keeps (nothing: not a robot's call), shared, never changed.
+_NOTHING_KEPT = _Kept({}, None)
+
+
+async def _answered(
+    consumer: EventConsumer, event: Event, declared: bizproc.Bizproc, kept: _Kept
+) -> None:
+    """A robot's or activity's call: the handler's return values sent with bizproc.event.send.
+    An answer kept by an earlier attempt is sent again without running the handler again."""
+    # An earlier send may have reached the portal with its answer lost (a failed attempt, or a
+    # worker that died): the token it spent then makes this one ACCESS_DENIED.
+    earlier = kept.json is not None or event.redelivered
+    if kept.json is None:
+        result = await _handled(consumer, event)
+        if not declared.use_subscription:
+            return  # the workflow does not wait: nothing to send
+        kept.json = bizproc.answer_of(declared, result)
+    try:
+        await bizproc.send_answer(consumer.portal(event), event, kept.json)
+    except bizproc.TokenGone:
+        if not earlier:
+            raise  # the workflow stopped waiting before any answer: dead-lettered, with it
+        log.warning(
+            "%s message_id=%s: bizproc.event.send answered ACCESS_DENIED after an earlier send "
+            "that may have arrived: taken as answered",
+            event.name,
+            event.message_id,
+        )
+
+
+async def _told(
+    consumer: EventConsumer,
+    declared: bizproc.Bizproc | None,
+    event: Event,
+    outcome: Outcome,
+    kept: str | None,
+) -> Outcome:
+    """A robot's or activity's call dead-lettered: its workflow told as declared, and the dead
+    letter says what was done (and keeps the answer the handler gave, if it gave one)."""
+    if declared is None:
+        return outcome
+    if kept is not None:
+        outcome.headers[c.H_BIZPROC_RESULT] = kept
+    try:
+        portal = consumer.portal(event)
+    except Exception as exc:
+        outcome.headers[c.H_WORKFLOW_TOLD] = f"not told: {type(exc).__name__}"
+        return outcome
+    reason = outcome.reason or "dead-lettered"
+    outcome.headers[c.H_WORKFLOW_TOLD] = await bizproc.give_up(portal, declared, event, reason)
+    return outcome
 
 
 async def _already_seen(store: SeenStore, key: str) -> bool:
@@ -211,17 +284,28 @@ async def give_up(
     deliveries: int,
     observe: Observer | None = None,
     malformed: ValueError | None = None,
+    consumer: EventConsumer | None = None,
 ) -> Outcome:
     """Dead-letter, without running the handler, a message delivered `deliveries` times without
     ever being settled (its handler crashes the worker, or outlives every lease): the delivery
     limit RabbitMQ's quorum queues keep by themselves, for transports that count deliveries.
-    With `malformed`: a message the transport cannot read (reason `malformed`)."""
+    With `malformed`: a message the transport cannot read (reason `malformed`). With the
+    `consumer` of a robot or activity (b24queue.bizproc), its workflow is told."""
     exc: Exception = malformed or RuntimeError(
         f"delivered {deliveries} times without being settled: the worker died or was stopped "
         "while handling it each time"
     )
     reason = "delivery_limit" if malformed is None else "malformed"
     outcome = _dead_letter(incoming, queue, incoming.attempt, reason, exc, ())
+    declared = bizproc.declared_of(consumer) if consumer is not None else None
+    if consumer is not None and declared is not None and malformed is None:
+        try:
+            event = _delivered(incoming, incoming.attempt, type(consumer).event_model)
+        except BadEventError:
+            pass  # not a call we can answer: the dead letter says why
+        else:
+            kept = _Kept(incoming.headers, declared).json
+            outcome = await _told(consumer, declared, event, outcome, kept)
     started = time.perf_counter()
     await settler.settle(incoming, outcome)
     _settled(incoming, queue, outcome, started, observe)
@@ -254,6 +338,23 @@ def _decode(incoming: Incoming, model: type[Event] | None) -> Event:
     except BadEventError as exc:
         Event.from_json(incoming.body)  # no event at all: undecodable, as for any consumer
         raise mismatch(model, exc) from None
+
+
+def _delivered(incoming: Incoming, attempt: int, model: type[Event] | None) -> Event:
+    """The delivery's event (as `model`, if any), with what the worker knows of the delivery
+    (`BadEventError`, `ModelMismatchError`)."""
+    event = _decode(incoming, model)
+    digest = incoming.headers.get(c.H_TOKEN_DIGEST)
+    mark_delivered(
+        event,
+        incoming.message_id,
+        attempt,
+        incoming.redelivered,
+        incoming.accepted_at,
+        digest if isinstance(digest, str) and len(digest) == 64 else None,
+        incoming.replaces,
+    )
+    return event
 
 
 def _dead_letter(

@@ -196,6 +196,10 @@ class Settings(TransportSettings, BaseSettings):
     events_bind: Annotated[tuple[str, ...], NoDecode] = ()
     events_consumers: Annotated[tuple[str, ...], NoDecode] = ()
     events_bindings_queue: str = Field(default="b24queue.bindings", pattern=_NAME_PATTERN)
+    # The app's robots and workflow activities (b24queue.bizproc, docs/robots.md): MODULE:NAME,
+    # comma-separated, each a Robot, an Activity, a RobotConsumer or a list of them. The ingress
+    # routes their calls by these; the bindings reconciler registers them on every portal.
+    bizproc: Annotated[tuple[str, ...], NoDecode] = ()
 
     # Workers
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
@@ -219,6 +223,7 @@ class Settings(TransportSettings, BaseSettings):
         "offline_events",
         "events_bind",
         "events_consumers",
+        "bizproc",
         mode="before",
     )
     @classmethod

@@ -1,6 +1,6 @@
 """Run a consumer's `handle` without a broker and see what the worker would do.
 
-    from b24queue.testing import make_event, run_handler, run_until_settled
+    from b24queue.testing import make_call, make_event, run_handler, run_until_settled
 
     outcome = await run_handler(DealSync(), make_event("ONCRMDEALADD", {"FIELDS": {"ID": "1"}}))
     assert outcome.acked                     # or .retried (with .delay_s) or .dead_lettered
@@ -8,7 +8,9 @@
     outcomes = await run_until_settled(DealSync(), event)   # every attempt, no waiting
     assert [o.kind for o in outcomes] == ["retry", "retry", "ack"]
 
-The same rules (`b24queue.delivery.decide`) run here as in the worker.
+A robot's call: `make_call(GREET, {"who": "Ada"})` (its answer is sent through the consumer's
+`portals`, as in the worker). The same rules (`b24queue.delivery.decide`) run here as in the
+worker.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import uuid
 from typing import Any
 
 from b24queue import _constants as c
+from b24queue.bizproc import Bizproc, Declarations, as_event
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, decide
 from b24queue.events.envelope import envelope_for
@@ -42,6 +45,34 @@ def make_event(
         },
     }
     return Event.from_payload(payload)
+
+
+def make_call(
+    declared: Bizproc,
+    properties: dict[str, Any] | None = None,
+    *,
+    event_token: str = "test-event-token|A1_2_3|x",  # noqa: S107 - a fixture value
+    domain: str = "example.bitrix24.com",
+    **auth: str,
+) -> Event:
+    """A robot's or activity's call as the ingress queues it (b24queue.bizproc): Bitrix24's
+    fields, and `event` its routing key (`ROBOT.<CODE>`)."""
+    payload = {
+        "workflow_id": "664a1b2c3d4e5f.12345678",
+        "code": declared.code,
+        "document_id": ["crm", "CCrmDocumentDeal", "DEAL_1"],
+        "document_type": ["crm", "CCrmDocumentDeal", "DEAL"],
+        "event_token": event_token,
+        "properties": properties or {},
+        "ts": "1764367200",
+        "auth": {
+            "domain": domain,
+            "member_id": "0" * 32,
+            "application_token": TEST_TOKEN,
+            **auth,
+        },
+    }
+    return Event.from_payload(as_event(payload, Declarations([declared])))
 
 
 def event_from_form(body: bytes | str) -> Event:

@@ -106,6 +106,8 @@ def render(source: str, total: int, letters: Sequence[DeadLetter]) -> str:
         lines.append(f"   why:    {x.reason}{attempts}" + (f" - {x.error}" if x.error else ""))
         if x.first_failed_at:
             lines.append(f"   failed: first {x.first_failed_at}, last {x.last_failed_at}")
+        if x.workflow_told:
+            lines.append(f"   workflow: {x.workflow_told}")
         lines.append(f"   sent:   {x.published_at or '?'} ({x.size_bytes} bytes)")
     lines += ["", "replay: b24queue dlq replay <queue> [--id MESSAGE_ID] [--limit N]"]
     return "\n".join(lines)

@@ -48,7 +48,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     d = portals.add_parser(
         "bindings",
         help="bind the events the app wants on every installed portal (event.bind), unbind "
-        "ours it no longer wants; shows the difference",
+        "ours it no longer wants, register its robots and activities (B24QUEUE_BIZPROC); shows "
+        "the difference",
     )
     d.add_argument("--portal", metavar="MEMBER_ID", help="this portal only")
     d.add_argument("--dry-run", action="store_true", help="show the difference, change nothing")

@@ -55,6 +55,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="KEY=VALUE",
         help="override a field, e.g. 'data[FIELDS][ID]=42' (repeatable)",
     )
+    p.add_argument(
+        "--robot",
+        metavar="CODE",
+        help="post a robot's or activity's call with this code (as a workflow would) instead "
+        "of an event: override its properties with --field 'properties[NAME]=VALUE'",
+    )
     p.add_argument("--body-file", type=Path, help="send this body as is (a saved request)")
     p.add_argument("--json", action="store_true", help="send JSON instead of a form")
     p.set_defaults(run=run)
@@ -66,9 +72,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         body = args.body_file.read_bytes()
         content_type = JSON_TYPE if args.json else FORM_TYPE
     else:
-        if not args.event:
-            raise ConfigError("send: give an EVENT name or --body-file")
-        payload = sample_payload(args.event, token, args.field)
+        if not args.event and not args.robot:
+            raise ConfigError("send: give an EVENT name, --robot CODE or --body-file")
+        if args.robot:
+            payload = sample_call(args.robot, token, args.field)
+        else:
+            payload = sample_payload(args.event, token, args.field)
         if args.json:
             body, content_type = json.dumps(payload).encode(), JSON_TYPE
         else:
@@ -105,22 +114,48 @@ def _token(settings: Settings, args: argparse.Namespace) -> str:
     return from_settings or next(iter(settings.app_tokens), "")
 
 
+def _auth(token: str) -> dict[str, str]:
+    domain = "example.bitrix24.com"
+    return {
+        "domain": domain,
+        "client_endpoint": f"https://{domain}/rest/",
+        "server_endpoint": "https://oauth.bitrix.info/rest/",
+        "member_id": "0" * 32,
+        "application_token": token,
+    }
+
+
 def sample_payload(event: str, token: str, overrides: list[str]) -> dict[str, Any]:
     """A Bitrix24-shaped event body; `overrides` are `key=value` in bracket form."""
-    domain = "example.bitrix24.com"
     payload: dict[str, Any] = {
         "event": event.upper(),
         "event_handler_id": "1",
         "data": {"FIELDS": {"ID": "1"}},
         "ts": str(int(time.time())),
-        "auth": {
-            "domain": domain,
-            "client_endpoint": f"https://{domain}/rest/",
-            "server_endpoint": "https://oauth.bitrix.info/rest/",
-            "member_id": "0" * 32,
-            "application_token": token,
-        },
+        "auth": _auth(token),
     }
+    return _overridden(payload, overrides)
+
+
+def sample_call(code: str, token: str, overrides: list[str]) -> dict[str, Any]:
+    """A robot's or activity's call as Bitrix24 posts it (b24queue.bizproc), for `code`."""
+    now = int(time.time())
+    payload: dict[str, Any] = {
+        "workflow_id": f"{now:x}a1b2c3d4.{now % 100_000_000:08d}",
+        "code": code,
+        "document_id": ["crm", "CCrmDocumentDeal", "DEAL_1"],
+        "document_type": ["crm", "CCrmDocumentDeal", "DEAL"],
+        "event_token": f"{now:x}.{now % 100_000_000:08d}|A1_1_1|sample-event-token",
+        "properties": {},
+        "use_subscription": "Y",
+        "timeout_duration": "0",
+        "ts": str(now),
+        "auth": _auth(token),
+    }
+    return _overridden(payload, overrides)
+
+
+def _overridden(payload: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:

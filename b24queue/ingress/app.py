@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from b24queue.auth.tokens import TokenVerifier
+from b24queue.bizproc import as_event, is_call, load_declarations
 from b24queue.errors import (
     BadEventError,
     BrokerUnavailableError,
@@ -23,7 +24,7 @@ from b24queue.errors import (
     UnauthorizedError,
 )
 from b24queue.events.envelope import EventSink, envelope_for
-from b24queue.events.event import FORM_TYPE, JSON_TYPE, Event, parse_event
+from b24queue.events.event import FORM_TYPE, JSON_TYPE, Event, decode_body
 from b24queue.limits import KeyedLimiter, LogBudget
 from b24queue.settings import Settings
 from b24queue.telemetry.logs import client_text
@@ -90,6 +91,7 @@ class EventsView:
         self._not_stored_log = LogBudget(50, 5.0, time.monotonic)
         self._portals = _portal_limiter(settings)
         self._rate_limited_log = LogBudget(5, 0.1, time.monotonic)
+        self._bizproc = load_declarations(settings.bizproc)
 
     async def post(self, request: web.Request) -> web.Response:
         media = request.content_type.lower()
@@ -97,7 +99,7 @@ class EventsView:
         if isinstance(body, web.Response):
             return body
         try:
-            event = parse_event(media, body)
+            event = self._parse(media, body)
             envelope = envelope_for(event)
         except BadEventError as exc:
             self._metrics.refused.labels("bad_request").inc()
@@ -136,6 +138,13 @@ class EventsView:
             body=b'{"status": "accepted", "message_id": "%s"}' % envelope.message_id.encode(),
             content_type="application/json",
         )
+
+    def _parse(self, media: str, body: bytes) -> Event:
+        """The event, or a robot's or activity's call as one (b24queue.bizproc)."""
+        payload = decode_body(media, body)
+        if is_call(payload):
+            payload = as_event(payload, self._bizproc)
+        return Event.from_payload(payload)
 
     async def _read(self, request: web.Request, media: str) -> bytes | web.Response:
         """The body, or the refusal: an unsupported type (415) or too large (413)."""

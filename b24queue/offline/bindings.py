@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from b24queue.auth.record import PortalRecord
 from b24queue.auth.store import TokenStore, open_store
+from b24queue.bizproc import RobotConsumer, load_declarations, register, registered_ok
 from b24queue.consumer import EventConsumer
 from b24queue.errors import B24QueueError, ConfigError
 from b24queue.events.envelope import token_digest
@@ -72,10 +73,14 @@ class Plan:
     foreign: int  # online bindings whose handler is not ours (left alone)
     read: int  # event.get entries read (at most MAX_BINDINGS)
     done: list[tuple[str, str, str]] = field(default_factory=list)  # (action, event, outcome)
+    # The app's robots and activities on the portal (b24queue.bizproc.register): (action,
+    # routing key, outcome), or what would be done in a dry run.
+    bizproc: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(o in ("bound", "already bound", "unbound") for _, _, o in self.done)
+        bound = all(o in ("bound", "already bound", "unbound") for _, _, o in self.done)
+        return bound and registered_ok(self.bizproc)
 
 
 def wanted_events(settings: Settings, consumers: Iterable[type[EventConsumer]]) -> tuple[str, ...]:
@@ -85,6 +90,8 @@ def wanted_events(settings: Settings, consumers: Iterable[type[EventConsumer]]) 
     explicit = [_checked(name, "B24QUEUE_EVENTS_BIND") for name in settings.events_bind]
     names: list[str] = []
     for cls in consumers:
+        if issubclass(cls, RobotConsumer):  # its calls come by bizproc.robot.add, not event.bind
+            continue
         for name in cls.events:
             if "*" in name or "#" in name:
                 if not explicit:
@@ -101,7 +108,9 @@ def wanted_events(settings: Settings, consumers: Iterable[type[EventConsumer]]) 
                 continue
             names.append(_checked(name, f"{cls.__name__}.events"))
     wanted = tuple(dict.fromkeys([*names, *explicit]))
-    if not wanted:  # every binding of ours would be unbound: a forgotten setting, surely
+    # Every binding of ours would be unbound: a forgotten setting, surely (unless the app
+    # declares robots or activities only).
+    if not wanted and not settings.bizproc:
         raise ConfigError(
             "B24QUEUE_EVENTS_HANDLER_URL is set but no event is wanted: name the app's consumers "
             "in B24QUEUE_EVENTS_CONSUMERS (MODULE:CLASS,...) or the events in B24QUEUE_EVENTS_BIND"
@@ -186,6 +195,7 @@ class Reconciler:
     ) -> None:
         self.handler = settings.events_handler_url
         self.wanted = tuple(wanted)
+        self.declared = load_declarations(settings.bizproc)
         self._portal_for = portal_for
         self._state = state
         self._owner = f"bindings-{os.getpid()}-{id(self):x}"
@@ -202,6 +212,8 @@ class Reconciler:
             todo = plan(current, self.wanted, self.handler, read)
             if not dry_run:
                 await apply(portal, todo, self.handler, self._renewer(key))
+            if self.declared:
+                todo.bizproc = await register(portal, self.declared, self.handler, dry_run=dry_run)
             return todo
         finally:
             with contextlib.suppress(Exception):
@@ -286,6 +298,13 @@ class BindingsService:
                 record.domain,
                 ", ".join(f"{a} {e} {o}" for a, e, o in todo.done),
             )
+        if todo.bizproc:
+            log.log(
+                logging.INFO if registered_ok(todo.bizproc) else logging.WARNING,
+                "portal %s: robots and activities: %s",
+                record.domain,
+                ", ".join(f"{a} {e} {o}" for a, e, o in todo.bizproc),
+            )
         return todo.ok
 
 
@@ -329,6 +348,7 @@ def describe(domain: str, todo: Plan | None, *, dry_run: bool) -> list[str]:
         lines += [f"  would unbind {b.event} (auth_type {b.auth_type})" for b in todo.unbind]
     else:
         lines += [f"  {a} {e}: {o}" for a, e, o in todo.done]
+    lines += [f"  {a} {key}" + (f": {o}" if o else "") for a, key, o in todo.bizproc]
     return lines
 
 

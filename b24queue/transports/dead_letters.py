@@ -21,6 +21,7 @@ _FAILURE_HEADERS = (
     c.H_DEAD_LETTER_REASON,
     c.H_ORIGINAL_QUEUE,
     c.H_ORIGINAL_ROUTING_KEY,
+    c.H_WORKFLOW_TOLD,
     c.DELIVERY_COUNT,
 )
 H_REPLAYS = "x-b24queue-replays"
@@ -43,6 +44,8 @@ class DeadLetter:
     original_queue: str | None
     published_at: str | None
     size_bytes: int
+    # A robot's or activity's call: what its workflow was told when it was dead-lettered.
+    workflow_told: str | None = None
 
 
 def letter(
@@ -76,6 +79,7 @@ def letter(
         original_queue=_str(h.get(c.H_ORIGINAL_QUEUE)) or _str(h.get("x-first-death-queue")),
         published_at=published_at.isoformat() if published_at else None,
         size_bytes=size_bytes,
+        workflow_told=_str(h.get(c.H_WORKFLOW_TOLD)),
     )
 
 

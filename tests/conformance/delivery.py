@@ -7,18 +7,46 @@ import asyncio
 import itertools
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from b24queue import Event, EventConsumer, Reject
+from b24queue import Event, EventConsumer, PortalError, Property, Reject, Robot, RobotConsumer
 from b24queue import _constants as c
+from b24queue.events.envelope import envelope_for
 from b24queue.telemetry.metrics import WorkerMetrics
+from b24queue.testing import make_call
 from b24queue.worker import Worker
 from tests.support.bench import Bench
 from tests.support.consumers import Handle, consumer
 from tests.support.samples import SAMPLE_NAMES, sample_published
 from tests.support.wait import wait_until
+
+_ROBOT = Robot(
+    code="conform",
+    name="Conformance",
+    return_properties={"greeting": Property(name="Greeting")},
+)
+
+
+class _FlakyPortal:
+    """A portal whose first call fails with a 500, for every event (the portal side is not what
+    these scenarios test: the transport's retry copy is)."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+        self.sent: list[dict[str, Any]] = []
+
+    def for_event(self, event: Event) -> _FlakyPortal:
+        return self
+
+    async def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        self.tries += 1
+        if self.tries == 1:
+            raise PortalError("INTERNAL_SERVER_ERROR", "Internal server error", status=500)
+        self.sent.append(dict(params or {}))
+        return True
 
 
 @pytest.mark.broker
@@ -109,6 +137,40 @@ class DeliveryScenarios:
         # The body leaves the event's OAuth tokens out: the handler had none to quote.
         assert "(token None)" in letter.error
         assert letter.first_failed_at and letter.last_failed_at
+
+    async def test_a_robots_answer_rides_the_retry_copy(self, bench: Bench) -> None:
+        """A robot's first bizproc.event.send fails: the retry copy carries the answer, so the
+        retry sends it without running the handler again (b24queue.bizproc)."""
+        runs: list[int] = []
+        portal = _FlakyPortal()
+
+        async def greet(self: EventConsumer, event: Event) -> dict[str, str]:
+            runs.append(event.attempt)
+            return {"greeting": "Hello, " + "x" * 4000}  # a header of a few KB
+
+        cls = type(
+            "Greeter",
+            (RobotConsumer,),
+            {
+                "queue": bench.name("robot"),
+                "bizproc": _ROBOT,
+                "handle": greet,
+                "retry_delays_s": (0.2,),
+            },
+        )
+        async with Worker(bench.settings, [cls], portals=portal):
+            async with bench.transport.publisher("conformance robot") as sink:
+                await wait_until(sink.is_ready, 15, "the publisher ready")
+                await sink.publish(envelope_for(make_call(_ROBOT, {"who": "Ada"})))
+            await wait_until(lambda: portal.sent, what="the answer sent on the retry")
+        assert runs == [1]
+        assert portal.tries == 2
+        assert portal.sent == [
+            {
+                "EVENT_TOKEN": "test-event-token|A1_2_3|x",
+                "RETURN_VALUES": {"greeting": "Hello, " + "x" * 4000},
+            }
+        ]
 
     async def test_reject_dead_letters_now_and_replay_and_purge(self, bench: Bench) -> None:
         seen: list[tuple[str, int]] = []

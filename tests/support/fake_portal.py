@@ -13,7 +13,9 @@ it, over HTTPS with a self-signed certificate for `*.portal.test`, chosen by the
   crowded     like good-*, with 20,000 empty objects beside (60 KB: many values, few bytes)
 
 Any other token the REST side issued (fake_rest.py: OAuth, CRM methods, batch, the leaky bucket,
-under `rest`) is answered there, as are /rest/<method> and /oauth/token/.
+under `rest`) is answered there, as are /rest/<method> and /oauth/token/. More methods attach to
+`rest`: event bindings (fake_events.py), offline events (fake_offline.py), robots and workflow
+activities (fake_bizproc.py).
 
 The call-back only ever connects to port 443, which tests cannot listen on: the portal is
 published on 443 (`port`, `endpoint()`), listens on a free port (`listen_port`), and

@@ -20,18 +20,19 @@ import pytest
 
 from b24queue import Event
 from b24queue.settings import ENV_PREFIX, Settings
-from b24queue.testing import make_event, run_handler
+from b24queue.testing import make_call, make_event, run_handler
 from docs.examples import (
     consumers,
     idempotent,
     portal_call,
+    robot,
     testing_tour,
     tour,
     typed_events,
     typed_own,
 )
 from tests.support.fake_portal import FakePortal, StaticResolver
-from tests.support.portal_setup import deal_event, install, portal_settings
+from tests.support.portal_setup import deal_event, domain_of, install, portal_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -49,6 +50,7 @@ RUN_BY = {
     "consumers.py": "test_the_consumer_example",
     "idempotent.py": "test_the_idempotency_example",
     "portal_call.py": "test_the_portal_example",
+    "robot.py": "test_the_robot_example",
     "typed_events.py": "test_the_typed_events_example",
     "typed_own.py": "test_the_own_model_example",
 }
@@ -154,6 +156,38 @@ async def test_the_portal_example(
     assert fake_portal.rest.deal_gets == ["42"]
     assert [m for _, m, _ in fake_portal.rest.served].count("crm.deal.list") == 3  # 120 deals
     await store.close()
+
+
+async def test_the_robot_example(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from b24queue.auth.store import SqliteTokenStore
+    from b24queue.portal.clients import PortalClients
+    from tests.support.fake_bizproc import FakeBizproc
+
+    bizproc = FakeBizproc.attach(fake_portal.rest)
+    bizproc.waiting("t-1|A1_2_3|x")
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    await install(store, fake_portal.rest, "m1")
+    settings = portal_settings(portal_certificate[0], f"sqlite:{tmp_path / 'portals.db'}")
+    call = make_call(
+        robot.GREET,
+        {"who": "Ada"},
+        event_token="t-1|A1_2_3|x",
+        domain=domain_of("m1"),
+        member_id="m1",
+        application_token="app-token-m1",
+    )
+    consumer = robot.Greeter()
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        consumer.portals = clients
+        assert (await run_handler(consumer, call)).acked
+    await store.close()
+    assert robot.Greeter.binding_keys() == ("ROBOT.GREET",)
+    assert bizproc.logs == [("t-1|A1_2_3|x", "greeting Ada")]
+    assert bizproc.answers == [
+        {"token": "t-1|A1_2_3|x", "values": {"greeting": "Hello, Ada"}, "log": ""}
+    ]
 
 
 async def test_the_typed_events_example(

@@ -300,7 +300,15 @@ class KafkaRunner(HandlingRunner, ConsumerRebalanceListener):  # type: ignore[mi
             handle=(part, row, record.key or b""),  # retry copies keyed by portal too
         )
         if malformed is not None or deliveries > self.consumer.max_deliveries:
-            await give_up(incoming, self.spec.name, self, deliveries, self._observe, malformed)
+            await give_up(
+                incoming,
+                self.spec.name,
+                self,
+                deliveries,
+                self._observe,
+                malformed,
+                consumer=self.consumer,
+            )
         else:
             await process(self.consumer, incoming, self.spec.name, self, self._observe)
 

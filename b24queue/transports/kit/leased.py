@@ -216,7 +216,14 @@ class LeasedRunner(HandlingRunner):
             handle=row,
         )
         if row.deliveries > self.consumer.max_deliveries:
-            await give_up(incoming, self.spec.name, self, row.deliveries, self._observe)
+            await give_up(
+                incoming,
+                self.spec.name,
+                self,
+                row.deliveries,
+                self._observe,
+                consumer=self.consumer,
+            )
         else:
             await process(self.consumer, incoming, self.spec.name, self, self._observe)
 

@@ -126,3 +126,28 @@ async def test_a_role_that_does_not_own_the_tables_says_so_and_leaves_them_to_au
         await admin.execute(f'REVOKE ALL ON SCHEMA "{name}" FROM {role}')
         await admin.execute(f"DROP ROLE {role}")
         await admin.close()
+
+
+async def test_dead_rows_an_old_snapshot_keeps_do_not_have_every_check_vacuum_again(
+    schema: Settings,
+) -> None:
+    """A long transaction (a report, pg_dump) keeps the rows it may see: a VACUUM cannot clear
+    them, and they must not make every check of every worker run it again."""
+    reader = await asyncpg.connect(POSTGRES_URL)
+    pool = await create_pool(schema, "test", 1)
+    try:
+        await _churn(schema, 10)  # the schema and its tables exist
+        async with reader.transaction(isolation="repeatable_read"):
+            await reader.fetchval(f'SELECT count(*) FROM "{schema.postgres_schema}".messages')
+            await _churn(schema, 200)  # 400 dead rows this snapshot may still see
+            watch = vacuum.Vacuum(schema, pool, "test")
+            await wait_until(lambda: _dead_at_least(watch, 300), 15, "the statistics")
+            assert await watch.once()  # ran, and cleared nothing the snapshot sees
+            assert await watch.dead_rows() >= 300
+            assert not await watch.once() and not await watch.once()
+        await _churn(schema, 200)  # 400 more, past what the last VACUUM left
+        await wait_until(lambda: _dead_at_least(watch, 700), 15, "the statistics")
+        assert await watch.once() and watch.runs == 2
+    finally:
+        await pool.close()
+        await reader.close()
