@@ -4,6 +4,8 @@ from b24queue.consumer import EventConsumer
 from b24queue.errors import B24QueueError
 from b24queue.events.event import Auth, Event
 from b24queue.portal.api import Portal, PortalError, PortalRetry
+from b24queue.producer import Producer
+from b24queue.publishing import PublishInputError
 from b24queue.retry import Reject, Retry
 from b24queue.settings import Settings, load_settings
 
@@ -15,6 +17,8 @@ __all__ = [
     "Portal",
     "PortalError",
     "PortalRetry",
+    "Producer",
+    "PublishInputError",
     "Reject",
     "Retry",
     "Settings",

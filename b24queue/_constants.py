@@ -27,6 +27,10 @@ H_ERROR_MESSAGE = "x-b24queue-error-message"
 H_ORIGINAL_ROUTING_KEY = "x-b24queue-original-routing-key"
 H_ORIGINAL_QUEUE = "x-b24queue-original-queue"
 H_DEAD_LETTER_REASON = "x-b24queue-dead-letter-reason"
+# A message the app published (b24queue.publishing): the message id of the delivery whose handler
+# published it, and the id shared by a whole chain (the first event's message id).
+H_CAUSED_BY = "x-b24queue-caused-by"
+H_CORRELATION_ID = "x-b24queue-correlation-id"
 
 RETRY_SUFFIX = ".retry."
 DLQ_SUFFIX = ".dlq"

@@ -7,6 +7,9 @@ For each delivery: decode it, run the handler, and turn what happened into an `O
                                  attempts are used up
   body is not an Event        -> dead-letter now (retrying cannot fix it)
   not the consumer's model    -> dead-letter now, reason model_mismatch (EventConsumer[Model])
+What a handler published (`EventConsumer.publish`) is held in the delivery's outbox and released
+(published, confirmed) only on an ack, before the settler acks: a failed attempt publishes
+nothing, and a release that fails is a failed attempt (b24queue.publishing).
 A `Settler` (the transport's runner) then carries the outcome out. It must make a retry or
 dead-letter copy durable (confirmed) before it acks the original, so a crash in between
 duplicates, never loses.
@@ -25,8 +28,10 @@ from typing import Any, Literal, Protocol
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.errors import BadEventError, ModelMismatchError
+from b24queue.events.envelope import Envelope
 from b24queue.events.event import Event, mark_delivered, mismatch
 from b24queue.idempotency import SeenStore
+from b24queue.publishing import Outbox, close_outbox, open_outbox, outbox_for, release
 from b24queue.retry import Reject, Retry, delay_after, snap_delay
 from b24queue.secrets.redaction import redact
 from b24queue.timeouts import within
@@ -72,6 +77,9 @@ class Outcome:
     reason: str | None = None
     error: BaseException | None = None
     headers: dict[str, Any] = field(default_factory=dict)  # for the retry / dead-letter copy
+    # What the handler published (`EventConsumer.publish`): durable before the ack, on an ack
+    # only (a handler that failed published nothing).
+    published: tuple[Envelope, ...] = ()
 
     @property
     def acked(self) -> bool:
@@ -107,6 +115,8 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
             incoming.accepted_at,
             digest if isinstance(digest, str) and len(digest) == 64 else None,
             incoming.replaces,
+            _text_header(incoming.headers, c.H_CAUSED_BY),
+            _text_header(incoming.headers, c.H_CORRELATION_ID),
         )
     except ModelMismatchError as exc:
         return _dead_letter(incoming, queue, attempt, "model_mismatch", exc, secrets=())
@@ -116,13 +126,10 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     store = consumer.idempotency
     # A delivery that replaces earlier events is handled whatever the guard says: its ack
     # settles them too, and its latest event having been handled says nothing of them.
-    if (
-        store is not None
-        and key is not None
-        and not incoming.replaces
-        and await _already_seen(store, key)
-    ):
+    if await _duplicate(store, key, incoming):
         return Outcome("ack", attempt, reason="duplicate")
+    outbox = outbox_for(queue, event, incoming.message_id, incoming.headers)
+    token = open_outbox(outbox)
     try:
         if consumer.handle_timeout_s is None:
             await consumer.handle(event)
@@ -131,18 +138,71 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     except Reject as exc:
         return _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
     except Exception as exc:  # any handler error is a failed attempt; never an unhandled crash
-        secrets = _secrets(event.payload)
-        if attempt >= consumer.max_attempts:
-            return _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
-        delay = delay_after(attempt, tuple(consumer.retry_delays_s))
-        if isinstance(exc, Retry) and exc.delay_s is not None:
-            delay = snap_delay(exc.delay_s, tuple(consumer.retry_delays_s))
-        headers = _failure_headers(incoming, queue, exc, secrets)
-        headers[c.H_ATTEMPT] = attempt + 1
-        return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
+        return _failed(consumer, incoming, queue, attempt, exc, event)
+    finally:
+        close_outbox(token)
+    if outbox.envelopes:
+        try:
+            await _release(consumer, outbox)
+        except Exception as exc:  # not all durable: the attempt failed (its retry publishes)
+            return _failed(consumer, incoming, queue, attempt, exc, event)
     if store is not None and key is not None:
         await _remember(store, key)
+    return _acked(attempt, outbox)
+
+
+def _acked(attempt: int, outbox: Outbox) -> Outcome:
+    if outbox.envelopes:
+        return Outcome("ack", attempt, headers=_NoHeaders(), published=tuple(outbox.envelopes))
     return _ACKED[attempt] if attempt < len(_ACKED) else Outcome("ack", attempt)
+
+
+def _failed(
+    consumer: EventConsumer,
+    incoming: Incoming,
+    queue: str,
+    attempt: int,
+    exc: Exception,
+    event: Event,
+) -> Outcome:
+    """A failed attempt: retried after its delay, or dead-lettered once attempts are used up."""
+    secrets = _secrets(event.payload)
+    if attempt >= consumer.max_attempts:
+        return _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
+    delay = delay_after(attempt, tuple(consumer.retry_delays_s))
+    if isinstance(exc, Retry) and exc.delay_s is not None:
+        delay = snap_delay(exc.delay_s, tuple(consumer.retry_delays_s))
+    headers = _failure_headers(incoming, queue, exc, secrets)
+    headers[c.H_ATTEMPT] = attempt + 1
+    return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
+
+
+async def _release(consumer: EventConsumer, outbox: Outbox) -> None:
+    """A handler's messages, durable (confirmed) before its delivery is acked. Without a
+    publisher (b24queue.testing) they are only collected (`Outcome.published`)."""
+    if consumer.publisher is None:
+        return
+    try:
+        await release(consumer.publisher, outbox.envelopes)
+    except Exception as exc:
+        log.warning(
+            "message_id=%s: publishing its handler's %d message(s) failed (%r); retried",
+            outbox.delivery_id,
+            len(outbox.envelopes),
+            exc,
+        )
+        raise
+
+
+def _text_header(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    return value if isinstance(value, str) and 1 <= len(value) <= 64 else None
+
+
+async def _duplicate(store: SeenStore | None, key: str | None, incoming: Incoming) -> bool:
+    if store is None or key is None or incoming.replaces:
+        return False
+    return await _already_seen(store, key)
 
 
 async def _already_seen(store: SeenStore, key: str) -> bool:

@@ -8,7 +8,12 @@
     outcomes = await run_until_settled(DealSync(), event)   # every attempt, no waiting
     assert [o.kind for o in outcomes] == ["retry", "retry", "ack"]
 
-The same rules (`b24queue.delivery.decide`) run here as in the worker.
+    outcome = await run_handler(DealSync(), event)
+    [message] = outcome.published            # what the handler published (self.publish)
+    assert message.routing_key == "APP.DEAL.RECHECK"
+
+The same rules (`b24queue.delivery.decide`) run here as in the worker; what a handler publishes
+is collected in `outcome.published` (an ack only: a failed attempt publishes nothing), never sent.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ async def run_handler(
 ) -> Outcome:
     """One delivery of `event` as attempt `attempt`; returns the outcome, acts on nothing."""
     type(consumer).check()
+    consumer.publisher = None  # collected in the outcome, never sent
     # As the ingress queues it: the body without the application token, its digest in a header.
     envelope = envelope_for(event)
     incoming = Incoming(
