@@ -5,6 +5,9 @@ tests/transports/<name>/test_conformance.py)."""
 from __future__ import annotations
 
 import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +19,7 @@ from b24queue.idempotency import MemorySeenStore
 from b24queue.publishing import derived_id
 from b24queue.testing import make_event
 from b24queue.worker import Worker
+from tests.conformance.processes import _STARTED, records, start_worker
 from tests.support.bench import Bench
 from tests.support.consumers import consumer
 from tests.support.samples import SAMPLE_TOKEN, sample_published
@@ -25,6 +29,47 @@ from tests.support.wait import wait_until
 @pytest.mark.broker
 class PublishingScenarios:
     """Each transport's `TestPublishingOn<Transport>` runs these on its own `bench` fixture."""
+
+    @pytest.fixture(autouse=True)
+    async def _no_worker_left(self) -> AsyncIterator[None]:
+        """A failing test must not leave its worker processes running."""
+        yield
+        while _STARTED:
+            proc = _STARTED.pop()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    @pytest.mark.fault
+    async def test_sigkill_between_the_publish_and_the_ack_duplicates_same_id(
+        self, bench: Bench, tmp_path: Path
+    ) -> None:
+        """The worker dies once its handler's message is confirmed, before the event's ack:
+        the event is delivered again and its handler publishes again, the same message id;
+        never a loss."""
+        got: list[tuple[str, Any]] = []
+
+        async def record(self: EventConsumer, event: Event) -> None:
+            got.append((event.message_id or "", event.data))
+
+        done = consumer(bench.name("done"), ("APP.FAULT.DONE",), record)
+        markers = tmp_path / "markers"
+        markers.mkdir()
+        log = tmp_path / "record.txt"
+        async with Worker(bench.settings, [done]):
+            kind = "tests.support.consumers:PublishesThenDies"
+            worker = await start_worker(bench, log, 0, kind, B24QT_MARKERS=str(markers))
+            [root] = await bench.post("crm-deal-add")
+            assert await asyncio.wait_for(worker.wait(), 30) == -signal.SIGKILL
+            worker = await start_worker(bench, log, 0, kind, B24QT_MARKERS=str(markers))
+            # Within the lease (the database queues: handle_timeout_s + 5 s) or at once.
+            await wait_until(lambda: len(got) == 2, 30, "the message twice")
+            await asyncio.sleep(0.5)
+            worker.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(worker.wait(), 30)
+        expected = derived_id("handler", bench.name("proc"), root, "APP.FAULT.DONE", "index:0")
+        assert got == [(expected, {"of": root})] * 2
+        assert list(records(log, "start")) == [root]  # one event, handled twice
 
     async def test_a_handlers_message_reaches_another_consumer_with_portal_and_chain(
         self, bench: Bench
