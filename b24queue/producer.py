@@ -39,7 +39,7 @@ class LazyPublisher:
 
     async def publish(self, envelope: Envelope) -> None:
         publisher = self._publisher or await self._open()
-        await _when_ready(publisher, self._wait_s)
+        await when_ready(publisher, self._wait_s)
         await publisher.publish(envelope)
 
     def is_ready(self) -> bool:
@@ -58,7 +58,7 @@ class LazyPublisher:
             await publisher.__aexit__(None, None, None)
 
 
-async def _when_ready(publisher: EventSink, wait_s: float) -> None:
+async def when_ready(publisher: EventSink, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while not publisher.is_ready():
         if time.monotonic() >= deadline:

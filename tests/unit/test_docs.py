@@ -25,6 +25,7 @@ from docs.examples import (
     consumers,
     idempotent,
     portal_call,
+    publishing,
     testing_tour,
     tour,
     typed_events,
@@ -49,6 +50,7 @@ RUN_BY = {
     "consumers.py": "test_the_consumer_example",
     "idempotent.py": "test_the_idempotency_example",
     "portal_call.py": "test_the_portal_example",
+    "publishing.py": "test_the_publishing_example",
     "typed_events.py": "test_the_typed_events_example",
     "typed_own.py": "test_the_own_model_example",
 }
@@ -319,3 +321,36 @@ def test_the_tour_end_to_end_on_sqlite(
     assert worker_log.read_text().count("outcome=retry") == 2  # 13: twice, then acked
     dead = _b24queue("dlq", "list", "deal-sync", env=tour_env, cwd=tmp_path)
     assert "rejected" in dead and "no deal id" in dead
+
+
+async def test_the_publishing_example(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from b24queue.auth.store import SqliteTokenStore
+    from b24queue.delivery import Incoming, decide
+    from b24queue.portal.clients import PortalClients
+    from b24queue.transports import transport_for
+
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    await install(store, fake_portal.rest, "m1")
+    settings = portal_settings(
+        portal_certificate[0],
+        f"sqlite:{tmp_path / 'portals.db'}",
+        broker_url=f"sqlite:{tmp_path / 'queue.sqlite3'}",
+    )
+    outcome = await run_handler(publishing.DealSync(), deal_event("m1", 42), message_id="d-1")
+    [message] = outcome.published
+    assert message.routing_key == "APP.DEAL.SYNC_CONTACTS"
+    # The next consumer calls the deal event's portal with the message alone.
+    contacts = publishing.ContactSync()
+    incoming = Incoming(message.body, message.message_id, message.routing_key, message.headers)
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        contacts.portals = clients
+        assert (await decide(contacts, incoming, contacts.queue)).acked
+    # From application code: durable in the queue (nobody binds it yet: the unrouted queue).
+    first = await publishing.recheck_from_a_view(settings, deal_event("m1", 42), "42")
+    again = await publishing.recheck_from_a_view(settings, deal_event("m1", 42), "42")
+    assert first == again
+    async with transport_for(settings).dead_letters(settings.unrouted) as unrouted:
+        total, letters = await unrouted.list(10)
+    assert total == 2 and {x.message_id for x in letters} == {first}

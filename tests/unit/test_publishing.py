@@ -198,3 +198,31 @@ async def test_producer_needs_async_with(tmp_path: Any) -> None:
     producer = Producer(Settings(broker_url=f"sqlite:{tmp_path}/q.sqlite3"))
     with pytest.raises(ConfigError, match="async with"):
         await producer.publish("APP.X")
+
+
+async def test_producer_finds_an_installed_portal_by_member_id(tmp_path: Any) -> None:
+    from b24queue.auth.record import PortalRecord
+    from b24queue.auth.store import open_store
+    from b24queue.settings import Settings
+
+    store_spec = f"sqlite:{tmp_path}/portals.sqlite3"
+    store = open_store(store_spec)
+    record = PortalRecord(
+        member_id="m1",
+        domain="m1.portal.test",
+        token="app-token-m1",
+        access_token="a",
+        access_expires=0,
+        refresh_token="r",
+        client_endpoint="https://m1.portal.test/rest/",
+    )
+    assert await store.remember(record)
+    await store.close()
+    settings = Settings(broker_url=f"sqlite:{tmp_path}/q.sqlite3", portal_store=store_spec)
+    producer = Producer(settings)
+    origin = await producer._origin("m1")
+    assert (origin.domain, origin.member_id) == ("m1.portal.test", "m1")
+    assert origin.token_digest == token_digest("app-token-m1")
+    with pytest.raises(PublishInputError, match="no installed portal") as caught:
+        await producer._origin("m2")
+    assert caught.value.field == "portal"
