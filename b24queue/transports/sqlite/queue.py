@@ -108,6 +108,26 @@ def due(db: sqlite3.Connection, queue: str, ordering: Ordering | None = None) ->
     return row is not None
 
 
+def due_among(db: sqlite3.Connection, queues: dict[str, Ordering | None]) -> list[str]:
+    """Of `queues`, those with something to claim (`due`): the unordered ones in one statement
+    (a probe of `messages_due` each), the ordered ones each by `due`. What a worker process's
+    watch reads for all its runners at once (b24queue.transports.sqlite.runner)."""
+    plain = [name for name, ordering in queues.items() if ordering is None or not ordering.on]
+    found: list[str] = []
+    if plain:
+        found += [
+            name
+            for (name,) in db.execute(
+                "SELECT value FROM json_each(?1) AS q WHERE EXISTS (SELECT 1 FROM messages m "
+                "WHERE m.queue = q.value AND m.available_at <= ?2 "
+                "AND (m.lease_until IS NULL OR m.lease_until < ?2))",
+                (json.dumps(plain), time.time()),
+            )
+        ]
+    ordered = {name: o for name, o in queues.items() if o is not None and o.on}
+    return found + [name for name, o in ordered.items() if due(db, name, o)]
+
+
 def claim(
     db: sqlite3.Connection,
     queue: str,

@@ -12,7 +12,8 @@ guarantees every transport keeps (docs/transports/index.md):
 - retry delays are served by the declared levels, as on RabbitMQ (one rule everywhere);
 - a stopping worker hands back what it could not finish at once.
 Idle workers wake at once for events published in their own process, else within
-`B24QUEUE_SQLITE_POLL_S` (a read, not a write, each time).
+`B24QUEUE_SQLITE_POLL_S` (one watch per process reads for all its runners:
+b24queue.transports.sqlite.runner).
 """
 
 from __future__ import annotations

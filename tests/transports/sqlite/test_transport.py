@@ -508,3 +508,59 @@ def test_an_ordered_queue_keys_a_backlog_a_batch_at_a_time_and_polls_only_what_i
         assert second.message_id == "backlog-1"
     finally:
         db.close()
+
+
+async def test_idle_runners_are_watched_by_one_reader_not_each_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle worker with 40 consumers: each runner polled its queue every
+    `B24QUEUE_SQLITE_POLL_S` (2,000 reads a second here; 16% of a core with 100 consumers at the
+    default); now one watch reads for all, and only when another process committed or once a
+    second."""
+    settings = settings_for(tmp_path)
+    calls = collections.Counter[str]()
+    for name in ("due", "due_among"):
+        original = getattr(q, name)
+
+        def counted(*args: Any, _f: Callable[..., Any] = original, _n: str = name) -> Any:
+            calls[_n] += 1
+            return _f(*args)
+
+        monkeypatch.setattr(q, name, counted)
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        return None
+
+    classes = [consumer(f"idle.q{i}", handle) for i in range(40)]
+    async with Worker(settings, classes):
+        await asyncio.sleep(0.5)  # every runner started and idle
+        calls.clear()
+        await asyncio.sleep(1.0)
+        assert calls["due"] < 100 and calls["due_among"] <= 5, calls  # was ~2,000 "due"
+
+
+async def test_an_event_another_process_commits_wakes_its_runner_through_the_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committed by another connection (an ingress process): no in-process wake-up, and the
+    runners' own look is made 30 s here, so only the watch (data_version) can find it soon."""
+    from b24queue.transports.sqlite import runner
+
+    monkeypatch.setattr(leased, "HEARTBEAT_S", 30.0)
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 30.0)
+    settings = settings_for(tmp_path)
+    seen: list[str] = []
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        seen.append(event.data["FIELDS"]["ID"])
+
+    async with Worker(settings, [consumer("watched", handle)]):
+        await asyncio.sleep(0.3)
+        other = sqlite_db.connect(tmp_path / "queue.sqlite3")
+        try:
+            with other:
+                event = envelope_for(make_event("ONCRMDEALADD", {"FIELDS": {"ID": "7"}}))
+                q.publish(other, [event], settings.unrouted)
+        finally:
+            other.close()
+        await wait_until(lambda: seen == ["7"], 5, "the event found by the watch")
