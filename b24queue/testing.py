@@ -11,6 +11,7 @@
     outcome = await run_handler(DealSync(), event)
     [message] = outcome.published            # what the handler published (self.publish)
     assert message.routing_key == "APP.DEAL.RECHECK"
+    assert (await run_message(DealRecheck(), message)).acked   # the next consumer gets it
 
 The same rules (`b24queue.delivery.decide`) run here as in the worker; what a handler publishes
 is collected in `outcome.published` (an ack only: a failed attempt publishes nothing), never sent.
@@ -24,7 +25,7 @@ from typing import Any
 from b24queue import _constants as c
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, decide
-from b24queue.events.envelope import envelope_for
+from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.events.event import FORM_TYPE, Event, parse_event
 
 TEST_TOKEN = "test-application-token"  # noqa: S105 - a fixture value, not a secret
@@ -73,6 +74,20 @@ async def run_handler(
         message_id=message_id or uuid.uuid4().hex,
         routing_key=envelope.routing_key,
         headers={**envelope.headers, **(headers or {}), c.H_ATTEMPT: attempt},
+    )
+    return await decide(consumer, incoming, type(consumer).queue)
+
+
+async def run_message(consumer: EventConsumer, message: Envelope, *, attempt: int = 1) -> Outcome:
+    """One delivery of a message as it would be queued (one of `outcome.published`): the next
+    consumer of a chain gets its portal, `caused_by` and `correlation_id` as in a worker."""
+    type(consumer).check()
+    consumer.publisher = None
+    incoming = Incoming(
+        body=message.body,
+        message_id=message.message_id,
+        routing_key=message.routing_key,
+        headers={**message.headers, c.H_ATTEMPT: attempt},
     )
     return await decide(consumer, incoming, type(consumer).queue)
 

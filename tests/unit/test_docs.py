@@ -20,7 +20,7 @@ import pytest
 
 from b24queue import Event
 from b24queue.settings import ENV_PREFIX, Settings
-from b24queue.testing import make_event, run_handler
+from b24queue.testing import make_event, run_handler, run_message
 from docs.examples import (
     consumers,
     idempotent,
@@ -327,7 +327,6 @@ async def test_the_publishing_example(
     fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
 ) -> None:
     from b24queue.auth.store import SqliteTokenStore
-    from b24queue.delivery import Incoming, decide
     from b24queue.portal.clients import PortalClients
     from b24queue.transports import transport_for
 
@@ -343,10 +342,9 @@ async def test_the_publishing_example(
     assert message.routing_key == "APP.DEAL.SYNC_CONTACTS"
     # The next consumer calls the deal event's portal with the message alone.
     contacts = publishing.ContactSync()
-    incoming = Incoming(message.body, message.message_id, message.routing_key, message.headers)
     async with PortalClients(settings, resolver=StaticResolver()) as clients:
         contacts.portals = clients
-        assert (await decide(contacts, incoming, contacts.queue)).acked
+        assert (await run_message(contacts, message)).acked
     # From application code: durable in the queue (nobody binds it yet: the unrouted queue).
     first = await publishing.recheck_from_a_view(settings, deal_event("m1", 42), "42")
     again = await publishing.recheck_from_a_view(settings, deal_event("m1", 42), "42")

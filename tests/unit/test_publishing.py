@@ -14,7 +14,7 @@ from b24queue.delivery import Incoming, decide
 from b24queue.errors import BadEventError, BrokerUnavailableError, ConfigError
 from b24queue.events.envelope import Envelope, envelope_for, token_digest
 from b24queue.publishing import Origin, app_envelope, derived_id, from_outside
-from b24queue.testing import TEST_TOKEN, make_event, run_handler, run_until_settled
+from b24queue.testing import TEST_TOKEN, make_event, run_handler, run_message, run_until_settled
 
 
 class Rechecks(EventConsumer):
@@ -88,13 +88,7 @@ async def test_the_chain_keeps_its_correlation_and_names_its_cause() -> None:
             seen.update(caused_by=event.caused_by, correlation=event.correlation_id)
             await self.publish("APP.DEAL.AGAIN")
 
-    incoming = Incoming(
-        body=message.body,
-        message_id=message.message_id,
-        routing_key=message.routing_key,
-        headers=message.headers,
-    )
-    outcome = await decide(Next(), incoming, "t.next")
+    outcome = await run_message(Next(), message)
     assert seen == {"caused_by": "root", "correlation": "root"}
     [again] = outcome.published
     assert again.headers[c.H_CAUSED_BY] == message.message_id
