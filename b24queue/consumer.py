@@ -86,7 +86,7 @@ class EventConsumer(Generic[E]):
     portals: PortalProvider | None = None
     # Set by the worker before `on_start`: where `publish` releases a handler's messages (None:
     # collected only, as b24queue.testing does).
-    publisher: EventSink | None = None
+    outbox_publisher: EventSink | None = None
 
     # What `handle` is given: the model of `EventConsumer[Model]` (None: the plain `Event`).
     # Set from that parameter, not by hand.

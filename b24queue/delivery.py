@@ -180,10 +180,10 @@ def _failed(
 async def _release(consumer: EventConsumer, outbox: Outbox) -> None:
     """A handler's messages, durable (confirmed) before its delivery is acked. Without a
     publisher (b24queue.testing) they are only collected (`Outcome.published`)."""
-    if consumer.publisher is None:
+    if consumer.outbox_publisher is None:
         return
     try:
-        await release(consumer.publisher, outbox.envelopes)
+        await release(consumer.outbox_publisher, outbox.envelopes)
     except Exception as exc:
         log.warning(
             "message_id=%s: publishing its handler's %d message(s) failed (%r); retried",

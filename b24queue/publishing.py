@@ -188,6 +188,8 @@ class Outbox:
             )
         seed = f"key:{key_}" if key_ is not None else f"index:{len(self.envelopes)}"
         message_id = derived_id("handler", self.queue, self.delivery_id, checked, seed)
+        if key_ is not None and any(e.message_id == message_id for e in self.envelopes):
+            return message_id  # the same name and key again: one message (the first)
         envelope = app_envelope(checked, data, self.origin, message_id)
         self.envelopes.append(envelope)
         return message_id

@@ -66,7 +66,7 @@ async def run_handler(
 ) -> Outcome:
     """One delivery of `event` as attempt `attempt`; returns the outcome, acts on nothing."""
     type(consumer).check()
-    consumer.publisher = None  # collected in the outcome, never sent
+    consumer.outbox_publisher = None  # collected in the outcome, never sent
     # As the ingress queues it: the body without the application token, its digest in a header.
     envelope = envelope_for(event)
     incoming = Incoming(
@@ -82,7 +82,7 @@ async def run_message(consumer: EventConsumer, message: Envelope, *, attempt: in
     """One delivery of a message as it would be queued (one of `outcome.published`): the next
     consumer of a chain gets its portal, `caused_by` and `correlation_id` as in a worker."""
     type(consumer).check()
-    consumer.publisher = None
+    consumer.outbox_publisher = None
     incoming = Incoming(
         body=message.body,
         message_id=message.message_id,

@@ -99,7 +99,7 @@ class Worker:
             for cls in self.classes:
                 consumer = cls()
                 consumer.portals = portals
-                consumer.publisher = self._publisher
+                consumer.outbox_publisher = self._publisher
                 runner = session.runner(consumer, self.metrics)
                 self.runners.append(runner)
                 await runner.start()

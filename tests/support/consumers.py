@@ -248,7 +248,7 @@ class PublishesThenDies(EventConsumer):
     handle_timeout_s = float(os.environ.get("B24QT_HANDLE_TIMEOUT_S", "1500"))
 
     async def on_start(self) -> None:
-        real = self.publisher
+        real = self.outbox_publisher
         assert real is not None
         marker = Path(os.environ["B24QT_MARKERS"]) / "killed"
 
@@ -262,7 +262,7 @@ class PublishesThenDies(EventConsumer):
             def is_ready(self) -> bool:
                 return real.is_ready()
 
-        self.publisher = Killing()
+        self.outbox_publisher = Killing()
 
     async def handle(self, event: Event) -> None:
         _record(f"start {event.message_id} {int(event.redelivered)}")

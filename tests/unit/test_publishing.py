@@ -129,13 +129,13 @@ def incoming_of(event: Event, message_id: str = "m-1") -> Incoming:
 async def test_messages_are_released_before_the_ack_and_a_failed_release_is_a_retry() -> None:
     consumer = Rechecks()
     sink = Collecting()
-    consumer.publisher = sink
+    consumer.outbox_publisher = sink
     outcome = await decide(consumer, incoming_of(deal()), "t.rechecks")
     assert outcome.acked and [e.message_id for e in sink.published] == [
         e.message_id for e in outcome.published
     ]
     failing = Failing()
-    consumer.publisher = failing
+    consumer.outbox_publisher = failing
     outcome = await decide(consumer, incoming_of(deal()), "t.rechecks")
     assert outcome.retried and outcome.published == ()
     assert outcome.headers[c.H_ERROR_TYPE] == "BrokerUnavailableError"
@@ -220,3 +220,18 @@ async def test_producer_finds_an_installed_portal_by_member_id(tmp_path: Any) ->
     with pytest.raises(PublishInputError, match="no installed portal") as caught:
         await producer._origin("m2")
     assert caught.value.field == "portal"
+
+
+async def test_the_same_name_and_key_twice_in_one_handler_is_one_message() -> None:
+    class Twice(EventConsumer):
+        queue = "t.twice"
+        events = ("ONCRMDEALUPDATE",)
+
+        async def handle(self, event: Event) -> None:
+            a = await self.publish("APP.X", {"n": 1}, key="k")
+            b = await self.publish("APP.X", {"n": 2}, key="k")
+            c = await self.publish("APP.Y", {"n": 3}, key="k")
+            assert a == b != c
+
+    outcome = await run_handler(Twice(), deal())
+    assert [json.loads(e.body)["data"] for e in outcome.published] == [{"n": 1}, {"n": 3}]
