@@ -8,7 +8,7 @@ import asyncio
 import time
 from typing import Any, Self
 
-from b24queue.auth.store import open_store
+from b24queue.auth.store import TokenStore, open_store
 from b24queue.errors import BrokerUnavailableError, ConfigError
 from b24queue.events.envelope import Envelope, EventSink, new_message_id, token_digest
 from b24queue.events.event import Event
@@ -83,6 +83,7 @@ class Producer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._publisher: LazyPublisher | None = None
+        self._store: TokenStore | None = None
 
     async def __aenter__(self) -> Self:
         transport = transport_for(self.settings)
@@ -93,8 +94,13 @@ class Producer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            await publisher.close()
+        store, self._store = self._store, None
+        try:
+            if publisher is not None:
+                await publisher.close()
+        finally:
+            if store is not None:
+                await store.close()
 
     async def publish(
         self,
@@ -126,11 +132,9 @@ class Producer:
             return Origin.of_event(portal)
         if not isinstance(portal, str) or not 1 <= len(portal) <= 64:
             raise PublishInputError("portal: an Event, a member_id or None", "portal")
-        store = open_store(self.settings.portal_store)
-        try:
-            record = await store.get(portal)
-        finally:
-            await store.close()
+        if self._store is None:  # opened at the first member_id, kept till the producer closes
+            self._store = open_store(self.settings.portal_store)
+        record = await self._store.get(portal)
         if record is None:
             raise PublishInputError(
                 f"portal: no installed portal with member_id {portal!r} in B24QUEUE_PORTAL_STORE",

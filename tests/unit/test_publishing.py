@@ -220,6 +220,8 @@ async def test_producer_finds_an_installed_portal_by_member_id(tmp_path: Any) ->
     with pytest.raises(PublishInputError, match="no installed portal") as caught:
         await producer._origin("m2")
     assert caught.value.field == "portal"
+    await producer.__aexit__(None, None, None)  # closes the store it opened
+    assert producer._store is None
 
 
 async def test_the_same_name_and_key_twice_in_one_handler_is_one_message() -> None:
