@@ -27,7 +27,7 @@ import contextvars
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -168,15 +168,44 @@ def app_envelope(name: str, data: Any, origin: Origin, message_id: str) -> Envel
     return Envelope(message_id, name, body, headers, now, name)
 
 
-@dataclass(slots=True)
 class Outbox:
     """What one attempt of one delivery's handler published, held until its outcome is known:
-    released (published, confirmed) only if the handler returned, before its ack."""
+    released (published, confirmed) only if the handler returned, before its ack. Made for every
+    delivery, so it costs nothing until the first message: the portal and the chain are read
+    then."""
 
-    queue: str
-    origin: Origin  # the delivery's portal; caused_by its message id
-    delivery_id: str
-    envelopes: list[Envelope] = field(default_factory=list)
+    __slots__ = ("_event", "_headers", "_message_id", "_origin", "envelopes", "queue")
+
+    def __init__(
+        self, queue: str, event: Event, message_id: str | None, headers: Mapping[str, Any]
+    ) -> None:
+        self.queue = queue
+        self._event = event
+        self._message_id = message_id
+        self._headers = headers
+        self._origin: Origin | None = None
+        self.envelopes: list[Envelope] = []
+
+    @property
+    def delivery_id(self) -> str:
+        """The delivery's message id (made up once for a message that has none)."""
+        if self._message_id is None:
+            self._message_id = new_message_id()
+        return self._message_id
+
+    @property
+    def origin(self) -> Origin:
+        """The event's portal; caused by this delivery; its chain's correlation id, or a new
+        chain's (this delivery's message id)."""
+        if self._origin is None:
+            correlation = self._headers.get(c.H_CORRELATION_ID)
+            if not isinstance(correlation, str) or not 1 <= len(correlation) <= 64:
+                correlation = self.delivery_id
+            base = Origin.of_event(self._event)
+            self._origin = Origin(
+                base.domain, base.member_id, base.token_digest, self.delivery_id, correlation
+            )
+        return self._origin
 
     def add(self, name: object, data: Any, key: object, delay_s: object) -> str:
         checked = check_name(name)
@@ -205,13 +234,7 @@ def outbox_for(
 ) -> Outbox:
     """The outbox of a delivery of `event`: its messages carry the event's portal, are caused
     by it, and keep its correlation id (or start one: the delivery's message id)."""
-    delivery_id = message_id or new_message_id()
-    correlation = headers.get(c.H_CORRELATION_ID)
-    if not isinstance(correlation, str) or not 1 <= len(correlation) <= 64:
-        correlation = delivery_id
-    base = Origin.of_event(event)
-    origin = Origin(base.domain, base.member_id, base.token_digest, delivery_id, correlation)
-    return Outbox(queue, origin, delivery_id)
+    return Outbox(queue, event, message_id, headers)
 
 
 def open_outbox(outbox: Outbox) -> contextvars.Token[Outbox | None]:
