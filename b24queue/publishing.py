@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from b24queue import _constants as c
-from b24queue.errors import B24QueueError, BadEventError
+from b24queue.errors import EXIT_USAGE, B24QueueError, BadEventError
 from b24queue.events.envelope import (
     MAX_HEADER_CHARS,
     Envelope,
@@ -56,6 +56,8 @@ MAX_DATA_BYTES = 512 * 1024  # a message's JSON body
 
 class PublishInputError(B24QueueError, ValueError):
     """What was asked to be published is not publishable; `field` names the argument."""
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
