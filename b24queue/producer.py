@@ -4,15 +4,20 @@ says what a message is)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
+import contextlib
+import logging
+import re
+from pathlib import Path
 from typing import Any, Self
 
 from b24queue.auth.store import TokenStore, open_store
-from b24queue.errors import BrokerUnavailableError, ConfigError
-from b24queue.events.envelope import Envelope, EventSink, new_message_id, token_digest
+from b24queue.errors import ConfigError
+from b24queue.events.envelope import EventSink, new_message_id, token_digest
 from b24queue.events.event import Event
+from b24queue.ingress.fallback import SpoolingSink
+from b24queue.ingress.spool import Spool
 from b24queue.publishing import (
+    LazyPublisher,
     Origin,
     PublishInputError,
     app_envelope,
@@ -22,48 +27,18 @@ from b24queue.publishing import (
     derived_id,
 )
 from b24queue.settings import Settings
-from b24queue.transports import Publisher, Transport, connection_name, transport_for
+from b24queue.transports import connection_name, transport_for
+
+log = logging.getLogger(__name__)
 
 
-class LazyPublisher:
-    """A worker's publisher for its handlers' messages: connected at the first message (a worker
-    whose handlers publish nothing opens nothing), waiting up to `publish_timeout_s` for the
-    connection before a publish fails."""
-
-    def __init__(self, transport: Transport, connection_name: str, wait_s: float) -> None:
-        self._transport = transport
-        self._name = connection_name
-        self._wait_s = wait_s
-        self._publisher: Publisher | None = None
-        self._lock = asyncio.Lock()
-
-    async def publish(self, envelope: Envelope) -> None:
-        publisher = self._publisher or await self._open()
-        await when_ready(publisher, self._wait_s)
-        await publisher.publish(envelope)
-
-    def is_ready(self) -> bool:
-        return self._publisher is not None and self._publisher.is_ready()
-
-    async def _open(self) -> Publisher:
-        async with self._lock:
-            if self._publisher is None:
-                publisher = self._transport.publisher(self._name)
-                self._publisher = await publisher.__aenter__()
-            return self._publisher
-
-    async def close(self) -> None:
-        publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            await publisher.__aexit__(None, None, None)
+SPOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-async def when_ready(publisher: EventSink, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while not publisher.is_ready():
-        if time.monotonic() >= deadline:
-            raise BrokerUnavailableError(f"the queue was not reachable within {wait_s:g}s")
-        await asyncio.sleep(0.05)
+def producer_spool_path(settings: Settings, name: str) -> Path:
+    """The spool of the producer named `name`, beside the ingress's (not one of its slots)."""
+    path = Path(settings.spool_path)
+    return path.with_name(f"{path.stem}.producer-{name}{path.suffix}")
 
 
 class Producer:
@@ -77,27 +52,64 @@ class Producer:
     of its application token, so the consumer's `self.portal(event)` can call it), or the
     member_id of an installed portal (looked up in B24QUEUE_PORTAL_STORE), or None (no portal).
     `key`: the same (name, portal, key) is always the same message id (see the module).
-    Returns the message id. No spool: while the queue is away `publish` raises
-    `BrokerUnavailableError` after `publish_timeout_s` (docs/publishing.md)."""
+    Returns the message id.
 
-    def __init__(self, settings: Settings) -> None:
+    `spool`: a name for this producer's own spool (letters, digits, `-`, `_`; one per process,
+    kept across its restarts: `web-1`), where the ingress has one (a transport whose server can
+    be away, and B24QUEUE_SPOOL_ENABLED): while the queue is away a message is kept in
+    `<B24QUEUE_SPOOL_PATH's stem>.producer-<spool>.sqlite3` (fsync'd) and forwarded once the
+    queue is back, by this producer or the next one opened with that name. Without it `publish`
+    raises `BrokerUnavailableError` after `publish_timeout_s` (docs/publishing.md)."""
+
+    def __init__(self, settings: Settings, *, spool: str | None = None) -> None:
+        if spool is not None and (not isinstance(spool, str) or not SPOOL_NAME.fullmatch(spool)):
+            raise PublishInputError(
+                "spool: a name of 1 to 64 letters, digits, '-' or '_' (e.g. 'web-1')", "spool"
+            )
         self.settings = settings
-        self._publisher: LazyPublisher | None = None
+        self.spool_name = spool
+        self._sink: EventSink | None = None
+        self._lazy: LazyPublisher | None = None
+        self._stack = contextlib.AsyncExitStack()
         self._store: TokenStore | None = None
 
     async def __aenter__(self) -> Self:
         transport = transport_for(self.settings)
-        self._publisher = LazyPublisher(
-            transport, connection_name("producer"), self.settings.publish_timeout_s
+        name = connection_name("producer", self.spool_name or "")
+        if self.spool_name is not None and transport.needs_spool and self.settings.spool_enabled:
+            async with contextlib.AsyncExitStack() as stack:
+                publisher = await stack.enter_async_context(transport.publisher(name))
+                path = producer_spool_path(self.settings, self.spool_name)
+                spool = await stack.enter_async_context(Spool(path, self.settings.spool_max_events))
+                self._sink = await stack.enter_async_context(
+                    SpoolingSink(
+                        publisher,
+                        spool,
+                        bypass_s=self.settings.spool_bypass_s,
+                        retry_interval_s=self.settings.reconnect_interval_s,
+                    )
+                )
+                self._stack = stack.pop_all()
+            return self
+        if self.spool_name is not None:
+            log.info(
+                "producer: no spool (%s)",
+                "B24QUEUE_SPOOL_ENABLED is false"
+                if transport.needs_spool
+                else f"the {transport.name} queue is on this host's disk",
+            )
+        self._sink = self._lazy = LazyPublisher(
+            lambda: transport.publisher(name), self.settings.publish_timeout_s
         )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        publisher, self._publisher = self._publisher, None
+        lazy, self._lazy, self._sink = self._lazy, None, None
         store, self._store = self._store, None
         try:
-            if publisher is not None:
-                await publisher.close()
+            if lazy is not None:
+                await lazy.close()
+            await self._stack.aclose()
         finally:
             if store is not None:
                 await store.close()
@@ -111,7 +123,7 @@ class Producer:
         key: str | None = None,
         delay_s: float = 0,
     ) -> str:
-        if self._publisher is None:
+        if self._sink is None:
             raise ConfigError("Producer.publish: use `async with Producer(settings)` first")
         checked = check_name(name)
         key_ = check_key(key)
@@ -122,7 +134,7 @@ class Producer:
         else:
             message_id = derived_id("producer", checked, origin.member_id or "", key_)
         envelope = app_envelope(checked, data, origin, message_id)
-        await self._publisher.publish(envelope)
+        await self._sink.publish(envelope)
         return message_id
 
     async def _origin(self, portal: Event | str | None) -> Origin:

@@ -26,13 +26,15 @@ import asyncio
 import contextvars
 import hashlib
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from b24queue import _constants as c
-from b24queue.errors import EXIT_USAGE, B24QueueError, BadEventError
+from b24queue.errors import EXIT_USAGE, B24QueueError, BadEventError, BrokerUnavailableError
 from b24queue.events.envelope import (
     MAX_HEADER_CHARS,
     Envelope,
@@ -42,9 +44,6 @@ from b24queue.events.envelope import (
     token_digest,
 )
 from b24queue.events.event import EVENT_NAME, MAX_EVENT_NAME, Event, token_digest_of
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +254,47 @@ async def release(sink: EventSink, envelopes: list[Envelope]) -> None:
     """Publish a handler's messages, each confirmed (durable) before this returns; raises the
     first failure (some may be durable already: published again, same ids, on the retry)."""
     await asyncio.gather(*(sink.publish(e) for e in envelopes))
+
+
+class LazyPublisher:
+    """A worker's (or a `Producer`'s) publisher: connected at the first message (a worker whose
+    handlers publish nothing opens nothing), waiting up to `wait_s` for the connection before a
+    publish fails. `opens`: the transport's publisher, made (`transport.publisher(name)`)."""
+
+    def __init__(
+        self, opens: Callable[[], AbstractAsyncContextManager[EventSink]], wait_s: float
+    ) -> None:
+        self._opens = opens
+        self._wait_s = wait_s
+        self._held: AbstractAsyncContextManager[EventSink] | None = None
+        self._publisher: EventSink | None = None
+        self._lock = asyncio.Lock()
+
+    async def publish(self, envelope: Envelope) -> None:
+        publisher = self._publisher or await self._open()
+        await when_ready(publisher, self._wait_s)
+        await publisher.publish(envelope)
+
+    def is_ready(self) -> bool:
+        return self._publisher is not None and self._publisher.is_ready()
+
+    async def _open(self) -> EventSink:
+        async with self._lock:
+            if self._publisher is None:
+                held = self._opens()
+                self._publisher = await held.__aenter__()
+                self._held = held
+            return self._publisher
+
+    async def close(self) -> None:
+        held, self._held, self._publisher = self._held, None, None
+        if held is not None:
+            await held.__aexit__(None, None, None)
+
+
+async def when_ready(publisher: EventSink, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while not publisher.is_ready():
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailableError(f"the queue was not reachable within {wait_s:g}s")
+        await asyncio.sleep(0.05)

@@ -18,7 +18,7 @@ from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError
 from b24queue.portal.api import PortalProvider
 from b24queue.portal.clients import PortalClients
-from b24queue.producer import LazyPublisher
+from b24queue.publishing import LazyPublisher
 from b24queue.queues import DeclaredQueue
 from b24queue.secrets import redaction
 from b24queue.settings import Settings
@@ -85,10 +85,9 @@ class Worker:
             own = PortalClients(self.settings, observer=self.metrics)
             self._own_portals = await own.__aenter__()
         portals = self._portals or self._own_portals
+        name = connection_name("publisher", self.queues)
         self._publisher = LazyPublisher(
-            transport,
-            connection_name("publisher", ",".join(cls.queue for cls in self.classes)),
-            self.settings.publish_timeout_s,
+            lambda: transport.publisher(name), self.settings.publish_timeout_s
         )
         try:
             session = self._session = await transport.open_workers(self.classes)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from b24queue import Event, EventConsumer
 from b24queue.events.envelope import envelope_for
-from b24queue.producer import when_ready
+from b24queue.publishing import when_ready
 from b24queue.settings import Settings, load_settings
 from b24queue.testing import make_event
 from b24queue.transports import connection_name, transport_for
