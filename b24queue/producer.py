@@ -1,6 +1,6 @@
 """`Producer`: the app's own messages published from application code (a web view, a script, a
-management command), and the worker's publisher for what handlers publish (b24queue.publishing
-says what a message is)."""
+management command), with the ingress's confirmed publish and, where it has one, a spool of its
+own (b24queue.publishing says what a message is)."""
 
 from __future__ import annotations
 
