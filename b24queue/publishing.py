@@ -34,7 +34,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from b24queue import _constants as c
-from b24queue.errors import EXIT_USAGE, B24QueueError, BadEventError, BrokerUnavailableError
+from b24queue.errors import (
+    EXIT_USAGE,
+    B24QueueError,
+    BadEventError,
+    BrokerUnavailableError,
+    ConfigError,
+)
 from b24queue.events.envelope import (
     MAX_HEADER_CHARS,
     Envelope,
@@ -175,7 +181,7 @@ class Outbox:
     delivery, so it costs nothing until the first message: the portal and the chain are read
     then."""
 
-    __slots__ = ("_event", "_headers", "_message_id", "_origin", "envelopes", "queue")
+    __slots__ = ("_event", "_headers", "_message_id", "_origin", "closed", "envelopes", "queue")
 
     def __init__(
         self, queue: str, event: Event, message_id: str | None, headers: Mapping[str, Any]
@@ -186,6 +192,7 @@ class Outbox:
         self._headers = headers
         self._origin: Origin | None = None
         self.envelopes: list[Envelope] = []
+        self.closed = False  # the handler ended: a task it left running may not add any more
 
     @property
     def delivery_id(self) -> str:
@@ -209,6 +216,11 @@ class Outbox:
         return self._origin
 
     def add(self, name: object, data: Any, key: object, delay_s: object) -> str:
+        if self.closed:
+            raise ConfigError(
+                "publish(): its event's handler has returned (a task it left running?); "
+                "publish before handle returns, or use b24queue.Producer"
+            )
         checked = check_name(name)
         key_ = check_key(key)
         check_delay(delay_s)
@@ -243,6 +255,9 @@ def open_outbox(outbox: Outbox) -> contextvars.Token[Outbox | None]:
 
 
 def close_outbox(token: contextvars.Token[Outbox | None]) -> None:
+    outbox = _OUTBOX.get()
+    if outbox is not None:
+        outbox.closed = True
     _OUTBOX.reset(token)
 
 

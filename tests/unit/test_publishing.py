@@ -237,3 +237,29 @@ async def test_the_same_name_and_key_twice_in_one_handler_is_one_message() -> No
 
     outcome = await run_handler(Twice(), deal())
     assert [json.loads(e.body)["data"] for e in outcome.published] == [{"n": 1}, {"n": 3}]
+
+
+async def test_a_task_left_running_cannot_publish_after_its_handler() -> None:
+    import asyncio
+
+    late: list[BaseException] = []
+
+    class Leaves(EventConsumer):
+        queue = "t.leaves"
+        events = ("ONCRMDEALUPDATE",)
+
+        async def handle(self, event: Event) -> None:
+            async def later() -> None:
+                await asyncio.sleep(0.01)
+                try:
+                    await self.publish("APP.LATE")
+                except ConfigError as exc:
+                    late.append(exc)
+
+            self.task = asyncio.ensure_future(later())
+
+    consumer = Leaves()
+    outcome = await run_handler(consumer, deal())
+    await consumer.task
+    assert outcome.acked and outcome.published == ()
+    assert len(late) == 1 and "has returned" in str(late[0])
