@@ -174,6 +174,20 @@ class Queries:
                 sum(sizes),
             )
 
+    async def due_among(self, db: Db, queues: list[str]) -> list[str]:
+        """Of `queues`, those with a due row no handler holds (one probe of `messages_due`
+        each, in one statement): the worker process's watch (b24queue.transports.postgres.runner).
+        An ordered queue's row its order holds back counts: its runner's claim finds nothing."""
+        if not queues:
+            return []
+        rows = await db.fetch(
+            "SELECT q FROM unnest($1::text[]) AS q WHERE EXISTS (SELECT 1 "
+            f"FROM {self.s}.messages m WHERE m.queue = q AND m.available_at <= now() "
+            "AND (m.lease_until IS NULL OR m.lease_until < now()))",
+            queues,
+        )
+        return [r["q"] for r in rows]
+
     async def claim(
         self,
         db: Db,

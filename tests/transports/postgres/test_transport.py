@@ -364,3 +364,48 @@ async def test_a_claim_waits_a_bounded_time_for_the_queues_lock_and_dates_its_le
         await holder.close()
         await db.close()
     assert (until - released).total_seconds() >= 59.9, (until, released)
+
+
+async def test_idle_runners_are_watched_by_one_statement_not_each_claiming(
+    schema: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle worker with 30 consumers: each runner claimed at every poll (30 claims per poll:
+    5% of a core with 100 consumers); now one statement per poll reads which queues are due, and
+    an event still reaches its runner."""
+    from b24queue import Event, EventConsumer
+    from b24queue.events.envelope import envelope_for
+    from b24queue.testing import make_event
+    from b24queue.transports import transport_for
+    from b24queue.transports.postgres.queue import Queries
+    from b24queue.worker import Worker
+
+    calls: dict[str, int] = {"claim": 0, "due_among": 0}
+    for name in calls:
+        original = getattr(Queries, name)
+
+        async def counted(self: Any, *args: Any, _f: Any = original, _n: str = name) -> Any:
+            calls[_n] += 1
+            return await _f(self, *args)
+
+        monkeypatch.setattr(Queries, name, counted)
+    seen: list[str] = []
+
+    async def handle(self: EventConsumer, event: Event) -> None:
+        seen.append(event.name)
+
+    classes = [
+        type(
+            "C", (EventConsumer,), {"queue": f"idle.q{i}", "events": (f"ONX{i}",), "handle": handle}
+        )
+        for i in range(30)
+    ]
+    async with Worker(schema, classes):
+        await asyncio.sleep(0.5)  # every runner started and idle
+        for name in calls:
+            calls[name] = 0
+        await asyncio.sleep(1.5)  # three polls of 0.5 s
+        assert calls["claim"] < 30 and 1 <= calls["due_among"] <= 6, calls  # was ~90 claims
+        async with transport_for(schema).publisher("test") as sink:
+            await wait_until(sink.is_ready, 15, "the publisher connected")
+            await sink.publish(envelope_for(make_event("ONX7", {})))
+        await wait_until(lambda: seen == ["ONX7"], 10, "the event handled")
