@@ -5,6 +5,8 @@ from b24queue.consumer import EventConsumer
 from b24queue.errors import B24QueueError
 from b24queue.events.event import Auth, Event
 from b24queue.portal.api import Portal, PortalError, PortalRetry
+from b24queue.producer import Producer
+from b24queue.publishing import PublishInputError
 from b24queue.retry import Reject, Retry
 from b24queue.settings import Settings, load_settings
 
@@ -17,7 +19,9 @@ __all__ = [
     "Portal",
     "PortalError",
     "PortalRetry",
+    "Producer",
     "Property",
+    "PublishInputError",
     "Reject",
     "Retry",
     "Robot",

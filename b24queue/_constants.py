@@ -32,6 +32,10 @@ H_DEAD_LETTER_REASON = "x-b24queue-dead-letter-reason"
 H_BIZPROC_RESULT = "x-b24queue-bizproc-result"
 # What the workflow of a dead-lettered robot or activity call was told (b24queue.bizproc).
 H_WORKFLOW_TOLD = "x-b24queue-workflow-told"
+# A message the app published (b24queue.publishing): the message id of the delivery whose handler
+# published it, and the id shared by a whole chain (the first event's message id).
+H_CAUSED_BY = "x-b24queue-caused-by"
+H_CORRELATION_ID = "x-b24queue-correlation-id"
 
 RETRY_SUFFIX = ".retry."
 DLQ_SUFFIX = ".dlq"

@@ -13,12 +13,14 @@ from b24queue.errors import ConfigError
 from b24queue.events.event import BINDING, MAX_EVENT_NAME, Event
 from b24queue.idempotency import SeenStore
 from b24queue.ordering import RULES, STRICT, check_path
+from b24queue.publishing import current_outbox
 
 if TYPE_CHECKING:
     # A default for the model (PEP 696; `typing` has it from Python 3.13): a consumer without
     # one, `class Feed(EventConsumer)`, stays what it always was, for type checkers too.
     from typing_extensions import TypeVar
 
+    from b24queue.events.envelope import EventSink
     from b24queue.portal.api import Portal, PortalProvider
 
     E = TypeVar("E", bound=Event, default=Any)
@@ -82,6 +84,9 @@ class EventConsumer(Generic[E]):
 
     # Set by the worker before `on_start`: what `portal(event)` calls the portal with.
     portals: PortalProvider | None = None
+    # Set by the worker before `on_start`: where `publish` releases a handler's messages (None:
+    # collected only, as b24queue.testing does).
+    outbox_publisher: EventSink | None = None
 
     # What `handle` is given: the model of `EventConsumer[Model]` (None: the plain `Event`).
     # Set from that parameter, not by hand.
@@ -105,6 +110,25 @@ class EventConsumer(Generic[E]):
                 f"{type(self).__name__}.portal(): no portal clients (run it in a Worker)"
             )
         return self.portals.for_event(event)
+
+    async def publish(
+        self, name: str, data: Any = None, *, key: str | None = None, delay_s: float = 0
+    ) -> str:
+        """From `handle`: publish a message of the app's own (`APP.` and words, e.g.
+        `APP.DEAL.RECHECK`), which consumers bind like an event. It carries the handled event's
+        portal (the next handler's `self.portal(event)` calls it), `caused_by` (this event's
+        message id) and the chain's `correlation_id`. Held until the handler returns, then made
+        durable before this event is acked; a handler that raises publishes nothing. The message
+        id is fixed by this event, this queue, `name` and `key` (or the call's order when no key
+        is given): a retry or a redelivery publishes the same ids. `delay_s`: 0 only, for now.
+        Returns the message id (docs/publishing.md)."""
+        outbox = current_outbox()
+        if outbox is None:
+            raise ConfigError(
+                f"{type(self).__name__}.publish(): only while handling an event; "
+                "from elsewhere use b24queue.Producer"
+            )
+        return outbox.add(name, data, key, delay_s)
 
     async def handle(self, event: E) -> object:
         """Handle one event; what it returns is ignored (but a `RobotConsumer`'s: its answer)."""

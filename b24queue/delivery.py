@@ -7,6 +7,9 @@ For each delivery: decode it, run the handler, and turn what happened into an `O
                                  attempts are used up
   body is not an Event        -> dead-letter now (retrying cannot fix it)
   not the consumer's model    -> dead-letter now, reason model_mismatch (EventConsumer[Model])
+What a handler published (`EventConsumer.publish`) is held in the delivery's outbox and released
+(published, confirmed) only on an ack, before the settler acks: a failed attempt publishes
+nothing, and a release that fails is a failed attempt (b24queue.publishing).
 A `Settler` (the transport's runner) then carries the outcome out. It must make a retry or
 dead-letter copy durable (confirmed) before it acks the original, so a crash in between
 duplicates, never loses.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -26,8 +29,10 @@ from b24queue import _constants as c
 from b24queue import bizproc
 from b24queue.consumer import EventConsumer
 from b24queue.errors import BadEventError, ModelMismatchError
+from b24queue.events.envelope import Envelope
 from b24queue.events.event import Event, mark_delivered, mismatch
 from b24queue.idempotency import SeenStore
+from b24queue.publishing import Outbox, close_outbox, open_outbox, outbox_for, release
 from b24queue.retry import Reject, Retry, delay_after, snap_delay
 from b24queue.secrets.redaction import redact
 from b24queue.timeouts import within
@@ -73,6 +78,9 @@ class Outcome:
     reason: str | None = None
     error: BaseException | None = None
     headers: dict[str, Any] = field(default_factory=dict)  # for the retry / dead-letter copy
+    # What the handler published (`EventConsumer.publish`): durable before the ack, on an ack
+    # only (a handler that failed published nothing).
+    published: tuple[Envelope, ...] = ()
 
     @property
     def acked(self) -> bool:
@@ -107,45 +115,47 @@ async def decide(consumer: EventConsumer, incoming: Incoming, queue: str) -> Out
     store = consumer.idempotency
     # A delivery that replaces earlier events is handled whatever the guard says: its ack
     # settles them too, and its latest event having been handled says nothing of them.
-    if (
-        store is not None
-        and key is not None
-        and not incoming.replaces
-        and await _already_seen(store, key)
-    ):
+    if await _duplicate(store, key, incoming):
         return Outcome("ack", attempt, reason="duplicate")
     declared = bizproc.declared_of(consumer)
     kept = _NOTHING_KEPT if declared is None else _Kept(incoming.headers, declared)
+    outbox = outbox_for(queue, event, incoming.message_id, incoming.headers)
+    token = open_outbox(outbox)
     try:
-        await _run(consumer, event, declared, kept)
+        await _run(consumer, event, declared, kept, lambda: _release(consumer, outbox))
     except Reject as exc:
         outcome = _dead_letter(incoming, queue, attempt, "rejected", exc, _secrets(event.payload))
         return await _told(consumer, declared, event, outcome, kept.json)
     except Exception as exc:  # any handler error is a failed attempt; never an unhandled crash
-        secrets = _secrets(event.payload)
-        if attempt >= consumer.max_attempts:
-            outcome = _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
-            return await _told(consumer, declared, event, outcome, kept.json)
-        delay = delay_after(attempt, tuple(consumer.retry_delays_s))
-        if isinstance(exc, Retry) and exc.delay_s is not None:
-            delay = snap_delay(exc.delay_s, tuple(consumer.retry_delays_s))
-        headers = _failure_headers(incoming, queue, exc, secrets)
-        headers[c.H_ATTEMPT] = attempt + 1
-        if kept.json is not None:
-            headers[c.H_BIZPROC_RESULT] = kept.json
-        return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
+        return await _failed(consumer, incoming, queue, attempt, exc, event, declared, kept)
+    finally:
+        close_outbox(token)
     if store is not None and key is not None:
         await _remember(store, key)
+    return _acked(attempt, outbox)
+
+
+def _acked(attempt: int, outbox: Outbox) -> Outcome:
+    if outbox.envelopes:
+        return Outcome("ack", attempt, headers=_NoHeaders(), published=tuple(outbox.envelopes))
     return _ACKED[attempt] if attempt < len(_ACKED) else Outcome("ack", attempt)
 
 
 async def _run(
-    consumer: EventConsumer, event: Event, declared: bizproc.Bizproc | None, kept: _Kept
+    consumer: EventConsumer,
+    event: Event,
+    declared: bizproc.Bizproc | None,
+    kept: _Kept,
+    release: Callable[[], Awaitable[None]],
 ) -> None:
+    """The handler, then its messages made durable (`release`; a failure there fails the
+    attempt, and its retry publishes the same ids): before a robot's answer is kept or sent, so
+    a retry that only sends the answer never has messages left to publish."""
     if declared is None:
         await _handled(consumer, event)
+        await release()
     else:
-        await _answered(consumer, event, declared, kept)
+        await _answered(consumer, event, declared, kept, release)
 
 
 async def _handled(consumer: EventConsumer, event: Event) -> Any:
@@ -170,7 +180,11 @@ _NOTHING_KEPT = _Kept({}, None)
 
 
 async def _answered(
-    consumer: EventConsumer, event: Event, declared: bizproc.Bizproc, kept: _Kept
+    consumer: EventConsumer,
+    event: Event,
+    declared: bizproc.Bizproc,
+    kept: _Kept,
+    release: Callable[[], Awaitable[None]],
 ) -> None:
     """A robot's or activity's call: the handler's return values sent with bizproc.event.send.
     An answer kept by an earlier attempt is sent again without running the handler again."""
@@ -179,9 +193,11 @@ async def _answered(
     earlier = kept.json is not None or event.redelivered
     if kept.json is None:
         result = await _handled(consumer, event)
-        if not declared.use_subscription:
+        answer = bizproc.answer_of(declared, result) if declared.use_subscription else None
+        await release()
+        if answer is None:
             return  # the workflow does not wait: nothing to send
-        kept.json = bizproc.answer_of(declared, result)
+        kept.json = answer
     try:
         await bizproc.send_answer(consumer.portal(event), event, kept.json)
     except bizproc.TokenGone:
@@ -216,6 +232,60 @@ async def _told(
     reason = outcome.reason or "dead-lettered"
     outcome.headers[c.H_WORKFLOW_TOLD] = await bizproc.give_up(portal, declared, event, reason)
     return outcome
+
+
+async def _failed(
+    consumer: EventConsumer,
+    incoming: Incoming,
+    queue: str,
+    attempt: int,
+    exc: Exception,
+    event: Event,
+    declared: bizproc.Bizproc | None,
+    kept: _Kept,
+) -> Outcome:
+    """A failed attempt: retried after its delay (a robot's answer, once known, kept with the
+    retry), or dead-lettered once attempts are used up (a robot's workflow told)."""
+    secrets = _secrets(event.payload)
+    if attempt >= consumer.max_attempts:
+        outcome = _dead_letter(incoming, queue, attempt, "max_attempts", exc, secrets)
+        return await _told(consumer, declared, event, outcome, kept.json)
+    delay = delay_after(attempt, tuple(consumer.retry_delays_s))
+    if isinstance(exc, Retry) and exc.delay_s is not None:
+        delay = snap_delay(exc.delay_s, tuple(consumer.retry_delays_s))
+    headers = _failure_headers(incoming, queue, exc, secrets)
+    headers[c.H_ATTEMPT] = attempt + 1
+    if kept.json is not None:
+        headers[c.H_BIZPROC_RESULT] = kept.json
+    return Outcome("retry", attempt, delay_s=delay, error=exc, headers=headers)
+
+
+async def _release(consumer: EventConsumer, outbox: Outbox) -> None:
+    """A handler's messages, durable (confirmed) before its delivery is acked. Without a
+    publisher (b24queue.testing) they are only collected (`Outcome.published`)."""
+    if not outbox.envelopes or consumer.outbox_publisher is None:
+        return
+    try:
+        await release(consumer.outbox_publisher, outbox.envelopes)
+    except Exception as exc:
+        log.warning(
+            "message_id=%s: publishing its handler's %d message(s) failed (%r); retried",
+            outbox.delivery_id,
+            len(outbox.envelopes),
+            exc,
+        )
+        raise
+
+
+def _text_header(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    return value if isinstance(value, str) and 1 <= len(value) <= 64 else None
+
+
+async def _duplicate(store: SeenStore | None, key: str | None, incoming: Incoming) -> bool:
+    if store is None or key is None or incoming.replaces:
+        return False
+    return await _already_seen(store, key)
 
 
 async def _already_seen(store: SeenStore, key: str) -> bool:
@@ -353,6 +423,8 @@ def _delivered(incoming: Incoming, attempt: int, model: type[Event] | None) -> E
         incoming.accepted_at,
         digest if isinstance(digest, str) and len(digest) == 64 else None,
         incoming.replaces,
+        _text_header(incoming.headers, c.H_CAUSED_BY),
+        _text_header(incoming.headers, c.H_CORRELATION_ID),
     )
     return event
 

@@ -8,9 +8,15 @@
     outcomes = await run_until_settled(DealSync(), event)   # every attempt, no waiting
     assert [o.kind for o in outcomes] == ["retry", "retry", "ack"]
 
+    outcome = await run_handler(DealSync(), event)
+    [message] = outcome.published            # what the handler published (self.publish)
+    assert message.routing_key == "APP.DEAL.RECHECK"
+    assert (await run_message(DealRecheck(), message)).acked   # the next consumer gets it
+
 A robot's call: `make_call(GREET, {"who": "Ada"})` (its answer is sent through the consumer's
 `portals`, as in the worker). The same rules (`b24queue.delivery.decide`) run here as in the
-worker.
+worker; what a handler publishes is collected in `outcome.published` (an ack only: a failed
+attempt publishes nothing), never sent.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from b24queue import _constants as c
 from b24queue.bizproc import Bizproc, Declarations, as_event
 from b24queue.consumer import EventConsumer
 from b24queue.delivery import Incoming, Outcome, decide
-from b24queue.events.envelope import envelope_for
+from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.events.event import FORM_TYPE, Event, parse_event
 
 TEST_TOKEN = "test-application-token"  # noqa: S105 - a fixture value, not a secret
@@ -91,6 +97,7 @@ async def run_handler(
 ) -> Outcome:
     """One delivery of `event` as attempt `attempt`; returns the outcome, acts on nothing."""
     type(consumer).check()
+    consumer.outbox_publisher = None  # collected in the outcome, never sent
     # As the ingress queues it: the body without the application token, its digest in a header.
     envelope = envelope_for(event)
     incoming = Incoming(
@@ -98,6 +105,20 @@ async def run_handler(
         message_id=message_id or uuid.uuid4().hex,
         routing_key=envelope.routing_key,
         headers={**envelope.headers, **(headers or {}), c.H_ATTEMPT: attempt},
+    )
+    return await decide(consumer, incoming, type(consumer).queue)
+
+
+async def run_message(consumer: EventConsumer, message: Envelope, *, attempt: int = 1) -> Outcome:
+    """One delivery of a message as it would be queued (one of `outcome.published`): the next
+    consumer of a chain gets its portal, `caused_by` and `correlation_id` as in a worker."""
+    type(consumer).check()
+    consumer.outbox_publisher = None
+    incoming = Incoming(
+        body=message.body,
+        message_id=message.message_id,
+        routing_key=message.routing_key,
+        headers={**message.headers, c.H_ATTEMPT: attempt},
     )
     return await decide(consumer, incoming, type(consumer).queue)
 

@@ -18,11 +18,18 @@ from b24queue.consumer import EventConsumer
 from b24queue.errors import ConfigError
 from b24queue.portal.api import PortalProvider
 from b24queue.portal.clients import PortalClients
+from b24queue.publishing import LazyPublisher
 from b24queue.queues import DeclaredQueue
 from b24queue.secrets import redaction
 from b24queue.settings import Settings
 from b24queue.telemetry.metrics import WorkerMetrics
-from b24queue.transports import Runner, WorkerSession, check_fairness, transport_for
+from b24queue.transports import (
+    Runner,
+    WorkerSession,
+    check_fairness,
+    connection_name,
+    transport_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,8 @@ class Worker:
         # worker (no I/O until a handler calls a portal) and closed after the last handler.
         self._portals = portals
         self._own_portals: PortalClients | None = None
+        # What handlers publish (`EventConsumer.publish`): connected at the first message.
+        self._publisher: LazyPublisher | None = None
 
     @property
     def queues(self) -> str:
@@ -76,6 +85,10 @@ class Worker:
             own = PortalClients(self.settings, observer=self.metrics)
             self._own_portals = await own.__aenter__()
         portals = self._portals or self._own_portals
+        name = connection_name("publisher", self.queues)
+        self._publisher = LazyPublisher(
+            lambda: transport.publisher(name), self.settings.publish_timeout_s
+        )
         try:
             session = self._session = await transport.open_workers(self.classes)
         except BaseException:
@@ -85,6 +98,7 @@ class Worker:
             for cls in self.classes:
                 consumer = cls()
                 consumer.portals = portals
+                consumer.outbox_publisher = self._publisher
                 runner = session.runner(consumer, self.metrics)
                 self.runners.append(runner)
                 await runner.start()
@@ -134,6 +148,9 @@ class Worker:
         if self._own_portals is not None:
             await self._own_portals.__aexit__(None, None, None)
             self._own_portals = None
+        if self._publisher is not None:
+            await self._publisher.close()
+            self._publisher = None
 
 
 async def serve_worker(

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from b24queue import process
-from b24queue.cli import dlq, portals, send, services, spool, status, topology
+from b24queue.cli import dlq, portals, publish, send, services, spool, status, topology
 from b24queue.errors import (
     EXIT_BROKER,
     EXIT_FAILURE,
@@ -31,7 +31,7 @@ __all__ = ["EXIT_BROKER", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main", "run"
 
 # Each command module's `add_parser(commands)` adds its command(s), each parser with its `run`
 # (and `settings_flags`: which of its flags override which setting). A new command: a module here.
-COMMANDS = (services, topology, status, dlq, spool, portals, send)
+COMMANDS = (services, topology, status, dlq, spool, portals, send, publish)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -250,6 +250,20 @@ class Event(BaseModel):
         accepted_at: datetime | None = _private(self)["_accepted_at"]
         return accepted_at
 
+    @property
+    def caused_by(self) -> str | None:
+        """Set by the worker for a message the app published from a handler: the message id of
+        the event whose handler published it (None for Bitrix24's events and a `Producer`'s)."""
+        caused_by: str | None = _private(self)["_caused_by"]
+        return caused_by
+
+    @property
+    def correlation_id(self) -> str | None:
+        """Set by the worker for a message the app published from a handler: the id its whole
+        chain shares (the message id of the event that began it)."""
+        correlation_id: str | None = _private(self)["_correlation_id"]
+        return correlation_id
+
 
 # Event name -> the typed model for it: each model of b24queue.events.typed registers the names it
 # stands for when it is defined (the package is imported with b24queue.events).
@@ -300,6 +314,8 @@ def mark_delivered(
     accepted_at: datetime | None = None,
     token_digest: str | None = None,
     replaces: tuple[str, ...] = (),
+    caused_by: str | None = None,
+    correlation_id: str | None = None,
 ) -> None:
     """The delivery facts of an event the worker just decoded (private attributes, not fields:
     they are not part of the body). `token_digest`: of the token it came with (H_TOKEN_DIGEST);
@@ -311,6 +327,8 @@ def mark_delivered(
     private["_accepted_at"] = accepted_at
     private["_token_digest"] = token_digest
     private["_replaces"] = replaces
+    private["_caused_by"] = caused_by
+    private["_correlation_id"] = correlation_id
 
 
 def token_digest_of(event: Event) -> str | None:
@@ -329,6 +347,8 @@ _PRIVATE_DEFAULTS: dict[str, Any] = {
     "_accepted_at": None,
     "_token_digest": None,
     "_replaces": (),
+    "_caused_by": None,
+    "_correlation_id": None,
 }
 
 

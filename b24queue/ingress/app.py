@@ -26,6 +26,7 @@ from b24queue.errors import (
 from b24queue.events.envelope import EventSink, envelope_for
 from b24queue.events.event import FORM_TYPE, JSON_TYPE, Event, decode_body
 from b24queue.limits import KeyedLimiter, LogBudget
+from b24queue.publishing import from_outside
 from b24queue.settings import Settings
 from b24queue.telemetry.logs import client_text
 from b24queue.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -99,7 +100,7 @@ class EventsView:
         if isinstance(body, web.Response):
             return body
         try:
-            event = self._parse(media, body)
+            event = from_outside(self._parse(media, body))
             envelope = envelope_for(event)
         except BadEventError as exc:
             self._metrics.refused.labels("bad_request").inc()

@@ -235,3 +235,35 @@ class OrderRecorder(EventConsumer):
             f.write(("fail " if failed else "done ") + line.format(time.time()) + "\n")
         if failed:
             raise Retry("the scenario's retry in the middle")
+
+
+class PublishesThenDies(EventConsumer):
+    """Publishes `APP.FAULT.DONE` from its handler; in the first process to handle an event
+    (no file B24QT_MARKERS/killed yet), kills itself (SIGKILL) once that message is confirmed,
+    before the event's ack: the crash between a handler's publish and its ack."""
+
+    queue = os.environ.get("B24QT_QUEUE", "b24qt.unset")
+    events = ("ONCRMDEALADD",)
+    prefetch = 1
+    handle_timeout_s = float(os.environ.get("B24QT_HANDLE_TIMEOUT_S", "1500"))
+
+    async def on_start(self) -> None:
+        real = self.outbox_publisher
+        assert real is not None
+        marker = Path(os.environ["B24QT_MARKERS"]) / "killed"
+
+        class Killing:
+            async def publish(self, envelope: Any) -> None:
+                await real.publish(envelope)
+                if not marker.exists():
+                    marker.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def is_ready(self) -> bool:
+                return real.is_ready()
+
+        self.outbox_publisher = Killing()
+
+    async def handle(self, event: Event) -> None:
+        _record(f"start {event.message_id} {int(event.redelivered)}")
+        await self.publish("APP.FAULT.DONE", {"of": event.message_id})

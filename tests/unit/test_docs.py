@@ -20,11 +20,12 @@ import pytest
 
 from b24queue import Event
 from b24queue.settings import ENV_PREFIX, Settings
-from b24queue.testing import make_call, make_event, run_handler
+from b24queue.testing import make_call, make_event, run_handler, run_message
 from docs.examples import (
     consumers,
     idempotent,
     portal_call,
+    publishing,
     robot,
     testing_tour,
     tour,
@@ -51,6 +52,7 @@ RUN_BY = {
     "idempotent.py": "test_the_idempotency_example",
     "portal_call.py": "test_the_portal_example",
     "robot.py": "test_the_robot_example",
+    "publishing.py": "test_the_publishing_example",
     "typed_events.py": "test_the_typed_events_example",
     "typed_own.py": "test_the_own_model_example",
 }
@@ -353,3 +355,34 @@ def test_the_tour_end_to_end_on_sqlite(
     assert worker_log.read_text().count("outcome=retry") == 2  # 13: twice, then acked
     dead = _b24queue("dlq", "list", "deal-sync", env=tour_env, cwd=tmp_path)
     assert "rejected" in dead and "no deal id" in dead
+
+
+async def test_the_publishing_example(
+    fake_portal: FakePortal, portal_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from b24queue.auth.store import SqliteTokenStore
+    from b24queue.portal.clients import PortalClients
+    from b24queue.transports import transport_for
+
+    store = SqliteTokenStore(tmp_path / "portals.db")
+    await install(store, fake_portal.rest, "m1")
+    settings = portal_settings(
+        portal_certificate[0],
+        f"sqlite:{tmp_path / 'portals.db'}",
+        broker_url=f"sqlite:{tmp_path / 'queue.sqlite3'}",
+    )
+    outcome = await run_handler(publishing.DealSync(), deal_event("m1", 42), message_id="d-1")
+    [message] = outcome.published
+    assert message.routing_key == "APP.DEAL.SYNC_CONTACTS"
+    # The next consumer calls the deal event's portal with the message alone.
+    contacts = publishing.ContactSync()
+    async with PortalClients(settings, resolver=StaticResolver()) as clients:
+        contacts.portals = clients
+        assert (await run_message(contacts, message)).acked
+    # From application code: durable in the queue (nobody binds it yet: the unrouted queue).
+    first = await publishing.recheck_from_a_view(settings, deal_event("m1", 42), "42")
+    again = await publishing.recheck_from_a_view(settings, deal_event("m1", 42), "42")
+    assert first == again
+    async with transport_for(settings).dead_letters(settings.unrouted) as unrouted:
+        total, letters = await unrouted.list(10)
+    assert total == 2 and {x.message_id for x in letters} == {first}

@@ -63,6 +63,12 @@ async def refused(
         (b"event_handler_id=1", "event", "event: is required"),
         (b"event=ON..X", "event", "must be a Bitrix24 event name"),
         (b"event=ONX&ts=later", "ts", "ts: Input should be a valid integer"),
+        # The app's own messages (b24queue.publishing): never from outside, whatever the token.
+        (
+            b"event=app.deal.recheck&auth[application_token]=" + SAMPLE_TOKEN.encode(),
+            "event",
+            "the app's own",
+        ),
     ],
 )
 async def test_malformed_bodies_get_400_naming_the_field(

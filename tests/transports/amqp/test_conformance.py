@@ -5,11 +5,16 @@ from __future__ import annotations
 from tests.conformance.delivery import DeliveryScenarios
 from tests.conformance.fairness import FairShareScenarios
 from tests.conformance.processes import ProcessScenarios
+from tests.conformance.publishing import PublishingScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios
 
 
 class TestDeliveryOnRabbitMQ(DeliveryScenarios):
+    pass
+
+
+class TestPublishingOnRabbitMQ(PublishingScenarios):
     pass
 
 

@@ -21,6 +21,7 @@ from tests.conformance.fairness import (
     publish,
 )
 from tests.conformance.processes import ProcessScenarios
+from tests.conformance.publishing import PublishingScenarios
 from tests.conformance.status import StatusScenarios
 from tests.support.bench import Bench
 from tests.support.consumers import consumer
@@ -40,6 +41,13 @@ def partition_of(member_id: str, partitions: int = PARTITIONS) -> int:
 
 
 class TestDeliveryOnKafka(DeliveryScenarios):
+    pass
+
+
+# 6-7 s each on Kafka (a consumer group to join per consumer, two or three per scenario): marked
+# long, they run in make faults, keeping make test within its ten minutes.
+@pytest.mark.long
+class TestPublishingOnKafka(PublishingScenarios):
     pass
 
 

@@ -7,6 +7,7 @@ from tests.conformance.delivery import DeliveryScenarios
 from tests.conformance.fairness import FairShareScenarios, FairShareUpgradeScenarios
 from tests.conformance.ordering import OrderingScenarios, OrderingUpgradeScenarios
 from tests.conformance.processes import ProcessScenarios
+from tests.conformance.publishing import PublishingScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
 from tests.support.bench import Bench
@@ -14,6 +15,10 @@ from tests.support.postgres import forget_ledger, to_schema_2, to_schema_3
 
 
 class TestDeliveryOnPostgres(DeliveryScenarios):
+    pass
+
+
+class TestPublishingOnPostgres(PublishingScenarios):
     pass
 
 

@@ -8,12 +8,17 @@ from b24queue.settings import Settings
 from tests.conformance.delivery import DeliveryScenarios
 from tests.conformance.fairness import FairShareScenarios, FairShareUpgradeScenarios
 from tests.conformance.processes import ProcessScenarios
+from tests.conformance.publishing import PublishingScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
 from tests.support.bench import Bench
 
 
 class TestDeliveryOnRedis(DeliveryScenarios):
+    pass
+
+
+class TestPublishingOnRedis(PublishingScenarios):
     pass
 
 

@@ -169,3 +169,25 @@ async def test_sigkill_of_the_ingress_under_load_loses_no_accepted_event(tmp_pat
         check.close()
     assert len(accepted) >= 150
     assert set(accepted) <= stored, len(set(accepted) - stored)
+
+
+async def test_publish_prints_the_confirmed_message_id_and_a_key_fixes_it(tmp_path: Path) -> None:
+    from b24queue.settings import load_settings
+    from b24queue.transports import transport_for
+
+    db = tmp_path / "queue.sqlite3"
+    args = ("publish", "app.deal.recheck", "--data", '{"deal_id": "42"}', "--key", "d42")
+    code, out = await cli(db, *args)
+    assert code == 0, out
+    first = out.splitlines()[-1]  # stdout's one line, after the log's (stderr)
+    code, out = await cli(db, *args)
+    assert code == 0 and out.splitlines()[-1] == first and len(first) == 32
+    # Confirmed: in the queue (nobody binds it: the unrouted queue), with its data.
+    settings = load_settings(broker_url=f"sqlite:{db}")
+    async with transport_for(settings).dead_letters(settings.unrouted) as unrouted:
+        total, letters = await unrouted.list(10)
+    assert total == 2 and {x.message_id for x in letters} == {first}
+    code, out = await cli(db, "publish", "APP.X", "--data", "{not json")
+    assert code == 2 and "--data: not JSON" in out
+    code, out = await cli(db, "publish", "ONCRMDEALADD")
+    assert code == 2 and "must start with 'APP.'" in out

@@ -9,12 +9,17 @@ from tests.conformance.delivery import DeliveryScenarios
 from tests.conformance.fairness import FairShareScenarios, FairShareUpgradeScenarios
 from tests.conformance.ordering import OrderingScenarios, OrderingUpgradeScenarios
 from tests.conformance.processes import ProcessScenarios
+from tests.conformance.publishing import PublishingScenarios
 from tests.conformance.status import StatusScenarios
 from tests.conformance.unrouted_cap import UnroutedCapScenarios, UnroutedLedgerScenarios
 from tests.support.bench import Bench
 
 
 class TestDeliveryOnSqlite(DeliveryScenarios):
+    pass
+
+
+class TestPublishingOnSqlite(PublishingScenarios):
     pass
 
 
