@@ -454,6 +454,9 @@ async def test_a_call_delivered_too_often_tells_its_workflow(
     assert bizproc.answers[0]["log"] == "The app could not handle this step (delivery_limit)."
 
 
+# 7-8 s (a worker process started, killed and started again): long, run by make faults, keeping
+# make test within its ten minutes.
+@pytest.mark.long
 async def test_a_worker_killed_between_handler_and_send_answers_once(
     tmp_path: Path, fake_portal: FakePortal, portal_certificate: Any
 ) -> None:

@@ -41,7 +41,11 @@ def partition_of(member_id: str, partitions: int = PARTITIONS) -> int:
 
 
 class TestDeliveryOnKafka(DeliveryScenarios):
-    pass
+    # 6-7 s on Kafka (a consumer group to join for the retry): long, run by make faults, keeping
+    # make test within its ten minutes; every other transport runs it in make test.
+    @pytest.mark.long
+    async def test_a_robots_answer_rides_the_retry_copy(self, bench: Bench) -> None:
+        await super().test_a_robots_answer_rides_the_retry_copy(bench)
 
 
 # 6-7 s each on Kafka (a consumer group to join per consumer, two or three per scenario): marked
