@@ -56,6 +56,8 @@ def deals_read(record: Path) -> set[int]:
     return {int(line.split()[0]) for line in text.splitlines()}
 
 
+# 7-8 s: long, run by make faults (make test within its ten minutes).
+@pytest.mark.long
 async def test_changes_made_while_the_ingress_was_down_reach_the_consumers(
     broker: Broker, fake_portal: FakePortal, portal_certificate: Any, tmp_path: Path
 ) -> None:

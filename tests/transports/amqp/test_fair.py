@@ -150,6 +150,8 @@ class _Slice:
         self.settings = bench.settings
 
 
+# 8-9 s: long, run by make faults (make test within its ten minutes).
+@pytest.mark.long
 async def test_status_counts_what_waits_in_the_shards(bench: Bench) -> None:
     queue = bench.name("counted")
     await bench.transport.declare([counting(queue, Counter(), fair=True)])

@@ -174,6 +174,8 @@ async def test_without_the_direct_path_aio_pika_takes_and_acks_every_delivery(
     assert paths.basic_acks == 100
 
 
+# 9 s: long, run by make faults (make test within its ten minutes).
+@pytest.mark.long
 async def test_a_delivery_whose_start_fails_is_handed_back_and_the_channel_goes_on(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,8 @@ from tests.support.samples import FORM, sample_form
 from tests.support.wait import wait_until
 
 
+# 8-9 s: long, run by make faults (make test within its ten minutes).
+@pytest.mark.long
 async def test_events_routed_before_the_ingress_saw_a_new_binding_reach_it(
     tansu: KafkaServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

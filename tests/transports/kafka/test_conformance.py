@@ -47,6 +47,19 @@ class TestDeliveryOnKafka(DeliveryScenarios):
     async def test_a_robots_answer_rides_the_retry_copy(self, bench: Bench) -> None:
         await super().test_a_robots_answer_rides_the_retry_copy(bench)
 
+    # 7-8 s each on Kafka: long too (every other transport runs them in make test).
+    @pytest.mark.long
+    async def test_reject_dead_letters_now_and_replay_and_purge(self, bench: Bench) -> None:
+        await super().test_reject_dead_letters_now_and_replay_and_purge(bench)
+
+    @pytest.mark.long
+    async def test_status_reports_depth_and_dead_letters(self, bench: Bench) -> None:
+        await super().test_status_reports_depth_and_dead_letters(bench)
+
+    @pytest.mark.long
+    async def test_topic_patterns_and_unrouted_kept(self, bench: Bench) -> None:
+        await super().test_topic_patterns_and_unrouted_kept(bench)
+
 
 # 6-7 s each on Kafka (a consumer group to join per consumer, two or three per scenario): marked
 # long, they run in make faults, keeping make test within its ten minutes.
