@@ -96,9 +96,9 @@ async def _drain(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-@pytest.mark.broker
-class ProcessScenarios:
-    """Each transport's `TestProcessesOn<Transport>` runs these on its own `bench` fixture."""
+class StopsWorkers:
+    """Scenarios that start worker processes (`start_worker`): none is left running, whatever
+    the test's end."""
 
     @pytest.fixture(autouse=True)
     async def _no_worker_left(self) -> AsyncIterator[None]:
@@ -109,6 +109,11 @@ class ProcessScenarios:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+@pytest.mark.broker
+class ProcessScenarios(StopsWorkers):
+    """Each transport's `TestProcessesOn<Transport>` runs these on its own `bench` fixture."""
 
     @pytest.mark.fault
     async def test_sigkill_mid_handler_redelivers_flagged(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from b24queue.idempotency import MemorySeenStore
 from b24queue.publishing import derived_id
 from b24queue.testing import make_event
 from b24queue.worker import Worker
-from tests.conformance.processes import _STARTED, records, start_worker
+from tests.conformance.processes import StopsWorkers, records, start_worker
 from tests.support.bench import Bench
 from tests.support.consumers import consumer
 from tests.support.samples import SAMPLE_TOKEN, sample_published
@@ -27,18 +26,8 @@ from tests.support.wait import wait_until
 
 
 @pytest.mark.broker
-class PublishingScenarios:
+class PublishingScenarios(StopsWorkers):
     """Each transport's `TestPublishingOn<Transport>` runs these on its own `bench` fixture."""
-
-    @pytest.fixture(autouse=True)
-    async def _no_worker_left(self) -> AsyncIterator[None]:
-        """A failing test must not leave its worker processes running."""
-        yield
-        while _STARTED:
-            proc = _STARTED.pop()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
 
     @pytest.mark.fault
     async def test_sigkill_between_the_publish_and_the_ack_duplicates_same_id(
