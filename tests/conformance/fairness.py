@@ -25,7 +25,7 @@ from b24queue import _constants as c
 from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.transports import CapsPerPortal, SharesByPortal, connection_name
 from b24queue.worker import Worker
-from tests.conformance.processes import _STARTED, start_worker
+from tests.conformance.processes import StopsWorkers, start_worker
 from tests.support.bench import Bench
 from tests.support.consumers import consumer
 from tests.support.wait import wait_until
@@ -142,7 +142,7 @@ async def quiet_beside_flood_in_two_workers(
 
 
 @pytest.mark.broker
-class FairShareScenarios:
+class FairShareScenarios(StopsWorkers):
     """Each transport that keeps the fair share runs these on its own `bench` fixture."""
 
     @pytest.fixture(autouse=True)
@@ -150,11 +150,6 @@ class FairShareScenarios:
         if not isinstance(bench.transport, SharesByPortal):
             pytest.skip(f"the {bench.transport.name} transport does not keep the fair share")
         yield
-        while _STARTED:  # a failing test must not leave its worker processes running
-            proc = _STARTED.pop()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
 
     async def test_a_quiet_portal_waits_about_one_turn_behind_a_flood(self, bench: Bench) -> None:
         starts: list[tuple[float, str]] = []

@@ -20,7 +20,7 @@ from b24queue.events.envelope import Envelope, envelope_for
 from b24queue.transports import OrdersByKey
 from b24queue.worker import Worker
 from tests.conformance.fairness import QUIET, publish
-from tests.conformance.processes import _STARTED, start_worker
+from tests.conformance.processes import StopsWorkers, start_worker
 from tests.support.bench import Bench
 from tests.support.consumers import consumer
 from tests.support.wait import wait_until
@@ -146,7 +146,7 @@ def ordered_consumer(
 
 
 @pytest.mark.broker
-class OrderingScenarios:
+class OrderingScenarios(StopsWorkers):
     """Each transport that keeps the order runs these on its own `bench` fixture."""
 
     @pytest.fixture(autouse=True)
@@ -154,11 +154,6 @@ class OrderingScenarios:
         if not isinstance(bench.transport, OrdersByKey):
             pytest.skip(f"the {bench.transport.name} transport does not keep the order")
         yield
-        while _STARTED:  # a failing test must not leave its worker processes running
-            proc = _STARTED.pop()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
 
     @pytest.mark.parametrize("fair_share", [True, False])
     @pytest.mark.parametrize("rule", ["strict", "lenient"])
