@@ -39,8 +39,8 @@ class SqliteLeases:
         # A runner's own look, woken or not: the watch wakes it when its queue has work.
         self.poll_s = HEARTBEAT_S
         self._watch_s = settings.sqlite_poll_s
-        self._ordered: set[str] = set()  # queues with an order key (`_settled` wakes them)
         self._queues: dict[str, Ordering | None] = {}  # the runners' queues, for the watch
+        self._version: int | None = None  # the database's data_version at the watch's last read
         self._wakes: dict[str, asyncio.Event] = {}
         self._watch: asyncio.Task[None] | None = None
 
@@ -62,25 +62,25 @@ class SqliteLeases:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
 
+    def _due(self, db: sqlite3.Connection, full: bool) -> list[str]:
+        """The watch's read: which queues are due, if another process committed since its last
+        read (or `full`)."""
+        (now,) = db.execute("PRAGMA data_version").fetchone()
+        if not full and now == self._version:
+            return []
+        found = q.due_among(db, dict(self._queues))
+        self._version = now  # only once read: a failed read looks again at the next poll
+        return found
+
     async def _watching(self) -> None:
-        version: list[int | None] = [None]
         full_at = 0.0
-
-        def due(db: sqlite3.Connection, full: bool) -> list[str]:
-            (now,) = db.execute("PRAGMA data_version").fetchone()
-            if not full and now == version[0]:
-                return []
-            found = q.due_among(db, dict(self._queues))
-            version[0] = now  # only once read: a failed read looks again at the next poll
-            return found
-
         while True:
             await asyncio.sleep(self._watch_s)
             full = time.monotonic() >= full_at
             if full:
                 full_at = time.monotonic() + FULL_CHECK_S
             try:
-                found = await self._db.read(functools.partial(due, full=full))
+                found = await self._db.read(functools.partial(self._due, full=full))
             except Exception as exc:  # a database locked or away: the runners' own look
                 log.debug("the SQLite watch failed: %r", exc)
                 continue
@@ -91,8 +91,6 @@ class SqliteLeases:
     async def claim(self, spec: QueueSpec, owner: str, count: int, lease_s: float) -> list[Row]:
         # A read first: idle workers of several processes poll without taking the write lock.
         queue, fairness, ordering = spec.name, spec.fairness, spec.ordering
-        if ordering.on:
-            self._ordered.add(queue)
         if not await self._db.read(lambda db: q.due(db, queue, ordering)):
             return []
         return await self._db.write(
@@ -117,7 +115,8 @@ class SqliteLeases:
     def _settled(self, queue: str) -> None:
         """An ordered queue's event settled: its group's next one may be due now (this process's
         runners look at once; other processes' at their poll)."""
-        if queue in self._ordered:
+        ordering = self._queues.get(queue)
+        if ordering is not None and ordering.on:
             notify(self._db.path)
 
     async def beat(self, owner: str, queue: str, name: str, ids: list[int], lease_s: float) -> None:
