@@ -49,9 +49,9 @@ class PostgresLeases:
         # A runner's own look, woken or not: the watch wakes it when its queue has work.
         self.poll_s = HEARTBEAT_S
         self._watch_s = settings.postgres_poll_s
-        self._queues: list[str] = []  # the runners' queues, for the watch
+        # The runners' queues (for the watch), and which have an order key (their settles notify).
+        self._queues: dict[str, bool] = {}
         self._watch: asyncio.Task[None] | None = None
-        self._ordered: set[str] = set()  # queues with an order key (their settles notify)
         self._timeout_s = settings.connect_timeout_s
         # Settlements are group-committed, in the order handlers finished: one transaction for
         # whatever finished meanwhile (all acks in one DELETE); a DLQ keeps the order of failures.
@@ -69,8 +69,7 @@ class PostgresLeases:
     async def declare(self, spec: QueueSpec) -> list[str]:
         async with lent(self._pool, self._timeout_s) as db:
             removed = await self._q.declare(db, spec.name, spec.dlq, spec.bindings)
-        if spec.name not in self._queues:
-            self._queues.append(spec.name)
+        self._queues[spec.name] = spec.ordering.on
         return removed
 
     def wake(self, queue: str) -> asyncio.Event:
@@ -83,7 +82,7 @@ class PostgresLeases:
             await asyncio.sleep(self._watch_s)
             try:
                 async with lent(self._pool, self._timeout_s) as db:
-                    due = await self._q.due_among(db, self._queues)
+                    due = await self._q.due_among(db, list(self._queues))
             except Exception as exc:  # the database away: the runners say so at their claims
                 log.debug("the PostgreSQL watch failed: %r", exc)
                 continue
@@ -92,8 +91,6 @@ class PostgresLeases:
 
     async def claim(self, spec: QueueSpec, owner: str, count: int, lease_s: float) -> list[Row]:
         async with lent(self._pool, self._timeout_s) as db:
-            if spec.ordering.on:
-                self._ordered.add(spec.name)
             return await self._q.claim(
                 db, spec.name, owner, count, lease_s, spec.fairness, spec.ordering
             )
@@ -138,7 +135,7 @@ class PostgresLeases:
         return moved
 
     def _wakes(self, queue: str) -> str | None:
-        return queue if queue in self._ordered else None
+        return queue if self._queues.get(queue) else None
 
     async def beat(self, owner: str, queue: str, name: str, ids: list[int], lease_s: float) -> None:
         async with lent(self._pool, self._timeout_s) as db:
